@@ -1,0 +1,272 @@
+"""The public functional API: validate, normalise, pick the backend, call it.
+
+Every function here has exactly the signature DESIGN.md fixes; the backends implement the
+interface of :mod:`fastrnn.backends.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastrnn.backends import backend_module, select
+from fastrnn.backends.base import Context
+from fastrnn.backends.validation import (
+    check_arrays,
+    check_bool,
+    check_context,
+    check_lengths,
+    check_ndim,
+    check_shape,
+    contiguous,
+    pair,
+)
+
+# ------------------------------------------------------------------------------------------------
+# recurrent
+# ------------------------------------------------------------------------------------------------
+
+
+def _recurrent_sizes(x: Any, w_ih: Any, w_hh: Any, gates: int) -> tuple[int, int, int, int]:
+    check_ndim("x", x, 3, "(T, N, D)")
+    T, N, D = x.shape
+    check_ndim("w_hh", w_hh, 2, f"({gates}H, H)")
+    H = w_hh.shape[1]
+    if T < 1:
+        raise ValueError(f"x: expected at least one time step, got shape {x.shape}")
+    if H < 1:
+        raise ValueError(f"w_hh: expected at least one hidden unit, got shape {w_hh.shape}")
+    check_shape("w_hh", w_hh, (gates * H, H))
+    check_shape("w_ih", w_ih, (gates * H, D))
+    return T, N, D, H
+
+
+def _state(name: str, a: Any, N: int, H: int) -> None:
+    if a is not None:
+        check_shape(name, a, (N, H))
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, *, lengths=None, training=True):
+    """LSTM over a whole sequence, gates ordered i, f, g, o (PyTorch).
+
+    Parameters
+    ----------
+    x : ndarray of shape (T, N, D)
+    h0, c0 : ndarray of shape (N, H)
+    w_ih : ndarray of shape (4H, D)
+    w_hh : ndarray of shape (4H, H)
+    b : ndarray of shape (4H,)  -- PyTorch's ``b_ih + b_hh``
+    lengths : None or integer array of shape (N,), each in 1..T
+    training : bool; False saves nothing for backward (ctx is None)
+
+    Returns
+    -------
+    y (T, N, H), hT (N, H), cT (N, H), ctx
+    """
+    is_cupy, dtype = check_arrays(dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b=b))
+    T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 4)
+    _state("h0", h0, N, H)
+    _state("c0", c0, N, H)
+    check_shape("b", b, (4 * H,))
+    lengths = check_lengths(lengths, T, N)
+    training = check_bool("training", training)
+    be = backend_module(select(is_cupy))
+    x, h0, c0, w_ih, w_hh, b = map(contiguous, (x, h0, c0, w_ih, w_hh, b))
+    return be.lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training)
+
+
+def lstm_backward(ctx, dy, dhT=None, dcT=None):
+    """Gradients of an LSTM forward pass.
+
+    dy : ndarray of shape (T, N, H) (values at padded positions are ignored)
+    dhT, dcT : None or ndarray of shape (N, H)
+
+    Returns dx (T,N,D), dh0 (N,H), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H), db (4H,)
+    """
+    check_context(ctx, "lstm")
+    dy, dhT, dcT = _grads(ctx, dict(dy=dy, dhT=dhT, dcT=dcT))
+    return backend_module(ctx.backend).lstm_backward(ctx, dy, dhT, dcT)
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, lengths=None, training=True):
+    """GRU over a whole sequence, gates ordered r, z, n (PyTorch).
+
+    x (T,N,D); h0 (N,H); w_ih (3H,D); w_hh (3H,H); b_ih, b_hh (3H,).
+    Returns y (T,N,H), hT (N,H), ctx (None when training=False).
+    """
+    is_cupy, dtype = check_arrays(dict(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh))
+    T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 3)
+    _state("h0", h0, N, H)
+    check_shape("b_ih", b_ih, (3 * H,))
+    check_shape("b_hh", b_hh, (3 * H,))
+    lengths = check_lengths(lengths, T, N)
+    training = check_bool("training", training)
+    be = backend_module(select(is_cupy))
+    x, h0, w_ih, w_hh, b_ih, b_hh = map(contiguous, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    return be.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+
+
+def gru_backward(ctx, dy, dhT=None):
+    """Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh."""
+    check_context(ctx, "gru")
+    dy, dhT = _grads(ctx, dict(dy=dy, dhT=dhT))
+    return backend_module(ctx.backend).gru_backward(ctx, dy, dhT)
+
+
+def rnn_forward(x, h0, w_ih, w_hh, b, *, nonlinearity="tanh", lengths=None, training=True):
+    """Elman RNN over a whole sequence: h_t = act(x_t W_ih^T + h_{t-1} W_hh^T + b).
+
+    x (T,N,D); h0 (N,H); w_ih (H,D); w_hh (H,H); b (H,); nonlinearity "tanh" or "relu".
+    Returns y (T,N,H), hT (N,H), ctx (None when training=False).
+    """
+    is_cupy, dtype = check_arrays(dict(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, b=b))
+    T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 1)
+    _state("h0", h0, N, H)
+    check_shape("b", b, (H,))
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+    lengths = check_lengths(lengths, T, N)
+    training = check_bool("training", training)
+    be = backend_module(select(is_cupy))
+    x, h0, w_ih, w_hh, b = map(contiguous, (x, h0, w_ih, w_hh, b))
+    return be.rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training)
+
+
+def rnn_backward(ctx, dy, dhT=None):
+    """Returns dx, dh0, dw_ih, dw_hh, db."""
+    check_context(ctx, "rnn")
+    dy, dhT = _grads(ctx, dict(dy=dy, dhT=dhT))
+    return backend_module(ctx.backend).rnn_backward(ctx, dy, dhT)
+
+
+def _grads(ctx: Context, named: dict[str, Any]) -> list[Any]:
+    """Validate upstream gradients against the forward's sizes, dtype and array kind."""
+    is_cupy, dtype = check_arrays(named, allow_none=tuple(k for k in named if k != "dy"))
+    if dtype != ctx.dtype:
+        raise TypeError(f"dy: dtype {dtype} differs from the forward pass's {ctx.dtype}")
+    if is_cupy != ctx.cupy:
+        raise TypeError(
+            "dy: the forward pass ran on "
+            + ("CuPy" if not is_cupy else "NumPy")
+            + " arrays; gradients must be the same kind of array"
+        )
+    out = []
+    for name, a in named.items():
+        if a is None:
+            out.append(None)
+            continue
+        out.append(contiguous(a))
+        expected = ctx.grad_shapes[name]
+        check_shape(name, a, expected)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# convolution and pooling
+# ------------------------------------------------------------------------------------------------
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """PyTorch's output size (floor)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, training=True):
+    """2-D cross-correlation (PyTorch's conv2d), NCHW.
+
+    x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; stride, padding, dilation: int or pair.
+    Returns y (N,F,OH,OW), ctx (None when training=False).
+    """
+    is_cupy, dtype = check_arrays(dict(x=x, w=w, b=b), allow_none=("b",))
+    check_ndim("x", x, 4, "(N, C, H, W)")
+    check_ndim("w", w, 4, "(F, C/groups, KH, KW)")
+    stride = pair("stride", stride, 1)
+    padding = pair("padding", padding, 0)
+    dilation = pair("dilation", dilation, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"groups: expected an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups: must be >= 1, got {groups}")
+    N, C, Hi, Wi = x.shape
+    F, Cg, KH, KW = w.shape
+    if C % groups:
+        raise ValueError(f"groups: {groups} does not divide the {C} input channels of x")
+    if F % groups:
+        raise ValueError(f"groups: {groups} does not divide the {F} output channels of w")
+    if Cg != C // groups:
+        raise ValueError(
+            f"w: expected {C // groups} input channels per group (C={C}, groups={groups}), "
+            f"got shape {w.shape}"
+        )
+    if min(F, KH, KW) < 1:
+        raise ValueError(f"w: every dimension must be positive, got shape {w.shape}")
+    if b is not None:
+        check_shape("b", b, (F,))
+    OH = conv_out_size(Hi, KH, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(Wi, KW, stride[1], padding[1], dilation[1])
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"w: the dilated kernel ({dilation[0] * (KH - 1) + 1}, {dilation[1] * (KW - 1) + 1}) "
+            f"is larger than the padded input ({Hi + 2 * padding[0]}, {Wi + 2 * padding[1]})"
+        )
+    training = check_bool("training", training)
+    be = backend_module(select(is_cupy))
+    x, w, b = map(contiguous, (x, w, b))
+    return be.conv2d_forward(x, w, b, stride, padding, dilation, groups, training)
+
+
+def conv2d_backward(ctx, dy):
+    """Returns dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None when the forward had no bias."""
+    check_context(ctx, "conv2d")
+    (dy,) = _grads(ctx, dict(dy=dy))
+    return backend_module(ctx.backend).conv2d_backward(ctx, dy)
+
+
+def _pool_args(x, kernel_size, stride, padding):
+    is_cupy, dtype = check_arrays(dict(x=x))
+    check_ndim("x", x, 4, "(N, C, H, W)")
+    kernel_size = pair("kernel_size", kernel_size, 1)
+    stride = kernel_size if stride is None else pair("stride", stride, 1)
+    padding = pair("padding", padding, 0)
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(
+            f"padding: must be at most half the kernel size {kernel_size}, got {padding}"
+        )
+    _, _, Hi, Wi = x.shape
+    OH = conv_out_size(Hi, kernel_size[0], stride[0], padding[0], 1)
+    OW = conv_out_size(Wi, kernel_size[1], stride[1], padding[1], 1)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"kernel_size: {kernel_size} is larger than the padded input "
+            f"({Hi + 2 * padding[0]}, {Wi + 2 * padding[1]})"
+        )
+    return is_cupy, contiguous(x), kernel_size, stride, padding
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, training=True):
+    """Max pooling, PyTorch's defaults (floor output size; padding never wins a max).
+
+    x (N,C,H,W) -> y (N,C,OH,OW), ctx (None when training=False)."""
+    is_cupy, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
+    training = check_bool("training", training)
+    return backend_module(select(is_cupy)).max_pool2d_forward(x, k, s, p, training)
+
+
+def max_pool2d_backward(ctx, dy):
+    check_context(ctx, "max_pool2d")
+    (dy,) = _grads(ctx, dict(dy=dy))
+    return backend_module(ctx.backend).max_pool2d_backward(ctx, dy)
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, training=True):
+    """Average pooling, PyTorch's defaults (floor output size; the average counts padding).
+
+    x (N,C,H,W) -> y (N,C,OH,OW), ctx (None when training=False)."""
+    is_cupy, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
+    training = check_bool("training", training)
+    return backend_module(select(is_cupy)).avg_pool2d_forward(x, k, s, p, training)
+
+
+def avg_pool2d_backward(ctx, dy):
+    check_context(ctx, "avg_pool2d")
+    (dy,) = _grads(ctx, dict(dy=dy))
+    return backend_module(ctx.backend).avg_pool2d_backward(ctx, dy)

@@ -1,0 +1,130 @@
+"""Build logic of fastrnn: the Cython extension list, the OpenMP probe, the CUDA sources.
+
+Environment switches:
+
+FASTRNN_FAIL_NO_OPENMP=1   a compiler without OpenMP is an error instead of a serial build (CI)
+FASTRNN_CYTHON_DEBUG=1     bounds checks, wraparound and initialized checks on; -O0 -g
+FASTRNN_NATIVE=1           compile for this machine's CPU (-march=native); off by default so a
+                           wheel runs on any x86-64
+FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "lstm,gru"): a developer shortcut
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def openmp_flags() -> list[str]:
+    """Probe the C compiler for OpenMP; return the flags, or [] with a loud warning."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cc = cc.split()
+    src = textwrap.dedent(
+        """
+        #include <omp.h>
+        #include <stdio.h>
+        int main(void) {
+            int n = 0;
+            #pragma omp parallel reduction(+:n)
+            n += 1;
+            printf("%d\\n", n > 0);
+            return omp_get_max_threads() > 0 ? 0 : 1;
+        }
+        """
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        c_file = Path(tmp) / "probe.c"
+        c_file.write_text(src)
+        exe = Path(tmp) / "probe"
+        try:
+            proc = subprocess.run(
+                [*cc, "-fopenmp", str(c_file), "-o", str(exe)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            ok = proc.returncode == 0 and subprocess.run([str(exe)], timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    if ok:
+        return ["-fopenmp"]
+    message = (
+        "\n" + "*" * 78 + "\n"
+        "fastrnn: the C compiler does not support OpenMP (-fopenmp).\n"
+        "Building the CPU kernels SERIAL: they will use one thread for pointwise work.\n"
+        "Install a compiler with OpenMP (gcc, or clang with libomp) for parallel kernels.\n"
+        + "*" * 78
+    )
+    if _env_flag("FASTRNN_FAIL_NO_OPENMP"):
+        sys.exit(message + "\nFASTRNN_FAIL_NO_OPENMP=1 is set: stopping.")
+    print(message, file=sys.stderr)
+    return []
+
+
+def extensions() -> list[Extension]:
+    debug = _env_flag("FASTRNN_CYTHON_DEBUG")
+    omp = openmp_flags()
+    compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    if _env_flag("FASTRNN_NATIVE"):
+        compile_args.append("-march=native")
+    compile_args += omp
+    only = {s.strip() for s in os.environ.get("FASTRNN_EXTENSIONS", "").split(",") if s.strip()}
+    exts = []
+    for pyx in sorted((ROOT / "fastrnn" / "_cpu").glob("*.pyx")):
+        name = pyx.stem
+        if only and name not in only:
+            continue
+        exts.append(
+            Extension(
+                f"fastrnn._cpu.{name}",
+                [str(pyx.relative_to(ROOT))],
+                include_dirs=[np.get_include(), str(ROOT / "fastrnn" / "_cpu")],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                extra_compile_args=compile_args,
+                extra_link_args=omp,
+            )
+        )
+    directives = {
+        "language_level": "3",
+        "boundscheck": debug,
+        "wraparound": debug,
+        "initializedcheck": debug,
+        "cdivision": not debug,
+        "embedsignature": True,
+    }
+    return cythonize(
+        exts,
+        compiler_directives=directives,
+        nthreads=os.cpu_count() or 1,
+    )
+
+
+class BuildPyWithCuda(build_py):
+    """Ship csrc/*.cu and csrc/*.cuh inside the wheel as fastrnn/csrc/."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "fastrnn" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "csrc").glob("*.cu*")):
+            shutil.copy2(src, target / src.name)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_py": BuildPyWithCuda})
