@@ -5,8 +5,15 @@ They run on CuPy arrays too (the array module is taken from ``x``)."""
 
 from __future__ import annotations
 
+from fastrnn.reference.conv2d import conv2d_backward, conv2d_forward
 from fastrnn.reference.gru import gru_backward, gru_forward
 from fastrnn.reference.lstm import lstm_backward, lstm_forward
+from fastrnn.reference.pool2d import (
+    avg_pool2d_backward,
+    avg_pool2d_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+)
 from fastrnn.reference.rnn import rnn_backward, rnn_forward
 
 __all__ = [
@@ -16,24 +23,10 @@ __all__ = [
     "gru_backward",
     "rnn_forward",
     "rnn_backward",
+    "conv2d_forward",
+    "conv2d_backward",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
 ]
-
-try:  # convolution and pooling references (fastrnn/reference/conv2d.py, pool2d.py)
-    from fastrnn.reference.conv2d import conv2d_backward, conv2d_forward  # noqa: F401
-    from fastrnn.reference.pool2d import (  # noqa: F401
-        avg_pool2d_backward,
-        avg_pool2d_forward,
-        max_pool2d_backward,
-        max_pool2d_forward,
-    )
-
-    __all__ += [
-        "conv2d_forward",
-        "conv2d_backward",
-        "max_pool2d_forward",
-        "max_pool2d_backward",
-        "avg_pool2d_forward",
-        "avg_pool2d_backward",
-    ]
-except ImportError:  # pragma: no cover - removed once the convolution references land
-    pass

@@ -1,0 +1,167 @@
+"""conv2d: the reference against finite differences and PyTorch, every kernel backend against the
+reference, threads, and the error policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+import fastrnn as fr
+from fastrnn import reference as ref
+
+# (N, C, H, W, F, (KH, KW), stride, padding, dilation, groups, bias)
+CASES = [
+    (2, 3, 7, 9, 4, (3, 3), 1, 1, 1, 1, True),  # odd sizes, "same" padding
+    (1, 1, 5, 5, 1, (1, 1), 1, 0, 1, 1, False),  # N=1, C=1, F=1, 1x1
+    (2, 4, 8, 7, 6, (1, 1), 1, 0, 1, 2, True),  # 1x1 stride 1 no padding (skips im2col), groups
+    (2, 3, 9, 8, 5, (2, 3), (2, 1), (1, 0), 1, 1, True),  # non-square kernel and stride
+    (1, 2, 11, 10, 3, (2, 2), 3, 0, 1, 1, False),  # stride > kernel
+    (2, 4, 9, 9, 4, (3, 3), 1, 2, 2, 4, True),  # depthwise (groups = C), dilation
+    (3, 6, 6, 7, 4, (3, 2), (1, 2), (1, 1), (2, 1), 2, False),  # groups, mixed dilation
+    (2, 3, 5, 6, 6, (1, 1), 2, 1, 1, 3, True),  # 1x1 with stride and padding, depthwise x2
+    (1, 5, 13, 12, 3, (5, 4), 2, (2, 1), 1, 1, True),  # large non-square kernel
+    (2, 1, 4, 4, 2, (4, 4), 1, 0, 1, 1, True),  # kernel = input: 1x1 output
+    (1, 17, 3, 19, 9, (3, 1), 1, (1, 0), 1, 1, True),  # more channels than threads' tiles
+]
+
+
+def _ids(case) -> str:
+    N, C, H, W, F, k, s, p, d, g, bias = case
+    return f"N{N}C{C}H{H}W{W}F{F}k{k[0]}x{k[1]}s{s}p{p}d{d}g{g}{'b' if bias else ''}"
+
+
+def _data(case, dtype=np.float64, seed=0):
+    N, C, H, W, F, (KH, KW), s, p, d, g, bias = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C // g, KH, KW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if bias else None
+    kwargs = dict(stride=s, padding=p, dilation=d, groups=g)
+    return x, w, b, kwargs
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=_ids)
+def test_reference_finite_differences(case):
+    """Gradients of L = sum(y * r) by central differences, float64."""
+    x, w, b, kw = _data(case)
+    y, ctx = ref.conv2d_forward(x, w, b, **kw)
+    r = np.random.default_rng(1).standard_normal(y.shape)
+    dx, dw, db = ref.conv2d_backward(ctx, r)
+    assert (db is None) == (b is None)
+
+    def loss(xx, ww, bb):
+        return float(np.sum(ref.conv2d_forward(xx, ww, bb, training=False, **kw)[0] * r))
+
+    eps = 1e-6
+    for name, arr, grad in (("x", x, dx), ("w", w, dw), ("b", b, db)):
+        if arr is None:
+            continue
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + eps
+            up = loss(x, w, b)
+            arr[idx] = old - eps
+            down = loss(x, w, b)
+            arr[idx] = old
+            num[idx] = (up - down) / (2 * eps)
+        assert_close(grad, num, "fd", "backward", np.float64, name=f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_reference_matches_torch(case):
+    torch = pytest.importorskip("torch")
+    x, w, b, kw = _data(case)
+    y, ctx = ref.conv2d_forward(x, w, b, **kw)
+    dy = np.random.default_rng(2).standard_normal(y.shape)
+    dx, dw, db = ref.conv2d_backward(ctx, dy)
+
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    yt = torch.nn.functional.conv2d(xt, wt, bt, **kw)
+    yt.backward(torch.tensor(dy))
+    assert_close(y, yt.detach().numpy(), "conv", "forward", np.float64, name="y")
+    assert_close(dx, xt.grad.numpy(), "conv", "backward", np.float64, name="dx")
+    assert_close(dw, wt.grad.numpy(), "conv", "backward", np.float64, name="dw")
+    if b is not None:
+        assert_close(db, bt.grad.numpy(), "conv", "backward", np.float64, name="db")
+
+
+def test_reference_inference_saves_nothing():
+    x, w, b, kw = _data(CASES[0])
+    y, ctx = ref.conv2d_forward(x, w, b, training=False, **kw)
+    assert ctx is None
+    assert y.shape == (2, 4, 7, 9)
+
+
+def test_reference_context():
+    x, w, b, kw = _data(CASES[3])
+    y, ctx = ref.conv2d_forward(x, w, b, **kw)
+    assert ctx.op == "conv2d" and ctx.backend == "numpy"
+    assert ctx.grad_shapes == {"dy": y.shape}
+
+
+# ------------------------------------------------------------------------------------------------
+# error policy (validated in fastrnn.conv2d_forward before any backend runs)
+# ------------------------------------------------------------------------------------------------
+
+
+def _good():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 6, 6))
+    w = rng.standard_normal((6, 2, 3, 3))
+    b = rng.standard_normal(6)
+    return x, w, b
+
+
+@pytest.mark.parametrize(
+    "change, exc, name",
+    [
+        (dict(x=np.zeros((4, 6, 6))), ValueError, "x"),
+        (dict(w=np.zeros((6, 2, 3))), ValueError, "w"),
+        (dict(w=np.zeros((6, 3, 3, 3))), ValueError, "w"),  # channel mismatch
+        (dict(groups=3), ValueError, "groups"),  # 3 does not divide C=4
+        (dict(w=np.zeros((5, 2, 3, 3)), b=np.zeros(5)), ValueError, "groups"),  # F % groups
+        (dict(groups=0), ValueError, "groups"),
+        (dict(groups=2.0), TypeError, "groups"),
+        (dict(w=np.zeros((6, 2, 9, 3))), ValueError, "w"),  # kernel larger than padded input
+        (dict(dilation=4), ValueError, "w"),  # dilated kernel larger than the input
+        (dict(stride=0), ValueError, "stride"),
+        (dict(stride=(1, 0)), ValueError, "stride"),
+        (dict(stride=1.5), TypeError, "stride"),
+        (dict(stride=(1, 2, 3)), TypeError, "stride"),
+        (dict(padding=-1), ValueError, "padding"),
+        (dict(dilation=0), ValueError, "dilation"),
+        (dict(b=np.zeros(5)), ValueError, "b"),
+        (dict(b=np.zeros((6, 1))), ValueError, "b"),
+        (dict(x=np.zeros((2, 4, 6, 6), dtype=np.int64)), TypeError, "x"),
+        (dict(w=np.zeros((6, 2, 3, 3), dtype=np.float32)), TypeError, "w"),
+        (dict(x=[[[[1.0]]]]), TypeError, "x"),
+        (dict(training=1), TypeError, "training"),
+    ],
+)
+def test_bad_input(change, exc, name):
+    x, w, b = _good()
+    args = dict(x=x, w=w, b=b, stride=1, padding=1, dilation=1, groups=2, training=True)
+    args.update(change)
+    with pytest.raises(exc, match=name):
+        fr.conv2d_forward(args.pop("x"), args.pop("w"), args.pop("b"), **args)
+
+
+def test_bad_gradient():
+    x, w, b = _good()
+    with fr.use_backend("numpy"):
+        y, ctx = fr.conv2d_forward(x, w, b, padding=1, groups=2)
+        with pytest.raises(ValueError, match="dy"):
+            fr.conv2d_backward(ctx, np.zeros((2, 6, 6, 5)))
+        with pytest.raises(TypeError, match="dy"):
+            fr.conv2d_backward(ctx, y.astype(np.float32))
+        with pytest.raises(TypeError, match="ctx"):
+            fr.conv2d_backward(None, y)

@@ -1,0 +1,169 @@
+"""max_pool2d / avg_pool2d: the reference against finite differences and PyTorch (ties included),
+every kernel backend against the reference, threads, and the error policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+import fastrnn as fr
+from fastrnn import reference as ref
+
+OPS = {
+    "max": (ref.max_pool2d_forward, ref.max_pool2d_backward),
+    "avg": (ref.avg_pool2d_forward, ref.avg_pool2d_backward),
+}
+PUBLIC = {
+    "max": (fr.max_pool2d_forward, fr.max_pool2d_backward),
+    "avg": (fr.avg_pool2d_forward, fr.avg_pool2d_backward),
+}
+
+# (N, C, H, W, kernel_size, stride, padding)
+CASES = [
+    (2, 3, 7, 9, 2, None, 0),  # odd sizes, the last row/column dropped (floor)
+    (2, 3, 7, 9, 3, 2, 1),  # overlapping windows with padding
+    (1, 1, 5, 5, 1, None, 0),  # N=1, C=1, 1x1 window
+    (2, 2, 9, 8, (3, 2), (2, 1), (1, 1)),  # non-square kernel and stride
+    (2, 3, 11, 10, 2, 3, 0),  # stride > kernel
+    (1, 2, 6, 7, (2, 3), 1, (1, 1)),  # stride 1, every element in several windows
+    (2, 2, 4, 4, 4, None, 2),  # padding = kernel / 2
+    (1, 1, 3, 3, 3, 1, 1),  # one image, windows mostly padding
+    (3, 5, 13, 6, (5, 3), (1, 2), (2, 0)),
+]
+
+
+def _ids(case) -> str:
+    return "N{}C{}H{}W{}-k{}-s{}-p{}".format(*case)
+
+
+def _x(case, dtype=np.float64, seed=0, ties=False):
+    N, C, H, W = case[:4]
+    rng = np.random.default_rng(seed)
+    if ties:  # small integers: many equal values in one window
+        return rng.integers(-2, 3, (N, C, H, W)).astype(dtype)
+    return rng.standard_normal((N, C, H, W)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_reference_finite_differences(kind, case):
+    """dx of L = sum(y * r) by central differences, float64 (distinct values: max is smooth)."""
+    fwd, bwd = OPS[kind]
+    k, s, p = case[4:]
+    x = _x(case)
+    y, ctx = fwd(x, k, s, p)
+    r = np.random.default_rng(1).standard_normal(y.shape)
+    dx = bwd(ctx, r)
+    eps = 1e-6
+    num = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        up = np.sum(fwd(x, k, s, p, training=False)[0] * r)
+        x[idx] = old - eps
+        down = np.sum(fwd(x, k, s, p, training=False)[0] * r)
+        x[idx] = old
+        num[idx] = (up - down) / (2 * eps)
+    assert_close(dx, num, "fd", "backward", np.float64, name="dx")
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_reference_matches_torch(kind, case, ties):
+    """Values and gradients equal PyTorch's, including which tied element gets the gradient."""
+    torch = pytest.importorskip("torch")
+    fwd, bwd = OPS[kind]
+    k, s, p = case[4:]
+    x = _x(case, ties=ties)
+    y, ctx = fwd(x, k, s, p)
+    dy = np.random.default_rng(2).standard_normal(y.shape)
+    dx = bwd(ctx, dy)
+    xt = torch.tensor(x, requires_grad=True)
+    tfn = torch.nn.functional.max_pool2d if kind == "max" else torch.nn.functional.avg_pool2d
+    yt = tfn(xt, k, s, p)
+    yt.backward(torch.tensor(dy))
+    assert_close(y, yt.detach().numpy(), "pool", "forward", np.float64, name="y")
+    assert_close(dx, xt.grad.numpy(), "pool", "backward", np.float64, name="dx")
+
+
+def test_reference_max_padding_never_wins():
+    """An all -inf input: the maximum is -inf and the gradient goes to the first real element of
+    each window (PyTorch's rule), never to the padding."""
+    torch = pytest.importorskip("torch")
+    x = np.full((1, 2, 4, 5), -np.inf)
+    y, ctx = ref.max_pool2d_forward(x, 3, 1, 1)
+    dy = np.arange(y.size, dtype=np.float64).reshape(y.shape) + 1
+    dx = ref.max_pool2d_backward(ctx, dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 1, 1)
+    yt.backward(torch.tensor(dy))
+    assert np.all(y == -np.inf)
+    np.testing.assert_array_equal(dx, xt.grad.numpy())
+    assert dx.sum() == dy.sum()  # nothing was lost to the padding
+
+
+def test_reference_max_nan_propagates():
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 1] = np.nan
+    y, ctx = ref.max_pool2d_forward(x, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[0, 0, 1:, 1:]).any()
+    dx = ref.max_pool2d_backward(ctx, np.ones_like(y))
+    assert dx[0, 0, 1, 1] == 1 and dx[0, 0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_reference_context(kind):
+    fwd, _ = OPS[kind]
+    y, ctx = fwd(_x(CASES[1]), 3, 2, 1)
+    assert ctx.op == f"{kind}_pool2d" and ctx.backend == "numpy"
+    assert ctx.grad_shapes == {"dy": y.shape}
+    assert fwd(_x(CASES[1]), 3, 2, 1, training=False)[1] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# error policy
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize(
+    "x, k, s, p, exc, name",
+    [
+        (np.zeros((3, 6, 6)), 2, None, 0, ValueError, "x"),
+        (np.zeros((1, 3, 6, 6), dtype=np.int32), 2, None, 0, TypeError, "x"),
+        ([[[[1.0]]]], 1, None, 0, TypeError, "x"),
+        (np.zeros((1, 3, 6, 6)), 0, None, 0, ValueError, "kernel_size"),
+        (np.zeros((1, 3, 6, 6)), 2.0, None, 0, TypeError, "kernel_size"),
+        (np.zeros((1, 3, 6, 6)), 7, None, 0, ValueError, "kernel_size"),  # larger than input
+        (np.zeros((1, 3, 6, 6)), 2, 0, 0, ValueError, "stride"),
+        (np.zeros((1, 3, 6, 6)), 2, (1, 0), 0, ValueError, "stride"),
+        (np.zeros((1, 3, 6, 6)), 2, "2", 0, TypeError, "stride"),
+        (np.zeros((1, 3, 6, 6)), 2, None, -1, ValueError, "padding"),
+        (np.zeros((1, 3, 6, 6)), 2, None, 2, ValueError, "padding"),  # more than kernel / 2
+    ],
+)
+def test_bad_input(kind, x, k, s, p, exc, name):
+    fwd, _ = PUBLIC[kind]
+    with pytest.raises(exc, match=name):
+        fwd(x, k, s, p)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_bad_gradient(kind):
+    fwd, bwd = PUBLIC[kind]
+    with fr.use_backend("numpy"):
+        y, ctx = fwd(np.zeros((1, 2, 6, 6)), 2)
+        with pytest.raises(ValueError, match="dy"):
+            bwd(ctx, np.zeros((1, 2, 3, 4)))
+        with pytest.raises(TypeError, match="dy"):
+            bwd(ctx, y.astype(np.float32))
+        other = "avg" if kind == "max" else "max"
+        with pytest.raises(ValueError, match="ctx"):
+            PUBLIC[other][1](ctx, y)
