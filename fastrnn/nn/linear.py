@@ -1,0 +1,163 @@
+"""Linear, Embedding and Flatten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fastrnn.backends.validation import is_cupy_array
+from fastrnn.nn import init
+from fastrnn.nn._check import check_grad, check_input, positive_int
+from fastrnn.nn._xp import array_module, grad_enabled, move, scatter_add
+from fastrnn.nn.module import Module, Parameter
+
+
+class Linear(Module):
+    """y = x W^T + b over the last axis of x (any leading shape).
+
+    weight (out_features, in_features), bias (out_features,), both U(-1/sqrt(in), 1/sqrt(in))
+    as in torch.nn.Linear.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: Any = np.float32
+    ) -> None:
+        super().__init__()
+        self.in_features = positive_int("in_features", in_features, 0)
+        self.out_features = positive_int("out_features", out_features, 0)
+        bound = init.fan_in_bound(in_features)
+        self.weight = Parameter(init.uniform((out_features, in_features), bound, dtype))
+        self.bias = Parameter(init.uniform((out_features,), bound, dtype)) if bias else None
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + (
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, x: Any) -> Any:
+        check_input("Linear", "x", x, self.weight.data)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear: x: expected shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        y = x @ self.weight.data.T
+        if self.bias is not None:
+            y += self.bias.data
+        self._cache = x if grad_enabled() else None
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        x = self._saved()
+        check_grad("Linear", dy, x.shape[:-1] + (self.out_features,), x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        dy2 = dy.reshape(-1, self.out_features)
+        self.weight.accumulate(dy2.T @ x2)
+        if self.bias is not None:
+            self.bias.accumulate(dy2.sum(axis=0))
+        return dy @ self.weight.data
+
+
+class Embedding(Module):
+    """A lookup table: integer indices of any shape -> vectors (shape + (embedding_dim,)).
+
+    weight (num_embeddings, embedding_dim) ~ N(0, 1) as in torch.nn.Embedding; the row
+    ``padding_idx`` (if given) starts at zero and gets no gradient. ``backward`` returns None
+    (indices have no gradient).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        dtype: Any = np.float32,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int("embedding_dim", embedding_dim)
+        if padding_idx is not None:
+            if not isinstance(padding_idx, (int, np.integer)) or isinstance(padding_idx, bool):
+                raise TypeError(f"padding_idx: expected an int or None, got {padding_idx!r}")
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(
+                    f"padding_idx: must be in -{num_embeddings}..{num_embeddings - 1}, "
+                    f"got {padding_idx}"
+                )
+            padding_idx = int(padding_idx) % num_embeddings
+        self.padding_idx = padding_idx
+        w = init.normal((num_embeddings, embedding_dim), dtype)
+        if padding_idx is not None:
+            w[padding_idx] = 0
+        self.weight = Parameter(w)
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, indices: Any) -> Any:
+        w = self.weight.data
+        xp = array_module(w)
+        if isinstance(indices, (list, tuple)):
+            indices = np.asarray(indices)
+        if not (isinstance(indices, np.ndarray) or is_cupy_array(indices)):
+            raise TypeError(
+                f"Embedding: indices: expected an integer array, got {type(indices).__name__}"
+            )
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"Embedding: indices: expected an integer dtype, got {indices.dtype}")
+        indices = move(indices, xp)
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
+            raise ValueError(
+                f"Embedding: indices: every index must be in 0..{self.num_embeddings - 1}, got "
+                f"min {int(indices.min())} max {int(indices.max())}"
+            )
+        self._cache = indices if grad_enabled() else None
+        return w[indices]
+
+    def backward(self, dy: Any) -> None:
+        indices = self._saved()
+        w = self.weight.data
+        check_grad("Embedding", dy, tuple(indices.shape) + (self.embedding_dim,), w.dtype)
+        if self.weight.requires_grad:
+            xp = array_module(w)
+            g = xp.zeros_like(w)
+            scatter_add(xp, g, indices.reshape(-1), dy.reshape(-1, self.embedding_dim))
+            if self.padding_idx is not None:
+                g[self.padding_idx] = 0
+            self.weight.accumulate(g)
+        return None
+
+
+class Flatten(Module):
+    """Flattens dims start_dim..end_dim into one (torch.nn.Flatten's defaults: 1, -1)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+        self._cache = None
+
+    def forward(self, x: Any) -> Any:
+        check_input("Flatten", "x", x, None)
+        nd = max(x.ndim, 1)
+        s, e = self.start_dim % nd, self.end_dim % nd
+        if s > e:
+            raise ValueError(
+                f"Flatten: start_dim {self.start_dim} comes after end_dim {self.end_dim} "
+                f"for an input of shape {tuple(x.shape)}"
+            )
+        self._cache = tuple(x.shape)
+        return x.reshape(tuple(x.shape[:s]) + (-1,) + tuple(x.shape[e + 1 :]))
+
+    def backward(self, dy: Any) -> Any:
+        shape = self._saved()
+        return dy.reshape(shape)
+
+
+class Identity(Module):
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def backward(self, dy: Any) -> Any:
+        return dy
