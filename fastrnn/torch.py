@@ -141,7 +141,6 @@ def _saved_context(ctx: Any, name: str) -> Any:
     return ctx.fr_ctx
 
 
-
 def _zero_grad(fr_ctx: Any, name: str) -> Any:
     """Zeros for an output whose gradient autograd did not materialise (the output was unused)."""
     shape = fr_ctx.grad_shapes[name]
@@ -172,8 +171,14 @@ class LSTMFunction(torch.autograd.Function):
             if b_hh is not None:
                 b = b + _array(b_hh)
             y, hT, cT, fr_ctx = _fr.lstm_forward(
-                _array(x), _array(h0), _array(c0), _array(w_ih), w_hh_a, b,
-                lengths=lengths, training=training,
+                _array(x),
+                _array(h0),
+                _array(c0),
+                _array(w_ih),
+                w_hh_a,
+                b,
+                lengths=lengths,
+                training=training,
             )
             outputs = _tensor(y), _tensor(hT), _tensor(cT)
         ctx.fr_ctx = fr_ctx
@@ -216,9 +221,14 @@ class GRUFunction(torch.autograd.Function):
             w_hh_a = _array(w_hh)
             size = w_hh.shape[0]
             y, hT, fr_ctx = _fr.gru_forward(
-                _array(x), _array(h0), _array(w_ih), w_hh_a,
-                _bias(b_ih, w_hh_a, size), _bias(b_hh, w_hh_a, size),
-                lengths=lengths, training=training,
+                _array(x),
+                _array(h0),
+                _array(w_ih),
+                w_hh_a,
+                _bias(b_ih, w_hh_a, size),
+                _bias(b_hh, w_hh_a, size),
+                lengths=lengths,
+                training=training,
             )
             outputs = _tensor(y), _tensor(hT)
         ctx.fr_ctx = fr_ctx
@@ -235,9 +245,14 @@ class GRUFunction(torch.autograd.Function):
             grads = _fr.gru_backward(fr_ctx, dy_a, _grad_array(dhT))
             dx, dh0, dw_ih, dw_hh, db_ih, db_hh = map(_tensor, grads)
         return (
-            dx, dh0, dw_ih, dw_hh,
-            db_ih if ctx.has_bias[0] else None, db_hh if ctx.has_bias[1] else None,
-            None, None,
+            dx,
+            dh0,
+            dw_ih,
+            dw_hh,
+            db_ih if ctx.has_bias[0] else None,
+            db_hh if ctx.has_bias[1] else None,
+            None,
+            None,
         )
 
 
@@ -258,8 +273,14 @@ class RNNFunction(torch.autograd.Function):
             if b_hh is not None:
                 b = b + _array(b_hh)
             y, hT, fr_ctx = _fr.rnn_forward(
-                _array(x), _array(h0), _array(w_ih), w_hh_a, b,
-                nonlinearity=nonlinearity, lengths=lengths, training=training,
+                _array(x),
+                _array(h0),
+                _array(w_ih),
+                w_hh_a,
+                b,
+                nonlinearity=nonlinearity,
+                lengths=lengths,
+                training=training,
             )
             outputs = _tensor(y), _tensor(hT)
         ctx.fr_ctx = fr_ctx
@@ -291,8 +312,14 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         with _on_device(x):
             y, fr_ctx = _fr.conv2d_forward(
-                _array(x), _array(w), _array(b), stride=stride, padding=padding,
-                dilation=dilation, groups=groups, training=training,
+                _array(x),
+                _array(w),
+                _array(b),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                training=training,
             )
             output = _tensor(y)
         ctx.fr_ctx = fr_ctx
@@ -515,8 +542,15 @@ class LSTM(_RecurrentMixin, nn.LSTM):
                 f"{proj_size}); use torch.nn.LSTM for projections"
             )
         super().__init__(
-            input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
-            dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, device=device,
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            proj_size=proj_size,
+            device=device,
             dtype=dtype,
         )
         self._check_supported()
@@ -546,8 +580,15 @@ class GRU(_RecurrentMixin, nn.GRU):
     ) -> None:
         _check_dtype("dtype", dtype)
         super().__init__(
-            input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
-            dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype,
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
         )
         self._check_supported()
 
@@ -577,9 +618,16 @@ class RNN(_RecurrentMixin, nn.RNN):
     ) -> None:
         _check_dtype("dtype", dtype)
         super().__init__(
-            input_size, hidden_size, num_layers=num_layers, nonlinearity=nonlinearity,
-            bias=bias, batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
-            device=device, dtype=dtype,
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            nonlinearity=nonlinearity,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
         )
         self._check_supported()
 
@@ -622,9 +670,17 @@ class Conv2d(nn.Conv2d):
                 f"padding_mode: fastrnn.torch.Conv2d pads with zeros only, got {padding_mode!r}"
             )
         super().__init__(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
-            device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
         )
         for name, p in self.named_parameters():
             _check_dtype(name, p.dtype)
@@ -670,7 +726,13 @@ class Conv2d(nn.Conv2d):
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         y = Conv2dFunction.apply(
-            x, weight, bias, tuple(self.stride), padding, tuple(self.dilation), self.groups,
+            x,
+            weight,
+            bias,
+            tuple(self.stride),
+            padding,
+            tuple(self.dilation),
+            self.groups,
             _need_grad(x, weight, bias),
         )
         return y.squeeze(0) if unbatched else y
