@@ -13,10 +13,13 @@ from fastrnn.nn import functional
 from fastrnn.nn._xp import no_grad
 from fastrnn.nn.activation import ReLU, Sigmoid, Tanh
 from fastrnn.nn.container import Sequential
+from fastrnn.nn.conv import Conv2d
 from fastrnn.nn.dropout import Dropout
 from fastrnn.nn.init import manual_seed
 from fastrnn.nn.linear import Embedding, Flatten, Identity, Linear
 from fastrnn.nn.module import IncompatibleKeys, Module, Parameter
+from fastrnn.nn.normalization import BatchNorm1d, BatchNorm2d
+from fastrnn.nn.pooling import AvgPool2d, MaxPool2d
 from fastrnn.nn.recurrent import GRU, LSTM, RNN
 
 __all__ = [
@@ -30,6 +33,11 @@ __all__ = [
     "LSTM",
     "GRU",
     "RNN",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
     "ReLU",
     "Sigmoid",
     "Tanh",
