@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
 from tolerances import assert_close
 
 import fastrnn as fr
@@ -106,6 +107,90 @@ def test_reference_context():
     y, ctx = ref.conv2d_forward(x, w, b, **kw)
     assert ctx.op == "conv2d" and ctx.backend == "numpy"
     assert ctx.grad_shapes == {"dy": y.shape}
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel backends against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(backend, x, w, b, kw, dy_seed=3):
+    """Forward and backward on ``backend``; returns NumPy arrays (y, dx, dw, db) and the ctx."""
+    y, ctx = fr.conv2d_forward(*(to_backend(backend, a) for a in (x, w, b)), **kw)
+    dy = np.random.default_rng(dy_seed).standard_normal(y.shape).astype(x.dtype)
+    grads = fr.conv2d_backward(ctx, to_backend(backend, dy))
+    return (to_numpy(y), *map(to_numpy, grads)), ctx, dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_matches_reference(backend, case, dtype):
+    x, w, b, kw = _data(case, dtype)
+    (y, dx, dw, db), ctx, dy = _run(backend, x, w, b, kw)
+    assert ctx.backend == backend and ctx.op == "conv2d"
+
+    def f64(a):
+        return None if a is None else a.astype(np.float64)
+
+    yr, cr = ref.conv2d_forward(f64(x), f64(w), f64(b), **kw)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, f64(dy))
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert_close(y, yr, "conv", "forward", dtype, name="y")
+    assert_close(dx, dxr, "conv", "backward", dtype, name="dx")
+    assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+    if b is None:
+        assert db is None
+    else:
+        assert db.dtype == dtype
+        assert_close(db, dbr, "conv", "backward", dtype, name="db")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_inference(backend):
+    x, w, b, kw = _data(CASES[3], np.float32)
+    y, ctx = fr.conv2d_forward(*(to_backend(backend, a) for a in (x, w, b)), training=False, **kw)
+    assert ctx is None
+    yr, _ = ref.conv2d_forward(x, w, b, **kw)
+    assert_close(y, yr, "conv", "forward", np.float32, name="y")
+
+
+def test_cpu_non_contiguous_input():
+    x, w, b, kw = _data(CASES[0])
+    xs = np.ascontiguousarray(np.concatenate([x, x], axis=3))[:, :, :, ::2]  # a strided view
+    y, _ = fr.conv2d_forward(xs, w, b, **kw)
+    yr, _ = ref.conv2d_forward(np.ascontiguousarray(xs), w, b, **kw)
+    assert_close(y, yr, "conv", "forward", np.float64, name="y")
+
+
+@pytest.fixture
+def restore_threads():
+    before = fr.get_num_threads()
+    yield
+    fr.set_num_threads(before)
+
+
+THREAD_CASES = [
+    (5, 3, 9, 10, 4, (3, 3), 1, 1, 1, 1, True),  # images in parallel, uneven split
+    (4, 6, 7, 7, 6, (1, 1), 1, 0, 1, 3, True),  # pointwise, grouped
+    (1, 4, 12, 11, 5, (3, 2), 2, 1, 1, 1, True),  # one image: BLAS gets the threads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", THREAD_CASES, ids=_ids)
+def test_cpu_threads_agree(case, dtype, restore_threads):
+    """1 and 2 threads agree to rounding; one thread count is deterministic."""
+    x, w, b, kw = _data(case, dtype)
+    fr.set_num_threads(1)
+    one, _, _ = _run("cpu", x, w, b, kw)
+    fr.set_num_threads(2)
+    two, _, _ = _run("cpu", x, w, b, kw)
+    again, _, _ = _run("cpu", x, w, b, kw)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for name, a, c, d in zip(("y", "dx", "dw", "db"), one, two, again, strict=True):
+        np.testing.assert_allclose(a, c, rtol=rtol, atol=rtol, err_msg=name)
+        np.testing.assert_array_equal(c, d, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

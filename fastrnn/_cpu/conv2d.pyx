@@ -1,0 +1,356 @@
+# cython: language_level=3
+"""2-D convolution on the CPU: im2col + BLAS GEMM per image, OpenMP over images.
+
+Contract (the backend interface, fastrnn/backends/base.py; arguments validated and made
+C-contiguous by fastrnn.backends.ops):
+
+    x  : [N, C, H, W]       input
+    w  : [F, Cg, KH, KW]    weights, Cg = C / groups
+    b  : [F] or None        bias
+    y  : [N, F, OH, OW]     output
+    stride, padding, dilation : (h, w) int pairs; groups divides C and F
+
+Steps cite fastrnn/reference/conv2d.py (C1..C4 forward, CB1..CB5 backward).
+
+Layout of one image: the columns ``cols`` [C*KH*KW, L], rows ordered (c, i, j), L = OH*OW;
+group g owns the K = Cg*KH*KW rows from g*K. y[n] viewed as [F, L] is w_g [Fg, K] @ cols_g per
+group: already NCHW, no transpose.
+
+Threads (fastrnn.get_num_threads()): with at least as many images as threads, OpenMP runs whole
+images in parallel (static schedule: each thread takes a fixed contiguous block of images), each
+thread with its own column buffer and BLAS pinned to one thread (no oversubscription). With
+fewer images than threads the images run one after another and BLAS gets the threads. So at
+most one image's columns exist per thread. Backward: each thread accumulates dw over its images
+into its own partial; the partials are then summed in thread order, so one thread count is
+deterministic and 1 vs 2 threads agree to rounding. db is a fixed-order sum per channel.
+
+Pointwise convolutions (1x1, stride 1, no padding) skip im2col: x[n] viewed as [C, H*W] already
+is the column matrix, and the dx GEMM writes dx[n] directly (no col2im).
+"""
+
+from cython.parallel cimport parallel, prange
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from fastrnn._cpu._blas cimport floating, gemm
+from fastrnn._cpu._openmp cimport omp_get_thread_num
+
+from fastrnn._cpu._conv_threads import blas_threads
+from fastrnn._threads import get_num_threads
+from fastrnn.context import Context
+
+
+cdef struct Geom:
+    Py_ssize_t N, C, H, W, F, KH, KW, OH, OW
+    Py_ssize_t sh, sw, ph, pw, dh, dw
+    Py_ssize_t G, Fg, K, L   # groups, output channels per group, column length, OH*OW
+    bint pointwise           # 1x1, stride 1, no padding: no im2col
+
+
+cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, groups):
+    cdef Geom g
+    g.N, g.C, g.H, g.W = x_shape
+    g.F, _, g.KH, g.KW = w_shape
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.dh, g.dw = dilation
+    g.G = groups
+    g.Fg = g.F // g.G
+    g.K = (g.C // g.G) * g.KH * g.KW
+    g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) // g.sh + 1
+    g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) // g.sw + 1
+    g.L = g.OH * g.OW
+    g.pointwise = (g.KH == 1 and g.KW == 1 and g.sh == 1 and g.sw == 1
+                   and g.ph == 0 and g.pw == 0)
+    return g
+
+
+cdef inline void _valid(
+    Py_ssize_t off,        # IN  input index of output 0 (kernel tap offset minus padding)
+    Py_ssize_t s,          # IN  stride
+    Py_ssize_t n_in,       # IN  input size
+    Py_ssize_t n_out,      # IN  output size
+    Py_ssize_t* lo,        # OUT
+    Py_ssize_t* hi,        # OUT
+) noexcept nogil:
+    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1; the rest read padding."""
+    cdef Py_ssize_t a = 0, b = 0
+    if off < 0:
+        a = (-off + s - 1) // s
+    if n_in - 1 - off >= 0:
+        b = (n_in - 1 - off) // s + 1
+    if b > n_out:
+        b = n_out
+    if a > b:
+        a = b
+    lo[0] = a
+    hi[0] = b
+
+
+cdef void _im2col(
+    const floating* x,     # IN  [C, H, W] one image
+    floating* cols,        # OUT [C*KH*KW, L]
+    const Geom* g,
+) noexcept nogil:
+    """C1 + C2: cols[(c, i, j), (oh, ow)] = x[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw], 0 in
+    the padding. Stride-1 rows are one memcpy between two zeroed margins."""
+    cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
+    cdef floating* out
+    cdef floating* row
+    cdef const floating* src
+    for c in range(g.C):
+        for i in range(g.KH):
+            offh = i * g.dh - g.ph
+            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            for j in range(g.KW):
+                offw = j * g.dw - g.pw
+                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                out = cols + ((c * g.KH + i) * g.KW + j) * g.L
+                if oh0 > 0:
+                    memset(out, 0, oh0 * g.OW * sizeof(floating))
+                if oh1 < g.OH:
+                    memset(out + oh1 * g.OW, 0, (g.OH - oh1) * g.OW * sizeof(floating))
+                for oh in range(oh0, oh1):
+                    src = x + (c * g.H + oh * g.sh + offh) * g.W
+                    row = out + oh * g.OW
+                    if ow0 > 0:
+                        memset(row, 0, ow0 * sizeof(floating))
+                    if ow1 < g.OW:
+                        memset(row + ow1, 0, (g.OW - ow1) * sizeof(floating))
+                    if g.sw == 1:
+                        memcpy(row + ow0, src + ow0 + offw, (ow1 - ow0) * sizeof(floating))
+                    else:
+                        for ow in range(ow0, ow1):
+                            row[ow] = src[ow * g.sw + offw]
+
+
+cdef void _col2im(
+    const floating* cols,  # IN  [C*KH*KW, L] column gradients of one image
+    floating* dx,          # INOUT [C, H, W], zeroed by the caller
+    const Geom* g,
+) noexcept nogil:
+    """CB4 + CB5: the transpose of _im2col; gradient landing on padding is dropped."""
+    cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
+    cdef const floating* row
+    cdef floating* dst
+    for c in range(g.C):
+        for i in range(g.KH):
+            offh = i * g.dh - g.ph
+            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            for j in range(g.KW):
+                offw = j * g.dw - g.pw
+                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                for oh in range(oh0, oh1):
+                    row = cols + ((c * g.KH + i) * g.KW + j) * g.L + oh * g.OW
+                    dst = dx + (c * g.H + oh * g.sh + offh) * g.W + offw
+                    if g.sw == 1:
+                        for ow in range(ow0, ow1):
+                            dst[ow] += row[ow]
+                    else:
+                        for ow in range(ow0, ow1):
+                            dst[ow * g.sw] += row[ow]
+
+
+cdef void _forward_image(
+    const floating* x,     # IN  [C, H, W]
+    const floating* w,     # IN  [F, K] per group: [G, Fg, K]
+    const floating* b,     # IN  [F] or NULL
+    floating* y,           # OUT [F, L]
+    floating* buf,         # scratch [C*KH*KW, L] (unused when pointwise)
+    const Geom* g,
+) noexcept nogil:
+    cdef const floating* cols = x
+    cdef floating beta = 0
+    cdef Py_ssize_t f, l, grp
+    if not g.pointwise:
+        _im2col(x, buf, g)
+        cols = buf
+    if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
+        for f in range(g.F):
+            for l in range(g.L):
+                y[f * g.L + l] = b[f]
+        beta = 1
+    for grp in range(g.G):  # C3
+        gemm(False, False, <int> g.Fg, <int> g.L, <int> g.K, <floating> 1,
+             w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * g.L, <int> g.L,
+             beta, y + grp * g.Fg * g.L, <int> g.L)
+
+
+cdef void _backward_image(
+    const floating* x,     # IN  [C, H, W]
+    const floating* w,     # IN  [G, Fg, K]
+    const floating* dy,    # IN  [F, L]
+    floating* dx,          # OUT [C, H, W]
+    floating* dw_part,     # INOUT [G, Fg, K] this thread's partial sum of dw
+    floating* buf,         # scratch [C*KH*KW, L]: the columns, then their gradients
+    const Geom* g,
+) noexcept nogil:
+    cdef const floating* cols = x
+    cdef Py_ssize_t grp
+    if not g.pointwise:
+        _im2col(x, buf, g)  # C2, recomputed from x instead of saved
+        cols = buf
+    for grp in range(g.G):  # CB2: dw_g += dy_g [Fg, L] @ cols_g^T [L, K]
+        gemm(False, True, <int> g.Fg, <int> g.K, <int> g.L, <floating> 1,
+             dy + grp * g.Fg * g.L, <int> g.L, cols + grp * g.K * g.L, <int> g.L,
+             <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+    if g.pointwise:
+        for grp in range(g.G):  # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
+            gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
+                 w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
+                 <floating> 0, dx + grp * g.K * g.L, <int> g.L)
+        return
+    for grp in range(g.G):  # CB3 into the (now free) column buffer
+        gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
+             w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
+             <floating> 0, buf + grp * g.K * g.L, <int> g.L)
+    memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
+    _col2im(buf, dx, g)  # CB4, CB5
+
+
+cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
+    """CB1 for one output channel, accumulated in double in a fixed order."""
+    cdef double s = 0
+    cdef Py_ssize_t n, l
+    cdef const floating* p
+    for n in range(g.N):
+        p = dy + (n * g.F + f) * g.L
+        for l in range(g.L):
+            s += p[l]
+    return s
+
+
+cdef tuple _shape(const floating[:, :, :, ::1] a):
+    return (a.shape[0], a.shape[1], a.shape[2], a.shape[3])
+
+
+def _forward(
+    const floating[:, :, :, ::1] x,   # IN
+    const floating[:, :, :, ::1] w,   # IN
+    const floating[::1] b,            # IN  (length 0 when there is no bias)
+    floating[:, :, :, ::1] y,         # OUT
+    floating[:, ::1] bufs,            # scratch, one row per thread
+    stride, padding, dilation, int groups, int nthreads,
+):
+    cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
+                            groups)
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef const floating* wp = &w[0, 0, 0, 0]
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef floating* yp = &y[0, 0, 0, 0]
+    cdef floating* bufp = &bufs[0, 0]
+    cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
+    cdef Py_ssize_t n
+    cdef int tid
+    if nthreads > 1 and g.N >= nthreads:
+        with blas_threads(1):
+            with nogil, parallel(num_threads=nthreads):
+                tid = omp_get_thread_num()
+                for n in prange(g.N, schedule="static"):
+                    _forward_image(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs, &g)
+    else:
+        with blas_threads(nthreads):
+            with nogil:
+                for n in range(g.N):
+                    _forward_image(xp + n * xs, wp, bp, yp + n * ys, bufp, &g)
+
+
+def _backward(
+    const floating[:, :, :, ::1] x,   # IN
+    const floating[:, :, :, ::1] w,   # IN
+    const floating[:, :, :, ::1] dy,  # IN
+    floating[:, :, :, ::1] dx,        # OUT
+    floating[:, :, :, ::1] dw,        # OUT
+    floating[::1] db,                 # OUT (length 0 when there is no bias)
+    floating[:, ::1] parts,           # scratch [threads, F*K], zeroed by the caller
+    floating[:, ::1] bufs,            # scratch, one row per thread
+    stride, padding, dilation, int groups, int nthreads,
+):
+    cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
+                            groups)
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef const floating* wp = &w[0, 0, 0, 0]
+    cdef const floating* dyp = &dy[0, 0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0, 0]
+    cdef floating* dwp = &dw[0, 0, 0, 0]
+    cdef floating* partp = &parts[0, 0]
+    cdef floating* bufp = &bufs[0, 0]
+    cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
+    cdef Py_ssize_t ps = parts.shape[1], P = parts.shape[0]
+    cdef Py_ssize_t n, f, t, e
+    cdef floating acc
+    cdef int tid
+    if nthreads > 1 and g.N >= nthreads:
+        with blas_threads(1):
+            with nogil, parallel(num_threads=nthreads):
+                tid = omp_get_thread_num()
+                for n in prange(g.N, schedule="static"):
+                    _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                                    partp + tid * ps, bufp + tid * cs, &g)
+    else:
+        with blas_threads(nthreads):
+            with nogil:
+                for n in range(g.N):
+                    _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                                    partp, bufp, &g)
+    with nogil:
+        # CB2 across threads: the partials summed in thread order (deterministic).
+        for e in prange(ps, num_threads=nthreads, schedule="static"):
+            acc = partp[e]
+            for t in range(1, P):
+                acc = acc + partp[t * ps + e]
+            dwp[e] = acc
+        if db.shape[0] > 0:  # CB1
+            for f in prange(g.F, num_threads=nthreads, schedule="static"):
+                db[f] = <floating> _channel_sum(dyp, f, &g)
+
+
+def _threads_for(Py_ssize_t N) -> tuple:
+    """(OpenMP threads, per-thread buffers): images in parallel only when there are enough."""
+    nt = get_num_threads()
+    return nt, (nt if nt > 1 and N >= nt else 1)
+
+
+def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
+    """Length of one thread's column buffer (1 for pointwise convolutions, which need none)."""
+    stride, padding, dilation, groups = geometry
+    cdef Geom g = _geometry(x_shape, w_shape, stride, padding, dilation, groups)
+    return 1 if g.pointwise else g.C * g.KH * g.KW * g.L
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
+    cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    nt, nbuf = _threads_for(g.N)
+    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
+                                        (stride, padding, dilation, groups))), dtype=x.dtype)
+    bias = np.empty(0, dtype=x.dtype) if b is None else b
+    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt)
+    ctx = None
+    if training:
+        ctx = Context(
+            op="conv2d",
+            backend="cpu",
+            dtype=x.dtype,
+            cupy=False,
+            grad_shapes={"dy": y.shape},
+            saved=dict(x=x, w=w, has_bias=b is not None,
+                       geometry=(stride, padding, dilation, groups)),
+        )
+    return y, ctx
+
+
+def conv2d_backward(ctx, dy):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
+    s = ctx.saved
+    x, w, geometry = s["x"], s["w"], s["geometry"]
+    nt, nbuf = _threads_for(x.shape[0])
+    dx = np.empty_like(x)
+    dw = np.empty_like(w)
+    db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
+    parts = np.zeros((nbuf, w.size), dtype=x.dtype)
+    bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
+    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt)
+    return dx, dw, (db if s["has_bias"] else None)
