@@ -152,7 +152,7 @@ def to_torch(x: Any) -> Any:
     if lib == "torch":
         return x
     if lib == "numpy":
-        # from_numpy shares memory and, unlike DLPack, keeps read-only arrays working.
+        # from_numpy shares memory; NumPy's DLPack export refuses read-only arrays.
         return torch.from_numpy(x)
     return torch.from_dlpack(x)
 
