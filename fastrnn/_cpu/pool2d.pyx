@@ -1,0 +1,234 @@
+# cython: language_level=3
+"""Max and average pooling on the CPU: direct loops, OpenMP over the N*C image planes.
+
+Contract (the backend interface, fastrnn/backends/base.py; arguments validated and made
+C-contiguous by fastrnn.backends.ops):
+
+    x : [N, C, H, W]   input
+    y : [N, C, OH, OW] output (floor output size)
+    kernel_size, stride, padding : (h, w) int pairs, padding <= kernel / 2
+
+Steps cite fastrnn/reference/pool2d.py (P1..P4 forward, PB1..PB3 backward). No padded copy of
+x is made (P1): each window is clipped to the real input instead, which is the same thing for a
+max (padding never wins) and for the average (padding adds zeros; the divisor stays KH*KW).
+
+Each plane is independent in both directions (backward scatters only into its own plane of dx),
+so planes run in parallel with no races and the result does not depend on the thread count.
+"""
+
+from cython.parallel cimport prange
+from libc.math cimport INFINITY
+from libc.string cimport memset
+
+import numpy as np
+
+from fastrnn._cpu._blas cimport floating
+
+from fastrnn._threads import get_num_threads
+from fastrnn.context import Context
+
+
+cdef struct PoolGeom:
+    Py_ssize_t H, W, OH, OW, KH, KW, sh, sw, ph, pw
+
+
+cdef PoolGeom _geometry(tuple x_shape, kernel_size, stride, padding):
+    cdef PoolGeom g
+    _, _, g.H, g.W = x_shape
+    g.KH, g.KW = kernel_size
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.OH = (g.H + 2 * g.ph - g.KH) // g.sh + 1
+    g.OW = (g.W + 2 * g.pw - g.KW) // g.sw + 1
+    return g
+
+
+cdef inline void _window(
+    Py_ssize_t o, Py_ssize_t s, Py_ssize_t p, Py_ssize_t k, Py_ssize_t n,
+    Py_ssize_t* lo, Py_ssize_t* hi,
+) noexcept nogil:
+    """The real input rows (or columns) [lo, hi) of output o's window (P2 clipped to x)."""
+    cdef Py_ssize_t a = o * s - p
+    cdef Py_ssize_t b = a + k
+    lo[0] = a if a > 0 else 0
+    hi[0] = b if b < n else n
+
+
+cdef void _max_plane(
+    const floating* x,     # IN  [H, W]
+    floating* y,           # OUT [OH, OW]
+    Py_ssize_t* arg,       # OUT [OH, OW] flat index into x of each maximum, or NULL
+    const PoolGeom* g,
+) noexcept nogil:
+    """P3: the first real tap holding the maximum (strict >, scanning rows then columns); a
+    NaN is a maximum and the first NaN wins. Starting from -inf at the first real tap means an
+    all -inf window still points at a real element."""
+    cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw, best
+    cdef floating m, v
+    for oh in range(g.OH):
+        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        for ow in range(g.OW):
+            _window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
+            best = h0 * g.W + w0
+            m = -INFINITY
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    v = x[ih * g.W + iw]
+                    if v > m or (v != v and m == m):
+                        m = v
+                        best = ih * g.W + iw
+            y[oh * g.OW + ow] = m
+            if arg != NULL:
+                arg[oh * g.OW + ow] = best
+
+
+cdef void _avg_plane(
+    const floating* x,     # IN  [H, W]
+    floating* y,           # OUT [OH, OW]
+    const PoolGeom* g,
+) noexcept nogil:
+    """P4: sum of the real taps (padding adds zeros) in double, divided by KH*KW."""
+    cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw
+    cdef double s
+    cdef double area = <double> (g.KH * g.KW)
+    for oh in range(g.OH):
+        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        for ow in range(g.OW):
+            _window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
+            s = 0
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    s += x[ih * g.W + iw]
+            y[oh * g.OW + ow] = <floating> (s / area)
+
+
+cdef void _avg_plane_backward(
+    const floating* dy,    # IN  [OH, OW]
+    floating* dx,          # OUT [H, W]
+    const PoolGeom* g,
+) noexcept nogil:
+    """PB2 + PB3: each output's gradient / (KH*KW) added to its window's real taps."""
+    cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw
+    cdef floating share
+    cdef floating area = <floating> (g.KH * g.KW)
+    memset(dx, 0, g.H * g.W * sizeof(floating))
+    for oh in range(g.OH):
+        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        for ow in range(g.OW):
+            _window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
+            share = dy[oh * g.OW + ow] / area
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    dx[ih * g.W + iw] += share
+
+
+def _max_forward(
+    const floating[:, :, :, ::1] x,  # IN
+    floating[:, :, :, ::1] y,        # OUT
+    Py_ssize_t[:, :, :, ::1] arg,    # OUT, or an empty array when not training
+    kernel_size, stride, padding, int nthreads,
+):
+    cdef PoolGeom g = _geometry((x.shape[0], x.shape[1], x.shape[2], x.shape[3]),
+                                kernel_size, stride, padding)
+    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], p
+    cdef Py_ssize_t xs = g.H * g.W, ys = g.OH * g.OW
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0, 0]
+    cdef Py_ssize_t* ap = &arg[0, 0, 0, 0] if arg.shape[0] > 0 else NULL
+    with nogil:
+        for p in prange(planes, num_threads=nthreads, schedule="static"):
+            _max_plane(xp + p * xs, yp + p * ys, ap + p * ys if ap != NULL else NULL, &g)
+
+
+def _max_backward(
+    const floating[:, :, :, ::1] dy,     # IN
+    const Py_ssize_t[:, :, :, ::1] arg,  # IN
+    floating[:, :, :, ::1] dx,           # OUT
+    int nthreads,
+):
+    cdef Py_ssize_t planes = dx.shape[0] * dx.shape[1], p, o
+    cdef Py_ssize_t xs = dx.shape[2] * dx.shape[3], ys = dy.shape[2] * dy.shape[3]
+    cdef const floating* dyp = &dy[0, 0, 0, 0]
+    cdef const Py_ssize_t* ap = &arg[0, 0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0, 0]
+    with nogil:
+        for p in prange(planes, num_threads=nthreads, schedule="static"):
+            # PB1 + PB3: each output's gradient to its maximum (never a padded position)
+            memset(dxp + p * xs, 0, xs * sizeof(floating))
+            for o in range(ys):
+                dxp[p * xs + ap[p * ys + o]] += dyp[p * ys + o]
+
+
+def _avg_forward(
+    const floating[:, :, :, ::1] x,  # IN
+    floating[:, :, :, ::1] y,        # OUT
+    kernel_size, stride, padding, int nthreads,
+):
+    cdef PoolGeom g = _geometry((x.shape[0], x.shape[1], x.shape[2], x.shape[3]),
+                                kernel_size, stride, padding)
+    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], p
+    cdef Py_ssize_t xs = g.H * g.W, ys = g.OH * g.OW
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0, 0]
+    with nogil:
+        for p in prange(planes, num_threads=nthreads, schedule="static"):
+            _avg_plane(xp + p * xs, yp + p * ys, &g)
+
+
+def _avg_backward(
+    const floating[:, :, :, ::1] dy,  # IN
+    floating[:, :, :, ::1] dx,        # OUT
+    kernel_size, stride, padding, int nthreads,
+):
+    cdef PoolGeom g = _geometry((dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]),
+                                kernel_size, stride, padding)
+    cdef Py_ssize_t planes = dx.shape[0] * dx.shape[1], p
+    cdef Py_ssize_t xs = g.H * g.W, ys = g.OH * g.OW
+    cdef const floating* dyp = &dy[0, 0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0, 0]
+    with nogil:
+        for p in prange(planes, num_threads=nthreads, schedule="static"):
+            _avg_plane_backward(dyp + p * ys, dxp + p * xs, &g)
+
+
+def _out_shape(x, kernel_size, stride, padding) -> tuple:
+    N, C, H, W = x.shape
+    return (N, C, (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
+            (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
+
+
+def _context(op, x, y, **saved):
+    return Context(op=op, backend="cpu", dtype=x.dtype, cupy=False,
+                   grad_shapes={"dy": y.shape}, saved=dict(x_shape=x.shape, **saved))
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, training):
+    """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (None when training=False)."""
+    y = np.empty(_out_shape(x, kernel_size, stride, padding), dtype=x.dtype)
+    arg = np.empty(y.shape if training else (0, 0, 0, 0), dtype=np.intp)
+    _max_forward(x, y, arg, kernel_size, stride, padding, get_num_threads())
+    return y, (_context("max_pool2d", x, y, arg=arg) if training else None)
+
+
+def max_pool2d_backward(ctx, dy):
+    """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
+    dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
+    _max_backward(dy, ctx.saved["arg"], dx, get_num_threads())
+    return dx
+
+
+def avg_pool2d_forward(x, kernel_size, stride, padding, training):
+    """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (None when training=False)."""
+    y = np.empty(_out_shape(x, kernel_size, stride, padding), dtype=x.dtype)
+    _avg_forward(x, y, kernel_size, stride, padding, get_num_threads())
+    ctx = None
+    if training:
+        ctx = _context("avg_pool2d", x, y, geometry=(kernel_size, stride, padding))
+    return y, ctx
+
+
+def avg_pool2d_backward(ctx, dy):
+    """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
+    dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
+    _avg_backward(dy, dx, *ctx.saved["geometry"], get_num_threads())
+    return dx
