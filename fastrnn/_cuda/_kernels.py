@@ -1,0 +1,173 @@
+"""The kernel table: every CUDA kernel of csrc/ and its template instantiations, listed once.
+
+From this one table come
+
+* the ``name_expressions`` handed to NVRTC (``kernel<float>``, ``kernel<double>``, ...),
+* the argument conversion of every launch (:mod:`fastrnn._cuda._runtime`),
+* the NVRTC compile test for sm_80 / sm_90 (``tests/test_cuda_compile.py``),
+* the host build of the unchanged ``.cu`` files that the host execution tests call
+  (``tests/cuda_host_emulation.py``; it also checks, with ``static_assert``, that every
+  ``params`` entry below is exactly the kernel's C++ signature, so a launch can never pass an
+  8-byte value where the kernel expects 4).
+
+``params`` spells the kernel's parameters in C++ with ``T`` for the floating type: pointer
+parameters take device arrays (``T*`` of the call's dtype, ``index_t*`` of int64), ``index_t``
+(64-bit) and ``int`` take Python ints, ``T`` takes a Python float.
+
+Sources are compiled lazily, one ``cupy.RawModule`` per ``.cu`` file on first use, with
+``common.cuh`` prepended as text so that CuPy's compile cache key covers it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Options of our own, added to those CuPy's RawModule adds (include paths, --std=c++17, -ftz=true,
+# -arch, --device-as-default-execution-space). Kept empty on purpose: no fast-math, so expf/tanhf
+# keep their documented accuracy.
+COMPILE_OPTIONS: tuple[str, ...] = ()
+
+COMMON_HEADER = "common.cuh"
+
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One ``template <typename T> __global__`` kernel of a ``.cu`` file."""
+
+    name: str
+    source: str
+    params: tuple[str, ...]
+    dtypes: tuple[str, ...] = ("float", "double")
+
+    def expression(self, ctype: str) -> str:
+        """The NVRTC name expression of the instantiation for ``ctype``."""
+        return f"{self.name}<{ctype}>"
+
+    @functools.cached_property
+    def kinds(self) -> tuple[str, ...]:
+        """Per parameter: "T*", "index_t*", "index_t", "int" or "T" (what a launch converts)."""
+        return tuple(_kind(p) for p in self.params)
+
+
+def _kind(param: str) -> str:
+    decl = param.replace("const ", "").replace("__restrict__", "").strip()
+    ctype = decl.rsplit(" ", 1)[0].replace(" ", "")
+    if ctype not in ("T*", "index_t*", "index_t", "int", "T"):
+        raise ValueError(f"kernel table: unsupported parameter type in {param!r}")
+    return ctype
+
+
+_STEP = ("const index_t* lengths", "index_t t")
+
+# fmt: off
+KERNELS: tuple[Kernel, ...] = (
+    # -- lstm.cu ---------------------------------------------------------------------------
+    Kernel(
+        "lstm_forward_step",
+        "lstm.cu",
+        ("T* pre", "const T* b", "T* hs", "T* cs", "T* y", *_STEP,
+         "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
+    ),
+    Kernel(
+        "lstm_backward_step",
+        "lstm.cu",
+        ("const T* acts", "const T* cs", "const T* dy", "T* da", "const T* dh_cur",
+         "T* dh_next", "T* dc", *_STEP, "index_t N", "index_t H"),
+    ),
+    # -- gru.cu ----------------------------------------------------------------------------
+    Kernel(
+        "gru_forward_step",
+        "gru.cu",
+        ("const T* xw", "const T* hw", "const T* b_ih", "const T* b_hh", "T* hs", "T* y",
+         "T* acts", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
+    ),
+    Kernel(
+        "gru_backward_step",
+        "gru.cu",
+        ("const T* acts", "const T* hs", "const T* dy", "T* dxw", "T* dhw", "const T* dh_cur",
+         "T* dh_next", *_STEP, "index_t N", "index_t H"),
+    ),
+    # -- rnn.cu ----------------------------------------------------------------------------
+    Kernel(
+        "rnn_forward_step",
+        "rnn.cu",
+        ("const T* pre", "const T* b", "T* hs", "T* y", *_STEP, "index_t src", "index_t dst",
+         "index_t N", "index_t H", "int relu"),
+    ),
+    Kernel(
+        "rnn_backward_step",
+        "rnn.cu",
+        ("const T* hs", "const T* dy", "T* da", "const T* dh_cur", "T* dh_next", *_STEP,
+         "index_t N", "index_t H", "int relu"),
+    ),
+)
+
+# fmt: on
+
+_BY_NAME = {k.name: k for k in KERNELS}
+
+
+def kernel(name: str) -> Kernel:
+    return _BY_NAME[name]
+
+
+def source_files() -> tuple[str, ...]:
+    """The ``.cu`` files of the table, in table order, each once."""
+    return tuple(dict.fromkeys(k.source for k in KERNELS))
+
+
+def name_expressions(source: str) -> tuple[str, ...]:
+    """Every instantiation of the kernels of one ``.cu`` file."""
+    return tuple(k.expression(ctype) for k in KERNELS if k.source == source for ctype in k.dtypes)
+
+
+@functools.cache
+def csrc_dir() -> Path:
+    """Where the CUDA sources are: ``fastrnn/csrc`` in an installed package (setup.py's build_py
+    copies them there), else ``csrc/`` of the source checkout this package is imported from."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / COMMON_HEADER).is_file():
+            return candidate
+    raise FileNotFoundError(
+        "fastrnn's CUDA sources (common.cuh and the .cu files) were found neither in "
+        f"{package / 'csrc'} (installed package) nor in {package.parent / 'csrc'} "
+        "(source checkout); reinstall fastrnn"
+    )
+
+
+@functools.cache
+def program_source(source: str) -> str:
+    """The text NVRTC compiles for one ``.cu`` file: common.cuh, then the file, with ``#line``
+    directives so compiler messages name the right file and line."""
+    d = csrc_dir()
+    header = (d / COMMON_HEADER).read_text()
+    body = (d / source).read_text()
+    return f'#line 1 "{COMMON_HEADER}"\n{header}\n#line 1 "{source}"\n{body}'
+
+
+_modules: dict[tuple[str, int], object] = {}
+
+
+def get_function(name: str, ctype: str, device_id: int):
+    """The compiled kernel ``name<ctype>`` on device ``device_id`` (compiling its ``.cu`` file on
+    first use; CuPy also caches the binary on disk)."""
+    import cupy
+
+    k = _BY_NAME[name]
+    key = (k.source, device_id)
+    module = _modules.get(key)
+    if module is None:
+        module = cupy.RawModule(
+            code=program_source(k.source),
+            options=COMPILE_OPTIONS,
+            name_expressions=name_expressions(k.source),
+        )
+        _modules[key] = module
+    return module.get_function(k.expression(ctype))

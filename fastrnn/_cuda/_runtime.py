@@ -1,0 +1,278 @@
+"""What the CUDA drivers need from the device: arrays, row-major GEMMs and kernel launches.
+
+The drivers (:mod:`fastrnn._cuda.recurrent`, :mod:`fastrnn._cuda.conv`) talk to the device only
+through a :class:`Runtime`: ``xp`` (the array module), :meth:`Runtime.gemm` and
+:meth:`Runtime.launch`. :class:`CupyRuntime` is the real one (CuPy arrays, cuBLAS, NVRTC
+kernels, CuPy's current stream). The host tests swap in an emulation (NumPy arrays with guard
+margins, a column-major GEMM that enforces cuBLAS's argument rules, the unchanged ``.cu`` files
+compiled as C++; ``tests/cuda_host_emulation.py``), so the drivers' offsets, leading dimensions,
+operand swaps and launch arguments run for real without a GPU: only the two hooks
+``_blas_gemm`` and ``_launch`` and the array module differ.
+
+Everything is enqueued on CuPy's current stream; nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from fastrnn._cuda import _kernels
+
+# Threads per block of the pointwise kernels, and the largest grid they are launched with: the
+# kernels loop grid-stride, so a capped grid is correct for any size (32 blocks of 256 threads
+# per SM fill an H100's 132 SMs; larger grids only add block scheduling).
+BLOCK = 256
+MAX_BLOCKS = 4096
+
+OP_N, OP_T = 0, 1  # cublasOperation_t: CUBLAS_OP_N, CUBLAS_OP_T
+
+_SCALAR = {"index_t": np.int64, "int": np.int32}
+
+
+class Runtime:
+    """The device operations of the drivers; subclasses provide ``xp``, ``ptr``, ``_blas_gemm``
+    and ``_launch``."""
+
+    xp: Any
+    block: int = BLOCK
+    max_blocks: int = MAX_BLOCKS
+    # Check every GEMM operand's extent against its array (host tests and GPU tests turn it on).
+    check_bounds: bool = False
+
+    def device_of(self, a: Any) -> Any:
+        """A context manager making ``a``'s device the current one."""
+        return contextlib.nullcontext()
+
+    def to_device(self, host: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def ptr(self, a: Any) -> int:
+        raise NotImplementedError
+
+    # -- GEMM ----------------------------------------------------------------------------------
+    def gemm(
+        self,
+        transa: bool,
+        transb: bool,
+        M: int,
+        N: int,
+        K: int,
+        alpha: float,
+        A: Any,
+        a_off: int,
+        lda: int,
+        B: Any,
+        b_off: int,
+        ldb: int,
+        beta: float,
+        C: Any,
+        c_off: int,
+        ldc: int,
+    ) -> None:
+        """Row-major ``C[M,N] = alpha * op(A) @ op(B) + beta * C``, alpha and beta in {0, 1}.
+
+        Arrays are C-contiguous and share one dtype; ``*_off`` is the element offset of the
+        matrix inside its array and ``ld*`` its row stride in elements (the row-major leading
+        dimension). ``op(A)`` is ``A`` stored (M, K) when ``transa`` is false, else ``A`` stored
+        (K, M) and transposed; likewise B, stored (K, N) or (N, K).
+
+        cuBLAS is column-major and a row-major matrix is the column-major storage of its
+        transpose, so ``C^T = op(B)^T op(A)^T`` is one cuBLAS call with the operands swapped and
+        the same leading dimensions.
+        """
+        if M == 0 or N == 0:
+            return
+        if self.check_bounds:
+            _check_extent("A", A, a_off, *((K, M) if transa else (M, K)), lda)
+            _check_extent("B", B, b_off, *((N, K) if transb else (K, N)), ldb)
+            _check_extent("C", C, c_off, M, N, ldc)
+        if K == 0:  # no products: C = beta * C (and the leading dimensions may be 0)
+            if beta == 0.0:
+                flat = C.reshape(-1)
+                if ldc == N:
+                    flat[c_off : c_off + M * N] = 0
+                else:
+                    for r in range(M):
+                        flat[c_off + r * ldc : c_off + r * ldc + N] = 0
+            return
+        item = C.dtype.itemsize
+        self._blas_gemm(
+            C.dtype,
+            OP_T if transb else OP_N,
+            OP_T if transa else OP_N,
+            N,
+            M,
+            K,
+            float(alpha),
+            self.ptr(B) + b_off * item,
+            ldb,
+            self.ptr(A) + a_off * item,
+            lda,
+            float(beta),
+            self.ptr(C) + c_off * item,
+            ldc,
+        )
+
+    def _blas_gemm(
+        self,
+        dtype: np.dtype,
+        op_a: int,
+        op_b: int,
+        m: int,
+        n: int,
+        k: int,
+        alpha: float,
+        a: int,
+        lda: int,
+        b: int,
+        ldb: int,
+        beta: float,
+        c: int,
+        ldc: int,
+    ) -> None:
+        """Column-major cuBLAS ``?gemm`` on raw addresses."""
+        raise NotImplementedError
+
+    # -- kernels -------------------------------------------------------------------------------
+    def launch(self, name: str, dtype: np.dtype, n: int, args: tuple) -> None:
+        """Launch kernel ``name<dtype>`` over ``n`` elements (grid-stride loop) with ``args`` in
+        the order of its kernel-table entry."""
+        if n <= 0:
+            return
+        grid = min((n + self.block - 1) // self.block, self.max_blocks)
+        spec = _kernels.kernel(name)
+        self._launch(
+            spec, _kernels.CTYPES[dtype], grid, self.block, convert_args(spec, dtype, args)
+        )
+
+    def _launch(
+        self, spec: _kernels.Kernel, ctype: str, grid: int, block: int, args: tuple
+    ) -> None:
+        raise NotImplementedError
+
+
+def _check_extent(name: str, a: Any, off: int, rows: int, cols: int, ld: int) -> None:
+    """A row-major (rows, cols) matrix at element ``off`` with row stride ``ld`` lies in ``a``."""
+    if rows == 0 or cols == 0:
+        return
+    if ld < cols or off < 0 or off + (rows - 1) * ld + cols > a.size:
+        raise ValueError(
+            f"gemm: {name} ({rows}x{cols}, offset {off}, ld {ld}) does not fit its array of "
+            f"{a.size} elements"
+        )
+
+
+def convert_args(spec: _kernels.Kernel, dtype: np.dtype, args: tuple) -> tuple:
+    """Check one launch's arguments against the kernel table and give every scalar the exact C
+    type of its parameter (a bare Python int would travel as 8 bytes whatever the parameter)."""
+    kinds = spec.kinds
+    if len(args) != len(kinds):
+        raise TypeError(f"{spec.name}: expected {len(kinds)} arguments, got {len(args)}")
+    out = []
+    for kind, param, a in zip(kinds, spec.params, args, strict=True):
+        if kind == "T*":
+            if a.dtype != dtype:
+                raise TypeError(f"{spec.name}: {param} must be {dtype}, got {a.dtype}")
+            out.append(a)
+        elif kind == "index_t*":
+            if a.dtype != np.int64:
+                raise TypeError(f"{spec.name}: {param} must be int64, got {a.dtype}")
+            out.append(a)
+        elif kind == "T":
+            out.append(dtype.type(a))
+        else:
+            out.append(_SCALAR[kind](a))
+    return tuple(out)
+
+
+class CupyRuntime(Runtime):
+    """CuPy arrays, cuBLAS GEMMs and NVRTC kernels, on CuPy's current stream."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import cupy
+        from cupy_backends.cuda.libs import cublas
+
+        self.xp = cupy
+        self._cupy = cupy
+        self._cublas = cublas
+        self._gemm_fn = {np.dtype(np.float32): cublas.sgemm, np.dtype(np.float64): cublas.dgemm}
+        # alpha and beta are read from host memory (CUBLAS_POINTER_MODE_HOST); kept alive here.
+        self._scalars = {
+            (np.dtype(dt), v): np.array(v, dtype=dt)
+            for dt in (np.float32, np.float64)
+            for v in (0.0, 1.0)
+        }
+        self._functions: dict[tuple[str, str, int], Any] = {}
+
+    def device_of(self, a: Any) -> Any:
+        return a.device
+
+    def to_device(self, host: np.ndarray) -> Any:
+        return self._cupy.asarray(host)
+
+    def ptr(self, a: Any) -> int:
+        return a.data.ptr
+
+    def _blas_gemm(self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        cublas = self._cublas
+        handle = self._cupy.cuda.device.get_cublas_handle()
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
+            self._gemm_fn[dtype](
+                handle,
+                op_a,
+                op_b,
+                m,
+                n,
+                k,
+                self._scalars[(dtype, alpha)].ctypes.data,
+                a,
+                lda,
+                b,
+                ldb,
+                self._scalars[(dtype, beta)].ctypes.data,
+                c,
+                ldc,
+            )
+        finally:
+            cublas.setPointerMode(handle, mode)
+
+    def _launch(self, spec, ctype, grid, block, args):
+        device_id = self._cupy.cuda.runtime.getDevice()
+        key = (spec.name, ctype, device_id)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = _kernels.get_function(spec.name, ctype, device_id)
+            self._functions[key] = fn
+        fn((grid,), (block,), args)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The runtime the drivers use: a :class:`CupyRuntime` unless a test swapped it."""
+    global _runtime
+    if _runtime is None:
+        _runtime = CupyRuntime()
+    return _runtime
+
+
+@contextlib.contextmanager
+def use_runtime(rt: Runtime) -> Iterator[Runtime]:
+    """Run the drivers on ``rt`` inside the block (the host tests' emulation)."""
+    global _runtime
+    previous = _runtime
+    _runtime = rt
+    try:
+        yield rt
+    finally:
+        _runtime = previous

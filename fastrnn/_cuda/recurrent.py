@@ -1,0 +1,331 @@
+"""CUDA drivers of the recurrent ops: LSTM, GRU, Elman RNN (the backend interface's signatures).
+
+The same algorithm as the CPU kernels (DESIGN.md, "Performance model"):
+
+* forward: one GEMM for the input projection of all T steps, then per step one recurrent GEMM
+  (accumulated straight into that step's slice of the projection where the op allows) and one
+  fused pointwise kernel (csrc/lstm.cu, gru.cu, rnn.cu);
+* backward: per step one fused pointwise kernel and one GEMM for the gradient of the previous
+  hidden state, then the weight, bias and input gradients as whole-sequence GEMMs (the bias
+  gradient is ``ones @ dA``, a GEMM too: no atomics anywhere, so results are bitwise
+  reproducible run to run on the same GPU and CuPy/CUDA versions).
+
+Everything is enqueued on CuPy's current stream, on the device of the inputs; ``lengths`` goes to
+the device once per call and the time loop never waits for the GPU. The arrays arrive validated
+and C-contiguous (fastrnn/backends/ops.py). Kernel and step numbers refer to
+fastrnn/reference/{lstm,gru,rnn}.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fastrnn._cuda._runtime import runtime
+from fastrnn.context import Context
+
+
+def _lengths(rt: Any, lengths: np.ndarray | None, T: int, N: int) -> Any:
+    """Device int64 (N,) lengths; every sequence runs T steps when ``lengths`` is None."""
+    if lengths is None:
+        return rt.xp.full((N,), T, dtype=np.int64)
+    return rt.to_device(np.ascontiguousarray(lengths, dtype=np.int64))
+
+
+def _slots(training: bool, t: int) -> tuple[int, int]:
+    """State slots read and written by step t: all T+1 states are kept for backward when
+    training, two ping-pong slots otherwise."""
+    return (t, t + 1) if training else (t & 1, (t + 1) & 1)
+
+
+def _state(xp: Any, a: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A fresh, writable copy of an upstream gradient (zeros when it is None)."""
+    return xp.zeros(shape, dtype=dtype) if a is None else a.copy()
+
+
+def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
+    """Column sums of a row-major (rows, cols) array as ``ones(rows) @ a`` (one deterministic
+    GEMM)."""
+    xp = rt.xp
+    out = xp.empty((cols,), dtype=a.dtype)
+    ones = xp.ones((rows,), dtype=a.dtype)
+    rt.gemm(False, False, 1, cols, rows, 1.0, ones, 0, rows, a, 0, cols, 0.0, out, 0, cols)
+    return out
+
+
+def _weight_grads(
+    rt: Any, dA: Any, dB: Any, x: Any, hs: Any, w_ih: Any, T: int, N: int, D: int, H: int, G: int
+) -> tuple[Any, Any, Any]:
+    """dx = dA @ W_ih, dW_ih = dA^T @ x, dW_hh = dB^T @ h_{0..T-1} for the (T*N, G) gradients
+    dA of the input projection and dB of the recurrent one (the same array except in the GRU).
+    """
+    xp, dtype, TN = rt.xp, x.dtype, T * N
+    dx = xp.empty((T, N, D), dtype=dtype)
+    rt.gemm(False, False, TN, D, G, 1.0, dA, 0, G, w_ih, 0, D, 0.0, dx, 0, D)
+    dw_ih = xp.empty((G, D), dtype=dtype)
+    rt.gemm(True, False, G, D, TN, 1.0, dA, 0, G, x, 0, D, 0.0, dw_ih, 0, D)
+    dw_hh = xp.empty((G, H), dtype=dtype)
+    # hs holds T+1 states; its first T slots (the states before each step) are one (T*N, H)
+    # matrix.
+    rt.gemm(True, False, G, H, TN, 1.0, dB, 0, G, hs, 0, H, 0.0, dw_hh, 0, H)
+    return dx, dw_ih, dw_hh
+
+
+# ------------------------------------------------------------------------------------------------
+# LSTM
+# ------------------------------------------------------------------------------------------------
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
+    """x (T,N,D); h0, c0 (N,H); w_ih (4H,D); w_hh (4H,H); b (4H,) -> y, hT, cT, ctx."""
+    rt = runtime()
+    xp = rt.xp
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    G = 4 * H
+    NH = N * H
+    dtype = x.dtype
+    with rt.device_of(x):
+        lens = _lengths(rt, lengths, T, N)
+        # L1: x_t W_ih^T for all T steps, one GEMM (the bias is added by the kernel).
+        pre = xp.empty((T, N, G), dtype=dtype)
+        rt.gemm(False, True, T * N, G, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, pre, 0, G)
+        S = T + 1 if training else 2
+        hs = xp.empty((S, N, H), dtype=dtype)
+        cs = xp.empty((S, N, H), dtype=dtype)
+        hs[0] = h0
+        cs[0] = c0
+        y = xp.empty((T, N, H), dtype=dtype)
+        save = int(training)
+        for t in range(T):
+            src, dst = _slots(training, t)
+            # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+            rt.gemm(False, True, N, G, H, 1.0, hs, src * NH, H, w_hh, 0, H, 1.0, pre, t * N * G, G)
+            # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
+            rt.launch(
+                "lstm_forward_step",
+                dtype,
+                NH,
+                (pre, b, hs, cs, y, lens, t, src, dst, N, H, save),
+            )
+        last = _slots(training, T - 1)[1]
+        hT = hs[last].copy()
+        cT = cs[last].copy()
+    ctx = None
+    if training:
+        ctx = Context(
+            op="lstm",
+            backend="cuda",
+            dtype=dtype,
+            cupy=True,
+            grad_shapes={"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)},
+            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, cs=cs, acts=pre, lengths=lens),
+        )
+    return y, hT, cT, ctx
+
+
+def lstm_backward(ctx, dy, dhT, dcT):
+    """-> dx (T,N,D), dh0 (N,H), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H), db (4H,)."""
+    rt = runtime()
+    xp = rt.xp
+    s = ctx.saved
+    x, w_ih, w_hh, hs, cs, acts, lens = (
+        s["x"],
+        s["w_ih"],
+        s["w_hh"],
+        s["hs"],
+        s["cs"],
+        s["acts"],
+        s["lengths"],
+    )
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    G = 4 * H
+    NH = N * H
+    dtype = x.dtype
+    with rt.device_of(x):
+        da = xp.empty((T, N, G), dtype=dtype)
+        dh_cur = _state(xp, dhT, (N, H), dtype)
+        dh_next = xp.empty((N, H), dtype=dtype)
+        dc = _state(xp, dcT, (N, H), dtype)
+        for t in reversed(range(T)):
+            # LB1-LB4 except the GEMM; dc is updated in place.
+            rt.launch(
+                "lstm_backward_step",
+                dtype,
+                NH,
+                (acts, cs, dy, da, dh_cur, dh_next, dc, lens, t, N, H),
+            )
+            # LB4: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
+            rt.gemm(False, False, N, H, G, 1.0, da, t * N * G, G, w_hh, 0, H, 1.0, dh_next, 0, H)
+            dh_cur, dh_next = dh_next, dh_cur
+        # LB5: whole-sequence GEMMs.
+        dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, G)
+        db = _colsum(rt, da, T * N, G)
+    return dx, dh_cur, dc, dw_ih, dw_hh, db
+
+
+# ------------------------------------------------------------------------------------------------
+# GRU
+# ------------------------------------------------------------------------------------------------
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
+    """x (T,N,D); h0 (N,H); w_ih (3H,D); w_hh (3H,H); b_ih, b_hh (3H,) -> y, hT, ctx."""
+    rt = runtime()
+    xp = rt.xp
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    G = 3 * H
+    NH = N * H
+    dtype = x.dtype
+    with rt.device_of(x):
+        lens = _lengths(rt, lengths, T, N)
+        # G1: x_t W_ih^T for all T steps (b_ih is added by the kernel).
+        xw = xp.empty((T, N, G), dtype=dtype)
+        rt.gemm(False, True, T * N, G, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, xw, 0, G)
+        S = T + 1 if training else 2
+        hs = xp.empty((S, N, H), dtype=dtype)
+        hs[0] = h0
+        y = xp.empty((T, N, H), dtype=dtype)
+        hw = xp.empty((N, G), dtype=dtype)
+        # r, z, n, hn per step for backward; without training the kernel never writes it.
+        acts = xp.empty((T, N, 4 * H), dtype=dtype) if training else hw
+        save = int(training)
+        for t in range(T):
+            src, dst = _slots(training, t)
+            # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
+            rt.gemm(False, True, N, G, H, 1.0, hs, src * NH, H, w_hh, 0, H, 0.0, hw, 0, G)
+            # G3-G5.
+            rt.launch(
+                "gru_forward_step",
+                dtype,
+                NH,
+                (xw, hw, b_ih, b_hh, hs, y, acts, lens, t, src, dst, N, H, save),
+            )
+        hT = hs[_slots(training, T - 1)[1]].copy()
+    ctx = None
+    if training:
+        ctx = Context(
+            op="gru",
+            backend="cuda",
+            dtype=dtype,
+            cupy=True,
+            grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
+            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, acts=acts, lengths=lens),
+        )
+    return y, hT, ctx
+
+
+def gru_backward(ctx, dy, dhT):
+    """-> dx (T,N,D), dh0 (N,H), dw_ih (3H,D), dw_hh (3H,H), db_ih (3H,), db_hh (3H,)."""
+    rt = runtime()
+    xp = rt.xp
+    s = ctx.saved
+    x, w_ih, w_hh, hs, acts, lens = (s["x"], s["w_ih"], s["w_hh"], s["hs"], s["acts"], s["lengths"])
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    G = 3 * H
+    NH = N * H
+    dtype = x.dtype
+    with rt.device_of(x):
+        dxw = xp.empty((T, N, G), dtype=dtype)
+        dhw = xp.empty((T, N, G), dtype=dtype)
+        dh_cur = _state(xp, dhT, (N, H), dtype)
+        dh_next = xp.empty((N, H), dtype=dtype)
+        for t in reversed(range(T)):
+            # GB1-GB4 except the GEMM.
+            rt.launch(
+                "gru_backward_step",
+                dtype,
+                NH,
+                (acts, hs, dy, dxw, dhw, dh_cur, dh_next, lens, t, N, H),
+            )
+            # GB4: dh_{t-1} = dh_step * z (left by the kernel) + dhw_t W_hh.
+            rt.gemm(False, False, N, H, G, 1.0, dhw, t * N * G, G, w_hh, 0, H, 1.0, dh_next, 0, H)
+            dh_cur, dh_next = dh_next, dh_cur
+        # GB5: whole-sequence GEMMs.
+        dx, dw_ih, dw_hh = _weight_grads(rt, dxw, dhw, x, hs, w_ih, T, N, D, H, G)
+        db_ih = _colsum(rt, dxw, T * N, G)
+        db_hh = _colsum(rt, dhw, T * N, G)
+    return dx, dh_cur, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ------------------------------------------------------------------------------------------------
+# Elman RNN
+# ------------------------------------------------------------------------------------------------
+
+
+def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
+    """x (T,N,D); h0 (N,H); w_ih (H,D); w_hh (H,H); b (H,); "tanh" or "relu" -> y, hT, ctx."""
+    rt = runtime()
+    xp = rt.xp
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    NH = N * H
+    dtype = x.dtype
+    relu = int(nonlinearity == "relu")
+    with rt.device_of(x):
+        lens = _lengths(rt, lengths, T, N)
+        # R1: x_t W_ih^T for all T steps (the bias is added by the kernel).
+        pre = xp.empty((T, N, H), dtype=dtype)
+        rt.gemm(False, True, T * N, H, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, pre, 0, H)
+        S = T + 1 if training else 2
+        hs = xp.empty((S, N, H), dtype=dtype)
+        hs[0] = h0
+        y = xp.empty((T, N, H), dtype=dtype)
+        for t in range(T):
+            src, dst = _slots(training, t)
+            # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+            rt.gemm(False, True, N, H, H, 1.0, hs, src * NH, H, w_hh, 0, H, 1.0, pre, t * NH, H)
+            # R3-R4.
+            rt.launch(
+                "rnn_forward_step",
+                dtype,
+                NH,
+                (pre, b, hs, y, lens, t, src, dst, N, H, relu),
+            )
+        hT = hs[_slots(training, T - 1)[1]].copy()
+    ctx = None
+    if training:
+        ctx = Context(
+            op="rnn",
+            backend="cuda",
+            dtype=dtype,
+            cupy=True,
+            grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
+            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, lengths=lens, relu=relu),
+        )
+    return y, hT, ctx
+
+
+def rnn_backward(ctx, dy, dhT):
+    """-> dx (T,N,D), dh0 (N,H), dw_ih (H,D), dw_hh (H,H), db (H,)."""
+    rt = runtime()
+    xp = rt.xp
+    s = ctx.saved
+    x, w_ih, w_hh, hs, lens, relu = (s["x"], s["w_ih"], s["w_hh"], s["hs"], s["lengths"], s["relu"])
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    NH = N * H
+    dtype = x.dtype
+    with rt.device_of(x):
+        da = xp.empty((T, N, H), dtype=dtype)
+        dh_cur = _state(xp, dhT, (N, H), dtype)
+        dh_next = xp.empty((N, H), dtype=dtype)
+        for t in reversed(range(T)):
+            # RB1-RB3 except the GEMM.
+            rt.launch(
+                "rnn_backward_step",
+                dtype,
+                NH,
+                (hs, dy, da, dh_cur, dh_next, lens, t, N, H, relu),
+            )
+            # RB3: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
+            rt.gemm(False, False, N, H, H, 1.0, da, t * NH, H, w_hh, 0, H, 1.0, dh_next, 0, H)
+            dh_cur, dh_next = dh_next, dh_cur
+        # RB4: whole-sequence GEMMs.
+        dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, H)
+        db = _colsum(rt, da, T * N, H)
+    return dx, dh_cur, dw_ih, dw_hh, db

@@ -1,0 +1,271 @@
+"""Run fastrnn's CUDA drivers and kernels on the host, without a GPU.
+
+* The unchanged ``.cu`` files (with ``common.cuh`` prepended, exactly the text NVRTC gets) are
+  compiled as C++ by the host compiler after a small shim that defines ``__global__``,
+  ``__device__``, ``blockIdx``/``threadIdx``/``blockDim``/``gridDim`` and "launches" a kernel
+  by running every (block, thread) of the grid in turn. For every kernel-table instantiation an
+  ``extern "C"`` wrapper is generated, and a ``static_assert`` checks that the table's parameter
+  list is exactly the kernel's signature (the launch ABI on the GPU depends on it).
+* :class:`HostRuntime` implements :class:`fastrnn._cuda._runtime.Runtime` with NumPy arrays: a
+  column-major GEMM on raw addresses that enforces cuBLAS's argument rules, the compiled
+  kernels, and arrays allocated inside guard margins (checked after every launch and GEMM) whose
+  uninitialised contents are NaN, so an out-of-bounds write, or a read of memory nobody wrote,
+  shows up as a failure.
+
+The drivers of fastrnn/_cuda then run unchanged: ``with use_runtime(HostRuntime(...)): ...``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastrnn._cuda import _kernels
+from fastrnn._cuda._runtime import OP_N, Runtime
+
+SHIM = r"""
+// Host shim: just enough of CUDA for fastrnn's kernels to compile and run as C++.
+#include <cmath>
+#include <type_traits>
+struct fr_dim3 { unsigned x, y, z; };
+static fr_dim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0};
+static fr_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+template <class F>
+static void fr_launch(unsigned grid, unsigned block, F&& body) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    for (unsigned b = 0; b < grid; ++b) {
+        for (unsigned t = 0; t < block; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            body();
+        }
+    }
+}
+"""
+
+_C = {"float": ctypes.c_float, "double": ctypes.c_double}
+
+
+def _cxx() -> str:
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError("no C++ compiler (g++, c++ or clang++) on PATH")
+
+
+def _param_type(param: str, ctype: str) -> str:
+    """'const T* __restrict__ b' -> 'const float*' (the parameter's type, T substituted)."""
+    type_part = param.replace("__restrict__", " ").strip().rsplit(" ", 1)[0]
+    return re.sub(r"\bT\b", ctype, " ".join(type_part.split()))
+
+
+def wrapper_source() -> str:
+    """The C++ translation unit: shim, every .cu file as NVRTC sees it, generated wrappers."""
+    parts = [SHIM]
+    for source in _kernels.source_files():
+        parts.append(_kernels.program_source(source))
+    parts.append('\n#line 1 "generated-wrappers"\n')
+    for k in _kernels.KERNELS:
+        for ctype in k.dtypes:
+            types = [_param_type(p, ctype) for p in k.params]
+            sig = ", ".join(types)
+            parts.append(
+                f"static_assert(std::is_same<decltype(&{k.name}<{ctype}>), void (*)({sig})>::value,"
+                f' "kernel table: the parameters listed for {k.name} are not its signature");\n'
+            )
+            formals = ", ".join(f"{t} a{i}" for i, t in enumerate(types))
+            actuals = ", ".join(f"a{i}" for i in range(len(types)))
+            parts.append(
+                f'extern "C" void fr_host_{k.name}_{ctype}(unsigned grid, unsigned block, '
+                f"{formals}) {{\n"
+                f"    fr_launch(grid, block, [&] {{ {k.name}<{ctype}>({actuals}); }});\n}}\n"
+            )
+    return "".join(parts)
+
+
+def build_library(directory: Path) -> ctypes.CDLL:
+    """Compile :func:`wrapper_source` into a shared library in ``directory`` and load it."""
+    src = wrapper_source()
+    digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+    cpp = directory / f"fastrnn_host_{digest}.cpp"
+    lib = directory / f"fastrnn_host_{digest}.so"
+    cpp.write_text(src)
+    cmd = [
+        _cxx(),
+        "-std=c++17",
+        "-O2",
+        "-Wall",
+        "-Werror",
+        "-Wno-unused-function",
+        "-shared",
+        "-fPIC",
+        "-o",
+        str(lib),
+        str(cpp),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"host build of the CUDA sources failed:\n{proc.stderr}")
+    return ctypes.CDLL(str(lib))
+
+
+# ------------------------------------------------------------------------------------------------
+# guarded NumPy arrays
+# ------------------------------------------------------------------------------------------------
+
+GUARD = 64  # elements of margin on each side of every allocation
+_CANARY = {
+    np.dtype(np.float32): np.float32(-7.25e33),
+    np.dtype(np.float64): -7.25e303,
+    np.dtype(np.int64): np.int64(-0x5A5A5A5A5A5A5A5A),
+}
+
+
+class GuardedNumpy:
+    """``numpy`` whose allocating functions (``empty``, ``zeros``, ``ones``, ``full``,
+    ``asarray`` of host data) place the array inside margins holding a canary; ``empty``
+    fills the array itself with NaN (floats) or the canary (ints), so reading memory nobody
+    wrote poisons the result."""
+
+    def __init__(self) -> None:
+        self._blocks: list[np.ndarray] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+    def _alloc(self, shape: Any, dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        n = math.prod(shape)
+        outer = np.empty(n + 2 * GUARD, dtype=dtype)
+        outer[:] = _CANARY[dtype]
+        inner = outer[GUARD : GUARD + n]
+        if dtype.kind == "f":
+            inner[:] = np.nan
+        self._blocks.append(outer)
+        return inner.reshape(shape)
+
+    def empty(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:
+        return self._alloc(shape, dtype)
+
+    def zeros(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:
+        a = self._alloc(shape, dtype)
+        a[...] = 0
+        return a
+
+    def ones(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:
+        a = self._alloc(shape, dtype)
+        a[...] = 1
+        return a
+
+    def full(self, shape: Any, value: Any, dtype: Any = None) -> np.ndarray:
+        a = self._alloc(shape, dtype if dtype is not None else np.asarray(value).dtype)
+        a[...] = value
+        return a
+
+    def device_copy(self, host: np.ndarray) -> np.ndarray:
+        a = self._alloc(host.shape, host.dtype)
+        a[...] = host
+        return a
+
+    def check_guards(self) -> None:
+        for outer in self._blocks:
+            c = _CANARY[outer.dtype]
+            if not (np.all(outer[:GUARD] == c) and np.all(outer[-GUARD:] == c)):
+                raise AssertionError("a kernel or GEMM wrote outside its array")
+
+
+# ------------------------------------------------------------------------------------------------
+# the runtime
+# ------------------------------------------------------------------------------------------------
+
+
+class HostRuntime(Runtime):
+    """The drivers' device operations on the host (see the module docstring).
+
+    ``block`` and ``max_blocks`` default to a tiny grid (3 blocks of 32 threads), so any launch
+    over more than 96 elements runs the grid-stride loops more than once per thread."""
+
+    name = "host"
+    check_bounds = True
+
+    def __init__(self, lib: ctypes.CDLL, block: int = 32, max_blocks: int = 3) -> None:
+        self.xp = GuardedNumpy()
+        self.lib = lib
+        self.block = block
+        self.max_blocks = max_blocks
+        self.launches: list[tuple[str, int, int]] = []  # (kernel, grid, block) of every launch
+        self._fns: dict[str, Any] = {}
+
+    def to_device(self, host: np.ndarray) -> np.ndarray:
+        return self.xp.device_copy(host)
+
+    def ptr(self, a: Any) -> int:
+        return a.ctypes.data
+
+    def _blas_gemm(self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        # cuBLAS's argument rules (cublas<t>gemm: CUBLAS_STATUS_INVALID_VALUE otherwise).
+        rows_a = m if op_a == OP_N else k
+        rows_b = k if op_b == OP_N else n
+        if min(m, n, k) < 0 or lda < max(1, rows_a) or ldb < max(1, rows_b) or ldc < max(1, m):
+            raise ValueError(
+                f"cuBLAS would reject gemm(m={m}, n={n}, k={k}, lda={lda}, ldb={ldb}, "
+                f"ldc={ldc}, op_a={op_a}, op_b={op_b})"
+            )
+        A = _colmajor(dtype, a, rows_a, k if op_a == OP_N else m, lda)
+        B = _colmajor(dtype, b, rows_b, n if op_b == OP_N else k, ldb)
+        C = _colmajor(dtype, c, m, n, ldc)
+        opA = A if op_a == OP_N else A.T
+        opB = B if op_b == OP_N else B.T
+        prod = alpha * (opA @ opB)
+        C[...] = prod if beta == 0.0 else prod + beta * C  # beta = 0: C is not read
+        self.xp.check_guards()
+
+    def _launch(self, spec, ctype, grid, block, args):
+        fname = f"fr_host_{spec.name}_{ctype}"
+        fn = self._fns.get(fname)
+        if fn is None:
+            fn = getattr(self.lib, fname)
+            argtypes = [ctypes.c_uint, ctypes.c_uint]
+            for kind in spec.kinds:
+                argtypes.append(
+                    ctypes.c_void_p
+                    if kind.endswith("*")
+                    else ctypes.c_longlong
+                    if kind == "index_t"
+                    else ctypes.c_int
+                    if kind == "int"
+                    else _C[ctype]
+                )
+            fn.argtypes = argtypes
+            fn.restype = None
+            self._fns[fname] = fn
+        cargs = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+        self.launches.append((spec.name, grid, block))
+        fn(grid, block, *cargs)
+        self.xp.check_guards()
+
+
+def _colmajor(dtype: np.dtype, addr: int, rows: int, cols: int, ld: int) -> np.ndarray:
+    """The column-major (rows, cols) matrix with leading dimension ``ld`` at ``addr``."""
+    dtype = np.dtype(dtype)
+    extent = (cols - 1) * ld + rows
+    buf = (ctypes.c_byte * (extent * dtype.itemsize)).from_address(addr)
+    flat = np.frombuffer(buf, dtype=dtype, count=extent)
+    return np.lib.stride_tricks.as_strided(
+        flat, shape=(rows, cols), strides=(dtype.itemsize, ld * dtype.itemsize)
+    )
