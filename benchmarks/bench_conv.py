@@ -1,0 +1,296 @@
+"""conv2d and pooling: fastrnn's CPU kernels vs the NumPy reference vs torch.nn.functional.
+
+Outside the default test run (pytest collects tests/ only). Two ways to run it:
+
+    python -m pytest benchmarks/bench_conv.py --benchmark-only --benchmark-group-by=group
+    python benchmarks/bench_conv.py [--threads 2] [--repeat 5] [--reference]
+
+The pytest-benchmark suite puts fastrnn, the reference and PyTorch of one shape and pass in one
+group, with GFLOP/s, threads, dtype and shape in ``extra_info``. The script form times fastrnn
+and PyTorch interleaved, shape by shape, several rounds, and prints median times, GFLOP/s and
+PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
+
+Threads: ``FASTRNN_BENCH_THREADS`` (pytest) or ``--threads`` (script), default
+``fastrnn.get_num_threads()``; both fastrnn and PyTorch are set explicitly (they share libgomp,
+and ``torch.set_num_threads`` alone would change fastrnn's default).
+
+FLOPs: a convolution forward is 2 N F OH OW (C/groups) KH KW; forward+backward is three times
+that (input and weight gradients are GEMMs of the same size). Pooling counts one operation per
+window element forward and per output element backward (it is bound by memory, not FLOPs).
+Every implementation is checked against PyTorch (or the reference) before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from fastrnn import reference as ref
+
+try:
+    import torch
+    import torch.nn.functional as tnf
+except ImportError:  # pragma: no cover - torch is optional
+    torch = None
+
+# (N, C, H, W, F, k, stride, pad)
+CONV_SHAPES = [
+    (64, 3, 32, 32, 32, 3, 1, 1),
+    (64, 32, 32, 32, 64, 3, 1, 1),
+    (8, 128, 28, 28, 128, 3, 1, 1),
+    (64, 1, 28, 28, 16, 5, 1, 2),
+    (32, 64, 56, 56, 64, 3, 1, 1),
+]
+# (N, C, H, W, k, stride, pad)
+POOL_SHAPES = [
+    (64, 32, 32, 32, 2, 2, 0),
+    (32, 64, 56, 56, 3, 2, 1),
+]
+IMPLS = ["fastrnn", "reference", "torch"]
+PASSES = ["fwd", "fwd+bwd"]
+DTYPE = np.float32
+
+
+def bench_threads() -> int:
+    env = os.environ.get("FASTRNN_BENCH_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else fr.get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    fr.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def conv_flops(shape: tuple[int, ...], passes: str) -> float:
+    N, C, H, W, F, k, s, p = shape
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    fwd = 2.0 * N * F * OH * OW * C * k * k
+    return fwd if passes == "fwd" else 3 * fwd
+
+
+def pool_flops(shape: tuple[int, ...], passes: str) -> float:
+    N, C, H, W, k, s, p = shape
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    fwd = float(N * C * OH * OW * k * k)
+    return fwd if passes == "fwd" else fwd + N * C * OH * OW
+
+
+# ------------------------------------------------------------------------------------------------
+# the timed calls, built and checked once per (op, shape, impl, pass)
+# ------------------------------------------------------------------------------------------------
+
+
+def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], object]:
+    """A zero-argument call running conv2d forward (or forward+backward) on ``impl``."""
+    N, C, H, W, F, k, s, p = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W), dtype=np.float64).astype(DTYPE)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(DTYPE)
+    b = rng.standard_normal(F).astype(DTYPE)
+    y, _ = ref.conv2d_forward(x, w, b, stride=s, padding=p, training=False)
+    dy = rng.standard_normal(y.shape).astype(DTYPE)
+    train = passes == "fwd+bwd"
+
+    if impl == "torch":
+        if torch is None:
+            pytest.skip("torch is not installed")
+        xt, wt, bt = (torch.from_numpy(a).requires_grad_(train) for a in (x, w, b))
+        dyt = torch.from_numpy(dy)
+
+        def call():
+            if not train:
+                with torch.no_grad():
+                    return tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+            xt.grad = wt.grad = bt.grad = None
+            yt = tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+            yt.backward(dyt)
+            return yt
+
+        out = call()
+        np.testing.assert_allclose(out.detach().numpy(), y, rtol=1e-3, atol=1e-3)
+        return call
+
+    def call():
+        yy, ctx = fr.conv2d_forward(x, w, b, stride=s, padding=p, training=train)
+        if train:
+            fr.conv2d_backward(ctx, dy)
+        return yy
+
+    if impl == "reference":
+
+        def run():
+            with fr.use_backend("numpy"):
+                return call()
+
+        return run
+    np.testing.assert_allclose(call(), y, rtol=1e-3, atol=1e-3)
+    return call
+
+
+def pool_call(kind: str, shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], object]:
+    N, C, H, W, k, s, p = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W), dtype=np.float64).astype(DTYPE)
+    fwd, bwd = {
+        "max": (fr.max_pool2d_forward, fr.max_pool2d_backward),
+        "avg": (fr.avg_pool2d_forward, fr.avg_pool2d_backward),
+    }[kind]
+    y, _ = getattr(ref, f"{kind}_pool2d_forward")(x, k, s, p, training=False)
+    dy = rng.standard_normal(y.shape).astype(DTYPE)
+    train = passes == "fwd+bwd"
+
+    if impl == "torch":
+        if torch is None:
+            pytest.skip("torch is not installed")
+        tfn = tnf.max_pool2d if kind == "max" else tnf.avg_pool2d
+        xt = torch.from_numpy(x).requires_grad_(train)
+        dyt = torch.from_numpy(dy)
+
+        def call():
+            if not train:
+                with torch.no_grad():
+                    return tfn(xt, k, s, p)
+            xt.grad = None
+            yt = tfn(xt, k, s, p)
+            yt.backward(dyt)
+            return yt
+
+        np.testing.assert_allclose(call().detach().numpy(), y, rtol=1e-5, atol=1e-6)
+        return call
+
+    def call():
+        yy, ctx = fwd(x, k, s, p, training=train)
+        if train:
+            bwd(ctx, dy)
+        return yy
+
+    if impl == "reference":
+
+        def run():
+            with fr.use_backend("numpy"):
+                return call()
+
+        return run
+    np.testing.assert_allclose(call(), y, rtol=1e-5, atol=1e-6)
+    return call
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark suite
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(benchmark, call, flops: float, info: dict) -> None:
+    threads = bench_threads()
+    set_threads(threads)
+    call()  # warm up (allocations, thread pools)
+    slow = info["impl"] == "reference"
+    benchmark.pedantic(call, rounds=3 if slow else 10, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(
+        threads=threads, dtype=np.dtype(DTYPE).name, gflops=round(flops / median / 1e9, 2)
+    )
+
+
+def _conv_id(shape) -> str:
+    return "N{}C{}H{}W{}F{}k{}s{}p{}".format(*shape)
+
+
+def _pool_id(shape) -> str:
+    return "N{}C{}H{}W{}k{}s{}p{}".format(*shape)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=_conv_id)
+def test_conv2d(benchmark, shape, passes, impl):
+    benchmark.group = f"conv2d {passes} {_conv_id(shape)}"
+    info = dict(op="conv2d", impl=impl, passes=passes, shape=list(shape))
+    _run(benchmark, conv_call(shape, impl, passes), conv_flops(shape, passes), info)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=_pool_id)
+def test_pool2d(benchmark, shape, kind, passes, impl):
+    benchmark.group = f"{kind}_pool2d {passes} {_pool_id(shape)}"
+    info = dict(op=f"{kind}_pool2d", impl=impl, passes=passes, shape=list(shape))
+    _run(benchmark, pool_call(kind, shape, impl, passes), pool_flops(shape, passes), info)
+
+
+# ------------------------------------------------------------------------------------------------
+# script: interleaved side-by-side table
+# ------------------------------------------------------------------------------------------------
+
+
+def _median_ms(call: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def table(threads: int, repeat: int, with_reference: bool) -> None:
+    set_threads(threads)
+    impls = ["fastrnn", "torch"] + (["reference"] if with_reference else [])
+    rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
+    rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
+    print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians)")
+    head = f"{'op':10} {'shape':34} {'pass':8}"
+    for impl in impls:
+        head += f" {impl + ' ms':>13} {'GF/s':>6}"
+    print(head + f" {'torch/fastrnn':>14}")
+    ratios: dict[str, list[float]] = {p: [] for p in PASSES}
+    for op, shape, passes in rows:
+        if op == "conv2d":
+            calls = {i: conv_call(shape, i, passes) for i in impls}
+            flops = conv_flops(shape, passes)
+            label = _conv_id(shape)
+        else:
+            calls = {i: pool_call(op[:3], shape, i, passes) for i in impls}
+            flops = pool_flops(shape, passes)
+            label = _pool_id(shape)
+        for call in calls.values():
+            call()
+        med: dict[str, list[float]] = {i: [] for i in impls}
+        for _ in range(repeat):  # interleaved, so load changes hit every implementation
+            for i in impls:
+                med[i].append(_median_ms(calls[i], 1 if i == "reference" else 5))
+        ms = {i: statistics.median(v) for i, v in med.items()}
+        line = f"{op:10} {label:34} {passes:8}"
+        for i in impls:
+            line += f" {ms[i]:13.3f} {flops / ms[i] / 1e6:6.1f}"
+        ratio = ms["torch"] / ms["fastrnn"]
+        if op == "conv2d":
+            ratios[passes].append(ratio)
+        print(line + f" {ratio:14.2f}", flush=True)
+    for p in PASSES:
+        gm = float(np.exp(np.mean(np.log(ratios[p]))))
+        print(f"conv2d {p}: geometric mean of torch/fastrnn over the grid = {gm:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=fr.get_num_threads())
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--reference", action="store_true", help="also time the reference")
+    args = parser.parse_args()
+    if torch is None:
+        raise SystemExit("the table compares with PyTorch: install torch")
+    table(args.threads, args.repeat, args.reference)
+
+
+if __name__ == "__main__":
+    main()
