@@ -1,0 +1,118 @@
+"""Threads of the recurrent kernels: OpenMP team size per call, and BLAS pinning.
+
+The recurrent kernels call BLAS from inside their OpenMP parallel regions, one single-threaded
+GEMM per thread, so BLAS must run on one thread while they run. Pinning through a reused
+``threadpoolctl.ThreadpoolController`` costs ~16 us per call (FACTS.md), more than a whole
+single-step LSTM call should take, so the kernels pin in C instead: :func:`blas_thread_functions`
+finds each loaded BLAS library's own set/get-num-threads functions once (the library list comes
+from threadpoolctl), and the kernels call them through function pointers without the GIL
+(~0.1 us). A BLAS whose functions cannot be found falls back to the controller
+(:func:`fallback_limit`), used only when the kernel will run more than one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from fastrnn._threads import get_num_threads
+
+# (set, get) function names by threadpoolctl's internal_api; OpenBLAS builds add a prefix
+# ("scipy_" for the scipy-openblas wheels) and a suffix ("64_" for ILP64 builds).
+_NAMES = {
+    "openblas": ("openblas_set_num_threads", "openblas_get_num_threads"),
+    "mkl": ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+}
+_PREFIXES = ("", "scipy_")
+_SUFFIXES = ("", "64_")
+
+_found: tuple[list[tuple[int, int]], Any] | None = None
+
+
+def _address(lib: Any, name: str) -> int:
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:
+        return 0
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+def _discover() -> tuple[list[tuple[int, int]], Any]:
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController().select(user_api="blas")
+    pairs: list[tuple[int, int]] = []
+    missing = False
+    for lc in controller.lib_controllers:
+        names = _NAMES.get(lc.internal_api)
+        pair = (0, 0)
+        if names is not None:
+            for prefix in _PREFIXES:
+                for suffix in _SUFFIXES:
+                    pair = (
+                        _address(lc.dynlib, prefix + names[0] + suffix),
+                        _address(lc.dynlib, prefix + names[1] + suffix),
+                    )
+                    if all(pair):
+                        break
+                if all(pair):
+                    break
+        if all(pair):
+            pairs.append(pair)
+        else:
+            missing = True
+    return pairs, (controller if missing else None)
+
+
+def blas_thread_functions() -> list[tuple[int, int]]:
+    """Addresses ``(set_num_threads, get_num_threads)`` of every loaded BLAS we can pin in C.
+
+    Call after ``scipy.linalg.cython_blas`` is imported (the kernel modules import it), so that
+    SciPy's BLAS, the one the kernels call, is loaded.
+    """
+    global _found
+    if _found is None:
+        _found = _discover()
+    return _found[0]
+
+
+def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
+    """Pins, through threadpoolctl, the BLAS libraries :func:`blas_thread_functions` could not;
+    a no-op context when there are none or the kernel runs on one thread."""
+    if _found is None:
+        blas_thread_functions()
+    assert _found is not None
+    controller = _found[1]
+    if controller is None or n_threads <= 1:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1)
+
+
+# Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) a call runs on
+# one thread: a barrier per step then costs more than splitting the step saves. Measured with
+# fastrnn._bench.compare_strategies (see lstm.pyx's module docstring).
+MIN_PARALLEL_WORK = 1 << 15
+
+
+def team_size(N: int, H: int, G: int) -> int:
+    """OpenMP threads for one recurrent call: fastrnn.get_num_threads(), or 1 when tiny."""
+    nt = get_num_threads()
+    if nt > 1 and N * H * G * H < MIN_PARALLEL_WORK:
+        return 1
+    return nt
+
+
+def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
+    """The arrays as C-contiguous NumPy arrays of ``dtype`` (themselves when they already are).
+
+    fastrnn's public functions already guarantee this; the kernels are also callable through
+    the backend module directly, where a strided view must not reach raw-pointer code."""
+    out = []
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=dtype)
+        out.append(a)
+    return tuple(out)

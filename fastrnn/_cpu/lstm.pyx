@@ -1,0 +1,419 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""LSTM over a whole sequence on the CPU: Cython + OpenMP + BLAS (scipy.linalg.cython_blas).
+
+Same math, layouts and gate order (i, f, g, o) as fastrnn/reference/lstm.py; the comments cite
+its steps L1..L5 and LB1..LB5. The backend interface (fastrnn/backends/base.py) fixes the
+signatures; fastrnn.lstm_forward validates before calling here.
+
+How a call runs (everything from the first GEMM to the last inside one ``with nogil`` block, no
+Python in the time loop):
+
+* The weights are copied once per call into the blocked gate layout (_recurrent_common.pxd), so
+  OpenMP thread p owns the hidden units [u0, u1) and the gate rows [4 u0, 4 u1).
+* Forward, thread p: L1 its gate columns of x W_ih^T for all T steps in one GEMM; then per step
+  L2 its gate columns of h_{t-1} W_hh^T (one GEMM, accumulated onto L1's result), L3-L5 the fused
+  pointwise pass over its units (bias added here), and one barrier (h_t complete).
+* Backward, thread p, per step: LB1-LB4 the fused pointwise pass over its units (writes the gate
+  gradients da_t), a barrier, then its columns of dh_{t-1} += da_t W_hh (one GEMM). Its next
+  pointwise pass reads only those columns, so one barrier per step. LB5: dx, dW_ih, dW_hh and db
+  as whole-sequence GEMMs, split over the threads.
+* BLAS runs single-threaded inside (pinned in C, see _recurrent_threads.py).
+
+Threading of the per-step GEMMs, measured with benchmarks/bench_recurrent.py and the strategy
+comparison in fastrnn/_bench.py (``compare_strategies``): an OpenMP partition of the gate
+columns with single-threaded BLAS per thread beats handing each step's GEMM to multi-threaded
+BLAS between OpenMP pointwise regions at every benchmark shape, because it needs one barrier per
+step instead of a BLAS fork/join plus a pointwise region, each thread packs only its own half of
+W_hh, and its gates are still in cache for its pointwise pass. Below MIN_PARALLEL_WORK
+multiply-adds per step (e.g. batch 1 with H=64) the barrier costs more than the split saves, and
+one thread runs.
+"""
+
+cimport numpy as cnp
+import numpy as np
+from cython.parallel cimport parallel
+
+from fastrnn._cpu._blas cimport floating
+from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
+from fastrnn._cpu._recurrent_common cimport (
+    block_size,
+    fr_barrier,
+    fr_blas_pin_one,
+    fr_blas_register,
+    fr_blas_restore,
+    memcpy,
+    mm,
+    sequence_grads,
+    sigmoid,
+    tanh_,
+    to_blocked,
+    unit_range,
+)
+
+from fastrnn._cpu._recurrent_threads import (
+    as_c_array,
+    blas_thread_functions,
+    fallback_limit,
+    team_size,
+)
+from fastrnn.context import Context
+
+cnp.import_array()
+for _set_fn, _get_fn in blas_thread_functions():
+    fr_blas_register(_set_fn, _get_fn)
+
+cdef enum:
+    G = 4  # gates per hidden unit: i, f, g, o
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+
+cdef inline void fwd_point(
+    floating* gt,                # INOUT (N, 4H) blocked: pre-activations in, activations out
+    const floating* bias,        # IN    (4H,) blocked
+    const floating* hp,          # IN    (N, H) h_{t-1}
+    const floating* cp,          # IN    (N, H) c_{t-1}
+    floating* hn,                # OUT   (N, H) h_t (never aliases hp)
+    floating* cn,                # OUT   (N, H) c_t (never aliases cp)
+    floating* yt,                # OUT   (N, H) y_t
+    const long long* lengths,    # IN    (N,) or NULL
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+) noexcept nogil:
+    """L3-L5 for the units [u0, u1) of every sequence at step t."""
+    cdef Py_ssize_t n, j, j0, sz, u
+    cdef floating* a
+    cdef const floating* bb
+    cdef floating i, f, g, o, c, h
+    for n in range(N):
+        if lengths != NULL and t >= lengths[n]:
+            # L5: past its length a sequence keeps its state and emits zeros.
+            for j in range(n * H + u0, n * H + u1):
+                hn[j] = hp[j]
+                cn[j] = cp[j]
+                yt[j] = 0
+            continue
+        j0 = u0
+        while j0 < u1:
+            sz = block_size(H, j0)
+            a = gt + n * G * H + G * j0
+            bb = bias + G * j0
+            for u in range(sz):
+                j = n * H + j0 + u
+                # L3: gate nonlinearities (the bias of L1 is added here).
+                i = sigmoid(a[u] + bb[u])
+                f = sigmoid(a[sz + u] + bb[sz + u])
+                g = tanh_(a[2 * sz + u] + bb[2 * sz + u])
+                o = sigmoid(a[3 * sz + u] + bb[3 * sz + u])
+                a[u] = i
+                a[sz + u] = f
+                a[2 * sz + u] = g
+                a[3 * sz + u] = o
+                # L4: cell and hidden state.
+                c = f * cp[j] + i * g
+                h = o * tanh_(c)
+                cn[j] = c
+                hn[j] = h
+                yt[j] = h
+            j0 += sz
+
+
+cdef void fwd_thread(
+    int p, int nt, bint training,
+    Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    const floating* x,           # IN  (T, N, D)
+    const floating* w_ih_b,      # IN  (4H, D) blocked
+    const floating* w_hh_b,      # IN  (4H, H) blocked
+    const floating* bias,        # IN  (4H,) blocked
+    const long long* lengths,    # IN  (N,) or NULL
+    floating* gates,             # OUT (T, N, 4H) blocked: the activations i, f, g, o (saved)
+    floating* hs,                # INOUT (T+1, N, H) when training, else a ring (2, N, H); [0] = h0
+    floating* cs,                # INOUT like hs, for c
+    floating* y,                 # OUT (T, N, H)
+) noexcept nogil:
+    """Thread p's share of the forward pass (all of it when nt == 1)."""
+    cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
+    cdef Py_ssize_t cur, nxt
+    unit_range(H, nt, p, &u0, &u1)
+    # L1: the input projection of all T steps, this thread's gate columns, one GEMM.
+    mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
+       <floating> 0, gates + G * u0, G * H)
+    for t in range(T):
+        cur = t if training else t & 1
+        nxt = t + 1 if training else (t + 1) & 1
+        # L2: the recurrent projection of this thread's gate columns, added onto L1's.
+        mm(False, True, N, G * (u1 - u0), H, <floating> 1, hs + cur * NH, H,
+           w_hh_b + G * u0 * H, H, <floating> 1, gates + t * step + G * u0, G * H)
+        fwd_point(gates + t * step, bias, hs + cur * NH, cs + cur * NH, hs + nxt * NH,
+                  cs + nxt * NH, y + t * NH, lengths, t, N, H, u0, u1)
+        # Every thread's part of h_t must be written before any thread's next L2 reads h_t.
+        fr_barrier()
+
+
+cdef void fwd_run(
+    int nt, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
+    const long long* lengths,
+    floating* w_ih_b, floating* w_hh_b, floating* b_b,   # OUT blocked copies of the weights
+    floating* gates, floating* hs, floating* cs, floating* y,
+    floating* hT, floating* cT,                          # OUT (N, H)
+) noexcept nogil:
+    cdef int saved[8]
+    cdef int p, team
+    cdef Py_ssize_t last = T if training else T & 1
+    fr_blas_pin_one(saved)
+    to_blocked(w_ih, w_ih_b, G, H, D)
+    to_blocked(w_hh, w_hh_b, G, H, H)
+    to_blocked(b, b_b, G, H, 1)
+    if nt > 1:
+        with parallel(num_threads=nt):
+            p = omp_get_thread_num()
+            team = omp_get_num_threads()
+            fwd_thread(p, team, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
+                       hs, cs, y)
+    else:
+        fwd_thread(0, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates, hs, cs,
+                   y)
+    memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
+    memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
+    fr_blas_restore(saved)
+
+
+cdef inline void* data(object a) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray> a)
+
+
+cdef inline const long long* lengths_ptr(object lengths) noexcept:
+    return NULL if lengths is None else <const long long*> cnp.PyArray_DATA(lengths)
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
+    """LSTM forward (L1-L5). x (T,N,D); h0, c0 (N,H); w_ih (4H,D); w_hh (4H,H); b (4H,);
+    lengths None or int64 (N,); training bool -> y (T,N,H), hT, cT (N,H), ctx (None if not
+    training). Arrays: C-contiguous, one float dtype (fastrnn.lstm_forward guarantees it)."""
+    dtype = x.dtype
+    x, h0, c0, w_ih, w_hh, b = as_c_array(dtype, x, h0, c0, w_ih, w_hh, b)
+    if lengths is not None:
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = w_hh.shape[1]
+    cdef bint train = bool(training)
+    cdef int nt = team_size(N, H, G)
+    nstates = T + 1 if train else 2
+    hs = np.empty((nstates, N, H), dtype)
+    cs = np.empty((nstates, N, H), dtype)
+    hs[0] = h0
+    cs[0] = c0
+    y = np.empty((T, N, H), dtype)
+    gates = np.empty((T, N, G * H), dtype)
+    w_ih_b = np.empty((G * H, D), dtype)
+    w_hh_b = np.empty((G * H, H), dtype)
+    b_b = np.empty(G * H, dtype)
+    hT = np.empty((N, H), dtype)
+    cT = np.empty((N, H), dtype)
+    cdef const long long* lens = lengths_ptr(lengths)
+    cdef void* p_x = data(x)
+    cdef void* p_w_ih = data(w_ih)
+    cdef void* p_w_hh = data(w_hh)
+    cdef void* p_b = data(b)
+    cdef void* p_w_ih_b = data(w_ih_b)
+    cdef void* p_w_hh_b = data(w_hh_b)
+    cdef void* p_b_b = data(b_b)
+    cdef void* p_gates = data(gates)
+    cdef void* p_hs = data(hs)
+    cdef void* p_cs = data(cs)
+    cdef void* p_y = data(y)
+    cdef void* p_hT = data(hT)
+    cdef void* p_cT = data(cT)
+    with fallback_limit(nt):
+        if dtype == np.float32:
+            with nogil:
+                fwd_run(nt, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                        <float*> p_b, lens, <float*> p_w_ih_b, <float*> p_w_hh_b,
+                        <float*> p_b_b, <float*> p_gates, <float*> p_hs, <float*> p_cs,
+                        <float*> p_y, <float*> p_hT, <float*> p_cT)
+        else:
+            with nogil:
+                fwd_run(nt, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                        <double*> p_w_hh, <double*> p_b, lens, <double*> p_w_ih_b,
+                        <double*> p_w_hh_b, <double*> p_b_b, <double*> p_gates,
+                        <double*> p_hs, <double*> p_cs, <double*> p_y, <double*> p_hT,
+                        <double*> p_cT)
+    if not train:
+        return y, hT, cT, None
+    ctx = Context(
+        op="lstm",
+        backend="cpu",
+        dtype=dtype,
+        cupy=False,
+        grad_shapes={"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)},
+        saved=dict(x=x, w_ih_b=w_ih_b, w_hh_b=w_hh_b, acts=gates, hs=hs, cs=cs, lengths=lengths),
+    )
+    return y, hT, cT, ctx
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+
+cdef inline void bwd_point(
+    const floating* at,          # IN    (N, 4H) blocked activations i, f, g, o of step t
+    const floating* cp,          # IN    (N, H) c_{t-1}
+    const floating* cn,          # IN    (N, H) c_t
+    const floating* dyt,         # IN    (N, H)
+    floating* dh,                # INOUT (N, H) in: gradient reaching h_t from later steps;
+                                 #       out: the part of dh_{t-1} not from L2's GEMM
+    floating* dc,                # INOUT (N, H) gradient reaching c_t -> reaching c_{t-1}
+    floating* dat,               # OUT   (N, 4H) blocked gate gradients of step t
+    const long long* lengths,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+) noexcept nogil:
+    """LB1-LB4 for the units [u0, u1) of every sequence at step t."""
+    cdef Py_ssize_t n, j, j0, sz, u
+    cdef const floating* a
+    cdef floating* d
+    cdef floating i, f, g, o, dhs, tc, do_, dct
+    for n in range(N):
+        if lengths != NULL and t >= lengths[n]:
+            # LB1: a padded position ignores dy, gets no gate gradient, and passes dh and dc
+            # through unchanged (L5).
+            for j in range(n * G * H + G * u0, n * G * H + G * u1):
+                dat[j] = 0
+            continue
+        j0 = u0
+        while j0 < u1:
+            sz = block_size(H, j0)
+            a = at + n * G * H + G * j0
+            d = dat + n * G * H + G * j0
+            for u in range(sz):
+                j = n * H + j0 + u
+                i = a[u]
+                f = a[sz + u]
+                g = a[2 * sz + u]
+                o = a[3 * sz + u]
+                # LB1: gradient reaching this step's new h and c.
+                dhs = dyt[j] + dh[j]
+                # LB2: through h = o * tanh(c) and c = f * c_prev + i * g.
+                tc = tanh_(cn[j])
+                do_ = dhs * tc
+                dct = dc[j] + dhs * o * (1 - tc * tc)
+                # LB3: through the gate nonlinearities.
+                d[u] = dct * g * i * (1 - i)
+                d[sz + u] = dct * cp[j] * f * (1 - f)
+                d[2 * sz + u] = dct * i * (1 - g * g)
+                d[3 * sz + u] = do_ * o * (1 - o)
+                # LB4: to the previous c; dh_{t-1} = da_t W_hh is added by the GEMM.
+                dc[j] = dct * f
+                dh[j] = 0
+            j0 += sz
+
+
+cdef void bwd_thread(
+    int p, int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    const floating* x, const floating* w_ih_b, const floating* w_hh_b,
+    const floating* acts,        # IN  (T, N, 4H) blocked
+    const floating* hs,          # IN  (T+1, N, H)
+    const floating* cs,          # IN  (T+1, N, H)
+    const long long* lengths,
+    const floating* dy,          # IN  (T, N, H)
+    floating* dh,                # INOUT (N, H) dhT in, dh0 out
+    floating* dc,                # INOUT (N, H) dcT in, dc0 out
+    floating* da,                # OUT (T, N, 4H) blocked gate gradients (scratch)
+    floating* dx, floating* dw_ih, floating* dw_hh, floating* db,
+    floating* scratch,           # (4H, D + H + 2)
+) noexcept nogil:
+    cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
+    unit_range(H, nt, p, &u0, &u1)
+    for t in range(T - 1, -1, -1):
+        bwd_point(acts + t * step, cs + t * NH, cs + (t + 1) * NH, dy + t * NH, dh, dc,
+                  da + t * step, lengths, t, N, H, u0, u1)
+        # All of da_t must be written before any thread's GEMM reads it.
+        fr_barrier()
+        # LB4: this thread's columns of dh_{t-1} += da_t W_hh; its next pointwise pass reads
+        # only these columns, so no second barrier.
+        mm(False, False, N, u1 - u0, G * H, <floating> 1, da + t * step, G * H, w_hh_b + u0, H,
+           <floating> 1, dh + u0, H)
+    fr_barrier()
+    # LB5: weight, bias and input gradients as whole-sequence GEMMs.
+    sequence_grads(p, nt, G, T * N, D, H, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
+                   <floating*> NULL, scratch)
+
+
+cdef void bwd_run(
+    int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
+    const floating* hs, const floating* cs, const long long* lengths, const floating* dy,
+    floating* dh, floating* dc, floating* da, floating* dx, floating* dw_ih, floating* dw_hh,
+    floating* db, floating* scratch,
+) noexcept nogil:
+    cdef int saved[8]
+    cdef int p, team
+    fr_blas_pin_one(saved)
+    if nt > 1:
+        with parallel(num_threads=nt):
+            p = omp_get_thread_num()
+            team = omp_get_num_threads()
+            bwd_thread(p, team, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
+                       dc, da, dx, dw_ih, dw_hh, db, scratch)
+    else:
+        bwd_thread(0, 1, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh, dc, da,
+                   dx, dw_ih, dw_hh, db, scratch)
+    fr_blas_restore(saved)
+
+
+def lstm_backward(ctx, dy, dhT, dcT):
+    """LSTM backward (LB1-LB5). dy (T,N,H); dhT, dcT (N,H) or None ->
+    dx (T,N,D), dh0 (N,H), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H), db (4H,)."""
+    s = ctx.saved
+    x = s["x"]
+    w_ih_b = s["w_ih_b"]
+    w_hh_b = s["w_hh_b"]
+    acts = s["acts"]
+    hs = s["hs"]
+    cs = s["cs"]
+    lengths = s["lengths"]
+    dtype = x.dtype
+    cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = hs.shape[2]
+    (dy,) = as_c_array(dtype, dy)
+    dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
+    dc = np.zeros((N, H), dtype) if dcT is None else np.array(dcT, dtype=dtype, order="C")
+    cdef int nt = team_size(N, H, G)
+    da = np.empty((T, N, G * H), dtype)
+    dx = np.empty((T, N, D), dtype)
+    dw_ih = np.empty((G * H, D), dtype)
+    dw_hh = np.empty((G * H, H), dtype)
+    db = np.empty(G * H, dtype)
+    scratch = np.empty(G * H * (D + H + 2), dtype)
+    cdef const long long* lens = lengths_ptr(lengths)
+    cdef void* p_x = data(x)
+    cdef void* p_w_ih_b = data(w_ih_b)
+    cdef void* p_w_hh_b = data(w_hh_b)
+    cdef void* p_acts = data(acts)
+    cdef void* p_hs = data(hs)
+    cdef void* p_cs = data(cs)
+    cdef void* p_dy = data(dy)
+    cdef void* p_dh = data(dh)
+    cdef void* p_dc = data(dc)
+    cdef void* p_da = data(da)
+    cdef void* p_dx = data(dx)
+    cdef void* p_dw_ih = data(dw_ih)
+    cdef void* p_dw_hh = data(dw_hh)
+    cdef void* p_db = data(db)
+    cdef void* p_scratch = data(scratch)
+    with fallback_limit(nt):
+        if dtype == np.float32:
+            with nogil:
+                bwd_run(nt, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
+                        <float*> p_acts, <float*> p_hs, <float*> p_cs, lens, <float*> p_dy,
+                        <float*> p_dh, <float*> p_dc, <float*> p_da, <float*> p_dx,
+                        <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db, <float*> p_scratch)
+        else:
+            with nogil:
+                bwd_run(nt, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
+                        <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, <double*> p_cs,
+                        lens, <double*> p_dy, <double*> p_dh, <double*> p_dc, <double*> p_da,
+                        <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh, <double*> p_db,
+                        <double*> p_scratch)
+    return dx, dh, dc, dw_ih, dw_hh, db
