@@ -14,12 +14,12 @@ from fastrnn import reference
 
 @dataclass(frozen=True)
 class RecurrentOp:
-    name: str                 # test id
-    base: str                 # "lstm", "gru" or "rnn"
-    gates: int                # G: gate rows per hidden unit in the weights
-    inputs: tuple[str, ...]   # forward's array arguments, in order
+    name: str  # test id
+    base: str  # "lstm", "gru" or "rnn"
+    gates: int  # G: gate rows per hidden unit in the weights
+    inputs: tuple[str, ...]  # forward's array arguments, in order
     upstream: tuple[str, ...]  # backward's gradient arguments, in order
-    grads: tuple[str, ...]    # backward's results, in order
+    grads: tuple[str, ...]  # backward's results, in order
     nonlinearity: str | None = None
 
     def arrays(self, T: int, N: int, D: int, H: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -35,9 +35,7 @@ class RecurrentOp:
             "b_hh": (self.gates * H,),
         }
         scale = {"w_ih": 1 / np.sqrt(max(D, 1)), "w_hh": 1 / np.sqrt(H)}
-        return {
-            k: rng.standard_normal(shapes[k]) * scale.get(k, 0.5) for k in self.inputs
-        }
+        return {k: rng.standard_normal(shapes[k]) * scale.get(k, 0.5) for k in self.inputs}
 
     def upstream_arrays(self, T: int, N: int, H: int, rng: np.random.Generator) -> dict:
         shapes = {"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)}
@@ -61,14 +59,40 @@ class RecurrentOp:
 
 
 OPS = [
-    RecurrentOp("lstm", "lstm", 4, ("x", "h0", "c0", "w_ih", "w_hh", "b"),
-                ("dy", "dhT", "dcT"), ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db")),
-    RecurrentOp("gru", "gru", 3, ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"),
-                ("dy", "dhT"), ("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")),
-    RecurrentOp("rnn_tanh", "rnn", 1, ("x", "h0", "w_ih", "w_hh", "b"),
-                ("dy", "dhT"), ("dx", "dh0", "dw_ih", "dw_hh", "db"), "tanh"),
-    RecurrentOp("rnn_relu", "rnn", 1, ("x", "h0", "w_ih", "w_hh", "b"),
-                ("dy", "dhT"), ("dx", "dh0", "dw_ih", "dw_hh", "db"), "relu"),
+    RecurrentOp(
+        "lstm",
+        "lstm",
+        4,
+        ("x", "h0", "c0", "w_ih", "w_hh", "b"),
+        ("dy", "dhT", "dcT"),
+        ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db"),
+    ),
+    RecurrentOp(
+        "gru",
+        "gru",
+        3,
+        ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"),
+        ("dy", "dhT"),
+        ("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"),
+    ),
+    RecurrentOp(
+        "rnn_tanh",
+        "rnn",
+        1,
+        ("x", "h0", "w_ih", "w_hh", "b"),
+        ("dy", "dhT"),
+        ("dx", "dh0", "dw_ih", "dw_hh", "db"),
+        "tanh",
+    ),
+    RecurrentOp(
+        "rnn_relu",
+        "rnn",
+        1,
+        ("x", "h0", "w_ih", "w_hh", "b"),
+        ("dy", "dhT"),
+        ("dx", "dh0", "dw_ih", "dw_hh", "db"),
+        "relu",
+    ),
 ]
 OP_IDS = [op.name for op in OPS]
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recurrent_support import OP_IDS, OPS, REFERENCE, make_lengths
 from tolerances import assert_close, tol
-
-from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
 
 # ------------------------------------------------------------------------------------------------
 # the reference's backward vs central finite differences (float64)
@@ -21,7 +20,7 @@ from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
 def _loss(op, arrays, upstream, lengths):
     """sum(y * dy) + sum(hT * dhT) (+ sum(cT * dcT)): its gradient is backward(dy, dhT, dcT)."""
     outputs, _ = op.forward(arrays, lengths, training=False, module=REFERENCE)
-    return sum(float(np.sum(o * upstream[u])) for o, u in zip(outputs, op.upstream))
+    return sum(float(np.sum(o * upstream[u])) for o, u in zip(outputs, op.upstream, strict=True))
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
@@ -33,7 +32,7 @@ def test_reference_backward_matches_finite_differences(op, with_lengths):
     upstream = op.upstream_arrays(T, N, H, rng)
     lengths = np.array([3, 1, 2]) if with_lengths else None
     _, ctx = op.forward(arrays, lengths, module=REFERENCE)
-    grads = dict(zip(op.grads, op.backward(ctx, upstream, module=REFERENCE)))
+    grads = dict(zip(op.grads, op.backward(ctx, upstream, module=REFERENCE), strict=True))
     names = {"x": "dx", "h0": "dh0", "c0": "dc0"}
     eps = 1e-6
     for name, a in arrays.items():
@@ -74,21 +73,23 @@ def _compare(op, backend, dtype, T, N, D, H, lengths_kind, give_final_grads, see
     lengths = make_lengths(lengths_kind, T, N, rng)
     # The reference runs in float64 on the values the kernel sees (rounded to dtype).
     arrays = {k: v.astype(dtype).astype(np.float64) for k, v in arrays.items()}
-    upstream = {k: None if v is None else v.astype(dtype).astype(np.float64)
-                for k, v in upstream.items()}
+    upstream = {
+        k: None if v is None else v.astype(dtype).astype(np.float64) for k, v in upstream.items()
+    }
     want_out, want_ctx = op.forward(arrays, lengths, module=REFERENCE)
     want_grads = op.backward(want_ctx, upstream, module=REFERENCE)
 
     dev = {k: to_backend(backend, v.astype(dtype)) for k, v in arrays.items()}
-    dev_up = {k: to_backend(backend, None if v is None else v.astype(dtype))
-              for k, v in upstream.items()}
+    dev_up = {
+        k: to_backend(backend, None if v is None else v.astype(dtype)) for k, v in upstream.items()
+    }
     got_out, ctx = op.forward(dev, lengths)
     assert ctx.backend == backend and ctx.op == op.base
-    for name, got, want in zip(op.outputs(), got_out, want_out):
+    for name, got, want in zip(op.outputs(), got_out, want_out, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
         assert_close(to_numpy(got), want, "recurrent", "forward", dtype, name)
     got_grads = op.backward(ctx, dev_up)
-    for name, got, want in zip(op.grads, got_grads, want_grads):
+    for name, got, want in zip(op.grads, got_grads, want_grads, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
         assert_close(to_numpy(got), want, "recurrent", "backward", dtype, name)
 
@@ -116,12 +117,14 @@ def test_final_state_gradients_none(backend, op, dtype):
 def test_inference_saves_nothing_and_matches_training(backend, op, dtype):
     rng = np.random.default_rng(3)
     T, N, D, H = 6, 4, 5, 40
-    arrays = {k: to_backend(backend, v.astype(dtype)) for k, v in op.arrays(T, N, D, H, rng).items()}
+    arrays = {
+        k: to_backend(backend, v.astype(dtype)) for k, v in op.arrays(T, N, D, H, rng).items()
+    }
     for lengths in (None, np.array([6, 2, 2, 5])):
         train_out, ctx = op.forward(arrays, lengths, training=True)
         infer_out, none = op.forward(arrays, lengths, training=False)
         assert ctx is not None and none is None
-        for name, a, b in zip(op.outputs(), train_out, infer_out):
+        for name, a, b in zip(op.outputs(), train_out, infer_out, strict=True):
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=name)
 
 
@@ -144,7 +147,7 @@ def test_padded_positions_are_zero_and_ignore_dy(backend):
         noisy["dy"][L:, n] = 1e3
     clean = op.backward(ctx, {k: to_backend(backend, v) for k, v in upstream.items()})
     dirty = op.backward(ctx, {k: to_backend(backend, v) for k, v in noisy.items()})
-    for name, a, b in zip(op.grads, clean, dirty):
+    for name, a, b in zip(op.grads, clean, dirty, strict=True):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=name)
 
 

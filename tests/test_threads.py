@@ -1,0 +1,95 @@
+"""Thread control of the recurrent CPU kernels: 1, 2 and 3 OpenMP threads give the same results,
+set_num_threads is validated, and a call leaves the BLAS thread setting as it found it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from recurrent_support import OP_IDS, OPS
+
+import fastrnn as fr
+from fastrnn._cpu import _recurrent_threads
+
+# Results agree to rounding: a thread computes whole gate columns / output rows of each GEMM, so
+# no sum is split across threads, but BLAS may pick other kernels for other slice sizes.
+AGREE = {np.float32: dict(rtol=2e-6, atol=1e-7), np.float64: dict(rtol=1e-13, atol=1e-15)}
+
+
+@pytest.fixture
+def restore_threads():
+    before = fr.get_num_threads()
+    yield
+    fr.set_num_threads(before)
+
+
+def _run(op, arrays, upstream, lengths):
+    outputs, ctx = op.forward(arrays, lengths)
+    return outputs + op.backward(ctx, upstream)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_one_and_several_threads_agree(op, dtype, monkeypatch, restore_threads):
+    # Force the parallel path even for these small shapes.
+    monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(7)
+    T, N, D, H = 7, 5, 6, 53  # 4 blocks of 16 units: uneven splits over 2 and 3 threads
+    arrays = {k: v.astype(dtype) for k, v in op.arrays(T, N, D, H, rng).items()}
+    upstream = {k: v.astype(dtype) for k, v in op.upstream_arrays(T, N, H, rng).items()}
+    for lengths in (None, np.array([7, 3, 3, 1, 6])):
+        results = {}
+        for n in (1, 2, 3):
+            fr.set_num_threads(n)
+            results[n] = _run(op, arrays, upstream, lengths)
+        for n in (2, 3):
+            for name, a, b in zip(op.outputs() + op.grads, results[1], results[n], strict=True):
+                np.testing.assert_allclose(b, a, err_msg=f"{name}, {n} threads", **AGREE[dtype])
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_more_threads_than_blocks(op, monkeypatch, restore_threads):
+    """H=5 is one block: the extra threads own no units but still take part in every barrier."""
+    monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(8)
+    arrays = op.arrays(4, 3, 2, 5, rng)
+    upstream = op.upstream_arrays(4, 3, 5, rng)
+    fr.set_num_threads(1)
+    one = _run(op, arrays, upstream, np.array([4, 1, 2]))
+    fr.set_num_threads(4)
+    four = _run(op, arrays, upstream, np.array([4, 1, 2]))
+    for name, a, b in zip(op.outputs() + op.grads, one, four, strict=True):
+        np.testing.assert_allclose(b, a, err_msg=name, **AGREE[np.float64])
+
+
+def test_team_size_follows_set_num_threads(restore_threads):
+    fr.set_num_threads(3)
+    assert _recurrent_threads.team_size(64, 512, 4) == 3
+    # Too little work per step for a barrier to pay: one thread.
+    assert _recurrent_threads.team_size(1, 8, 4) == 1
+    fr.set_num_threads(1)
+    assert _recurrent_threads.team_size(64, 512, 4) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_set_num_threads_rejects_bad_values(bad, restore_threads):
+    with pytest.raises((TypeError, ValueError), match="n"):
+        fr.set_num_threads(bad)
+
+
+def test_blas_threads_restored_after_a_call(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [
+        lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    ]
+    fr.set_num_threads(2)
+    op = OPS[0]
+    rng = np.random.default_rng(9)
+    arrays = op.arrays(3, 8, 16, 64, rng)
+    _, ctx = op.forward(arrays)
+    op.backward(ctx, op.upstream_arrays(3, 8, 64, rng))
+    after = [
+        lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    ]
+    assert after == before
+    # The kernels found SciPy's BLAS functions (no slow fallback on the standard wheels).
+    assert _recurrent_threads.blas_thread_functions()
