@@ -472,7 +472,10 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
     if not ps:
         return 0.0
     if math.isinf(norm_type):
-        total = max(float(array_module(p.grad).abs(p.grad).max()) for p in ps if p.grad.size)
+        total = max(
+            (float(array_module(p.grad).abs(p.grad).max()) for p in ps if p.grad.size),
+            default=0.0,
+        )
     else:
         if norm_type <= 0:
             raise ValueError(f"norm_type: must be > 0, got {norm_type}")
