@@ -1,0 +1,222 @@
+"""fastrnn.torch.LSTM inside PyTorch: a training step vs torch.nn.LSTM, and the binding's cost.
+
+Outside the default test run (pytest collects tests/ only). Two ways to run it:
+
+    python -m pytest benchmarks/bench_torch_binding.py --benchmark-only --benchmark-group-by=group
+    python benchmarks/bench_torch_binding.py [--threads 2] [--reps 30]
+
+Two comparisons per shape (T, N, D, H), float32, time-major, one layer:
+
+* ``train step``: ``torch.nn.LSTM`` vs ``fastrnn.torch.LSTM`` (same weights) in a whole training
+  step: zero_grad, forward, a loss on every output (mean squared error against a fixed target),
+  backward, SGD step.
+* ``binding overhead``: ``fastrnn.torch.LSTM`` forward + ``y.backward(dy)`` vs the bare kernel,
+  ``fastrnn.lstm_forward`` + ``fastrnn.lstm_backward`` on NumPy views of the same tensors with
+  the same ``dy``. The difference is everything the binding adds: the module's Python, the
+  ``autograd.Function`` machinery, zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array
+  wrapping, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
+  Parameter gradients are reset to None before each call (``zero_grad(set_to_none=True)``) so
+  autograd adopts the kernel's gradient arrays instead of adding them into old ones.
+
+Calls are checked for agreement before they are timed. The script alternates the two calls of a
+comparison call by call and reports medians and minima, and each ratio as the median of the
+per-round ratios, so that load from other processes on a shared machine hits both alike.
+Threads: ``--threads`` / ``FASTRNN_BENCH_THREADS``,
+default ``fastrnn.get_num_threads()``, set for both fastrnn and PyTorch (they share libgomp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+
+torch = pytest.importorskip("torch")
+
+import fastrnn.torch as ft  # noqa: E402
+
+# the issue's shape, a long narrow one, batch 1, and a tiny one where only the overhead shows
+SHAPES = [(100, 16, 256, 256), (200, 32, 64, 64), (100, 1, 128, 128), (1, 1, 8, 8)]
+DTYPE = torch.float32
+
+
+def bench_threads() -> int:
+    env = os.environ.get("FASTRNN_BENCH_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else fr.get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    fr.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+def lstm_flops(shape: tuple[int, int, int, int], passes: str = "fwd+bwd") -> float:
+    """GEMM FLOPs: forward 2*T*N*4H*(D+H); backward twice that (input and weight gradients)."""
+    T, N, D, H = shape
+    fwd = 2.0 * T * N * 4 * H * (D + H)
+    return fwd if passes == "fwd" else 3 * fwd
+
+
+def _twins(shape):
+    T, N, D, H = shape
+    torch.manual_seed(0)
+    ours = ft.LSTM(D, H, dtype=DTYPE)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(D, H, dtype=DTYPE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, N, D, generator=g, dtype=DTYPE)
+    target = torch.randn(T, N, H, generator=g, dtype=DTYPE)
+    return ours, theirs, x, target
+
+
+def train_step_calls(shape) -> dict[str, Callable[[], float]]:
+    """One SGD training step each, on twin modules; checked to give the same first loss."""
+    ours, theirs, x, target = _twins(shape)
+    calls = {}
+    for name, model in (("fastrnn.torch", ours), ("torch.nn", theirs)):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt) -> float:
+            opt.zero_grad(set_to_none=True)
+            y, _ = model(x)
+            loss = torch.nn.functional.mse_loss(y, target)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        calls[name] = step
+    first = {k: c() for k, c in calls.items()}
+    np.testing.assert_allclose(first["fastrnn.torch"], first["torch.nn"], rtol=1e-4)
+    return calls
+
+
+def overhead_calls(shape) -> dict[str, Callable[[], object]]:
+    """fastrnn.torch.LSTM forward+backward vs the bare kernel on the same memory."""
+    T, N, D, H = shape
+    ours, _, x, _ = _twins(shape)
+    dy = torch.randn(T, N, H, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    params = list(ours.parameters())
+
+    def binding():
+        for p in params:
+            p.grad = None
+        y, _ = ours(x)
+        y.backward(dy)
+        return y
+
+    xa = x.numpy()
+    w_ih = ours.weight_ih_l0.detach().numpy()
+    w_hh = ours.weight_hh_l0.detach().numpy()
+    b = (ours.bias_ih_l0 + ours.bias_hh_l0).detach().numpy()
+    h0 = np.zeros((N, H), np.float32)
+    dya = dy.numpy()
+
+    def bare():
+        y, _, _, ctx = fr.lstm_forward(xa, h0, h0, w_ih, w_hh, b)
+        fr.lstm_backward(ctx, dya)
+        return y
+
+    yb = binding().detach().numpy()
+    np.testing.assert_allclose(yb, bare(), rtol=1e-5, atol=1e-6)
+    assert ours.weight_hh_l0.grad is not None
+    return {"bare kernel": bare, "fastrnn.torch": binding}
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark suite
+# ------------------------------------------------------------------------------------------------
+
+
+def _id(shape) -> str:
+    return "T{}N{}D{}H{}".format(*shape)
+
+
+def _run(benchmark, call, info: dict) -> None:
+    threads = bench_threads()
+    set_threads(threads)
+    call()
+    benchmark.pedantic(call, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(info, threads=threads, dtype="float32")
+
+
+@pytest.mark.parametrize("impl", ["fastrnn.torch", "torch.nn"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_train_step(benchmark, shape, impl):
+    benchmark.group = f"lstm train step {_id(shape)}"
+    _run(benchmark, train_step_calls(shape)[impl], dict(impl=impl, shape=list(shape)))
+
+
+@pytest.mark.parametrize("impl", ["bare kernel", "fastrnn.torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_binding_overhead(benchmark, shape, impl):
+    benchmark.group = f"lstm binding overhead fwd+bwd {_id(shape)}"
+    _run(benchmark, overhead_calls(shape)[impl], dict(impl=impl, shape=list(shape)))
+
+
+# ------------------------------------------------------------------------------------------------
+# script: interleaved table
+# ------------------------------------------------------------------------------------------------
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, np.ndarray]:
+    """Times (ms) of ``reps`` rounds; each round runs every call once, back to back, so that
+    the two calls of a round meet the same load."""
+    for c in calls.values():
+        c()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, c in calls.items():
+            t0 = time.perf_counter()
+            c()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def table(threads: int, reps: int) -> None:
+    """Per shape: median and minimum times; ratios as the median of the per-round ratios
+    (robust to load that changes between rounds) and as min over min."""
+    set_threads(threads)
+    print(
+        f"threads={threads} (fastrnn and torch), float32, torch {torch.__version__}, "
+        f"{reps} interleaved rounds; times in ms as median (min)"
+    )
+    print(
+        f"{'shape':16} {'torch.nn step':>18} {'fastrnn.torch step':>19} {'speed-up':>15} | "
+        f"{'bare fwd+bwd':>18} {'binding fwd+bwd':>18} {'overhead':>16} {'extra ms':>9}"
+    )
+    for shape in SHAPES:
+        step = _interleaved(train_step_calls(shape), reps)
+        over = _interleaved(overhead_calls(shape), reps)
+        t_nn, t_fr = step["torch.nn"], step["fastrnn.torch"]
+        t_bare, t_bind = over["bare kernel"], over["fastrnn.torch"]
+        speed = (np.median(t_nn / t_fr), t_nn.min() / t_fr.min())
+        extra = (np.median(t_bind / t_bare) - 1, t_bind.min() / t_bare.min() - 1)
+
+        def mm(t: np.ndarray) -> str:
+            return f"{np.median(t):.3f} ({t.min():.3f})"
+
+        print(
+            f"{_id(shape):16} {mm(t_nn):>18} {mm(t_fr):>19} "
+            f"{f'{speed[0]:.2f} ({speed[1]:.2f})':>15} | {mm(t_bare):>18} {mm(t_bind):>18} "
+            f"{f'{100 * extra[0]:+.1f}% ({100 * extra[1]:+.1f}%)':>16} "
+            f"{np.median(t_bind - t_bare):9.3f}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=fr.get_num_threads())
+    parser.add_argument("--reps", type=int, default=30, help="interleaved rounds (default 30)")
+    args = parser.parse_args()
+    table(args.threads, args.reps)
+
+
+if __name__ == "__main__":
+    main()
