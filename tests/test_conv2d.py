@@ -146,6 +146,26 @@ def test_kernel_matches_reference(backend, case, dtype):
         assert_close(db, dbr, "conv", "backward", dtype, name="db")
 
 
+@pytest.mark.parametrize("tile", [1, 13])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_cpu_column_tiles(case, tile):
+    """Images split into several tiles of output rows (one row per tile, or a few) give the
+    reference's result too."""
+    from fastrnn._cpu import conv2d as kernel
+
+    x, w, b, kw = _data(case)
+    previous = kernel._set_tile_columns(tile)
+    try:
+        (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+    finally:
+        kernel._set_tile_columns(previous)
+    yr, cr = ref.conv2d_forward(x, w, b, **kw)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, dy)
+    assert_close(y, yr, "conv", "forward", np.float64, name="y")
+    assert_close(dx, dxr, "conv", "backward", np.float64, name="dx")
+    assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_inference(backend):
     x, w, b, kw = _data(CASES[3], np.float32)

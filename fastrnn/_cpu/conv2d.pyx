@@ -41,11 +41,15 @@ from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 
+cdef Py_ssize_t TILE_COLUMNS = 512
+
+
 cdef struct Geom:
     Py_ssize_t N, C, H, W, F, KH, KW, OH, OW
     Py_ssize_t sh, sw, ph, pw, dh, dw
     Py_ssize_t G, Fg, K, L   # groups, output channels per group, column length, OH*OW
     bint pointwise           # 1x1, stride 1, no padding: no im2col
+    Py_ssize_t tile_rows     # output rows per column tile
 
 
 cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, groups):
@@ -61,8 +65,12 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) // g.sh + 1
     g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) // g.sw + 1
     g.L = g.OH * g.OW
-    g.pointwise = (g.KH == 1 and g.KW == 1 and g.sh == 1 and g.sw == 1
+    g.pointwise = (g.KH == 1 and g.KW == 1 and g.sw == 1 and g.sh == 1
                    and g.ph == 0 and g.pw == 0)
+    # About TILE_COLUMNS output positions per tile (whole rows): measured with
+    # benchmarks/bench_conv.py, BLAS runs faster on 256-1024 columns than on whole large images
+    # and the tile's columns stay in cache between im2col, the GEMMs and col2im.
+    g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW))
     return g
 
 
@@ -90,12 +98,16 @@ cdef inline void _valid(
 
 cdef void _im2col(
     const floating* x,     # IN  [C, H, W] one image
-    floating* cols,        # OUT [C*KH*KW, L]
+    floating* cols,        # OUT [C*KH*KW, (oh1 - oh0) * OW]: the columns of output rows oh0..oh1
+    Py_ssize_t r0,         # IN  first output row of the tile
+    Py_ssize_t r1,         # IN  end of the tile's output rows
     const Geom* g,
 ) noexcept nogil:
-    """C1 + C2: cols[(c, i, j), (oh, ow)] = x[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw], 0 in
-    the padding. Stride-1 rows are one memcpy between two zeroed margins."""
+    """C1 + C2 on a tile of output rows: cols[(c, i, j), (oh - r0, ow)] =
+    x[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw], 0 in the padding. Stride-1 rows are one memcpy
+    between two zeroed margins."""
     cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
+    cdef Py_ssize_t T = (r1 - r0) * g.OW
     cdef floating* out
     cdef floating* row
     cdef const floating* src
@@ -103,14 +115,16 @@ cdef void _im2col(
         for i in range(g.KH):
             offh = i * g.dh - g.ph
             _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            oh0 = min(max(oh0, r0), r1)
+            oh1 = max(min(oh1, r1), oh0)
             for j in range(g.KW):
                 offw = j * g.dw - g.pw
                 _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
-                out = cols + ((c * g.KH + i) * g.KW + j) * g.L
-                if oh0 > 0:
-                    memset(out, 0, oh0 * g.OW * sizeof(floating))
-                if oh1 < g.OH:
-                    memset(out + oh1 * g.OW, 0, (g.OH - oh1) * g.OW * sizeof(floating))
+                out = cols + ((c * g.KH + i) * g.KW + j) * T - r0 * g.OW  # indexed by oh
+                if oh0 > r0:
+                    memset(out + r0 * g.OW, 0, (oh0 - r0) * g.OW * sizeof(floating))
+                if oh1 < r1:
+                    memset(out + oh1 * g.OW, 0, (r1 - oh1) * g.OW * sizeof(floating))
                 for oh in range(oh0, oh1):
                     src = x + (c * g.H + oh * g.sh + offh) * g.W
                     row = out + oh * g.OW
@@ -126,23 +140,28 @@ cdef void _im2col(
 
 
 cdef void _col2im(
-    const floating* cols,  # IN  [C*KH*KW, L] column gradients of one image
-    floating* dx,          # INOUT [C, H, W], zeroed by the caller
+    const floating* cols,  # IN  [C*KH*KW, (r1 - r0) * OW] column gradients of a tile
+    floating* dx,          # INOUT [C, H, W] of the image, zeroed before its first tile
+    Py_ssize_t r0,         # IN  first output row of the tile
+    Py_ssize_t r1,         # IN  end of the tile's output rows
     const Geom* g,
 ) noexcept nogil:
     """CB4 + CB5: the transpose of _im2col; gradient landing on padding is dropped."""
     cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
+    cdef Py_ssize_t T = (r1 - r0) * g.OW
     cdef const floating* row
     cdef floating* dst
     for c in range(g.C):
         for i in range(g.KH):
             offh = i * g.dh - g.ph
             _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            oh0 = min(max(oh0, r0), r1)
+            oh1 = max(min(oh1, r1), oh0)
             for j in range(g.KW):
                 offw = j * g.dw - g.pw
                 _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 for oh in range(oh0, oh1):
-                    row = cols + ((c * g.KH + i) * g.KW + j) * g.L + oh * g.OW
+                    row = cols + ((c * g.KH + i) * g.KW + j) * T + (oh - r0) * g.OW
                     dst = dx + (c * g.H + oh * g.sh + offh) * g.W + offw
                     if g.sw == 1:
                         for ow in range(ow0, ow1):
@@ -157,24 +176,32 @@ cdef void _forward_image(
     const floating* w,     # IN  [F, K] per group: [G, Fg, K]
     const floating* b,     # IN  [F] or NULL
     floating* y,           # OUT [F, L]
-    floating* buf,         # scratch [C*KH*KW, L] (unused when pointwise)
+    floating* buf,         # scratch [C*KH*KW, tile columns] (unused when pointwise)
     const Geom* g,
 ) noexcept nogil:
-    cdef const floating* cols = x
     cdef floating beta = 0
-    cdef Py_ssize_t f, l, grp
-    if not g.pointwise:
-        _im2col(x, buf, g)
-        cols = buf
+    cdef Py_ssize_t f, l, grp, r0, r1, T
     if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
         for f in range(g.F):
             for l in range(g.L):
                 y[f * g.L + l] = b[f]
         beta = 1
-    for grp in range(g.G):  # C3
-        gemm(False, False, <int> g.Fg, <int> g.L, <int> g.K, <floating> 1,
-             w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * g.L, <int> g.L,
-             beta, y + grp * g.Fg * g.L, <int> g.L)
+    if g.pointwise:  # C3 on x itself: no columns to build
+        for grp in range(g.G):
+            gemm(False, False, <int> g.Fg, <int> g.L, <int> g.K, <floating> 1,
+                 w + grp * g.Fg * g.K, <int> g.K, x + grp * g.K * g.L, <int> g.L,
+                 beta, y + grp * g.Fg * g.L, <int> g.L)
+        return
+    r0 = 0
+    while r0 < g.OH:  # tiles of output rows, so the columns stay in cache for the GEMM
+        r1 = min(r0 + g.tile_rows, g.OH)
+        T = (r1 - r0) * g.OW
+        _im2col(x, buf, r0, r1, g)  # C1, C2
+        for grp in range(g.G):  # C3
+            gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
+                 w + grp * g.Fg * g.K, <int> g.K, buf + grp * g.K * T, <int> T,
+                 beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
+        r0 = r1
 
 
 cdef void _backward_image(
@@ -183,30 +210,37 @@ cdef void _backward_image(
     const floating* dy,    # IN  [F, L]
     floating* dx,          # OUT [C, H, W]
     floating* dw_part,     # INOUT [G, Fg, K] this thread's partial sum of dw
-    floating* buf,         # scratch [C*KH*KW, L]: the columns, then their gradients
+    floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
     const Geom* g,
 ) noexcept nogil:
-    cdef const floating* cols = x
-    cdef Py_ssize_t grp
-    if not g.pointwise:
-        _im2col(x, buf, g)  # C2, recomputed from x instead of saved
-        cols = buf
-    for grp in range(g.G):  # CB2: dw_g += dy_g [Fg, L] @ cols_g^T [L, K]
-        gemm(False, True, <int> g.Fg, <int> g.K, <int> g.L, <floating> 1,
-             dy + grp * g.Fg * g.L, <int> g.L, cols + grp * g.K * g.L, <int> g.L,
-             <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+    cdef Py_ssize_t grp, r0, r1, T
     if g.pointwise:
-        for grp in range(g.G):  # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
+        for grp in range(g.G):
+            # CB2: dw_g += dy_g [Fg, L] @ x_g^T [L, K]
+            gemm(False, True, <int> g.Fg, <int> g.K, <int> g.L, <floating> 1,
+                 dy + grp * g.Fg * g.L, <int> g.L, x + grp * g.K * g.L, <int> g.L,
+                 <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+            # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
             gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
                  <floating> 0, dx + grp * g.K * g.L, <int> g.L)
         return
-    for grp in range(g.G):  # CB3 into the (now free) column buffer
-        gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
-             w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
-             <floating> 0, buf + grp * g.K * g.L, <int> g.L)
     memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
-    _col2im(buf, dx, g)  # CB4, CB5
+    r0 = 0
+    while r0 < g.OH:
+        r1 = min(r0 + g.tile_rows, g.OH)
+        T = (r1 - r0) * g.OW
+        _im2col(x, buf, r0, r1, g)  # C2, recomputed from x instead of saved
+        for grp in range(g.G):  # CB2: dw_g += dy_g [Fg, T] @ cols_g^T [T, K]
+            gemm(False, True, <int> g.Fg, <int> g.K, <int> T, <floating> 1,
+                 dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L, buf + grp * g.K * T, <int> T,
+                 <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+        for grp in range(g.G):  # CB3 into the (now free) column buffer
+            gemm(True, False, <int> g.K, <int> T, <int> g.Fg, <floating> 1,
+                 w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
+                 <floating> 0, buf + grp * g.K * T, <int> T)
+        _col2im(buf, dx, r0, r1, g)  # CB4, CB5
+        r0 = r1
 
 
 cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
@@ -316,7 +350,7 @@ def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
     """Length of one thread's column buffer (1 for pointwise convolutions, which need none)."""
     stride, padding, dilation, groups = geometry
     cdef Geom g = _geometry(x_shape, w_shape, stride, padding, dilation, groups)
-    return 1 if g.pointwise else g.C * g.KH * g.KW * g.L
+    return 1 if g.pointwise else g.C * g.KH * g.KW * g.tile_rows * g.OW
 
 
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
@@ -354,3 +388,14 @@ def conv2d_backward(ctx, dy):
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
     _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt)
     return dx, dw, (db if s["has_bias"] else None)
+
+
+def _set_tile_columns(Py_ssize_t n) -> int:
+    """Output positions per column tile (rounded to whole rows, at least one row); returns the
+    previous value. For tests, which need images spanning several tiles."""
+    global TILE_COLUMNS
+    if n < 1:
+        raise ValueError(f"n: expected at least 1 column per tile, got {n}")
+    previous = TILE_COLUMNS
+    TILE_COLUMNS = n
+    return previous
