@@ -140,17 +140,27 @@ def test_interlayer_dropout_training_only():
     assert_close(y_eval, t(torch.tensor(x))[0].detach().numpy(), "nn", "forward", np.float64)
 
 
-def test_unbatched_input_matches_torch():
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_unbatched_input_matches_torch(mode):
     rng = np.random.default_rng(6)
-    m, t = make_pair("gru", np.float64, num_layers=2, bidirectional=True)
+    m, t = make_pair(mode, np.float64, num_layers=2, bidirectional=True)
     x = rng.standard_normal((T, D))
     h0 = rng.standard_normal((4, H))
-    y, h = m(x, h0)
-    yt, ht = t(torch.tensor(x), torch.tensor(h0))
-    assert y.shape == (T, 2 * H) and h.shape == (4, H)
+    c0 = rng.standard_normal((4, H))
+    state = (h0, c0) if mode == "lstm" else h0
+    y, s = m(x, state)
+    tstate = tuple(map(torch.tensor, state)) if mode == "lstm" else torch.tensor(h0)
+    yt, st = t(torch.tensor(x), tstate)
+    assert y.shape == (T, 2 * H)
     assert_close(y, yt.detach().numpy(), "nn", "forward", np.float64)
-    assert_close(h, ht.detach().numpy(), "nn", "forward", np.float64)
-    assert m.backward(np.ones_like(y)).shape == x.shape
+    for ours, theirs in zip(
+        s if mode == "lstm" else [s], st if mode == "lstm" else [st], strict=True
+    ):
+        assert ours.shape == (4, H)
+        assert_close(ours, theirs.detach().numpy(), "nn", "forward", np.float64)
+    dx, ds = m.backward(np.ones_like(y), return_state_grad=True)
+    assert dx.shape == x.shape
+    assert all(d.shape == (4, H) for d in (ds if mode == "lstm" else [ds]))
 
 
 def test_no_bias_matches_torch():

@@ -57,7 +57,6 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        object.__setattr__(self, "_dtype", np.dtype(dtype))
         self._cache = None
 
     def extra_repr(self) -> str:

@@ -54,6 +54,15 @@ class _Reverser:
         return a[self.index, self.cols]
 
 
+def _with_batch_axis(state: Any) -> Any:
+    """An unbatched state ((layers*dirs, H), or a pair of them) with a batch axis of 1."""
+    if isinstance(state, (tuple, list)):
+        return tuple(_with_batch_axis(s) for s in state)
+    if getattr(state, "ndim", 0) == 2:
+        return state[:, None, :]
+    return state  # checked (and rejected) by _split_state
+
+
 class _RNNBase(Module):
     mode = ""
 
@@ -194,11 +203,7 @@ class _RNNBase(Module):
         lengths = check_lengths(lengths, T, N)
         L, dirs, H = self.num_layers, self.num_directions, self.hidden_size
         if unbatched and state is not None:
-            state = (
-                tuple(s[:, None, :] if s is not None else None for s in state)
-                if (self.mode == "LSTM" and isinstance(state, (tuple, list)))
-                else (state[:, None, :] if hasattr(state, "ndim") and state.ndim == 2 else state)
-            )
+            state = _with_batch_axis(state)
         h0, c0 = self._split_state(state, like, (L * dirs, N, H))
         zeros = xp.zeros((N, H), dtype=like.dtype)
         training = grad_enabled()
@@ -326,8 +331,7 @@ class _RNNBase(Module):
         st_shape = (L * dirs, H) if unbatched else (L * dirs, N, H)
         dh_n, dc_n = self._split_state(dstate, like, st_shape)
         if unbatched:
-            dh_n = None if dh_n is None else dh_n[:, None, :]
-            dc_n = None if dc_n is None else dc_n[:, None, :]
+            dh_n, dc_n = (None if s is None else s[:, None, :] for s in (dh_n, dc_n))
         reverse = cache["reverse"]
         dh0 = [None] * (L * dirs)
         dc0 = [None] * (L * dirs)
