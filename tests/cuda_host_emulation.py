@@ -208,7 +208,8 @@ class HostRuntime(Runtime):
         self.lib = lib
         self.block = block
         self.max_blocks = max_blocks
-        self.launches: list[tuple[str, int, int]] = []  # (kernel, grid, block) of every launch
+        self.launches: list[tuple[str, int, int]] = []
+        self.batched_calls = 0  # (kernel, grid, block) of every launch
         self._fns: dict[str, Any] = {}
 
     def to_device(self, host: np.ndarray) -> np.ndarray:
@@ -234,6 +235,32 @@ class HostRuntime(Runtime):
         prod = alpha * (opA @ opB)
         C[...] = prod if beta == 0.0 else prod + beta * C  # beta = 0: C is not read
         self.xp.check_guards()
+
+    def _blas_gemm_batched(
+        self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sa, sb, sc, batch
+    ):
+        # cuBLAS's strided batched GEMM: the same product on matrices stride elements apart.
+        if batch < 0:
+            raise ValueError("cuBLAS would reject a negative batchCount")
+        item = np.dtype(dtype).itemsize
+        for q in range(batch):
+            self._blas_gemm(
+                dtype,
+                op_a,
+                op_b,
+                m,
+                n,
+                k,
+                alpha,
+                a + q * sa * item,
+                lda,
+                b + q * sb * item,
+                ldb,
+                beta,
+                c + q * sc * item,
+                ldc,
+            )
+        self.batched_calls += 1
 
     def _launch(self, spec, ctype, grid, block, args):
         fname = f"fr_host_{spec.name}_{ctype}"

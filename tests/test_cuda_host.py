@@ -198,13 +198,16 @@ def test_grid_stride_loops_cover_every_element(host_lib, block, max_blocks):
 
 
 def test_sizes_and_steps_are_64_bit():
-    """Every size, step and slot parameter is index_t (64-bit), so t * N * 4H and the other
-    offsets cannot overflow (the host build checks that index_t is what the kernels take)."""
+    """Every scalar parameter except the on/off flags is index_t (64-bit), so offsets such as
+    t * N * 4H or n * C * H * W cannot overflow (the host build checks that the kernels take
+    exactly these types)."""
+    flags = {"save", "relu", "has_bias"}
     for k in _kernels.KERNELS:
         for param, kind in zip(k.params, k.kinds, strict=True):
+            if kind.endswith("*"):
+                continue
             name = param.rsplit(" ", 1)[1]
-            if name in ("t", "src", "dst", "N", "H"):
-                assert kind == "index_t", (k.name, param)
+            assert kind == ("int" if name in flags else "index_t"), (k.name, param)
 
 
 def test_signature_check_catches_a_wrong_table(tmp_path, monkeypatch):
@@ -227,3 +230,174 @@ def test_guards_catch_an_out_of_bounds_gemm(host_rt):
     c = host_rt.xp.zeros((3, 3), dtype=np.float64)
     with pytest.raises(ValueError, match="does not fit"):
         host_rt.gemm(False, True, 3, 3, 4, 1.0, a, 1, 4, a, 0, 4, 0.0, c, 0, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d and pooling
+# ------------------------------------------------------------------------------------------------
+
+# (N, C, H, W, F, (KH, KW), stride, padding, dilation, groups, bias)
+CONV_CASES = [
+    (2, 3, 7, 9, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    (1, 1, 5, 5, 1, (1, 1), (1, 1), (0, 0), (1, 1), 1, False),
+    (2, 4, 8, 7, 6, (1, 1), (1, 1), (0, 0), (1, 1), 2, True),
+    (2, 3, 9, 8, 5, (2, 3), (2, 1), (1, 0), (1, 1), 1, True),
+    (1, 2, 11, 10, 3, (2, 2), (3, 3), (0, 0), (1, 1), 1, False),
+    (2, 4, 9, 9, 4, (3, 3), (1, 1), (2, 2), (2, 2), 4, True),
+    (3, 6, 6, 7, 4, (3, 2), (1, 2), (1, 1), (2, 1), 2, False),
+    (2, 3, 5, 6, 6, (1, 1), (2, 2), (1, 1), (1, 1), 3, True),
+    (1, 5, 13, 12, 3, (5, 4), (2, 2), (2, 1), (1, 1), 1, True),
+    (2, 1, 4, 4, 2, (4, 4), (1, 1), (0, 0), (1, 1), 1, True),
+    (3, 2, 12, 11, 3, (3, 3), (2, 3), (1, 2), (1, 2), 1, True),
+]
+
+
+def _conv_id(case) -> str:
+    N, C, H, W, F, k, s, p, d, g, bias = case
+    return f"N{N}C{C}H{H}W{W}F{F}k{k[0]}x{k[1]}s{s[0]}{s[1]}p{p[0]}{p[1]}d{d[0]}{d[1]}g{g}" + (
+        "b" if bias else ""
+    )
+
+
+def _conv_data(case, dtype, seed=0):
+    N, C, H, W, F, (KH, KW), s, p, d, g, bias = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C // g, KH, KW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if bias else None
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _conv_both(rt, case, dtype):
+    from fastrnn._cuda import conv
+
+    x, w, b, kw = _conv_data(case, dtype)
+    dev = [None if a is None else rt.to_device(a) for a in (x, w, b)]
+    y, ctx = conv.conv2d_forward(*dev, kw["stride"], kw["padding"], kw["dilation"],
+                                 kw["groups"], True)  # fmt: skip
+    assert ctx.backend == "cuda" and ctx.op == "conv2d" and ctx.grad_shapes["dy"] == y.shape
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+    got = conv.conv2d_backward(ctx, rt.to_device(dy))
+    f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    y_ref, rctx = ref.conv2d_forward(*f64, **kw)
+    want = ref.conv2d_backward(rctx, dy.astype(np.float64))
+    return y, y_ref, got, want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_conv2d_matches_reference(host_rt, case, dtype):
+    y, y_ref, got, want = _conv_both(host_rt, case, dtype)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, "conv", "forward", dtype, name="y")
+    for name, a, b in zip(("dx", "dw", "db"), got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, "conv", "backward", dtype, name=name)
+
+
+@pytest.mark.parametrize("budget_images", [1, 2])
+def test_conv2d_chunks_of_images(host_rt, monkeypatch, budget_images):
+    """A workspace of one or two images: several chunks, the last one short, dW accumulated
+    over chunks."""
+    from fastrnn._cuda import conv
+
+    case = (5, 4, 6, 7, 6, (3, 3), (1, 2), (1, 1), (1, 1), 2, True)
+    N, C, H, W, F, (KH, KW), s, p, d, g, _ = case
+    OH = (H + 2 * p[0] - d[0] * (KH - 1) - 1) // s[0] + 1
+    OW = (W + 2 * p[1] - d[1] * (KW - 1) - 1) // s[1] + 1
+    per_image = (C * KH * KW + F) * OH * OW * 8
+    monkeypatch.setattr(conv, "WORKSPACE_BYTES", budget_images * per_image)
+    assert conv.images_per_chunk(N, per_image // 8, 8) == budget_images
+    y, y_ref, got, want = _conv_both(host_rt, case, np.float64)
+    assert_close(y, y_ref, "conv", "forward", np.float64, name="y")
+    for name, a, b in zip(("dx", "dw", "db"), got, want, strict=True):
+        assert_close(a, b, "conv", "backward", np.float64, name=name)
+
+
+def test_conv2d_groups_are_one_batched_gemm_per_chunk(host_rt):
+    """The groups of a chunk go through strided batched GEMMs (one call, not one per group)."""
+    _conv_both(host_rt, CONV_CASES[5], np.float64)  # groups = 4, one chunk
+    assert host_rt.batched_calls == 3  # forward C3, backward CB2 and CB3
+
+
+def test_col2im_is_exact_for_non_overlapping_taps(host_rt):
+    """With stride = kernel and no padding every input element is read once: col2im must
+    return exactly the column entries (bitwise), so the gather indexing is exact."""
+    from fastrnn._cuda import conv
+
+    x = host_rt.to_device(np.random.default_rng(0).standard_normal((2, 3, 6, 9)))
+    w = host_rt.to_device(np.eye(27).reshape(27, 3, 3, 3))  # identity filters
+    y, ctx = conv.conv2d_forward(x, w, None, (3, 3), (0, 0), (1, 1), 1, True)
+    dx, dw, db = conv.conv2d_backward(ctx, y)
+    np.testing.assert_array_equal(dx, x)  # w^T w = I, so dx = x exactly
+
+
+# (N, C, H, W, kernel, stride, padding)
+POOL_CASES = [
+    (2, 3, 8, 8, (2, 2), (2, 2), (0, 0)),
+    (1, 2, 7, 9, (3, 3), (2, 2), (1, 1)),
+    (2, 1, 5, 6, (3, 2), (1, 1), (1, 1)),
+    (1, 4, 9, 7, (2, 3), (3, 2), (1, 0)),
+    (3, 2, 6, 6, (3, 3), (1, 1), (0, 0)),
+    (1, 1, 4, 4, (4, 4), (4, 4), (2, 2)),
+    (2, 5, 11, 10, (5, 3), (2, 3), (2, 1)),
+]
+
+
+def _pool_id(case) -> str:
+    N, C, H, W, k, s, p = case
+    return f"N{N}C{C}H{H}W{W}k{k[0]}x{k[1]}s{s[0]}{s[1]}p{p[0]}{p[1]}"
+
+
+def _pool_both(rt, op, x, case, dy_seed=1):
+    from fastrnn._cuda import conv
+
+    _, _, _, _, k, s, p = case
+    y, ctx = getattr(conv, f"{op}_forward")(rt.to_device(x), k, s, p, True)
+    assert ctx.backend == "cuda" and ctx.op == op and ctx.grad_shapes["dy"] == y.shape
+    dy = np.random.default_rng(dy_seed).standard_normal(y.shape).astype(x.dtype)
+    dx = getattr(conv, f"{op}_backward")(ctx, rt.to_device(dy))
+    y_ref, rctx = getattr(ref, f"{op}_forward")(x.astype(np.float64), k, s, p)
+    dx_ref = getattr(ref, f"{op}_backward")(rctx, dy.astype(np.float64))
+    return y, y_ref, dx, dx_ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_pool_matches_reference(host_rt, op, case, dtype):
+    N, C, H, W = case[:4]
+    x = np.random.default_rng(0).standard_normal((N, C, H, W)).astype(dtype)
+    y, y_ref, dx, dx_ref = _pool_both(host_rt, op, x, case)
+    assert y.dtype == dtype and y.shape == y_ref.shape and dx.shape == x.shape
+    assert_close(y, y_ref, "pool", "forward", dtype, name="y")
+    assert_close(dx, dx_ref, "pool", "backward", dtype, name="dx")
+
+
+@pytest.mark.parametrize("case", POOL_CASES[:4], ids=_pool_id)
+def test_max_pool_ties_nan_and_infinities(host_rt, case):
+    """Ties (integers), -inf everywhere in some windows, NaNs: the same maxima and the same
+    winning taps as the reference (its gradient lands on the same element)."""
+    N, C, H, W = case[:4]
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, size=(N, C, H, W)).astype(np.float64)
+    x[0, 0, :3, :3] = -np.inf
+    x[-1, -1, 1, 1] = np.nan
+    x[-1, -1, 2, 0] = np.nan
+    y, y_ref, dx, dx_ref = _pool_both(host_rt, "max_pool2d", x, case)
+    np.testing.assert_array_equal(y, y_ref)  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_pool_inference_saves_nothing(host_rt):
+    from fastrnn._cuda import conv
+
+    x = host_rt.to_device(np.random.default_rng(0).standard_normal((2, 3, 6, 6)))
+    for op in ("max_pool2d", "avg_pool2d"):
+        y, ctx = getattr(conv, f"{op}_forward")(x, (2, 2), (2, 2), (0, 0), False)
+        assert ctx is None
+        y_ref, _ = getattr(ref, f"{op}_forward")(np.asarray(x), 2, 2, 0)
+        assert_close(y, y_ref, "pool", "forward", np.float64)

@@ -64,6 +64,37 @@ def _kind(param: str) -> str:
 
 
 _STEP = ("const index_t* lengths", "index_t t")
+# conv2d: the chunk of images, then the geometry
+_CHUNK = ("index_t n0", "index_t nb")
+_CONV = (
+    "index_t C",
+    "index_t H",
+    "index_t W",
+    "index_t KH",
+    "index_t KW",
+    "index_t OH",
+    "index_t OW",
+    "index_t sh",
+    "index_t sw",
+    "index_t ph",
+    "index_t pw",
+    "index_t dh",
+    "index_t dw",
+)
+# pooling: planes and geometry
+_POOL = (
+    "index_t NC",
+    "index_t H",
+    "index_t W",
+    "index_t OH",
+    "index_t OW",
+    "index_t KH",
+    "index_t KW",
+    "index_t sh",
+    "index_t sw",
+    "index_t ph",
+    "index_t pw",
+)
 
 # fmt: off
 KERNELS: tuple[Kernel, ...] = (
@@ -106,8 +137,22 @@ KERNELS: tuple[Kernel, ...] = (
         ("const T* hs", "const T* dy", "T* da", "const T* dh_cur", "T* dh_next", *_STEP,
          "index_t N", "index_t H", "int relu"),
     ),
+    # -- conv2d.cu -------------------------------------------------------------------------
+    Kernel("im2col", "conv2d.cu", ("const T* x", "T* cols", *_CHUNK, *_CONV)),
+    Kernel("col2im", "conv2d.cu", ("const T* cols", "T* dx", *_CHUNK, *_CONV)),
+    Kernel("to_channel_major", "conv2d.cu",
+           ("const T* src", "T* dst", *_CHUNK, "index_t F", "index_t L")),
+    Kernel("from_channel_major", "conv2d.cu",
+           ("const T* src", "const T* bias", "T* dst", *_CHUNK, "index_t F", "index_t L",
+            "int has_bias")),
+    # -- pool2d.cu -------------------------------------------------------------------------
+    Kernel("max_pool2d_forward", "pool2d.cu",
+           ("const T* x", "T* y", "index_t* arg", *_POOL, "int save")),
+    Kernel("max_pool2d_backward", "pool2d.cu",
+           ("const T* dy", "const index_t* arg", "T* dx", *_POOL)),
+    Kernel("avg_pool2d_forward", "pool2d.cu", ("const T* x", "T* y", *_POOL)),
+    Kernel("avg_pool2d_backward", "pool2d.cu", ("const T* dy", "T* dx", *_POOL)),
 )
-
 # fmt: on
 
 _BY_NAME = {k.name: k for k in KERNELS}

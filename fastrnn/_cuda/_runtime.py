@@ -72,35 +72,43 @@ class Runtime:
         C: Any,
         c_off: int,
         ldc: int,
+        batch: int = 1,
+        stride_a: int = 0,
+        stride_b: int = 0,
+        stride_c: int = 0,
     ) -> None:
         """Row-major ``C[M,N] = alpha * op(A) @ op(B) + beta * C``, alpha and beta in {0, 1}.
 
         Arrays are C-contiguous and share one dtype; ``*_off`` is the element offset of the
         matrix inside its array and ``ld*`` its row stride in elements (the row-major leading
         dimension). ``op(A)`` is ``A`` stored (M, K) when ``transa`` is false, else ``A`` stored
-        (K, M) and transposed; likewise B, stored (K, N) or (N, K).
+        (K, M) and transposed; likewise B, stored (K, N) or (N, K). With ``batch`` > 1 the
+        product is repeated for matrices ``stride_*`` elements apart (strided batched GEMM; a
+        stride may be 0 to share an operand).
 
         cuBLAS is column-major and a row-major matrix is the column-major storage of its
         transpose, so ``C^T = op(B)^T op(A)^T`` is one cuBLAS call with the operands swapped and
         the same leading dimensions.
         """
-        if M == 0 or N == 0:
+        if M == 0 or N == 0 or batch == 0:
             return
         if self.check_bounds:
-            _check_extent("A", A, a_off, *((K, M) if transa else (M, K)), lda)
-            _check_extent("B", B, b_off, *((N, K) if transb else (K, N)), ldb)
-            _check_extent("C", C, c_off, M, N, ldc)
+            _check_extent("A", A, a_off, *((K, M) if transa else (M, K)), lda, batch, stride_a)
+            _check_extent("B", B, b_off, *((N, K) if transb else (K, N)), ldb, batch, stride_b)
+            _check_extent("C", C, c_off, M, N, ldc, batch, stride_c)
         if K == 0:  # no products: C = beta * C (and the leading dimensions may be 0)
             if beta == 0.0:
                 flat = C.reshape(-1)
-                if ldc == N:
-                    flat[c_off : c_off + M * N] = 0
-                else:
-                    for r in range(M):
-                        flat[c_off + r * ldc : c_off + r * ldc + N] = 0
+                for q in range(batch):
+                    off = c_off + q * stride_c
+                    if ldc == N:
+                        flat[off : off + M * N] = 0
+                    else:
+                        for r in range(M):
+                            flat[off + r * ldc : off + r * ldc + N] = 0
             return
         item = C.dtype.itemsize
-        self._blas_gemm(
+        args = (
             C.dtype,
             OP_T if transb else OP_N,
             OP_T if transa else OP_N,
@@ -116,6 +124,10 @@ class Runtime:
             self.ptr(C) + c_off * item,
             ldc,
         )
+        if batch == 1:
+            self._blas_gemm(*args)
+        else:
+            self._blas_gemm_batched(*args, stride_b, stride_a, stride_c, batch)
 
     def _blas_gemm(
         self,
@@ -137,6 +149,30 @@ class Runtime:
         """Column-major cuBLAS ``?gemm`` on raw addresses."""
         raise NotImplementedError
 
+    def _blas_gemm_batched(
+        self,
+        dtype: np.dtype,
+        op_a: int,
+        op_b: int,
+        m: int,
+        n: int,
+        k: int,
+        alpha: float,
+        a: int,
+        lda: int,
+        b: int,
+        ldb: int,
+        beta: float,
+        c: int,
+        ldc: int,
+        stride_a: int,
+        stride_b: int,
+        stride_c: int,
+        batch: int,
+    ) -> None:
+        """Column-major cuBLAS ``?gemmStridedBatched`` on raw addresses (strides in elements)."""
+        raise NotImplementedError
+
     # -- kernels -------------------------------------------------------------------------------
     def launch(self, name: str, dtype: np.dtype, n: int, args: tuple) -> None:
         """Launch kernel ``name<dtype>`` over ``n`` elements (grid-stride loop) with ``args`` in
@@ -155,14 +191,18 @@ class Runtime:
         raise NotImplementedError
 
 
-def _check_extent(name: str, a: Any, off: int, rows: int, cols: int, ld: int) -> None:
-    """A row-major (rows, cols) matrix at element ``off`` with row stride ``ld`` lies in ``a``."""
-    if rows == 0 or cols == 0:
+def _check_extent(
+    name: str, a: Any, off: int, rows: int, cols: int, ld: int, batch: int = 1, stride: int = 0
+) -> None:
+    """``batch`` row-major (rows, cols) matrices, the first at element ``off``, ``stride``
+    elements apart, with row stride ``ld``, all lie in ``a``."""
+    if rows == 0 or cols == 0 or batch == 0:
         return
-    if ld < cols or off < 0 or off + (rows - 1) * ld + cols > a.size:
+    last = off + max(0, (batch - 1) * stride)
+    if ld < cols or off < 0 or stride < 0 or last + (rows - 1) * ld + cols > a.size:
         raise ValueError(
-            f"gemm: {name} ({rows}x{cols}, offset {off}, ld {ld}) does not fit its array of "
-            f"{a.size} elements"
+            f"gemm: {name} ({batch} x {rows}x{cols}, offset {off}, ld {ld}, stride {stride}) "
+            f"does not fit its array of {a.size} elements"
         )
 
 
@@ -202,6 +242,10 @@ class CupyRuntime(Runtime):
         self._cupy = cupy
         self._cublas = cublas
         self._gemm_fn = {np.dtype(np.float32): cublas.sgemm, np.dtype(np.float64): cublas.dgemm}
+        self._batched_fn = {
+            np.dtype(np.float32): cublas.sgemmStridedBatched,
+            np.dtype(np.float64): cublas.dgemmStridedBatched,
+        }
         # alpha and beta are read from host memory (CUBLAS_POINTER_MODE_HOST); kept alive here.
         self._scalars = {
             (np.dtype(dt), v): np.array(v, dtype=dt)
@@ -241,6 +285,38 @@ class CupyRuntime(Runtime):
                 self._scalars[(dtype, beta)].ctypes.data,
                 c,
                 ldc,
+            )
+        finally:
+            cublas.setPointerMode(handle, mode)
+
+    def _blas_gemm_batched(
+        self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sa, sb, sc, batch
+    ):
+        cublas = self._cublas
+        handle = self._cupy.cuda.device.get_cublas_handle()
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
+            self._batched_fn[dtype](
+                handle,
+                op_a,
+                op_b,
+                m,
+                n,
+                k,
+                self._scalars[(dtype, alpha)].ctypes.data,
+                a,
+                lda,
+                sa,
+                b,
+                ldb,
+                sb,
+                self._scalars[(dtype, beta)].ctypes.data,
+                c,
+                ldc,
+                sc,
+                batch,
             )
         finally:
             cublas.setPointerMode(handle, mode)

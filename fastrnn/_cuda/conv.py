@@ -1,0 +1,213 @@
+"""CUDA drivers of conv2d and max/avg pooling (the backend interface's signatures).
+
+conv2d is im2col + cuBLAS, on chunks of images in a channel-major layout (csrc/conv2d.cu):
+
+* forward: im2col of the chunk into ``cols`` [C*KH*KW, nb*L], one strided-batched GEMM over
+  the groups ``yT_g = w_g @ cols_g`` (C3), then ``yT`` back to NCHW with the bias added (C4);
+* backward: ``dyT`` = the chunk of dy in the channel-major layout, im2col again (the forward
+  keeps nothing but x), ``dW_g += dyT_g @ cols_g^T`` (CB2: images inside the GEMM's reduction,
+  chunks accumulated in order), ``dcols_g = w_g^T @ dyT_g`` (CB3, into the same workspace), and
+  col2im as a gather (CB4, CB5); the bias gradient is two GEMMs with vectors of ones (CB1).
+
+No atomics anywhere: results are bitwise reproducible run to run (same GPU, same CuPy/CUDA).
+Pooling is one gather kernel per direction (csrc/pool2d.cu). Everything runs on CuPy's current
+stream, on the device of the inputs. Step numbers refer to fastrnn/reference/conv2d.py and
+pool2d.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fastrnn._cuda._runtime import runtime
+from fastrnn.context import Context
+
+# Workspace rule: a chunk holds as many images as fit WORKSPACE_BYTES of workspace
+# ((C*KH*KW + F) * OH*OW elements per image: its columns and its channel-major output), and at
+# least one image; the two buffers are allocated once per call (from CuPy's memory pool, which
+# reuses them across calls) and reused by every chunk. Larger chunks only lengthen the GEMMs'
+# N dimension, which stops paying off well before this size.
+WORKSPACE_BYTES = 256 * 2**20
+
+
+def images_per_chunk(N: int, per_image_elements: int, itemsize: int) -> int:
+    """The workspace rule above: images per chunk, in 1..N (1 when N is 0)."""
+    fit = WORKSPACE_BYTES // max(1, per_image_elements * itemsize)
+    return max(1, min(N, fit))
+
+
+def _out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; pairs -> y (N,F,OH,OW), ctx."""
+    rt = runtime()
+    xp = rt.xp
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = w.shape
+    G = groups
+    Fg = F // G
+    OH = _out(H, KH, stride[0], padding[0], dilation[0])
+    OW = _out(W, KW, stride[1], padding[1], dilation[1])
+    L, K, CK = OH * OW, Cg * KH * KW, C * KH * KW
+    geometry = (C, H, W, KH, KW, OH, OW, *stride, *padding, *dilation)
+    dtype = x.dtype
+    with rt.device_of(x):
+        y = xp.empty((N, F, OH, OW), dtype=dtype)
+        nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
+        cols = xp.empty((CK * nb * L,), dtype=dtype)
+        yT = xp.empty((F * nb * L,), dtype=dtype)
+        bias = yT if b is None else b  # not read when has_bias is 0
+        for n0 in range(0, N, nb):
+            m = min(nb, N - n0)
+            RL = m * L  # row length of the chunk's channel-major matrices
+            # C1, C2.
+            rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+            # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over groups.
+            rt.gemm(
+                False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
+                batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
+            )  # fmt: skip
+            # C4 while going back to NCHW.
+            rt.launch(
+                "from_channel_major", dtype, m * F * L,
+                (yT, bias, y, n0, m, F, L, int(b is not None)),
+            )  # fmt: skip
+    ctx = None
+    if training:
+        ctx = Context(
+            op="conv2d",
+            backend="cuda",
+            dtype=dtype,
+            cupy=True,
+            grad_shapes={"dy": (N, F, OH, OW)},
+            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry, groups=G),
+        )
+    return y, ctx
+
+
+def _bias_grad(rt: Any, dy: Any, N: int, F: int, L: int) -> Any:
+    """CB1: db[f] = sum over n and positions of dy[n, f] as two GEMMs with vectors of ones
+    (deterministic, unlike an atomic reduction)."""
+    xp, dtype = rt.xp, dy.dtype
+    per_plane = xp.empty((N * F,), dtype=dtype)
+    rt.gemm(False, False, N * F, 1, L, 1.0, dy, 0, L, xp.ones((L,), dtype=dtype), 0, 1, 0.0,
+            per_plane, 0, 1)  # fmt: skip
+    db = xp.empty((F,), dtype=dtype)
+    rt.gemm(False, False, 1, F, N, 1.0, xp.ones((N,), dtype=dtype), 0, N, per_plane, 0, F, 0.0,
+            db, 0, F)  # fmt: skip
+    return db
+
+
+def conv2d_backward(ctx, dy):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
+    rt = runtime()
+    xp = rt.xp
+    s = ctx.saved
+    x, w, geometry, G = s["x"], s["w"], s["geometry"], s["groups"]
+    N, C, H, W = x.shape
+    F, Cg, KH, KW = w.shape
+    Fg = F // G
+    OH, OW = geometry[5], geometry[6]
+    L, K, CK = OH * OW, Cg * KH * KW, C * KH * KW
+    dtype = x.dtype
+    with rt.device_of(x):
+        db = _bias_grad(rt, dy, N, F, L) if s["has_bias"] else None
+        dx = xp.empty((N, C, H, W), dtype=dtype)
+        dw = xp.empty((F, Cg, KH, KW), dtype=dtype)
+        if N == 0:
+            dw[...] = 0
+        nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
+        cols = xp.empty((CK * nb * L,), dtype=dtype)
+        dyT = xp.empty((F * nb * L,), dtype=dtype)
+        for n0 in range(0, N, nb):
+            m = min(nb, N - n0)
+            RL = m * L
+            rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
+            rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))  # C2 again
+            # CB2: dW_g (Fg, K) += dyT_g (Fg, RL) @ cols_g^T (RL, K); the first chunk assigns.
+            rt.gemm(
+                False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL, 0.0 if n0 == 0 else 1.0,
+                dw, 0, K, batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
+            )  # fmt: skip
+            # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
+            rt.gemm(
+                True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
+                batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
+            )  # fmt: skip
+            # CB4, CB5: gather every input element's column entries.
+            rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------
+# pooling
+# ------------------------------------------------------------------------------------------------
+
+
+def _pool_geometry(x: Any, kernel_size, stride, padding) -> tuple[int, ...]:
+    N, C, H, W = x.shape
+    OH = (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    OW = (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return (N * C, H, W, OH, OW, *kernel_size, *stride, *padding)
+
+
+def _pool_context(op: str, x: Any, y: Any, geometry: tuple[int, ...], **saved: Any) -> Context:
+    return Context(
+        op=op,
+        backend="cuda",
+        dtype=x.dtype,
+        cupy=True,
+        grad_shapes={"dy": tuple(y.shape)},
+        saved=dict(x_shape=tuple(x.shape), geometry=geometry, **saved),
+    )
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, training):
+    """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (P1-P3)."""
+    rt = runtime()
+    xp = rt.xp
+    g = _pool_geometry(x, kernel_size, stride, padding)
+    N, C = x.shape[:2]
+    with rt.device_of(x):
+        y = xp.empty((N, C, g[3], g[4]), dtype=x.dtype)
+        # The argmax (offset h*W + w in its plane) is only kept for backward.
+        arg = xp.empty(y.shape if training else (1,), dtype=np.int64)
+        rt.launch("max_pool2d_forward", x.dtype, y.size, (x, y, arg, *g, int(training)))
+    ctx = _pool_context("max_pool2d", x, y, g, arg=arg) if training else None
+    return y, ctx
+
+
+def max_pool2d_backward(ctx, dy):
+    """dy (N,C,OH,OW) -> dx (N,C,H,W) (PB1, PB3)."""
+    rt = runtime()
+    s = ctx.saved
+    with rt.device_of(dy):
+        dx = rt.xp.empty(s["x_shape"], dtype=dy.dtype)
+        rt.launch("max_pool2d_backward", dy.dtype, dx.size, (dy, s["arg"], dx, *s["geometry"]))
+    return dx
+
+
+def avg_pool2d_forward(x, kernel_size, stride, padding, training):
+    """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (P1, P2, P4)."""
+    rt = runtime()
+    g = _pool_geometry(x, kernel_size, stride, padding)
+    N, C = x.shape[:2]
+    with rt.device_of(x):
+        y = rt.xp.empty((N, C, g[3], g[4]), dtype=x.dtype)
+        rt.launch("avg_pool2d_forward", x.dtype, y.size, (x, y, *g))
+    ctx = _pool_context("avg_pool2d", x, y, g) if training else None
+    return y, ctx
+
+
+def avg_pool2d_backward(ctx, dy):
+    """dy (N,C,OH,OW) -> dx (N,C,H,W) (PB2, PB3)."""
+    rt = runtime()
+    s = ctx.saved
+    with rt.device_of(dy):
+        dx = rt.xp.empty(s["x_shape"], dtype=dy.dtype)
+        rt.launch("avg_pool2d_backward", dy.dtype, dx.size, (dy, dx, *s["geometry"]))
+    return dx
