@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nn_support import check_directional_grads, layer_backend, torch_state  # noqa: F401
 from tolerances import assert_close
 
@@ -225,3 +227,37 @@ def test_errors():
         nn.RNN(D, H, nonlinearity="sigmoid")
     with pytest.raises(ValueError, match="dropout"):
         nn.GRU(D, H, dropout=1.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    mode=st.sampled_from(list(MODES)),
+    T_=st.integers(1, 4),
+    N_=st.integers(1, 3),
+    D_=st.integers(1, 3),
+    H_=st.integers(1, 3),
+    num_layers=st.integers(1, 2),
+    bidirectional=st.booleans(),
+    data=st.data(),
+)
+def test_fuzz_small_shapes_match_torch(mode, T_, N_, D_, H_, num_layers, bidirectional, data):
+    """Tiny random configurations (T, N, H = 1 included), random lengths, vs torch.nn."""
+    cls, extra, tname, textra = MODES[mode]
+    t = getattr(torch.nn, tname)(
+        D_, H_, num_layers=num_layers, bidirectional=bidirectional, **textra
+    ).double()
+    m = cls(D_, H_, num_layers=num_layers, bidirectional=bidirectional, **extra, dtype=np.float64)
+    m.load_state_dict(torch_state(t))
+    lengths = np.array(data.draw(st.lists(st.integers(1, T_), min_size=N_, max_size=N_)))
+    x = np.random.default_rng(T_ * 100 + N_).standard_normal((T_, N_, D_))
+    xt = torch.tensor(x, requires_grad=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        xt, torch.tensor(lengths), enforce_sorted=False
+    )
+    out, _ = t(packed)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T_)
+    y, _ = m(x, lengths=lengths)
+    assert_close(y, out.detach().numpy(), "nn", "forward", np.float64, "y")
+    out.sum().backward()
+    dx = m.backward(np.ones_like(y))
+    assert_close(dx, xt.grad.numpy(), "nn", "backward", np.float64, "dx")
