@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 import fastrnn  # noqa: E402
 import fastrnn.torch as ft  # noqa: E402
+from tests.conftest import CUDA  # noqa: E402
 from tests.tolerances import tol  # noqa: E402
 
 TORCH_DTYPES = [torch.float32, torch.float64]
@@ -530,3 +531,74 @@ def test_bad_input_names_the_argument():
     g = ft.GRU(D, H)
     with pytest.raises(TypeError, match="hx"):
         g(x, torch.zeros(1, N, H, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA tensors: CuPy views through DLPack, PyTorch's current stream (visibly skipped without GPU)
+# ------------------------------------------------------------------------------------------------
+
+CUDA_OK = CUDA and torch.cuda.is_available()
+cuda_param = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not CUDA_OK, reason="needs cupy.is_available() and torch.cuda"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", [cuda_param])
+@pytest.mark.parametrize("kind", list(RECURRENT))
+def test_recurrent_on_cuda_matches_torch(kind, device):
+    dtype = torch.float64
+    a, b = twins(kind, dtype, num_layers=2, bidirectional=True)
+    a, b = a.to(device), b.to(device)
+    x = torch.randn(T, N, D, dtype=dtype, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lengths = torch.tensor(LENGTHS)
+    stream = torch.cuda.Stream()  # a non-default stream: the kernels must run on it
+    with torch.cuda.stream(stream):
+        y_a, hid_a = a(xa, lengths=lengths)
+        y_a.square().sum().backward()
+    stream.synchronize()
+    packed = pack_padded_sequence(xb, lengths, enforce_sorted=False)
+    out, hid_b = b(packed)
+    y_b, _ = pad_packed_sequence(out, total_length=T)
+    y_b.square().sum().backward()
+    assert y_a.device.type == "cuda"
+    assert_close(y_a, y_b, "recurrent", "forward", dtype, "output")
+    for s_a, s_b in zip(states_of(kind, hid_a), states_of(kind, hid_b), strict=True):
+        assert_close(s_a, s_b, "recurrent", "forward", dtype, "final state")
+    assert_close(xa.grad, xb.grad, "recurrent", "backward", dtype, "dx")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert_close(p.grad, q.grad, "recurrent", "backward", dtype, n)
+
+
+@pytest.mark.parametrize("device", [cuda_param])
+def test_cuda_zero_copy_and_conv2d(device, monkeypatch):
+    seen = {}
+    real = fastrnn.conv2d_forward
+
+    def spy(x, w, b=None, **kw):
+        seen.update(x=x, w=w)
+        out = real(x, w, b, **kw)
+        seen["y"] = out[0]
+        return out
+
+    monkeypatch.setattr(fastrnn, "conv2d_forward", spy)
+    dtype = torch.float32
+    torch.manual_seed(0)
+    a = ft.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=dtype).to(device)
+    b = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=dtype).to(device)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 9, 8, dtype=dtype, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = a(xa)
+    assert seen["x"].data.ptr == xa.data_ptr() and seen["w"].data.ptr == a.weight.data_ptr()
+    assert seen["y"].data.ptr == ya.data_ptr()
+    yb = b(xb)
+    assert_close(ya, yb, "conv", "forward", dtype, "output")
+    ya.sum().backward()
+    yb.sum().backward()
+    assert_close(xa.grad, xb.grad, "conv", "backward", dtype, "dx")
+    assert_close(a.weight.grad, b.weight.grad, "conv", "backward", dtype, "dw")
