@@ -237,3 +237,18 @@ def test_layer_errors():
     lin(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="dy"):
         lin.backward(np.zeros((2, 3), np.float32))
+
+
+def test_embedding_and_dropout_finite_differences():
+    rng = np.random.default_rng(4)
+    e = nn.Embedding(5, 3, dtype=np.float64)  # no padding_idx: its row gets no gradient
+    idx = np.array([[0, 1, 4], [4, 4, 2]])
+    check_directional_grads(lambda: e(idx), e.backward, None, [e.weight])
+    d = nn.Dropout(0.4, seed=3)
+    x = rng.standard_normal((6, 5))
+
+    def forward():
+        d._rngs.clear()  # the same mask on every call
+        return d(x)
+
+    check_directional_grads(forward, d.backward, x, [])
