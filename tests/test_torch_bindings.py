@@ -162,9 +162,11 @@ def test_packed_sequence_in_and_out(kind, bidirectional):
     hx = tuple(hx) if kind == "lstm" else hx[0]
     for enforce_sorted in (False, True):
         lengths = sorted(LENGTHS, reverse=True) if enforce_sorted else LENGTHS
-        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
-        out_a, hid_a = a(packed, hx)
-        out_b, hid_b = b(packed, hx)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        packed_a = pack_padded_sequence(xa, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+        packed_b = pack_padded_sequence(xb, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+        out_a, hid_a = a(packed_a, hx)
+        out_b, hid_b = b(packed_b, hx)
         assert type(out_a) is type(out_b)
         assert torch.equal(out_a.batch_sizes, out_b.batch_sizes)
         for name in ("sorted_indices", "unsorted_indices"):
@@ -173,6 +175,10 @@ def test_packed_sequence_in_and_out(kind, bidirectional):
         assert_close(out_a.data, out_b.data, "recurrent", "forward", dtype, "packed data")
         for s_a, s_b in zip(states_of(kind, hid_a), states_of(kind, hid_b), strict=True):
             assert_close(s_a, s_b, "recurrent", "forward", dtype, "final state")
+        w = torch.randn_like(out_b.data)
+        (out_a.data * w).sum().backward()
+        (out_b.data * w).sum().backward()
+        assert_close(xa.grad, xb.grad, "recurrent", "backward", dtype, "grad through packing")
 
 
 @pytest.mark.parametrize("kind", list(RECURRENT))
@@ -318,6 +324,7 @@ CONV_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch.nn's own note on its copy
 @pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv2d_matches_torch(case, dtype):
