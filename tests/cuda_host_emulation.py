@@ -17,6 +17,7 @@ The drivers of fastrnn/_cuda then run unchanged: ``with use_runtime(HostRuntime(
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fastrnn._cuda import _kernels
-from fastrnn._cuda._runtime import OP_N, Runtime
+from fastrnn._cuda._runtime import OP_N, CupyRuntime, Runtime
 
 SHIM = r"""
 // Host shim: just enough of CUDA for fastrnn's kernels to compile and run as C++.
@@ -296,3 +297,119 @@ def _colmajor(dtype: np.dtype, addr: int, rows: int, cols: int, ld: int) -> np.n
     return np.lib.stride_tricks.as_strided(
         flat, shape=(rows, cols), strides=(dtype.itemsize, ld * dtype.itemsize)
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# CupyRuntime itself on the host
+# ------------------------------------------------------------------------------------------------
+
+
+class _FakeCublas:
+    """The part of ``cupy_backends.cuda.libs.cublas`` that CupyRuntime calls, with the same
+    signatures (CuPy 14), on the host GEMM; checks the pointer mode and the stream."""
+
+    CUBLAS_POINTER_MODE_HOST = 0
+    CUBLAS_POINTER_MODE_DEVICE = 1
+
+    def __init__(self, host: HostRuntime, current_stream: Any) -> None:
+        self.host = host
+        self.mode = self.CUBLAS_POINTER_MODE_DEVICE  # not what CupyRuntime needs: it must set it
+        self.stream = None
+        self.current_stream = current_stream
+        self.calls = 0
+
+    def getPointerMode(self, handle: int) -> int:
+        return self.mode
+
+    def setPointerMode(self, handle: int, mode: int) -> None:
+        self.mode = mode
+
+    def setStream(self, handle: int, stream: int) -> None:
+        self.stream = stream
+
+    def _scalars(self, dtype: Any, alpha: int, beta: int) -> tuple[float, float]:
+        if self.mode != self.CUBLAS_POINTER_MODE_HOST:
+            raise AssertionError("cuBLAS called without CUBLAS_POINTER_MODE_HOST")
+        if self.stream != self.current_stream.ptr:
+            raise AssertionError("cuBLAS called on a stream other than CuPy's current one")
+        c = _C["float" if np.dtype(dtype) == np.float32 else "double"]
+        self.calls += 1
+        return c.from_address(alpha).value, c.from_address(beta).value
+
+    def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        a, b = self._scalars(dtype, alpha, beta)
+        self.host._blas_gemm(dtype, transa, transb, m, n, k, a, A, lda, B, ldb, b, C, ldc)
+
+    def _batched(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb,
+                 strideB, beta, C, ldc, strideC, batchCount):  # fmt: skip
+        a, b = self._scalars(dtype, alpha, beta)
+        self.host._blas_gemm_batched(dtype, transa, transb, m, n, k, a, A, lda, B, ldb, b, C,
+                                     ldc, strideA, strideB, strideC, batchCount)  # fmt: skip
+
+    def sgemm(self, *args):
+        self._gemm(np.float32, *args)
+
+    def dgemm(self, *args):
+        self._gemm(np.float64, *args)
+
+    def sgemmStridedBatched(self, *args):
+        self._batched(np.float32, *args)
+
+    def dgemmStridedBatched(self, *args):
+        self._batched(np.float64, *args)
+
+
+class EmulatedCupyRuntime(CupyRuntime):
+    """:class:`fastrnn._cuda._runtime.CupyRuntime` itself (its GEMM argument order, pointer-mode
+    and stream handling, precomputed loop steps and launch arguments) with CuPy's and cuBLAS's
+    entry points answered by the host emulation."""
+
+    check_bounds = True
+
+    def __init__(self, lib: ctypes.CDLL, block: int = 32, max_blocks: int = 3) -> None:
+        import types
+
+        self.host = HostRuntime(lib, block=block, max_blocks=max_blocks)
+        stream = types.SimpleNamespace(ptr=0x5EED)
+        fake_cupy = types.SimpleNamespace(
+            cuda=types.SimpleNamespace(
+                device=types.SimpleNamespace(get_cublas_handle=lambda: 0x1234),
+                get_current_stream=lambda: stream,
+                runtime=types.SimpleNamespace(getDevice=lambda: 0),
+            )
+        )
+        self.fake_cublas = _FakeCublas(self.host, stream)
+        self._setup(fake_cupy, self.fake_cublas)
+        self.xp = self.host.xp
+        self.block = block
+        self.max_blocks = max_blocks
+
+    @property
+    def launches(self) -> list[tuple[str, int, int]]:
+        return self.host.launches
+
+    @property
+    def batched_calls(self) -> int:
+        return self.host.batched_calls
+
+    def device_of(self, a: Any) -> Any:
+        return contextlib.nullcontext()
+
+    def to_device(self, host: np.ndarray) -> np.ndarray:
+        return self.host.to_device(host)
+
+    def ptr(self, a: Any) -> int:
+        return a.ctypes.data
+
+    def _function(self, name: str, ctype: str) -> Any:
+        spec = _kernels.kernel(name)
+
+        def fn(grid: tuple, block: tuple, args: tuple) -> None:
+            assert len(grid) == 1 and len(block) == 1
+            for kind, a in zip(spec.kinds, args, strict=True):  # the exact scalar C types
+                expected = {"index_t": np.int64, "int": np.int32}.get(kind)
+                if expected is not None and type(a) is not expected:
+                    raise TypeError(f"{name}: {kind} argument passed as {type(a).__name__}")
+            self.host._launch(spec, ctype, grid[0], block[0], args)
+
+        return fn

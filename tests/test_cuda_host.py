@@ -2,11 +2,13 @@
 
 No GPU needed: the unchanged .cu files are compiled as C++ with a shim for the CUDA built-ins,
 and the drivers of fastrnn/_cuda run on a host runtime (NumPy arrays in guard margins, a GEMM with
-cuBLAS's column-major argument rules); see tests/cuda_host_emulation.py. This checks the kernels'
-arithmetic, their grid-stride loops (tiny grids, so every thread loops), the kernel table's
-signatures, and the drivers' offsets, leading dimensions and launch arguments. What it cannot
-check (NVRTC's code generation, CuPy's launch and cuBLAS's own results) is covered by the NVRTC
-compile test and by the GPU tests (tests/test_cuda_recurrent.py).
+cuBLAS's column-major argument rules) and on CupyRuntime itself with CuPy's and cuBLAS's entry
+points emulated; see tests/cuda_host_emulation.py. This checks the kernels' arithmetic, their
+grid-stride loops (tiny grids, so every thread loops), the kernel table's signatures, the
+drivers' offsets, leading dimensions and launch arguments, and CupyRuntime's cuBLAS argument
+order, pointer mode and stream. What it cannot check (NVRTC's code generation, CuPy's launch
+and cuBLAS's own results) is covered by the NVRTC compile test and by the GPU tests
+(tests/test_cuda_recurrent.py, tests/test_cuda_conv.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
-from cuda_host_emulation import HostRuntime, build_library
+from cuda_host_emulation import EmulatedCupyRuntime, HostRuntime, build_library
 from tolerances import assert_close
 
 from fastrnn import reference as ref
@@ -33,9 +35,11 @@ def host_lib(tmp_path_factory):
     return build_library(tmp_path_factory.mktemp("cuda_host"))
 
 
-@pytest.fixture
-def host_rt(host_lib):
-    rt = HostRuntime(host_lib)
+@pytest.fixture(params=["host", "cupy-runtime"])
+def host_rt(request, host_lib):
+    """The drivers on the host runtime, and on CupyRuntime itself with CuPy's and cuBLAS's
+    entry points emulated (its own GEMM calls, pointer mode, stream and launch arguments)."""
+    rt = HostRuntime(host_lib) if request.param == "host" else EmulatedCupyRuntime(host_lib)
     with use_runtime(rt):
         yield rt
 
@@ -401,3 +405,19 @@ def test_pool_inference_saves_nothing(host_rt):
         assert ctx is None
         y_ref, _ = getattr(ref, f"{op}_forward")(np.asarray(x), 2, 2, 0)
         assert_close(y, y_ref, "pool", "forward", np.float64)
+
+
+def test_cupy_runtime_cublas_calls(host_lib):
+    """CupyRuntime issues one cuBLAS call per GEMM of the algorithm (1 input projection + T
+    recurrent forward; T recurrent backward + 3 weight/input + 1 bias), each in host pointer
+    mode on the current stream, and leaves the handle's pointer mode as it found it."""
+    rt = EmulatedCupyRuntime(host_lib)
+    T, N, D, H = 4, 3, 5, 6
+    with use_runtime(rt):
+        d, grads, lens = _data("lstm", (T, N, D, H, "mixed"), np.float64)
+        args = [rt.to_device(d[k]) for k in ORDER["lstm"]]
+        *_, ctx = recurrent.lstm_forward(*args, lens, True)
+        assert rt.fake_cublas.calls == 1 + T
+        recurrent.lstm_backward(ctx, rt.to_device(grads["dy"]), None, None)
+        assert rt.fake_cublas.calls == 1 + T + T + 3 + 1
+    assert rt.fake_cublas.mode == rt.fake_cublas.CUBLAS_POINTER_MODE_DEVICE

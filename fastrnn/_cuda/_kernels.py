@@ -50,6 +50,10 @@ class Kernel:
         return f"{self.name}<{ctype}>"
 
     @functools.cached_property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.rsplit(" ", 1)[1] for p in self.params)
+
+    @functools.cached_property
     def kinds(self) -> tuple[str, ...]:
         """Per parameter: "T*", "index_t*", "index_t", "int" or "T" (what a launch converts)."""
         return tuple(_kind(p) for p in self.params)

@@ -173,6 +173,42 @@ class Runtime:
         """Column-major cuBLAS ``?gemmStridedBatched`` on raw addresses (strides in elements)."""
         raise NotImplementedError
 
+    # -- time loops ----------------------------------------------------------------------------
+    # The recurrent drivers run one GEMM and one kernel per step; these helpers take everything
+    # that does not change across the steps once, so the loop body is two cheap calls. The base
+    # versions simply call gemm() / launch(); CupyRuntime precomputes pointers and arguments.
+
+    def blas_session(self) -> Any:
+        """Context manager around a loop of :meth:`loop_gemm` steps."""
+        return contextlib.nullcontext()
+
+    def loop_gemm(self, transa: bool, transb: bool, M: int, N: int, K: int, alpha: float,
+                  A: Any, lda: int, B: Any, ldb: int, beta: float, C: Any,
+                  ldc: int) -> Any:  # fmt: skip
+        """The GEMM of one step as ``step(a_off, b_off, c_off)`` (element offsets); call it
+        inside ``with rt.blas_session():``."""
+
+        def step(a_off: int, b_off: int, c_off: int) -> None:
+            self.gemm(transa, transb, M, N, K, alpha, A, a_off, lda, B, b_off, ldb, beta, C,
+                      c_off, ldc)  # fmt: skip
+
+        return step
+
+    def loop_launch(self, name: str, dtype: np.dtype, n: int, args: tuple,
+                    varying: tuple[str, ...]) -> Any:  # fmt: skip
+        """The kernel launch of one step as ``step(*values)``, where ``values`` replace the
+        scalar parameters named in ``varying`` (e.g. ("t", "src", "dst"))."""
+        spec = _kernels.kernel(name)
+        where = [spec.param_names.index(v) for v in varying]
+        current = list(args)
+
+        def step(*values: int) -> None:
+            for i, v in zip(where, values, strict=True):
+                current[i] = v
+            self.launch(name, dtype, n, tuple(current))
+
+        return step
+
     # -- kernels -------------------------------------------------------------------------------
     def launch(self, name: str, dtype: np.dtype, n: int, args: tuple) -> None:
         """Launch kernel ``name<dtype>`` over ``n`` elements (grid-stride loop) with ``args`` in
@@ -238,6 +274,9 @@ class CupyRuntime(Runtime):
         import cupy
         from cupy_backends.cuda.libs import cublas
 
+        self._setup(cupy, cublas)
+
+    def _setup(self, cupy: Any, cublas: Any) -> None:
         self.xp = cupy
         self._cupy = cupy
         self._cublas = cublas
@@ -321,14 +360,77 @@ class CupyRuntime(Runtime):
         finally:
             cublas.setPointerMode(handle, mode)
 
-    def _launch(self, spec, ctype, grid, block, args):
+    @contextlib.contextmanager
+    def blas_session(self) -> Iterator[None]:
+        cublas = self._cublas
+        handle = self._cupy.cuda.device.get_cublas_handle()
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
+            yield
+        finally:
+            cublas.setPointerMode(handle, mode)
+
+    def loop_gemm(self, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+        if M == 0 or N == 0 or K == 0:  # nothing to do, or no products: the general path
+            return super().loop_gemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        dtype = C.dtype
+        item = dtype.itemsize
+        fn = self._gemm_fn[dtype]
+        handle = self._cupy.cuda.device.get_cublas_handle()
+        op_first, op_second = (OP_T if transb else OP_N), (OP_T if transa else OP_N)
+        alpha_p = self._scalars[(dtype, float(alpha))].ctypes.data
+        beta_p = self._scalars[(dtype, float(beta))].ctypes.data
+        pa, pb, pc = self.ptr(A), self.ptr(B), self.ptr(C)
+        check = self.check_bounds
+        shape_a = (K, M) if transa else (M, K)
+        shape_b = (N, K) if transb else (K, N)
+
+        # The same cuBLAS call as gemm() (operands swapped, see there), pointers precomputed;
+        # pointer mode and stream are set once by blas_session().
+        def step(a_off: int, b_off: int, c_off: int) -> None:
+            if check:
+                _check_extent("A", A, a_off, *shape_a, lda)
+                _check_extent("B", B, b_off, *shape_b, ldb)
+                _check_extent("C", C, c_off, M, N, ldc)
+            fn(handle, op_first, op_second, N, M, K, alpha_p, pb + b_off * item, ldb,
+               pa + a_off * item, lda, beta_p, pc + c_off * item, ldc)  # fmt: skip
+
+        return step
+
+    def loop_launch(self, name, dtype, n, args, varying):
+        if n <= 0:
+            return lambda *values: None
+        spec = _kernels.kernel(name)
+        where = [spec.param_names.index(v) for v in varying]
+        for i in where:
+            if spec.kinds[i] != "index_t":
+                raise TypeError(f"{name}: varying parameter {spec.params[i]} is not index_t")
+        current = list(convert_args(spec, dtype, args))
+        fn = self._function(spec.name, _kernels.CTYPES[dtype])
+        grid = (min((n + self.block - 1) // self.block, self.max_blocks),)
+        block = (self.block,)
+        int64 = np.int64
+
+        def step(*values: int) -> None:
+            for i, v in zip(where, values, strict=True):
+                current[i] = int64(v)
+            fn(grid, block, tuple(current))
+
+        return step
+
+    def _function(self, name: str, ctype: str) -> Any:
         device_id = self._cupy.cuda.runtime.getDevice()
-        key = (spec.name, ctype, device_id)
+        key = (name, ctype, device_id)
         fn = self._functions.get(key)
         if fn is None:
-            fn = _kernels.get_function(spec.name, ctype, device_id)
+            fn = _kernels.get_function(name, ctype, device_id)
             self._functions[key] = fn
-        fn((grid,), (block,), args)
+        return fn
+
+    def _launch(self, spec, ctype, grid, block, args):
+        self._function(spec.name, ctype)((grid,), (block,), args)
 
 
 _runtime: Runtime | None = None

@@ -97,18 +97,18 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
         hs[0] = h0
         cs[0] = c0
         y = xp.empty((T, N, H), dtype=dtype)
-        save = int(training)
-        for t in range(T):
-            src, dst = _slots(training, t)
-            # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-            rt.gemm(False, True, N, G, H, 1.0, hs, src * NH, H, w_hh, 0, H, 1.0, pre, t * N * G, G)
-            # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
-            rt.launch(
-                "lstm_forward_step",
-                dtype,
-                NH,
-                (pre, b, hs, cs, y, lens, t, src, dst, N, H, save),
-            )
+        # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+        recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 1.0, pre, G)
+        # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
+        pointwise = rt.loop_launch(
+            "lstm_forward_step", dtype, NH,
+            (pre, b, hs, cs, y, lens, 0, 0, 0, N, H, int(training)), ("t", "src", "dst"),
+        )  # fmt: skip
+        with rt.blas_session():
+            for t in range(T):
+                src, dst = _slots(training, t)
+                recurrent_gemm(src * NH, 0, t * N * G)
+                pointwise(t, src, dst)
         last = _slots(training, T - 1)[1]
         hT = hs[last].copy()
         cT = cs[last].copy()
@@ -149,17 +149,30 @@ def lstm_backward(ctx, dy, dhT, dcT):
         dh_cur = _state(xp, dhT, (N, H), dtype)
         dh_next = xp.empty((N, H), dtype=dtype)
         dc = _state(xp, dcT, (N, H), dtype)
-        for t in reversed(range(T)):
-            # LB1-LB4 except the GEMM; dc is updated in place.
-            rt.launch(
+        # The two dh buffers alternate: a step reads one and writes the other.
+        dh = (dh_cur, dh_next)
+        # LB1-LB4 except the GEMM; dc is updated in place.
+        pointwise = [
+            rt.loop_launch(
                 "lstm_backward_step",
                 dtype,
                 NH,
-                (acts, cs, dy, da, dh_cur, dh_next, dc, lens, t, N, H),
-            )
-            # LB4: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
-            rt.gemm(False, False, N, H, G, 1.0, da, t * N * G, G, w_hh, 0, H, 1.0, dh_next, 0, H)
-            dh_cur, dh_next = dh_next, dh_cur
+                (acts, cs, dy, da, dh[p], dh[1 - p], dc, lens, 0, N, H),
+                ("t",),
+            )  # fmt: skip
+            for p in (0, 1)
+        ]
+        # LB4: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
+        recurrent_gemm = [
+            rt.loop_gemm(False, False, N, H, G, 1.0, da, G, w_hh, H, 1.0, dh[1 - p], H)
+            for p in (0, 1)
+        ]
+        with rt.blas_session():
+            for k, t in enumerate(reversed(range(T))):
+                p = k & 1
+                pointwise[p](t)
+                recurrent_gemm[p](t * N * G, 0, 0)
+        dh_cur = dh[T & 1]
         # LB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, G)
         db = _colsum(rt, da, T * N, G)
@@ -192,18 +205,19 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
         hw = xp.empty((N, G), dtype=dtype)
         # r, z, n, hn per step for backward; without training the kernel never writes it.
         acts = xp.empty((T, N, 4 * H), dtype=dtype) if training else hw
-        save = int(training)
-        for t in range(T):
-            src, dst = _slots(training, t)
-            # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
-            rt.gemm(False, True, N, G, H, 1.0, hs, src * NH, H, w_hh, 0, H, 0.0, hw, 0, G)
-            # G3-G5.
-            rt.launch(
-                "gru_forward_step",
-                dtype,
-                NH,
-                (xw, hw, b_ih, b_hh, hs, y, acts, lens, t, src, dst, N, H, save),
-            )
+        # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
+        recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
+        # G3-G5.
+        pointwise = rt.loop_launch(
+            "gru_forward_step", dtype, NH,
+            (xw, hw, b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H, int(training)),
+            ("t", "src", "dst"),
+        )  # fmt: skip
+        with rt.blas_session():
+            for t in range(T):
+                src, dst = _slots(training, t)
+                recurrent_gemm(src * NH, 0, 0)
+                pointwise(t, src, dst)
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
     if training:
@@ -234,17 +248,29 @@ def gru_backward(ctx, dy, dhT):
         dhw = xp.empty((T, N, G), dtype=dtype)
         dh_cur = _state(xp, dhT, (N, H), dtype)
         dh_next = xp.empty((N, H), dtype=dtype)
-        for t in reversed(range(T)):
-            # GB1-GB4 except the GEMM.
-            rt.launch(
+        dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
+        # GB1-GB4 except the GEMM.
+        pointwise = [
+            rt.loop_launch(
                 "gru_backward_step",
                 dtype,
                 NH,
-                (acts, hs, dy, dxw, dhw, dh_cur, dh_next, lens, t, N, H),
-            )
-            # GB4: dh_{t-1} = dh_step * z (left by the kernel) + dhw_t W_hh.
-            rt.gemm(False, False, N, H, G, 1.0, dhw, t * N * G, G, w_hh, 0, H, 1.0, dh_next, 0, H)
-            dh_cur, dh_next = dh_next, dh_cur
+                (acts, hs, dy, dxw, dhw, dh[p], dh[1 - p], lens, 0, N, H),
+                ("t",),
+            )  # fmt: skip
+            for p in (0, 1)
+        ]
+        # GB4: dh_{t-1} = dh_step * z (left by the kernel) + dhw_t W_hh.
+        recurrent_gemm = [
+            rt.loop_gemm(False, False, N, H, G, 1.0, dhw, G, w_hh, H, 1.0, dh[1 - p], H)
+            for p in (0, 1)
+        ]
+        with rt.blas_session():
+            for k, t in enumerate(reversed(range(T))):
+                p = k & 1
+                pointwise[p](t)
+                recurrent_gemm[p](t * N * G, 0, 0)
+        dh_cur = dh[T & 1]
         # GB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, dxw, dhw, x, hs, w_ih, T, N, D, H, G)
         db_ih = _colsum(rt, dxw, T * N, G)
@@ -275,17 +301,18 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
         hs = xp.empty((S, N, H), dtype=dtype)
         hs[0] = h0
         y = xp.empty((T, N, H), dtype=dtype)
-        for t in range(T):
-            src, dst = _slots(training, t)
-            # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-            rt.gemm(False, True, N, H, H, 1.0, hs, src * NH, H, w_hh, 0, H, 1.0, pre, t * NH, H)
-            # R3-R4.
-            rt.launch(
-                "rnn_forward_step",
-                dtype,
-                NH,
-                (pre, b, hs, y, lens, t, src, dst, N, H, relu),
-            )
+        # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+        recurrent_gemm = rt.loop_gemm(False, True, N, H, H, 1.0, hs, H, w_hh, H, 1.0, pre, H)
+        # R3-R4.
+        pointwise = rt.loop_launch(
+            "rnn_forward_step", dtype, NH,
+            (pre, b, hs, y, lens, 0, 0, 0, N, H, relu), ("t", "src", "dst"),
+        )  # fmt: skip
+        with rt.blas_session():
+            for t in range(T):
+                src, dst = _slots(training, t)
+                recurrent_gemm(src * NH, 0, t * NH)
+                pointwise(t, src, dst)
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
     if training:
@@ -314,17 +341,29 @@ def rnn_backward(ctx, dy, dhT):
         da = xp.empty((T, N, H), dtype=dtype)
         dh_cur = _state(xp, dhT, (N, H), dtype)
         dh_next = xp.empty((N, H), dtype=dtype)
-        for t in reversed(range(T)):
-            # RB1-RB3 except the GEMM.
-            rt.launch(
+        dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
+        # RB1-RB3 except the GEMM.
+        pointwise = [
+            rt.loop_launch(
                 "rnn_backward_step",
                 dtype,
                 NH,
-                (hs, dy, da, dh_cur, dh_next, lens, t, N, H, relu),
-            )
-            # RB3: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
-            rt.gemm(False, False, N, H, H, 1.0, da, t * NH, H, w_hh, 0, H, 1.0, dh_next, 0, H)
-            dh_cur, dh_next = dh_next, dh_cur
+                (hs, dy, da, dh[p], dh[1 - p], lens, 0, N, H, relu),
+                ("t",),
+            )  # fmt: skip
+            for p in (0, 1)
+        ]
+        # RB3: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
+        recurrent_gemm = [
+            rt.loop_gemm(False, False, N, H, H, 1.0, da, H, w_hh, H, 1.0, dh[1 - p], H)
+            for p in (0, 1)
+        ]
+        with rt.blas_session():
+            for k, t in enumerate(reversed(range(T))):
+                p = k & 1
+                pointwise[p](t)
+                recurrent_gemm[p](t * NH, 0, 0)
+        dh_cur = dh[T & 1]
         # RB4: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, H)
         db = _colsum(rt, da, T * N, H)
