@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""2-D convolution on the CPU: im2col + BLAS GEMM per image, OpenMP over images.
+"""2-D convolution on the CPU: im2col + BLAS GEMM on tiles of output rows, OpenMP over images.
 
 Contract (the backend interface, fastrnn/backends/base.py; arguments validated and made
 C-contiguous by fastrnn.backends.ops):
@@ -14,15 +14,21 @@ Steps cite fastrnn/reference/conv2d.py (C1..C4 forward, CB1..CB5 backward).
 
 Layout of one image: the columns ``cols`` [C*KH*KW, L], rows ordered (c, i, j), L = OH*OW;
 group g owns the K = Cg*KH*KW rows from g*K. y[n] viewed as [F, L] is w_g [Fg, K] @ cols_g per
-group: already NCHW, no transpose.
+group: already NCHW, no transpose. The columns are built for a tile of whole output rows at a
+time (about TILE_COLUMNS positions), so one thread holds at most one tile of columns and the
+tile stays in cache from im2col through the GEMMs (and col2im).
 
-Threads (fastrnn.get_num_threads()): with at least as many images as threads, OpenMP runs whole
-images in parallel (static schedule: each thread takes a fixed contiguous block of images), each
-thread with its own column buffer and BLAS pinned to one thread (no oversubscription). With
-fewer images than threads the images run one after another and BLAS gets the threads. So at
-most one image's columns exist per thread. Backward: each thread accumulates dw over its images
-into its own partial; the partials are then summed in thread order, so one thread count is
-deterministic and 1 vs 2 threads agree to rounding. db is a fixed-order sum per channel.
+Threads (fastrnn.get_num_threads()), never BLAS threads inside OpenMP threads:
+* forward: the (image, tile) pairs run in parallel (static schedule), each thread with its own
+  column buffer and BLAS pinned to one thread; tiles write disjoint parts of y, so even a
+  single image spreads over the threads. With fewer pairs than threads they run one after
+  another and BLAS gets the threads.
+* backward: whole images run in parallel the same way (col2im of neighbouring tiles adds into
+  the same rows of dx, so an image stays on one thread); each thread accumulates dw over its
+  images into its own partial (transposed: cols @ dy^T runs faster in OpenBLAS than dy @
+  cols^T), and the partials are summed in thread order afterwards, so one thread count is
+  deterministic and 1 vs 2 threads agree to rounding. db is a fixed-order sum per channel.
+  With fewer images than threads, images run one after another and BLAS gets the threads.
 
 Pointwise convolutions (1x1, stride 1, no padding) skip im2col: x[n] viewed as [C, H*W] already
 is the column matrix, and the dx GEMM writes dx[n] directly (no col2im).
@@ -67,9 +73,10 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     g.L = g.OH * g.OW
     g.pointwise = (g.KH == 1 and g.KW == 1 and g.sw == 1 and g.sh == 1
                    and g.ph == 0 and g.pw == 0)
-    # About TILE_COLUMNS output positions per tile (whole rows): measured with
-    # benchmarks/bench_conv.py, BLAS runs faster on 256-1024 columns than on whole large images
-    # and the tile's columns stay in cache between im2col, the GEMMs and col2im.
+    # About TILE_COLUMNS output positions per tile (whole rows): OpenBLAS runs these GEMMs
+    # faster on 256-1024 columns than on a whole 56x56 image (single thread, 64x576 @ 576xL:
+    # 116 GFLOP/s at L=3136, 140-150 at L=392-784), and the tile's columns stay in cache between
+    # im2col, the GEMMs and col2im.
     g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW))
     return g
 
@@ -171,37 +178,36 @@ cdef void _col2im(
                             dst[ow * g.sw] += row[ow]
 
 
-cdef void _forward_image(
-    const floating* x,     # IN  [C, H, W]
-    const floating* w,     # IN  [F, K] per group: [G, Fg, K]
+cdef void _forward_tile(
+    const floating* x,     # IN  [C, H, W] one image
+    const floating* w,     # IN  [G, Fg, K]
     const floating* b,     # IN  [F] or NULL
-    floating* y,           # OUT [F, L]
+    floating* y,           # OUT [F, L] of the image; this writes the tile's columns
     floating* buf,         # scratch [C*KH*KW, tile columns] (unused when pointwise)
+    Py_ssize_t r0,         # IN  first output row of the tile
+    Py_ssize_t r1,         # IN  end of the tile's output rows
     const Geom* g,
 ) noexcept nogil:
+    """C1-C4 for output rows r0..r1 of one image. Tiles write disjoint parts of y."""
     cdef floating beta = 0
-    cdef Py_ssize_t f, l, grp, r0, r1, T
+    cdef Py_ssize_t f, l, grp
+    cdef Py_ssize_t T = (r1 - r0) * g.OW
+    cdef Py_ssize_t ld = T
+    cdef const floating* cols = buf
     if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
         for f in range(g.F):
-            for l in range(g.L):
-                y[f * g.L + l] = b[f]
+            for l in range(T):
+                y[f * g.L + r0 * g.OW + l] = b[f]
         beta = 1
-    if g.pointwise:  # C3 on x itself: no columns to build
-        for grp in range(g.G):
-            gemm(False, False, <int> g.Fg, <int> g.L, <int> g.K, <floating> 1,
-                 w + grp * g.Fg * g.K, <int> g.K, x + grp * g.K * g.L, <int> g.L,
-                 beta, y + grp * g.Fg * g.L, <int> g.L)
-        return
-    r0 = 0
-    while r0 < g.OH:  # tiles of output rows, so the columns stay in cache for the GEMM
-        r1 = min(r0 + g.tile_rows, g.OH)
-        T = (r1 - r0) * g.OW
+    if g.pointwise:  # x itself is the column matrix [C, L]
+        cols = x + r0 * g.OW
+        ld = g.L
+    else:
         _im2col(x, buf, r0, r1, g)  # C1, C2
-        for grp in range(g.G):  # C3
-            gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
-                 w + grp * g.Fg * g.K, <int> g.K, buf + grp * g.K * T, <int> T,
-                 beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
-        r0 = r1
+    for grp in range(g.G):  # C3
+        gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
+             w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * ld, <int> ld,
+             beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
 
 
 cdef void _backward_image(
@@ -209,17 +215,17 @@ cdef void _backward_image(
     const floating* w,     # IN  [G, Fg, K]
     const floating* dy,    # IN  [F, L]
     floating* dx,          # OUT [C, H, W]
-    floating* dw_part,     # INOUT [G, Fg, K] this thread's partial sum of dw
+    floating* dw_part,     # INOUT [G, K, Fg] this thread's partial sum of dw, transposed per group
     floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
     const Geom* g,
 ) noexcept nogil:
     cdef Py_ssize_t grp, r0, r1, T
     if g.pointwise:
         for grp in range(g.G):
-            # CB2: dw_g += dy_g [Fg, L] @ x_g^T [L, K]
-            gemm(False, True, <int> g.Fg, <int> g.K, <int> g.L, <floating> 1,
-                 dy + grp * g.Fg * g.L, <int> g.L, x + grp * g.K * g.L, <int> g.L,
-                 <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+            # CB2, transposed: dw_g^T [K, Fg] += x_g [K, L] @ dy_g^T [L, Fg]
+            gemm(False, True, <int> g.K, <int> g.Fg, <int> g.L, <floating> 1,
+                 x + grp * g.K * g.L, <int> g.L, dy + grp * g.Fg * g.L, <int> g.L,
+                 <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
             # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
             gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
@@ -231,16 +237,24 @@ cdef void _backward_image(
         r1 = min(r0 + g.tile_rows, g.OH)
         T = (r1 - r0) * g.OW
         _im2col(x, buf, r0, r1, g)  # C2, recomputed from x instead of saved
-        for grp in range(g.G):  # CB2: dw_g += dy_g [Fg, T] @ cols_g^T [T, K]
-            gemm(False, True, <int> g.Fg, <int> g.K, <int> T, <floating> 1,
-                 dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L, buf + grp * g.K * T, <int> T,
-                 <floating> 1, dw_part + grp * g.Fg * g.K, <int> g.K)
+        for grp in range(g.G):  # CB2, transposed: dw_g^T [K, Fg] += cols_g [K, T] @ dy_g^T
+            gemm(False, True, <int> g.K, <int> g.Fg, <int> T, <floating> 1,
+                 buf + grp * g.K * T, <int> T, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
+                 <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
         for grp in range(g.G):  # CB3 into the (now free) column buffer
             gemm(True, False, <int> g.K, <int> T, <int> g.Fg, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
                  <floating> 0, buf + grp * g.K * T, <int> T)
         _col2im(buf, dx, r0, r1, g)  # CB4, CB5
         r0 = r1
+
+
+cdef inline Py_ssize_t _transposed(Py_ssize_t e, const Geom* g) noexcept nogil:
+    """Offset in a [G, K, Fg] partial of element e of dw viewed as [G, Fg, K]."""
+    cdef Py_ssize_t grp = e // (g.Fg * g.K)
+    cdef Py_ssize_t rem = e - grp * g.Fg * g.K
+    cdef Py_ssize_t f = rem // g.K
+    return grp * g.Fg * g.K + (rem - f * g.K) * g.Fg + f
 
 
 cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
@@ -275,19 +289,28 @@ def _forward(
     cdef floating* yp = &y[0, 0, 0, 0]
     cdef floating* bufp = &bufs[0, 0]
     cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
-    cdef Py_ssize_t n
+    cdef Py_ssize_t tiles = (g.OH + g.tile_rows - 1) // g.tile_rows
+    cdef Py_ssize_t item, n, r0
     cdef int tid
-    if nthreads > 1 and g.N >= nthreads:
+    # Work items are (image, tile) pairs: they write disjoint parts of y, so even one image
+    # spreads over the threads.
+    if bufs.shape[0] > 1:
         with blas_threads(1):
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
-                for n in prange(g.N, schedule="static"):
-                    _forward_image(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs, &g)
+                for item in prange(g.N * tiles, schedule="static"):
+                    n = item // tiles
+                    r0 = (item - n * tiles) * g.tile_rows
+                    _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs,
+                                  r0, min(r0 + g.tile_rows, g.OH), &g)
     else:
         with blas_threads(nthreads):
             with nogil:
-                for n in range(g.N):
-                    _forward_image(xp + n * xs, wp, bp, yp + n * ys, bufp, &g)
+                for item in range(g.N * tiles):
+                    n = item // tiles
+                    r0 = (item - n * tiles) * g.tile_rows
+                    _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp,
+                                  r0, min(r0 + g.tile_rows, g.OH), &g)
 
 
 def _backward(
@@ -312,10 +335,10 @@ def _backward(
     cdef floating* bufp = &bufs[0, 0]
     cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
     cdef Py_ssize_t ps = parts.shape[1], P = parts.shape[0]
-    cdef Py_ssize_t n, f, t, e
+    cdef Py_ssize_t n, f, t, e, src
     cdef floating acc
     cdef int tid
-    if nthreads > 1 and g.N >= nthreads:
+    if parts.shape[0] > 1:
         with blas_threads(1):
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
@@ -329,21 +352,25 @@ def _backward(
                     _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
                                     partp, bufp, &g)
     with nogil:
-        # CB2 across threads: the partials summed in thread order (deterministic).
+        # CB2 across threads: the partials summed in thread order (deterministic) and
+        # transposed back: dw[grp, f, k] = sum over t of part[t, grp, k, f].
         for e in prange(ps, num_threads=nthreads, schedule="static"):
-            acc = partp[e]
+            src = _transposed(e, &g)
+            acc = partp[src]
             for t in range(1, P):
-                acc = acc + partp[t * ps + e]
+                acc = acc + partp[t * ps + src]
             dwp[e] = acc
         if db.shape[0] > 0:  # CB1
             for f in prange(g.F, num_threads=nthreads, schedule="static"):
                 db[f] = <floating> _channel_sum(dyp, f, &g)
 
 
-def _threads_for(Py_ssize_t N) -> tuple:
-    """(OpenMP threads, per-thread buffers): images in parallel only when there are enough."""
+def _threads_for(Py_ssize_t items) -> tuple:
+    """(OpenMP threads, per-thread buffers): work items run in parallel (one buffer per thread,
+    BLAS on one thread) only when there are at least as many as threads; otherwise one after
+    another with BLAS on the threads (one buffer)."""
     nt = get_num_threads()
-    return nt, (nt if nt > 1 and N >= nt else 1)
+    return nt, (nt if nt > 1 and items >= nt else 1)
 
 
 def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
@@ -356,7 +383,7 @@ def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    nt, nbuf = _threads_for(g.N)
+    nt, nbuf = _threads_for(g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
