@@ -1,11 +1,12 @@
 """PyTorch bindings: ``torch.nn`` drop-ins that run on fastrnn's kernels.
 
-``LSTM``, ``GRU``, ``RNN`` and ``Conv2d`` subclass their ``torch.nn`` twins, so they have the
-same constructor arguments, parameter names, shapes, initialisation, ``state_dict`` and
-``forward`` outputs (``PackedSequence`` in, ``PackedSequence`` out), and they work wherever a
-``torch.nn`` module does (optimizers, ``DistributedDataParallel``, ``torch.func``). Only
-``forward`` differs: each layer and direction is one ``torch.autograd.Function`` that hands the
-tensors' memory to the public functional API (``fastrnn.lstm_forward`` ...) without copying it:
+``LSTM``, ``GRU``, ``RNN``, ``Conv2d``, ``MaxPool2d`` and ``AvgPool2d`` subclass their
+``torch.nn`` twins, so they have the same constructor arguments, parameter names, shapes,
+initialisation, ``state_dict`` and ``forward`` outputs (``PackedSequence`` in,
+``PackedSequence`` out), and they work wherever a ``torch.nn`` module does (optimizers,
+``DistributedDataParallel``, ``torch.func``). Only ``forward`` differs: each layer and
+direction (each op) is one ``torch.autograd.Function`` that hands the tensors' memory to the
+public functional API (``fastrnn.lstm_forward`` ...) without copying it:
 
 * CPU tensors become NumPy views (``tensor.numpy()``), so they run on the CPU kernels (or on
   whatever ``fastrnn.use_backend`` forces);
@@ -22,8 +23,9 @@ The recurrent modules also take padded input with a ``lengths=`` keyword (intege
 last step, exactly what a ``PackedSequence`` gives, without packing.
 
 Unsupported configurations raise an error instead of falling back to PyTorch's own kernels:
-``proj_size != 0``, ``padding_mode`` other than ``"zeros"``, dtypes other than float32 and
-float64, devices other than CPU and CUDA, double backward.
+``proj_size != 0``, ``padding_mode`` other than ``"zeros"``, pooling with ``ceil_mode``,
+``dilation``, ``return_indices``, ``count_include_pad=False`` or ``divisor_override``, dtypes
+other than float32 and float64, devices other than CPU and CUDA, double backward.
 
 torch is an optional dependency of fastrnn (``pip install fastrnn[torch]``); importing this
 module imports it.
@@ -54,6 +56,9 @@ __all__ = [
     "GRUFunction",
     "RNNFunction",
     "Conv2dFunction",
+    "MaxPool2d",
+    "AvgPool2d",
+    "Pool2dFunction",
 ]
 
 _DTYPES = (torch.float32, torch.float64)
@@ -337,6 +342,39 @@ class Conv2dFunction(torch.autograd.Function):
             dx, dw = _tensor(dx), _tensor(dw)
             db = None if db is None else _tensor(db)
         return dx, dw, db, None, None, None, None, None
+
+
+class Pool2dFunction(torch.autograd.Function):
+    """Max or average 2-D pooling on fastrnn's kernels (NCHW, PyTorch's defaults: floor output
+    size, padding never wins a max, the average counts padding).
+
+    ``Pool2dFunction.apply(x, kind, kernel_size, stride, padding, training)``: x (N,C,H,W)
+    C-contiguous; kind "max" or "avg"; kernel_size, stride, padding: (h, w) pairs.
+    Returns y (N,C,OH,OW).
+    """
+
+    @staticmethod
+    def forward(ctx, x, kind, kernel_size, stride, padding, training):
+        ctx.set_materialize_grads(False)
+        forward = _fr.max_pool2d_forward if kind == "max" else _fr.avg_pool2d_forward
+        with _on_device(x):
+            y, fr_ctx = forward(_array(x), kernel_size, stride, padding, training=training)
+            output = _tensor(y)
+        ctx.fr_ctx = fr_ctx
+        ctx.kind = kind
+        ctx.save_for_backward(x)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 6
+        fr_ctx = _saved_context(ctx, "Pool2dFunction")
+        backward = _fr.max_pool2d_backward if ctx.kind == "max" else _fr.avg_pool2d_backward
+        with _on_device(ctx.saved_tensors[0]):
+            dx = _tensor(backward(fr_ctx, _grad_array(dy)))
+        return dx, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -736,3 +774,84 @@ class Conv2d(nn.Conv2d):
             _need_grad(x, weight, bias),
         )
         return y.squeeze(0) if unbatched else y
+
+
+# ------------------------------------------------------------------------------------------------
+# pooling
+# ------------------------------------------------------------------------------------------------
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _pool(module: nn.Module, kind: str, input: Any) -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: expected a tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"input: expected 4 dimensions (N, C, H, W) or 3 (C, H, W), got shape "
+            f"{tuple(input.shape)}"
+        )
+    if input.dtype not in _DTYPES:
+        raise TypeError(f"input: fastrnn supports float32 and float64, got {input.dtype}")
+    if input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"input: device {input.device} is not supported (cpu or cuda)")
+    unbatched = input.dim() == 3
+    x = (input.unsqueeze(0) if unbatched else input).contiguous()
+    kernel_size = _pair(module.kernel_size)
+    stride = kernel_size if module.stride is None else _pair(module.stride)
+    y = Pool2dFunction.apply(x, kind, kernel_size, stride, _pair(module.padding), _need_grad(x))
+    return y.squeeze(0) if unbatched else y
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` on fastrnn's kernels. ``dilation`` must be 1, ``return_indices``
+    and ``ceil_mode`` False."""
+
+    def __init__(
+        self,
+        kernel_size: Any,
+        stride: Any = None,
+        padding: Any = 0,
+        dilation: Any = 1,
+        return_indices: bool = False,
+        ceil_mode: bool = False,
+    ) -> None:
+        if _pair(dilation) != (1, 1):
+            raise ValueError(f"dilation: fastrnn's max pooling is not dilated, got {dilation!r}")
+        if return_indices:
+            raise ValueError("return_indices: fastrnn's max pooling does not return indices")
+        if ceil_mode:
+            raise ValueError("ceil_mode: fastrnn's pooling uses the floor output size only")
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _pool(self, "max", input)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` on fastrnn's kernels. ``ceil_mode`` must be False,
+    ``count_include_pad`` True and ``divisor_override`` None (PyTorch's defaults)."""
+
+    def __init__(
+        self,
+        kernel_size: Any,
+        stride: Any = None,
+        padding: Any = 0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: int | None = None,
+    ) -> None:
+        if ceil_mode:
+            raise ValueError("ceil_mode: fastrnn's pooling uses the floor output size only")
+        if not count_include_pad:
+            raise ValueError("count_include_pad: fastrnn's average pooling counts the padding")
+        if divisor_override is not None:
+            raise ValueError("divisor_override: fastrnn's average pooling divides by the window")
+        super().__init__(
+            kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _pool(self, "avg", input)

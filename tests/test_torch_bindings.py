@@ -360,6 +360,54 @@ def test_conv2d_unbatched_and_noncontiguous_input():
     assert_close(a(xt), b(xt), "conv", "forward", dtype)
 
 
+POOL_CASES = {
+    "max_k2": ("max", dict(kernel_size=2)),
+    "max_k3_s2_p1": ("max", dict(kernel_size=3, stride=2, padding=1)),
+    "max_rect": ("max", dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0))),
+    "avg_k2": ("avg", dict(kernel_size=2)),
+    "avg_k3_s2_p1": ("avg", dict(kernel_size=3, stride=2, padding=1)),
+    "avg_rect": ("avg", dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1))),
+}
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_pooling_matches_torch(case, dtype):
+    kind, kwargs = POOL_CASES[case]
+    ours = (ft.MaxPool2d if kind == "max" else ft.AvgPool2d)(**kwargs)
+    theirs = (nn.MaxPool2d if kind == "max" else nn.AvgPool2d)(**kwargs)
+    x = torch.randn(2, 3, 9, 8, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert ya.shape == yb.shape
+    assert_close(ya, yb, "pool", "forward", dtype, "output")
+    w = torch.randn_like(yb)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    assert_close(xa.grad, xb.grad, "pool", "backward", dtype, "dx")
+    assert_close(ours(x[0]), theirs(x[0]), "pool", "forward", dtype, "unbatched")
+    torch.autograd.gradcheck(ours, (x.double()[:1].requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_unsupported_pooling_options_raise():
+    for kwargs, name in [
+        (dict(dilation=2), "dilation"),
+        (dict(return_indices=True), "return_indices"),
+        (dict(ceil_mode=True), "ceil_mode"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            ft.MaxPool2d(2, **kwargs)
+    for kwargs, name in [
+        (dict(ceil_mode=True), "ceil_mode"),
+        (dict(count_include_pad=False), "count_include_pad"),
+        (dict(divisor_override=3), "divisor_override"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            ft.AvgPool2d(2, **kwargs)
+    with pytest.raises(TypeError, match="input"):
+        ft.MaxPool2d(2)(torch.ones(1, 1, 4, 4, dtype=torch.float16))
+
+
 # ------------------------------------------------------------------------------------------------
 # inside a torch training loop
 # ------------------------------------------------------------------------------------------------
