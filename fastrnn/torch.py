@@ -84,11 +84,17 @@ def _array(t: torch.Tensor | None) -> Any:
 
 
 def _tensor(a: Any) -> torch.Tensor:
-    """The tensor on a kernel array's memory (``torch.from_numpy`` / ``torch.from_dlpack``)."""
+    """The tensor on a kernel array's memory (``torch.from_numpy`` / ``torch.from_dlpack``).
+
+    The kernels return fresh C-contiguous arrays; anything else (a read-only or strided array)
+    is copied first: torch.from_numpy warns on read-only memory, and a negatively strided array
+    must never reach DLPack (it crashes some PyTorch releases)."""
     if isinstance(a, np.ndarray):
-        if not a.flags.writeable:  # torch.from_numpy warns on read-only memory
-            a = a.copy()
+        if not (a.flags.writeable and a.flags.c_contiguous):
+            a = np.array(a, order="C")
         return torch.from_numpy(a)
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")
     return torch.from_dlpack(a)
 
 
