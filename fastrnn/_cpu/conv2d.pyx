@@ -19,16 +19,17 @@ time (about TILE_COLUMNS positions), so one thread holds at most one tile of col
 tile stays in cache from im2col through the GEMMs (and col2im).
 
 Threads (fastrnn.get_num_threads()), never BLAS threads inside OpenMP threads:
-* forward: the (image, tile) pairs run in parallel (static schedule), each thread with its own
+* forward: the (image, tile) pairs run in parallel (dynamic schedule), each thread with its own
   column buffer and BLAS pinned to one thread; tiles write disjoint parts of y, so even a
   single image spreads over the threads. With fewer pairs than threads they run one after
   another and BLAS gets the threads.
-* backward: whole images run in parallel the same way (col2im of neighbouring tiles adds into
-  the same rows of dx, so an image stays on one thread); each thread accumulates dw over its
-  images into its own partial (transposed: cols @ dy^T runs faster in OpenBLAS than dy @
-  cols^T), and the partials are summed in thread order afterwards, so one thread count is
-  deterministic and 1 vs 2 threads agree to rounding. db is a fixed-order sum per channel.
-  With fewer images than threads, images run one after another and BLAS gets the threads.
+* backward: chunks of whole images run in parallel the same way (col2im of neighbouring tiles
+  adds into the same rows of dx, so an image stays on one thread). Each chunk accumulates dw
+  over its images, in order, into its own partial (transposed: cols @ dy^T runs faster in
+  OpenBLAS than dy @ cols^T); the partials are summed in chunk order afterwards. The chunks
+  depend on the sizes only, so results are bitwise the same for any thread count and run.
+  db is a fixed-order sum per channel. With fewer chunks than threads, they run one after
+  another and BLAS gets the threads.
 
 Pointwise convolutions (1x1, stride 1, no padding) skip im2col: x[n] viewed as [C, H*W] already
 is the column matrix, and the dx GEMM writes dx[n] directly (no col2im).
@@ -298,7 +299,7 @@ def _forward(
         with blas_threads(1):
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
-                for item in prange(g.N * tiles, schedule="static"):
+                for item in prange(g.N * tiles, schedule="dynamic"):
                     n = item // tiles
                     r0 = (item - n * tiles) * g.tile_rows
                     _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs,
@@ -320,7 +321,7 @@ def _backward(
     floating[:, :, :, ::1] dx,        # OUT
     floating[:, :, :, ::1] dw,        # OUT
     floating[::1] db,                 # OUT (length 0 when there is no bias)
-    floating[:, ::1] parts,           # scratch [threads, F*K], zeroed by the caller
+    floating[:, ::1] parts,           # scratch [chunks, F*K], zeroed by the caller
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
 ):
@@ -335,25 +336,29 @@ def _backward(
     cdef floating* bufp = &bufs[0, 0]
     cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
     cdef Py_ssize_t ps = parts.shape[1], P = parts.shape[0]
-    cdef Py_ssize_t n, f, t, e, src
+    cdef Py_ssize_t c, n, f, t, e, src
     cdef floating acc
     cdef int tid
-    if parts.shape[0] > 1:
+    # Chunk c holds images [c*N/P, (c+1)*N/P) and sums their dw, in image order, into partial
+    # c; whichever thread runs it, the arithmetic is the same.
+    if bufs.shape[0] > 1:
         with blas_threads(1):
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
-                for n in prange(g.N, schedule="static"):
-                    _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
-                                    partp + tid * ps, bufp + tid * cs, &g)
+                for c in prange(P, schedule="dynamic"):
+                    for n in range(c * g.N // P, (c + 1) * g.N // P):
+                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                                        partp + c * ps, bufp + tid * cs, &g)
     else:
         with blas_threads(nthreads):
             with nogil:
-                for n in range(g.N):
-                    _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
-                                    partp, bufp, &g)
+                for c in range(P):
+                    for n in range(c * g.N // P, (c + 1) * g.N // P):
+                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                                        partp + c * ps, bufp, &g)
     with nogil:
-        # CB2 across threads: the partials summed in thread order (deterministic) and
-        # transposed back: dw[grp, f, k] = sum over t of part[t, grp, k, f].
+        # CB2 across chunks: the partials summed in chunk order and transposed back:
+        # dw[grp, f, k] = sum over c of part[c, grp, k, f].
         for e in prange(ps, num_threads=nthreads, schedule="static"):
             src = _transposed(e, &g)
             acc = partp[src]
@@ -371,6 +376,19 @@ def _threads_for(Py_ssize_t items) -> tuple:
     another with BLAS on the threads (one buffer)."""
     nt = get_num_threads()
     return nt, (nt if nt > 1 and items >= nt else 1)
+
+
+# Images of a backward pass are split into at most this many chunks, each with its own dw
+# partial; the number depends on the sizes only, never on the thread count, so results are
+# the same with any number of threads. Enough chunks to balance a few threads (dynamic
+# schedule: a thread slowed by other load takes fewer chunks).
+MAX_CHUNKS = 8
+# ... and the partials together stay below this many bytes.
+MAX_PARTIAL_BYTES = 64 << 20
+
+
+def _chunks(Py_ssize_t N, Py_ssize_t weight_bytes) -> int:
+    return int(max(1, min(N, MAX_CHUNKS, MAX_PARTIAL_BYTES // max(weight_bytes, 1))))
 
 
 def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
@@ -407,11 +425,12 @@ def conv2d_backward(ctx, dy):
     """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
-    nt, nbuf = _threads_for(x.shape[0])
+    chunks = _chunks(x.shape[0], w.nbytes)
+    nt, nbuf = _threads_for(chunks)
     dx = np.empty_like(x)
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
-    parts = np.zeros((nbuf, w.size), dtype=x.dtype)
+    parts = np.zeros((chunks, w.size), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
     _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt)
     return dx, dw, (db if s["has_bias"] else None)
