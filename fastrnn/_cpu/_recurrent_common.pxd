@@ -80,15 +80,16 @@ cdef extern from *:
     }
     /* saved must hold FR_MAX_BLAS ints; the caller's stack, so concurrent calls do not race
        on it (they may still race on the libraries' global setting: last restore wins). */
-    static void fr_blas_pin_one(int *saved) {
+    static void fr_blas_pin(int n, int *saved) {
         for (int i = 0; i < fr_blas_count; i++) {
             saved[i] = fr_blas_get[i]();
-            if (saved[i] != 1) fr_blas_set[i](1);
+            if (saved[i] != n) fr_blas_set[i](n);
         }
     }
+    static void fr_blas_pin_one(int *saved) { fr_blas_pin(1, saved); }
     static void fr_blas_restore(const int *saved) {
         for (int i = 0; i < fr_blas_count; i++)
-            if (saved[i] != 1) fr_blas_set[i](saved[i]);
+            if (fr_blas_get[i]() != saved[i]) fr_blas_set[i](saved[i]);
     }
     """
     float fr_expf(float x) noexcept nogil
@@ -100,6 +101,7 @@ cdef extern from *:
     int FR_MAX_BLAS
     int fr_blas_count
     void fr_blas_register(size_t set_addr, size_t get_addr) noexcept nogil
+    void fr_blas_pin(int n, int* saved) noexcept nogil
     void fr_blas_pin_one(int* saved) noexcept nogil
     void fr_blas_restore(const int* saved) noexcept nogil
 

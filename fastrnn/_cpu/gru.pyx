@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: extra_compile_args = -fno-trapping-math --param=vect-max-version-for-alias-checks=200
 """GRU over a whole sequence on the CPU: Cython + OpenMP + BLAS (scipy.linalg.cython_blas).
 
 Same math, layouts and gate order (r, z, n) as fastrnn/reference/gru.py; the comments cite its
@@ -38,6 +39,8 @@ from fastrnn._cpu._recurrent_threads import (
     as_c_array,
     blas_thread_functions,
     fallback_limit,
+    give_scratch,
+    take_scratch,
     team_size,
 )
 from fastrnn.context import Context
@@ -195,8 +198,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
-    xw = np.empty((T, N, G * H), dtype)
-    hw = np.empty((N, G * H), dtype)
+    ws = take_scratch(dtype, (T + 1) * N * G * H)
+    xw = ws[: T * N * G * H]
+    hw = ws[T * N * G * H :]
     acts = np.empty((T, N, S * H), dtype) if train else np.empty(1, dtype)
     w_ih_b = np.empty((G * H, D), dtype)
     w_hh_b = np.empty((G * H, H), dtype)
@@ -234,6 +238,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
                         <double*> p_w_ih_b, <double*> p_w_hh_b, <double*> p_b_ih_b,
                         <double*> p_b_hh_b, <double*> p_xw, <double*> p_hw,
                         <double*> p_acts, <double*> p_hs, <double*> p_y, <double*> p_hT)
+    give_scratch(ws)
     if not train:
         return y, hT, None
     ctx = Context(
@@ -375,14 +380,15 @@ def gru_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
-    dxw = np.empty((T, N, G * H), dtype)
-    dhw = np.empty((T, N, G * H), dtype)
+    ws = take_scratch(dtype, 2 * T * N * G * H + G * H * (D + H + 2))
+    dxw = ws[: T * N * G * H]
+    dhw = ws[T * N * G * H : 2 * T * N * G * H]
+    scratch = ws[2 * T * N * G * H :]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((G * H, D), dtype)
     dw_hh = np.empty((G * H, H), dtype)
     db_ih = np.empty(G * H, dtype)
     db_hh = np.empty(G * H, dtype)
-    scratch = np.empty(G * H * (D + H + 2), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
     cdef void* p_w_ih_b = data(w_ih_b)
@@ -414,4 +420,5 @@ def gru_backward(ctx, dy, dhT):
                         <double*> p_dy, <double*> p_dh, <double*> p_dxw, <double*> p_dhw,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh,
                         <double*> p_db_ih, <double*> p_db_hh, <double*> p_scratch)
+    give_scratch(ws)
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh

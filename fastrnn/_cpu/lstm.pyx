@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: extra_compile_args = -fno-trapping-math --param=vect-max-version-for-alias-checks=200
 """LSTM over a whole sequence on the CPU: Cython + OpenMP + BLAS (scipy.linalg.cython_blas).
 
 Same math, layouts and gate order (i, f, g, o) as fastrnn/reference/lstm.py; the comments cite
@@ -54,6 +55,8 @@ from fastrnn._cpu._recurrent_threads import (
     as_c_array,
     blas_thread_functions,
     fallback_limit,
+    give_scratch,
+    take_scratch,
     team_size,
 )
 from fastrnn.context import Context
@@ -206,7 +209,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     hs[0] = h0
     cs[0] = c0
     y = np.empty((T, N, H), dtype)
-    gates = np.empty((T, N, G * H), dtype)
+    # the activations are saved for backward when training, scratch otherwise
+    ws = np.empty(T * N * G * H, dtype) if train else take_scratch(dtype, T * N * G * H)
+    gates = ws[: T * N * G * H].reshape(T, N, G * H)
     w_ih_b = np.empty((G * H, D), dtype)
     w_hh_b = np.empty((G * H, H), dtype)
     b_b = np.empty(G * H, dtype)
@@ -241,6 +246,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
                         <double*> p_hs, <double*> p_cs, <double*> p_y, <double*> p_hT,
                         <double*> p_cT)
     if not train:
+        give_scratch(ws)
         return y, hT, cT, None
     ctx = Context(
         op="lstm",
@@ -380,12 +386,13 @@ def lstm_backward(ctx, dy, dhT, dcT):
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     dc = np.zeros((N, H), dtype) if dcT is None else np.array(dcT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
-    da = np.empty((T, N, G * H), dtype)
+    ws = take_scratch(dtype, T * N * G * H + G * H * (D + H + 2))
+    da = ws[: T * N * G * H]
+    scratch = ws[T * N * G * H :]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((G * H, D), dtype)
     dw_hh = np.empty((G * H, H), dtype)
     db = np.empty(G * H, dtype)
-    scratch = np.empty(G * H * (D + H + 2), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
     cdef void* p_w_ih_b = data(w_ih_b)
@@ -416,4 +423,5 @@ def lstm_backward(ctx, dy, dhT, dcT):
                         lens, <double*> p_dy, <double*> p_dh, <double*> p_dc, <double*> p_da,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh, <double*> p_db,
                         <double*> p_scratch)
+    give_scratch(ws)
     return dx, dh, dc, dw_ih, dw_hh, db

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: extra_compile_args = -fno-trapping-math --param=vect-max-version-for-alias-checks=200
 """Elman RNN (tanh or relu) over a whole sequence on the CPU: Cython + OpenMP + BLAS.
 
 Same math and layout as fastrnn/reference/rnn.py; the comments cite its steps R1..R4 and
@@ -29,6 +30,8 @@ from fastrnn._cpu._recurrent_threads import (
     as_c_array,
     blas_thread_functions,
     fallback_limit,
+    give_scratch,
+    take_scratch,
     team_size,
 )
 from fastrnn.context import Context
@@ -155,7 +158,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
-    xw = np.empty((T, N, H), dtype)
+    ws = take_scratch(dtype, T * N * H)
+    xw = ws[: T * N * H]
     hT = np.empty((N, H), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
@@ -177,6 +181,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
                 fwd_run(nt, train, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_xw,
                         <double*> p_hs, <double*> p_y, <double*> p_hT)
+    give_scratch(ws)
     if not train:
         return y, hT, None
     ctx = Context(
@@ -289,7 +294,8 @@ def rnn_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, 1)
-    da = np.empty((T, N, H), dtype)
+    ws = take_scratch(dtype, T * N * H)
+    da = ws[: T * N * H]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((H, D), dtype)
     dw_hh = np.empty((H, H), dtype)
@@ -318,4 +324,5 @@ def rnn_backward(ctx, dy, dhT):
                         <double*> p_w_hh, <double*> p_hs, lens, <double*> p_dy,
                         <double*> p_dh, <double*> p_da, <double*> p_dx, <double*> p_dw_ih,
                         <double*> p_dw_hh, <double*> p_db)
+    give_scratch(ws)
     return dx, dh, dw_ih, dw_hh, db

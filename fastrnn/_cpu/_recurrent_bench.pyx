@@ -1,0 +1,73 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Measurement helper for the recurrent kernels' threading decision (fastrnn._bench).
+
+The per-step recurrent GEMM, h (N, H) @ W^T (H, G*H), repeated ``steps`` times, run three ways:
+
+* ``"serial"``: one thread, single-threaded BLAS;
+* ``"blas"``: one thread calls BLAS, which uses ``threads`` threads of its own;
+* ``"omp"``: ``threads`` OpenMP threads, each its own gate columns with single-threaded BLAS,
+  and a barrier per step (what lstm.pyx, gru.pyx and rnn.pyx do).
+
+Only the GEMMs and the synchronisation are timed, float32, the same BLAS the kernels call.
+"""
+
+import time
+
+cimport numpy as cnp
+import numpy as np
+from cython.parallel cimport parallel
+
+from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
+from fastrnn._cpu._recurrent_common cimport fr_barrier, fr_blas_pin, fr_blas_register, fr_blas_restore, mm, unit_range
+
+from fastrnn._cpu._recurrent_threads import blas_thread_functions
+
+cnp.import_array()
+for _set_fn, _get_fn in blas_thread_functions():
+    fr_blas_register(_set_fn, _get_fn)
+
+
+cdef void omp_steps(int steps, Py_ssize_t N, Py_ssize_t H, int G, const float* w,
+                    float* h, float* out, int p, int nt) noexcept nogil:
+    cdef Py_ssize_t u0, u1
+    cdef int t
+    unit_range(H, nt, p, &u0, &u1)
+    for t in range(steps):
+        mm(False, True, N, G * (u1 - u0), H, <float> 1, h + (t & 1) * N * H, H,
+           w + G * u0 * H, H, <float> 0, out + G * u0, G * H)
+        fr_barrier()
+
+
+def step_gemm_seconds(Py_ssize_t N, Py_ssize_t H, int G, str strategy, int threads,
+                      int steps=200):
+    """Seconds per step of the recurrent GEMM under ``strategy`` (see the module docstring)."""
+    if strategy not in ("serial", "blas", "omp"):
+        raise ValueError(f"strategy: expected 'serial', 'blas' or 'omp', got {strategy!r}")
+    if threads < 1 or steps < 1:
+        raise ValueError("threads and steps must be >= 1")
+    rng = np.random.default_rng(0)
+    cdef cnp.ndarray w = rng.standard_normal((G * H, H)).astype(np.float32)
+    cdef cnp.ndarray h = rng.standard_normal((2, N, H)).astype(np.float32)
+    cdef cnp.ndarray out = np.empty((N, G * H), np.float32)
+    cdef float* pw = <float*> cnp.PyArray_DATA(w)
+    cdef float* ph = <float*> cnp.PyArray_DATA(h)
+    cdef float* po = <float*> cnp.PyArray_DATA(out)
+    cdef int saved[8]
+    cdef int t, p, team
+    cdef int nt = threads
+    cdef int blas_n = threads if strategy == "blas" else 1
+    cdef bint omp = strategy == "omp"
+    start = time.perf_counter()
+    with nogil:
+        fr_blas_pin(blas_n, saved)
+        if omp and nt > 1:
+            with parallel(num_threads=nt):
+                p = omp_get_thread_num()
+                team = omp_get_num_threads()
+                omp_steps(steps, N, H, G, pw, ph, po, p, team)
+        else:
+            for t in range(steps):
+                mm(False, True, N, G * H, H, <float> 1, ph + (t & 1) * N * H, H, pw, H,
+                   <float> 0, po, G * H)
+        fr_blas_restore(saved)
+    return (time.perf_counter() - start) / steps
