@@ -191,14 +191,14 @@ cdef void _forward_tile(
 ) noexcept nogil:
     """C1-C4 for output rows r0..r1 of one image. Tiles write disjoint parts of y."""
     cdef floating beta = 0
-    cdef Py_ssize_t f, l, grp
+    cdef Py_ssize_t f, e, grp
     cdef Py_ssize_t T = (r1 - r0) * g.OW
     cdef Py_ssize_t ld = T
     cdef const floating* cols = buf
     if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
         for f in range(g.F):
-            for l in range(T):
-                y[f * g.L + r0 * g.OW + l] = b[f]
+            for e in range(T):
+                y[f * g.L + r0 * g.OW + e] = b[f]
         beta = 1
     if g.pointwise:  # x itself is the column matrix [C, L]
         cols = x + r0 * g.OW
@@ -261,12 +261,12 @@ cdef inline Py_ssize_t _transposed(Py_ssize_t e, const Geom* g) noexcept nogil:
 cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
     """CB1 for one output channel, accumulated in double in a fixed order."""
     cdef double s = 0
-    cdef Py_ssize_t n, l
+    cdef Py_ssize_t n, e
     cdef const floating* p
     for n in range(g.N):
         p = dy + (n * g.F + f) * g.L
-        for l in range(g.L):
-            s += p[l]
+        for e in range(g.L):
+            s += p[e]
     return s
 
 
