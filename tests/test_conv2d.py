@@ -175,6 +175,20 @@ def test_kernel_inference(backend):
     assert_close(y, yr, "conv", "forward", np.float32, name="y")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_empty_batch(backend):
+    """N = 0: empty outputs and input gradient, zero weight and bias gradients."""
+    x = np.zeros((0, 3, 5, 5))
+    w = np.ones((2, 3, 3, 3))
+    b = np.ones(2)
+    y, ctx = fr.conv2d_forward(*(to_backend(backend, a) for a in (x, w, b)), padding=1)
+    assert y.shape == (0, 2, 5, 5)
+    dx, dw, db = map(to_numpy, fr.conv2d_backward(ctx, y))
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+    np.testing.assert_array_equal(db, np.zeros_like(b))
+
+
 def test_cpu_non_contiguous_input():
     x, w, b, kw = _data(CASES[0])
     xs = np.ascontiguousarray(np.concatenate([x, x], axis=3))[:, :, :, ::2]  # a strided view

@@ -184,6 +184,15 @@ def test_kernel_inference(backend, kind):
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_empty_batch(backend, kind):
+    fwd, bwd = PUBLIC[kind]
+    y, ctx = fwd(to_backend(backend, np.zeros((0, 3, 5, 5))), 2)
+    assert y.shape == (0, 3, 2, 2)
+    assert bwd(ctx, y).shape == (0, 3, 5, 5)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
 def test_cpu_threads_agree(kind):
     """Planes are independent: 1 and 2 threads give identical results."""
     before = fr.get_num_threads()
