@@ -13,6 +13,9 @@ before CuPy is imported: this script sets it). Each case is checked first (fastr
 torch on the same inputs), warmed up (NVRTC compilation, cuDNN plans and memory pools are not
 timed), then timed with CUDA events around forward + backward on each library's current stream;
 the table shows medians. "vs torch" is torch's time / fastrnn's: above 1 means fastrnn is faster.
+The recurrent ops are timed twice: as they run by default, and with CUDA graphs of the time
+loops on ("graphs", fastrnn._cuda._runtime: FASTRNN_CUDA_GRAPHS=1); the JSON records how many
+loops were captured and replayed.
 """
 
 from __future__ import annotations
@@ -109,6 +112,23 @@ class Bench:
         times = [self._once(fn, lib) for _ in range(reps)]
         return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
+    def time_with_graphs(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
+        """fastrnn with CUDA graphs of its time loops on (captured during the warm-up when
+        CuPy's pool hands back the same addresses; the counts say what happened)."""
+        if self.device != "cuda":
+            return None
+        from fastrnn._cuda._runtime import runtime
+
+        rt = runtime()
+        before = dict(rt.graph_stats)
+        rt.graphs = True
+        try:
+            out: dict[str, Any] = self.time(fn, "fastrnn")
+        finally:
+            rt.graphs = False
+        out["graph_stats"] = {k: rt.graph_stats[k] - before[k] for k in before}
+        return out
+
     def synchronize(self) -> None:
         if self.device == "cuda":
             self.cupy.cuda.get_current_stream().synchronize()
@@ -187,6 +207,7 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
         "dw_hh": _rel_err(b.host(g_fr[4 if op == "lstm" else 3]), b.host(module.weight_hh_l0.grad)),
     }
     t_fr = b.time(fr_run, "fastrnn")
+    t_graph = b.time_with_graphs(fr_run)
     t_th = b.time(th_run, "torch")
     G = GATES[op] * H
     flops = 3 * 2 * T * N * G * (D + H)  # forward GEMMs, and twice that for backward
@@ -194,8 +215,10 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
         "op": op,
         "shape": f"T={T} N={N} D={D} H={H}",
         "fastrnn": t_fr,
+        "fastrnn_graphs": t_graph,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
+        "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
         "fastrnn_gflops": flops / (t_fr["median_ms"] * 1e6),
         "max_rel_err": check,
     }
@@ -272,8 +295,10 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
         "op": op,
         "shape": f"N={N} C={C} H={H} W={W}" + (f" F={F}" if op == "conv2d" else "") + f" k={k}",
         "fastrnn": t_fr,
+        "fastrnn_graphs": None,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
+        "graphs_speed_vs_torch": None,
         "fastrnn_gflops": flops / (t_fr["median_ms"] * 1e6) if flops else None,
         "max_rel_err": check,
     }
@@ -309,8 +334,10 @@ def environment(b: Bench) -> dict[str, Any]:
 
 def format_table(results: list[dict[str, Any]], device: str) -> str:
     other = "torch (cuDNN)" if device == "cuda" else "torch (CPU)"
-    head = (f"{'op':<11} {'shape':<28} {'fastrnn ms':>11} {other + ' ms':>18} {'vs torch':>9} "
-            f"{'GFLOP/s':>8}  max rel err (y, grads)")  # fmt: skip
+    head = (
+        f"{'op':<11} {'shape':<26} {'fastrnn ms':>10} {'vs torch':>8} {'graphs ms':>9} "
+        f"{'vs torch':>8} {other + ' ms':>17} {'GFLOP/s':>7}  max rel err (y, grads)"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -318,9 +345,13 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
             continue
         gf = f"{r['fastrnn_gflops']:.0f}" if r["fastrnn_gflops"] else "-"
         errs = ", ".join(f"{k}={v:.1e}" for k, v in r["max_rel_err"].items())
+        g = r.get("fastrnn_graphs")
+        g_ms = f"{g['median_ms']:>9.3f}" if g else f"{'-':>9}"
+        g_x = f"{r['graphs_speed_vs_torch']:>7.2f}x" if g else f"{'-':>8}"
         lines.append(
-            f"{r['op']:<11} {r['shape']:<28} {r['fastrnn']['median_ms']:>11.3f} "
-            f"{r['torch']['median_ms']:>18.3f} {r['speed_vs_torch']:>8.2f}x {gf:>8}  {errs}"
+            f"{r['op']:<11} {r['shape']:<26} {r['fastrnn']['median_ms']:>10.3f} "
+            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {r['torch']['median_ms']:>17.3f} "
+            f"{gf:>7}  {errs}"
         )
     return "\n".join(lines)
 

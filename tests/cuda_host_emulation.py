@@ -24,6 +24,7 @@ import math
 import re
 import shutil
 import subprocess
+import types
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,65 @@ def _colmajor(dtype: np.dtype, addr: int, rows: int, cols: int, ld: int) -> np.n
 # ------------------------------------------------------------------------------------------------
 
 
+class _FakeStream:
+    """A CUDA stream that can capture: while capturing, work is recorded, not run."""
+
+    def __init__(self, cuda: _FakeCuda, ptr: int) -> None:
+        self.cuda = cuda
+        self.ptr = ptr
+        self.recording: list[Any] | None = None
+
+    def __enter__(self) -> _FakeStream:
+        self.cuda.stack.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cuda.stack.pop()
+
+    def begin_capture(self, mode: Any = None) -> None:
+        assert self.ptr != 0, "capture on the legacy default stream is illegal"
+        assert self.recording is None
+        self.recording = []
+
+    def end_capture(self) -> _FakeGraph:
+        ops, self.recording = self.recording, None
+        return _FakeGraph(ops)
+
+
+class _FakeGraph:
+    def __init__(self, ops: list[Any]) -> None:
+        self.ops = ops
+
+    def launch(self, stream: Any = None) -> None:
+        for op in self.ops:
+            op()
+
+
+class _FakeCuda:
+    """``cupy.cuda`` as CupyRuntime uses it: the cuBLAS handle, the current stream (a stack
+    of ``with stream:`` blocks over the legacy default stream), streams that capture."""
+
+    def __init__(self) -> None:
+        self.default = _FakeStream(self, 0)
+        self.stack: list[_FakeStream] = []
+        self.device = types.SimpleNamespace(get_cublas_handle=lambda: 0x1234)
+        self.runtime = types.SimpleNamespace(getDevice=lambda: 0)
+
+    def get_current_stream(self) -> _FakeStream:
+        return self.stack[-1] if self.stack else self.default
+
+    def Stream(self, non_blocking: bool = False) -> _FakeStream:  # noqa: N802 (CuPy's name)
+        return _FakeStream(self, 0x5000 + len(self.stack) + 1)
+
+    def enqueue(self, op: Any) -> None:
+        """Run ``op`` now, or record it when the current stream is capturing."""
+        rec = self.get_current_stream().recording
+        if rec is None:
+            op()
+        else:
+            rec.append(op)
+
+
 class _FakeCublas:
     """The part of ``cupy_backends.cuda.libs.cublas`` that CupyRuntime calls, with the same
     signatures (CuPy 14), on the host GEMM; checks the pointer mode and the stream."""
@@ -311,11 +371,11 @@ class _FakeCublas:
     CUBLAS_POINTER_MODE_HOST = 0
     CUBLAS_POINTER_MODE_DEVICE = 1
 
-    def __init__(self, host: HostRuntime, current_stream: Any) -> None:
+    def __init__(self, host: HostRuntime, cuda: _FakeCuda) -> None:
         self.host = host
+        self.cuda = cuda
         self.mode = self.CUBLAS_POINTER_MODE_DEVICE  # not what CupyRuntime needs: it must set it
-        self.stream = None
-        self.current_stream = current_stream
+        self.stream = 0  # the legacy default stream
         self.calls = 0
 
     def getPointerMode(self, handle: int) -> int:
@@ -327,10 +387,13 @@ class _FakeCublas:
     def setStream(self, handle: int, stream: int) -> None:
         self.stream = stream
 
+    def getStream(self, handle: int) -> int:
+        return self.stream
+
     def _scalars(self, dtype: Any, alpha: int, beta: int) -> tuple[float, float]:
         if self.mode != self.CUBLAS_POINTER_MODE_HOST:
             raise AssertionError("cuBLAS called without CUBLAS_POINTER_MODE_HOST")
-        if self.stream != self.current_stream.ptr:
+        if self.stream != self.cuda.get_current_stream().ptr:
             raise AssertionError("cuBLAS called on a stream other than CuPy's current one")
         c = _C["float" if np.dtype(dtype) == np.float32 else "double"]
         self.calls += 1
@@ -338,13 +401,37 @@ class _FakeCublas:
 
     def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
         a, b = self._scalars(dtype, alpha, beta)
-        self.host._blas_gemm(dtype, transa, transb, m, n, k, a, A, lda, B, ldb, b, C, ldc)
+        self.cuda.enqueue(
+            lambda: self.host._blas_gemm(
+                dtype, transa, transb, m, n, k, a, A, lda, B, ldb, b, C, ldc
+            )  # fmt: skip
+        )
 
     def _batched(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb,
                  strideB, beta, C, ldc, strideC, batchCount):  # fmt: skip
         a, b = self._scalars(dtype, alpha, beta)
-        self.host._blas_gemm_batched(dtype, transa, transb, m, n, k, a, A, lda, B, ldb, b, C,
-                                     ldc, strideA, strideB, strideC, batchCount)  # fmt: skip
+        self.cuda.enqueue(
+            lambda: self.host._blas_gemm_batched(
+                dtype,
+                transa,
+                transb,
+                m,
+                n,
+                k,
+                a,
+                A,
+                lda,
+                B,
+                ldb,
+                b,
+                C,
+                ldc,
+                strideA,
+                strideB,
+                strideC,
+                batchCount,
+            )  # fmt: skip
+        )
 
     def sgemm(self, *args):
         self._gemm(np.float32, *args)
@@ -367,19 +454,10 @@ class EmulatedCupyRuntime(CupyRuntime):
     check_bounds = True
 
     def __init__(self, lib: ctypes.CDLL, block: int = 32, max_blocks: int = 3) -> None:
-        import types
-
         self.host = HostRuntime(lib, block=block, max_blocks=max_blocks)
-        stream = types.SimpleNamespace(ptr=0x5EED)
-        fake_cupy = types.SimpleNamespace(
-            cuda=types.SimpleNamespace(
-                device=types.SimpleNamespace(get_cublas_handle=lambda: 0x1234),
-                get_current_stream=lambda: stream,
-                runtime=types.SimpleNamespace(getDevice=lambda: 0),
-            )
-        )
-        self.fake_cublas = _FakeCublas(self.host, stream)
-        self._setup(fake_cupy, self.fake_cublas)
+        self.fake_cuda = _FakeCuda()
+        self.fake_cublas = _FakeCublas(self.host, self.fake_cuda)
+        self._setup(types.SimpleNamespace(cuda=self.fake_cuda), self.fake_cublas)
         self.xp = self.host.xp
         self.block = block
         self.max_blocks = max_blocks
@@ -410,6 +488,6 @@ class EmulatedCupyRuntime(CupyRuntime):
                 expected = {"index_t": np.int64, "int": np.int32}.get(kind)
                 if expected is not None and type(a) is not expected:
                     raise TypeError(f"{name}: {kind} argument passed as {type(a).__name__}")
-            self.host._launch(spec, ctype, grid[0], block[0], args)
+            self.fake_cuda.enqueue(lambda: self.host._launch(spec, ctype, grid[0], block[0], args))
 
         return fn

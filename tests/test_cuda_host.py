@@ -35,11 +35,17 @@ def host_lib(tmp_path_factory):
     return build_library(tmp_path_factory.mktemp("cuda_host"))
 
 
-@pytest.fixture(params=["host", "cupy-runtime"])
+@pytest.fixture(params=["host", "cupy-runtime", "cupy-runtime-graphs"])
 def host_rt(request, host_lib):
     """The drivers on the host runtime, and on CupyRuntime itself with CuPy's and cuBLAS's
-    entry points emulated (its own GEMM calls, pointer mode, stream and launch arguments)."""
-    rt = HostRuntime(host_lib) if request.param == "host" else EmulatedCupyRuntime(host_lib)
+    entry points emulated (its own GEMM calls, pointer mode, stream and launch arguments),
+    with CUDA graphs off and on (fresh arrays every call: the loops' keys are computed and
+    looked up, the loops run eagerly; see test_cuda_graph_cache_captures_then_replays)."""
+    if request.param == "host":
+        rt = HostRuntime(host_lib)
+    else:
+        rt = EmulatedCupyRuntime(host_lib)
+        rt.graphs = request.param.endswith("graphs")
     with use_runtime(rt):
         yield rt
 
@@ -421,3 +427,56 @@ def test_cupy_runtime_cublas_calls(host_lib):
         recurrent.lstm_backward(ctx, rt.to_device(grads["dy"]), None, None)
         assert rt.fake_cublas.calls == 1 + T + T + 3 + 1
     assert rt.fake_cublas.mode == rt.fake_cublas.CUBLAS_POINTER_MODE_DEVICE
+
+
+def test_cuda_graph_cache_captures_then_replays(host_lib):
+    """With graphs on, a time loop run again with the same arguments (the same device
+    addresses) is captured on a private stream -- recorded, not run -- then launched, and
+    replayed from then on; every run gives the eager run's results bitwise. A loop whose
+    arguments differ is not replayed."""
+    rt = EmulatedCupyRuntime(host_lib)
+    rt.graphs = True
+    T, N, D, H = 5, 3, 4, 7
+    d, _, lens = _data("gru", (T, N, D, H, "mixed"), np.float64)
+    xp, G, NH = rt.xp, 3 * H, N * H
+    with use_runtime(rt):
+        x, h0, w_ih, w_hh, b_ih, b_hh = (rt.to_device(d[k]) for k in ORDER["gru"])
+        lens_d = rt.to_device(lens)
+        xw = xp.empty((T, N, G), dtype=np.float64)
+        rt.gemm(False, True, T * N, G, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, xw, 0, G)
+        hs = xp.empty((T + 1, N, H), dtype=np.float64)
+        hs[0] = h0
+        y, acts = xp.empty((T, N, H)), xp.empty((T, N, 4 * H))
+        hw = xp.empty((N, G))
+
+        def run():
+            gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
+            step = rt.loop_launch(
+                "gru_forward_step", np.dtype(np.float64), NH,
+                (xw, hw, b_ih, b_hh, hs, y, acts, lens_d, 0, 0, 0, N, H, 1), ("t", "src", "dst"),
+            )  # fmt: skip
+            y[...] = np.nan
+            recurrent._forward_loop(rt, ("gru", T, N, H, True), T, NH, True, gemm, step, 0)
+            return y.copy()
+
+        first = run()
+        assert rt.graph_stats == {"eager": 1, "captured": 0, "replayed": 0, "capture_failed": 0}
+        second = run()
+        assert rt.graph_stats["captured"] == 1
+        calls = rt.fake_cublas.calls
+        third = run()
+        assert rt.graph_stats["replayed"] == 1
+        assert rt.fake_cublas.calls == calls  # a replay makes no cuBLAS call from the host
+        for out in (second, third):
+            np.testing.assert_array_equal(out, first)
+        y_ref, _, _ = ref.gru_forward(*(d[k] for k in ORDER["gru"]), lengths=lens)
+        assert_close(first, y_ref, "recurrent", "forward", np.float64)
+        # other arguments (a different step count): not the cached graph
+        gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
+        step = rt.loop_launch(
+            "gru_forward_step", np.dtype(np.float64), NH,
+            (xw, hw, b_ih, b_hh, hs, y, acts, lens_d, 0, 0, 0, N, H, 1), ("t", "src", "dst"),
+        )  # fmt: skip
+        recurrent._forward_loop(rt, ("gru", T - 1, N, H, True), T - 1, NH, True, gemm, step, 0)
+        assert rt.graph_stats["replayed"] == 1 and rt.graph_stats["eager"] == 2
+    assert rt.fake_cublas.stream == 0  # the handle's stream is restored after the capture

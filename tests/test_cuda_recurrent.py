@@ -211,3 +211,60 @@ def test_arrays_on_two_devices_are_a_value_error():
             args.append(cupy.asarray(d[k]))
     with pytest.raises(ValueError, match="device"):
         fr.rnn_forward(*args)
+
+
+class _BumpAllocator:
+    """Hands out consecutive slices of one buffer and starts over on reset(): every
+    iteration of a loop that allocates the same sizes gets the same addresses (CuPy's pool
+    usually does too, but does not promise it)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = cupy.cuda.memory.alloc(nbytes)  # from the default pool, before the swap
+        self.nbytes = nbytes
+        self.offset = 0
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    def __call__(self, size: int):
+        size = (size + 255) // 256 * 256
+        if self.offset + size > self.nbytes:
+            raise MemoryError("test allocator exhausted")
+        mem = cupy.cuda.UnownedMemory(self.buffer.ptr + self.offset, size, self.buffer)
+        self.offset += size
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+
+@pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
+def test_cuda_graphs(op, checked_runtime, monkeypatch):
+    """With CUDA graphs on, a call repeated with the same addresses is captured (second call)
+    and replayed (later calls); every call matches the reference, and the graph's results are
+    bitwise those of the eager first call."""
+    monkeypatch.setattr(checked_runtime, "graphs", True)
+    d, lens = _data(op, (12, 5, 7, 33, "mixed"), np.float32)
+    args = [cupy.asarray(d[k]) for k in ORDER[op]]
+    up = [cupy.asarray(d[k]) for k in ("dy", *STATE_GRADS[op])]
+    f, b = getattr(fr, f"{op}_forward"), getattr(fr, f"{op}_backward")
+    before = dict(checked_runtime.graph_stats)
+    bump = _BumpAllocator(64 * 2**20)
+    results = []
+    for _ in range(4):
+        bump.reset()
+        with cupy.cuda.using_allocator(bump):
+            *outs, ctx = f(*args, lengths=lens)
+            grads = b(ctx, *up)
+            results.append([cupy.asnumpy(a) for a in (*outs, *grads)])
+            del outs, ctx, grads
+    stats = checked_runtime.graph_stats
+    # forward and backward: eager, captured, replayed, replayed
+    assert stats["captured"] - before["captured"] == 2, stats
+    assert stats["replayed"] - before["replayed"] == 4, stats
+    assert stats["capture_failed"] == before["capture_failed"], stats
+    want_outs, want_grads = _reference(op, d, lens)
+    directions = ["forward"] * len(want_outs) + ["backward"] * len(want_grads)
+    for res in results:
+        for a, w, direction in zip(res, [*want_outs, *want_grads], directions, strict=True):
+            assert_close(a, w, "recurrent", direction, np.float32)
+    for res in results[1:]:
+        for a, c in zip(res, results[0], strict=True):
+            np.testing.assert_array_equal(a, c)

@@ -14,7 +14,9 @@ Everything is enqueued on CuPy's current stream; nothing here synchronises with 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -182,6 +184,14 @@ class Runtime:
         """Context manager around a loop of :meth:`loop_gemm` steps."""
         return contextlib.nullcontext()
 
+    def time_loop(self, key: tuple, steps: list[Any], body: Any) -> None:
+        """Run ``body()``, a time loop made of calls to the ``steps`` (from :meth:`loop_gemm`
+        and :meth:`loop_launch`); ``key`` names the loop (op, direction, T, ...) so that, with
+        the steps' fixed arguments, it determines every call the loop makes. The base version
+        runs it; CupyRuntime can replay it as a CUDA graph."""
+        with self.blas_session():
+            body()
+
     def loop_gemm(self, transa: bool, transb: bool, M: int, N: int, K: int, alpha: float,
                   A: Any, lda: int, B: Any, ldb: int, beta: float, C: Any,
                   ldc: int) -> Any:  # fmt: skip
@@ -292,6 +302,11 @@ class CupyRuntime(Runtime):
             for v in (0.0, 1.0)
         }
         self._functions: dict[tuple[str, str, int], Any] = {}
+        # CUDA graphs of time loops (opt-in: FASTRNN_CUDA_GRAPHS=1 or runtime().graphs = True)
+        self.graphs = os.environ.get("FASTRNN_CUDA_GRAPHS", "").strip() == "1"
+        self._graph_cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._capture_streams: dict[int, Any] = {}
+        self.graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
 
     def device_of(self, a: Any) -> Any:
         return a.device
@@ -362,19 +377,84 @@ class CupyRuntime(Runtime):
 
     @contextlib.contextmanager
     def blas_session(self) -> Iterator[None]:
+        """Host pointer mode and the current stream on CuPy's cuBLAS handle for the loop, both
+        restored afterwards."""
         cublas = self._cublas
         handle = self._cupy.cuda.device.get_cublas_handle()
         mode = cublas.getPointerMode(handle)
+        stream = cublas.getStream(handle)
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         try:
             cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
             yield
         finally:
             cublas.setPointerMode(handle, mode)
+            cublas.setStream(handle, stream)
+
+    GRAPH_CACHE_SIZE = 32
+
+    def time_loop(self, key, steps, body):
+        """With ``graphs`` on, the second run of a loop with the same key and the same step
+        arguments (device addresses included: CuPy's memory pool hands the same blocks back
+        call after call) is captured into a CUDA graph on a private stream, and later runs
+        replay it on the current stream: one launch instead of two per step. A graph replays
+        exactly the kernel and cuBLAS calls it recorded, with the same pointers and scalars, so
+        it is only used when all of them are equal. A loop that cannot be captured runs eagerly
+        from then on."""
+        if not self.graphs:
+            self.graph_stats["eager"] += 1
+            super().time_loop(key, steps, body)
+            return
+        cupy = self._cupy
+        full_key = (key, cupy.cuda.runtime.getDevice(), *(s.signature for s in steps))
+        cache = self._graph_cache
+        entry = cache.get(full_key)
+        if entry is not None and entry != "seen" and entry != "eager":
+            cache.move_to_end(full_key)
+            self.graph_stats["replayed"] += 1
+            entry.launch()
+            return
+        if entry == "seen":
+            graph = self._capture(body)
+            if graph is not None:
+                cache[full_key] = graph
+                self.graph_stats["captured"] += 1
+                graph.launch()
+                return
+            cache[full_key] = "eager"
+            self.graph_stats["capture_failed"] += 1
+        elif entry is None:
+            cache[full_key] = "seen"
+            while len(cache) > self.GRAPH_CACHE_SIZE:
+                cache.popitem(last=False)
+        self.graph_stats["eager"] += 1
+        super().time_loop(key, steps, body)
+
+    def _capture(self, body: Any) -> Any:
+        """``body`` captured into an instantiated CUDA graph, or None when capture fails."""
+        cupy = self._cupy
+        device_id = cupy.cuda.runtime.getDevice()
+        stream = self._capture_streams.get(device_id)
+        if stream is None:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            self._capture_streams[device_id] = stream
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    with self.blas_session():
+                        body()
+                finally:
+                    graph = stream.end_capture()
+        except Exception:  # e.g. an operation that cannot be captured: run eagerly instead
+            return None
+        return graph
 
     def loop_gemm(self, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
         if M == 0 or N == 0 or K == 0:  # nothing to do, or no products: the general path
-            return super().loop_gemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+            step = super().loop_gemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+            step.signature = ("gemm", C.dtype.char, M, N, K, float(beta), self.ptr(C), ldc)
+            return step
         dtype = C.dtype
         item = dtype.itemsize
         fn = self._gemm_fn[dtype]
@@ -397,11 +477,18 @@ class CupyRuntime(Runtime):
             fn(handle, op_first, op_second, N, M, K, alpha_p, pb + b_off * item, ldb,
                pa + a_off * item, lda, beta_p, pc + c_off * item, ldc)  # fmt: skip
 
+        step.signature = ("gemm", dtype.char, transa, transb, M, N, K, float(alpha), pa, lda,
+                          pb, ldb, float(beta), pc, ldc)  # fmt: skip
         return step
 
     def loop_launch(self, name, dtype, n, args, varying):
         if n <= 0:
-            return lambda *values: None
+
+            def nothing(*values: int) -> None:
+                return None
+
+            nothing.signature = ("nothing",)
+            return nothing
         spec = _kernels.kernel(name)
         where = [spec.param_names.index(v) for v in varying]
         for i in where:
@@ -418,6 +505,10 @@ class CupyRuntime(Runtime):
                 current[i] = int64(v)
             fn(grid, block, tuple(current))
 
+        step.signature = (name, dtype.char, grid, block, tuple(varying)) + tuple(
+            self.ptr(a) if k.endswith("*") else a.item()
+            for k, a in zip(spec.kinds, current, strict=True)
+        )
         return step
 
     def _function(self, name: str, ctype: str) -> Any:

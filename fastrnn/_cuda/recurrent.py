@@ -54,6 +54,36 @@ def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
     return out
 
 
+def _forward_loop(rt: Any, key: tuple, T: int, NH: int, training: bool, gemm: Any, pointwise: Any,
+                  out_stride: int) -> None:  # fmt: skip
+    """Steps 0..T-1: the recurrent GEMM reads state slot src and accumulates into the step's
+    output (element offset t * out_stride), then the pointwise kernel runs step t."""
+
+    def body() -> None:
+        for t in range(T):
+            src, dst = _slots(training, t)
+            gemm(src * NH, 0, t * out_stride)
+            pointwise(t, src, dst)
+
+    rt.time_loop(key, [gemm, pointwise], body)
+
+
+def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list[Any],
+                   grad_stride: int) -> int:  # fmt: skip
+    """Steps T-1..0: the pointwise kernel of step t, then the GEMM of the step's gradient (at
+    element offset t * grad_stride) into the other dh buffer; the two buffers alternate
+    (parity p reads dh[p] and writes dh[1-p]). Returns the index of the buffer holding dh0."""
+
+    def body() -> None:
+        for k, t in enumerate(reversed(range(T))):
+            p = k & 1
+            pointwise[p](t)
+            gemm[p](t * grad_stride, 0, 0)
+
+    rt.time_loop(key, [*pointwise, *gemm], body)
+    return T & 1
+
+
 def _weight_grads(
     rt: Any, dA: Any, dB: Any, x: Any, hs: Any, w_ih: Any, T: int, N: int, D: int, H: int, G: int
 ) -> tuple[Any, Any, Any]:
@@ -104,11 +134,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
             "lstm_forward_step", dtype, NH,
             (pre, b, hs, cs, y, lens, 0, 0, 0, N, H, int(training)), ("t", "src", "dst"),
         )  # fmt: skip
-        with rt.blas_session():
-            for t in range(T):
-                src, dst = _slots(training, t)
-                recurrent_gemm(src * NH, 0, t * N * G)
-                pointwise(t, src, dst)
+        _forward_loop(rt, ("lstm", T, N, H, training), T, NH, training, recurrent_gemm,
+                      pointwise, N * G)  # fmt: skip
         last = _slots(training, T - 1)[1]
         hT = hs[last].copy()
         cT = cs[last].copy()
@@ -167,12 +194,7 @@ def lstm_backward(ctx, dy, dhT, dcT):
             rt.loop_gemm(False, False, N, H, G, 1.0, da, G, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        with rt.blas_session():
-            for k, t in enumerate(reversed(range(T))):
-                p = k & 1
-                pointwise[p](t)
-                recurrent_gemm[p](t * N * G, 0, 0)
-        dh_cur = dh[T & 1]
+        dh_cur = dh[_backward_loop(rt, ("lstm-b", T, N, H), T, pointwise, recurrent_gemm, N * G)]
         # LB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, G)
         db = _colsum(rt, da, T * N, G)
@@ -213,11 +235,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
             (xw, hw, b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H, int(training)),
             ("t", "src", "dst"),
         )  # fmt: skip
-        with rt.blas_session():
-            for t in range(T):
-                src, dst = _slots(training, t)
-                recurrent_gemm(src * NH, 0, 0)
-                pointwise(t, src, dst)
+        _forward_loop(rt, ("gru", T, N, H, training), T, NH, training, recurrent_gemm,
+                      pointwise, 0)  # fmt: skip
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
     if training:
@@ -265,12 +284,7 @@ def gru_backward(ctx, dy, dhT):
             rt.loop_gemm(False, False, N, H, G, 1.0, dhw, G, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        with rt.blas_session():
-            for k, t in enumerate(reversed(range(T))):
-                p = k & 1
-                pointwise[p](t)
-                recurrent_gemm[p](t * N * G, 0, 0)
-        dh_cur = dh[T & 1]
+        dh_cur = dh[_backward_loop(rt, ("gru-b", T, N, H), T, pointwise, recurrent_gemm, N * G)]
         # GB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, dxw, dhw, x, hs, w_ih, T, N, D, H, G)
         db_ih = _colsum(rt, dxw, T * N, G)
@@ -308,11 +322,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
             "rnn_forward_step", dtype, NH,
             (pre, b, hs, y, lens, 0, 0, 0, N, H, relu), ("t", "src", "dst"),
         )  # fmt: skip
-        with rt.blas_session():
-            for t in range(T):
-                src, dst = _slots(training, t)
-                recurrent_gemm(src * NH, 0, t * NH)
-                pointwise(t, src, dst)
+        _forward_loop(rt, ("rnn", T, N, H, training), T, NH, training, recurrent_gemm,
+                      pointwise, NH)  # fmt: skip
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
     if training:
@@ -358,12 +369,7 @@ def rnn_backward(ctx, dy, dhT):
             rt.loop_gemm(False, False, N, H, H, 1.0, da, H, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        with rt.blas_session():
-            for k, t in enumerate(reversed(range(T))):
-                p = k & 1
-                pointwise[p](t)
-                recurrent_gemm[p](t * NH, 0, 0)
-        dh_cur = dh[T & 1]
+        dh_cur = dh[_backward_loop(rt, ("rnn-b", T, N, H), T, pointwise, recurrent_gemm, NH)]
         # RB4: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, H)
         db = _colsum(rt, da, T * N, H)
