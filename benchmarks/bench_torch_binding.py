@@ -16,7 +16,11 @@ Two comparisons per shape (T, N, D, H), float32, time-major, one layer:
   ``autograd.Function`` machinery, zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array
   wrapping, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
   Parameter gradients are reset to None before each call (``zero_grad(set_to_none=True)``) so
-  autograd adopts the kernel's gradient arrays instead of adding them into old ones.
+  autograd adopts the kernel's gradient arrays instead of adding them into old ones; the bare
+  call likewise keeps its weight gradients until its next call, as an optimizer needs them.
+  (Without that, the two calls free memory in different orders, and glibc's heap trimming
+  gives the one that frees the top of the heap thousands of page faults per call: ~2800 at
+  (200,32,64,64), a few ms that belong to the allocator, not to either call.)
 
 Calls are checked for agreement before they are timed. The script alternates the two calls of a
 comparison call by call and reports medians and minima, and each ratio as the median of the
@@ -117,9 +121,12 @@ def overhead_calls(shape) -> dict[str, Callable[[], object]]:
     h0 = np.zeros((N, H), np.float32)
     dya = dy.numpy()
 
+    held: list[np.ndarray] = []  # the weight gradients, kept until the next call
+
     def bare():
+        held.clear()  # what p.grad = None does in the binding's call
         y, _, _, ctx = fr.lstm_forward(xa, h0, h0, w_ih, w_hh, b)
-        fr.lstm_backward(ctx, dya)
+        held.extend(fr.lstm_backward(ctx, dya)[3:])
         return y
 
     yb = binding().detach().numpy()

@@ -148,13 +148,16 @@ def _unflat(kind, tensors):
     return tuple(tensors) if kind == "lstm" else tensors[0]
 
 
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+@pytest.mark.parametrize(
+    "bidirectional, batch_first", [(False, False), (True, True)], ids=["uni", "bidir_bf"]
+)
 @pytest.mark.parametrize("kind", list(RECURRENT))
-def test_packed_sequence_in_and_out(kind, bidirectional):
+def test_packed_sequence_in_and_out(kind, bidirectional, batch_first):
     """PackedSequence input gives a PackedSequence with torch.nn's data, batch_sizes and
-    indices; hx and h_n are in the caller's batch order (unsorted)."""
+    indices; hx and h_n are in the caller's batch order (unsorted); batch_first does not
+    apply to packed data."""
     dtype = torch.float64
-    a, b = twins(kind, dtype, num_layers=2, bidirectional=bidirectional)
+    a, b = twins(kind, dtype, num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, N, D, generator=g, dtype=dtype)
     dirs = 2 if bidirectional else 1
