@@ -86,7 +86,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, training=True)
     # holds a real tap), then the first real tap that holds it (a NaN counts as the maximum).
     y = win.max(axis=2)
     hit = real & ((win == y[:, :, None]) | (xp.isnan(win) & xp.isnan(y)[:, :, None]))
-    arg = hit.argmax(axis=2)  # argmax of booleans = the first True
+    arg = hit.view(xp.uint8).argmax(axis=2)  # the first True (as bytes: CuPy-safe argmax)
     ctx = _context("max_pool2d", xp, x, y, arg=arg, k=k, s=s, p=p) if training else None
     return y, ctx
 
