@@ -12,6 +12,9 @@ Steps cite fastrnn/reference/pool2d.py (P1..P4 forward, PB1..PB3 backward). No p
 x is made (P1): each window is clipped to the real input instead, which is the same thing for a
 max (padding never wins) and for the average (padding adds zeros; the divisor stays KH*KW).
 
+Max pooling saves, for backward, the flat position (int32) of each maximum in its plane, found
+by a second branch-free pass (see _argmax_plane); inference skips that pass.
+
 Each plane is independent in both directions (backward scatters only into its own plane of dx),
 so planes run in parallel with no races and the result does not depend on the thread count.
 """
