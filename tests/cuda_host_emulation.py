@@ -145,20 +145,44 @@ class GuardedNumpy:
 
     def __init__(self) -> None:
         self._blocks: list[np.ndarray] = []
+        self._arena: list[np.ndarray] | None = None
+        self._cursor = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(np, name)
+
+    def reuse_addresses(self) -> None:
+        """From now on, the i-th allocation after each call of this method gets the same block
+        as the i-th one after the previous call (when size and dtype agree), like CuPy's pool
+        handing back the blocks of the previous iteration: the arrays of that iteration must
+        be dead. The block is re-poisoned (NaN) first."""
+        if self._arena is None:
+            self._arena = []
+        self._cursor = 0
 
     def _alloc(self, shape: Any, dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         n = math.prod(shape)
+        arena, i = self._arena, self._cursor
+        if arena is not None and i < len(arena) and arena[i].dtype == dtype:
+            outer = arena[i]
+            if outer.size == n + 2 * GUARD:
+                self._cursor += 1
+                inner = outer[GUARD : GUARD + n]
+                if dtype.kind == "f":
+                    inner[:] = np.nan
+                return inner.reshape(shape)
         outer = np.empty(n + 2 * GUARD, dtype=dtype)
         outer[:] = _CANARY[dtype]
         inner = outer[GUARD : GUARD + n]
         if dtype.kind == "f":
             inner[:] = np.nan
         self._blocks.append(outer)
+        if arena is not None:
+            del arena[i:]
+            arena.append(outer)
+            self._cursor = len(arena)
         return inner.reshape(shape)
 
     def empty(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import CUDA
+from cuda_support import BumpAllocator
 from tolerances import assert_close
 
 import fastrnn as fr
@@ -172,3 +173,32 @@ def test_mixing_numpy_and_cupy_is_a_type_error():
     y, ctx = fr.max_pool2d_forward(x, 2)
     with pytest.raises(TypeError):
         fr.max_pool2d_backward(ctx, cupy.asnumpy(y))
+
+
+def test_conv2d_cuda_graphs(rt, monkeypatch):
+    """With CUDA graphs on and the same addresses every call, forward and backward are
+    captured on the second call and replayed afterwards; every call matches the reference,
+    replays bitwise."""
+    monkeypatch.setattr(rt, "graphs", True)
+    case = (3, 4, 9, 9, 6, (3, 3), 1, 2, 2, 2, True)
+    x, w, b, kw = _conv_data(case, np.float32)
+    before = dict(rt.graph_stats)
+    bump = BumpAllocator(64 * 2**20)
+    runs = []
+    for _ in range(4):
+        bump.reset()
+        with cupy.cuda.using_allocator(bump):
+            y, grads, dy = _conv_gpu(x, w, b, kw)
+            runs.append([cupy.asnumpy(a) for a in (y, *grads)])
+            del y, grads
+    stats = rt.graph_stats
+    assert stats["captured"] - before["captured"] == 2, stats
+    assert stats["replayed"] - before["replayed"] == 4, stats
+    f64 = [a.astype(np.float64) for a in (x, w, b)]
+    y_ref, rctx = ref.conv2d_forward(*f64, **kw)
+    want = [y_ref, *ref.conv2d_backward(rctx, dy.astype(np.float64))]
+    for run in runs:
+        for a, r, direction in zip(run, want, ["forward"] + ["backward"] * 3, strict=True):
+            assert_close(a, r, "conv", direction, np.float32)
+    for a, c in zip(runs[3], runs[2], strict=True):
+        np.testing.assert_array_equal(a, c)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import CUDA
+from cuda_support import BumpAllocator
 from tolerances import assert_close
 
 import fastrnn as fr
@@ -213,28 +214,6 @@ def test_arrays_on_two_devices_are_a_value_error():
         fr.rnn_forward(*args)
 
 
-class _BumpAllocator:
-    """Hands out consecutive slices of one buffer and starts over on reset(): every
-    iteration of a loop that allocates the same sizes gets the same addresses (CuPy's pool
-    usually does too, but does not promise it)."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.buffer = cupy.cuda.memory.alloc(nbytes)  # from the default pool, before the swap
-        self.nbytes = nbytes
-        self.offset = 0
-
-    def reset(self) -> None:
-        self.offset = 0
-
-    def __call__(self, size: int):
-        size = (size + 255) // 256 * 256
-        if self.offset + size > self.nbytes:
-            raise MemoryError("test allocator exhausted")
-        mem = cupy.cuda.UnownedMemory(self.buffer.ptr + self.offset, size, self.buffer)
-        self.offset += size
-        return cupy.cuda.MemoryPointer(mem, 0)
-
-
 @pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
 def test_cuda_graphs(op, checked_runtime, monkeypatch):
     """With CUDA graphs on, a call repeated with the same addresses is captured (second call)
@@ -246,7 +225,7 @@ def test_cuda_graphs(op, checked_runtime, monkeypatch):
     up = [cupy.asarray(d[k]) for k in ("dy", *STATE_GRADS[op])]
     f, b = getattr(fr, f"{op}_forward"), getattr(fr, f"{op}_backward")
     before = dict(checked_runtime.graph_stats)
-    bump = _BumpAllocator(64 * 2**20)
+    bump = BumpAllocator(64 * 2**20)
     results = []
     for _ in range(4):
         bump.reset()

@@ -185,10 +185,12 @@ class Runtime:
         return contextlib.nullcontext()
 
     def time_loop(self, key: tuple, steps: list[Any], body: Any) -> None:
-        """Run ``body()``, a time loop made of calls to the ``steps`` (from :meth:`loop_gemm`
-        and :meth:`loop_launch`); ``key`` names the loop (op, direction, T, ...) so that, with
-        the steps' fixed arguments, it determines every call the loop makes. The base version
-        runs it; CupyRuntime can replay it as a CUDA graph."""
+        """Run ``body()``, a sequence of launches and GEMMs that allocates nothing: a time loop
+        made of calls to the ``steps`` (from :meth:`loop_gemm` and :meth:`loop_launch`), or any
+        fixed sequence of gemm() / launch() calls. ``key`` (op, sizes, device addresses of the
+        arrays the body uses, ...) and the steps' fixed arguments together must determine every
+        call the body makes. The base version runs it; CupyRuntime can replay it as a CUDA
+        graph."""
         with self.blas_session():
             body()
 
@@ -406,7 +408,8 @@ class CupyRuntime(Runtime):
             super().time_loop(key, steps, body)
             return
         cupy = self._cupy
-        full_key = (key, cupy.cuda.runtime.getDevice(), *(s.signature for s in steps))
+        full_key = (key, cupy.cuda.runtime.getDevice(), self.block, self.max_blocks,
+                    *(s.signature for s in steps))  # fmt: skip
         cache = self._graph_cache
         entry = cache.get(full_key)
         if entry is not None and entry != "seen" and entry != "eager":

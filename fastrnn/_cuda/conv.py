@@ -55,27 +55,36 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     L, K, CK = OH * OW, Cg * KH * KW, C * KH * KW
     geometry = (C, H, W, KH, KW, OH, OW, *stride, *padding, *dilation)
     dtype = x.dtype
+    has_bias = int(b is not None)
     with rt.device_of(x):
+        # Everything is allocated before the launches (a CUDA graph may record them).
         y = xp.empty((N, F, OH, OW), dtype=dtype)
         nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
         cols = xp.empty((CK * nb * L,), dtype=dtype)
         yT = xp.empty((F * nb * L,), dtype=dtype)
         bias = yT if b is None else b  # not read when has_bias is 0
-        for n0 in range(0, N, nb):
-            m = min(nb, N - n0)
-            RL = m * L  # row length of the chunk's channel-major matrices
-            # C1, C2.
-            rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
-            # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over groups.
-            rt.gemm(
-                False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
-                batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
-            )  # fmt: skip
-            # C4 while going back to NCHW.
-            rt.launch(
-                "from_channel_major", dtype, m * F * L,
-                (yT, bias, y, n0, m, F, L, int(b is not None)),
-            )  # fmt: skip
+
+        def body() -> None:
+            for n0 in range(0, N, nb):
+                m = min(nb, N - n0)
+                RL = m * L  # row length of the chunk's channel-major matrices
+                # C1, C2.
+                rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+                # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over the
+                # groups.
+                rt.gemm(
+                    False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
+                    batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
+                )  # fmt: skip
+                # C4 while going back to NCHW.
+                rt.launch(
+                    "from_channel_major", dtype, m * F * L,
+                    (yT, bias, y, n0, m, F, L, has_bias),
+                )  # fmt: skip
+
+        key = ("conv2d", dtype.char, N, F, G, nb, has_bias, geometry,
+               *map(rt.ptr, (x, w, bias, y, cols, yT)))  # fmt: skip
+        rt.time_loop(key, [], body)
     ctx = None
     if training:
         ctx = Context(
@@ -87,19 +96,6 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry, groups=G),
         )
     return y, ctx
-
-
-def _bias_grad(rt: Any, dy: Any, N: int, F: int, L: int) -> Any:
-    """CB1: db[f] = sum over n and positions of dy[n, f] as two GEMMs with vectors of ones
-    (deterministic, unlike an atomic reduction)."""
-    xp, dtype = rt.xp, dy.dtype
-    per_plane = xp.empty((N * F,), dtype=dtype)
-    rt.gemm(False, False, N * F, 1, L, 1.0, dy, 0, L, xp.ones((L,), dtype=dtype), 0, 1, 0.0,
-            per_plane, 0, 1)  # fmt: skip
-    db = xp.empty((F,), dtype=dtype)
-    rt.gemm(False, False, 1, F, N, 1.0, xp.ones((N,), dtype=dtype), 0, N, per_plane, 0, F, 0.0,
-            db, 0, F)  # fmt: skip
-    return db
 
 
 def conv2d_backward(ctx, dy):
@@ -115,7 +111,7 @@ def conv2d_backward(ctx, dy):
     L, K, CK = OH * OW, Cg * KH * KW, C * KH * KW
     dtype = x.dtype
     with rt.device_of(x):
-        db = _bias_grad(rt, dy, N, F, L) if s["has_bias"] else None
+        # Everything is allocated before the launches (a CUDA graph may record them).
         dx = xp.empty((N, C, H, W), dtype=dtype)
         dw = xp.empty((F, Cg, KH, KW), dtype=dtype)
         if N == 0:
@@ -123,23 +119,46 @@ def conv2d_backward(ctx, dy):
         nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
         cols = xp.empty((CK * nb * L,), dtype=dtype)
         dyT = xp.empty((F * nb * L,), dtype=dtype)
-        for n0 in range(0, N, nb):
-            m = min(nb, N - n0)
-            RL = m * L
-            rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
-            rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))  # C2 again
-            # CB2: dW_g (Fg, K) += dyT_g (Fg, RL) @ cols_g^T (RL, K); the first chunk assigns.
-            rt.gemm(
-                False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL, 0.0 if n0 == 0 else 1.0,
-                dw, 0, K, batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
-            )  # fmt: skip
-            # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
-            rt.gemm(
-                True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
-                batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
-            )  # fmt: skip
-            # CB4, CB5: gather every input element's column entries.
-            rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
+        db = per_plane = ones_l = ones_n = None
+        if s["has_bias"]:
+            db = xp.empty((F,), dtype=dtype)
+            per_plane = xp.empty((N * F,), dtype=dtype)
+            ones_l = xp.ones((L,), dtype=dtype)
+            ones_n = xp.ones((N,), dtype=dtype)
+
+        def body() -> None:
+            if db is not None:
+                # CB1: db[f] = sum over n and positions of dy[n, f], as two GEMMs with vectors
+                # of ones (deterministic, unlike an atomic reduction).
+                rt.gemm(False, False, N * F, 1, L, 1.0, dy, 0, L, ones_l, 0, 1, 0.0,
+                        per_plane, 0, 1)  # fmt: skip
+                rt.gemm(False, False, 1, F, N, 1.0, ones_n, 0, N, per_plane, 0, F, 0.0,
+                        db, 0, F)  # fmt: skip
+            for n0 in range(0, N, nb):
+                m = min(nb, N - n0)
+                RL = m * L
+                rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
+                rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))  # C2 again
+                # CB2: dW_g (Fg, K) += dyT_g (Fg, RL) @ cols_g^T (RL, K); the first chunk
+                # assigns.
+                rt.gemm(
+                    False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL,
+                    0.0 if n0 == 0 else 1.0, dw, 0, K,
+                    batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
+                )  # fmt: skip
+                # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
+                rt.gemm(
+                    True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
+                    batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
+                )  # fmt: skip
+                # CB4, CB5: gather every input element's column entries.
+                rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
+
+        arrays = (dy, x, w, dx, dw, cols, dyT) + (
+            (db, per_plane, ones_l, ones_n) if db is not None else ()
+        )
+        key = ("conv2d-b", dtype.char, N, F, G, nb, geometry, *map(rt.ptr, arrays))
+        rt.time_loop(key, [], body)
     return dx, dw, db
 
 

@@ -41,7 +41,11 @@ def _slots(training: bool, t: int) -> tuple[int, int]:
 
 def _state(xp: Any, a: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     """A fresh, writable copy of an upstream gradient (zeros when it is None)."""
-    return xp.zeros(shape, dtype=dtype) if a is None else a.copy()
+    if a is None:
+        return xp.zeros(shape, dtype=dtype)
+    out = xp.empty(shape, dtype=dtype)
+    out[...] = a
+    return out
 
 
 def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
