@@ -13,9 +13,9 @@ before CuPy is imported: this script sets it). Each case is checked first (fastr
 torch on the same inputs), warmed up (NVRTC compilation, cuDNN plans and memory pools are not
 timed), then timed with CUDA events around forward + backward on each library's current stream;
 the table shows medians. "vs torch" is torch's time / fastrnn's: above 1 means fastrnn is faster.
-The recurrent ops are timed twice: as they run by default, and with CUDA graphs of the time
-loops on ("graphs", fastrnn._cuda._runtime: FASTRNN_CUDA_GRAPHS=1); the JSON records how many
-loops were captured and replayed.
+The recurrent ops and conv2d are timed twice: as they run by default, and with CUDA graphs on
+("graphs", fastrnn._cuda._runtime: FASTRNN_CUDA_GRAPHS=1); the JSON records how many launch
+sequences were captured and replayed.
 """
 
 from __future__ import annotations
@@ -290,15 +290,16 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
     for name, a, c in zip(("dx", "dw", "db"), g_fr, g_th, strict=False):
         check[name] = _rel_err(b.host(a), b.host(c))
     t_fr = b.time(fr_run, "fastrnn")
+    t_graph = b.time_with_graphs(fr_run) if op == "conv2d" else None
     t_th = b.time(th_run, "torch")
     return {
         "op": op,
         "shape": f"N={N} C={C} H={H} W={W}" + (f" F={F}" if op == "conv2d" else "") + f" k={k}",
         "fastrnn": t_fr,
-        "fastrnn_graphs": None,
+        "fastrnn_graphs": t_graph,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
-        "graphs_speed_vs_torch": None,
+        "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
         "fastrnn_gflops": flops / (t_fr["median_ms"] * 1e6) if flops else None,
         "max_rel_err": check,
     }
