@@ -31,7 +31,7 @@ cdef void omp_steps(int steps, Py_ssize_t N, Py_ssize_t H, int G, const float* w
                     float* h, float* out, int p, int nt) noexcept nogil:
     cdef Py_ssize_t u0, u1
     cdef int t
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, 16, nt, p, &u0, &u1)
     for t in range(steps):
         mm(False, True, N, G * (u1 - u0), H, <float> 1, h + (t & 1) * N * H, H,
            w + G * u0 * H, H, <float> 0, out + G * u0, G * H)

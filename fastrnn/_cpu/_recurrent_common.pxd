@@ -105,6 +105,152 @@ cdef extern from *:
     void fr_blas_pin_one(int* saved) noexcept nogil
     void fr_blas_restore(const int* saved) noexcept nogil
 
+# The float32 pointwise passes in C: restrict-qualified, so they vectorise without alias checks,
+# and compiled for AVX-512, AVX2+FMA and baseline x86-64 with run-time dispatch (GCC
+# target_clones), since wheels are built for baseline x86-64. The float64 passes stay in Cython
+# (libm accuracy matters more there than speed). One call handles one sequence n and the units
+# [u0, u1) of one thread; pointers point at row n. Same math as the Cython passes in lstm.pyx /
+# gru.pyx, whose comments cite the reference's steps.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) \
+        && defined(__linux__)
+    #define FR_CLONES __attribute__((unused, \
+        target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #elif defined(__GNUC__)
+    #define FR_CLONES __attribute__((unused))
+    #else
+    #define FR_CLONES
+    #endif
+
+    /* LSTM L3-L4; gt: (4H) blocked pre-activations in, activations out. */
+    FR_CLONES static void fr_lstm_fwd_row_f(
+        float *restrict gt, const float *restrict bias, const float *restrict cp,
+        float *restrict cn, float *restrict hn, float *restrict yt, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+    {
+        for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
+            Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
+            float *restrict a = gt + 4 * j0;
+            const float *restrict bb = bias + 4 * j0;
+            for (Py_ssize_t u = 0; u < sz; u++) {
+                Py_ssize_t j = j0 + u;
+                float i = fr_sigmoidf(a[u] + bb[u]);
+                float f = fr_sigmoidf(a[sz + u] + bb[sz + u]);
+                float g = fr_tanhf(a[2 * sz + u] + bb[2 * sz + u]);
+                float o = fr_sigmoidf(a[3 * sz + u] + bb[3 * sz + u]);
+                a[u] = i; a[sz + u] = f; a[2 * sz + u] = g; a[3 * sz + u] = o;
+                float c = f * cp[j] + i * g;
+                float h = o * fr_tanhf(c);
+                cn[j] = c; hn[j] = h; yt[j] = h;
+            }
+        }
+    }
+
+    /* LSTM LB1-LB4; dh keeps only what the GEMM does not add (0 here). */
+    FR_CLONES static void fr_lstm_bwd_row_f(
+        const float *restrict at, const float *restrict cp, const float *restrict cn,
+        const float *restrict dyt, float *restrict dh, float *restrict dc,
+        float *restrict dat, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+    {
+        for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
+            Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
+            const float *restrict a = at + 4 * j0;
+            float *restrict d = dat + 4 * j0;
+            for (Py_ssize_t u = 0; u < sz; u++) {
+                Py_ssize_t j = j0 + u;
+                float i = a[u], f = a[sz + u], g = a[2 * sz + u], o = a[3 * sz + u];
+                float dhs = dyt[j] + dh[j];
+                float tc = fr_tanhf(cn[j]);
+                float dout = dhs * tc;
+                float dct = dc[j] + dhs * o * (1.0f - tc * tc);
+                d[u] = dct * g * i * (1.0f - i);
+                d[sz + u] = dct * cp[j] * f * (1.0f - f);
+                d[2 * sz + u] = dct * i * (1.0f - g * g);
+                d[3 * sz + u] = dout * o * (1.0f - o);
+                dc[j] = dct * f;
+                dh[j] = 0.0f;
+            }
+        }
+    }
+
+    /* GRU G3-G4; st: (4H) blocked r, z, n, hn out, or NULL. */
+    FR_CLONES static void fr_gru_fwd_row_f(
+        const float *restrict xt, const float *restrict hw, const float *restrict b_ih,
+        const float *restrict b_hh, const float *restrict hp, float *restrict hn,
+        float *restrict yt, float *restrict st, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+    {
+        for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
+            Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
+            const float *restrict xa = xt + 3 * j0;
+            const float *restrict ha = hw + 3 * j0;
+            const float *restrict bi = b_ih + 3 * j0;
+            const float *restrict bh = b_hh + 3 * j0;
+            float *restrict sa = st ? st + 4 * j0 : NULL;
+            for (Py_ssize_t u = 0; u < sz; u++) {
+                Py_ssize_t j = j0 + u;
+                float r = fr_sigmoidf(xa[u] + bi[u] + ha[u] + bh[u]);
+                float z = fr_sigmoidf(xa[sz + u] + bi[sz + u] + ha[sz + u] + bh[sz + u]);
+                float hh = ha[2 * sz + u] + bh[2 * sz + u];
+                float nn = fr_tanhf(xa[2 * sz + u] + bi[2 * sz + u] + r * hh);
+                float h = (1.0f - z) * nn + z * hp[j];
+                hn[j] = h; yt[j] = h;
+                if (sa) {
+                    sa[u] = r; sa[sz + u] = z; sa[2 * sz + u] = nn; sa[3 * sz + u] = hh;
+                }
+            }
+        }
+    }
+
+    /* GRU GB1-GB4; dh keeps the direct path z * dh_step (the GEMM adds da_h W_hh). */
+    FR_CLONES static void fr_gru_bwd_row_f(
+        const float *restrict st, const float *restrict hp, const float *restrict dyt,
+        float *restrict dh, float *restrict dxt, float *restrict dht, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+    {
+        for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
+            Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
+            const float *restrict sa = st + 4 * j0;
+            float *restrict dxa = dxt + 3 * j0;
+            float *restrict dha = dht + 3 * j0;
+            for (Py_ssize_t u = 0; u < sz; u++) {
+                Py_ssize_t j = j0 + u;
+                float r = sa[u], z = sa[sz + u], nn = sa[2 * sz + u], hh = sa[3 * sz + u];
+                float dhs = dyt[j] + dh[j];
+                float dn = dhs * (1.0f - z);
+                float dz = dhs * (hp[j] - nn);
+                float dan = dn * (1.0f - nn * nn);
+                float dar = dan * hh * r * (1.0f - r);
+                float daz = dz * z * (1.0f - z);
+                dxa[u] = dar; dxa[sz + u] = daz; dxa[2 * sz + u] = dan;
+                dha[u] = dar; dha[sz + u] = daz; dha[2 * sz + u] = dan * r;
+                dh[j] = dhs * z;
+            }
+        }
+    }
+
+    /* Elman RNN R3 (tanh) on units [u0, u1) of one row. */
+    FR_CLONES static void fr_rnn_tanh_row_f(
+        const float *restrict at, const float *restrict b, float *restrict hn,
+        float *restrict yt, Py_ssize_t u0, Py_ssize_t u1)
+    {
+        for (Py_ssize_t j = u0; j < u1; j++) {
+            float h = fr_tanhf(at[j] + b[j]);
+            hn[j] = h; yt[j] = h;
+        }
+    }
+    """
+    void fr_lstm_fwd_row_f(float* gt, const float* bias, const float* cp, float* cn, float* hn,
+                           float* yt, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+    void fr_lstm_bwd_row_f(const float* at, const float* cp, const float* cn, const float* dyt,
+                           float* dh, float* dc, float* dat, Py_ssize_t H, Py_ssize_t bs,
+                           Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+    void fr_gru_fwd_row_f(const float* xt, const float* hw, const float* b_ih,
+                          const float* b_hh, const float* hp, float* hn, float* yt, float* st,
+                          Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+    void fr_gru_bwd_row_f(const float* st, const float* hp, const float* dyt, float* dh,
+                          float* dxt, float* dht, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+    void fr_rnn_tanh_row_f(const float* at, const float* b, float* hn, float* yt, Py_ssize_t u0,
+                           Py_ssize_t u1) noexcept nogil
+
 cdef extern from "<string.h>" nogil:
     void* memcpy(void* dst, const void* src, size_t n)
     void* memset(void* dst, int c, size_t n)
@@ -129,18 +275,19 @@ cdef inline floating tanh_(floating x) noexcept nogil:
         return fr_tanh(x)
 
 
-cdef inline Py_ssize_t block_size(Py_ssize_t H, Py_ssize_t j0) noexcept nogil:
-    """Units in the block starting at unit j0 (a multiple of BLOCK)."""
-    return BLOCK if H - j0 > BLOCK else H - j0
+cdef inline Py_ssize_t block_size(Py_ssize_t bs, Py_ssize_t H, Py_ssize_t j0) noexcept nogil:
+    """Units in the block of bs units starting at unit j0 (a multiple of bs)."""
+    return bs if H - j0 > bs else H - j0
 
 
 cdef inline void unit_range(
-    Py_ssize_t H, int nt, int p, Py_ssize_t* u0, Py_ssize_t* u1
+    Py_ssize_t H, Py_ssize_t bs, int nt, int p, Py_ssize_t* u0, Py_ssize_t* u1
 ) noexcept nogil:
-    """Thread p of nt owns hidden units [u0, u1): whole blocks, split as evenly as possible."""
-    cdef Py_ssize_t nb = (H + BLOCK - 1) // BLOCK
-    u0[0] = min(H, (nb * p // nt) * BLOCK)
-    u1[0] = min(H, (nb * (p + 1) // nt) * BLOCK)
+    """Thread p of nt owns hidden units [u0, u1): whole blocks of bs units, split as evenly as
+    possible."""
+    cdef Py_ssize_t nb = (H + bs - 1) // bs
+    u0[0] = min(H, (nb * p // nt) * bs)
+    u1[0] = min(H, (nb * (p + 1) // nt) * bs)
 
 
 cdef inline void split(Py_ssize_t n, int nt, int p, Py_ssize_t* r0, Py_ssize_t* r1) noexcept nogil:
@@ -149,11 +296,11 @@ cdef inline void split(Py_ssize_t n, int nt, int p, Py_ssize_t* r0, Py_ssize_t* 
     r1[0] = n * (p + 1) // nt
 
 
-cdef inline Py_ssize_t natural_row(Py_ssize_t r, int G, Py_ssize_t H) noexcept nogil:
+cdef inline Py_ssize_t natural_row(Py_ssize_t r, int G, Py_ssize_t H, Py_ssize_t bs) noexcept nogil:
     """The natural gate row (k*H + j) of blocked row r."""
-    cdef Py_ssize_t b = r // (G * BLOCK)
-    cdef Py_ssize_t j0 = b * BLOCK
-    cdef Py_ssize_t sz = block_size(H, j0)
+    cdef Py_ssize_t b = r // (G * bs)
+    cdef Py_ssize_t j0 = b * bs
+    cdef Py_ssize_t sz = block_size(bs, H, j0)
     cdef Py_ssize_t w = r - G * j0
     cdef Py_ssize_t k = w // sz
     return k * H + j0 + (w - k * sz)
@@ -162,21 +309,21 @@ cdef inline Py_ssize_t natural_row(Py_ssize_t r, int G, Py_ssize_t H) noexcept n
 cdef inline void to_blocked(
     const floating* src,   # IN  (G*H, cols) natural gate rows
     floating* dst,         # OUT (G*H, cols) blocked gate rows; must not alias src
-    int G, Py_ssize_t H, Py_ssize_t cols,
+    int G, Py_ssize_t H, Py_ssize_t cols, Py_ssize_t bs,
 ) noexcept nogil:
     cdef Py_ssize_t r
     for r in range(G * H):
-        memcpy(dst + r * cols, src + natural_row(r, G, H) * cols, cols * sizeof(floating))
+        memcpy(dst + r * cols, src + natural_row(r, G, H, bs) * cols, cols * sizeof(floating))
 
 
 cdef inline void from_blocked(
     const floating* src,   # IN  (G*H, cols) blocked gate rows
     floating* dst,         # OUT (G*H, cols) natural gate rows; rows r0..r1 of src only
-    int G, Py_ssize_t H, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1,
+    int G, Py_ssize_t H, Py_ssize_t cols, Py_ssize_t bs, Py_ssize_t r0, Py_ssize_t r1,
 ) noexcept nogil:
     cdef Py_ssize_t r
     for r in range(r0, r1):
-        memcpy(dst + natural_row(r, G, H) * cols, src + r * cols, cols * sizeof(floating))
+        memcpy(dst + natural_row(r, G, H, bs) * cols, src + r * cols, cols * sizeof(floating))
 
 
 cdef inline void mm(
@@ -212,7 +359,7 @@ cdef inline void column_sums(
 
 
 cdef inline void sequence_grads(
-    int p, int nt, int G, Py_ssize_t TN, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, int G, Py_ssize_t TN, Py_ssize_t D, Py_ssize_t H, Py_ssize_t bs,
     const floating* da_x,     # IN  (TN, G*H) blocked: gradient of the input pre-activations
     const floating* da_h,     # IN  (TN, G*H) blocked: gradient of the recurrent GEMM's output
     const floating* x,        # IN  (TN, D)
@@ -223,7 +370,7 @@ cdef inline void sequence_grads(
     floating* dw_hh,          # OUT (G*H, H) natural
     floating* db_x,           # OUT (G*H,) natural: column sums of da_x
     floating* db_h,           # OUT (G*H,) natural: column sums of da_h, or NULL
-    floating* scratch,        # scratch (G*H, D + H + 2) when G > 1, unused when G == 1
+    floating* scratch,        # scratch (G*H, D + H + 2) for a blocked layout, else unused
 ) noexcept nogil:
     """The weight, bias and input gradients as whole-sequence GEMMs (LB5, GB5, RB4), thread p's
     share: rows of dx, gate rows of dw_ih, dw_hh and the biases. Single-threaded BLAS each."""
@@ -232,12 +379,13 @@ cdef inline void sequence_grads(
     cdef floating* sw_hh
     cdef floating* sb_x
     cdef floating* sb_h
+    cdef bint natural = G == 1 or bs >= H
     split(TN, nt, p, &r0, &r1)
     # dx = da_x @ W_ih (blocked rows of W_ih match da_x's blocked columns)
     mm(False, False, r1 - r0, D, GH, <floating> 1, da_x + r0 * GH, GH, w_ih_b, D,
        <floating> 0, dx + r0 * D, D)
     split(GH, nt, p, &r0, &r1)
-    if G == 1:
+    if natural:
         sw_ih, sw_hh, sb_x, sb_h = dw_ih, dw_hh, db_x, db_h
     else:
         sw_ih = scratch
@@ -252,10 +400,10 @@ cdef inline void sequence_grads(
     column_sums(da_x, TN, GH, r0, r1, sb_x)
     if db_h != NULL:
         column_sums(da_h, TN, GH, r0, r1, sb_h)
-    if G > 1:
-        from_blocked(sw_ih, dw_ih, G, H, D, r0, r1)
-        from_blocked(sw_hh, dw_hh, G, H, H, r0, r1)
+    if not natural:
+        from_blocked(sw_ih, dw_ih, G, H, D, bs, r0, r1)
+        from_blocked(sw_hh, dw_hh, G, H, H, bs, r0, r1)
         for c in range(r0, r1):
-            db_x[natural_row(c, G, H)] = sb_x[c]
+            db_x[natural_row(c, G, H, bs)] = sb_x[c]
             if db_h != NULL:
-                db_h[natural_row(c, G, H)] = sb_h[c]
+                db_h[natural_row(c, G, H, bs)] = sb_h[c]

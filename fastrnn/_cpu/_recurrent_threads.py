@@ -92,9 +92,11 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) a call runs on
-# one thread: a barrier per step then costs more than splitting the step saves. Measured with
-# fastrnn._bench.compare_strategies (see lstm.pyx's module docstring).
-MIN_PARALLEL_WORK = 1 << 15
+# one thread: a barrier per step then costs about as much as splitting the step saves (a batch-1
+# LSTM step with H=128, 65k multiply-adds, ~2 us on one core, gained ~0.4 us from a second
+# thread in fastrnn._bench.compare_strategies), and on a loaded machine a barrier can wait a
+# whole scheduler time slice for a descheduled peer. See lstm.pyx's module docstring.
+MIN_PARALLEL_WORK = 1 << 18
 
 
 def team_size(N: int, H: int, G: int) -> int:

@@ -21,11 +21,14 @@ from cython.parallel cimport parallel
 from fastrnn._cpu._blas cimport floating
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
 from fastrnn._cpu._recurrent_common cimport (
+    BLOCK,
     block_size,
     fr_barrier,
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_gru_bwd_row_f,
+    fr_gru_fwd_row_f,
     memcpy,
     mm,
     sequence_grads,
@@ -77,7 +80,7 @@ cdef inline void fwd_point(
     floating* yt,                # OUT (N, H)
     floating* st,                # OUT (N, 4H) blocked r, z, n, hn, or NULL (not training)
     const long long* lengths,
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """G3-G5 for the units [u0, u1) of every sequence at step t (the biases are added here)."""
     cdef Py_ssize_t n, j, j0, sz, u, k
@@ -94,9 +97,13 @@ cdef inline void fwd_point(
                 hn[j] = hp[j]
                 yt[j] = 0
             continue
+        if floating is float:
+            fr_gru_fwd_row_f(xt + n * G * H, hw + n * G * H, b_ih, b_hh, hp + n * H, hn + n * H,
+                             yt + n * H, st + n * S * H if st != NULL else NULL, H, bs, u0, u1)
+            continue
         j0 = u0
         while j0 < u1:
-            sz = block_size(H, j0)
+            sz = block_size(bs, H, j0)
             k = n * G * H + G * j0
             xa = xt + k
             ha = hw + k
@@ -123,7 +130,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, bint training,
+    int p, int nt, Py_ssize_t bs, bint training,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih_b,      # IN  (3H, D) blocked
@@ -139,7 +146,7 @@ cdef void fwd_thread(
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     # G1: the input projection of all T steps, this thread's gate columns, one GEMM.
     mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
        <floating> 0, xw + G * u0, G * H)
@@ -150,14 +157,14 @@ cdef void fwd_thread(
         mm(False, True, N, G * (u1 - u0), H, <floating> 1, hs + cur * NH, H,
            w_hh_b + G * u0 * H, H, <floating> 0, hw + G * u0, G * H)
         fwd_point(xw + t * step, hw, b_ih_b, b_hh_b, hs + cur * NH, hs + nxt * NH, y + t * NH,
-                  acts + t * N * S * H if training else <floating*> NULL, lengths, t, N, H,
+                  acts + t * N * S * H if training else <floating*> NULL, lengths, t, N, H, bs,
                   u0, u1)
         # Every thread's part of h_t must be written before any thread's next G2 reads h_t.
         fr_barrier()
 
 
 cdef void fwd_run(
-    int nt, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b_ih,
     const floating* b_hh, const long long* lengths,
     floating* w_ih_b, floating* w_hh_b, floating* b_ih_b, floating* b_hh_b,
@@ -167,18 +174,19 @@ cdef void fwd_run(
     cdef int p, team
     cdef Py_ssize_t last = T if training else T & 1
     fr_blas_pin_one(saved)
-    to_blocked(w_ih, w_ih_b, G, H, D)
-    to_blocked(w_hh, w_hh_b, G, H, H)
-    to_blocked(b_ih, b_ih_b, G, H, 1)
-    to_blocked(b_hh, b_hh_b, G, H, 1)
+    if bs < H:  # else the natural layout is the blocked one and w_ih_b is w_ih, etc.
+        to_blocked(w_ih, w_ih_b, G, H, D, bs)
+        to_blocked(w_hh, w_hh_b, G, H, H, bs)
+        to_blocked(b_ih, b_ih_b, G, H, 1, bs)
+        to_blocked(b_hh, b_hh_b, G, H, 1, bs)
     if nt > 1:
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
+            fwd_thread(p, team, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
                        lengths, xw, hw, acts, hs, y)
     else:
-        fwd_thread(0, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b, lengths, xw,
+        fwd_thread(0, 1, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b, lengths, xw,
                    hw, acts, hs, y)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -195,6 +203,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = w_hh.shape[1]
     cdef bint train = bool(training)
     cdef int nt = team_size(N, H, G)
+    # One thread needs no partition: the natural layout is the blocked one with one block of H
+    # units, and the weights are used uncopied.
+    cdef Py_ssize_t bs = BLOCK if nt > 1 else H
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
@@ -202,10 +213,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     xw = ws[: T * N * G * H]
     hw = ws[T * N * G * H :]
     acts = np.empty((T, N, S * H), dtype) if train else np.empty(1, dtype)
-    w_ih_b = np.empty((G * H, D), dtype)
-    w_hh_b = np.empty((G * H, H), dtype)
-    b_ih_b = np.empty(G * H, dtype)
-    b_hh_b = np.empty(G * H, dtype)
+    if bs < H:
+        w_ih_b = np.empty((G * H, D), dtype)
+        w_hh_b = np.empty((G * H, H), dtype)
+        b_ih_b = np.empty(G * H, dtype)
+        b_hh_b = np.empty(G * H, dtype)
+    else:
+        w_ih_b, w_hh_b, b_ih_b, b_hh_b = w_ih, w_hh, b_ih, b_hh
     hT = np.empty((N, H), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
@@ -226,14 +240,14 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                fwd_run(nt, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                fwd_run(nt, bs, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
                         <float*> p_b_ih, <float*> p_b_hh, lens, <float*> p_w_ih_b,
                         <float*> p_w_hh_b, <float*> p_b_ih_b, <float*> p_b_hh_b,
                         <float*> p_xw, <float*> p_hw, <float*> p_acts, <float*> p_hs,
                         <float*> p_y, <float*> p_hT)
         else:
             with nogil:
-                fwd_run(nt, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                fwd_run(nt, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b_ih, <double*> p_b_hh, lens,
                         <double*> p_w_ih_b, <double*> p_w_hh_b, <double*> p_b_ih_b,
                         <double*> p_b_hh_b, <double*> p_xw, <double*> p_hw,
@@ -247,7 +261,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
         dtype=dtype,
         cupy=False,
         grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
-        saved=dict(x=x, w_ih_b=w_ih_b, w_hh_b=w_hh_b, acts=acts, hs=hs, lengths=lengths),
+        saved=dict(x=x, w_ih_b=w_ih_b, w_hh_b=w_hh_b, acts=acts, hs=hs, lengths=lengths, bs=bs),
     )
     return y, hT, ctx
 
@@ -266,7 +280,7 @@ cdef inline void bwd_point(
     floating* dxt,               # OUT   (N, 3H) blocked da_x of step t
     floating* dht,               # OUT   (N, 3H) blocked da_h of step t
     const long long* lengths,
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """GB1-GB4 for the units [u0, u1) of every sequence at step t."""
     cdef Py_ssize_t n, j, j0, sz, u
@@ -281,9 +295,13 @@ cdef inline void bwd_point(
                 dxt[j] = 0
                 dht[j] = 0
             continue
+        if floating is float:
+            fr_gru_bwd_row_f(st + n * S * H, hp + n * H, dyt + n * H, dh + n * H,
+                             dxt + n * G * H, dht + n * G * H, H, bs, u0, u1)
+            continue
         j0 = u0
         while j0 < u1:
-            sz = block_size(H, j0)
+            sz = block_size(bs, H, j0)
             sa = st + n * S * H + S * j0
             dxa = dxt + n * G * H + G * j0
             dha = dht + n * G * H + G * j0
@@ -314,7 +332,7 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b,
     const floating* acts,        # IN  (T, N, 4H) blocked
     const floating* hs,          # IN  (T+1, N, H)
@@ -327,10 +345,10 @@ cdef void bwd_thread(
     floating* scratch,           # (3H, D + H + 2)
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     for t in range(T - 1, -1, -1):
         bwd_point(acts + t * N * S * H, hs + t * NH, dy + t * NH, dh, dxw + t * step,
-                  dhw + t * step, lengths, t, N, H, u0, u1)
+                  dhw + t * step, lengths, t, N, H, bs, u0, u1)
         # All of da_h of step t must be written before any thread's GEMM reads it.
         fr_barrier()
         # GB4: this thread's columns of dh_{t-1} += da_h W_hh (its next pointwise pass reads
@@ -339,12 +357,12 @@ cdef void bwd_thread(
            H, <floating> 1, dh + u0, H)
     fr_barrier()
     # GB5: weight, bias and input gradients as whole-sequence GEMMs.
-    sequence_grads(p, nt, G, T * N, D, H, dxw, dhw, x, hs, w_ih_b, dx, dw_ih, dw_hh, db_ih,
+    sequence_grads(p, nt, G, T * N, D, H, bs, dxw, dhw, x, hs, w_ih_b, dx, dw_ih, dw_hh, db_ih,
                    db_hh, scratch)
 
 
 cdef void bwd_run(
-    int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
     const floating* hs, const long long* lengths, const floating* dy, floating* dh,
     floating* dxw, floating* dhw, floating* dx, floating* dw_ih, floating* dw_hh,
@@ -357,10 +375,10 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw,
+            bwd_thread(p, team, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw,
                        dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
     else:
-        bwd_thread(0, 1, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw, dhw,
+        bwd_thread(0, 1, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw, dhw,
                    dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
     fr_blas_restore(saved)
 
@@ -380,6 +398,7 @@ def gru_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
+    cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     ws = take_scratch(dtype, 2 * T * N * G * H + G * H * (D + H + 2))
     dxw = ws[: T * N * G * H]
     dhw = ws[T * N * G * H : 2 * T * N * G * H]
@@ -408,14 +427,14 @@ def gru_backward(ctx, dy, dhT):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                bwd_run(nt, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
+                bwd_run(nt, bs, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
                         <float*> p_acts, <float*> p_hs, lens, <float*> p_dy, <float*> p_dh,
                         <float*> p_dxw, <float*> p_dhw, <float*> p_dx, <float*> p_dw_ih,
                         <float*> p_dw_hh, <float*> p_db_ih, <float*> p_db_hh,
                         <float*> p_scratch)
         else:
             with nogil:
-                bwd_run(nt, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
+                bwd_run(nt, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, lens,
                         <double*> p_dy, <double*> p_dh, <double*> p_dxw, <double*> p_dhw,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh,

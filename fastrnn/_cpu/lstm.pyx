@@ -37,11 +37,14 @@ from cython.parallel cimport parallel
 from fastrnn._cpu._blas cimport floating
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
 from fastrnn._cpu._recurrent_common cimport (
+    BLOCK,
     block_size,
     fr_barrier,
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_lstm_bwd_row_f,
+    fr_lstm_fwd_row_f,
     memcpy,
     mm,
     sequence_grads,
@@ -83,7 +86,7 @@ cdef inline void fwd_point(
     floating* cn,                # OUT   (N, H) c_t (never aliases cp)
     floating* yt,                # OUT   (N, H) y_t
     const long long* lengths,    # IN    (N,) or NULL
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """L3-L5 for the units [u0, u1) of every sequence at step t."""
     cdef Py_ssize_t n, j, j0, sz, u
@@ -98,9 +101,13 @@ cdef inline void fwd_point(
                 cn[j] = cp[j]
                 yt[j] = 0
             continue
+        if floating is float:
+            fr_lstm_fwd_row_f(gt + n * G * H, bias, cp + n * H, cn + n * H, hn + n * H,
+                              yt + n * H, H, bs, u0, u1)
+            continue
         j0 = u0
         while j0 < u1:
-            sz = block_size(H, j0)
+            sz = block_size(bs, H, j0)
             a = gt + n * G * H + G * j0
             bb = bias + G * j0
             for u in range(sz):
@@ -124,7 +131,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, bint training,
+    int p, int nt, Py_ssize_t bs, bint training,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih_b,      # IN  (4H, D) blocked
@@ -139,7 +146,7 @@ cdef void fwd_thread(
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     # L1: the input projection of all T steps, this thread's gate columns, one GEMM.
     mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
        <floating> 0, gates + G * u0, G * H)
@@ -150,13 +157,13 @@ cdef void fwd_thread(
         mm(False, True, N, G * (u1 - u0), H, <floating> 1, hs + cur * NH, H,
            w_hh_b + G * u0 * H, H, <floating> 1, gates + t * step + G * u0, G * H)
         fwd_point(gates + t * step, bias, hs + cur * NH, cs + cur * NH, hs + nxt * NH,
-                  cs + nxt * NH, y + t * NH, lengths, t, N, H, u0, u1)
+                  cs + nxt * NH, y + t * NH, lengths, t, N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next L2 reads h_t.
         fr_barrier()
 
 
 cdef void fwd_run(
-    int nt, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
     const long long* lengths,
     floating* w_ih_b, floating* w_hh_b, floating* b_b,   # OUT blocked copies of the weights
@@ -167,17 +174,18 @@ cdef void fwd_run(
     cdef int p, team
     cdef Py_ssize_t last = T if training else T & 1
     fr_blas_pin_one(saved)
-    to_blocked(w_ih, w_ih_b, G, H, D)
-    to_blocked(w_hh, w_hh_b, G, H, H)
-    to_blocked(b, b_b, G, H, 1)
+    if bs < H:  # else the natural layout is the blocked one and w_ih_b is w_ih, etc.
+        to_blocked(w_ih, w_ih_b, G, H, D, bs)
+        to_blocked(w_hh, w_hh_b, G, H, H, bs)
+        to_blocked(b, b_b, G, H, 1, bs)
     if nt > 1:
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
+            fwd_thread(p, team, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
                        hs, cs, y)
     else:
-        fwd_thread(0, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates, hs, cs,
+        fwd_thread(0, 1, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates, hs, cs,
                    y)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
@@ -203,6 +211,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = w_hh.shape[1]
     cdef bint train = bool(training)
     cdef int nt = team_size(N, H, G)
+    # One thread needs no partition: the natural layout is the blocked one with one block of H
+    # units, and the weights are used uncopied.
+    cdef Py_ssize_t bs = BLOCK if nt > 1 else H
     nstates = T + 1 if train else 2
     hs = np.empty((nstates, N, H), dtype)
     cs = np.empty((nstates, N, H), dtype)
@@ -212,9 +223,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # the activations are saved for backward when training, scratch otherwise
     ws = np.empty(T * N * G * H, dtype) if train else take_scratch(dtype, T * N * G * H)
     gates = ws[: T * N * G * H].reshape(T, N, G * H)
-    w_ih_b = np.empty((G * H, D), dtype)
-    w_hh_b = np.empty((G * H, H), dtype)
-    b_b = np.empty(G * H, dtype)
+    if bs < H:
+        w_ih_b = np.empty((G * H, D), dtype)
+        w_hh_b = np.empty((G * H, H), dtype)
+        b_b = np.empty(G * H, dtype)
+    else:
+        w_ih_b, w_hh_b, b_b = w_ih, w_hh, b
     hT = np.empty((N, H), dtype)
     cT = np.empty((N, H), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
@@ -234,13 +248,13 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                fwd_run(nt, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                fwd_run(nt, bs, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
                         <float*> p_b, lens, <float*> p_w_ih_b, <float*> p_w_hh_b,
                         <float*> p_b_b, <float*> p_gates, <float*> p_hs, <float*> p_cs,
                         <float*> p_y, <float*> p_hT, <float*> p_cT)
         else:
             with nogil:
-                fwd_run(nt, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                fwd_run(nt, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_b_b, <double*> p_gates,
                         <double*> p_hs, <double*> p_cs, <double*> p_y, <double*> p_hT,
@@ -254,7 +268,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
         dtype=dtype,
         cupy=False,
         grad_shapes={"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)},
-        saved=dict(x=x, w_ih_b=w_ih_b, w_hh_b=w_hh_b, acts=gates, hs=hs, cs=cs, lengths=lengths),
+        saved=dict(
+            x=x, w_ih_b=w_ih_b, w_hh_b=w_hh_b, acts=gates, hs=hs, cs=cs, lengths=lengths, bs=bs
+        ),
     )
     return y, hT, cT, ctx
 
@@ -274,7 +290,7 @@ cdef inline void bwd_point(
     floating* dc,                # INOUT (N, H) gradient reaching c_t -> reaching c_{t-1}
     floating* dat,               # OUT   (N, 4H) blocked gate gradients of step t
     const long long* lengths,
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """LB1-LB4 for the units [u0, u1) of every sequence at step t."""
     cdef Py_ssize_t n, j, j0, sz, u
@@ -288,9 +304,13 @@ cdef inline void bwd_point(
             for j in range(n * G * H + G * u0, n * G * H + G * u1):
                 dat[j] = 0
             continue
+        if floating is float:
+            fr_lstm_bwd_row_f(at + n * G * H, cp + n * H, cn + n * H, dyt + n * H, dh + n * H,
+                              dc + n * H, dat + n * G * H, H, bs, u0, u1)
+            continue
         j0 = u0
         while j0 < u1:
-            sz = block_size(H, j0)
+            sz = block_size(bs, H, j0)
             a = at + n * G * H + G * j0
             d = dat + n * G * H + G * j0
             for u in range(sz):
@@ -317,7 +337,7 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b,
     const floating* acts,        # IN  (T, N, 4H) blocked
     const floating* hs,          # IN  (T+1, N, H)
@@ -331,10 +351,10 @@ cdef void bwd_thread(
     floating* scratch,           # (4H, D + H + 2)
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     for t in range(T - 1, -1, -1):
         bwd_point(acts + t * step, cs + t * NH, cs + (t + 1) * NH, dy + t * NH, dh, dc,
-                  da + t * step, lengths, t, N, H, u0, u1)
+                  da + t * step, lengths, t, N, H, bs, u0, u1)
         # All of da_t must be written before any thread's GEMM reads it.
         fr_barrier()
         # LB4: this thread's columns of dh_{t-1} += da_t W_hh; its next pointwise pass reads
@@ -343,12 +363,12 @@ cdef void bwd_thread(
            <floating> 1, dh + u0, H)
     fr_barrier()
     # LB5: weight, bias and input gradients as whole-sequence GEMMs.
-    sequence_grads(p, nt, G, T * N, D, H, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
+    sequence_grads(p, nt, G, T * N, D, H, bs, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
                    <floating*> NULL, scratch)
 
 
 cdef void bwd_run(
-    int nt, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
     const floating* hs, const floating* cs, const long long* lengths, const floating* dy,
     floating* dh, floating* dc, floating* da, floating* dx, floating* dw_ih, floating* dw_hh,
@@ -361,10 +381,10 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
+            bwd_thread(p, team, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
                        dc, da, dx, dw_ih, dw_hh, db, scratch)
     else:
-        bwd_thread(0, 1, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh, dc, da,
+        bwd_thread(0, 1, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh, dc, da,
                    dx, dw_ih, dw_hh, db, scratch)
     fr_blas_restore(saved)
 
@@ -386,6 +406,7 @@ def lstm_backward(ctx, dy, dhT, dcT):
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     dc = np.zeros((N, H), dtype) if dcT is None else np.array(dcT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
+    cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     ws = take_scratch(dtype, T * N * G * H + G * H * (D + H + 2))
     da = ws[: T * N * G * H]
     scratch = ws[T * N * G * H :]
@@ -412,13 +433,13 @@ def lstm_backward(ctx, dy, dhT, dcT):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                bwd_run(nt, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
+                bwd_run(nt, bs, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
                         <float*> p_acts, <float*> p_hs, <float*> p_cs, lens, <float*> p_dy,
                         <float*> p_dh, <float*> p_dc, <float*> p_da, <float*> p_dx,
                         <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db, <float*> p_scratch)
         else:
             with nogil:
-                bwd_run(nt, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
+                bwd_run(nt, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, <double*> p_cs,
                         lens, <double*> p_dy, <double*> p_dh, <double*> p_dc, <double*> p_da,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh, <double*> p_db,

@@ -15,10 +15,12 @@ from cython.parallel cimport parallel
 from fastrnn._cpu._blas cimport floating
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
 from fastrnn._cpu._recurrent_common cimport (
+    BLOCK,
     fr_barrier,
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_rnn_tanh_row_f,
     memcpy,
     mm,
     sequence_grads,
@@ -63,7 +65,7 @@ cdef inline void fwd_point(
     floating* hn,                # OUT (N, H) h_t (never aliases hp)
     floating* yt,                # OUT (N, H)
     bint relu, const long long* lengths,
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """R3-R4 for the units [u0, u1) of every sequence at step t (the bias is added here)."""
     cdef Py_ssize_t n, j, k
@@ -83,6 +85,8 @@ cdef inline void fwd_point(
                 a = a if a > 0 else 0
                 hn[k + j] = a
                 yt[k + j] = a
+        elif floating is float:
+            fr_rnn_tanh_row_f(at + k, b, hn + k, yt + k, u0, u1)
         else:
             for j in range(u0, u1):
                 a = tanh_(at[k + j] + b[j])
@@ -91,7 +95,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, bint training, bint relu,
+    int p, int nt, Py_ssize_t bs, bint training, bint relu,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih,        # IN  (H, D)
@@ -104,7 +108,7 @@ cdef void fwd_thread(
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H
     cdef Py_ssize_t cur, nxt
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     # R1: the input projection of all T steps, this thread's columns, one GEMM.
     mm(False, True, T * N, u1 - u0, D, <floating> 1, x, D, w_ih + u0 * D, D, <floating> 0,
        xw + u0, H)
@@ -115,13 +119,13 @@ cdef void fwd_thread(
         mm(False, True, N, u1 - u0, H, <floating> 1, hs + cur * NH, H, w_hh + u0 * H, H,
            <floating> 1, xw + t * NH + u0, H)
         fwd_point(xw + t * NH, b, hs + cur * NH, hs + nxt * NH, y + t * NH, relu, lengths, t,
-                  N, H, u0, u1)
+                  N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next R2 reads h_t.
         fr_barrier()
 
 
 cdef void fwd_run(
-    int nt, bint training, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, bint training, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
     const long long* lengths, floating* xw, floating* hs, floating* y, floating* hT,
 ) noexcept nogil:
@@ -133,10 +137,10 @@ cdef void fwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs,
+            fwd_thread(p, team, bs, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs,
                        y)
     else:
-        fwd_thread(0, 1, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs, y)
+        fwd_thread(0, 1, bs, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs, y)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -155,6 +159,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef bint train = bool(training)
     cdef bint relu = _NONLINEARITIES[nonlinearity]
     cdef int nt = team_size(N, H, 1)
+    cdef Py_ssize_t bs = BLOCK  # one gate: any block size is the natural layout
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
@@ -173,12 +178,12 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                fwd_run(nt, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
+                fwd_run(nt, bs, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
                         <float*> p_w_hh, <float*> p_b, lens, <float*> p_xw, <float*> p_hs,
                         <float*> p_y, <float*> p_hT)
         else:
             with nogil:
-                fwd_run(nt, train, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                fwd_run(nt, bs, train, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_xw,
                         <double*> p_hs, <double*> p_y, <double*> p_hT)
     give_scratch(ws)
@@ -207,7 +212,7 @@ cdef inline void bwd_point(
                                  #       out: the part of dh_{t-1} not from R2's GEMM
     floating* dat,               # OUT   (N, H) gradient of the pre-activation of step t
     bint relu, const long long* lengths,
-    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1,
 ) noexcept nogil:
     """RB1-RB3 for the units [u0, u1) of every sequence at step t."""
     cdef Py_ssize_t n, j, k
@@ -232,7 +237,7 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, Py_ssize_t bs, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh,
     const floating* hs,          # IN  (T+1, N, H)
     const long long* lengths,
@@ -242,9 +247,9 @@ cdef void bwd_thread(
     floating* dx, floating* dw_ih, floating* dw_hh, floating* db,
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H
-    unit_range(H, nt, p, &u0, &u1)
+    unit_range(H, bs, nt, p, &u0, &u1)
     for t in range(T - 1, -1, -1):
-        bwd_point(hs + (t + 1) * NH, dy + t * NH, dh, da + t * NH, relu, lengths, t, N, H, u0,
+        bwd_point(hs + (t + 1) * NH, dy + t * NH, dh, da + t * NH, relu, lengths, t, N, H, bs, u0,
                   u1)
         # All of da_t must be written before any thread's GEMM reads it.
         fr_barrier()
@@ -254,12 +259,12 @@ cdef void bwd_thread(
            <floating> 1, dh + u0, H)
     fr_barrier()
     # RB4: weight, bias and input gradients as whole-sequence GEMMs.
-    sequence_grads(p, nt, 1, T * N, D, H, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
+    sequence_grads(p, nt, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
                    <floating*> NULL, <floating*> NULL)
 
 
 cdef void bwd_run(
-    int nt, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, Py_ssize_t bs, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* hs,
     const long long* lengths, const floating* dy, floating* dh, floating* da, floating* dx,
     floating* dw_ih, floating* dw_hh, floating* db,
@@ -271,10 +276,10 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
+            bwd_thread(p, team, bs, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
                        dw_ih, dw_hh, db)
     else:
-        bwd_thread(0, 1, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx, dw_ih,
+        bwd_thread(0, 1, bs, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx, dw_ih,
                    dw_hh, db)
     fr_blas_restore(saved)
 
@@ -294,6 +299,7 @@ def rnn_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, 1)
+    cdef Py_ssize_t bs = BLOCK
     ws = take_scratch(dtype, T * N * H)
     da = ws[: T * N * H]
     dx = np.empty((T, N, D), dtype)
@@ -315,12 +321,12 @@ def rnn_backward(ctx, dy, dhT):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                bwd_run(nt, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                bwd_run(nt, bs, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
                         <float*> p_hs, lens, <float*> p_dy, <float*> p_dh, <float*> p_da,
                         <float*> p_dx, <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db)
         else:
             with nogil:
-                bwd_run(nt, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                bwd_run(nt, bs, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_hs, lens, <double*> p_dy,
                         <double*> p_dh, <double*> p_da, <double*> p_dx, <double*> p_dw_ih,
                         <double*> p_dw_hh, <double*> p_db)
