@@ -60,10 +60,12 @@ stage tests 90 $PY -m pytest -q -rs -p no:cacheprovider \
     tests/test_cuda_recurrent.py tests/test_cuda_conv.py \
     --junitxml="$OUT/tests-junit.xml"
 
-# 4. the backend-parametrised op tests of the other backends' files, CUDA cases only
-#    (test_recurrent.py needs hypothesis; a missing module fails its collection, not the rest)
+# 4. the CUDA cases of the shared test files: the backend-parametrised op tests, the layer API
+#    and the PyTorch bindings on CuPy arrays (test_recurrent.py needs hypothesis; a missing
+#    module fails its file's collection, not the rest)
 stage shared 50 $PY -m pytest -q -rs -p no:cacheprovider -k cuda --continue-on-collection-errors \
-    tests/test_recurrent.py tests/test_conv2d.py tests/test_pool2d.py
+    tests/test_recurrent.py tests/test_conv2d.py tests/test_pool2d.py tests/test_nn_cuda.py \
+    tests/test_torch_bindings.py
 
 # 5. the benchmark (fastrnn vs torch.nn.LSTM/GRU/RNN and torch.nn.functional, cuDNN, fp32)
 stage bench 125 $PY benchmarks/bench_gpu.py --out "$OUT"
