@@ -416,7 +416,8 @@ def test_pool_inference_saves_nothing(host_rt):
 def test_cupy_runtime_cublas_calls(host_lib):
     """CupyRuntime issues one cuBLAS call per GEMM of the algorithm (1 input projection + T
     recurrent forward; T recurrent backward + 3 weight/input + 1 bias), each in host pointer
-    mode on the current stream, and leaves the handle's pointer mode as it found it."""
+    mode on the current stream, and leaves the handle's pointer mode and stream as it found
+    them."""
     rt = EmulatedCupyRuntime(host_lib)
     T, N, D, H = 4, 3, 5, 6
     with use_runtime(rt):
@@ -427,6 +428,7 @@ def test_cupy_runtime_cublas_calls(host_lib):
         recurrent.lstm_backward(ctx, rt.to_device(grads["dy"]), None, None)
         assert rt.fake_cublas.calls == 1 + T + T + 3 + 1
     assert rt.fake_cublas.mode == rt.fake_cublas.CUBLAS_POINTER_MODE_DEVICE
+    assert rt.fake_cublas.stream == 0  # and its stream
 
 
 def test_cuda_graph_cache_captures_then_replays(host_lib):

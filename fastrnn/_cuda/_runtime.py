@@ -320,12 +320,8 @@ class CupyRuntime(Runtime):
         return a.data.ptr
 
     def _blas_gemm(self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        cublas = self._cublas
         handle = self._cupy.cuda.device.get_cublas_handle()
-        mode = cublas.getPointerMode(handle)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        try:
-            cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
+        with self.blas_session():
             self._gemm_fn[dtype](
                 handle,
                 op_a,
@@ -342,18 +338,12 @@ class CupyRuntime(Runtime):
                 c,
                 ldc,
             )
-        finally:
-            cublas.setPointerMode(handle, mode)
 
     def _blas_gemm_batched(
         self, dtype, op_a, op_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sa, sb, sc, batch
     ):
-        cublas = self._cublas
         handle = self._cupy.cuda.device.get_cublas_handle()
-        mode = cublas.getPointerMode(handle)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        try:
-            cublas.setStream(handle, self._cupy.cuda.get_current_stream().ptr)
+        with self.blas_session():
             self._batched_fn[dtype](
                 handle,
                 op_a,
@@ -374,8 +364,6 @@ class CupyRuntime(Runtime):
                 sc,
                 batch,
             )
-        finally:
-            cublas.setPointerMode(handle, mode)
 
     @contextlib.contextmanager
     def blas_session(self) -> Iterator[None]:
