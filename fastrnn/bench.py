@@ -30,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -334,20 +334,17 @@ def sgemm_rate(threads: int, size: int, min_time: float) -> float:
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
     c = np.empty((size, size), np.float32)
-    with _blas_threads(threads):
+    with same_threads(threads):
         seconds = time_call(lambda: np.matmul(a, b, out=c), lambda: None, min_time)
     return 2.0 * size**3 / seconds / 1e9
 
 
-@contextlib.contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        yield
-        return
-    with threadpool_limits(limits=n, user_api="blas"):
-        yield
+def same_threads(n: int) -> contextlib.AbstractContextManager[None]:
+    """fastrnn, PyTorch and every BLAS on ``n`` threads inside the block, restored after it
+    (the recurrent benchmarks' helper, so both benchmarks set threads the same way)."""
+    from fastrnn._bench import threads
+
+    return threads(n)
 
 
 def _max_rel_err(got: Any, want: np.ndarray) -> float:
@@ -424,11 +421,7 @@ def run_bench(
             torch = _torch
         except ImportError:
             torch = None
-    fr.set_num_threads(threads)
-    if torch is not None:
-        torch.set_num_threads(threads)
     cupy, torch_cuda = _gpu_backends(torch) if use_gpu else (None, False)
-    # the GPU timings reuse the CPU inputs, copied once per case
     sgemm = sgemm_rate(threads, 1024 if quick else 2048, min_time)
     log(f"sgemm (NumPy BLAS, {threads} threads): {sgemm:.1f} GFLOP/s")
     machine = {
@@ -447,15 +440,16 @@ def run_bench(
         machine["gpu"] = name.decode() if isinstance(name, bytes) else name
 
     rows: list[Row] = []
-    for case in grid(quick):
-        if case.op not in ops:
-            continue
-        arrays = make_inputs(case, dtype)
-        for passes in PASSES:
-            rows.extend(
-                _bench_case(case, arrays, passes, threads, sgemm, min_time, torch, cupy, torch_cuda)
-            )
-            log(_progress_line(case, passes, rows))
+    with same_threads(threads):
+        for case in grid(quick):
+            if case.op not in ops:
+                continue
+            arrays = make_inputs(case, dtype)
+            for passes in PASSES:
+                rows.extend(
+                    _bench_case(case, arrays, passes, sgemm, min_time, torch, cupy, torch_cuda)
+                )
+                log(_progress_line(case, passes, rows))
     return {"machine": machine, "rows": [asdict(r) for r in rows]}
 
 
@@ -469,7 +463,6 @@ def _bench_case(
     case: Case,
     arrays: dict[str, np.ndarray],
     passes: str,
-    threads: int,
     sgemm: float,
     min_time: float,
     torch: Any,
@@ -480,9 +473,8 @@ def _bench_case(
     # the reference output every implementation is checked against
     with fr.use_backend("numpy"):
         ref_run = _fastrnn_runner(case, arrays, passes)
-        with _blas_threads(threads):
-            want = ref_run()
-            ref_seconds = time_call(ref_run, lambda: None, min_time)
+        want = ref_run()
+        ref_seconds = time_call(ref_run, lambda: None, min_time)
     tol = 2e-3 if arrays["x"].dtype == np.float32 else 1e-9
 
     def row(impl: str, device: str, seconds: float | None, check: str) -> Row:
@@ -576,7 +568,7 @@ def format_table(result: dict[str, Any]) -> str:
     reference's and PyTorch's times, PyTorch's time over fastrnn's; GPU columns when timed."""
     m = result["machine"]
     head = (
-        f"fastrnn bench: {m['dtype']}, {m['threads']} threads, sgemm {m['sgemm_gflops']:.1f} "
+        f"fastrnn bench: {m['dtype']}, threads: {m['threads']}, sgemm {m['sgemm_gflops']:.1f} "
         f"GFLOP/s (NumPy BLAS, same threads, same run); PyTorch {m['torch'] or 'not installed'}"
         f"; GPU {m['gpu'] or 'none'}"
     )

@@ -4,13 +4,14 @@ files and the training-curve plot."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -280,3 +281,28 @@ def probability(text: str) -> float:
     if not (0.0 <= value < 1.0):
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
+
+
+# ------------------------------------------------------------------------------------------------
+# threads
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def thread_limit(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` threads in fastrnn's kernels and in every BLAS (NumPy's
+    matrix products of the layers included), restoring both after; ``None`` changes nothing."""
+    if n is None:
+        yield
+        return
+    import fastrnn
+
+    before = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        fastrnn.set_num_threads(before)

@@ -162,14 +162,19 @@ class CharRNN(nn.Module):
     def forward(self, ids: Any, state: Any = None) -> tuple[Any, Any]:
         e = self.embed(ids)
         y, state = self.lstm(e, state)
-        return self.head(self.drop(y)), state
+        T, N, H = y.shape
+        # the head sees a 2-D (T*N, H) matrix: one GEMM (NumPy's matmul of a 3-D array with a
+        # transposed 2-D one can take a slow non-BLAS loop)
+        logits = self.head(self.drop(y).reshape(T * N, H))
+        return logits.reshape(T, N, -1), state
 
     def backward(self, dlogits: Any) -> None:
-        dy = self.drop.backward(self.head.backward(dlogits))
+        T, N, V = dlogits.shape
+        dy = self.drop.backward(self.head.backward(dlogits.reshape(T * N, V)).reshape(T, N, -1))
         self.embed.backward(self.lstm.backward(dy))
 
 
-def evaluate(model: Any, ids: np.ndarray, n_streams: int = 8, chunk: int = 256) -> float:
+def evaluate(model: Any, ids: np.ndarray, n_streams: int = 32, chunk: int = 512) -> float:
     """Mean cross-entropy (bits per character) of predicting ``ids[1:]`` from what precedes,
     over ``n_streams`` contiguous streams with the state carried across chunks."""
     from fastrnn.nn.functional import log_softmax
@@ -454,7 +459,8 @@ def add_train_parser(sub: Any) -> None:
         "--minutes",
         type=positive_float,
         default=DEFAULT_MINUTES,
-        help=f"stop after this much training time (default {DEFAULT_MINUTES:g})",
+        help="stop after this many minutes of the training loop (validation and samples "
+        f"included; default {DEFAULT_MINUTES:g})",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -489,6 +495,13 @@ def add_train_parser(sub: Any) -> None:
         help="characters per periodic sample (default 200)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
+        "or all CPUs)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -582,7 +595,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"model: embedding {hp['embedding']}, LSTM {hp['layers']} x {hp['hidden']}, "
         f"{n_params:,} parameters; seq-len {hp['seq_len']}, batch {hp['batch_size']}, Adam lr "
         f"{hp['lr']:g}, dropout {hp['dropout']:g}, clip {hp['clip']:g}; "
-        f"{fastrnn.get_num_threads()} threads"
+        f"threads: {fastrnn.get_num_threads()}"
     )
     if meta is not None:
         log(f"resuming at step {progress_state['step']} from {args.out}")
@@ -646,7 +659,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     wall0 = time.perf_counter()
     try:
         while steps_done < args.steps:
-            if train_seconds >= budget:
+            if time.perf_counter() - wall0 >= budget:  # evaluations and samples count too
                 stopped_by_time = True
                 break
             t0 = time.perf_counter()
@@ -773,6 +786,13 @@ def add_sample_parser(sub: Any) -> None:
     )
     p.add_argument("--prime", default=None, help="text to start from (default a newline)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
+        "or all CPUs)",
+    )
     p.set_defaults(func=cmd_sample)
 
 

@@ -211,6 +211,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--json", metavar="PATH", help="write a JSON summary of the run here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
+        "or all CPUs)",
+    )
     p.set_defaults(func=cmd_digits)
 
 
@@ -229,7 +236,7 @@ def cmd_digits(args: argparse.Namespace) -> int:
     sizes = {k: len(v[1]) for k, v in data.items()}
     print(
         f"digits: {sizes['train']} training, {sizes['val']} validation, {sizes['test']} test "
-        f"images (8x8); {fastrnn.get_num_threads()} threads"
+        f"images (8x8); threads: {fastrnn.get_num_threads()}"
     )
     hp = {
         "channels": args.channels,
