@@ -234,6 +234,26 @@ def test_cpu_threads_agree(case, dtype, restore_threads):
         np.testing.assert_array_equal(c, d, err_msg=name)
 
 
+@pytest.mark.parametrize("N", [1, 4], ids=["blas-threads", "openmp-images"])
+def test_cpu_blas_threads_restored(N, restore_threads):
+    """The kernels pin BLAS to one thread inside their parallel regions (or hand it the threads
+    when images run one after another) and leave it as they found it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [
+            lib["num_threads"]
+            for lib in threadpoolctl.threadpool_info()
+            if lib["user_api"] == "blas"
+        ]
+
+    before = blas_threads()
+    fr.set_num_threads(2)
+    x, w, b, kw = _data((N, 3, 8, 8, 4, (3, 3), 1, 1, 1, 1, True))
+    _run("cpu", x, w, b, kw)
+    assert blas_threads() == before
+
+
 # ------------------------------------------------------------------------------------------------
 # error policy (validated in fastrnn.conv2d_forward before any backend runs)
 # ------------------------------------------------------------------------------------------------
