@@ -239,13 +239,14 @@ def test_cpu_blas_threads_restored(N, restore_threads):
     """The kernels pin BLAS to one thread inside their parallel regions (or hand it the threads
     when images run one after another) and leave it as they found it."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    import fastrnn._cpu.conv2d  # noqa: F401  (loads SciPy's BLAS before the first count)
 
     def blas_threads():
-        return [
-            lib["num_threads"]
+        return {
+            lib["filepath"]: lib["num_threads"]
             for lib in threadpoolctl.threadpool_info()
             if lib["user_api"] == "blas"
-        ]
+        }
 
     before = blas_threads()
     fr.set_num_threads(2)
