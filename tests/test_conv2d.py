@@ -148,7 +148,7 @@ def test_kernel_matches_reference(backend, case, dtype):
 
 @pytest.mark.parametrize("tile", [1, 13])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_cpu_column_tiles(case, tile):
+def test_cpu_column_tiles(case, tile, restore_threads):
     """Images split into several tiles of output rows (one row per tile, or a few) give the
     reference's result too."""
     from fastrnn._cpu import conv2d as kernel
@@ -198,7 +198,11 @@ def test_cpu_non_contiguous_input():
 
 
 @pytest.fixture
-def restore_threads():
+def restore_threads(monkeypatch):
+    """Restores the thread count afterwards; lets even these small cases run in parallel."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "MIN_PARALLEL_MACS", 0)
     before = fr.get_num_threads()
     yield
     fr.set_num_threads(before)

@@ -38,6 +38,8 @@ is the column matrix, and the dx GEMM writes dx[n] directly (no col2im).
 from cython.parallel cimport parallel, prange
 from libc.string cimport memcpy, memset
 
+import contextlib
+
 import numpy as np
 
 from fastrnn._cpu._blas cimport floating, gemm
@@ -281,6 +283,7 @@ def _forward(
     floating[:, :, :, ::1] y,         # OUT
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
+    blas,                             # context manager setting the BLAS threads (see _plan)
 ):
     cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
                             groups)
@@ -296,7 +299,7 @@ def _forward(
     # Work items are (image, tile) pairs: they write disjoint parts of y, so even one image
     # spreads over the threads.
     if bufs.shape[0] > 1:
-        with blas_threads(1):
+        with blas:
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
                 for item in prange(g.N * tiles, schedule="dynamic"):
@@ -305,7 +308,7 @@ def _forward(
                     _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs,
                                   r0, min(r0 + g.tile_rows, g.OH), &g)
     else:
-        with blas_threads(nthreads):
+        with blas:
             with nogil:
                 for item in range(g.N * tiles):
                     n = item // tiles
@@ -324,6 +327,7 @@ def _backward(
     floating[:, ::1] parts,           # scratch [chunks, F*K], zeroed by the caller
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
+    blas,                             # context manager setting the BLAS threads (see _plan)
 ):
     cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
                             groups)
@@ -342,7 +346,7 @@ def _backward(
     # Chunk c holds images [c*N/P, (c+1)*N/P) and sums their dw, in image order, into partial
     # c; whichever thread runs it, the arithmetic is the same.
     if bufs.shape[0] > 1:
-        with blas_threads(1):
+        with blas:
             with nogil, parallel(num_threads=nthreads):
                 tid = omp_get_thread_num()
                 for c in prange(P, schedule="dynamic"):
@@ -350,7 +354,7 @@ def _backward(
                         _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
                                         partp + c * ps, bufp + tid * cs, &g)
     else:
-        with blas_threads(nthreads):
+        with blas:
             with nogil:
                 for c in range(P):
                     for n in range(c * g.N // P, (c + 1) * g.N // P):
@@ -370,12 +374,28 @@ def _backward(
                 db[f] = <floating> _channel_sum(dyp, f, &g)
 
 
-def _threads_for(Py_ssize_t items) -> tuple:
-    """(OpenMP threads, per-thread buffers): work items run in parallel (one buffer per thread,
-    BLAS on one thread) only when there are at least as many as threads; otherwise one after
-    another with BLAS on the threads (one buffer)."""
-    nt = get_num_threads()
-    return nt, (nt if nt > 1 and items >= nt else 1)
+# Below this many multiply-adds a call runs on one thread: the parallel region and the BLAS
+# pinning cost more than they save (measured: 32x1x8x8 -> 32, k3, 590K multiply-adds, forward
+# and backward take as long on 2 threads as on 1).
+MIN_PARALLEL_MACS = 1 << 21
+# Below this many, not even the BLAS pinning is needed: OpenBLAS runs a GEMM with
+# m*n*k <= 2^18 on one thread by itself, and a smaller call holds no larger GEMM.
+BLAS_SERIAL_MACS = 1 << 18
+
+
+def _plan(Py_ssize_t macs, Py_ssize_t items) -> tuple:
+    """(OpenMP threads, per-thread buffers, BLAS thread context) for a call of ``macs``
+    multiply-adds split into ``items`` work items.
+
+    Items run in parallel (one buffer per thread, BLAS pinned to one thread) when there are at
+    least as many as threads; otherwise one after another (one buffer) with BLAS on the
+    threads."""
+    nt = get_num_threads() if macs >= MIN_PARALLEL_MACS else 1
+    if nt > 1 and items >= nt:
+        return nt, nt, blas_threads(1)
+    if nt == 1 and macs < BLAS_SERIAL_MACS:
+        return 1, 1, contextlib.nullcontext()
+    return nt, 1, blas_threads(nt)
 
 
 # Images of a backward pass are split into at most this many chunks, each with its own dw
@@ -401,12 +421,12 @@ def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    nt, nbuf = _threads_for(g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
+    nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
     bias = np.empty(0, dtype=x.dtype) if b is None else b
-    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt)
+    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt, blas)
     ctx = None
     if training:
         ctx = Context(
@@ -426,13 +446,14 @@ def conv2d_backward(ctx, dy):
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
     chunks = _chunks(x.shape[0], w.nbytes)
-    nt, nbuf = _threads_for(chunks)
+    F, L = w.shape[0], dy.shape[2] * dy.shape[3]
+    nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
     dx = np.empty_like(x)
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
     parts = np.zeros((chunks, w.size), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
-    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt)
+    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt, blas)
     return dx, dw, (db if s["has_bias"] else None)
 
 
