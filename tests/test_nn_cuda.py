@@ -73,7 +73,9 @@ def _same_step(make, inputs, targets, backward_args=()):
     for (name, p), q in zip(host.named_parameters(), dev.parameters(), strict=True):
         assert isinstance(q.data, cupy.ndarray)
         np.testing.assert_allclose(q.grad.get(), p.grad, err_msg=name, **RTOL)
-        np.testing.assert_allclose(q.data.get(), p.data, err_msg=name, **RTOL)
+        # Adam divides by sqrt(v): where a gradient is ~0, rounding-level differences in it move
+        # the parameter by ~1e-10 absolute, so the parameters get an absolute floor.
+        np.testing.assert_allclose(q.data.get(), p.data, err_msg=name, rtol=1e-9, atol=1e-9)
     return host, dev
 
 
