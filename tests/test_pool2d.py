@@ -193,8 +193,11 @@ def test_kernel_empty_batch(backend, kind):
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
-def test_cpu_threads_agree(kind):
+def test_cpu_threads_agree(kind, monkeypatch):
     """Planes are independent: 1 and 2 threads give identical results."""
+    from fastrnn._cpu import pool2d as kernel
+
+    monkeypatch.setattr(kernel, "MIN_PARALLEL_ELEMENTS", 0)  # parallel even at this size
     before = fr.get_num_threads()
     x = _x((5, 3, 9, 8), np.float32, ties=True)
     try:

@@ -250,6 +250,15 @@ def _avg_backward(
             _avg_plane_backward(dyp + p * ys, dxp + p * xs, &g)
 
 
+# Below this many input plus output elements a call runs on one thread: the parallel region
+# costs more than the few microseconds of work it would split.
+MIN_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _threads(Py_ssize_t inputs, Py_ssize_t outputs) -> int:
+    return get_num_threads() if inputs + outputs >= MIN_PARALLEL_ELEMENTS else 1
+
+
 def _out_shape(x, kernel_size, stride, padding) -> tuple:
     N, C, H, W = x.shape
     return (N, C, (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
@@ -270,21 +279,21 @@ def max_pool2d_forward(x, kernel_size, stride, padding, training):
             "elements is too large for the CPU kernel"
         )
     arg = np.empty(y.shape if training else (0, 0, 0, 0), dtype=np.int32)
-    _max_forward(x, y, arg, kernel_size, stride, padding, get_num_threads())
+    _max_forward(x, y, arg, kernel_size, stride, padding, _threads(x.size, y.size))
     return y, (_context("max_pool2d", x, y, arg=arg) if training else None)
 
 
 def max_pool2d_backward(ctx, dy):
     """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
     dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
-    _max_backward(dy, ctx.saved["arg"], dx, get_num_threads())
+    _max_backward(dy, ctx.saved["arg"], dx, _threads(dx.size, dy.size))
     return dx
 
 
 def avg_pool2d_forward(x, kernel_size, stride, padding, training):
     """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (None when training=False)."""
     y = np.empty(_out_shape(x, kernel_size, stride, padding), dtype=x.dtype)
-    _avg_forward(x, y, kernel_size, stride, padding, get_num_threads())
+    _avg_forward(x, y, kernel_size, stride, padding, _threads(x.size, y.size))
     ctx = None
     if training:
         ctx = _context("avg_pool2d", x, y, geometry=(kernel_size, stride, padding))
@@ -294,5 +303,5 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, training):
 def avg_pool2d_backward(ctx, dy):
     """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
     dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
-    _avg_backward(dy, dx, *ctx.saved["geometry"], get_num_threads())
+    _avg_backward(dy, dx, *ctx.saved["geometry"], _threads(dx.size, dy.size))
     return dx
