@@ -18,7 +18,14 @@ import numpy as np
 from cython.parallel cimport parallel
 
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
-from fastrnn._cpu._recurrent_common cimport fr_barrier, fr_blas_pin, fr_blas_register, fr_blas_restore, mm, unit_range
+from fastrnn._cpu._recurrent_common cimport (
+    fr_barrier,
+    fr_blas_pin,
+    fr_blas_register,
+    fr_blas_restore,
+    mm,
+    unit_range,
+)
 
 from fastrnn._cpu._recurrent_threads import blas_thread_functions
 

@@ -87,6 +87,9 @@ cdef extern from *:
         }
     }
     static void fr_blas_pin_one(int *saved) { fr_blas_pin(1, saved); }
+    static void fr_blas_set_threads(int n) {
+        for (int i = 0; i < fr_blas_count; i++) fr_blas_set[i](n);
+    }
     static void fr_blas_restore(const int *saved) {
         for (int i = 0; i < fr_blas_count; i++)
             if (fr_blas_get[i]() != saved[i]) fr_blas_set[i](saved[i]);
@@ -103,6 +106,7 @@ cdef extern from *:
     void fr_blas_register(size_t set_addr, size_t get_addr) noexcept nogil
     void fr_blas_pin(int n, int* saved) noexcept nogil
     void fr_blas_pin_one(int* saved) noexcept nogil
+    void fr_blas_set_threads(int n) noexcept nogil
     void fr_blas_restore(const int* saved) noexcept nogil
 
 # The float32 pointwise passes in C: restrict-qualified, so they vectorise without alias checks,
@@ -126,7 +130,8 @@ cdef extern from *:
     /* LSTM L3-L4; gt: (4H) blocked pre-activations in, activations out. */
     FR_CLONES static void fr_lstm_fwd_row_f(
         float *restrict gt, const float *restrict bias, const float *restrict cp,
-        float *restrict cn, float *restrict hn, float *restrict yt, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+        float *restrict cn, float *restrict hn, float *restrict yt, Py_ssize_t H, Py_ssize_t bs,
+        Py_ssize_t u0, Py_ssize_t u1)
     {
         for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
             Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
@@ -177,7 +182,8 @@ cdef extern from *:
     FR_CLONES static void fr_gru_fwd_row_f(
         const float *restrict xt, const float *restrict hw, const float *restrict b_ih,
         const float *restrict b_hh, const float *restrict hp, float *restrict hn,
-        float *restrict yt, float *restrict st, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+        float *restrict yt, float *restrict st, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
+        Py_ssize_t u1)
     {
         for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
             Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
@@ -204,7 +210,8 @@ cdef extern from *:
     /* GRU GB1-GB4; dh keeps the direct path z * dh_step (the GEMM adds da_h W_hh). */
     FR_CLONES static void fr_gru_bwd_row_f(
         const float *restrict st, const float *restrict hp, const float *restrict dyt,
-        float *restrict dh, float *restrict dxt, float *restrict dht, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1)
+        float *restrict dh, float *restrict dxt, float *restrict dht, Py_ssize_t H, Py_ssize_t bs,
+        Py_ssize_t u0, Py_ssize_t u1)
     {
         for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
             Py_ssize_t sz = H - j0 < bs ? H - j0 : bs;
@@ -239,7 +246,8 @@ cdef extern from *:
     }
     """
     void fr_lstm_fwd_row_f(float* gt, const float* bias, const float* cp, float* cn, float* hn,
-                           float* yt, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+                           float* yt, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
+                           Py_ssize_t u1) noexcept nogil
     void fr_lstm_bwd_row_f(const float* at, const float* cp, const float* cn, const float* dyt,
                            float* dh, float* dc, float* dat, Py_ssize_t H, Py_ssize_t bs,
                            Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
@@ -247,7 +255,8 @@ cdef extern from *:
                           const float* b_hh, const float* hp, float* hn, float* yt, float* st,
                           Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
     void fr_gru_bwd_row_f(const float* st, const float* hp, const float* dyt, float* dh,
-                          float* dxt, float* dht, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+                          float* dxt, float* dht, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
+                          Py_ssize_t u1) noexcept nogil
     void fr_rnn_tanh_row_f(const float* at, const float* b, float* hn, float* yt, Py_ssize_t u0,
                            Py_ssize_t u1) noexcept nogil
 

@@ -91,12 +91,15 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
     return controller.limit(limits=1)
 
 
-# Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) a call runs on
-# one thread: a barrier per step then costs about as much as splitting the step saves (a batch-1
-# LSTM step with H=128, 65k multiply-adds, ~2 us on one core, gained ~0.4 us from a second
-# thread in fastrnn._bench.compare_strategies), and on a loaded machine a barrier can wait a
-# whole scheduler time slice for a descheduled peer. See lstm.pyx's module docstring.
-MIN_PARALLEL_WORK = 1 << 18
+# Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
+# runs on one thread (the whole-sequence GEMMs still use BLAS threads): a barrier per step costs
+# about as much as splitting the step saves. fastrnn._bench.compare_strategies, best of 40
+# rounds on the shared 2-core machine, us per step serial / BLAS threads / OpenMP columns:
+# N=1 H=128 (65k) 3.5 / 3.4 / 2.1; N=32 H=64 (524k) 10.2 / 10.9 / 16.8; N=16 H=256 (4.2M)
+# 124 / 76 / 83; N=64 H=512 (67M) 1114 / 1509 / 642. Medians under load were far worse for both
+# threaded variants (a barrier waits for a descheduled peer), which also argues for serial
+# loops on small steps. See lstm.pyx's module docstring.
+MIN_PARALLEL_WORK = 1 << 20
 
 
 def team_size(N: int, H: int, G: int) -> int:

@@ -27,6 +27,7 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_blas_set_threads,
     fr_gru_bwd_row_f,
     fr_gru_fwd_row_f,
     memcpy,
@@ -46,6 +47,7 @@ from fastrnn._cpu._recurrent_threads import (
     take_scratch,
     team_size,
 )
+from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 cnp.import_array()
@@ -130,7 +132,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, Py_ssize_t bs, bint training,
+    int p, int nt, Py_ssize_t bs, int seq_threads, bint training,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih_b,      # IN  (3H, D) blocked
@@ -148,8 +150,12 @@ cdef void fwd_thread(
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
     # G1: the input projection of all T steps, this thread's gate columns, one GEMM.
+    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
+        fr_blas_set_threads(seq_threads)
     mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
        <floating> 0, xw + G * u0, G * H)
+    if seq_threads > 1:
+        fr_blas_set_threads(1)
     for t in range(T):
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
@@ -164,7 +170,8 @@ cdef void fwd_thread(
 
 
 cdef void fwd_run(
-    int nt, Py_ssize_t bs, bint training, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, int seq_threads, Py_ssize_t bs, bint training, Py_ssize_t T, Py_ssize_t N,
+    Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b_ih,
     const floating* b_hh, const long long* lengths,
     floating* w_ih_b, floating* w_hh_b, floating* b_ih_b, floating* b_hh_b,
@@ -183,10 +190,11 @@ cdef void fwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
+            fwd_thread(p, team, bs, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
                        lengths, xw, hw, acts, hs, y)
     else:
-        fwd_thread(0, 1, bs, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b, lengths, xw,
+        fwd_thread(0, 1, bs, seq_threads, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
+                   lengths, xw,
                    hw, acts, hs, y)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -203,6 +211,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = w_hh.shape[1]
     cdef bint train = bool(training)
     cdef int nt = team_size(N, H, G)
+    cdef int seq_threads = get_num_threads()
     # One thread needs no partition: the natural layout is the blocked one with one block of H
     # units, and the weights are used uncopied.
     cdef Py_ssize_t bs = BLOCK if nt > 1 else H
@@ -240,14 +249,15 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                fwd_run(nt, bs, train, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                fwd_run(nt, seq_threads, bs, train, T, N, D, H, <float*> p_x, <float*> p_w_ih,
+                        <float*> p_w_hh,
                         <float*> p_b_ih, <float*> p_b_hh, lens, <float*> p_w_ih_b,
                         <float*> p_w_hh_b, <float*> p_b_ih_b, <float*> p_b_hh_b,
                         <float*> p_xw, <float*> p_hw, <float*> p_acts, <float*> p_hs,
                         <float*> p_y, <float*> p_hT)
         else:
             with nogil:
-                fwd_run(nt, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                fwd_run(nt, seq_threads, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b_ih, <double*> p_b_hh, lens,
                         <double*> p_w_ih_b, <double*> p_w_hh_b, <double*> p_b_ih_b,
                         <double*> p_b_hh_b, <double*> p_xw, <double*> p_hw,
@@ -332,7 +342,8 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, Py_ssize_t bs, int seq_threads, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D,
+    Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b,
     const floating* acts,        # IN  (T, N, 4H) blocked
     const floating* hs,          # IN  (T+1, N, H)
@@ -357,12 +368,16 @@ cdef void bwd_thread(
            H, <floating> 1, dh + u0, H)
     fr_barrier()
     # GB5: weight, bias and input gradients as whole-sequence GEMMs.
+    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMMs use BLAS threads
+        fr_blas_set_threads(seq_threads)
     sequence_grads(p, nt, G, T * N, D, H, bs, dxw, dhw, x, hs, w_ih_b, dx, dw_ih, dw_hh, db_ih,
                    db_hh, scratch)
+    if seq_threads > 1:
+        fr_blas_set_threads(1)
 
 
 cdef void bwd_run(
-    int nt, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, int seq_threads, Py_ssize_t bs, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
     const floating* hs, const long long* lengths, const floating* dy, floating* dh,
     floating* dxw, floating* dhw, floating* dx, floating* dw_ih, floating* dw_hh,
@@ -375,10 +390,12 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw,
+            bwd_thread(p, team, bs, 1, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh,
+                       dxw,
                        dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
     else:
-        bwd_thread(0, 1, bs, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw, dhw,
+        bwd_thread(0, 1, bs, seq_threads, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy,
+                   dh, dxw, dhw,
                    dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
     fr_blas_restore(saved)
 
@@ -398,6 +415,7 @@ def gru_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
+    cdef int seq_threads = get_num_threads()
     cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     ws = take_scratch(dtype, 2 * T * N * G * H + G * H * (D + H + 2))
     dxw = ws[: T * N * G * H]
@@ -427,14 +445,15 @@ def gru_backward(ctx, dy, dhT):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                bwd_run(nt, bs, T, N, D, H, <float*> p_x, <float*> p_w_ih_b, <float*> p_w_hh_b,
+                bwd_run(nt, seq_threads, bs, T, N, D, H, <float*> p_x, <float*> p_w_ih_b,
+                        <float*> p_w_hh_b,
                         <float*> p_acts, <float*> p_hs, lens, <float*> p_dy, <float*> p_dh,
                         <float*> p_dxw, <float*> p_dhw, <float*> p_dx, <float*> p_dw_ih,
                         <float*> p_dw_hh, <float*> p_db_ih, <float*> p_db_hh,
                         <float*> p_scratch)
         else:
             with nogil:
-                bwd_run(nt, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
+                bwd_run(nt, seq_threads, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, lens,
                         <double*> p_dy, <double*> p_dh, <double*> p_dxw, <double*> p_dhw,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh,

@@ -20,6 +20,7 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_blas_set_threads,
     fr_rnn_tanh_row_f,
     memcpy,
     mm,
@@ -36,6 +37,7 @@ from fastrnn._cpu._recurrent_threads import (
     take_scratch,
     team_size,
 )
+from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 cnp.import_array()
@@ -95,7 +97,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, Py_ssize_t bs, bint training, bint relu,
+    int p, int nt, Py_ssize_t bs, int seq_threads, bint training, bint relu,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih,        # IN  (H, D)
@@ -110,8 +112,12 @@ cdef void fwd_thread(
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
     # R1: the input projection of all T steps, this thread's columns, one GEMM.
+    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
+        fr_blas_set_threads(seq_threads)
     mm(False, True, T * N, u1 - u0, D, <floating> 1, x, D, w_ih + u0 * D, D, <floating> 0,
        xw + u0, H)
+    if seq_threads > 1:
+        fr_blas_set_threads(1)
     for t in range(T):
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
@@ -125,7 +131,8 @@ cdef void fwd_thread(
 
 
 cdef void fwd_run(
-    int nt, Py_ssize_t bs, bint training, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, int seq_threads, Py_ssize_t bs, bint training, bint relu, Py_ssize_t T, Py_ssize_t N,
+    Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
     const long long* lengths, floating* xw, floating* hs, floating* y, floating* hT,
 ) noexcept nogil:
@@ -137,10 +144,12 @@ cdef void fwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, bs, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs,
+            fwd_thread(p, team, bs, 1, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw,
+                       hs,
                        y)
     else:
-        fwd_thread(0, 1, bs, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs, y)
+        fwd_thread(0, 1, bs, seq_threads, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths,
+                   xw, hs, y)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -159,6 +168,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef bint train = bool(training)
     cdef bint relu = _NONLINEARITIES[nonlinearity]
     cdef int nt = team_size(N, H, 1)
+    cdef int seq_threads = get_num_threads()
     cdef Py_ssize_t bs = BLOCK  # one gate: any block size is the natural layout
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
@@ -178,12 +188,13 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                fwd_run(nt, bs, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
+                fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
                         <float*> p_w_hh, <float*> p_b, lens, <float*> p_xw, <float*> p_hs,
                         <float*> p_y, <float*> p_hT)
         else:
             with nogil:
-                fwd_run(nt, bs, train, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <double*> p_x,
+                        <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_xw,
                         <double*> p_hs, <double*> p_y, <double*> p_hT)
     give_scratch(ws)
@@ -237,7 +248,8 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t bs, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int p, int nt, Py_ssize_t bs, int seq_threads, bint relu, Py_ssize_t T, Py_ssize_t N,
+    Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh,
     const floating* hs,          # IN  (T+1, N, H)
     const long long* lengths,
@@ -259,12 +271,17 @@ cdef void bwd_thread(
            <floating> 1, dh + u0, H)
     fr_barrier()
     # RB4: weight, bias and input gradients as whole-sequence GEMMs.
+    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMMs use BLAS threads
+        fr_blas_set_threads(seq_threads)
     sequence_grads(p, nt, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
                    <floating*> NULL, <floating*> NULL)
+    if seq_threads > 1:
+        fr_blas_set_threads(1)
 
 
 cdef void bwd_run(
-    int nt, Py_ssize_t bs, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    int nt, int seq_threads, Py_ssize_t bs, bint relu, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D,
+    Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* hs,
     const long long* lengths, const floating* dy, floating* dh, floating* da, floating* dx,
     floating* dw_ih, floating* dw_hh, floating* db,
@@ -276,10 +293,11 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, bs, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
+            bwd_thread(p, team, bs, 1, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
                        dw_ih, dw_hh, db)
     else:
-        bwd_thread(0, 1, bs, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx, dw_ih,
+        bwd_thread(0, 1, bs, seq_threads, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh,
+                   da, dx, dw_ih,
                    dw_hh, db)
     fr_blas_restore(saved)
 
@@ -299,6 +317,7 @@ def rnn_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, 1)
+    cdef int seq_threads = get_num_threads()
     cdef Py_ssize_t bs = BLOCK
     ws = take_scratch(dtype, T * N * H)
     da = ws[: T * N * H]
@@ -321,12 +340,13 @@ def rnn_backward(ctx, dy, dhT):
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
-                bwd_run(nt, bs, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh,
+                bwd_run(nt, seq_threads, bs, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
+                        <float*> p_w_hh,
                         <float*> p_hs, lens, <float*> p_dy, <float*> p_dh, <float*> p_da,
                         <float*> p_dx, <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db)
         else:
             with nogil:
-                bwd_run(nt, bs, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
+                bwd_run(nt, seq_threads, bs, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_hs, lens, <double*> p_dy,
                         <double*> p_dh, <double*> p_da, <double*> p_dx, <double*> p_dw_ih,
                         <double*> p_dw_hh, <double*> p_db)
