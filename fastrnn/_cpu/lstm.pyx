@@ -9,8 +9,9 @@ signatures; fastrnn.lstm_forward validates before calling here.
 How a call runs (everything from the first GEMM to the last inside one ``with nogil`` block, no
 Python in the time loop):
 
-* The weights are copied once per call into the blocked gate layout (_recurrent_common.pxd), so
-  OpenMP thread p owns the hidden units [u0, u1) and the gate rows [4 u0, 4 u1).
+* With more than one thread in the time loop, the weights are copied once per call into the
+  blocked gate layout (_recurrent_common.pxd), so OpenMP thread p owns the hidden units
+  [u0, u1) and the gate rows [4 u0, 4 u1). One thread uses the weights as they are.
 * Forward, thread p: L1 its gate columns of x W_ih^T for all T steps in one GEMM; then per step
   L2 its gate columns of h_{t-1} W_hh^T (one GEMM, accumulated onto L1's result), L3-L5 the fused
   pointwise pass over its units (bias added here), and one barrier (h_t complete).
@@ -20,14 +21,21 @@ Python in the time loop):
   as whole-sequence GEMMs, split over the threads.
 * BLAS runs single-threaded inside (pinned in C, see _recurrent_threads.py).
 
-Threading of the per-step GEMMs, measured with benchmarks/bench_recurrent.py and the strategy
-comparison in fastrnn/_bench.py (``compare_strategies``): an OpenMP partition of the gate
-columns with single-threaded BLAS per thread beats handing each step's GEMM to multi-threaded
-BLAS between OpenMP pointwise regions at every benchmark shape, because it needs one barrier per
-step instead of a BLAS fork/join plus a pointwise region, each thread packs only its own half of
-W_hh, and its gates are still in cache for its pointwise pass. Below MIN_PARALLEL_WORK
-multiply-adds per step (e.g. batch 1 with H=64) the barrier costs more than the split saves, and
-one thread runs.
+Threading of the per-step GEMMs, decided by measurement (fastrnn._bench.compare_strategies, run
+with ``python -m fastrnn._bench --strategies``; the numbers are in _recurrent_threads.py next to
+MIN_PARALLEL_WORK). Three ways to run a step's recurrent GEMM on 2 threads were timed: one
+thread; BLAS's own threads called from one thread; and OpenMP threads each computing their own
+gate columns with single-threaded BLAS followed by a barrier (this file's design). For large
+steps (N=64, H=512: 67M multiply-adds) the OpenMP column split was fastest (642 us vs 1114 one
+thread vs 1509 BLAS threads, best of 40 rounds): one barrier per step instead of a BLAS
+fork/join plus a separate pointwise region, each thread packs only its half of W_hh, and its
+gates are still in cache for its pointwise pass. At N=16, H=256 (4.2M) BLAS threads (76 us) and
+the split (83) were close, both ahead of one thread (124); the split is kept for its single
+barrier per step and fused pointwise pass. For small steps (N=32, H=64: 524k) one thread
+was as fast or faster (10 us vs 11 vs 17), and a barrier per step is fragile when other
+processes share the cores (it waits for a descheduled peer). So below MIN_PARALLEL_WORK
+multiply-adds per step the time loop runs on one thread in the natural layout (no weight copy),
+and only the whole-sequence GEMMs (L1, LB5) use BLAS threads.
 """
 
 cimport numpy as cnp
