@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tolerances import assert_close
 
 import fastrnn as fr
@@ -164,6 +166,39 @@ def test_cpu_column_tiles(case, tile, restore_threads):
     assert_close(y, yr, "conv", "forward", np.float64, name="y")
     assert_close(dx, dxr, "conv", "backward", np.float64, name="dx")
     assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+
+
+@st.composite
+def conv_cases(draw):
+    """Small random geometries that fastrnn.conv2d_forward accepts."""
+    groups = draw(st.integers(1, 3))
+    C = groups * draw(st.integers(1, 3))
+    F = groups * draw(st.integers(1, 3))
+    KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    # big enough for the dilated kernel to fit the padded input
+    H = draw(st.integers(max(1, dh * (KH - 1) + 1 - 2 * ph), 9))
+    W = draw(st.integers(max(1, dw * (KW - 1) + 1 - 2 * pw), 9))
+    N = draw(st.integers(1, 3))
+    bias = draw(st.booleans())
+    return (N, C, H, W, F, (KH, KW), (sh, sw), (ph, pw), (dh, dw), groups, bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), seed=st.integers(0, 2**16))
+def test_cpu_random_geometries(case, seed):
+    """Property-based: the CPU kernel equals the reference on random small geometries."""
+    x, w, b, kw = _data(case, seed=seed)
+    (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+    yr, cr = ref.conv2d_forward(x, w, b, **kw)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, dy)
+    assert_close(y, yr, "conv", "forward", np.float64, name="y")
+    assert_close(dx, dxr, "conv", "backward", np.float64, name="dx")
+    assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+    if b is not None:
+        assert_close(db, dbr, "conv", "backward", np.float64, name="db")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

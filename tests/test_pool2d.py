@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tolerances import assert_close
 
 import fastrnn as fr
@@ -157,6 +159,30 @@ def test_kernel_matches_reference(backend, case, kind, dtype, ties):
     assert y.dtype == dtype and dx.dtype == dtype
     assert_close(y, yr, "pool", "forward", dtype, name="y")
     assert_close(dx, dxr, "pool", "backward", dtype, name="dx")
+
+
+@st.composite
+def pool_cases(draw):
+    """Small random geometries that the public pooling functions accept."""
+    KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.none() | st.tuples(st.integers(1, 4), st.integers(1, 4)))
+    ph, pw = draw(st.integers(0, KH // 2)), draw(st.integers(0, KW // 2))
+    H = draw(st.integers(max(1, KH - 2 * ph), 10))
+    W = draw(st.integers(max(1, KW - 2 * pw), 10))
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), H, W, (KH, KW), stride, (ph, pw))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=pool_cases(), kind=st.sampled_from(["max", "avg"]), ties=st.booleans())
+def test_cpu_random_geometries(case, kind, ties):
+    """Property-based: the CPU kernels equal the reference on random small geometries."""
+    k, s, p = case[4:]
+    x = _x(case, ties=ties)
+    y, dx, _, dy = _run("cpu", kind, x, k, s, p)
+    fwd, bwd = OPS[kind]
+    yr, cr = fwd(x, k, s, p)
+    assert_close(y, yr, "pool", "forward", np.float64, name="y")
+    assert_close(dx, bwd(cr, dy), "pool", "backward", np.float64, name="dx")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
