@@ -125,7 +125,10 @@ def test_inference_saves_nothing_and_matches_training(backend, op, dtype):
         infer_out, none = op.forward(arrays, lengths, training=False)
         assert ctx is not None and none is None
         for name, a, b in zip(op.outputs(), train_out, infer_out, strict=True):
-            np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=name)
+            if backend == "cpu":  # same arithmetic, other buffers: identical
+                np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=name)
+            else:
+                assert_close(to_numpy(a), to_numpy(b), "recurrent", "forward", dtype, name)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
