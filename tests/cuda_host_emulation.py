@@ -289,6 +289,10 @@ class HostRuntime(Runtime):
         self.batched_calls += 1
 
     def _launch(self, spec, ctype, grid, block, args):
+        cargs = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+        self._launch_raw(spec, ctype, grid, block, cargs)
+
+    def _launch_fn(self, spec, ctype):
         fname = f"fr_host_{spec.name}_{ctype}"
         fn = self._fns.get(fname)
         if fn is None:
@@ -307,7 +311,11 @@ class HostRuntime(Runtime):
             fn.argtypes = argtypes
             fn.restype = None
             self._fns[fname] = fn
-        cargs = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+        return fn
+
+    def _launch_raw(self, spec, ctype, grid, block, cargs):
+        """Launch with C values: addresses for the pointers, Python numbers for scalars."""
+        fn = self._launch_fn(spec, ctype)
         self.launches.append((spec.name, grid, block))
         fn(grid, block, *cargs)
         self.xp.check_guards()
@@ -336,6 +344,7 @@ class _FakeStream:
         self.cuda = cuda
         self.ptr = ptr
         self.recording: list[Any] | None = None
+        cuda.streams[ptr] = self
 
     def __enter__(self) -> _FakeStream:
         self.cuda.stack.append(self)
@@ -363,21 +372,45 @@ class _FakeGraph:
             op()
 
 
+class _FakeRuntimeApi:
+    """``cupy.cuda.runtime`` as CupyRuntime uses it: the device, raw device allocations."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, np.ndarray] = {}
+
+    def getDevice(self) -> int:  # noqa: N802 (CuPy's name)
+        return 0
+
+    def malloc(self, nbytes: int) -> int:
+        buf = np.full(nbytes, 0xFF, dtype=np.uint8)
+        self.buffers[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    def free(self, ptr: int) -> None:
+        del self.buffers[ptr]
+
+
 class _FakeCuda:
     """``cupy.cuda`` as CupyRuntime uses it: the cuBLAS handle, the current stream (a stack
     of ``with stream:`` blocks over the legacy default stream), streams that capture."""
 
     def __init__(self) -> None:
+        self.streams: dict[int, _FakeStream] = {}
         self.default = _FakeStream(self, 0)
         self.stack: list[_FakeStream] = []
-        self.device = types.SimpleNamespace(get_cublas_handle=lambda: 0x1234)
-        self.runtime = types.SimpleNamespace(getDevice=lambda: 0)
+        self.device = types.SimpleNamespace(
+            get_cublas_handle=lambda: 0x1234, get_compute_capability=lambda: "90"
+        )
+        self.runtime = _FakeRuntimeApi()
 
     def get_current_stream(self) -> _FakeStream:
         return self.stack[-1] if self.stack else self.default
 
     def Stream(self, non_blocking: bool = False) -> _FakeStream:  # noqa: N802 (CuPy's name)
-        return _FakeStream(self, 0x5000 + len(self.stack) + 1)
+        return _FakeStream(self, 0x5000 + len(self.streams))
+
+    def is_capturing(self, ptr: int) -> bool:
+        return self.streams[ptr].recording is not None
 
     def enqueue(self, op: Any) -> None:
         """Run ``op`` now, or record it when the current stream is capturing."""
@@ -390,7 +423,10 @@ class _FakeCuda:
 
 class _FakeCublas:
     """The part of ``cupy_backends.cuda.libs.cublas`` that CupyRuntime calls, with the same
-    signatures (CuPy 14), on the host GEMM; checks the pointer mode and the stream."""
+    signatures (CuPy 14), on the host GEMM; checks the pointer mode and the stream. Like
+    CuPy's, every GEMM wrapper first sets the handle's stream to CuPy's current stream, and
+    ``setStream`` refuses a stream that is capturing (NotImplementedError, CuPy 13/14): CuPy's
+    wrappers cannot be captured."""
 
     CUBLAS_POINTER_MODE_HOST = 0
     CUBLAS_POINTER_MODE_DEVICE = 1
@@ -400,6 +436,7 @@ class _FakeCublas:
         self.cuda = cuda
         self.mode = self.CUBLAS_POINTER_MODE_DEVICE  # not what CupyRuntime needs: it must set it
         self.stream = 0  # the legacy default stream
+        self.workspace: tuple[int, int] | None = None  # a user workspace (address, bytes)
         self.calls = 0
 
     def getPointerMode(self, handle: int) -> int:
@@ -409,7 +446,15 @@ class _FakeCublas:
         self.mode = mode
 
     def setStream(self, handle: int, stream: int) -> None:
+        if self.cuda.is_capturing(stream):
+            raise NotImplementedError(
+                "calling cuBLAS API during stream capture is currently unsupported"
+            )
+        self._set_stream(stream)
+
+    def _set_stream(self, stream: int) -> None:
         self.stream = stream
+        self.workspace = None  # cublasSetStream resets the workspace to cuBLAS's own
 
     def getStream(self, handle: int) -> int:
         return self.stream
@@ -419,6 +464,8 @@ class _FakeCublas:
             raise AssertionError("cuBLAS called without CUBLAS_POINTER_MODE_HOST")
         if self.stream != self.cuda.get_current_stream().ptr:
             raise AssertionError("cuBLAS called on a stream other than CuPy's current one")
+        if self.cuda.get_current_stream().recording is not None and self.workspace is None:
+            raise AssertionError("cuBLAS captured without a user workspace")
         c = _C["float" if np.dtype(dtype) == np.float32 else "double"]
         self.calls += 1
         return c.from_address(alpha).value, c.from_address(beta).value
@@ -457,31 +504,125 @@ class _FakeCublas:
             )  # fmt: skip
         )
 
+    def _current(self) -> None:
+        """CuPy's ``_setStream(handle)``, the first thing each of its wrappers does."""
+        self.setStream(0x1234, self.cuda.get_current_stream().ptr)
+
     def sgemm(self, *args):
+        self._current()
         self._gemm(np.float32, *args)
 
     def dgemm(self, *args):
+        self._current()
         self._gemm(np.float64, *args)
 
     def sgemmStridedBatched(self, *args):
+        self._current()
         self._batched(np.float32, *args)
 
     def dgemmStridedBatched(self, *args):
+        self._current()
         self._batched(np.float64, *args)
+
+
+_INT_MAX = 2**31 - 1
+
+
+class _FakeDirectCublas:
+    """:class:`fastrnn._cuda._runtime.DirectCublas` on the same emulated handle: the C entry
+    points, no stream set behind the caller's back. Checks what ctypes' argtypes would convert
+    (ints everywhere, 32-bit ints in range) and records the workspace."""
+
+    def __init__(self, blas: _FakeCublas) -> None:
+        self.blas = blas
+        f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+        self.gemm = {f32: self._gemm_fn(f32), f64: self._gemm_fn(f64)}
+        self.gemm_batched = {f32: self._batched_fn(f32), f64: self._batched_fn(f64)}
+        self.calls = 0
+
+    @staticmethod
+    def _check(args: tuple, int32: tuple[int, ...]) -> None:
+        for i, a in enumerate(args):
+            if type(a) is not int:
+                raise TypeError(f"argument {i}: {type(a).__name__}, not int")
+            if i in int32 and not -_INT_MAX - 1 <= a <= _INT_MAX:
+                raise OverflowError(f"argument {i} ({a}) does not fit a C int")
+
+    def _gemm_fn(self, dtype: np.dtype) -> Any:
+        def gemm(*args: int) -> None:
+            assert len(args) == 14
+            self._check(args, (1, 2, 3, 4, 5, 8, 10, 13))
+            self.calls += 1
+            self.blas._gemm(dtype, *args)
+
+        return gemm
+
+    def _batched_fn(self, dtype: np.dtype) -> Any:
+        def batched(*args: int) -> None:
+            assert len(args) == 18
+            self._check(args, (1, 2, 3, 4, 5, 8, 11, 15, 17))
+            self.calls += 1
+            self.blas._batched(dtype, *args)
+
+        return batched
+
+    def set_stream(self, handle: int, stream: int) -> None:
+        self._check((handle, stream), ())
+        self.blas._set_stream(stream)
+
+    def set_workspace(self, handle: int, ptr: int, nbytes: int) -> None:
+        self._check((handle, ptr, nbytes), ())
+        self.blas.workspace = (ptr, nbytes)
+
+
+class _CPointer:
+    """CuPy's ``CPointer`` family without CuPy: ``ptr`` is the address of the argument's
+    bytes."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self.ptr = (
+            ctypes.addressof(storage)
+            if not isinstance(storage, np.ndarray)
+            else (storage.ctypes.data)
+        )
+
+
+def _fake_function_module() -> Any:
+    try:
+        from cupy.cuda import function  # the real classes need no GPU to be built
+
+        return function
+    except ImportError:
+        return types.SimpleNamespace(
+            CIntptr=lambda v: _CPointer(ctypes.c_int64(v)),
+            CNumpyArray=lambda a: _CPointer(np.ascontiguousarray(a)),
+        )
+
+
+_SCALAR_C = {"index_t": ctypes.c_int64, "int": ctypes.c_int32}
 
 
 class EmulatedCupyRuntime(CupyRuntime):
     """:class:`fastrnn._cuda._runtime.CupyRuntime` itself (its GEMM argument order, pointer-mode
-    and stream handling, precomputed loop steps and launch arguments) with CuPy's and cuBLAS's
-    entry points answered by the host emulation."""
+    and stream handling, precomputed loop calls and packed launch arguments, graph capture)
+    with CuPy's and cuBLAS's entry points answered by the host emulation.
+
+    ``legacy_cupy=True`` emulates a CuPy whose kernel call refuses ``CPointer`` arguments
+    (TypeError, as its argument conversion would raise before launching)."""
 
     check_bounds = True
 
-    def __init__(self, lib: ctypes.CDLL, block: int = 32, max_blocks: int = 3) -> None:
+    def __init__(self, lib: ctypes.CDLL, block: int = 32, max_blocks: int = 3,
+                 legacy_cupy: bool = False) -> None:  # fmt: skip
         self.host = HostRuntime(lib, block=block, max_blocks=max_blocks)
         self.fake_cuda = _FakeCuda()
         self.fake_cublas = _FakeCublas(self.host, self.fake_cuda)
-        self._setup(types.SimpleNamespace(cuda=self.fake_cuda), self.fake_cublas)
+        self.fake_direct = _FakeDirectCublas(self.fake_cublas)
+        self.legacy_cupy = legacy_cupy
+        self.packed_launches = 0
+        self._setup(types.SimpleNamespace(cuda=self.fake_cuda), self.fake_cublas,
+                    _fake_function_module(), self.fake_direct)  # fmt: skip
         self.xp = self.host.xp
         self.block = block
         self.max_blocks = max_blocks
@@ -505,9 +646,31 @@ class EmulatedCupyRuntime(CupyRuntime):
 
     def _function(self, name: str, ctype: str) -> Any:
         spec = _kernels.kernel(name)
+        value_c = {**_SCALAR_C, "T": _C[ctype]}
 
         def fn(grid: tuple, block: tuple, args: tuple) -> None:
             assert len(grid) == 1 and len(block) == 1
+            assert len(args) == len(spec.kinds)
+            packed = [hasattr(a, "ptr") and not isinstance(a, np.ndarray) for a in args]
+            if any(packed):
+                if self.legacy_cupy:
+                    raise TypeError(f"Unsupported type {type(args[packed.index(True)])}")
+                if not all(packed):
+                    raise TypeError(f"{name}: packed and unpacked arguments mixed")
+                # What CuPy hands cuLaunchKernel: the address of each argument's bytes.
+                cargs = []
+                for kind, a in zip(spec.kinds, args, strict=True):
+                    if kind.endswith("*"):
+                        if type(a).__name__ not in ("CIntptr", "_CPointer"):
+                            raise TypeError(f"{name}: pointer passed as {type(a).__name__}")
+                        cargs.append(ctypes.c_int64.from_address(a.ptr).value)
+                    else:
+                        cargs.append(value_c[kind].from_address(a.ptr).value)
+                self.packed_launches += 1
+                self.fake_cuda.enqueue(
+                    lambda: self.host._launch_raw(spec, ctype, grid[0], block[0], cargs)
+                )
+                return
             for kind, a in zip(spec.kinds, args, strict=True):  # the exact scalar C types
                 expected = {"index_t": np.int64, "int": np.int32}.get(kind)
                 if expected is not None and type(a) is not expected:

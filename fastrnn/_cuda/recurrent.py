@@ -61,15 +61,19 @@ def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
 def _forward_loop(rt: Any, key: tuple, T: int, NH: int, training: bool, gemm: Any, pointwise: Any,
                   out_stride: int) -> None:  # fmt: skip
     """Steps 0..T-1: the recurrent GEMM reads state slot src and accumulates into the step's
-    output (element offset t * out_stride), then the pointwise kernel runs step t."""
+    output (element offset t * out_stride), then the pointwise kernel runs step t. The calls
+    are bound once (the runtime may keep them, or a CUDA graph of them, for the next call with
+    the same key)."""
 
-    def body() -> None:
+    def calls() -> list:
+        out = []
         for t in range(T):
             src, dst = _slots(training, t)
-            gemm(src * NH, 0, t * out_stride)
-            pointwise(t, src, dst)
+            out.append(gemm.bind(src * NH, 0, t * out_stride))
+            out.append(pointwise.bind(t, src, dst))
+        return out
 
-    rt.time_loop(key, [gemm, pointwise], body)
+    rt.run_loop(key, [gemm, pointwise], calls)
 
 
 def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list[Any],
@@ -78,13 +82,15 @@ def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list
     element offset t * grad_stride) into the other dh buffer; the two buffers alternate
     (parity p reads dh[p] and writes dh[1-p]). Returns the index of the buffer holding dh0."""
 
-    def body() -> None:
+    def calls() -> list:
+        out = []
         for k, t in enumerate(reversed(range(T))):
             p = k & 1
-            pointwise[p](t)
-            gemm[p](t * grad_stride, 0, 0)
+            out.append(pointwise[p].bind(t))
+            out.append(gemm[p].bind(t * grad_stride, 0, 0))
+        return out
 
-    rt.time_loop(key, [*pointwise, *gemm], body)
+    rt.run_loop(key, [*pointwise, *gemm], calls)
     return T & 1
 
 
