@@ -534,3 +534,158 @@ def test_cuda_graphs_through_the_drivers(host_lib, op, case):
             assert (a is None) == (b is None)
             if b is not None:
                 np.testing.assert_array_equal(a, b)
+
+
+def test_cupy_cublas_wrappers_refuse_a_capturing_stream(host_lib):
+    """What made every capture fail on the GPU (CuPy 14): CuPy's cuBLAS wrappers set the
+    handle's stream to the current one first, and CuPy's setStream raises for a capturing
+    stream. The emulation does the same, and CupyRuntime captures its GEMMs through direct
+    cuBLAS calls with a user workspace, restoring the handle afterwards."""
+    rt = EmulatedCupyRuntime(host_lib)
+    s = rt.fake_cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        with pytest.raises(NotImplementedError, match="stream capture"):
+            rt.fake_cublas.sgemm(0x1234, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1)
+        s.end_capture()
+    with use_runtime(rt):
+        rt.graphs = True
+        eager = _graph_run(rt, "lstm", SHAPES[2], np.float64)
+        for _ in range(3):
+            rt.xp.reuse_addresses()
+            run = _graph_run(rt, "lstm", SHAPES[2], np.float64)
+            for a, b in zip(run, eager, strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert rt.graph_stats["captured"] == 2 and rt.graph_stats["capture_failed"] == 0
+    assert rt.graph_stats["last_capture_error"] is None
+    assert rt.fake_direct.calls == 2 * SHAPES[2][0]  # every step's GEMM, forward and backward
+    blas = rt.fake_cublas
+    assert (blas.stream, blas.mode, blas.workspace) == (0, blas.CUBLAS_POINTER_MODE_DEVICE, None)
+
+
+def test_capture_failure_falls_back_to_eager_and_says_why(host_lib, caplog):
+    """Without the direct cuBLAS entry points a loop cannot be captured: it runs eagerly, with
+    the same results, the failure is counted, its text kept and logged, and it is not retried
+    for that loop."""
+    rt = EmulatedCupyRuntime(host_lib)
+    rt._direct = None
+    rt._direct_error = "RuntimeError: the cuBLAS library CuPy uses was not found"
+    with use_runtime(rt):
+        rt.graphs = False
+        eager = _graph_run(rt, "gru", SHAPES[3], np.float64)
+        rt.graphs = True
+        with caplog.at_level("WARNING", logger="fastrnn.cuda"):
+            for _ in range(4):
+                rt.xp.reuse_addresses()
+                run = _graph_run(rt, "gru", SHAPES[3], np.float64)
+                for a, b in zip(run, eager, strict=True):
+                    np.testing.assert_array_equal(a, b)
+    stats = rt.graph_stats
+    assert stats["captured"] == 0 and stats["replayed"] == 0
+    assert stats["capture_failed"] == 2  # forward and backward, once each
+    assert "cuBLAS library" in stats["last_capture_error"]
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_failed_body_leaves_nothing_captured_or_run(host_lib):
+    """A call that fails half-way through a capture: nothing it recorded runs, the stream
+    stops capturing, the handle is restored, and the loop then runs eagerly (correctly)."""
+    rt = EmulatedCupyRuntime(host_lib)
+    with use_runtime(rt):
+        eager = _graph_run(rt, "rnn", SHAPES[3], np.float64)
+        direct = rt.fake_direct
+        real = direct.gemm[np.dtype(np.float64)]
+        calls = [0]
+
+        def flaky(*args):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("cuBLAS status 14")
+            real(*args)
+
+        rt._capture_fns = {}  # rebuilt from the patched entry point
+        direct.gemm[np.dtype(np.float64)] = flaky
+        for _ in range(3):
+            rt.xp.reuse_addresses()
+            run = _graph_run(rt, "rnn", SHAPES[3], np.float64)
+            for a, b in zip(run, eager, strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert rt.graph_stats["capture_failed"] == 1 and rt.graph_stats["captured"] == 1
+    assert "status 14" in rt.graph_stats["last_capture_error"]
+    assert all(s.recording is None for s in rt.fake_cuda.streams.values())
+    assert rt.fake_cublas.stream == 0 and rt.fake_cublas.workspace is None
+
+
+def test_loop_calls_are_kept_and_launch_arguments_packed(host_lib, monkeypatch):
+    """Graphs off: a loop run again with the same arrays reuses its bound calls (nothing is
+    bound again), and its launches get CuPy CPointer arguments (addresses and exact C scalars,
+    decoded by the emulation as cuLaunchKernel would read them)."""
+    rt = EmulatedCupyRuntime(host_lib)
+    rt.graphs = False
+    binds = [0]
+    real_launch = rt.loop_launch
+
+    def counting(*args, **kw):
+        step = real_launch(*args, **kw)
+        bind = step.bind
+
+        def counted(*values):
+            binds[0] += 1
+            return bind(*values)
+
+        step.bind = counted
+        return step
+
+    monkeypatch.setattr(rt, "loop_launch", counting)
+    T = SHAPES[3][0]
+    with use_runtime(rt):
+        rt.xp.reuse_addresses()
+        first = _graph_run(rt, "lstm", SHAPES[3], np.float32)
+        assert binds[0] == 2 * T and rt.packed_launches == 2 * T + 1  # + the argument probe
+        rt.xp.reuse_addresses()
+        second = _graph_run(rt, "lstm", SHAPES[3], np.float32)
+    assert binds[0] == 2 * T  # the kept calls
+    assert rt.packed_launches == 4 * T + 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cupy_without_cpointer_arguments(host_lib):
+    """A CuPy whose kernel call refuses CPointer arguments: the one probe launch (which would
+    touch nothing) says so, and launches take arrays and NumPy scalars; same results."""
+    results = []
+    for legacy in (False, True):
+        rt = EmulatedCupyRuntime(host_lib, legacy_cupy=legacy)
+        with use_runtime(rt):
+            results.append(_graph_run(rt, "gru", SHAPES[2], np.float64))
+        assert rt._packed_args is (not legacy)
+        assert (rt.packed_launches > 0) is (not legacy)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_different_array_size_is_a_different_loop(host_lib):
+    """The loop key holds every array's address and size: arrays at the same addresses with
+    other sizes (here: fewer state slots, inference) never reuse a kept loop or graph."""
+    rt = EmulatedCupyRuntime(host_lib)
+    xp = rt.xp
+    xp.reuse_addresses()
+    hs, w, pre = xp.empty((3, 2, 3)), xp.empty((8, 3)), xp.empty((4, 2, 8))
+    first = rt.loop_gemm(False, True, 2, 8, 3, 1.0, hs, 3, w, 3, 1.0, pre, 8).signature
+    xp.reuse_addresses()
+    hs2, w2, pre2 = xp.empty((3, 2, 3)), xp.empty((8, 3)), xp.empty((4, 2, 8))
+    assert rt.ptr(hs2) == rt.ptr(hs)
+    again = rt.loop_gemm(False, True, 2, 8, 3, 1.0, hs2, 3, w2, 3, 1.0, pre2, 8).signature
+    assert again == first
+    smaller = hs2[:2]  # the same address, fewer slots
+    other = rt.loop_gemm(False, True, 2, 8, 3, 1.0, smaller, 3, w2, 3, 1.0, pre2, 8).signature
+    assert other != first
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_graphs_switch(host_lib, monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("FASTRNN_CUDA_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("FASTRNN_CUDA_GRAPHS", value)
+    assert EmulatedCupyRuntime(host_lib).graphs is expected
