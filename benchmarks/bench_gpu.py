@@ -13,9 +13,11 @@ before CuPy is imported: this script sets it). Each case is checked first (fastr
 torch on the same inputs), warmed up (NVRTC compilation, cuDNN plans and memory pools are not
 timed), then timed with CUDA events around forward + backward on each library's current stream;
 the table shows medians. "vs torch" is torch's time / fastrnn's: above 1 means fastrnn is faster.
-The recurrent ops and conv2d are timed twice: as they run by default, and with CUDA graphs on
-("graphs", fastrnn._cuda._runtime: FASTRNN_CUDA_GRAPHS=1); the JSON records how many launch
-sequences were captured and replayed.
+The recurrent ops and conv2d are timed twice: eagerly (CUDA graphs off: one cuBLAS call and
+one kernel launch per time step) and with CUDA graphs on (fastrnn's default: the second call
+with the same arrays is captured, later calls replay it). The table's "graphs" column shows
+how many loops were captured / replayed / failed to capture during that timing, and the text of
+the last capture error is printed under the table; the JSON has both.
 """
 
 from __future__ import annotations
@@ -112,21 +114,28 @@ class Bench:
         times = [self._once(fn, lib) for _ in range(reps)]
         return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
 
-    def time_with_graphs(self, fn: Callable[[], Any]) -> dict[str, Any] | None:
-        """fastrnn with CUDA graphs of its time loops on (captured during the warm-up when
-        CuPy's pool hands back the same addresses; the counts say what happened)."""
+    def time_fastrnn(self, fn: Callable[[], Any], graphs: bool) -> dict[str, Any] | None:
+        """fastrnn with CUDA graphs of its time loops off (eager) or on (captured during the
+        warm-up when CuPy's pool hands back the same addresses; the counts say what
+        happened). None for graphs on the CPU dry run."""
         if self.device != "cuda":
-            return None
+            return None if graphs else self.time(fn, "fastrnn")
         from fastrnn._cuda._runtime import runtime
 
         rt = runtime()
         before = dict(rt.graph_stats)
-        rt.graphs = True
+        previous = rt.graphs
+        rt.graphs = graphs
         try:
             out: dict[str, Any] = self.time(fn, "fastrnn")
         finally:
-            rt.graphs = False
-        out["graph_stats"] = {k: rt.graph_stats[k] - before[k] for k in before}
+            rt.graphs = previous
+        stats = rt.graph_stats
+        out["graph_stats"] = {k: stats[k] - before[k] for k in before if isinstance(before[k], int)}
+        if stats.get("last_capture_error") != before.get("last_capture_error") or (
+            out["graph_stats"].get("capture_failed")
+        ):
+            out["capture_error"] = stats.get("last_capture_error")
         return out
 
     def synchronize(self) -> None:
@@ -206,8 +215,8 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
         "dx": _rel_err(b.host(g_fr[0]), b.host(dx_th)),
         "dw_hh": _rel_err(b.host(g_fr[4 if op == "lstm" else 3]), b.host(module.weight_hh_l0.grad)),
     }
-    t_fr = b.time(fr_run, "fastrnn")
-    t_graph = b.time_with_graphs(fr_run)
+    t_fr = b.time_fastrnn(fr_run, graphs=False)
+    t_graph = b.time_fastrnn(fr_run, graphs=True)
     t_th = b.time(th_run, "torch")
     G = GATES[op] * H
     flops = 3 * 2 * T * N * G * (D + H)  # forward GEMMs, and twice that for backward
@@ -289,8 +298,8 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
     check = {"y": _rel_err(b.host(y_fr), b.host(y_th))}
     for name, a, c in zip(("dx", "dw", "db"), g_fr, g_th, strict=False):
         check[name] = _rel_err(b.host(a), b.host(c))
-    t_fr = b.time(fr_run, "fastrnn")
-    t_graph = b.time_with_graphs(fr_run) if op == "conv2d" else None
+    t_fr = b.time_fastrnn(fr_run, graphs=False)
+    t_graph = b.time_fastrnn(fr_run, graphs=True) if op == "conv2d" else None
     t_th = b.time(th_run, "torch")
     return {
         "op": op,
@@ -336,10 +345,12 @@ def environment(b: Bench) -> dict[str, Any]:
 def format_table(results: list[dict[str, Any]], device: str) -> str:
     other = "torch (cuDNN)" if device == "cuda" else "torch (CPU)"
     head = (
-        f"{'op':<11} {'shape':<26} {'fastrnn ms':>10} {'vs torch':>8} {'graphs ms':>9} "
-        f"{'vs torch':>8} {other + ' ms':>17} {'GFLOP/s':>7}  max rel err (y, grads)"
+        f"{'op':<11} {'shape':<26} {'eager ms':>10} {'vs torch':>8} {'graphs ms':>9} "
+        f"{'vs torch':>8} {'cap/rep/fail':>12} {other + ' ms':>17} {'GFLOP/s':>7}  "
+        "max rel err (y, grads)"
     )
     lines = [head, "-" * len(head)]
+    errors: dict[str, list[str]] = {}
     for r in results:
         if "error" in r:
             lines.append(f"{r['op']:<11} {r['shape']:<28} ERROR: {r['error']}")
@@ -349,11 +360,17 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
         g = r.get("fastrnn_graphs")
         g_ms = f"{g['median_ms']:>9.3f}" if g else f"{'-':>9}"
         g_x = f"{r['graphs_speed_vs_torch']:>7.2f}x" if g else f"{'-':>8}"
+        gs = (g or {}).get("graph_stats")
+        counts = f"{gs['captured']}/{gs['replayed']}/{gs['capture_failed']}" if gs else "-"
+        if g and g.get("capture_error"):
+            errors.setdefault(g["capture_error"], []).append(f"{r['op']} {r['shape']}")
         lines.append(
             f"{r['op']:<11} {r['shape']:<26} {r['fastrnn']['median_ms']:>10.3f} "
-            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {r['torch']['median_ms']:>17.3f} "
-            f"{gf:>7}  {errs}"
+            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} "
+            f"{r['torch']['median_ms']:>17.3f} {gf:>7}  {errs}"
         )
+    for text, where in errors.items():
+        lines.append(f"CUDA graph capture error ({len(where)} cases, first {where[0]}): {text}")
     return "\n".join(lines)
 
 
