@@ -33,6 +33,8 @@ from fastrnn._cpu._recurrent_common cimport (
     memcpy,
     mm,
     sequence_grads,
+    step_gemm,
+    transpose_rows,
     sigmoid,
     tanh_,
     to_blocked,
@@ -145,10 +147,14 @@ cdef void fwd_thread(
     floating* acts,              # OUT (T, N, 4H) blocked r, z, n, hn (training only)
     floating* hs,                # INOUT (T+1, N, H) when training, else a ring (2, N, H)
     floating* y,                 # OUT (T, N, H)
+    bint use_t,                  # IN  run G2 from W_hh^T
+    floating* w_hh_t,            # scratch (H, 3H) W_hh^T (blocked columns) when use_t
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
+    if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
+        transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
     # G1: the input projection of all T steps, this thread's gate columns, one GEMM.
     if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
         fr_blas_set_threads(seq_threads)
@@ -160,8 +166,8 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # G2: the recurrent projection of this thread's gate columns.
-        mm(False, True, N, G * (u1 - u0), H, <floating> 1, hs + cur * NH, H,
-           w_hh_b + G * u0 * H, H, <floating> 0, hw + G * u0, G * H)
+        step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                  <floating> 0, hw)
         fwd_point(xw + t * step, hw, b_ih_b, b_hh_b, hs + cur * NH, hs + nxt * NH, y + t * NH,
                   acts + t * N * S * H if training else <floating*> NULL, lengths, t, N, H, bs,
                   u0, u1)
@@ -176,6 +182,7 @@ cdef void fwd_run(
     const floating* b_hh, const long long* lengths,
     floating* w_ih_b, floating* w_hh_b, floating* b_ih_b, floating* b_hh_b,
     floating* xw, floating* hw, floating* acts, floating* hs, floating* y, floating* hT,
+    bint use_t, floating* w_hh_t,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -191,11 +198,10 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
-                       lengths, xw, hw, acts, hs, y)
+                       lengths, xw, hw, acts, hs, y, use_t, w_hh_t)
     else:
         fwd_thread(0, 1, bs, seq_threads, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
-                   lengths, xw,
-                   hw, acts, hs, y)
+                   lengths, xw, hw, acts, hs, y, use_t, w_hh_t)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -218,9 +224,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
-    ws = take_scratch(dtype, (T + 1) * N * G * H)
+    # G2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
+    cdef bint use_t = N >= 4 and T >= 4
+    cdef Py_ssize_t n_t = G * H * H if use_t else 0
+    ws = take_scratch(dtype, (T + 1) * N * G * H + n_t)
     xw = ws[: T * N * G * H]
-    hw = ws[T * N * G * H :]
+    hw = ws[T * N * G * H : (T + 1) * N * G * H]
+    w_hh_t = ws[(T + 1) * N * G * H :]
     acts = np.empty((T, N, S * H), dtype) if train else np.empty(1, dtype)
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)
@@ -246,6 +256,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     cdef void* p_hs = data(hs)
     cdef void* p_y = data(y)
     cdef void* p_hT = data(hT)
+    cdef void* p_w_hh_t = data(w_hh_t)
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -254,14 +265,15 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
                         <float*> p_b_ih, <float*> p_b_hh, lens, <float*> p_w_ih_b,
                         <float*> p_w_hh_b, <float*> p_b_ih_b, <float*> p_b_hh_b,
                         <float*> p_xw, <float*> p_hw, <float*> p_acts, <float*> p_hs,
-                        <float*> p_y, <float*> p_hT)
+                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b_ih, <double*> p_b_hh, lens,
                         <double*> p_w_ih_b, <double*> p_w_hh_b, <double*> p_b_ih_b,
                         <double*> p_b_hh_b, <double*> p_xw, <double*> p_hw,
-                        <double*> p_acts, <double*> p_hs, <double*> p_y, <double*> p_hT)
+                        <double*> p_acts, <double*> p_hs, <double*> p_y, <double*> p_hT, use_t,
+                        <double*> p_w_hh_t)
     give_scratch(ws)
     if not train:
         return y, hT, None

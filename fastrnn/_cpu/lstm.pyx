@@ -57,6 +57,8 @@ from fastrnn._cpu._recurrent_common cimport (
     memcpy,
     mm,
     sequence_grads,
+    step_gemm,
+    transpose_rows,
     sigmoid,
     tanh_,
     to_blocked,
@@ -152,11 +154,15 @@ cdef void fwd_thread(
     floating* hs,                # INOUT (T+1, N, H) when training, else a ring (2, N, H); [0] = h0
     floating* cs,                # INOUT like hs, for c
     floating* y,                 # OUT (T, N, H)
+    bint use_t,                  # IN  run L2 from W_hh^T
+    floating* w_hh_t,            # scratch (H, 4H) W_hh^T (blocked columns) when use_t
 ) noexcept nogil:
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
+    if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
+        transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
     # L1: the input projection of all T steps, this thread's gate columns, one GEMM.
     if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
         fr_blas_set_threads(seq_threads)
@@ -168,8 +174,8 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # L2: the recurrent projection of this thread's gate columns, added onto L1's.
-        mm(False, True, N, G * (u1 - u0), H, <floating> 1, hs + cur * NH, H,
-           w_hh_b + G * u0 * H, H, <floating> 1, gates + t * step + G * u0, G * H)
+        step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                  <floating> 1, gates + t * step)
         fwd_point(gates + t * step, bias, hs + cur * NH, cs + cur * NH, hs + nxt * NH,
                   cs + nxt * NH, y + t * NH, lengths, t, N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next L2 reads h_t.
@@ -184,6 +190,7 @@ cdef void fwd_run(
     floating* w_ih_b, floating* w_hh_b, floating* b_b,   # OUT blocked copies of the weights
     floating* gates, floating* hs, floating* cs, floating* y,
     floating* hT, floating* cT,                          # OUT (N, H)
+    bint use_t, floating* w_hh_t,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -198,11 +205,10 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
-                       hs, cs, y)
+                       hs, cs, y, use_t, w_hh_t)
     else:
         fwd_thread(0, 1, bs, seq_threads, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths,
-                   gates, hs, cs,
-                   y)
+                   gates, hs, cs, y, use_t, w_hh_t)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -237,9 +243,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     hs[0] = h0
     cs[0] = c0
     y = np.empty((T, N, H), dtype)
+    # L2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
+    cdef bint use_t = N >= 4 and T >= 4
+    cdef Py_ssize_t n_t = G * H * H if use_t else 0
     # the activations are saved for backward when training, scratch otherwise
-    ws = np.empty(T * N * G * H, dtype) if train else take_scratch(dtype, T * N * G * H)
-    gates = ws[: T * N * G * H].reshape(T, N, G * H)
+    ws = take_scratch(dtype, n_t + (0 if train else T * N * G * H))
+    w_hh_t = ws[:n_t]
+    gates = np.empty(T * N * G * H, dtype) if train else ws[n_t : n_t + T * N * G * H]
+    gates = gates.reshape(T, N, G * H)
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)
         w_hh_b = np.empty((G * H, H), dtype)
@@ -262,6 +273,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     cdef void* p_y = data(y)
     cdef void* p_hT = data(hT)
     cdef void* p_cT = data(cT)
+    cdef void* p_w_hh_t = data(w_hh_t)
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -269,16 +281,16 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
                         <float*> p_w_hh,
                         <float*> p_b, lens, <float*> p_w_ih_b, <float*> p_w_hh_b,
                         <float*> p_b_b, <float*> p_gates, <float*> p_hs, <float*> p_cs,
-                        <float*> p_y, <float*> p_hT, <float*> p_cT)
+                        <float*> p_y, <float*> p_hT, <float*> p_cT, use_t, <float*> p_w_hh_t)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_b_b, <double*> p_gates,
                         <double*> p_hs, <double*> p_cs, <double*> p_y, <double*> p_hT,
-                        <double*> p_cT)
+                        <double*> p_cT, use_t, <double*> p_w_hh_t)
+    give_scratch(ws)
     if not train:
-        give_scratch(ws)
         return y, hT, cT, None
     ctx = Context(
         op="lstm",

@@ -25,6 +25,8 @@ from fastrnn._cpu._recurrent_common cimport (
     memcpy,
     mm,
     sequence_grads,
+    step_gemm,
+    transpose_rows,
     tanh_,
     unit_range,
 )
@@ -107,10 +109,14 @@ cdef void fwd_thread(
     floating* xw,                # scratch (T, N, H) pre-activations without bias
     floating* hs,                # INOUT (T+1, N, H) when training, else a ring (2, N, H)
     floating* y,                 # OUT (T, N, H)
+    bint use_t,                  # IN  run R2 from W_hh^T
+    floating* w_hh_t,            # scratch (H, H) W_hh^T when use_t
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
+    if use_t:  # this thread's columns of W_hh^T: no barrier, only it reads them
+        transpose_rows(w_hh, H, H, u0, u1, w_hh_t)
     # R1: the input projection of all T steps, this thread's columns, one GEMM.
     if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
         fr_blas_set_threads(seq_threads)
@@ -122,8 +128,8 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # R2: the recurrent projection of this thread's columns, added onto R1's.
-        mm(False, True, N, u1 - u0, H, <floating> 1, hs + cur * NH, H, w_hh + u0 * H, H,
-           <floating> 1, xw + t * NH + u0, H)
+        step_gemm(use_t, N, H, H, u0, u1, hs + cur * NH, w_hh, w_hh_t, <floating> 1,
+                  xw + t * NH)
         fwd_point(xw + t * NH, b, hs + cur * NH, hs + nxt * NH, y + t * NH, relu, lengths, t,
                   N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next R2 reads h_t.
@@ -135,6 +141,7 @@ cdef void fwd_run(
     Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
     const long long* lengths, floating* xw, floating* hs, floating* y, floating* hT,
+    bint use_t, floating* w_hh_t,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -145,11 +152,10 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, 1, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw,
-                       hs,
-                       y)
+                       hs, y, use_t, w_hh_t)
     else:
         fwd_thread(0, 1, bs, seq_threads, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths,
-                   xw, hs, y)
+                   xw, hs, y, use_t, w_hh_t)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -173,8 +179,12 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
-    ws = take_scratch(dtype, T * N * H)
+    # R2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
+    cdef bint use_t = N >= 4 and T >= 4
+    cdef Py_ssize_t n_t = H * H if use_t else 0
+    ws = take_scratch(dtype, T * N * H + n_t)
     xw = ws[: T * N * H]
+    w_hh_t = ws[T * N * H :]
     hT = np.empty((N, H), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
@@ -185,18 +195,20 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef void* p_hs = data(hs)
     cdef void* p_y = data(y)
     cdef void* p_hT = data(hT)
+    cdef void* p_w_hh_t = data(w_hh_t)
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
                         <float*> p_w_hh, <float*> p_b, lens, <float*> p_xw, <float*> p_hs,
-                        <float*> p_y, <float*> p_hT)
+                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <double*> p_x,
                         <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_xw,
-                        <double*> p_hs, <double*> p_y, <double*> p_hT)
+                        <double*> p_hs, <double*> p_y, <double*> p_hT, use_t,
+                        <double*> p_w_hh_t)
     give_scratch(ws)
     if not train:
         return y, hT, None
