@@ -104,33 +104,33 @@ cdef inline void fwd_point(
         if floating is float:
             fr_gru_fwd_row_f(xt + n * G * H, hw + n * G * H, b_ih, b_hh, hp + n * H, hn + n * H,
                              yt + n * H, st + n * S * H if st != NULL else NULL, H, bs, u0, u1)
-            continue
-        j0 = u0
-        while j0 < u1:
-            sz = block_size(bs, H, j0)
-            k = n * G * H + G * j0
-            xa = xt + k
-            ha = hw + k
-            bi = b_ih + G * j0
-            bh = b_hh + G * j0
-            for u in range(sz):
-                j = n * H + j0 + u
-                # G3: gates.
-                r = sigmoid(xa[u] + bi[u] + ha[u] + bh[u])
-                z = sigmoid(xa[sz + u] + bi[sz + u] + ha[sz + u] + bh[sz + u])
-                hh = ha[2 * sz + u] + bh[2 * sz + u]
-                nn = tanh_(xa[2 * sz + u] + bi[2 * sz + u] + r * hh)
-                # G4: new state.
-                h = (1 - z) * nn + z * hp[j]
-                hn[j] = h
-                yt[j] = h
-                if st != NULL:
-                    sa = st + n * S * H + S * j0
-                    sa[u] = r
-                    sa[sz + u] = z
-                    sa[2 * sz + u] = nn
-                    sa[3 * sz + u] = hh
-            j0 += sz
+        else:
+            j0 = u0
+            while j0 < u1:
+                sz = block_size(bs, H, j0)
+                k = n * G * H + G * j0
+                xa = xt + k
+                ha = hw + k
+                bi = b_ih + G * j0
+                bh = b_hh + G * j0
+                for u in range(sz):
+                    j = n * H + j0 + u
+                    # G3: gates.
+                    r = sigmoid(xa[u] + bi[u] + ha[u] + bh[u])
+                    z = sigmoid(xa[sz + u] + bi[sz + u] + ha[sz + u] + bh[sz + u])
+                    hh = ha[2 * sz + u] + bh[2 * sz + u]
+                    nn = tanh_(xa[2 * sz + u] + bi[2 * sz + u] + r * hh)
+                    # G4: new state.
+                    h = (1 - z) * nn + z * hp[j]
+                    hn[j] = h
+                    yt[j] = h
+                    if st != NULL:
+                        sa = st + n * S * H + S * j0
+                        sa[u] = r
+                        sa[sz + u] = z
+                        sa[2 * sz + u] = nn
+                        sa[3 * sz + u] = hh
+                j0 += sz
 
 
 cdef void fwd_thread(
@@ -320,37 +320,37 @@ cdef inline void bwd_point(
         if floating is float:
             fr_gru_bwd_row_f(st + n * S * H, hp + n * H, dyt + n * H, dh + n * H,
                              dxt + n * G * H, dht + n * G * H, H, bs, u0, u1)
-            continue
-        j0 = u0
-        while j0 < u1:
-            sz = block_size(bs, H, j0)
-            sa = st + n * S * H + S * j0
-            dxa = dxt + n * G * H + G * j0
-            dha = dht + n * G * H + G * j0
-            for u in range(sz):
-                j = n * H + j0 + u
-                r = sa[u]
-                z = sa[sz + u]
-                nn = sa[2 * sz + u]
-                hh = sa[3 * sz + u]
-                # GB1: gradient reaching this step's new h.
-                dhs = dyt[j] + dh[j]
-                # GB2: through h = (1 - z) * n + z * h_prev.
-                dn = dhs * (1 - z)
-                dz = dhs * (hp[j] - nn)
-                # GB3: through the gate nonlinearities.
-                dan = dn * (1 - nn * nn)
-                dar = dan * hh * r * (1 - r)
-                daz = dz * z * (1 - z)
-                dxa[u] = dar
-                dxa[sz + u] = daz
-                dxa[2 * sz + u] = dan
-                dha[u] = dar
-                dha[sz + u] = daz
-                dha[2 * sz + u] = dan * r
-                # GB4: the direct path z * dh; da_h W_hh is added by the GEMM.
-                dh[j] = dhs * z
-            j0 += sz
+        else:
+            j0 = u0
+            while j0 < u1:
+                sz = block_size(bs, H, j0)
+                sa = st + n * S * H + S * j0
+                dxa = dxt + n * G * H + G * j0
+                dha = dht + n * G * H + G * j0
+                for u in range(sz):
+                    j = n * H + j0 + u
+                    r = sa[u]
+                    z = sa[sz + u]
+                    nn = sa[2 * sz + u]
+                    hh = sa[3 * sz + u]
+                    # GB1: gradient reaching this step's new h.
+                    dhs = dyt[j] + dh[j]
+                    # GB2: through h = (1 - z) * n + z * h_prev.
+                    dn = dhs * (1 - z)
+                    dz = dhs * (hp[j] - nn)
+                    # GB3: through the gate nonlinearities.
+                    dan = dn * (1 - nn * nn)
+                    dar = dan * hh * r * (1 - r)
+                    daz = dz * z * (1 - z)
+                    dxa[u] = dar
+                    dxa[sz + u] = daz
+                    dxa[2 * sz + u] = dan
+                    dha[u] = dar
+                    dha[sz + u] = daz
+                    dha[2 * sz + u] = dan * r
+                    # GB4: the direct path z * dh; da_h W_hh is added by the GEMM.
+                    dh[j] = dhs * z
+                j0 += sz
 
 
 cdef void bwd_thread(

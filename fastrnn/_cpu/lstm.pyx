@@ -116,30 +116,30 @@ cdef inline void fwd_point(
         if floating is float:
             fr_lstm_fwd_row_f(gt + n * G * H, bias, cp + n * H, cn + n * H, hn + n * H,
                               yt + n * H, H, bs, u0, u1)
-            continue
-        j0 = u0
-        while j0 < u1:
-            sz = block_size(bs, H, j0)
-            a = gt + n * G * H + G * j0
-            bb = bias + G * j0
-            for u in range(sz):
-                j = n * H + j0 + u
-                # L3: gate nonlinearities (the bias of L1 is added here).
-                i = sigmoid(a[u] + bb[u])
-                f = sigmoid(a[sz + u] + bb[sz + u])
-                g = tanh_(a[2 * sz + u] + bb[2 * sz + u])
-                o = sigmoid(a[3 * sz + u] + bb[3 * sz + u])
-                a[u] = i
-                a[sz + u] = f
-                a[2 * sz + u] = g
-                a[3 * sz + u] = o
-                # L4: cell and hidden state.
-                c = f * cp[j] + i * g
-                h = o * tanh_(c)
-                cn[j] = c
-                hn[j] = h
-                yt[j] = h
-            j0 += sz
+        else:
+            j0 = u0
+            while j0 < u1:
+                sz = block_size(bs, H, j0)
+                a = gt + n * G * H + G * j0
+                bb = bias + G * j0
+                for u in range(sz):
+                    j = n * H + j0 + u
+                    # L3: gate nonlinearities (the bias of L1 is added here).
+                    i = sigmoid(a[u] + bb[u])
+                    f = sigmoid(a[sz + u] + bb[sz + u])
+                    g = tanh_(a[2 * sz + u] + bb[2 * sz + u])
+                    o = sigmoid(a[3 * sz + u] + bb[3 * sz + u])
+                    a[u] = i
+                    a[sz + u] = f
+                    a[2 * sz + u] = g
+                    a[3 * sz + u] = o
+                    # L4: cell and hidden state.
+                    c = f * cp[j] + i * g
+                    h = o * tanh_(c)
+                    cn[j] = c
+                    hn[j] = h
+                    yt[j] = h
+                j0 += sz
 
 
 cdef void fwd_thread(
@@ -337,33 +337,33 @@ cdef inline void bwd_point(
         if floating is float:
             fr_lstm_bwd_row_f(at + n * G * H, cp + n * H, cn + n * H, dyt + n * H, dh + n * H,
                               dc + n * H, dat + n * G * H, H, bs, u0, u1)
-            continue
-        j0 = u0
-        while j0 < u1:
-            sz = block_size(bs, H, j0)
-            a = at + n * G * H + G * j0
-            d = dat + n * G * H + G * j0
-            for u in range(sz):
-                j = n * H + j0 + u
-                i = a[u]
-                f = a[sz + u]
-                g = a[2 * sz + u]
-                o = a[3 * sz + u]
-                # LB1: gradient reaching this step's new h and c.
-                dhs = dyt[j] + dh[j]
-                # LB2: through h = o * tanh(c) and c = f * c_prev + i * g.
-                tc = tanh_(cn[j])
-                do_ = dhs * tc
-                dct = dc[j] + dhs * o * (1 - tc * tc)
-                # LB3: through the gate nonlinearities.
-                d[u] = dct * g * i * (1 - i)
-                d[sz + u] = dct * cp[j] * f * (1 - f)
-                d[2 * sz + u] = dct * i * (1 - g * g)
-                d[3 * sz + u] = do_ * o * (1 - o)
-                # LB4: to the previous c; dh_{t-1} = da_t W_hh is added by the GEMM.
-                dc[j] = dct * f
-                dh[j] = 0
-            j0 += sz
+        else:
+            j0 = u0
+            while j0 < u1:
+                sz = block_size(bs, H, j0)
+                a = at + n * G * H + G * j0
+                d = dat + n * G * H + G * j0
+                for u in range(sz):
+                    j = n * H + j0 + u
+                    i = a[u]
+                    f = a[sz + u]
+                    g = a[2 * sz + u]
+                    o = a[3 * sz + u]
+                    # LB1: gradient reaching this step's new h and c.
+                    dhs = dyt[j] + dh[j]
+                    # LB2: through h = o * tanh(c) and c = f * c_prev + i * g.
+                    tc = tanh_(cn[j])
+                    do_ = dhs * tc
+                    dct = dc[j] + dhs * o * (1 - tc * tc)
+                    # LB3: through the gate nonlinearities.
+                    d[u] = dct * g * i * (1 - i)
+                    d[sz + u] = dct * cp[j] * f * (1 - f)
+                    d[2 * sz + u] = dct * i * (1 - g * g)
+                    d[3 * sz + u] = do_ * o * (1 - o)
+                    # LB4: to the previous c; dh_{t-1} = da_t W_hh is added by the GEMM.
+                    dc[j] = dct * f
+                    dh[j] = 0
+                j0 += sz
 
 
 cdef void bwd_thread(
