@@ -681,7 +681,7 @@ def plot(result: dict[str, Any], path: str) -> bool:
         ax.set_yscale("log")
         ax.set_ylabel("GFLOP/s")
         ax.set_title(
-            f"{passes}, {result['machine']['threads']} threads, {result['machine']['dtype']}"
+            f"{passes}, threads: {result['machine']['threads']}, {result['machine']['dtype']}"
         )
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fastrnn.examples._common import CommandError, thread_limit
+from fastrnn.examples._common import CommandError, training_threads
 
 EXIT_USAGE = 2  # bad arguments (argparse's convention)
 EXIT_FAILURE = 1  # anything else that went wrong
@@ -93,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(None if argv is None else list(argv))
         except SystemExit as exc:  # --help and --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-        with thread_limit(getattr(args, "threads", None)):
-            return int(args.func(args) or 0)
+        if args.command in ("char-rnn", "digits"):
+            with training_threads(args.threads):
+                return int(args.func(args) or 0)
+        return int(args.func(args) or 0)
     except _UsageError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

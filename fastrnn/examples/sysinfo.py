@@ -81,9 +81,20 @@ def blas_info() -> list[dict[str, Any]]:
                 "threading_layer": lib.get("threading_layer"),
                 "num_threads": lib.get("num_threads"),
                 "library": Path(lib.get("filepath", "")).name,
+                "loaded_by": _owner(lib.get("filepath", "")),
             }
         )
     return rows
+
+
+def _owner(filepath: str) -> str | None:
+    """Which package shipped a shared library: wheels keep them in ``<package>.libs``."""
+    for part in reversed(Path(filepath).parts[:-1]):
+        if part.endswith(".libs"):
+            return part[: -len(".libs")]
+        if part in ("site-packages", "dist-packages"):
+            break
+    return None
 
 
 def gpu_info() -> dict[str, Any]:
@@ -215,9 +226,12 @@ def format_report(info: dict[str, Any]) -> str:
             continue
         arch = f" ({lib['architecture']})" if lib.get("architecture") else ""
         layer = f", {lib['threading_layer']} threading" if lib.get("threading_layer") else ""
+        owner = {"scipy": "SciPy's: the CPU kernels call it", "numpy": "NumPy's"}.get(
+            lib.get("loaded_by") or "", lib.get("loaded_by") or lib["user_api"]
+        )
         lines.append(
             f"{head} {lib['internal_api']} {lib['version'] or ''}{arch}: {lib['num_threads']} "
-            f"threads{layer} [{lib['user_api']}, {lib['library']}]"
+            f"threads{layer} [{owner}; {lib['library']}]"
         )
     gpu = info["gpu"]
     if gpu.get("available"):
