@@ -51,6 +51,8 @@ from fastrnn.context import Context
 
 
 cdef Py_ssize_t TILE_COLUMNS = 512
+cdef enum:
+    KBLOCK = 16  # rows of a dw partial transposed together (_reduce_block)
 
 
 cdef struct Geom:
@@ -252,12 +254,32 @@ cdef void _backward_image(
         r0 = r1
 
 
-cdef inline Py_ssize_t _transposed(Py_ssize_t e, const Geom* g) noexcept nogil:
-    """Offset in a [G, K, Fg] partial of element e of dw viewed as [G, Fg, K]."""
-    cdef Py_ssize_t grp = e // (g.Fg * g.K)
-    cdef Py_ssize_t rem = e - grp * g.Fg * g.K
-    cdef Py_ssize_t f = rem // g.K
-    return grp * g.Fg * g.K + (rem - f * g.K) * g.Fg + f
+cdef void _reduce_block(
+    const floating* parts,  # IN  [P, G, K, Fg] the chunks' partials (transposed per group)
+    Py_ssize_t P,           # IN  number of chunks
+    floating* dw,           # OUT [G, Fg, K]
+    Py_ssize_t block,       # IN  block index: group grp, columns k0 .. k0 + KBLOCK of dw
+    const Geom* g,
+) noexcept nogil:
+    """CB2 across chunks for one block of KBLOCK rows of a partial: dw[grp, f, k] = sum over c
+    (in chunk order) of parts[c, grp, k, f]. Blocked so the strided side of the transpose stays
+    in L1 (an element-by-element transpose missed the cache on every read: 15% of a backward
+    pass for 8x128x28x28 -> 128)."""
+    cdef Py_ssize_t nkb = (g.K + KBLOCK - 1) // KBLOCK
+    cdef Py_ssize_t grp = block // nkb
+    cdef Py_ssize_t k0 = (block - grp * nkb) * KBLOCK
+    cdef Py_ssize_t k1 = min(k0 + KBLOCK, g.K)
+    cdef Py_ssize_t ps = g.G * g.K * g.Fg
+    cdef Py_ssize_t c, f, k
+    cdef const floating* src = parts + grp * g.K * g.Fg
+    cdef floating* dst = dw + grp * g.Fg * g.K
+    cdef floating acc
+    for f in range(g.Fg):
+        for k in range(k0, k1):
+            acc = src[k * g.Fg + f]
+            for c in range(1, P):
+                acc = acc + src[c * ps + k * g.Fg + f]
+            dst[f * g.K + k] = acc
 
 
 cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
@@ -340,8 +362,7 @@ def _backward(
     cdef floating* bufp = &bufs[0, 0]
     cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
     cdef Py_ssize_t ps = parts.shape[1], P = parts.shape[0]
-    cdef Py_ssize_t c, n, f, t, e, src
-    cdef floating acc
+    cdef Py_ssize_t c, n, f, e
     cdef int tid
     # Chunk c holds images [c*N/P, (c+1)*N/P) and sums their dw, in image order, into partial
     # c; whichever thread runs it, the arithmetic is the same.
@@ -361,14 +382,10 @@ def _backward(
                         _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
                                         partp + c * ps, bufp, &g)
     with nogil:
-        # CB2 across chunks: the partials summed in chunk order and transposed back:
-        # dw[grp, f, k] = sum over c of part[c, grp, k, f].
-        for e in prange(ps, num_threads=nthreads, schedule="static"):
-            src = _transposed(e, &g)
-            acc = partp[src]
-            for t in range(1, P):
-                acc = acc + partp[t * ps + src]
-            dwp[e] = acc
+        # CB2 across chunks: the partials summed in chunk order and transposed back.
+        for e in prange(g.G * ((g.K + KBLOCK - 1) // KBLOCK), num_threads=nthreads,
+                        schedule="static"):
+            _reduce_block(partp, P, dwp, e, &g)
         if db.shape[0] > 0:  # CB1
             for f in prange(g.F, num_threads=nthreads, schedule="static"):
                 db[f] = <floating> _channel_sum(dyp, f, &g)
