@@ -217,6 +217,17 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
     }
     t_fr = b.time_fastrnn(fr_run, graphs=False)
     t_graph = b.time_fastrnn(fr_run, graphs=True)
+    t_gemm_steps = None
+    from fastrnn._cuda import recurrent as cuda_recurrent
+
+    if b.device == "cuda" and cuda_recurrent._fused(T, N, H):
+        # the same with a cuBLAS GEMM and a launch per step instead of the fused step kernels
+        saved = cuda_recurrent.FUSED_MAX_N
+        cuda_recurrent.FUSED_MAX_N = 0
+        try:
+            t_gemm_steps = b.time_fastrnn(fr_run, graphs=True)
+        finally:
+            cuda_recurrent.FUSED_MAX_N = saved
     t_th = b.time(th_run, "torch")
     G = GATES[op] * H
     flops = 3 * 2 * T * N * G * (D + H)  # forward GEMMs, and twice that for backward
@@ -225,6 +236,7 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
         "shape": f"T={T} N={N} D={D} H={H}",
         "fastrnn": t_fr,
         "fastrnn_graphs": t_graph,
+        "fastrnn_graphs_gemm_steps": t_gemm_steps,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
         "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
@@ -346,8 +358,8 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
     other = "torch (cuDNN)" if device == "cuda" else "torch (CPU)"
     head = (
         f"{'op':<11} {'shape':<26} {'eager ms':>10} {'vs torch':>8} {'graphs ms':>9} "
-        f"{'vs torch':>8} {'cap/rep/fail':>12} {other + ' ms':>17} {'GFLOP/s':>7}  "
-        "max rel err (y, grads)"
+        f"{'vs torch':>8} {'cap/rep/fail':>12} {'unfused ms':>10} {other + ' ms':>17} "
+        f"{'GFLOP/s':>7}  max rel err (y, grads)"
     )
     lines = [head, "-" * len(head)]
     errors: dict[str, list[str]] = {}
@@ -364,10 +376,17 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
         counts = f"{gs['captured']}/{gs['replayed']}/{gs['capture_failed']}" if gs else "-"
         if g and g.get("capture_error"):
             errors.setdefault(g["capture_error"], []).append(f"{r['op']} {r['shape']}")
+        u = r.get("fastrnn_graphs_gemm_steps")
+        u_ms = f"{u['median_ms']:>10.3f}" if u else f"{'-':>10}"
         lines.append(
             f"{r['op']:<11} {r['shape']:<26} {r['fastrnn']['median_ms']:>10.3f} "
-            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} "
+            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} {u_ms} "
             f"{r['torch']['median_ms']:>17.3f} {gf:>7}  {errs}"
+        )
+    if any(r.get("fastrnn_graphs_gemm_steps") for r in results):
+        lines.append(
+            "unfused ms: graphs on, a cuBLAS GEMM and a launch per step instead of the fused "
+            "step kernels (which run batches of up to FASTRNN_CUDA_FUSED_MAX_N=8)"
         )
     for text, where in errors.items():
         lines.append(f"CUDA graph capture error ({len(where)} cases, first {where[0]}): {text}")

@@ -13,6 +13,13 @@
 // Flat offsets and sizes are 64-bit everywhere: T*N*4H or N*C*H*W can pass 2^31 elements.
 typedef long long index_t;
 
+// Unroll hint for the fused kernels' inner sums (NVRTC; a no-op in the host build of the tests).
+#ifdef __CUDACC__
+#define FASTRNN_UNROLL4 _Pragma("unroll 4")
+#else
+#define FASTRNN_UNROLL4
+#endif
+
 // Grid-stride loop over [0, n): correct for any grid size, so the launcher can cap the grid
 // (fastrnn/_cuda/_runtime.py MAX_BLOCKS) and the tests can force several passes per thread with
 // a tiny grid. The index arithmetic is done in 64 bits before it can overflow.

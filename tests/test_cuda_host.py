@@ -413,20 +413,27 @@ def test_pool_inference_saves_nothing(host_rt):
         assert_close(y, y_ref, "pool", "forward", np.float64)
 
 
-def test_cupy_runtime_cublas_calls(host_lib):
+@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
+def test_cupy_runtime_cublas_calls(host_lib, monkeypatch, fused):
     """CupyRuntime issues one cuBLAS call per GEMM of the algorithm (1 input projection + T
-    recurrent forward; T recurrent backward + 3 weight/input + 1 bias), each in host pointer
+    recurrent forward; T recurrent backward + 3 weight/input + 1 bias; with the fused step
+    kernels, no recurrent GEMM but the one after step 0 of backward), each in host pointer
     mode on the current stream, and leaves the handle's pointer mode and stream as it found
     them."""
+    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 8 if fused else 0)
     rt = EmulatedCupyRuntime(host_lib)
     T, N, D, H = 4, 3, 5, 6
+    steps = 0 if fused else T
     with use_runtime(rt):
         d, grads, lens = _data("lstm", (T, N, D, H, "mixed"), np.float64)
         args = [rt.to_device(d[k]) for k in ORDER["lstm"]]
         *_, ctx = recurrent.lstm_forward(*args, lens, True)
-        assert rt.fake_cublas.calls == 1 + T
+        assert rt.fake_cublas.calls == 1 + steps
         recurrent.lstm_backward(ctx, rt.to_device(grads["dy"]), None, None)
-        assert rt.fake_cublas.calls == 1 + T + T + 3 + 1
+        assert rt.fake_cublas.calls == 1 + steps + (1 if fused else T) + 3 + 1
+    kernels = {name for name, _, _ in rt.launches}
+    assert ("lstm_forward_fused" in kernels) is fused
+    assert ("lstm_backward_step" in kernels) is not fused
     assert rt.fake_cublas.mode == rt.fake_cublas.CUBLAS_POINTER_MODE_DEVICE
     assert rt.fake_cublas.stream == 0  # and its stream
 
@@ -536,11 +543,12 @@ def test_cuda_graphs_through_the_drivers(host_lib, op, case):
                 np.testing.assert_array_equal(a, b)
 
 
-def test_cupy_cublas_wrappers_refuse_a_capturing_stream(host_lib):
+def test_cupy_cublas_wrappers_refuse_a_capturing_stream(host_lib, monkeypatch):
     """What made every capture fail on the GPU (CuPy 14): CuPy's cuBLAS wrappers set the
     handle's stream to the current one first, and CuPy's setStream raises for a capturing
     stream. The emulation does the same, and CupyRuntime captures its GEMMs through direct
     cuBLAS calls with a user workspace, restoring the handle afterwards."""
+    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 0)  # a cuBLAS GEMM in every step
     rt = EmulatedCupyRuntime(host_lib)
     s = rt.fake_cuda.Stream(non_blocking=True)
     with s:
@@ -587,9 +595,10 @@ def test_capture_failure_falls_back_to_eager_and_says_why(host_lib, caplog):
     assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_failed_body_leaves_nothing_captured_or_run(host_lib):
+def test_failed_body_leaves_nothing_captured_or_run(host_lib, monkeypatch):
     """A call that fails half-way through a capture: nothing it recorded runs, the stream
     stops capturing, the handle is restored, and the loop then runs eagerly (correctly)."""
+    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 0)  # a cuBLAS GEMM in every step
     rt = EmulatedCupyRuntime(host_lib)
     with use_runtime(rt):
         eager = _graph_run(rt, "rnn", SHAPES[3], np.float64)
@@ -689,3 +698,28 @@ def test_graphs_switch(host_lib, monkeypatch, value, expected):
     else:
         monkeypatch.setenv("FASTRNN_CUDA_GRAPHS", value)
     assert EmulatedCupyRuntime(host_lib).graphs is expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
+def test_both_step_paths_match_reference(host_lib, monkeypatch, op, shape, dtype, fused):
+    """Every shape through the cuBLAS-per-step kernels and through the fused step kernels
+    (which batch sizes take which path is a threshold; both must be right everywhere), on
+    CupyRuntime with graphs on and the same addresses every call (eager, captured, replayed)."""
+    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 1 << 30 if fused else 0)
+    monkeypatch.setattr(recurrent, "FUSED_MAX_H", 1 << 30)
+    rt = EmulatedCupyRuntime(host_lib)
+    rt.graphs = True
+    with use_runtime(rt):
+        for _ in range(3):
+            rt.xp.reuse_addresses()
+            outs, ref_outs, got, want, _ = _run_both(rt, op, shape, dtype)
+            for a, r in zip(outs, ref_outs, strict=True):
+                assert_close(a, r, "recurrent", "forward", dtype, name=op)
+            for name, a, r in zip(GRAD_NAMES[op], got, want, strict=True):
+                assert_close(a, r, "recurrent", "backward", dtype, name=f"{op} {name}")
+    assert rt.graph_stats["replayed"] == 2 and rt.graph_stats["capture_failed"] == 0
+    names = {name for name, _, _ in rt.launches}
+    assert any(n.endswith("_fused") for n in names) is (fused and shape[0] > 0)

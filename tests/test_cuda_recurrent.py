@@ -274,3 +274,23 @@ def test_cuda_graph_replays_equal_eager(op, checked_runtime, monkeypatch):
     for res in results[1:]:
         for a, e in zip(res, results[0], strict=True):
             np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], (9, 8, 16, 512, "mixed")], ids=_ids)
+@pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
+def test_both_step_paths(op, shape, dtype, fused, monkeypatch):
+    """The cuBLAS-per-step kernels and the fused step kernels (csrc/*_fused) on the same
+    shapes, whatever the batch-size threshold says."""
+    from fastrnn._cuda import recurrent
+
+    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 1 << 30 if fused else 0)
+    monkeypatch.setattr(recurrent, "FUSED_MAX_H", 1 << 30)
+    d, lens = _data(op, shape, dtype)
+    outs, grads, _ = _run(op, d, lens, cupy)
+    want_outs, want_grads = _reference(op, d, lens)
+    for a, b in zip(outs, want_outs, strict=False):
+        assert_close(a, b, "recurrent", "forward", dtype, name=op)
+    for name, a, b in zip(GRADS[op], grads, want_grads, strict=True):
+        assert_close(a, b, "recurrent", "backward", dtype, name=f"{op} {name}")

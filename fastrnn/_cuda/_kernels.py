@@ -115,6 +115,19 @@ KERNELS: tuple[Kernel, ...] = (
         ("const T* acts", "const T* cs", "const T* dy", "T* da", "const T* dh_cur",
          "T* dh_next", "T* dc", *_STEP, "index_t N", "index_t H"),
     ),
+    Kernel(
+        "lstm_forward_fused",
+        "lstm.cu",
+        ("T* pre", "const T* w_hhT", "const T* b", "T* hs", "T* cs", "T* y", *_STEP,
+         "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
+    ),
+    Kernel(
+        "lstm_backward_fused",
+        "lstm.cu",
+        ("const T* acts", "const T* cs", "const T* dy", "T* da", "const T* w_hh",
+         "const T* dh_cur", "T* dh_next", "T* dc", *_STEP, "index_t steps", "index_t N",
+         "index_t H"),
+    ),
     # -- gru.cu ----------------------------------------------------------------------------
     Kernel(
         "gru_forward_step",
@@ -128,6 +141,18 @@ KERNELS: tuple[Kernel, ...] = (
         ("const T* acts", "const T* hs", "const T* dy", "T* dxw", "T* dhw", "const T* dh_cur",
          "T* dh_next", *_STEP, "index_t N", "index_t H"),
     ),
+    Kernel(
+        "gru_forward_fused",
+        "gru.cu",
+        ("const T* xw", "const T* w_hhT", "const T* b_ih", "const T* b_hh", "T* hs", "T* y",
+         "T* acts", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
+    ),
+    Kernel(
+        "gru_backward_fused",
+        "gru.cu",
+        ("const T* acts", "const T* hs", "const T* dy", "T* dxw", "T* dhw", "const T* w_hh",
+         "const T* dh_cur", "T* dh_next", *_STEP, "index_t steps", "index_t N", "index_t H"),
+    ),
     # -- rnn.cu ----------------------------------------------------------------------------
     Kernel(
         "rnn_forward_step",
@@ -140,6 +165,18 @@ KERNELS: tuple[Kernel, ...] = (
         "rnn.cu",
         ("const T* hs", "const T* dy", "T* da", "const T* dh_cur", "T* dh_next", *_STEP,
          "index_t N", "index_t H", "int relu"),
+    ),
+    Kernel(
+        "rnn_forward_fused",
+        "rnn.cu",
+        ("const T* pre", "const T* w_hhT", "const T* b", "T* hs", "T* y", *_STEP, "index_t src",
+         "index_t dst", "index_t N", "index_t H", "int relu"),
+    ),
+    Kernel(
+        "rnn_backward_fused",
+        "rnn.cu",
+        ("const T* hs", "const T* dy", "T* da", "const T* w_hh", "const T* dh_cur",
+         "T* dh_next", *_STEP, "index_t steps", "index_t N", "index_t H", "int relu"),
     ),
     # -- conv2d.cu -------------------------------------------------------------------------
     Kernel("im2col", "conv2d.cu", ("const T* x", "T* cols", *_CHUNK, *_CONV)),

@@ -18,12 +18,32 @@ fastrnn/reference/{lstm,gru,rnn}.py.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from fastrnn._cuda._runtime import runtime
 from fastrnn.context import Context
+
+# Small batches take the fused step kernels (*_fused in csrc/): the recurrent GEMM of a step is
+# done inside its pointwise kernel, one thread per (n, j) summing over H (forward, with W_hh
+# transposed so the reads coalesce) or over the gates (backward, the previous step's dh GEMM), so
+# a step is one launch instead of a cuBLAS call and a launch. Past these sizes cuBLAS wins.
+# FASTRNN_CUDA_FUSED_MAX_N=0 turns the fused kernels off.
+FUSED_MAX_N = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_N", "8"))
+FUSED_MAX_H = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_H", "512"))
+
+
+def _fused(T: int, N: int, H: int) -> bool:
+    return T > 0 and 0 < N <= FUSED_MAX_N and 0 < H <= FUSED_MAX_H
+
+
+def _transposed(xp: Any, w: Any) -> Any:
+    """A C-contiguous copy of w.T (allocated like every other buffer of the call)."""
+    out = xp.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
+    out[...] = w.T
+    return out
 
 
 def _lengths(rt: Any, lengths: np.ndarray | None, T: int, N: int) -> Any:
@@ -61,19 +81,20 @@ def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
 def _forward_loop(rt: Any, key: tuple, T: int, NH: int, training: bool, gemm: Any, pointwise: Any,
                   out_stride: int) -> None:  # fmt: skip
     """Steps 0..T-1: the recurrent GEMM reads state slot src and accumulates into the step's
-    output (element offset t * out_stride), then the pointwise kernel runs step t. The calls
-    are bound once (the runtime may keep them, or a CUDA graph of them, for the next call with
-    the same key)."""
+    output (element offset t * out_stride), then the pointwise kernel runs step t (a fused
+    kernel alone when ``gemm`` is None). The calls are bound once (the runtime may keep them,
+    or a CUDA graph of them, for the next call with the same key)."""
 
     def calls() -> list:
         out = []
         for t in range(T):
             src, dst = _slots(training, t)
-            out.append(gemm.bind(src * NH, 0, t * out_stride))
+            if gemm is not None:
+                out.append(gemm.bind(src * NH, 0, t * out_stride))
             out.append(pointwise.bind(t, src, dst))
         return out
 
-    rt.run_loop(key, [gemm, pointwise], calls)
+    rt.run_loop(key, [s for s in (gemm, pointwise) if s is not None], calls)
 
 
 def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list[Any],
@@ -91,6 +112,20 @@ def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list
         return out
 
     rt.run_loop(key, [*pointwise, *gemm], calls)
+    return T & 1
+
+
+def _backward_loop_fused(rt: Any, key: tuple, T: int, pointwise: list[Any], final: Any) -> int:
+    """Steps T-1..0 of the fused kernels (each adds the previous step's dh GEMM itself), then
+    ``final``, the GEMM of step 0's gradient into the buffer step 0 wrote (dh[T & 1], its
+    index returned)."""
+
+    def calls() -> list:
+        out = [pointwise[k & 1].bind(t) for k, t in enumerate(reversed(range(T)))]
+        out.append(final.bind(0, 0, 0))
+        return out
+
+    rt.run_loop(key, [*pointwise, final], calls)
     return T & 1
 
 
@@ -137,14 +172,23 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
         hs[0] = h0
         cs[0] = c0
         y = xp.empty((T, N, H), dtype=dtype)
-        # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-        recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 1.0, pre, G)
-        # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
-        pointwise = rt.loop_launch(
-            "lstm_forward_step", dtype, NH,
-            (pre, b, hs, cs, y, lens, 0, 0, 0, N, H, int(training)), ("t", "src", "dst"),
-        )  # fmt: skip
-        _forward_loop(rt, ("lstm", T, N, H, training), T, NH, training, recurrent_gemm,
+        fused = _fused(T, N, H)
+        if fused:  # L2 inside the kernel
+            recurrent_gemm = None
+            pointwise = rt.loop_launch(
+                "lstm_forward_fused", dtype, NH,
+                (pre, _transposed(xp, w_hh), b, hs, cs, y, lens, 0, 0, 0, N, H,
+                 int(training)), ("t", "src", "dst"),
+            )  # fmt: skip
+        else:
+            # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+            recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 1.0, pre, G)
+            # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
+            pointwise = rt.loop_launch(
+                "lstm_forward_step", dtype, NH,
+                (pre, b, hs, cs, y, lens, 0, 0, 0, N, H, int(training)), ("t", "src", "dst"),
+            )  # fmt: skip
+        _forward_loop(rt, ("lstm", T, N, H, training, fused), T, NH, training, recurrent_gemm,
                       pointwise, N * G)  # fmt: skip
         last = _slots(training, T - 1)[1]
         hT = hs[last].copy()
@@ -188,23 +232,38 @@ def lstm_backward(ctx, dy, dhT, dcT):
         dc = _state(xp, dcT, (N, H), dtype)
         # The two dh buffers alternate: a step reads one and writes the other.
         dh = (dh_cur, dh_next)
-        # LB1-LB4 except the GEMM; dc is updated in place.
-        pointwise = [
-            rt.loop_launch(
-                "lstm_backward_step",
-                dtype,
-                NH,
-                (acts, cs, dy, da, dh[p], dh[1 - p], dc, lens, 0, N, H),
-                ("t",),
-            )  # fmt: skip
-            for p in (0, 1)
-        ]
         # LB4: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
         recurrent_gemm = [
             rt.loop_gemm(False, False, N, H, G, 1.0, da, G, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        dh_cur = dh[_backward_loop(rt, ("lstm-b", T, N, H), T, pointwise, recurrent_gemm, N * G)]
+        if _fused(T, N, H):  # step t's kernel adds da_{t+1} W_hh itself
+            pointwise = [
+                rt.loop_launch(
+                    "lstm_backward_fused",
+                    dtype,
+                    NH,
+                    (acts, cs, dy, da, w_hh, dh[p], dh[1 - p], dc, lens, 0, T, N, H),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
+            i = _backward_loop_fused(rt, ("lstm-bf", T, N, H), T, pointwise, final)
+        else:
+            # LB1-LB4 except the GEMM; dc is updated in place.
+            pointwise = [
+                rt.loop_launch(
+                    "lstm_backward_step",
+                    dtype,
+                    NH,
+                    (acts, cs, dy, da, dh[p], dh[1 - p], dc, lens, 0, N, H),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            i = _backward_loop(rt, ("lstm-b", T, N, H), T, pointwise, recurrent_gemm, N * G)
+        dh_cur = dh[i]
         # LB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, G)
         db = _colsum(rt, da, T * N, G)
@@ -237,15 +296,24 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
         hw = xp.empty((N, G), dtype=dtype)
         # r, z, n, hn per step for backward; without training the kernel never writes it.
         acts = xp.empty((T, N, 4 * H), dtype=dtype) if training else hw
-        # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
-        recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
-        # G3-G5.
-        pointwise = rt.loop_launch(
-            "gru_forward_step", dtype, NH,
-            (xw, hw, b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H, int(training)),
-            ("t", "src", "dst"),
-        )  # fmt: skip
-        _forward_loop(rt, ("gru", T, N, H, training), T, NH, training, recurrent_gemm,
+        fused = _fused(T, N, H)
+        if fused:  # G2 inside the kernel
+            recurrent_gemm = None
+            pointwise = rt.loop_launch(
+                "gru_forward_fused", dtype, NH,
+                (xw, _transposed(xp, w_hh), b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H,
+                 int(training)), ("t", "src", "dst"),
+            )  # fmt: skip
+        else:
+            # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
+            recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
+            # G3-G5.
+            pointwise = rt.loop_launch(
+                "gru_forward_step", dtype, NH,
+                (xw, hw, b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H, int(training)),
+                ("t", "src", "dst"),
+            )  # fmt: skip
+        _forward_loop(rt, ("gru", T, N, H, training, fused), T, NH, training, recurrent_gemm,
                       pointwise, 0)  # fmt: skip
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
@@ -278,23 +346,38 @@ def gru_backward(ctx, dy, dhT):
         dh_cur = _state(xp, dhT, (N, H), dtype)
         dh_next = xp.empty((N, H), dtype=dtype)
         dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
-        # GB1-GB4 except the GEMM.
-        pointwise = [
-            rt.loop_launch(
-                "gru_backward_step",
-                dtype,
-                NH,
-                (acts, hs, dy, dxw, dhw, dh[p], dh[1 - p], lens, 0, N, H),
-                ("t",),
-            )  # fmt: skip
-            for p in (0, 1)
-        ]
         # GB4: dh_{t-1} = dh_step * z (left by the kernel) + dhw_t W_hh.
         recurrent_gemm = [
             rt.loop_gemm(False, False, N, H, G, 1.0, dhw, G, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        dh_cur = dh[_backward_loop(rt, ("gru-b", T, N, H), T, pointwise, recurrent_gemm, N * G)]
+        if _fused(T, N, H):  # step t's kernel adds dhw_{t+1} W_hh itself
+            pointwise = [
+                rt.loop_launch(
+                    "gru_backward_fused",
+                    dtype,
+                    NH,
+                    (acts, hs, dy, dxw, dhw, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
+            i = _backward_loop_fused(rt, ("gru-bf", T, N, H), T, pointwise, final)
+        else:
+            # GB1-GB4 except the GEMM.
+            pointwise = [
+                rt.loop_launch(
+                    "gru_backward_step",
+                    dtype,
+                    NH,
+                    (acts, hs, dy, dxw, dhw, dh[p], dh[1 - p], lens, 0, N, H),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            i = _backward_loop(rt, ("gru-b", T, N, H), T, pointwise, recurrent_gemm, N * G)
+        dh_cur = dh[i]
         # GB5: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, dxw, dhw, x, hs, w_ih, T, N, D, H, G)
         db_ih = _colsum(rt, dxw, T * N, G)
@@ -325,14 +408,23 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
         hs = xp.empty((S, N, H), dtype=dtype)
         hs[0] = h0
         y = xp.empty((T, N, H), dtype=dtype)
-        # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-        recurrent_gemm = rt.loop_gemm(False, True, N, H, H, 1.0, hs, H, w_hh, H, 1.0, pre, H)
-        # R3-R4.
-        pointwise = rt.loop_launch(
-            "rnn_forward_step", dtype, NH,
-            (pre, b, hs, y, lens, 0, 0, 0, N, H, relu), ("t", "src", "dst"),
-        )  # fmt: skip
-        _forward_loop(rt, ("rnn", T, N, H, training), T, NH, training, recurrent_gemm,
+        fused = _fused(T, N, H)
+        if fused:  # R2 inside the kernel
+            recurrent_gemm = None
+            pointwise = rt.loop_launch(
+                "rnn_forward_fused", dtype, NH,
+                (pre, _transposed(xp, w_hh), b, hs, y, lens, 0, 0, 0, N, H, relu),
+                ("t", "src", "dst"),
+            )  # fmt: skip
+        else:
+            # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
+            recurrent_gemm = rt.loop_gemm(False, True, N, H, H, 1.0, hs, H, w_hh, H, 1.0, pre, H)
+            # R3-R4.
+            pointwise = rt.loop_launch(
+                "rnn_forward_step", dtype, NH,
+                (pre, b, hs, y, lens, 0, 0, 0, N, H, relu), ("t", "src", "dst"),
+            )  # fmt: skip
+        _forward_loop(rt, ("rnn", T, N, H, training, fused), T, NH, training, recurrent_gemm,
                       pointwise, NH)  # fmt: skip
         hT = hs[_slots(training, T - 1)[1]].copy()
     ctx = None
@@ -363,23 +455,38 @@ def rnn_backward(ctx, dy, dhT):
         dh_cur = _state(xp, dhT, (N, H), dtype)
         dh_next = xp.empty((N, H), dtype=dtype)
         dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
-        # RB1-RB3 except the GEMM.
-        pointwise = [
-            rt.loop_launch(
-                "rnn_backward_step",
-                dtype,
-                NH,
-                (hs, dy, da, dh[p], dh[1 - p], lens, 0, N, H, relu),
-                ("t",),
-            )  # fmt: skip
-            for p in (0, 1)
-        ]
         # RB3: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
         recurrent_gemm = [
             rt.loop_gemm(False, False, N, H, H, 1.0, da, H, w_hh, H, 1.0, dh[1 - p], H)
             for p in (0, 1)
         ]
-        dh_cur = dh[_backward_loop(rt, ("rnn-b", T, N, H), T, pointwise, recurrent_gemm, NH)]
+        if _fused(T, N, H):  # step t's kernel adds da_{t+1} W_hh itself
+            pointwise = [
+                rt.loop_launch(
+                    "rnn_backward_fused",
+                    dtype,
+                    NH,
+                    (hs, dy, da, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H, relu),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
+            i = _backward_loop_fused(rt, ("rnn-bf", T, N, H), T, pointwise, final)
+        else:
+            # RB1-RB3 except the GEMM.
+            pointwise = [
+                rt.loop_launch(
+                    "rnn_backward_step",
+                    dtype,
+                    NH,
+                    (hs, dy, da, dh[p], dh[1 - p], lens, 0, N, H, relu),
+                    ("t",),
+                )  # fmt: skip
+                for p in (0, 1)
+            ]
+            i = _backward_loop(rt, ("rnn-b", T, N, H), T, pointwise, recurrent_gemm, NH)
+        dh_cur = dh[i]
         # RB4: whole-sequence GEMMs.
         dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, H)
         db = _colsum(rt, da, T * N, H)
