@@ -10,6 +10,12 @@ The same algorithm as the CPU kernels (DESIGN.md, "Performance model"):
   gradient is ``ones @ dA``, a GEMM too: no atomics anywhere, so results are bitwise
   reproducible run to run on the same GPU and CuPy/CUDA versions).
 
+Small batches (``FUSED_MAX_N``, ``FUSED_MAX_H``) run the ``*_fused`` step kernels instead: the
+recurrent GEMM of a step is summed inside its pointwise kernel, so a step is one launch (backward
+folds step t+1's dh GEMM into step t's kernel and ends with one GEMM for step 0). The time loops
+go through ``Runtime.run_loop``: their calls are bound once per key and, with CUDA graphs on (the
+default), replayed as one graph from the third call with the same arrays on.
+
 Everything is enqueued on CuPy's current stream, on the device of the inputs; ``lengths`` goes to
 the device once per call and the time loop never waits for the GPU. The arrays arrive validated
 and C-contiguous (fastrnn/backends/ops.py). Kernel and step numbers refer to
