@@ -88,9 +88,12 @@ __global__ void gru_forward_fused(const T* __restrict__ xw, const T* __restrict_
     T* h_next = hs + dst * NH;
     T* y_t = y + t * NH;
     T* acts_t = acts + t * N * 4 * H;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         const T* h_row = h_prev + n * H;
         T s0 = T(0), s1 = T(0), s2 = T(0);
         FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
@@ -191,9 +194,12 @@ __global__ void gru_backward_fused(const T* __restrict__ acts, const T* __restri
     T* dxw_t = dxw + t * N * 3 * H;
     T* dhw_t = dhw + t * N * 3 * H;
     const T* dhw_next = dhw + (t + 1) * N * 3 * H;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         T dh_in = dh_cur[e];
         if (t + 1 < steps) {
             const T* d = dhw_next + n * 3 * H;

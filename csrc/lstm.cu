@@ -92,9 +92,12 @@ __global__ void lstm_forward_fused(T* pre, const T* __restrict__ w_hhT, const T*
     T* h_next = hs + dst * NH;
     T* c_next = cs + dst * NH;
     T* y_t = y + t * NH;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         const T* h_row = h_prev + n * H;
         T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
         FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
@@ -202,9 +205,12 @@ __global__ void lstm_backward_fused(const T* __restrict__ acts, const T* __restr
     const T* dy_t = dy + t * NH;
     T* da_t = da + t * N * 4 * H;
     const T* da_next = da + (t + 1) * N * 4 * H;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         T dh_in = dh_cur[e];
         if (t + 1 < steps) {
             const T* d = da_next + n * 4 * H;

@@ -60,9 +60,12 @@ __global__ void rnn_forward_fused(const T* __restrict__ pre, const T* __restrict
     const T* h_prev = hs + src * NH;
     T* h_next = hs + dst * NH;
     T* y_t = y + t * NH;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         const T* h_row = h_prev + n * H;
         T s = T(0);
         FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
@@ -128,9 +131,12 @@ __global__ void rnn_backward_fused(const T* __restrict__ hs, const T* __restrict
     const T* dy_t = dy + t * NH;
     T* da_t = da + t * NH;
     const T* da_next = da + (t + 1) * NH;
-    FASTRNN_GRID_STRIDE_LOOP(e, NH) {
-        const index_t n = e / H;
-        const index_t j = e - n * H;
+    FASTRNN_GRID_STRIDE_LOOP(i, NH) {
+        // n fastest: a block covers a few units j of every sequence, so different blocks read
+        // (nearly) disjoint columns of the weights; the driver launches small blocks.
+        const index_t n = i % N;
+        const index_t j = i / N;
+        const index_t e = n * H + j;
         T dh_in = dh_cur[e];
         if (t + 1 < steps) {
             const T* d = da_next + n * H;

@@ -214,13 +214,14 @@ class Runtime:
                 ldc)  # fmt: skip
 
     def _launch_signature(self, name: str, dtype: np.dtype, n: int, args: tuple,
-                          varying: tuple[str, ...]) -> tuple:  # fmt: skip
+                          varying: tuple[str, ...], block: int | None) -> tuple:  # fmt: skip
         spec = _kernels.kernel(name)
         fixed = tuple(
             (self.ptr(a), a.size) if k.endswith("*") else (None if p in varying else a)
             for k, p, a in zip(spec.kinds, spec.param_names, args, strict=True)
         )
-        return (name, np.dtype(dtype).char, n, self.block, self.max_blocks, tuple(varying), fixed)
+        return (name, np.dtype(dtype).char, n, block or self.block, self.max_blocks,
+                tuple(varying), fixed)  # fmt: skip
 
     def loop_gemm(self, transa: bool, transb: bool, M: int, N: int, K: int, alpha: float,
                   A: Any, lda: int, B: Any, ldb: int, beta: float, C: Any,
@@ -243,10 +244,11 @@ class Runtime:
         return step
 
     def loop_launch(self, name: str, dtype: np.dtype, n: int, args: tuple,
-                    varying: tuple[str, ...]) -> Any:  # fmt: skip
+                    varying: tuple[str, ...], block: int | None = None) -> Any:  # fmt: skip
         """The kernel launch of one step: ``step.bind(*values)`` is the call ``(fn, args)``
         where ``values`` replace the scalar parameters named in ``varying`` (e.g. ("t",
-        "src", "dst")); ``step(*values)`` runs it at once."""
+        "src", "dst")); ``step(*values)`` runs it at once. ``block``: threads per block
+        instead of the runtime's ``block``."""
         spec = _kernels.kernel(name)
         where = [spec.param_names.index(v) for v in varying]
         for i in where:
@@ -257,27 +259,28 @@ class Runtime:
             current = list(args)
             for i, v in zip(where, values, strict=True):
                 current[i] = v
-            return self.launch, (name, dtype, n, tuple(current))
+            return self.launch, (name, dtype, n, tuple(current), block)
 
         def step(*values: int) -> None:
             fn, call_args = bind(*values)
             fn(*call_args)
 
         step.bind = bind
-        step.signature = self._launch_signature(name, dtype, n, args, varying)
+        step.signature = self._launch_signature(name, dtype, n, args, varying, block)
         return step
 
     # -- kernels -------------------------------------------------------------------------------
-    def launch(self, name: str, dtype: np.dtype, n: int, args: tuple) -> None:
+    def launch(self, name: str, dtype: np.dtype, n: int, args: tuple,
+               block: int | None = None) -> None:  # fmt: skip
         """Launch kernel ``name<dtype>`` over ``n`` elements (grid-stride loop) with ``args`` in
-        the order of its kernel-table entry."""
+        the order of its kernel-table entry, ``block`` (default: the runtime's) threads per
+        block."""
         if n <= 0:
             return
-        grid = min((n + self.block - 1) // self.block, self.max_blocks)
+        block = block or self.block
+        grid = min((n + block - 1) // block, self.max_blocks)
         spec = _kernels.kernel(name)
-        self._launch(
-            spec, _kernels.CTYPES[dtype], grid, self.block, convert_args(spec, dtype, args)
-        )
+        self._launch(spec, _kernels.CTYPES[dtype], grid, block, convert_args(spec, dtype, args))
 
     def _launch(
         self, spec: _kernels.Kernel, ctype: str, grid: int, block: int, args: tuple
@@ -594,13 +597,13 @@ class CupyRuntime(Runtime):
                                               beta, C, ldc)  # fmt: skip
         return step
 
-    def loop_launch(self, name, dtype, n, args, varying):
+    def loop_launch(self, name, dtype, n, args, varying, block=None):
         spec = _kernels.kernel(name)
         where = [spec.param_names.index(v) for v in varying]
         for i in where:
             if spec.kinds[i] != "index_t":
                 raise TypeError(f"{name}: varying parameter {spec.params[i]} is not index_t")
-        signature = self._launch_signature(name, dtype, n, args, varying)
+        signature = self._launch_signature(name, dtype, n, args, varying, block)
         if n <= 0:
 
             def bind_nothing(*values: int) -> tuple[Any, tuple]:
@@ -614,8 +617,9 @@ class CupyRuntime(Runtime):
             return nothing
         converted = convert_args(spec, dtype, args)
         fn = self._function(spec.name, _kernels.CTYPES[dtype])
-        grid = (min((n + self.block - 1) // self.block, self.max_blocks),)
-        block = (self.block,)
+        threads = block or self.block
+        grid = (min((n + threads - 1) // threads, self.max_blocks),)
+        block = (threads,)
         prepared: list[Any] = []  # packed at the first bind (none when the loop is cached)
 
         def prepare() -> tuple[list, Any]:

@@ -39,6 +39,9 @@ from fastrnn.context import Context
 # FASTRNN_CUDA_FUSED_MAX_N=0 turns the fused kernels off.
 FUSED_MAX_N = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_N", "8"))
 FUSED_MAX_H = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_H", "512"))
+# Threads per block of the fused kernels: small blocks spread a step over many SMs (each block
+# reads its own columns of W_hh, from L2).
+FUSED_BLOCK = 32
 
 
 def _fused(T: int, N: int, H: int) -> bool:
@@ -184,7 +187,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
             pointwise = rt.loop_launch(
                 "lstm_forward_fused", dtype, NH,
                 (pre, _transposed(xp, w_hh), b, hs, cs, y, lens, 0, 0, 0, N, H,
-                 int(training)), ("t", "src", "dst"),
+                 int(training)), ("t", "src", "dst"), block=FUSED_BLOCK,
             )  # fmt: skip
         else:
             # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
@@ -251,6 +254,7 @@ def lstm_backward(ctx, dy, dhT, dcT):
                     NH,
                     (acts, cs, dy, da, w_hh, dh[p], dh[1 - p], dc, lens, 0, T, N, H),
                     ("t",),
+                    block=FUSED_BLOCK,
                 )  # fmt: skip
                 for p in (0, 1)
             ]
@@ -308,7 +312,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
             pointwise = rt.loop_launch(
                 "gru_forward_fused", dtype, NH,
                 (xw, _transposed(xp, w_hh), b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H,
-                 int(training)), ("t", "src", "dst"),
+                 int(training)), ("t", "src", "dst"), block=FUSED_BLOCK,
             )  # fmt: skip
         else:
             # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
@@ -365,6 +369,7 @@ def gru_backward(ctx, dy, dhT):
                     NH,
                     (acts, hs, dy, dxw, dhw, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H),
                     ("t",),
+                    block=FUSED_BLOCK,
                 )  # fmt: skip
                 for p in (0, 1)
             ]
@@ -420,7 +425,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
             pointwise = rt.loop_launch(
                 "rnn_forward_fused", dtype, NH,
                 (pre, _transposed(xp, w_hh), b, hs, y, lens, 0, 0, 0, N, H, relu),
-                ("t", "src", "dst"),
+                ("t", "src", "dst"), block=FUSED_BLOCK,
             )  # fmt: skip
         else:
             # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
@@ -474,6 +479,7 @@ def rnn_backward(ctx, dy, dhT):
                     NH,
                     (hs, dy, da, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H, relu),
                     ("t",),
+                    block=FUSED_BLOCK,
                 )  # fmt: skip
                 for p in (0, 1)
             ]
