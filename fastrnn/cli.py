@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
         if args.command in ("char-rnn", "digits"):
-            with training_threads(args.threads):
+            with training_threads(args.threads) as note:
+                args.threads_note = note
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except _UsageError as exc:

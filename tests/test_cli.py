@@ -559,3 +559,29 @@ def test_progress_fallback_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None
     bar.close()
     text = stream.getvalue()
     assert "demo: 3/3 step" in text and "loss=1.5" in text and "a sample" in text
+
+
+def test_training_threads_chosen_and_restored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+    import fastrnn
+    from fastrnn.examples import _common
+
+    before = fastrnn.get_num_threads()
+    code, out, err = run(
+        capsys, "digits", "--epochs", "1", "--channels", "2", "--no-progress", "--threads", "1"
+    )
+    assert code == 0, err
+    assert "threads: 1 (--threads)" in out
+    assert fastrnn.get_num_threads() == before
+
+    monkeypatch.setattr(_common.os, "getloadavg", lambda: (50.0, 0.0, 0.0))
+    assert _common.idle_cpus()[0] == 1  # every CPU busy elsewhere: one thread
+    monkeypatch.setattr(_common.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    cpus = len(_common.os.sched_getaffinity(0))
+    assert _common.idle_cpus()[0] == cpus  # an idle machine: all of them
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with _common.training_threads(None) as note:
+        assert fastrnn.get_num_threads() == cpus and note.startswith(f"{cpus} (auto")
+    assert fastrnn.get_num_threads() == before

@@ -288,26 +288,55 @@ def probability(text: str) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def training_threads(n: int | None) -> Iterator[None]:
-    """Threads of a training command: fastrnn's kernels on ``n`` threads (``None``: fastrnn's
-    default), NumPy's BLAS on one thread; both restored after the block.
+def idle_cpus() -> tuple[int, str]:
+    """CPUs this process may use that other processes are not already keeping busy (from the
+    one-minute load average), at least 1; and a note saying how the number was chosen."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+        return cpus, f"{cpus} CPUs"
+    n = max(1, min(cpus, int(cpus - load + 0.5)))
+    return n, f"auto: {cpus} CPUs, load average {load:.1f}"
 
-    The layers' own matrix products (a Linear head, a few hundred rows) are small, and between
-    kernel calls the kernels' OpenMP threads are still spinning: with NumPy's BLAS running its
-    own two pthreads at the same time, the two thread pools fight over two cores. Measured on
-    the 2-core machine, `fastrnn char-rnn train` steps (hidden 192, batch 32, seq-len 64): 18k
-    characters/s with both pools on two threads, 44k with NumPy's BLAS on one.
+
+def training_threads(n: int | None) -> contextlib.AbstractContextManager[str]:
+    """Threads of a training command, as a context manager that yields a note for the log.
+
+    fastrnn's kernels run on ``n`` threads; ``None`` picks them: ``OMP_NUM_THREADS`` when set,
+    else the CPUs that other processes leave idle (:func:`idle_cpus`). The recurrent kernels
+    synchronise their threads at every time step, so a thread that has to share its core with
+    another process stalls the others at each step: measured on the 2-core machine with a
+    second busy process, `fastrnn char-rnn train` ran at 6k characters/s on two threads and
+    26k on one (44k on two when the machine was otherwise idle).
+
+    NumPy's BLAS runs on one thread meanwhile: the layers' own matrix products (a Linear head)
+    are small, and between kernel calls the kernels' OpenMP threads are still spinning, so a
+    second pool of BLAS threads only fights them for the cores (char-rnn: 18k characters/s
+    with NumPy's BLAS on two threads, 44k on one, same idle machine).
     """
+    return _training_threads(n)
+
+
+@contextlib.contextmanager
+def _training_threads(n: int | None) -> Iterator[str]:
     import fastrnn
 
     before = fastrnn.get_num_threads()
     if n is not None:
-        fastrnn.set_num_threads(n)
+        note = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        n, note = before, "OMP_NUM_THREADS"
+    else:
+        n, note = idle_cpus()
+    fastrnn.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):
-            yield
+            yield f"{n} ({note})"
     finally:
         fastrnn.set_num_threads(before)

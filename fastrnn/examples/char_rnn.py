@@ -502,8 +502,8 @@ def add_train_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
-        "or all CPUs)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
+        "other processes leave idle)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -598,7 +598,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"model: embedding {hp['embedding']}, LSTM {hp['layers']} x {hp['hidden']}, "
         f"{n_params:,} parameters; seq-len {hp['seq_len']}, batch {hp['batch_size']}, Adam lr "
         f"{hp['lr']:g}, dropout {hp['dropout']:g}, clip {hp['clip']:g}; "
-        f"threads: {fastrnn.get_num_threads()}"
+        f"threads: {getattr(args, 'threads_note', fastrnn.get_num_threads())}"
     )
     if meta is not None:
         log(f"resuming at step {progress_state['step']} from {args.out}")
@@ -793,8 +793,8 @@ def add_sample_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
-        "or all CPUs)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
+        "other processes leave idle)",
     )
     p.set_defaults(func=cmd_sample)
 

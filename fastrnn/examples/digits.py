@@ -215,8 +215,8 @@ def add_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels and of BLAS (default: fastrnn's default, OMP_NUM_THREADS "
-        "or all CPUs)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
+        "other processes leave idle)",
     )
     p.set_defaults(func=cmd_digits)
 
@@ -236,7 +236,7 @@ def cmd_digits(args: argparse.Namespace) -> int:
     sizes = {k: len(v[1]) for k, v in data.items()}
     print(
         f"digits: {sizes['train']} training, {sizes['val']} validation, {sizes['test']} test "
-        f"images (8x8); threads: {fastrnn.get_num_threads()}"
+        f"images (8x8); threads: {getattr(args, 'threads_note', fastrnn.get_num_threads())}"
     )
     hp = {
         "channels": args.channels,
