@@ -723,3 +723,102 @@ def test_both_step_paths_match_reference(host_lib, monkeypatch, op, shape, dtype
     assert rt.graph_stats["replayed"] == 2 and rt.graph_stats["capture_failed"] == 0
     names = {name for name, _, _ in rt.launches}
     assert any(n.endswith("_fused") for n in names) is (fused and shape[0] > 0)
+
+
+_FAKE_CUBLAS = r"""
+// The C signatures DirectCublas declares (cublas_api.h), recording what arrives.
+#include <stddef.h>
+#include <stdint.h>
+extern "C" {
+int64_t fr_seen[20];
+int fr_status = 0;
+static int rec(int n, const int64_t* v) {
+    for (int i = 0; i < n; ++i) fr_seen[i] = v[i];
+    return fr_status;
+}
+#define P(x) (int64_t)(intptr_t)(x)
+int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* al,
+                   const float* A, int lda, const float* B, int ldb, const float* be, float* C,
+                   int ldc) {
+    int64_t v[] = {P(h), ta, tb, m, n, k, P(al), P(A), lda, P(B), ldb, P(be), P(C), ldc};
+    return rec(14, v);
+}
+int cublasDgemm_v2(void* h, int ta, int tb, int m, int n, int k, const double* al,
+                   const double* A, int lda, const double* B, int ldb, const double* be,
+                   double* C, int ldc) {
+    int64_t v[] = {P(h), ta, tb, m, n, k, P(al), P(A), lda, P(B), ldb, P(be), P(C), ldc};
+    return rec(14, v);
+}
+int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, const float* al,
+                              const float* A, int lda, long long sa, const float* B, int ldb,
+                              long long sb, const float* be, float* C, int ldc, long long sc,
+                              int batch) {
+    int64_t v[] = {P(h), ta, tb, m, n, k, P(al), P(A), lda, sa, P(B), ldb, sb, P(be), P(C),
+                   ldc, sc, batch};
+    return rec(18, v);
+}
+int cublasDgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, const double* al,
+                              const double* A, int lda, long long sa, const double* B, int ldb,
+                              long long sb, const double* be, double* C, int ldc, long long sc,
+                              int batch) {
+    int64_t v[] = {P(h), ta, tb, m, n, k, P(al), P(A), lda, sa, P(B), ldb, sb, P(be), P(C),
+                   ldc, sc, batch};
+    return rec(18, v);
+}
+int cublasSetStream_v2(void* h, void* s) {
+    int64_t v[] = {P(h), P(s)};
+    return rec(2, v);
+}
+int cublasSetWorkspace_v2(void* h, void* w, size_t n) {
+    int64_t v[] = {P(h), P(w), (int64_t)n};
+    return rec(3, v);
+}
+}
+"""
+
+
+def test_direct_cublas_passes_c_arguments_intact(tmp_path):
+    """DirectCublas's ctypes declarations against a library with cuBLAS's C signatures:
+    64-bit addresses, ints and long long strides arrive intact; a non-zero status raises."""
+    import ctypes
+    import subprocess
+
+    from fastrnn._cuda._runtime import CublasError, DirectCublas
+
+    cxx = next(shutil.which(c) for c in ("g++", "c++", "clang++") if shutil.which(c))
+    src, lib_path = tmp_path / "fake_cublas.cpp", tmp_path / "libfake_cublas.so"
+    src.write_text(_FAKE_CUBLAS)
+    subprocess.run([cxx, "-shared", "-fPIC", "-O0", str(src), "-o", str(lib_path)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    seen = (ctypes.c_int64 * 20).in_dll(lib, "fr_seen")
+    d = DirectCublas(lib)
+    big = [0x7F12_3456_7800 + 256 * i for i in range(6)]  # above 2^32: must not be truncated
+    for dtype in (np.float32, np.float64):
+        args = (big[0], 1, 0, 7, 9, 11, big[1], big[2], 13, big[3], 15, big[4], big[5], 17)
+        d.gemm[np.dtype(dtype)](*args)
+        assert list(seen[:14]) == list(args)
+        args = (big[0], 0, 1, 3, 4, 5, big[1], big[2], 6, 2**40, big[3], 7, 0, big[4], big[5],
+                8, 3 * 2**33, 12)  # fmt: skip
+        d.gemm_batched[np.dtype(dtype)](*args)
+        assert list(seen[:18]) == list(args)
+    d.set_stream(big[0], 0)
+    assert list(seen[:2]) == [big[0], 0]
+    d.set_workspace(big[0], big[1], 32 << 20)
+    assert list(seen[:3]) == [big[0], big[1], 32 << 20]
+    ctypes.c_int.in_dll(lib, "fr_status").value = 14
+    with pytest.raises(CublasError, match="cublasSetStream_v2 returned cuBLAS status 14"):
+        d.set_stream(big[0], big[1])
+
+
+def test_missing_cublas_library_is_a_clear_error(monkeypatch):
+    import ctypes
+
+    from fastrnn._cuda import _runtime
+
+    def refuse(path, *a, **k):
+        raise OSError(f"{path}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(RuntimeError, match="cuBLAS library CuPy uses was not found"):
+        _runtime._load_cublas()

@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -387,8 +388,9 @@ def _load_cublas() -> Any:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 i = line.find("/")
-                if i >= 0 and "libcublas.so" in line and "libcublasLt" not in line:
-                    candidates.append(line[i:].strip())
+                path = line[i:].strip() if i >= 0 else ""
+                if re.fullmatch(r"libcublas\.so(\.\d+)*", os.path.basename(path)):
+                    candidates.append(path)
     except OSError:  # not Linux: by name below
         pass
     candidates = list(dict.fromkeys(candidates))
