@@ -100,7 +100,7 @@ __global__ void lstm_forward_fused(T* pre, const T* __restrict__ w_hhT, const T*
         const index_t e = n * H + j;
         const T* h_row = h_prev + n * H;
         T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-        FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
+        FASTRNN_UNROLL8 for (index_t m = 0; m < H; ++m) {
             const T hm = h_row[m];
             const T* w = w_hhT + m * 4 * H + j;
             s0 += hm * w[0];
@@ -215,7 +215,7 @@ __global__ void lstm_backward_fused(const T* __restrict__ acts, const T* __restr
         if (t + 1 < steps) {
             const T* d = da_next + n * 4 * H;
             T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-            FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
+            FASTRNN_UNROLL8 for (index_t m = 0; m < H; ++m) {
                 s0 += d[m] * w_hh[m * H + j];
                 s1 += d[H + m] * w_hh[(H + m) * H + j];
                 s2 += d[2 * H + m] * w_hh[(2 * H + m) * H + j];

@@ -68,7 +68,7 @@ __global__ void rnn_forward_fused(const T* __restrict__ pre, const T* __restrict
         const index_t e = n * H + j;
         const T* h_row = h_prev + n * H;
         T s = T(0);
-        FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
+        FASTRNN_UNROLL8 for (index_t m = 0; m < H; ++m) {
             s += h_row[m] * w_hhT[m * H + j];
         }
         rnn_forward_elem(pre_t[e] + s, b, j, e, t < lengths[n], h_prev, h_next, y_t, relu);
@@ -141,7 +141,7 @@ __global__ void rnn_backward_fused(const T* __restrict__ hs, const T* __restrict
         if (t + 1 < steps) {
             const T* d = da_next + n * H;
             T s = T(0);
-            FASTRNN_UNROLL4 for (index_t m = 0; m < H; ++m) {
+            FASTRNN_UNROLL8 for (index_t m = 0; m < H; ++m) {
                 s += d[m] * w_hh[m * H + j];
             }
             dh_in += s;
