@@ -28,11 +28,17 @@ def _run(op, arrays, upstream, lengths):
     return outputs + op.backward(ctx, upstream)
 
 
+@pytest.mark.parametrize("mode", ["split_loop", "serial_loop"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
-def test_one_and_several_threads_agree(op, dtype, monkeypatch, restore_threads):
-    # Force the parallel path even for these small shapes.
-    monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+def test_one_and_several_threads_agree(op, dtype, mode, monkeypatch, restore_threads):
+    # Force either path even for these small shapes: the time loop split over the threads, or
+    # the time loop on one thread with the whole-sequence GEMMs split over the threads.
+    if mode == "split_loop":
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    else:
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 1 << 62)
+        monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
     rng = np.random.default_rng(7)
     T, N, D, H = 7, 5, 6, 53  # 4 blocks of 16 units: uneven splits over 2 and 3 threads
     arrays = {k: v.astype(dtype) for k, v in op.arrays(T, N, D, H, rng).items()}

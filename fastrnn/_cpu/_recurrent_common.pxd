@@ -87,9 +87,6 @@ cdef extern from *:
         }
     }
     static void fr_blas_pin_one(int *saved) { fr_blas_pin(1, saved); }
-    static void fr_blas_set_threads(int n) {
-        for (int i = 0; i < fr_blas_count; i++) fr_blas_set[i](n);
-    }
     static void fr_blas_restore(const int *saved) {
         for (int i = 0; i < fr_blas_count; i++)
             if (fr_blas_get[i]() != saved[i]) fr_blas_set[i](saved[i]);
@@ -106,7 +103,6 @@ cdef extern from *:
     void fr_blas_register(size_t set_addr, size_t get_addr) noexcept nogil
     void fr_blas_pin(int n, int* saved) noexcept nogil
     void fr_blas_pin_one(int* saved) noexcept nogil
-    void fr_blas_set_threads(int n) noexcept nogil
     void fr_blas_restore(const int* saved) noexcept nogil
 
 # The float32 pointwise passes in C: restrict-qualified, so they vectorise without alias checks,
@@ -452,3 +448,17 @@ cdef inline void step_gemm(
         mm(False, False, N, r1 - r0, H, <floating> 1, h, H, wt + r0, GH, beta, out + r0, GH)
     else:
         mm(False, True, N, r1 - r0, H, <floating> 1, h, H, w + r0 * H, H, beta, out + r0, GH)
+
+
+cdef inline void project_rows(
+    int p, int nt, Py_ssize_t TN, Py_ssize_t D, Py_ssize_t GH,
+    const floating* x,     # IN  (TN, D)
+    const floating* w,     # IN  (GH, D)
+    floating* out,         # OUT (TN, GH) = x W^T, rows of thread p of nt
+) noexcept nogil:
+    """The input projection of all steps (L1, G1, R1) split by rows, for a call whose time loop
+    runs on one thread: the other threads help with this one large GEMM only."""
+    cdef Py_ssize_t r0, r1
+    split(TN, nt, p, &r0, &r1)
+    mm(False, True, r1 - r0, GH, D, <floating> 1, x + r0 * D, D, w, D, <floating> 0,
+       out + r0 * GH, GH)

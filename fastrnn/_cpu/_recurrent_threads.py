@@ -102,6 +102,22 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 MIN_PARALLEL_WORK = 1 << 20
 
 
+# A call whose time loop runs on one thread still splits its whole-sequence GEMMs (the input
+# projection; dx, dW_ih, dW_hh) over fastrnn's OpenMP threads, each with single-threaded BLAS,
+# above this many multiply-adds. Not through BLAS's own threads: switching OpenBLAS's pool on and
+# off inside a call cost ~35-50 ms per call on the shared machine (e.g. LSTM (T,N,D,H) =
+# (200,32,64,64) fwd+bwd: 18 ms on one thread, 50 ms with BLAS threads for those GEMMs).
+MIN_SEQUENCE_PARALLEL_WORK = 1 << 24
+
+
+def sequence_threads(T: int, N: int, D: int, H: int, G: int) -> int:
+    """Threads for the whole-sequence GEMMs of a call whose time loop runs on one thread."""
+    nt = get_num_threads()
+    if nt > 1 and T * N * G * H * max(D, H) < MIN_SEQUENCE_PARALLEL_WORK:
+        return 1
+    return nt
+
+
 def team_size(N: int, H: int, G: int) -> int:
     """OpenMP threads for one recurrent call: fastrnn.get_num_threads(), or 1 when tiny."""
     nt = get_num_threads()

@@ -19,7 +19,8 @@ Python in the time loop):
   gradients da_t), a barrier, then its columns of dh_{t-1} += da_t W_hh (one GEMM). Its next
   pointwise pass reads only those columns, so one barrier per step. LB5: dx, dW_ih, dW_hh and db
   as whole-sequence GEMMs, split over the threads.
-* BLAS runs single-threaded inside (pinned in C, see _recurrent_threads.py).
+* BLAS runs single-threaded inside (pinned in C, see _recurrent_threads.py); all parallelism is
+  fastrnn's own OpenMP threads, at most one parallel region per pass.
 
 Threading of the per-step GEMMs, decided by measurement (fastrnn._bench.compare_strategies, run
 with ``python -m fastrnn._bench --strategies``; the numbers are in _recurrent_threads.py next to
@@ -35,7 +36,9 @@ barrier per step and fused pointwise pass. For small steps (N=32, H=64: 524k) on
 was as fast or faster (10 us vs 11 vs 17), and a barrier per step is fragile when other
 processes share the cores (it waits for a descheduled peer). So below MIN_PARALLEL_WORK
 multiply-adds per step the time loop runs on one thread in the natural layout (no weight copy),
-and only the whole-sequence GEMMs (L1, LB5) use BLAS threads.
+and only the whole-sequence GEMMs (L1, LB5) are split over the OpenMP threads (above
+MIN_SEQUENCE_PARALLEL_WORK; not through BLAS's own pool, whose switching on and off inside a
+call measured tens of ms). BLAS itself stays single-threaded throughout a call.
 """
 
 cimport numpy as cnp
@@ -51,11 +54,11 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
-    fr_blas_set_threads,
     fr_lstm_bwd_row_f,
     fr_lstm_fwd_row_f,
     memcpy,
     mm,
+    project_rows,
     sequence_grads,
     step_gemm,
     transpose_rows,
@@ -70,10 +73,10 @@ from fastrnn._cpu._recurrent_threads import (
     blas_thread_functions,
     fallback_limit,
     give_scratch,
+    sequence_threads,
     take_scratch,
     team_size,
 )
-from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 cnp.import_array()
@@ -143,7 +146,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, Py_ssize_t bs, int seq_threads, bint training,
+    int p, int nt, Py_ssize_t bs, bint whole, bint training,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih_b,      # IN  (4H, D) blocked
@@ -164,12 +167,9 @@ cdef void fwd_thread(
     if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
     # L1: the input projection of all T steps, this thread's gate columns, one GEMM.
-    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
-        fr_blas_set_threads(seq_threads)
-    mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
-       <floating> 0, gates + G * u0, G * H)
-    if seq_threads > 1:
-        fr_blas_set_threads(1)
+    if whole:  # else fwd_run has done it, split by rows
+        mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
+           <floating> 0, gates + G * u0, G * H)
     for t in range(T):
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
@@ -204,11 +204,19 @@ cdef void fwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, bs, 1, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
-                       hs, cs, y, use_t, w_hh_t)
+            fwd_thread(p, team, bs, True, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths,
+                       gates, hs, cs, y, use_t, w_hh_t)
     else:
-        fwd_thread(0, 1, bs, seq_threads, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths,
-                   gates, hs, cs, y, use_t, w_hh_t)
+        # L1 split by rows over the threads, then the time loop on one thread
+        if seq_threads > 1:
+            with parallel(num_threads=seq_threads):
+                p = omp_get_thread_num()
+                team = omp_get_num_threads()
+                project_rows(p, team, T * N, D, G * H, x, w_ih_b, gates)
+        else:
+            project_rows(0, 1, T * N, D, G * H, x, w_ih_b, gates)
+        fwd_thread(0, 1, bs, False, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
+                   hs, cs, y, use_t, w_hh_t)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -233,7 +241,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2], H = w_hh.shape[1]
     cdef bint train = bool(training)
     cdef int nt = team_size(N, H, G)
-    cdef int seq_threads = get_num_threads()
+    cdef int seq_threads = sequence_threads(T, N, D, H, G)
     # One thread needs no partition: the natural layout is the blocked one with one block of H
     # units, and the weights are used uncopied.
     cdef Py_ssize_t bs = BLOCK if nt > 1 else H
@@ -367,7 +375,7 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t bs, int seq_threads, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D,
+    int p, int nt, Py_ssize_t bs, bint whole, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D,
     Py_ssize_t H,
     const floating* x, const floating* w_ih_b, const floating* w_hh_b,
     const floating* acts,        # IN  (T, N, 4H) blocked
@@ -392,14 +400,11 @@ cdef void bwd_thread(
         # only these columns, so no second barrier.
         mm(False, False, N, u1 - u0, G * H, <floating> 1, da + t * step, G * H, w_hh_b + u0, H,
            <floating> 1, dh + u0, H)
-    fr_barrier()
-    # LB5: weight, bias and input gradients as whole-sequence GEMMs.
-    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMMs use BLAS threads
-        fr_blas_set_threads(seq_threads)
-    sequence_grads(p, nt, G, T * N, D, H, bs, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
-                   <floating*> NULL, scratch)
-    if seq_threads > 1:
-        fr_blas_set_threads(1)
+    if whole:  # else bwd_run does it, with its own threads
+        fr_barrier()
+        # LB5: weight, bias and input gradients as whole-sequence GEMMs.
+        sequence_grads(p, nt, G, T * N, D, H, bs, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
+                       <floating*> NULL, scratch)
 
 
 cdef void bwd_run(
@@ -416,12 +421,21 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, bs, 1, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
-                       dc, da, dx, dw_ih, dw_hh, db, scratch)
+            bwd_thread(p, team, bs, True, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy,
+                       dh, dc, da, dx, dw_ih, dw_hh, db, scratch)
     else:
-        bwd_thread(0, 1, bs, seq_threads, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths,
-                   dy, dh, dc, da,
-                   dx, dw_ih, dw_hh, db, scratch)
+        # the time loop on one thread, then the whole-sequence GEMMs split over the threads
+        bwd_thread(0, 1, bs, False, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
+                   dc, da, dx, dw_ih, dw_hh, db, scratch)
+        if seq_threads > 1:
+            with parallel(num_threads=seq_threads):
+                p = omp_get_thread_num()
+                team = omp_get_num_threads()
+                sequence_grads(p, team, G, T * N, D, H, bs, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh,
+                               db, <floating*> NULL, scratch)
+        else:
+            sequence_grads(0, 1, G, T * N, D, H, bs, da, da, x, hs, w_ih_b, dx, dw_ih, dw_hh, db,
+                           <floating*> NULL, scratch)
     fr_blas_restore(saved)
 
 
@@ -442,7 +456,7 @@ def lstm_backward(ctx, dy, dhT, dcT):
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     dc = np.zeros((N, H), dtype) if dcT is None else np.array(dcT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, G)
-    cdef int seq_threads = get_num_threads()
+    cdef int seq_threads = sequence_threads(T, N, D, H, G)
     cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     ws = take_scratch(dtype, T * N * G * H + G * H * (D + H + 2))
     da = ws[: T * N * G * H]

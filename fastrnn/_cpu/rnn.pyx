@@ -20,10 +20,10 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
-    fr_blas_set_threads,
     fr_rnn_tanh_row_f,
     memcpy,
     mm,
+    project_rows,
     sequence_grads,
     step_gemm,
     transpose_rows,
@@ -36,10 +36,10 @@ from fastrnn._cpu._recurrent_threads import (
     blas_thread_functions,
     fallback_limit,
     give_scratch,
+    sequence_threads,
     take_scratch,
     team_size,
 )
-from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 cnp.import_array()
@@ -99,7 +99,7 @@ cdef inline void fwd_point(
 
 
 cdef void fwd_thread(
-    int p, int nt, Py_ssize_t bs, int seq_threads, bint training, bint relu,
+    int p, int nt, Py_ssize_t bs, bint whole, bint training, bint relu,
     Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
     const floating* x,           # IN  (T, N, D)
     const floating* w_ih,        # IN  (H, D)
@@ -118,12 +118,9 @@ cdef void fwd_thread(
     if use_t:  # this thread's columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh, H, H, u0, u1, w_hh_t)
     # R1: the input projection of all T steps, this thread's columns, one GEMM.
-    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMM uses BLAS threads
-        fr_blas_set_threads(seq_threads)
-    mm(False, True, T * N, u1 - u0, D, <floating> 1, x, D, w_ih + u0 * D, D, <floating> 0,
-       xw + u0, H)
-    if seq_threads > 1:
-        fr_blas_set_threads(1)
+    if whole:  # else fwd_run has done it, split by rows
+        mm(False, True, T * N, u1 - u0, D, <floating> 1, x, D, w_ih + u0 * D, D, <floating> 0,
+           xw + u0, H)
     for t in range(T):
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
@@ -151,11 +148,19 @@ cdef void fwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            fwd_thread(p, team, bs, 1, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw,
+            fwd_thread(p, team, bs, True, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw,
                        hs, y, use_t, w_hh_t)
     else:
-        fwd_thread(0, 1, bs, seq_threads, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths,
-                   xw, hs, y, use_t, w_hh_t)
+        # R1 split by rows over the threads, then the time loop on one thread
+        if seq_threads > 1:
+            with parallel(num_threads=seq_threads):
+                p = omp_get_thread_num()
+                team = omp_get_num_threads()
+                project_rows(p, team, T * N, D, H, x, w_ih, xw)
+        else:
+            project_rows(0, 1, T * N, D, H, x, w_ih, xw)
+        fwd_thread(0, 1, bs, False, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs,
+                   y, use_t, w_hh_t)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -174,7 +179,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef bint train = bool(training)
     cdef bint relu = _NONLINEARITIES[nonlinearity]
     cdef int nt = team_size(N, H, 1)
-    cdef int seq_threads = get_num_threads()
+    cdef int seq_threads = sequence_threads(T, N, D, H, 1)
     cdef Py_ssize_t bs = BLOCK  # one gate: any block size is the natural layout
     hs = np.empty((T + 1 if train else 2, N, H), dtype)
     hs[0] = h0
@@ -260,7 +265,7 @@ cdef inline void bwd_point(
 
 
 cdef void bwd_thread(
-    int p, int nt, Py_ssize_t bs, int seq_threads, bint relu, Py_ssize_t T, Py_ssize_t N,
+    int p, int nt, Py_ssize_t bs, bint whole, bint relu, Py_ssize_t T, Py_ssize_t N,
     Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh,
     const floating* hs,          # IN  (T+1, N, H)
@@ -281,14 +286,11 @@ cdef void bwd_thread(
         # only these columns, so no second barrier).
         mm(False, False, N, u1 - u0, H, <floating> 1, da + t * NH, H, w_hh + u0, H,
            <floating> 1, dh + u0, H)
-    fr_barrier()
-    # RB4: weight, bias and input gradients as whole-sequence GEMMs.
-    if seq_threads > 1:  # a serial time loop: the whole-sequence GEMMs use BLAS threads
-        fr_blas_set_threads(seq_threads)
-    sequence_grads(p, nt, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
-                   <floating*> NULL, <floating*> NULL)
-    if seq_threads > 1:
-        fr_blas_set_threads(1)
+    if whole:  # else bwd_run does it, with its own threads
+        fr_barrier()
+        # RB4: weight, bias and input gradients as whole-sequence GEMMs.
+        sequence_grads(p, nt, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
+                       <floating*> NULL, <floating*> NULL)
 
 
 cdef void bwd_run(
@@ -305,12 +307,21 @@ cdef void bwd_run(
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
-            bwd_thread(p, team, bs, 1, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
-                       dw_ih, dw_hh, db)
+            bwd_thread(p, team, bs, True, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da,
+                       dx, dw_ih, dw_hh, db)
     else:
-        bwd_thread(0, 1, bs, seq_threads, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh,
-                   da, dx, dw_ih,
-                   dw_hh, db)
+        # the time loop on one thread, then the whole-sequence GEMMs split over the threads
+        bwd_thread(0, 1, bs, False, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
+                   dw_ih, dw_hh, db)
+        if seq_threads > 1:
+            with parallel(num_threads=seq_threads):
+                p = omp_get_thread_num()
+                team = omp_get_num_threads()
+                sequence_grads(p, team, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh,
+                               db, <floating*> NULL, <floating*> NULL)
+        else:
+            sequence_grads(0, 1, 1, T * N, D, H, bs, da, da, x, hs, w_ih, dx, dw_ih, dw_hh, db,
+                           <floating*> NULL, <floating*> NULL)
     fr_blas_restore(saved)
 
 
@@ -329,7 +340,7 @@ def rnn_backward(ctx, dy, dhT):
     (dy,) = as_c_array(dtype, dy)
     dh = np.zeros((N, H), dtype) if dhT is None else np.array(dhT, dtype=dtype, order="C")
     cdef int nt = team_size(N, H, 1)
-    cdef int seq_threads = get_num_threads()
+    cdef int seq_threads = sequence_threads(T, N, D, H, 1)
     cdef Py_ssize_t bs = BLOCK
     ws = take_scratch(dtype, T * N * H)
     da = ws[: T * N * H]
