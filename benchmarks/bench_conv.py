@@ -14,6 +14,11 @@ Threads: ``FASTRNN_BENCH_THREADS`` (pytest) or ``--threads`` (script), default
 ``fastrnn.get_num_threads()``; both fastrnn and PyTorch are set explicitly (they share libgomp,
 and ``torch.set_num_threads`` alone would change fastrnn's default).
 
+On a machine shared with other busy processes, run with ``OMP_WAIT_POLICY=passive`` (it applies to
+fastrnn and PyTorch alike: they share libgomp). With libgomp's default spin-waiting, a thread
+that spins at the end of a parallel region takes the core its partner needs, and 2-thread
+calls ran up to 10x slower than 1-thread calls here under a load of 4-5 on 2 cores.
+
 FLOPs: a convolution forward is 2 N F OH OW (C/groups) KH KW; forward+backward is three times
 that (input and weight gradients are GEMMs of the same size). Pooling counts one operation per
 window element forward and per output element backward (it is bound by memory, not FLOPs).
