@@ -65,7 +65,11 @@ wait "$BUILD_PID" || STATUS=1
 grep -q '^build .*ok' "$SUMMARY" || STATUS=1
 
 # 4. the benchmark (fastrnn vs torch.nn.LSTM/GRU/RNN and torch.nn.functional, cuDNN, fp32)
-stage bench 120 $PY benchmarks/bench_gpu.py --out "$OUT"
+stage bench 100 $PY benchmarks/bench_gpu.py --out "$OUT"
+
+# 4b. host and GPU time per time step of the recurrent loops, each path (fused / cuBLAS steps,
+#     graphs off / on): whether a loop is host-bound, and the last graph capture error if any
+stage steps 20 $PY benchmarks/gpu_steps.py
 
 # 5. the CUDA cases of the shared test files (after the build: some compare with the CPU
 #    kernels): the backend-parametrised op tests, the layer API and the PyTorch bindings on CuPy
@@ -84,4 +88,7 @@ if [ -s "$OUT/bench_table.txt" ]; then
 else
     echo "(no benchmark table: see $OUT/bench.log)" | tee "$OUT/gpu_check_table.txt"
 fi
+echo
+echo "== time per step of the recurrent loops (benchmarks/gpu_steps.py)"
+cat "$OUT/steps.log" 2>/dev/null || echo "(no log)"
 exit $STATUS
