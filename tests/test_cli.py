@@ -261,6 +261,7 @@ def test_resume_continues_the_step_count(
     assert meta["progress"]["step"] == 28
     assert meta["model"]["hidden"] == 16  # the size comes from the checkpoint
     assert [h["step"] for h in meta["history"]][-1] == 28
+    assert [p[0] for p in meta["train_curve"]] == [25]  # one point per 25 steps, across runs
 
 
 @pytest.mark.parametrize(

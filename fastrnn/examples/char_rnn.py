@@ -71,6 +71,7 @@ DEFAULT_STEPS = 2000
 DEFAULT_MINUTES = 2.5
 DEFAULT_EVAL_EVERY = 500
 DEFAULT_SAMPLE_EVERY = 250
+CURVE_EVERY = 25  # steps per point of the training curve
 VAL_FRACTION = 0.05
 SAMPLE_TEMPERATURE = 0.8
 
@@ -373,20 +374,29 @@ def load_model(
 # ------------------------------------------------------------------------------------------------
 
 
-def plot_curves(history: list[dict[str, Any]], entropy: float, path: Path) -> bool:
+def plot_curves(
+    history: list[dict[str, Any]], train_curve: list[list[float]], entropy: float, path: Path
+) -> bool:
+    """Training loss (mean over each CURVE_EVERY steps) and validation loss against steps."""
     plt = matplotlib_pyplot()
     if plt is None or not history:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    steps = [h["step"] for h in history]
+    if train_curve:
+        ax.plot(
+            [p[0] for p in train_curve],
+            [p[1] for p in train_curve],
+            "-",
+            lw=1,
+            label=f"training (mean over {CURVE_EVERY} steps)",
+        )
     ax.plot(
-        steps,
-        [h["train_bpc"] for h in history],
-        "o-",
-        ms=3,
-        label="training (mean since last point)",
+        [h["step"] for h in history],
+        [h["val_bpc"] for h in history],
+        "s-",
+        ms=4,
+        label="validation",
     )
-    ax.plot(steps, [h["val_bpc"] for h in history], "s-", ms=3, label="validation")
     ax.axhline(entropy, color="gray", ls="--", lw=1, label=f"unigram entropy {entropy:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per character")
@@ -573,6 +583,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     optimizer = optim.Adam(params, lr=hp["lr"])
     progress_state = {"step": 0, "position": 0, "chars": 0, "seconds": 0.0}
     history: list[dict[str, Any]] = []
+    train_curve: list[list[float]] = []
     if meta is not None:
         from fastrnn import io
 
@@ -584,6 +595,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             group["lr"] = hp["lr"]
         progress_state.update(meta["progress"])
         history = list(meta.get("history", []))
+        train_curve = list(meta.get("train_curve", []))
         if progress_state["position"] + hp["seq_len"] + 1 > train_ids.shape[0]:
             progress_state["position"] = 0
 
@@ -610,7 +622,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     budget = args.minutes * 60.0
     state = None
     pos = progress_state["position"]
-    recent: list[float] = []
+    recent: list[float] = []  # losses since the last validation
+    window: list[float] = []  # losses since the last point of the training curve
     train_seconds = 0.0
     last_val: float | None = history[-1]["val_bpc"] if history else None
     last_train: float | None = history[-1]["train_bpc"] if history else None
@@ -640,6 +653,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "seconds": progress_state["seconds"] + train_seconds,
             },
             "history": history,
+            "train_curve": train_curve,
         }
 
     def checkpoint_and_eval(step: int) -> None:
@@ -685,7 +699,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             steps_done += 1
             train_seconds += time.perf_counter() - t0
             recent.append(loss)
+            window.append(loss)
             step = start_step + steps_done
+            if step % CURVE_EVERY == 0:
+                train_curve.append([step, round(float(np.mean(window)) * LOG2E, 4)])
+                window.clear()
             bar.update(
                 1,
                 loss=f"{loss * LOG2E:.3f} bits/char",
@@ -713,7 +731,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_and_eval(start_step + steps_done)
     wall = time.perf_counter() - wall0
     chars_per_s = steps_done * chars_per_step / train_seconds if train_seconds else 0.0
-    plotted = plot_curves(history, entropy, out / "curves.png")
+    plotted = plot_curves(history, train_curve, entropy, out / "curves.png")
     final_sample = sample(model, vocab, 400, SAMPLE_TEMPERATURE, prime, sample_rng)
 
     why = f" (the --minutes {args.minutes:g} budget)" if stopped_by_time else ""
