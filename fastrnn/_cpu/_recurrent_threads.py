@@ -92,9 +92,10 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
-# runs on one thread (the whole-sequence GEMMs still use BLAS threads): a barrier per step costs
-# about as much as splitting the step saves. fastrnn._bench.compare_strategies, best of 40
-# rounds on the shared 2-core machine, us per step serial / BLAS threads / OpenMP columns:
+# runs on one thread (its whole-sequence GEMMs may still be split, see below): a barrier per
+# step costs about as much as splitting the step saves. fastrnn._bench.compare_strategies,
+# best of 40 rounds on the shared 2-core machine, us per step serial / BLAS threads / OpenMP
+# columns:
 # N=1 H=128 (65k) 3.5 / 3.4 / 2.1; N=32 H=64 (524k) 10.2 / 10.9 / 16.8; N=16 H=256 (4.2M)
 # 124 / 76 / 83; N=64 H=512 (67M) 1114 / 1509 / 642. Medians under load were far worse for both
 # threaded variants (a barrier waits for a descheduled peer), which also argues for serial
