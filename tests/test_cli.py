@@ -586,3 +586,24 @@ def test_training_threads_chosen_and_restored(
     with _common.training_threads(None) as note:
         assert fastrnn.get_num_threads() == cpus and note.startswith(f"{cpus} (auto")
     assert fastrnn.get_num_threads() == before
+
+
+def test_gpu_report_without_the_cuda_backend_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastrnn info` asks CuPy itself when fastrnn._cuda.info is missing (same keys)."""
+    from fastrnn.examples import sysinfo
+
+    real = sysinfo.importlib.import_module
+
+    def without_info(name: str, *args: object) -> object:
+        if name == "fastrnn._cuda.info":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args)
+
+    monkeypatch.setattr(sysinfo.importlib, "import_module", without_info)
+    info = sysinfo.gpu_info()
+    assert info["source"] == "cupy"
+    assert {"available", "reason", "cupy", "cuda_runtime", "device"} <= set(info)
+    if not info["available"]:
+        assert info["reason"]
+    line = sysinfo.format_report({**sysinfo.collect(), "gpu": info}).splitlines()[-2]
+    assert line.startswith("GPU:")

@@ -113,46 +113,58 @@ def gpu_info() -> dict[str, Any]:
         info = dict(module.gpu_info())
         info.setdefault("source", "fastrnn._cuda.info")
         return info
-    info: dict[str, Any] = {"available": False, "source": "cupy"}
+    # the same keys as fastrnn._cuda.info.gpu_info
+    info: dict[str, Any] = {
+        "available": False,
+        "reason": None,
+        "cupy": None,
+        "cuda_runtime": None,
+        "cuda_driver": None,
+        "devices": 0,
+        "device": None,
+        "source": "cupy",
+    }
     try:
         import cupy
     except ImportError:
         info["reason"] = "CuPy is not installed (pip install fastrnn[gpu-cuda12] or [gpu-cuda13])"
         return info
     except Exception as exc:  # a broken CuPy install: report it, do not crash `info`
-        info["reason"] = f"import cupy failed: {type(exc).__name__}: {exc}"
+        info["reason"] = f"import cupy failed: {type(exc).__name__}: {_one_line(exc)}"
         return info
     info["cupy"] = cupy.__version__
+    runtime = cupy.cuda.runtime
     try:
-        info["cuda_runtime"] = _cuda_version(cupy.cuda.runtime.runtimeGetVersion())
-    except Exception:
-        pass
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
+        info["cuda_runtime"] = _cuda_version(runtime.runtimeGetVersion())
+        info["cuda_driver"] = _cuda_version(runtime.driverGetVersion()) or None
+        count = runtime.getDeviceCount()
     except Exception as exc:
         info["reason"] = f"no usable CUDA device: {_one_line(exc)}"
         return info
+    info["devices"] = count
     if count == 0:
         info["reason"] = "CUDA sees no GPU"
         return info
     try:
-        props = cupy.cuda.runtime.getDeviceProperties(0)
+        props = runtime.getDeviceProperties(0)
         name = props["name"]
-        info["device"] = name.decode() if isinstance(name, bytes) else name
-        info["compute_capability"] = f"{props['major']}.{props['minor']}"
-        info["memory_gib"] = round(props["totalGlobalMem"] / 2**30, 1)
-        info["driver"] = _cuda_version(cupy.cuda.runtime.driverGetVersion())
-        info["devices"] = count
-        info["available"] = bool(cupy.is_available())
-        if not info["available"]:
-            info["reason"] = "cupy.is_available() is False"
+        info["device"] = {
+            "id": 0,
+            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": f"{props['major']}{props['minor']}",
+            "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+        }
     except Exception as exc:
         info["reason"] = f"querying the GPU failed: {_one_line(exc)}"
+        return info
+    info["available"] = bool(cupy.is_available())
+    if not info["available"]:
+        info["reason"] = "cupy.is_available() is False"
     return info
 
 
 def _cuda_version(v: int) -> str:
-    return f"{v // 1000}.{(v % 1000) // 10}"
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -234,18 +246,27 @@ def format_report(info: dict[str, Any]) -> str:
             f"threads{layer} [{owner}; {lib['library']}]"
         )
     gpu = info["gpu"]
-    if gpu.get("available"):
-        lines.append(
-            f"GPU:      {gpu.get('device')} (compute {gpu.get('compute_capability')}, "
-            f"{gpu.get('memory_gib')} GiB); CuPy {gpu.get('cupy')}, CUDA runtime "
-            f"{gpu.get('cuda_runtime')}, driver {gpu.get('driver')}"
+    versions = ", ".join(
+        f"{label} {gpu[key]}"
+        for key, label in (
+            ("cupy", "CuPy"),
+            ("cuda_runtime", "CUDA runtime"),
+            ("cuda_driver", "driver"),
+            ("nvrtc", "NVRTC"),
         )
+        if gpu.get(key)
+    )
+    if gpu.get("available"):
+        dev = gpu.get("device") or {}
+        if isinstance(dev, dict):
+            dev = (
+                f"{dev.get('name')} (compute capability {dev.get('compute_capability')}, "
+                f"{dev.get('memory_gib')} GiB)"
+            )
+        lines.append(f"GPU:      {dev}; {versions}")
     else:
-        extra = f"CuPy {gpu['cupy']}" if gpu.get("cupy") else ""
-        if gpu.get("cuda_runtime"):
-            extra += f", CUDA runtime {gpu['cuda_runtime']}"
-        reason = gpu.get("reason", "unavailable")
-        lines.append(f"GPU:      off: {reason}" + (f" ({extra})" if extra else ""))
+        reason = gpu.get("reason") or "unavailable"
+        lines.append(f"GPU:      off: {reason}" + (f" ({versions})" if versions else ""))
     torch = info.get("torch")
     lines.append(
         f"PyTorch:  {torch['version']}, {torch['num_threads']} threads (benchmark opponent)"
