@@ -10,9 +10,10 @@ The same algorithm as the CPU kernels (DESIGN.md, "Performance model"):
   gradient is ``ones @ dA``, a GEMM too: no atomics anywhere, so results are bitwise
   reproducible run to run on the same GPU and CuPy/CUDA versions).
 
-Small batches (``FUSED_MAX_N``, ``FUSED_MAX_H``) run the ``*_fused`` step kernels instead: the
-recurrent GEMM of a step is summed inside its pointwise kernel, so a step is one launch (backward
-folds step t+1's dh GEMM into step t's kernel and ends with one GEMM for step 0). The time loops
+Opt-in (``FASTRNN_CUDA_FUSED_MAX_N``, off by default: measured slower, see below), small batches
+run the ``*_fused`` step kernels instead: the recurrent GEMM of a step is summed inside its
+pointwise kernel, so a step is one launch (backward folds step t+1's dh GEMM into step t's kernel
+and ends with one GEMM for step 0). The time loops
 go through ``Runtime.run_loop``: their calls are bound once per key and, with CUDA graphs on (the
 default), replayed as one graph from the third call with the same arrays on.
 
@@ -35,9 +36,12 @@ from fastrnn.context import Context
 # Small batches take the fused step kernels (*_fused in csrc/): the recurrent GEMM of a step is
 # done inside its pointwise kernel, one thread per (n, j) summing over H (forward, with W_hh
 # transposed so the reads coalesce) or over the gates (backward, the previous step's dh GEMM), so
-# a step is one launch instead of a cuBLAS call and a launch. Past these sizes cuBLAS wins.
-# FASTRNN_CUDA_FUSED_MAX_N=0 turns the fused kernels off.
-FUSED_MAX_N = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_N", "8"))
+# a step is one launch instead of a cuBLAS call and a launch. Measured on an H100
+# (benchmarks/gpu_steps.py, graphs on): 39 us of GPU time per LSTM step at (N, H) = (1, 128) and
+# 79 us at (8, 256), against 4.5 and 7.6 us for a cuBLAS GEMM plus the pointwise kernel: one
+# thread per output summing serially over H leaves the GPU idle. So they are off by default;
+# FASTRNN_CUDA_FUSED_MAX_N=8 turns them on for batches up to 8.
+FUSED_MAX_N = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_N", "0"))
 FUSED_MAX_H = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_H", "512"))
 # Threads per block of the fused kernels: small blocks spread a step over many SMs (each block
 # reads its own columns of W_hh, from L2).
