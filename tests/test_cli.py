@@ -233,6 +233,34 @@ def test_sample_from_checkpoint(
     assert code == 0 and len(other) == len(out)
 
 
+def test_overwrite_starts_again(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(trained["out"], out)
+    code, _, err = run(
+        capsys,
+        "char-rnn",
+        "train",
+        "--text",
+        str(trained["corpus"]),
+        *TINY,
+        "--steps",
+        "3",
+        "--sample-every",
+        "0",
+        "--out",
+        str(out),
+        "--overwrite",
+    )
+    assert code == 0, err
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["progress"]["step"] == 3 and [h["step"] for h in meta["history"]] == [3]
+    assert [p.name for p in out.glob("weights-*.npz")] == ["weights-0000003.npz"]
+
+
 def test_resume_continues_the_step_count(
     trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,7 +349,9 @@ def test_train_refuses_to_overwrite_or_resume_mismatched(
 ) -> None:
     out = str(trained["out"])
     code, _, err = run(capsys, "char-rnn", "train", "--text", str(trained["corpus"]), "--out", out)
-    assert_one_line_error(code, err, "--resume")
+    assert_one_line_error(code, err, "--resume", "--overwrite")
+    code, _, err = run(capsys, "char-rnn", "train", "--out", out, "--resume", "--overwrite")
+    assert_one_line_error(code, err, "exclude")
     code, _, err = run(
         capsys,
         "char-rnn",

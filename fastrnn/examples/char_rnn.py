@@ -487,6 +487,11 @@ def add_train_parser(sub: Any) -> None:
         action="store_true",
         help="continue from the checkpoint in --out (weights, optimizer, position)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run even if --out already holds a checkpoint (it is replaced)",
+    )
     p.add_argument("--json", metavar="PATH", help="write a JSON summary of the run here")
     p.add_argument(
         "--eval-every",
@@ -552,10 +557,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(f"--out: {args.out} exists and is not a directory")
     json_path = check_output_file(args.json, "--json") if args.json else None
     meta = read_checkpoint(args.out, "--resume") if args.resume else None
-    if not args.resume and (out / CHECKPOINT_JSON).exists():
+    if args.resume and args.overwrite:
+        raise CommandError("--resume and --overwrite exclude each other")
+    if not args.resume and not args.overwrite and (out / CHECKPOINT_JSON).exists():
         raise CommandError(
-            f"--out: {args.out} already holds a checkpoint; pass --resume to "
-            "continue it or choose another --out"
+            f"--out: {args.out} already holds a checkpoint; pass --resume to continue it, "
+            "--overwrite to start again, or choose another --out"
         )
     hp = _resolve(args, meta)
 
