@@ -437,6 +437,15 @@ def test_sample_refuses_foreign_and_corrupt_checkpoints(
     code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(wrong))
     assert_one_line_error(code, err, "do not fit")
 
+    # a JSON without an entry the checkpoint needs
+    partial = tmp_path / "partial"
+    shutil.copytree(trained["out"], partial)
+    meta = json.loads((partial / "checkpoint.json").read_text())
+    del meta["corpus"]
+    (partial / "checkpoint.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(partial))
+    assert_one_line_error(code, err, "lacks the entry 'corpus'")
+
     # not JSON at all
     junk = tmp_path / "junk"
     junk.mkdir()

@@ -333,6 +333,7 @@ def read_checkpoint(directory: str, option: str = "--checkpoint") -> dict[str, A
         model = meta["model"]
         for key in ("vocab", "hidden", "layers", "embedding", "dropout"):
             model[key]
+        meta["corpus"]["sha256"], meta["progress"]["step"], meta["optimizer"]["param_groups"]
         files = meta["files"]
         for key in ("weights", "optimizer"):
             entry = files[key]
