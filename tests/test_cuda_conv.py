@@ -115,6 +115,19 @@ def test_conv2d_small_workspace_and_tiny_grid(rt, monkeypatch):
     _conv_check(case, np.float64)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_split_k_weight_gradient(rt, monkeypatch, groups):
+    """dW through split-K slices (forced: slices of 50 columns, the last one shorter) on two
+    chunks, float32 against the reference."""
+    from fastrnn._cuda import conv
+
+    case = (6, 8, 10, 9, 8, (3, 3), 1, 1, 1, groups, True)
+    monkeypatch.setattr(conv, "DW_MIN_SLICE", 50)
+    monkeypatch.setattr(conv, "WORKSPACE_BYTES", 3 * (8 * 9 + 8) * 90 * 4)  # 3 images a chunk
+    assert conv.dw_slices(groups, 8 // groups, 8 // groups * 9, 3 * 90, 4) == 5
+    _conv_check(case, np.float32)
+
+
 def test_conv2d_bitwise_deterministic(rt):
     x, w, b, kw = _conv_data((8, 32, 28, 28, 32, (3, 3), 1, 1, 1, 1, True), np.float32)
     y1, g1, _ = _conv_gpu(x, w, b, kw)

@@ -333,6 +333,104 @@ def test_conv2d_groups_are_one_batched_gemm_per_chunk(host_rt):
     assert host_rt.batched_calls == 3  # forward C3, backward CB2 and CB3
 
 
+def test_images_per_chunk_balances_the_chunks(monkeypatch):
+    """The fewest chunks within the workspace, of equal size but the last."""
+    from fastrnn._cuda import conv
+
+    monkeypatch.setattr(conv, "WORKSPACE_BYTES", 31 * 100 * 4)  # 31 images of 100 floats
+    assert conv.images_per_chunk(32, 100, 4) == 16  # 16 + 16, not 31 + 1
+    assert conv.images_per_chunk(31, 100, 4) == 31
+    assert conv.images_per_chunk(63, 100, 4) == 21
+    assert conv.images_per_chunk(0, 100, 4) == 1
+    assert conv.images_per_chunk(5, 10**6, 4) == 1  # one image over the budget still runs
+
+
+def test_dw_slices_rule(monkeypatch):
+    from fastrnn._cuda import conv
+
+    # (32, 64, 56, 56, 64, 3): 1 x 5 output tiles, 97216 columns -> 53 slices of 1835.
+    assert conv.dw_slices(1, 64, 576, 32 * 56 * 56, 4) == 53
+    # (8, 128, 28, 28, 128, 3): 9 tiles want 30 slices, 6272 columns allow 24.
+    assert conv.dw_slices(1, 128, 1152, 8 * 28 * 28, 4) == 24
+    assert conv.dw_slices(1, 64, 576, 255, 4) == 1  # shorter than one slice
+    assert conv.dw_slices(300, 2, 9, 10**6, 4) == 1  # enough tiles already
+    monkeypatch.setattr(conv, "DW_PARTIAL_BYTES", 10 * 64 * 576 * 4)
+    assert conv.dw_slices(1, 64, 576, 32 * 56 * 56, 4) == 10  # partials bounded
+
+
+# (case, DW_TARGET_BLOCKS, DW_MIN_SLICE, workspace images or None,
+#  per chunk: (S, slice length R, full slices, remainder), R = the whole chunk when S = 1)
+SPLIT_CASES = [
+    # one group, remainder slice: RL = 126 -> 4 slices of 26 + 22
+    ((3, 4, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 5, 1, None, [(5, 26, 4, 22)]),
+    # two groups <= 4 slices: one GEMM per group batched over the slices, no remainder
+    ((2, 4, 6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, False), 8, 1, None, [(4, 18, 4, 0)]),
+    # four groups > 3 slices: one GEMM per slice batched over the groups, then the remainder
+    ((2, 4, 9, 9, 4, (3, 3), (1, 1), (2, 2), (2, 2), 4, True), 16, 1, None, [(4, 41, 3, 39)]),
+    # chunks of 2, 2, 1 images: 3 slices of 16 twice, then the last chunk straight into dW
+    (
+        (5, 4, 6, 7, 6, (3, 3), (1, 2), (1, 1), (1, 1), 2, True),
+        1000,
+        16,
+        2,
+        [(3, 16, 3, 0), (3, 16, 3, 0), (1, 24, 1, 0)],
+    ),
+    # stride, dilation, no bias, 1x2 kernel
+    ((2, 3, 12, 11, 5, (1, 2), (2, 1), (0, 1), (1, 2), 1, False), 7, 10, None, [(7, 19, 6, 18)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("split", SPLIT_CASES, ids=lambda s: _conv_id(s[0]))
+def test_conv2d_split_k_weight_gradient(host_rt, monkeypatch, split, dtype):
+    """dW through the split-K path (forced on tiny shapes): every orientation of the slice
+    GEMMs, remainders, several chunks with different slice counts; checked against the
+    reference, and the GEMMs issued are the ones the rule describes."""
+    from fastrnn._cuda import conv
+
+    case, target, min_slice, budget, chunks = split
+    N, C, H, W, F, (KH, KW), s, p, d, g, _ = case
+    OH = (H + 2 * p[0] - d[0] * (KH - 1) - 1) // s[0] + 1
+    OW = (W + 2 * p[1] - d[1] * (KW - 1) - 1) // s[1] + 1
+    K = C // g * KH * KW
+    monkeypatch.setattr(conv, "DW_TARGET_BLOCKS", target)
+    monkeypatch.setattr(conv, "DW_MIN_SLICE", min_slice)
+    if budget is not None:
+        item = np.dtype(dtype).itemsize
+        monkeypatch.setattr(conv, "WORKSPACE_BYTES", budget * (C * KH * KW + F) * OH * OW * item)
+    calls = []
+    gemm = host_rt.gemm
+
+    def spy(transa, transb, M, N_, K_, *args, **kwargs):
+        calls.append((transa, transb, M, N_, K_, kwargs.get("batch", 1)))
+        return gemm(transa, transb, M, N_, K_, *args, **kwargs)
+
+    monkeypatch.setattr(host_rt, "gemm", spy)
+    y, y_ref, got, want = _conv_both(host_rt, case, dtype)
+    assert_close(y, y_ref, "conv", "forward", dtype, name="y")
+    for name, a, b in zip(("dx", "dw", "db"), got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close(a, b, "conv", "backward", dtype, name=name)
+    # The weight-gradient GEMMs: (Fg, K) products over slices, and the partial sums (M = 1).
+    Fg = F // g
+    cb2 = [c for c in calls if c[:4] == (False, True, Fg, K) or (c[2] == 1 and c[3] == F * K)]
+    expect = []
+    for S, R, full, rem in chunks:
+        if S == 1:
+            expect.append((False, True, Fg, K, R, g))  # R = the chunk's RL
+            continue
+        if g <= full:
+            expect += [(False, True, Fg, K, R, full)] * g
+        else:
+            expect += [(False, True, Fg, K, R, g)] * full
+        if rem:
+            expect.append((False, True, Fg, K, rem, g))
+        expect.append((False, False, 1, F * K, full + (rem > 0), 1))
+    assert cb2 == expect
+
+
 def test_col2im_is_exact_for_non_overlapping_taps(host_rt):
     """With stride = kernel and no padding every input element is read once: col2im must
     return exactly the column entries (bitwise), so the gather indexing is exact."""

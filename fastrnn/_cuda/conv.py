@@ -24,18 +24,91 @@ import numpy as np
 from fastrnn._cuda._runtime import runtime
 from fastrnn.context import Context
 
-# Workspace rule: a chunk holds as many images as fit WORKSPACE_BYTES of workspace
+# Workspace rule: a chunk holds at most as many images as fit WORKSPACE_BYTES of workspace
 # ((C*KH*KW + F) * OH*OW elements per image: its columns and its channel-major output), and at
-# least one image; the two buffers are allocated once per call (from CuPy's memory pool, which
-# reuses them across calls) and reused by every chunk. Larger chunks only lengthen the GEMMs'
-# N dimension, which stops paying off well before this size.
+# least one image; the N images are cut into the fewest chunks that respect that bound, all of
+# the same size but the last (ceil(N / chunks) images each: 32 images that fit 31 per chunk run
+# as 16 + 16, not 31 + 1, whose one-image GEMMs would be badly shaped). The two buffers are
+# allocated once per call (from CuPy's memory pool, which reuses them across calls) and reused
+# by every chunk. Larger chunks only lengthen the GEMMs' N dimension, which stops paying off
+# well before this size. The split-K partials of dW (below) are bounded separately.
 WORKSPACE_BYTES = 256 * 2**20
+
+# Split-K rule of the weight gradient (CB2). dW_g (Fg, K) = dyT_g (Fg, RL) @ cols_g^T is a GEMM
+# with a small output and a very long reduction (RL = images * OH*OW, ~1e5): cuBLAS tiles the
+# output only (about 128 x 128 per thread block), so 64 x 576 gives 5 blocks for 132 SMs. The
+# reduction is therefore cut into S slices of R consecutive columns (the last slice may be
+# shorter), each slice's product written to its own partial [F, K] (strided batched GEMMs), and
+# the partials are summed by one GEMM with a vector of ones, in slice order, into dW (beta = 1
+# after the first chunk): no atomics, the same order every run. S is the smallest count that
+# gives about DW_TARGET_BLOCKS output tiles in all, at most RL // DW_MIN_SLICE (a slice shorter
+# than that does too little work per tile) and at most DW_PARTIAL_BYTES of partials; S = 1
+# (one GEMM straight into dW) for small problems. The rule depends on the shapes only, never on
+# the device, so a given call always sums in the same order.
+DW_TILE = 128
+DW_TARGET_BLOCKS = 264  # two waves of an H100's 132 SMs
+DW_MIN_SLICE = 256
+DW_PARTIAL_BYTES = 32 * 2**20
 
 
 def images_per_chunk(N: int, per_image_elements: int, itemsize: int) -> int:
     """The workspace rule above: images per chunk, in 1..N (1 when N is 0)."""
-    fit = WORKSPACE_BYTES // max(1, per_image_elements * itemsize)
-    return max(1, min(N, fit))
+    fit = max(1, WORKSPACE_BYTES // max(1, per_image_elements * itemsize))
+    if N <= fit:
+        return max(1, N)
+    chunks = -(-N // fit)
+    return -(-N // chunks)
+
+
+def dw_slices(G: int, Fg: int, K: int, RL: int, itemsize: int) -> int:
+    """The split-K rule above: the number of slices S >= 1 of dW's reduction of length RL."""
+    tiles = G * -(-Fg // DW_TILE) * -(-K // DW_TILE)
+    want = -(-DW_TARGET_BLOCKS // max(1, tiles))
+    fit = DW_PARTIAL_BYTES // max(1, G * Fg * K * itemsize)
+    return max(1, min(want, RL // DW_MIN_SLICE, fit))
+
+
+def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None:
+    """CB2 for one chunk: dW_g (Fg, K) (+)= dyT_g (Fg, RL) @ cols_g^T (RL, K) for every group,
+    with the reduction over RL cut into S slices (the split-K rule above). ``part`` holds
+    S partials [F, K] (group g at rows g*Fg ..), ``ones_s`` S ones."""
+    F = G * Fg
+    if S == 1:
+        # One strided batched GEMM over the groups, straight into dW.
+        rt.gemm(
+            False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL, beta, dw, 0, K,
+            batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
+        )  # fmt: skip
+        return
+    R = -(-RL // S)  # slice length
+    full, rem = divmod(RL, R)  # full slices of R columns, then one of rem < R (if rem > 0)
+    if full > 0:
+        if G <= full:
+            # Per group: one GEMM batched over the slices (R columns apart).
+            for g in range(G):
+                rt.gemm(
+                    False, True, Fg, K, R, 1.0, dyT, g * Fg * RL, RL, cols, g * K * RL, RL,
+                    0.0, part, g * Fg * K, K,
+                    batch=full, stride_a=R, stride_b=R, stride_c=F * K,
+                )  # fmt: skip
+        else:
+            # Per slice: one GEMM batched over the groups.
+            for q in range(full):
+                rt.gemm(
+                    False, True, Fg, K, R, 1.0, dyT, q * R, RL, cols, q * R, RL,
+                    0.0, part, q * F * K, K,
+                    batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
+                )  # fmt: skip
+    P = full
+    if rem > 0:
+        rt.gemm(
+            False, True, Fg, K, rem, 1.0, dyT, full * R, RL, cols, full * R, RL,
+            0.0, part, full * F * K, K,
+            batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
+        )  # fmt: skip
+        P += 1
+    # dW (1, F*K) (+)= ones (1, P) @ part (P, F*K): the partials summed in slice order.
+    rt.gemm(False, False, 1, F * K, P, 1.0, ones_s, 0, P, part, 0, F * K, beta, dw, 0, F * K)
 
 
 def _out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -119,6 +192,12 @@ def conv2d_backward(ctx, dy):
         nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
         cols = xp.empty((CK * nb * L,), dtype=dtype)
         dyT = xp.empty((F * nb * L,), dtype=dtype)
+        # Split-K partials of dW, sized for the largest chunk (S grows with the chunk).
+        S_max = dw_slices(G, Fg, K, nb * L, dtype.itemsize) if N > 0 else 1
+        part = ones_s = None
+        if S_max > 1:
+            part = xp.empty((S_max * F * K,), dtype=dtype)
+            ones_s = xp.ones((S_max,), dtype=dtype)
         db = per_plane = ones_l = ones_n = None
         if s["has_bias"]:
             db = xp.empty((F,), dtype=dtype)
@@ -139,13 +218,11 @@ def conv2d_backward(ctx, dy):
                 RL = m * L
                 rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
                 rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))  # C2 again
-                # CB2: dW_g (Fg, K) += dyT_g (Fg, RL) @ cols_g^T (RL, K); the first chunk
-                # assigns.
-                rt.gemm(
-                    False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL,
-                    0.0 if n0 == 0 else 1.0, dw, 0, K,
-                    batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
-                )  # fmt: skip
+                # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first chunk
+                # assigns, the later ones accumulate, in chunk order.
+                S = dw_slices(G, Fg, K, RL, dtype.itemsize)
+                _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw,
+                             0.0 if n0 == 0 else 1.0)  # fmt: skip
                 # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
                 rt.gemm(
                     True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
@@ -154,10 +231,9 @@ def conv2d_backward(ctx, dy):
                 # CB4, CB5: gather every input element's column entries.
                 rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
 
-        arrays = (dy, x, w, dx, dw, cols, dyT) + (
-            (db, per_plane, ones_l, ones_n) if db is not None else ()
-        )
-        key = ("conv2d-b", dtype.char, N, F, G, nb, geometry, *map(rt.ptr, arrays))
+        arrays = [dy, x, w, dx, dw, cols, dyT]
+        arrays += [a for a in (part, ones_s, db, per_plane, ones_l, ones_n) if a is not None]
+        key = ("conv2d-b", dtype.char, N, F, G, nb, S_max, geometry, *map(rt.ptr, arrays))
         rt.time_loop(key, [], body)
     return dx, dw, db
 
