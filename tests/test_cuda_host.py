@@ -431,6 +431,43 @@ def test_conv2d_split_k_weight_gradient(host_rt, monkeypatch, split, dtype):
     assert cb2 == expect
 
 
+def test_conv2d_backward_reuses_the_forward_columns_once(host_rt):
+    """One chunk: the first backward reads the forward's columns (no im2col), a second
+    backward on the same context recomputes them; both match the reference. Several chunks:
+    nothing is kept."""
+    from fastrnn._cuda import conv
+
+    case = CONV_CASES[3]  # stride (2, 1), padding (1, 0), 2x3 kernel
+    x, w, b, kw = _conv_data(case, np.float64)
+    dev = [host_rt.to_device(a) for a in (x, w, b)]
+    args = (kw["stride"], kw["padding"], kw["dilation"], kw["groups"], True)
+    y, ctx = conv.conv2d_forward(*dev, *args)
+    assert "cols" in ctx.saved
+    dy = np.random.default_rng(1).standard_normal(y.shape)
+    y_ref, rctx = ref.conv2d_forward(x, w, b, **kw)
+    want = ref.conv2d_backward(rctx, dy)
+    for expect_im2col in (0, 1):
+        before = len(host_rt.launches)
+        got = conv.conv2d_backward(ctx, host_rt.to_device(dy))
+        names = [launch[0] for launch in host_rt.launches[before:]]
+        assert names.count("im2col") == expect_im2col, names
+        assert "cols" not in ctx.saved
+        for name, a, r in zip(("dx", "dw", "db"), got, want, strict=True):
+            assert_close(a, r, "conv", "backward", np.float64, name=name)
+
+
+def test_conv2d_keeps_no_columns_over_several_chunks(host_rt, monkeypatch):
+    from fastrnn._cuda import conv
+
+    monkeypatch.setattr(conv, "WORKSPACE_BYTES", 1)  # one image per chunk
+    x, w, b, kw = _conv_data(CONV_CASES[0], np.float64)
+    dev = [host_rt.to_device(a) for a in (x, w, b)]
+    y, ctx = conv.conv2d_forward(*dev, kw["stride"], kw["padding"], kw["dilation"], 1, True)
+    assert "cols" not in ctx.saved
+    _, no_ctx = conv.conv2d_forward(*dev, kw["stride"], kw["padding"], kw["dilation"], 1, False)
+    assert no_ctx is None
+
+
 def test_col2im_is_exact_for_non_overlapping_taps(host_rt):
     """With stride = kernel and no padding every input element is read once: col2im must
     return exactly the column entries (bitwise), so the gather indexing is exact."""

@@ -4,9 +4,10 @@ conv2d is im2col + cuBLAS, on chunks of images in a channel-major layout (csrc/c
 
 * forward: im2col of the chunk into ``cols`` [C*KH*KW, nb*L], one strided-batched GEMM over
   the groups ``yT_g = w_g @ cols_g`` (C3), then ``yT`` back to NCHW with the bias added (C4);
-* backward: ``dyT`` = the chunk of dy in the channel-major layout, im2col again (the forward
-  keeps nothing but x), ``dW_g += dyT_g @ cols_g^T`` (CB2: images inside the GEMM's reduction,
-  chunks accumulated in order), ``dcols_g = w_g^T @ dyT_g`` (CB3, into the same workspace), and
+* backward: ``dyT`` = the chunk of dy in the channel-major layout, the columns (the forward's,
+  kept when one chunk held every image, else im2col again), ``dW_g += dyT_g @ cols_g^T`` (CB2:
+  images inside the GEMM's reduction, split into fixed slices summed in order, chunks
+  accumulated in order), ``dcols_g = w_g^T @ dyT_g`` (CB3, into the columns' buffer), and
   col2im as a gather (CB4, CB5); the bias gradient is two GEMMs with vectors of ones (CB1).
 
 No atomics anywhere: results are bitwise reproducible run to run (same GPU, same CuPy/CUDA).
@@ -27,12 +28,21 @@ from fastrnn.context import Context
 # Workspace rule: a chunk holds at most as many images as fit WORKSPACE_BYTES of workspace
 # ((C*KH*KW + F) * OH*OW elements per image: its columns and its channel-major output), and at
 # least one image; the N images are cut into the fewest chunks that respect that bound, all of
-# the same size but the last (ceil(N / chunks) images each: 32 images that fit 31 per chunk run
-# as 16 + 16, not 31 + 1, whose one-image GEMMs would be badly shaped). The two buffers are
+# the same size but the last (ceil(N / chunks) images each: 33 images that fit 32 per chunk run
+# as 17 + 16, not 32 + 1, whose one-image GEMMs would be badly shaped). The two buffers are
 # allocated once per call (from CuPy's memory pool, which reuses them across calls) and reused
 # by every chunk. Larger chunks only lengthen the GEMMs' N dimension, which stops paying off
-# well before this size. The split-K partials of dW (below) are bounded separately.
-WORKSPACE_BYTES = 256 * 2**20
+# well before this size; the bound is 512 MiB (not less) so that a whole batch of common
+# shapes is one chunk, whose columns backward can reuse (below): 32 images of 64 x 56 x 56
+# with a 3x3 kernel and 64 filters take 257 MB. The split-K partials of dW (below) are bounded
+# separately.
+WORKSPACE_BYTES = 512 * 2**20
+# When one chunk holds every image (so at most WORKSPACE_BYTES), a training forward keeps its
+# columns in the context and the first backward reads them instead of running im2col again
+# (C2 written once, not twice); that backward then overwrites them with the column gradient
+# (CB3) and drops them from the context, so a second backward on the same context recomputes
+# them. The cost: up to WORKSPACE_BYTES per conv2d held from forward to backward (as PyTorch's
+# im2col convolution kept its columns).
 
 # Split-K rule of the weight gradient (CB2). dW_g (Fg, K) = dyT_g (Fg, RL) @ cols_g^T is a GEMM
 # with a small output and a very long reduction (RL = images * OH*OW, ~1e5): cuBLAS tiles the
@@ -168,6 +178,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             grad_shapes={"dy": (N, F, OH, OW)},
             saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry, groups=G),
         )
+        if nb == N and N > 0:
+            ctx.saved["cols"] = cols  # read (and consumed) by the first backward
     return y, ctx
 
 
@@ -190,7 +202,11 @@ def conv2d_backward(ctx, dy):
         if N == 0:
             dw[...] = 0
         nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
-        cols = xp.empty((CK * nb * L,), dtype=dtype)
+        # The forward's columns when it kept them (one chunk): no im2col; consumed here.
+        cols = s.pop("cols", None)
+        reuse = cols is not None and nb == N
+        if not reuse:
+            cols = xp.empty((CK * nb * L,), dtype=dtype)
         dyT = xp.empty((F * nb * L,), dtype=dtype)
         # Split-K partials of dW, sized for the largest chunk (S grows with the chunk).
         S_max = dw_slices(G, Fg, K, nb * L, dtype.itemsize) if N > 0 else 1
@@ -217,7 +233,8 @@ def conv2d_backward(ctx, dy):
                 m = min(nb, N - n0)
                 RL = m * L
                 rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
-                rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))  # C2 again
+                if not reuse:  # C2 again
+                    rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
                 # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first chunk
                 # assigns, the later ones accumulate, in chunk order.
                 S = dw_slices(G, Fg, K, RL, dtype.itemsize)
@@ -233,7 +250,7 @@ def conv2d_backward(ctx, dy):
 
         arrays = [dy, x, w, dx, dw, cols, dyT]
         arrays += [a for a in (part, ones_s, db, per_plane, ones_l, ones_n) if a is not None]
-        key = ("conv2d-b", dtype.char, N, F, G, nb, S_max, geometry, *map(rt.ptr, arrays))
+        key = ("conv2d-b", dtype.char, N, F, G, nb, S_max, reuse, geometry, *map(rt.ptr, arrays))
         rt.time_loop(key, [], body)
     return dx, dw, db
 
