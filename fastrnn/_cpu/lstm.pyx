@@ -60,6 +60,8 @@ from fastrnn._cpu._recurrent_common cimport (
     mm,
     project_rows,
     sequence_grads,
+    step_mm,
+    fr_small_gemm_init,
     step_gemm,
     transpose_rows,
     sigmoid,
@@ -80,6 +82,7 @@ from fastrnn._cpu._recurrent_threads import (
 from fastrnn.context import Context
 
 cnp.import_array()
+fr_small_gemm_init()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 
@@ -398,8 +401,8 @@ cdef void bwd_thread(
         fr_barrier()
         # LB4: this thread's columns of dh_{t-1} += da_t W_hh; its next pointwise pass reads
         # only these columns, so no second barrier.
-        mm(False, False, N, u1 - u0, G * H, <floating> 1, da + t * step, G * H, w_hh_b + u0, H,
-           <floating> 1, dh + u0, H)
+        step_mm(N, u1 - u0, G * H, da + t * step, G * H, w_hh_b + u0, H,
+                <floating> 1, dh + u0, H)
     if whole:  # else bwd_run does it, with its own threads
         fr_barrier()
         # LB5: weight, bias and input gradients as whole-sequence GEMMs.

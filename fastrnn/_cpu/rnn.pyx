@@ -25,6 +25,8 @@ from fastrnn._cpu._recurrent_common cimport (
     mm,
     project_rows,
     sequence_grads,
+    step_mm,
+    fr_small_gemm_init,
     step_gemm,
     transpose_rows,
     tanh_,
@@ -43,6 +45,7 @@ from fastrnn._cpu._recurrent_threads import (
 from fastrnn.context import Context
 
 cnp.import_array()
+fr_small_gemm_init()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 
@@ -284,8 +287,8 @@ cdef void bwd_thread(
         fr_barrier()
         # RB3: this thread's columns of dh_{t-1} += da_t W_hh (its next pointwise pass reads
         # only these columns, so no second barrier).
-        mm(False, False, N, u1 - u0, H, <floating> 1, da + t * NH, H, w_hh + u0, H,
-           <floating> 1, dh + u0, H)
+        step_mm(N, u1 - u0, H, da + t * NH, H, w_hh + u0, H,
+                <floating> 1, dh + u0, H)
     if whole:  # else bwd_run does it, with its own threads
         fr_barrier()
         # RB4: weight, bias and input gradients as whole-sequence GEMMs.
