@@ -33,6 +33,8 @@ CONV_CASES = [
     (1, 5, 13, 12, 3, (5, 4), 2, (2, 1), 1, 1, True),
     (4, 32, 17, 15, 24, (3, 3), 1, 1, 1, 1, True),
     (8, 64, 56, 56, 8, (3, 3), 1, 1, 1, 1, True),  # im2col: 14M elements > one launch grid
+    (3, 8, 16, 17, 12, (1, 1), 1, 0, 2, 2, True),  # pointwise path: GEMMs on NCHW
+    (2, 6, 16, 16, 9, (1, 1), 1, 0, 1, 3, False),  # pointwise, groups > images
 ]
 
 # (N, C, H, W, kernel, stride, padding)

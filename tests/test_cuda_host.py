@@ -468,6 +468,52 @@ def test_conv2d_keeps_no_columns_over_several_chunks(host_rt, monkeypatch):
     assert no_ctx is None
 
 
+# (N, C, H, W, F, groups, dilation, bias, images per round of dW partials)
+POINTWISE_CASES = [
+    (3, 4, 5, 6, 6, 1, (1, 1), True, None),  # groups <= images: batched over the images
+    (2, 6, 4, 5, 9, 3, (2, 3), False, None),  # groups > images: batched over the groups
+    (5, 4, 3, 7, 4, 2, (1, 1), True, 2),  # dW partials in rounds of 2, 2, 1 images
+    (1, 1, 1, 1, 1, 1, (1, 1), True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=str)
+def test_conv2d_pointwise_path(host_rt, monkeypatch, case, dtype):
+    """1x1, stride 1, no padding: GEMMs straight on NCHW, no kernel launched at all."""
+    from fastrnn._cuda import conv
+
+    N, C, H, W, F, g, d, bias, rounds = case
+    monkeypatch.setattr(conv, "POINTWISE_MIN_L", 1)
+    if rounds is not None:
+        item = np.dtype(dtype).itemsize
+        monkeypatch.setattr(conv, "DW_PARTIAL_BYTES", rounds * F * (C // g) * item)
+    full = (N, C, H, W, F, (1, 1), (1, 1), (0, 0), d, g, bias)
+    before = len(host_rt.launches)
+    y, y_ref, got, want = _conv_both(host_rt, full, dtype)
+    assert host_rt.launches[before:] == []
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, "conv", "forward", dtype, name="y")
+    for name, a, b in zip(("dx", "dw", "db"), got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close(a, b, "conv", "backward", dtype, name=name)
+
+
+def test_conv2d_pointwise_rule(monkeypatch):
+    from fastrnn._cuda import conv
+
+    def geometry(k, s, p, d, HW):
+        return (3, HW, HW, k, k, HW, HW, s, s, p, p, d, d)
+
+    assert conv._is_pointwise(geometry(1, 1, 0, 2, 16))  # 256 positions, any dilation
+    assert not conv._is_pointwise(geometry(1, 1, 0, 1, 15))  # too few positions
+    assert not conv._is_pointwise(geometry(1, 2, 0, 1, 16))
+    assert not conv._is_pointwise(geometry(1, 1, 1, 1, 16))
+    assert not conv._is_pointwise(geometry(3, 1, 1, 1, 16))
+
+
 def test_col2im_is_exact_for_non_overlapping_taps(host_rt):
     """With stride = kernel and no padding every input element is read once: col2im must
     return exactly the column entries (bitwise), so the gather indexing is exact."""

@@ -8,7 +8,9 @@ conv2d is im2col + cuBLAS, on chunks of images in a channel-major layout (csrc/c
   kept when one chunk held every image, else im2col again), ``dW_g += dyT_g @ cols_g^T`` (CB2:
   images inside the GEMM's reduction, split into fixed slices summed in order, chunks
   accumulated in order), ``dcols_g = w_g^T @ dyT_g`` (CB3, into the columns' buffer), and
-  col2im as a gather (CB4, CB5); the bias gradient is two GEMMs with vectors of ones (CB1).
+  col2im as a gather (CB4, CB5); the bias gradient is two GEMMs with vectors of ones (CB1);
+* 1x1 kernels with stride 1 and no padding on images of POINTWISE_MIN_L positions or more:
+  no im2col, GEMMs straight on the NCHW arrays (the pointwise rule below).
 
 No atomics anywhere: results are bitwise reproducible run to run (same GPU, same CuPy/CUDA).
 Pooling is one gather kernel per direction (csrc/pool2d.cu). Everything runs on CuPy's current
@@ -121,6 +123,101 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
     rt.gemm(False, False, 1, F * K, P, 1.0, ones_s, 0, P, part, 0, F * K, beta, dw, 0, F * K)
 
 
+# Pointwise rule: a 1x1 kernel with stride 1 and no padding (any dilation) reads each image as
+# it is: x[n] viewed (C, H*W) is already that image's column matrix. When the image has at
+# least POINTWISE_MIN_L positions such convs skip im2col, col2im, the layout kernels and the
+# workspace: y[n] = w @ x[n] and dx[n] = w^T @ dy[n] are strided batched GEMMs over the images
+# straight into NCHW, and dW = sum_n dy[n] @ x[n]^T is split-K over the images (one partial
+# per image, at most DW_PARTIAL_BYTES of them at a time, summed in image order by a GEMM with
+# ones). Smaller images take the general path, whose one GEMM over the chunk beats many tiny
+# per-image GEMMs.
+POINTWISE_MIN_L = 256
+
+
+def _is_pointwise(geometry: tuple[int, ...]) -> bool:
+    _, _, _, KH, KW, OH, OW, sh, sw, ph, pw, _, _ = geometry
+    return KH == KW == 1 and sh == sw == 1 and ph == pw == 0 and OH * OW >= POINTWISE_MIN_L
+
+
+def _gemm_images_groups(rt, N, G, transa, transb, M, Nc, K, A, a, lda, B, b, ldb, beta, C, c,
+                        ldc) -> None:  # fmt: skip
+    """One row-major GEMM per (image, group) pair; ``a``, ``b``, ``c`` are (base offset,
+    stride between images, stride between groups) of each operand. Batched over the larger of
+    images and groups, looping over the smaller."""
+    if G <= N:
+        for g in range(G):
+            rt.gemm(
+                transa, transb, M, Nc, K, 1.0, A, a[0] + g * a[2], lda, B, b[0] + g * b[2], ldb,
+                beta, C, c[0] + g * c[2], ldc, batch=N, stride_a=a[1], stride_b=b[1],
+                stride_c=c[1],
+            )  # fmt: skip
+    else:
+        for n in range(N):
+            rt.gemm(
+                transa, transb, M, Nc, K, 1.0, A, a[0] + n * a[1], lda, B, b[0] + n * b[1], ldb,
+                beta, C, c[0] + n * c[1], ldc, batch=G, stride_a=a[2], stride_b=b[2],
+                stride_c=c[2],
+            )  # fmt: skip
+
+
+def _pointwise_forward(rt, x, w, b, G, y) -> None:
+    """C1-C4 of a pointwise conv (the rule above): y[n]_g = w_g @ x[n]_g, the bias first."""
+    xp = rt.xp
+    N, C, H, W = x.shape
+    F, Cg = w.shape[:2]
+    Fg, L = F // G, H * W
+    ones_l = None if b is None else xp.ones((L,), dtype=x.dtype)
+
+    def body() -> None:
+        if b is not None:
+            # C4 as the GEMM's starting value: y[n] (F, L) = b (F, 1) @ ones (1, L).
+            rt.gemm(False, False, F, L, 1, 1.0, b, 0, 1, ones_l, 0, L, 0.0, y, 0, L,
+                    batch=N, stride_a=0, stride_b=0, stride_c=F * L)  # fmt: skip
+        # C3: y[n]_g (Fg, L) (+)= w_g (Fg, Cg) @ x[n]_g (Cg, L).
+        _gemm_images_groups(
+            rt, N, G, False, False, Fg, L, Cg, w, (0, 0, Fg * Cg), Cg,
+            x, (0, C * L, Cg * L), L, float(b is not None), y, (0, F * L, Fg * L), L,
+        )  # fmt: skip
+
+    arrays = [a for a in (x, w, b, y, ones_l) if a is not None]
+    key = ("conv2d-1x1", x.dtype.char, N, C, L, F, G, *map(rt.ptr, arrays))
+    rt.time_loop(key, [], body)
+
+
+def _pointwise_backward(rt, x, w, dy, dx, dw) -> tuple[Any, list[Any], int]:
+    """CB2-CB5 of a pointwise conv (the rule above; CB1 is the caller's): the launches as a
+    function, the workspace arrays, and the images per round of dW partials."""
+    xp = rt.xp
+    N, C, H, W = x.shape
+    F, Cg = w.shape[:2]
+    G = C // Cg
+    Fg, L = F // G, H * W
+    dtype = x.dtype
+    # Images per round of dW partials (one [F, Cg] partial per image).
+    nbp = max(1, min(N, DW_PARTIAL_BYTES // max(1, F * Cg * dtype.itemsize)))
+    part = xp.empty((nbp * F * Cg,), dtype=dtype)
+    ones_n = xp.ones((nbp,), dtype=dtype)
+
+    def body() -> None:
+        # CB3-CB5: dx[n]_g (Cg, L) = w_g^T (Cg, Fg) @ dy[n]_g (Fg, L).
+        _gemm_images_groups(
+            rt, N, G, True, False, Cg, L, Fg, w, (0, 0, Fg * Cg), Cg,
+            dy, (0, F * L, Fg * L), L, 0.0, dx, (0, C * L, Cg * L), L,
+        )  # fmt: skip
+        # CB2: part[n]_g (Fg, Cg) = dy[n]_g (Fg, L) @ x[n]_g^T (L, Cg), then dW (1, F*Cg)
+        # (+)= ones (1, m) @ part (m, F*Cg), rounds of images in order.
+        for n0 in range(0, N, nbp):
+            m = min(nbp, N - n0)
+            _gemm_images_groups(
+                rt, m, G, False, True, Fg, Cg, L, dy, (n0 * F * L, F * L, Fg * L), L,
+                x, (n0 * C * L, C * L, Cg * L), L, 0.0, part, (0, F * Cg, Fg * Cg), Cg,
+            )  # fmt: skip
+            rt.gemm(False, False, 1, F * Cg, m, 1.0, ones_n, 0, m, part, 0, F * Cg,
+                    0.0 if n0 == 0 else 1.0, dw, 0, F * Cg)  # fmt: skip
+
+    return body, [part, ones_n], nbp
+
+
 def _out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -139,35 +236,41 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     geometry = (C, H, W, KH, KW, OH, OW, *stride, *padding, *dilation)
     dtype = x.dtype
     has_bias = int(b is not None)
+    keep = None  # the columns kept for backward
     with rt.device_of(x):
         # Everything is allocated before the launches (a CUDA graph may record them).
         y = xp.empty((N, F, OH, OW), dtype=dtype)
-        nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
-        cols = xp.empty((CK * nb * L,), dtype=dtype)
-        yT = xp.empty((F * nb * L,), dtype=dtype)
-        bias = yT if b is None else b  # not read when has_bias is 0
+        if _is_pointwise(geometry):
+            _pointwise_forward(rt, x, w, b, G, y)
+        else:
+            nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
+            cols = xp.empty((CK * nb * L,), dtype=dtype)
+            yT = xp.empty((F * nb * L,), dtype=dtype)
+            bias = yT if b is None else b  # not read when has_bias is 0
 
-        def body() -> None:
-            for n0 in range(0, N, nb):
-                m = min(nb, N - n0)
-                RL = m * L  # row length of the chunk's channel-major matrices
-                # C1, C2.
-                rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
-                # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over the
-                # groups.
-                rt.gemm(
-                    False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
-                    batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
-                )  # fmt: skip
-                # C4 while going back to NCHW.
-                rt.launch(
-                    "from_channel_major", dtype, m * F * L,
-                    (yT, bias, y, n0, m, F, L, has_bias),
-                )  # fmt: skip
+            def body() -> None:
+                for n0 in range(0, N, nb):
+                    m = min(nb, N - n0)
+                    RL = m * L  # row length of the chunk's channel-major matrices
+                    # C1, C2.
+                    rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+                    # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over
+                    # the groups.
+                    rt.gemm(
+                        False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
+                        batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
+                    )  # fmt: skip
+                    # C4 while going back to NCHW.
+                    rt.launch(
+                        "from_channel_major", dtype, m * F * L,
+                        (yT, bias, y, n0, m, F, L, has_bias),
+                    )  # fmt: skip
 
-        key = ("conv2d", dtype.char, N, F, G, nb, has_bias, geometry,
-               *map(rt.ptr, (x, w, bias, y, cols, yT)))  # fmt: skip
-        rt.time_loop(key, [], body)
+            key = ("conv2d", dtype.char, N, F, G, nb, has_bias, geometry,
+                   *map(rt.ptr, (x, w, bias, y, cols, yT)))  # fmt: skip
+            rt.time_loop(key, [], body)
+            if nb == N and N > 0:
+                keep = cols
     ctx = None
     if training:
         ctx = Context(
@@ -178,8 +281,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             grad_shapes={"dy": (N, F, OH, OW)},
             saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry, groups=G),
         )
-        if nb == N and N > 0:
-            ctx.saved["cols"] = cols  # read (and consumed) by the first backward
+        if keep is not None:
+            ctx.saved["cols"] = keep  # read (and consumed) by the first backward
     return y, ctx
 
 
@@ -201,25 +304,50 @@ def conv2d_backward(ctx, dy):
         dw = xp.empty((F, Cg, KH, KW), dtype=dtype)
         if N == 0:
             dw[...] = 0
-        nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
-        # The forward's columns when it kept them (one chunk): no im2col; consumed here.
-        cols = s.pop("cols", None)
-        reuse = cols is not None and nb == N
-        if not reuse:
-            cols = xp.empty((CK * nb * L,), dtype=dtype)
-        dyT = xp.empty((F * nb * L,), dtype=dtype)
-        # Split-K partials of dW, sized for the largest chunk (S grows with the chunk).
-        S_max = dw_slices(G, Fg, K, nb * L, dtype.itemsize) if N > 0 else 1
-        part = ones_s = None
-        if S_max > 1:
-            part = xp.empty((S_max * F * K,), dtype=dtype)
-            ones_s = xp.ones((S_max,), dtype=dtype)
         db = per_plane = ones_l = ones_n = None
         if s["has_bias"]:
             db = xp.empty((F,), dtype=dtype)
             per_plane = xp.empty((N * F,), dtype=dtype)
             ones_l = xp.ones((L,), dtype=dtype)
             ones_n = xp.ones((N,), dtype=dtype)
+        if _is_pointwise(geometry):
+            rest, rest_arrays, nb = _pointwise_backward(rt, x, w, dy, dx, dw)
+            reuse, S_max = False, 0
+        else:
+            nb = images_per_chunk(N, (CK + F) * L, dtype.itemsize)
+            # The forward's columns when it kept them (one chunk): no im2col; consumed here.
+            cols = s.pop("cols", None)
+            reuse = cols is not None and nb == N
+            if not reuse:
+                cols = xp.empty((CK * nb * L,), dtype=dtype)
+            dyT = xp.empty((F * nb * L,), dtype=dtype)
+            # Split-K partials of dW, sized for the largest chunk (S grows with the chunk).
+            S_max = dw_slices(G, Fg, K, nb * L, dtype.itemsize) if N > 0 else 1
+            part = ones_s = None
+            if S_max > 1:
+                part = xp.empty((S_max * F * K,), dtype=dtype)
+                ones_s = xp.ones((S_max,), dtype=dtype)
+            rest_arrays = [a for a in (cols, dyT, part, ones_s) if a is not None]
+
+            def rest() -> None:
+                for n0 in range(0, N, nb):
+                    m = min(nb, N - n0)
+                    RL = m * L
+                    rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
+                    if not reuse:  # C2 again
+                        rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+                    # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first
+                    # chunk assigns, the later ones accumulate, in chunk order.
+                    S = dw_slices(G, Fg, K, RL, dtype.itemsize)
+                    _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw,
+                                 0.0 if n0 == 0 else 1.0)  # fmt: skip
+                    # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
+                    rt.gemm(
+                        True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
+                        batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
+                    )  # fmt: skip
+                    # CB4, CB5: gather every input element's column entries.
+                    rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
 
         def body() -> None:
             if db is not None:
@@ -229,27 +357,10 @@ def conv2d_backward(ctx, dy):
                         per_plane, 0, 1)  # fmt: skip
                 rt.gemm(False, False, 1, F, N, 1.0, ones_n, 0, N, per_plane, 0, F, 0.0,
                         db, 0, F)  # fmt: skip
-            for n0 in range(0, N, nb):
-                m = min(nb, N - n0)
-                RL = m * L
-                rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
-                if not reuse:  # C2 again
-                    rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
-                # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first chunk
-                # assigns, the later ones accumulate, in chunk order.
-                S = dw_slices(G, Fg, K, RL, dtype.itemsize)
-                _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw,
-                             0.0 if n0 == 0 else 1.0)  # fmt: skip
-                # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
-                rt.gemm(
-                    True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
-                    batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
-                )  # fmt: skip
-                # CB4, CB5: gather every input element's column entries.
-                rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
+            rest()
 
-        arrays = [dy, x, w, dx, dw, cols, dyT]
-        arrays += [a for a in (part, ones_s, db, per_plane, ones_l, ones_n) if a is not None]
+        arrays = [dy, x, w, dx, dw, *rest_arrays]
+        arrays += [a for a in (db, per_plane, ones_l, ones_n) if a is not None]
         key = ("conv2d-b", dtype.char, N, F, G, nb, S_max, reuse, geometry, *map(rt.ptr, arrays))
         rt.time_loop(key, [], body)
     return dx, dw, db
