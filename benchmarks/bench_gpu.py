@@ -282,6 +282,12 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
             y.backward(tdy)
             return y, (tx.grad, tw.grad, tbias.grad)
 
+        def fr_forward() -> Any:
+            return fr.conv2d_forward(fx, fw, fbias, stride=1, padding=p)
+
+        def th_forward() -> Any:
+            return F_.conv2d(tx, tw, tbias, stride=1, padding=p)
+
         flops = 3 * 2 * N * F * OH * OW * C * k * k
     else:
         s = 2
@@ -313,6 +319,10 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
     t_fr = b.time_fastrnn(fr_run, graphs=False)
     t_graph = b.time_fastrnn(fr_run, graphs=True) if op == "conv2d" else None
     t_th = b.time(th_run, "torch")
+    forward_only = None
+    if op == "conv2d":  # forward alone (graphs on, training): backward = the rest
+        f_fr = b.time_fastrnn(fr_forward, graphs=True) or b.time_fastrnn(fr_forward, False)
+        forward_only = {"fastrnn": f_fr, "torch": b.time(th_forward, "torch")}
     return {
         "op": op,
         "shape": f"N={N} C={C} H={H} W={W}" + (f" F={F}" if op == "conv2d" else "") + f" k={k}",
@@ -323,6 +333,7 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
         "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
         "fastrnn_gflops": flops / (t_fr["median_ms"] * 1e6) if flops else None,
         "max_rel_err": check,
+        "forward_only": forward_only,
     }
 
 
@@ -387,6 +398,17 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
         lines.append(
             "unfused ms: graphs on, a cuBLAS GEMM and a launch per step instead of the fused "
             "step kernels (which run batches of up to FASTRNN_CUDA_FUSED_MAX_N=8)"
+        )
+    for r in results:
+        fo = r.get("forward_only")
+        if not fo or "error" in r:
+            continue
+        total = (r.get("fastrnn_graphs") or r["fastrnn"])["median_ms"]
+        f_fr, f_th = fo["fastrnn"]["median_ms"], fo["torch"]["median_ms"]
+        lines.append(
+            f"{r['op']} {r['shape']}: forward {f_fr:.3f} ms (torch {f_th:.3f}), backward "
+            f"{total - f_fr:.3f} ms (torch {r['torch']['median_ms'] - f_th:.3f}) "
+            "[forward alone, graphs on; backward = forward + backward - forward]"
         )
     for text, where in errors.items():
         lines.append(f"CUDA graph capture error ({len(where)} cases, first {where[0]}): {text}")
