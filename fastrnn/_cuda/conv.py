@@ -34,11 +34,10 @@ from fastrnn.context import Context
 # as 17 + 16, not 32 + 1, whose one-image GEMMs would be badly shaped). The two buffers are
 # allocated once per call (from CuPy's memory pool, which reuses them across calls) and reused
 # by every chunk. Larger chunks only lengthen the GEMMs' N dimension, which stops paying off
-# well before this size; the bound is 512 MiB (not less) so that a whole batch of common
-# shapes is one chunk, whose columns backward can reuse (below): 32 images of 64 x 56 x 56
-# with a 3x3 kernel and 64 filters take 257 MB. The split-K partials of dW (below) are bounded
-# separately.
-WORKSPACE_BYTES = 512 * 2**20
+# well before this size; it is large enough that a whole batch of common shapes is one chunk,
+# whose columns backward can reuse (below): 32 images of 64 x 56 x 56 with a 3x3 kernel and 64
+# filters take 245 MiB. The split-K partials of dW (below) are bounded separately.
+WORKSPACE_BYTES = 256 * 2**20
 # When one chunk holds every image (so at most WORKSPACE_BYTES), a training forward keeps its
 # columns in the context and the first backward reads them instead of running im2col again
 # (C2 written once, not twice); that backward then overwrites them with the column gradient
