@@ -259,6 +259,8 @@ CONV_CASES = [
     (1, 5, 13, 12, 3, (5, 4), (2, 2), (2, 1), (1, 1), 1, True),
     (2, 1, 4, 4, 2, (4, 4), (1, 1), (0, 0), (1, 1), 1, True),
     (3, 2, 12, 11, 3, (3, 3), (2, 3), (1, 2), (1, 2), 1, True),
+    # the default split-K rule applies: RL = 800 -> 3 slices (267, 267, 266)
+    (2, 16, 20, 20, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
 ]
 
 
@@ -352,6 +354,7 @@ def test_dw_slices_rule(monkeypatch):
     assert conv.dw_slices(1, 64, 576, 32 * 56 * 56, 4) == 53
     # (8, 128, 28, 28, 128, 3): 9 tiles want 30 slices, 6272 columns allow 24.
     assert conv.dw_slices(1, 128, 1152, 8 * 28 * 28, 4) == 24
+    assert conv.dw_slices(1, 16, 144, 2 * 20 * 20, 8) == 3  # the last CONV_CASES row
     assert conv.dw_slices(1, 64, 576, 255, 4) == 1  # shorter than one slice
     assert conv.dw_slices(300, 2, 9, 10**6, 4) == 1  # enough tiles already
     monkeypatch.setattr(conv, "DW_PARTIAL_BYTES", 10 * 64 * 576 * 4)
