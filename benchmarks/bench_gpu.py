@@ -250,6 +250,48 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
 # ------------------------------------------------------------------------------------------------
 
 
+def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
+                 elapsed: Callable[[Any, Any], float], sync: Callable[[], None],
+                 reps: int = 5) -> list[tuple[str, float]]:  # fmt: skip
+    """GPU time of each GEMM and kernel launch that ``fn()`` makes through the runtime ``rt``
+    (its gemm/launch wrapped with events, CUDA graphs off): [(label, median ms)] in call
+    order, labels "gemm MxNxK[ xbatch]" (row-major sizes) or the kernel's name."""
+    records: list[tuple[str, Any, Any]] = []
+    gemm, launch = rt.gemm, rt.launch
+
+    def timed(label: str, call: Callable[[], Any]) -> Any:
+        start, end = event(), event()
+        start.record()
+        out = call()
+        end.record()
+        records.append((label, start, end))
+        return out
+
+    def gemm_timed(*a: Any, **kw: Any) -> Any:
+        batch = kw.get("batch", 1)
+        label = f"gemm {a[2]}x{a[3]}x{a[4]}" + (f" x{batch}" if batch > 1 else "")
+        return timed(label, lambda: gemm(*a, **kw))
+
+    def launch_timed(name: str, *a: Any, **kw: Any) -> Any:
+        return timed(name, lambda: launch(name, *a, **kw))
+
+    previous = rt.graphs
+    rt.gemm, rt.launch, rt.graphs = gemm_timed, launch_timed, False
+    try:
+        runs = []
+        for _ in range(reps):
+            records.clear()
+            fn()
+            sync()
+            runs.append([(label, elapsed(s, e)) for label, s, e in records])
+    finally:
+        del rt.gemm, rt.launch  # the class's methods again
+        rt.graphs = previous
+    if not runs or any(len(r) != len(runs[0]) for r in runs):
+        return []
+    return [(runs[0][i][0], statistics.median(r[i][1] for r in runs)) for i in range(len(runs[0]))]
+
+
 def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
     import fastrnn as fr
 
@@ -323,6 +365,15 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
     if op == "conv2d":  # forward alone (graphs on, training): backward = the rest
         f_fr = b.time_fastrnn(fr_forward, graphs=True) or b.time_fastrnn(fr_forward, False)
         forward_only = {"fastrnn": f_fr, "torch": b.time(th_forward, "torch")}
+    steps = None
+    if op == "conv2d" and b.device == "cuda":  # where fastrnn's time goes, step by step
+        from fastrnn._cuda._runtime import runtime
+
+        try:
+            steps = step_profile(runtime(), fr_run, b.cupy.cuda.Event,
+                                 b.cupy.cuda.get_elapsed_time, b.synchronize)  # fmt: skip
+        except Exception as exc:  # the profile is a diagnostic: never lose the row for it
+            steps = [(f"profile failed: {type(exc).__name__}: {exc}", float("nan"))]
     return {
         "op": op,
         "shape": f"N={N} C={C} H={H} W={W}" + (f" F={F}" if op == "conv2d" else "") + f" k={k}",
@@ -334,6 +385,7 @@ def bench_conv(b: Bench, op: str, shape: tuple[int, ...]) -> dict[str, Any]:
         "fastrnn_gflops": flops / (t_fr["median_ms"] * 1e6) if flops else None,
         "max_rel_err": check,
         "forward_only": forward_only,
+        "steps": steps,
     }
 
 
@@ -410,6 +462,12 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
             f"{total - f_fr:.3f} ms (torch {r['torch']['median_ms'] - f_th:.3f}) "
             "[forward alone, graphs on; backward = forward + backward - forward]"
         )
+        if r.get("steps"):
+            total_steps = sum(ms for _, ms in r["steps"])
+            lines.append(
+                f"  steps (graphs off, GPU ms, sum {total_steps:.3f}): "
+                + ", ".join(f"{label} {ms:.3f}" for label, ms in r["steps"])
+            )
     for text, where in errors.items():
         lines.append(f"CUDA graph capture error ({len(where)} cases, first {where[0]}): {text}")
     return "\n".join(lines)
