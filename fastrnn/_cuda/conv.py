@@ -6,7 +6,7 @@ conv2d is im2col + cuBLAS, on chunks of images in a channel-major layout (csrc/c
   the groups ``yT_g = w_g @ cols_g`` (C3), then ``yT`` back to NCHW with the bias added (C4);
 * backward: ``dyT`` = the chunk of dy in the channel-major layout, the columns (the forward's,
   kept when one chunk held every image, else im2col again), ``dW_g += dyT_g @ cols_g^T`` (CB2:
-  images inside the GEMM's reduction, split into fixed slices summed in order, chunks
+  images inside the GEMM's reduction, split into fixed slices whose partials a GEMM sums, chunks
   accumulated in order), ``dcols_g = w_g^T @ dyT_g`` (CB3, into the columns' buffer), and
   col2im as a gather (CB4, CB5); the bias gradient is two GEMMs with vectors of ones (CB1);
 * 1x1 kernels with stride 1 and no padding on images of POINTWISE_MIN_L positions or more:
@@ -42,20 +42,21 @@ WORKSPACE_BYTES = 256 * 2**20
 # columns in the context and the first backward reads them instead of running im2col again
 # (C2 written once, not twice); that backward then overwrites them with the column gradient
 # (CB3) and drops them from the context, so a second backward on the same context recomputes
-# them. The cost: up to WORKSPACE_BYTES per conv2d held from forward to backward (as PyTorch's
-# im2col convolution kept its columns).
+# them. The cost: up to WORKSPACE_BYTES per conv2d held from forward to backward.
 
 # Split-K rule of the weight gradient (CB2). dW_g (Fg, K) = dyT_g (Fg, RL) @ cols_g^T is a GEMM
-# with a small output and a very long reduction (RL = images * OH*OW, ~1e5): cuBLAS tiles the
-# output only (about 128 x 128 per thread block), so 64 x 576 gives 5 blocks for 132 SMs. The
-# reduction is therefore cut into S slices of R consecutive columns (the last slice may be
-# shorter), each slice's product written to its own partial [F, K] (strided batched GEMMs), and
-# the partials are summed by one GEMM with a vector of ones, in slice order, into dW (beta = 1
-# after the first chunk): no atomics, the same order every run. S is the smallest count that
-# gives about DW_TARGET_BLOCKS output tiles in all, at most RL // DW_MIN_SLICE (a slice shorter
-# than that does too little work per tile) and at most DW_PARTIAL_BYTES of partials; S = 1
-# (one GEMM straight into dW) for small problems. The rule depends on the shapes only, never on
-# the device, so a given call always sums in the same order.
+# with a small output and a very long reduction (RL = images * OH*OW, ~1e5): cuBLAS's kernels
+# tile the output (about 128 x 128 per thread block), so unless cuBLAS picks a split-K kernel of
+# its own, 64 x 576 gives 5 blocks for 132 SMs. The reduction is therefore cut into S slices of
+# R consecutive columns (the last slice may be shorter), each slice's product written to its
+# own partial [F, K] (strided batched GEMMs), and the partials are summed by one GEMM with a
+# vector of ones into dW (beta = 1 after the first chunk): no atomics, and the same GEMMs, so
+# the same order of additions (cuBLAS is deterministic on a given GPU), every run. S is the
+# smallest count that gives about DW_TARGET_BLOCKS output tiles in all, at most
+# RL // DW_MIN_SLICE (a slice shorter than that does too little work per tile) and at most
+# DW_PARTIAL_BYTES of partials; S = 1 (one GEMM straight into dW) for small problems. The rule
+# depends on the shapes only, never on the device, so a given call always sums in the same
+# order.
 DW_TILE = 128
 DW_TARGET_BLOCKS = 264  # two waves of an H100's 132 SMs
 DW_MIN_SLICE = 256
@@ -118,7 +119,7 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
             batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
         )  # fmt: skip
         P += 1
-    # dW (1, F*K) (+)= ones (1, P) @ part (P, F*K): the partials summed in slice order.
+    # dW (1, F*K) (+)= ones (1, P) @ part (P, F*K): the sum of the partials.
     rt.gemm(False, False, 1, F * K, P, 1.0, ones_s, 0, P, part, 0, F * K, beta, dw, 0, F * K)
 
 
@@ -127,9 +128,8 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
 # least POINTWISE_MIN_L positions such convs skip im2col, col2im, the layout kernels and the
 # workspace: y[n] = w @ x[n] and dx[n] = w^T @ dy[n] are strided batched GEMMs over the images
 # straight into NCHW, and dW = sum_n dy[n] @ x[n]^T is split-K over the images (one partial
-# per image, at most DW_PARTIAL_BYTES of them at a time, summed in image order by a GEMM with
-# ones). Smaller images take the general path, whose one GEMM over the chunk beats many tiny
-# per-image GEMMs.
+# per image, at most DW_PARTIAL_BYTES of them at a time, summed by a GEMM with ones). Smaller
+# images take the general path, whose one GEMM over the chunk beats many tiny per-image GEMMs.
 POINTWISE_MIN_L = 256
 
 
