@@ -356,48 +356,50 @@ def test_dw_slices_rule(monkeypatch):
     assert conv.dw_slices(1, 128, 1152, 8 * 28 * 28, 4) == 24
     assert conv.dw_slices(1, 16, 144, 2 * 20 * 20, 8) == 3  # the last CONV_CASES row
     assert conv.dw_slices(1, 64, 576, 255, 4) == 1  # shorter than one slice
+    assert conv.dw_slice_length(32 * 56 * 56, 53) == 1920  # 1894 aligned to 32: 52 + 512
+    assert conv.dw_slice_length(8 * 28 * 28, 24) == 288  # 262 aligned: 21 slices + 224
+    assert conv.dw_slice_length(1000, 1) == 1000
     assert conv.dw_slices(300, 2, 9, 10**6, 4) == 1  # enough tiles already
     monkeypatch.setattr(conv, "DW_PARTIAL_BYTES", 10 * 64 * 576 * 4)
     assert conv.dw_slices(1, 64, 576, 32 * 56 * 56, 4) == 10  # partials bounded
 
 
-# (case, DW_TARGET_BLOCKS, DW_MIN_SLICE, workspace images or None,
+# (case, DW_TARGET_BLOCKS, DW_MIN_SLICE, DW_SLICE_ALIGN, workspace images or None,
 #  per chunk: (S, slice length R, full slices, remainder), R = the whole chunk when S = 1)
 SPLIT_CASES = [
     # one group, remainder slice: RL = 126 -> 4 slices of 26 + 22
-    ((3, 4, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 5, 1, None, [(5, 26, 4, 22)]),
+    ((3, 4, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 5, 1, 1, None, [(5, 26, 4, 22)]),
+    # the same, slices aligned to 8 elements: 3 slices of 32 + 30 (4 partials for S = 5)
+    ((3, 4, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, True), 5, 1, 8, None, [(5, 32, 3, 30)]),
     # two groups <= 4 slices: one GEMM per group batched over the slices, no remainder
-    ((2, 4, 6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, False), 8, 1, None, [(4, 18, 4, 0)]),
+    ((2, 4, 6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, False), 8, 1, 1, None, [(4, 18, 4, 0)]),
     # four groups > 3 slices: one GEMM per slice batched over the groups, then the remainder
-    ((2, 4, 9, 9, 4, (3, 3), (1, 1), (2, 2), (2, 2), 4, True), 16, 1, None, [(4, 41, 3, 39)]),
+    ((2, 4, 9, 9, 4, (3, 3), (1, 1), (2, 2), (2, 2), 4, True), 16, 1, 1, None, [(4, 41, 3, 39)]),
     # chunks of 2, 2, 1 images: 3 slices of 16 twice, then the last chunk straight into dW
-    (
-        (5, 4, 6, 7, 6, (3, 3), (1, 2), (1, 1), (1, 1), 2, True),
-        1000,
-        16,
-        2,
-        [(3, 16, 3, 0), (3, 16, 3, 0), (1, 24, 1, 0)],
-    ),
-    # stride, dilation, no bias, 1x2 kernel
-    ((2, 3, 12, 11, 5, (1, 2), (2, 1), (0, 1), (1, 2), 1, False), 7, 10, None, [(7, 19, 6, 18)]),
-]
+    ((5, 4, 6, 7, 6, (3, 3), (1, 2), (1, 1), (1, 1), 2, True), 1000, 16, 4, 2,
+     [(3, 16, 3, 0), (3, 16, 3, 0), (1, 24, 1, 0)]),
+    # stride, dilation, no bias, 1x2 kernel; slices of 19 -> 20 (aligned to 4)
+    ((2, 3, 12, 11, 5, (1, 2), (2, 1), (0, 1), (1, 2), 1, False), 7, 10, 4, None,
+     [(7, 20, 6, 12)]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("split", SPLIT_CASES, ids=lambda s: _conv_id(s[0]))
+@pytest.mark.parametrize("split", SPLIT_CASES, ids=lambda s: f"{_conv_id(s[0])}a{s[3]}")
 def test_conv2d_split_k_weight_gradient(host_rt, monkeypatch, split, dtype):
     """dW through the split-K path (forced on tiny shapes): every orientation of the slice
     GEMMs, remainders, several chunks with different slice counts; checked against the
     reference, and the GEMMs issued are the ones the rule describes."""
     from fastrnn._cuda import conv
 
-    case, target, min_slice, budget, chunks = split
+    case, target, min_slice, align, budget, chunks = split
     N, C, H, W, F, (KH, KW), s, p, d, g, _ = case
     OH = (H + 2 * p[0] - d[0] * (KH - 1) - 1) // s[0] + 1
     OW = (W + 2 * p[1] - d[1] * (KW - 1) - 1) // s[1] + 1
     K = C // g * KH * KW
     monkeypatch.setattr(conv, "DW_TARGET_BLOCKS", target)
     monkeypatch.setattr(conv, "DW_MIN_SLICE", min_slice)
+    monkeypatch.setattr(conv, "DW_SLICE_ALIGN", align)
     if budget is not None:
         item = np.dtype(dtype).itemsize
         monkeypatch.setattr(conv, "WORKSPACE_BYTES", budget * (C * KH * KW + F) * OH * OW * item)

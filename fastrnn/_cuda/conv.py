@@ -57,10 +57,14 @@ WORKSPACE_BYTES = 256 * 2**20
 # DW_PARTIAL_BYTES of partials; S = 1 (one GEMM straight into dW) for small problems. The rule
 # depends on the shapes only, never on the device, so a given call always sums in the same
 # order.
+# The slice length R is ceil(RL / S) rounded up to a multiple of DW_SLICE_ALIGN elements, so
+# that every slice starts 128-byte aligned (cuBLAS's vectorised kernels need aligned operands);
+# the count of slices actually run is then ceil(RL / R) <= S.
 DW_TILE = 128
 DW_TARGET_BLOCKS = 264  # two waves of an H100's 132 SMs
 DW_MIN_SLICE = 256
 DW_PARTIAL_BYTES = 32 * 2**20
+DW_SLICE_ALIGN = 32
 
 
 def images_per_chunk(N: int, per_image_elements: int, itemsize: int) -> int:
@@ -80,6 +84,14 @@ def dw_slices(G: int, Fg: int, K: int, RL: int, itemsize: int) -> int:
     return max(1, min(want, RL // DW_MIN_SLICE, fit))
 
 
+def dw_slice_length(RL: int, S: int) -> int:
+    """The slice length R of the split-K rule above (RL when S is 1)."""
+    if S <= 1:
+        return RL
+    R = -(-RL // S)
+    return -(-R // DW_SLICE_ALIGN) * DW_SLICE_ALIGN
+
+
 def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None:
     """CB2 for one chunk: dW_g (Fg, K) (+)= dyT_g (Fg, RL) @ cols_g^T (RL, K) for every group,
     with the reduction over RL cut into S slices (the split-K rule above). ``part`` holds
@@ -92,7 +104,7 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
             batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
         )  # fmt: skip
         return
-    R = -(-RL // S)  # slice length
+    R = dw_slice_length(RL, S)
     full, rem = divmod(RL, R)  # full slices of R columns, then one of rem < R (if rem > 0)
     if full > 0:
         if G <= full:
