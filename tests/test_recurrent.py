@@ -60,6 +60,7 @@ SHAPES = [  # (T, N, D, H): T=1, N=1, H=1, D != H, odd sizes, sizes across the 1
     (5, 3, 4, 17),
     (3, 5, 9, 33),
     (6, 4, 20, 70),
+    (5, 11, 7, 37),  # batch 11: the small-batch GEMM's 8-row and remainder blocks
 ]
 LENGTHS = [None, "full", "ties"]
 

@@ -259,7 +259,7 @@ cdef extern from *:
 # The per-step GEMMs of small batches without BLAS: OpenBLAS re-packs the weight matrix on every
 # call, which measured 32% of an LSTM (T,N,D,H)=(100,16,256,256) forward+backward on one thread
 # (perf: sgemm_itcopy), as much as half of each step's GEMM. This kernel reads the weights in
-# place (4 rows x 32 columns of C in 8 AVX-512 registers, one k at a time), so nothing is packed.
+# place (8 rows x 32 columns of C in 16 AVX-512 registers, one k at a time), so nothing is packed.
 # Only with AVX-512 (checked at run time); otherwise, and for float64, BLAS runs the step.
 cdef extern from *:
     """
@@ -282,6 +282,25 @@ cdef extern from *:
         Py_ssize_t j = 0;
         for (; j + 32 <= n; j += 32) {
             Py_ssize_t i = 0;
+            for (; i + 8 <= M; i += 8) {  /* 16 accumulators: each B row loaded once per 8 rows */
+                fr_v16 c[8][2] = {{{0}}};
+                const float *a = A + i * lda;
+                const float *b = B + j;
+                for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
+                    fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
+                    #pragma GCC unroll 8
+                    for (int r = 0; r < 8; r++) {
+                        float ar = a[r * lda + k];
+                        c[r][0] += b0 * ar;
+                        c[r][1] += b1 * ar;
+                    }
+                }
+                #pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    FR_ROW_UPDATE(C + (i + r) * ldc + j, c[r][0]);
+                    FR_ROW_UPDATE(C + (i + r) * ldc + j + 16, c[r][1]);
+                }
+            }
             for (; i + 4 <= M; i += 4) {
                 fr_v16 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};
                 fr_v16 c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
@@ -348,9 +367,10 @@ cdef extern from *:
                                float* C, Py_ssize_t ldc) noexcept nogil
 
 # The batch size up to which the per-step GEMMs use fr_small_sgemm_avx512 instead of BLAS. On
-# one thread: LSTM (T,N,D,H)=(100,16,256,256) fwd+bwd 61.7 -> 45 ms, GRU 45.9 -> 36.4, RNN 13.4
-# -> 10.4, LSTM (200,32,64,64) 14.9 -> 12.7; with 64 rows the weight panels no longer stay in L1
-# and (100,64,512,512) got slower (LSTM 606 -> 960 ms), so larger batches stay with BLAS.
+# one thread, fwd+bwd, BLAS -> this kernel: LSTM (T,N,D,H)=(100,16,256,256) 61.7 -> 33.6 ms, GRU
+# 45.9 -> 27.7, RNN 13.4 -> 8.2, LSTM (200,32,64,64) 14.9 -> 11.8 (torch.nn.LSTM: 40.9 and
+# 15.5). Allowing 64 rows made (100,64,512,512) slower (LSTM 605 -> 749 ms: the weights stream
+# from L2 once per 8 rows), so larger batches stay with BLAS.
 cdef enum:
     SMALL_GEMM_MAX_ROWS = 32
 
