@@ -10,10 +10,14 @@
 // so that each group's GEMM covers the whole chunk: yT_g = w_g @ cols_g (C3), dW_g += dyT_g
 // cols_g^T (CB2), dcols_g = w_g^T dyT_g (CB3), with the images inside the GEMM's long dimension
 // (and the sum over images of CB2 inside the GEMM's reduction, in a fixed order).
-// Every kernel computes each output element from scratch in one thread: no atomics, so the
-// results are bitwise reproducible. Sizes, offsets and strides are 64-bit (index_t).
+// Every output element is computed from scratch by one thread (im2col: one thread writes the
+// KH*KW elements of a (channel, column) pair): no atomics, so the results are bitwise
+// reproducible. Sizes, offsets and strides are 64-bit (index_t).
 
-// im2col: C1 + C2 for images n0 .. n0+nb-1.
+// im2col: C1 + C2 for images n0 .. n0+nb-1. One loop iteration per (channel, column) pair
+// writes that column's KH*KW rows of the channel: the index arithmetic (three divisions, which
+// cost ~20 instructions each on the GPU) is done once per KH*KW elements, not per element.
+// Consecutive threads take consecutive columns, so every store of a warp is contiguous.
 //   x    IN  [N, C, H, W]
 //   cols OUT [C*KH*KW, nb*OH*OW]
 template <typename T>
@@ -23,30 +27,33 @@ __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols, index_t n0
                        index_t dw) {
     const index_t L = OH * OW;
     const index_t row_len = nb * L;
-    const index_t total = C * KH * KW * row_len;
+    const index_t total = C * row_len;
     FASTRNN_GRID_STRIDE_LOOP(e, total) {
-        const index_t r = e / row_len;  // (c*KH + i)*KW + j
-        const index_t q = e - r * row_len;  // n*L + oh*OW + ow
+        const index_t c = e / row_len;
+        const index_t q = e - c * row_len;  // n*L + oh*OW + ow
         const index_t n = q / L;
         const index_t l = q - n * L;
         const index_t oh = l / OW;
         const index_t ow = l - oh * OW;
-        const index_t j = r % KW;
-        const index_t i = (r / KW) % KH;
-        const index_t c = r / (KW * KH);
-        const index_t h = oh * sh - ph + i * dh;
-        const index_t w = ow * sw - pw + j * dw;
-        T v = T(0);  // C1: zero padding
-        if (h >= 0 && h < H && w >= 0 && w < W) {
-            v = x[(((n0 + n) * C + c) * H + h) * W + w];
+        const T* xc = x + ((n0 + n) * C + c) * H * W;
+        T* out = cols + c * KH * KW * row_len + q;  // row (c*KH + i)*KW + j, column q
+        for (index_t i = 0; i < KH; ++i) {
+            const index_t h = oh * sh - ph + i * dh;
+            const bool h_in = h >= 0 && h < H;
+            for (index_t j = 0; j < KW; ++j) {
+                const index_t w = ow * sw - pw + j * dw;
+                T v = T(0);  // C1: zero padding
+                if (h_in && w >= 0 && w < W) v = xc[h * W + w];
+                out[(i * KW + j) * row_len] = v;
+            }
         }
-        cols[e] = v;
     }
 }
 
 // col2im: CB4 + CB5 as a gather, for images n0 .. n0+nb-1: each input element sums the column
 // entries that read it, taps in the reference's order (i, then j), so no two threads write
-// the same element.
+// the same element. With stride 1 along an axis (the common case) no division is needed to
+// find the window of a tap; the test on sh / sw is the same for every thread.
 //   cols IN  [C*KH*KW, nb*OH*OW]  the gradient of the columns (CB3)
 //   dx   OUT [N, C, H, W]         images n0 .. n0+nb-1 written
 template <typename T>
@@ -66,18 +73,25 @@ __global__ void col2im(const T* __restrict__ cols, T* __restrict__ dx, index_t n
         const index_t hw = rem - c * HW;
         const index_t h = hw / W;
         const index_t w = hw - h * W;
+        const T* src = cols + c * KH * KW * row_len + n * L;  // row c*KH*KW, image n
         T acc = T(0);
         for (index_t i = 0; i < KH; ++i) {
-            const index_t hh = h + ph - i * dh;  // = oh * sh for the window that reads (h, w)
-            if (hh < 0 || hh % sh != 0) continue;
-            const index_t oh = hh / sh;
+            index_t oh = h + ph - i * dh;  // = oh * sh for the window that reads (h, w)
+            if (oh < 0) continue;
+            if (sh != 1) {
+                if (oh % sh != 0) continue;
+                oh /= sh;
+            }
             if (oh >= OH) continue;
             for (index_t j = 0; j < KW; ++j) {
-                const index_t ww = w + pw - j * dw;
-                if (ww < 0 || ww % sw != 0) continue;
-                const index_t ow = ww / sw;
+                index_t ow = w + pw - j * dw;
+                if (ow < 0) continue;
+                if (sw != 1) {
+                    if (ow % sw != 0) continue;
+                    ow /= sw;
+                }
                 if (ow >= OW) continue;
-                acc += cols[((c * KH + i) * KW + j) * row_len + n * L + oh * OW + ow];
+                acc += src[(i * KW + j) * row_len + oh * OW + ow];
             }
         }
         dx_chunk[e] = acc;

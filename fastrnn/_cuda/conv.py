@@ -264,7 +264,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
                     m = min(nb, N - n0)
                     RL = m * L  # row length of the chunk's channel-major matrices
                     # C1, C2.
-                    rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+                    rt.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
                     # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over
                     # the groups.
                     rt.gemm(
@@ -346,7 +346,7 @@ def conv2d_backward(ctx, dy):
                     RL = m * L
                     rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
                     if not reuse:  # C2 again
-                        rt.launch("im2col", dtype, CK * RL, (x, cols, n0, m, *geometry))
+                        rt.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
                     # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first
                     # chunk assigns, the later ones accumulate, in chunk order.
                     S = dw_slices(G, Fg, K, RL, dtype.itemsize)
