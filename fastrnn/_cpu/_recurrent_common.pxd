@@ -282,25 +282,46 @@ cdef extern from *:
         Py_ssize_t j = 0;
         for (; j + 32 <= n; j += 32) {
             Py_ssize_t i = 0;
-            for (; i + 8 <= M; i += 8) {  /* 16 accumulators: each B row loaded once per 8 rows */
-                fr_v16 c[8][2] = {{{0}}};
-                const float *a = A + i * lda;
-                const float *b = B + j;
-                for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
-                    fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
+            /* 8 rows at a time, 16 accumulators: each B row is loaded once per 8 rows; k in
+               chunks of 256 so a 32-column chunk of B (32 KB) stays in L1 across the rows. */
+            Py_ssize_t M8 = M - M % 8;
+            for (Py_ssize_t k0 = 0; k0 < K && M8 > 0; k0 += 256) {
+                Py_ssize_t k1 = K - k0 < 256 ? K : k0 + 256;
+                for (i = 0; i < M8; i += 8) {
+                    fr_v16 c[8][2];
                     #pragma GCC unroll 8
                     for (int r = 0; r < 8; r++) {
-                        float ar = a[r * lda + k];
-                        c[r][0] += b0 * ar;
-                        c[r][1] += b1 * ar;
+                        if (k0 == 0) {
+                            c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
+                        } else {
+                            c[r][0] = *(const fr_v16u *)(C + (i + r) * ldc + j);
+                            c[r][1] = *(const fr_v16u *)(C + (i + r) * ldc + j + 16);
+                        }
+                    }
+                    const float *a = A + i * lda;
+                    const float *b = B + k0 * ldb + j;
+                    for (Py_ssize_t k = k0; k < k1; k++, b += ldb) {
+                        fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
+                        #pragma GCC unroll 8
+                        for (int r = 0; r < 8; r++) {
+                            float ar = a[r * lda + k];
+                            c[r][0] += b0 * ar;
+                            c[r][1] += b1 * ar;
+                        }
+                    }
+                    #pragma GCC unroll 8
+                    for (int r = 0; r < 8; r++) {
+                        if (k0 == 0) {
+                            FR_ROW_UPDATE(C + (i + r) * ldc + j, c[r][0]);
+                            FR_ROW_UPDATE(C + (i + r) * ldc + j + 16, c[r][1]);
+                        } else {
+                            *(fr_v16u *)(C + (i + r) * ldc + j) = c[r][0];
+                            *(fr_v16u *)(C + (i + r) * ldc + j + 16) = c[r][1];
+                        }
                     }
                 }
-                #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) {
-                    FR_ROW_UPDATE(C + (i + r) * ldc + j, c[r][0]);
-                    FR_ROW_UPDATE(C + (i + r) * ldc + j + 16, c[r][1]);
-                }
             }
+            i = M8;
             for (; i + 4 <= M; i += 4) {
                 fr_v16 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};
                 fr_v16 c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
