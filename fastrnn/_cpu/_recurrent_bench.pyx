@@ -1,14 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Measurement helper for the recurrent kernels' threading decision (fastrnn._bench).
 
-The per-step recurrent GEMM, h (N, H) @ W^T (H, G*H), repeated ``steps`` times, run three ways:
+The per-step recurrent GEMM, h (N, H) @ W^T (H, G*H) with W^T stored, repeated ``steps`` times,
+run three ways:
 
-* ``"serial"``: one thread, single-threaded BLAS;
+* ``"serial"``: one thread, the kernels' step GEMM (step_mm: the small-batch kernel up to
+  SMALL_GEMM_MAX_ROWS rows, else single-threaded BLAS);
 * ``"blas"``: one thread calls BLAS, which uses ``threads`` threads of its own;
-* ``"omp"``: ``threads`` OpenMP threads, each its own gate columns with single-threaded BLAS,
-  and a barrier per step (what lstm.pyx, gru.pyx and rnn.pyx do).
+* ``"omp"``: ``threads`` OpenMP threads, each its own gate columns with step_mm, and a barrier
+  per step (what lstm.pyx, gru.pyx and rnn.pyx do above MIN_PARALLEL_WORK).
 
-Only the GEMMs and the synchronisation are timed, float32, the same BLAS the kernels call.
+Only the GEMMs and the synchronisation are timed, float32, the same code the kernels run.
 """
 
 import time
@@ -23,25 +25,28 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin,
     fr_blas_register,
     fr_blas_restore,
+    fr_small_gemm_init,
     mm,
+    step_mm,
     unit_range,
 )
 
 from fastrnn._cpu._recurrent_threads import blas_thread_functions
 
 cnp.import_array()
+fr_small_gemm_init()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 
 
-cdef void omp_steps(int steps, Py_ssize_t N, Py_ssize_t H, int G, const float* w,
+cdef void omp_steps(int steps, Py_ssize_t N, Py_ssize_t H, int G, const float* wt,
                     float* h, float* out, int p, int nt) noexcept nogil:
     cdef Py_ssize_t u0, u1
     cdef int t
     unit_range(H, 16, nt, p, &u0, &u1)
     for t in range(steps):
-        mm(False, True, N, G * (u1 - u0), H, <float> 1, h + (t & 1) * N * H, H,
-           w + G * u0 * H, H, <float> 0, out + G * u0, G * H)
+        step_mm(N, G * (u1 - u0), H, h + (t & 1) * N * H, H, wt + G * u0, G * H, <float> 0,
+                out + G * u0, G * H)
         fr_barrier()
 
 
@@ -53,7 +58,7 @@ def step_gemm_seconds(Py_ssize_t N, Py_ssize_t H, int G, str strategy, int threa
     if threads < 1 or steps < 1:
         raise ValueError("threads and steps must be >= 1")
     rng = np.random.default_rng(0)
-    cdef cnp.ndarray w = rng.standard_normal((G * H, H)).astype(np.float32)
+    cdef cnp.ndarray w = rng.standard_normal((H, G * H)).astype(np.float32)  # W^T
     cdef cnp.ndarray h = rng.standard_normal((2, N, H)).astype(np.float32)
     cdef cnp.ndarray out = np.empty((N, G * H), np.float32)
     cdef float* pw = <float*> cnp.PyArray_DATA(w)
@@ -72,9 +77,12 @@ def step_gemm_seconds(Py_ssize_t N, Py_ssize_t H, int G, str strategy, int threa
                 p = omp_get_thread_num()
                 team = omp_get_num_threads()
                 omp_steps(steps, N, H, G, pw, ph, po, p, team)
+        elif blas_n > 1:
+            for t in range(steps):
+                mm(False, False, N, G * H, H, <float> 1, ph + (t & 1) * N * H, H, pw, G * H,
+                   <float> 0, po, G * H)
         else:
             for t in range(steps):
-                mm(False, True, N, G * H, H, <float> 1, ph + (t & 1) * N * H, H, pw, H,
-                   <float> 0, po, G * H)
+                step_mm(N, G * H, H, ph + (t & 1) * N * H, H, pw, G * H, <float> 0, po, G * H)
         fr_blas_restore(saved)
     return (time.perf_counter() - start) / steps

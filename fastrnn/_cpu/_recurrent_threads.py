@@ -93,13 +93,17 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
 # runs on one thread (its whole-sequence GEMMs may still be split, see below): a barrier per
-# step costs about as much as splitting the step saves. fastrnn._bench.compare_strategies,
-# best of 40 rounds on the shared 2-core machine, us per step serial / BLAS threads / OpenMP
-# columns:
-# N=1 H=128 (65k) 3.5 / 3.4 / 2.1; N=32 H=64 (524k) 10.2 / 10.9 / 16.8; N=16 H=256 (4.2M)
-# 124 / 76 / 83; N=64 H=512 (67M) 1114 / 1509 / 642. Medians under load were far worse for both
-# threaded variants (a barrier waits for a descheduled peer), which also argues for serial
-# loops on small steps. See lstm.pyx's module docstring.
+# step costs about as much as splitting the step saves. fastrnn._bench.compare_strategies with
+# the kernels' step GEMM (W^T stored; the small-batch kernel up to 32 rows), 2 threads, 21
+# interleaved rounds on the shared 2-core machine, median us per step, one thread / BLAS's
+# threads / OpenMP column split:
+#   N=1  H=128 (65k)   4.2 / 3.4 / noisy (best 2.6)      N=32 H=64 (524k)  5.8 / 6.3 / 4.8
+#   N=16 H=256 (4.2M)  62 / 89 / 34                        N=64 H=512 (67M)  1299 / 690 / 2083
+# The split wins clearly at N=16, H=256; at N=32, H=64 it gains ~1 us per step, not worth a
+# barrier that waits for a descheduled peer on a loaded machine. At N=64, H=512 (BLAS runs
+# these steps) BLAS's own threads won this probe; the kernels still split there (one barrier
+# per step, no BLAS pool switching inside a call, which cost tens of ms per call, see below) and
+# scale 1.8x from 1 to 2 threads on the whole (100,64,512,512) LSTM. See lstm.pyx.
 MIN_PARALLEL_WORK = 1 << 20
 
 

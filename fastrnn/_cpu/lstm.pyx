@@ -26,19 +26,18 @@ Threading of the per-step GEMMs, decided by measurement (fastrnn._bench.compare_
 with ``python -m fastrnn._bench --strategies``; the numbers are in _recurrent_threads.py next to
 MIN_PARALLEL_WORK). Three ways to run a step's recurrent GEMM on 2 threads were timed: one
 thread; BLAS's own threads called from one thread; and OpenMP threads each computing their own
-gate columns with single-threaded BLAS followed by a barrier (this file's design). For large
-steps (N=64, H=512: 67M multiply-adds) the OpenMP column split was fastest (642 us vs 1114 one
-thread vs 1509 BLAS threads, best of 40 rounds): one barrier per step instead of a BLAS
-fork/join plus a separate pointwise region, each thread packs only its half of W_hh, and its
-gates are still in cache for its pointwise pass. At N=16, H=256 (4.2M) BLAS threads (76 us) and
-the split (83) were close, both ahead of one thread (124); the split is kept for its single
-barrier per step and fused pointwise pass. For small steps (N=32, H=64: 524k) one thread
-was as fast or faster (10 us vs 11 vs 17), and a barrier per step is fragile when other
-processes share the cores (it waits for a descheduled peer). So below MIN_PARALLEL_WORK
-multiply-adds per step the time loop runs on one thread in the natural layout (no weight copy),
-and only the whole-sequence GEMMs (L1, LB5) are split over the OpenMP threads (above
-MIN_SEQUENCE_PARALLEL_WORK; not through BLAS's own pool, whose switching on and off inside a
-call measured tens of ms). BLAS itself stays single-threaded throughout a call.
+gate columns with a single-threaded GEMM followed by a barrier (this file's design: one barrier
+per step instead of a BLAS fork/join plus a separate pointwise region, each thread reads only
+its half of W_hh, and its gates are still in cache for its pointwise pass). The split was
+fastest at N=16, H=256 (34 us per step vs 62 one thread, 89 BLAS threads); at N=32, H=64 all
+three were within 1.5 us, and a barrier per step is fragile when other processes share the
+cores (it waits for a descheduled peer), so below MIN_PARALLEL_WORK multiply-adds per step the
+time loop runs on one thread in the natural layout (no weight copy) and only the
+whole-sequence GEMMs (L1, LB5) are split over the OpenMP threads (above
+MIN_SEQUENCE_PARALLEL_WORK). At N=64, H=512 BLAS's own threads won the probe (690 vs 2083 us
+median); the split is kept there too because switching BLAS's pool on and off inside a call
+cost tens of ms per call on this machine; the whole LSTM still scales 1.8x from 1 to 2 threads
+at (100,64,512,512). BLAS itself stays single-threaded throughout a call.
 """
 
 cimport numpy as cnp
