@@ -3,6 +3,7 @@ ending with one line on stderr and a non-zero exit (never a traceback)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from fastrnn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -518,8 +520,11 @@ def test_bench_quick_subset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "--no-gpu",
         "--json",
         str(path),
+        *(["--plot", str(tmp_path / "bench.png")] if HAVE_MATPLOTLIB else []),
     )
     assert code == 0, err
+    if HAVE_MATPLOTLIB:
+        assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "fastrnn ms" in out and "% sgemm" in out
     result = json.loads(path.read_text())
     assert result["machine"]["threads"] == 1 and result["machine"]["sgemm_gflops"] > 0
