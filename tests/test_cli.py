@@ -651,3 +651,31 @@ def test_gpu_report_without_the_cuda_backend_module(monkeypatch: pytest.MonkeyPa
         assert info["reason"]
     line = sysinfo.format_report({**sysinfo.collect(), "gpu": info}).splitlines()[-2]
     assert line.startswith("GPU:")
+
+
+def test_minutes_budget_stops_training(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = tmp_path / "s.json"
+    code, out, err = run(
+        capsys,
+        "char-rnn",
+        "train",
+        "--text",
+        str(corpus),
+        *TINY,
+        "--steps",
+        "100000",
+        "--minutes",
+        "0.003",
+        "--sample-every",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+        str(summary),
+    )
+    assert code == 0, err
+    s = json.loads(summary.read_text())
+    assert s["stopped_by_time"] and 1 <= s["steps"] < 100000
+    assert "--minutes 0.003 budget" in out
