@@ -42,7 +42,12 @@ class Linear(Module):
             raise ValueError(
                 f"Linear: x: expected shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
-        y = x @ self.weight.data.T
+        # As one 2-D GEMM: NumPy's matmul of an N-D array by a transposed 2-D view does not
+        # reach BLAS (a (64, 32, 256) input took 496 ms instead of 2 ms).
+        lead = tuple(x.shape[:-1])
+        y = (x.reshape(-1, self.in_features) @ self.weight.data.T).reshape(
+            lead + (self.out_features,)
+        )
         if self.bias is not None:
             y += self.bias.data
         self._cache = x if grad_enabled() else None
@@ -56,7 +61,7 @@ class Linear(Module):
         self.weight.accumulate(dy2.T @ x2)
         if self.bias is not None:
             self.bias.accumulate(dy2.sum(axis=0))
-        return dy @ self.weight.data
+        return (dy2 @ self.weight.data).reshape(x.shape)
 
 
 class Embedding(Module):
