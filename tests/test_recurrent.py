@@ -167,3 +167,29 @@ def test_padded_positions_are_zero_and_ignore_dy(backend):
 )
 def test_cpu_matches_reference_fuzzed(op_index, T, N, D, H, lengths_kind, seed):
     _compare(OPS[op_index], "cpu", np.float64, T, N, D, H, lengths_kind, True, seed)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_cpu_saved_buffers_reused_only_when_free(op):
+    """The CPU kernels keep the buffers of saved arrays across calls: a context still alive must
+    keep its own (later forwards must not overwrite it), and a reused buffer gives the same
+    results as a fresh one."""
+    rng = np.random.default_rng(5)
+    T, N, D, H = 7, 5, 6, 20
+    first = {k: v.astype(np.float32) for k, v in op.arrays(T, N, D, H, rng).items()}
+    other = {k: v.astype(np.float32) for k, v in op.arrays(T, N, D, H, rng).items()}
+    upstream = {k: v.astype(np.float32) for k, v in op.upstream_arrays(T, N, H, rng).items()}
+    _, ctx = op.forward(first, None)
+    want = [g.copy() for g in op.backward(ctx, upstream)]
+    _, ctx = op.forward(first, None)
+    for _ in range(3):  # later forwards while ctx is alive, each dropping its own context
+        op.forward(other, None)
+    _, ctx_other = op.forward(other, None)
+    got = op.backward(ctx, upstream)
+    for name, a, b in zip(op.grads, got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    del ctx, ctx_other
+    _, ctx = op.forward(first, None)  # may reuse a pooled buffer now
+    got = op.backward(ctx, upstream)
+    for name, a, b in zip(op.grads, got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)

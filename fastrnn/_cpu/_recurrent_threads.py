@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,44 @@ def give_scratch(buf: np.ndarray) -> None:
             _scratch_pool[buf.dtype] = buf
 
 
+# The arrays a training forward saves for its backward (activations, states: ~80% of the memory
+# a (100,64,512,512) LSTM call allocates) outlive the call, so they cannot come from the scratch
+# pool. They come from one flat buffer per call instead, and the buffers of earlier calls are
+# kept: a buffer is reused once nothing outside the pool references it (a context and every
+# view of the buffer hold a reference to it, so the reference count says exactly when the last
+# context that used it is gone). In a training loop (forward, backward, drop the context) every
+# call after the first reuses the previous call's buffer and skips its page faults.
+_SAVED_KEEP = 4
+_saved_pool: dict[Any, list[np.ndarray]] = {}
+
+
+def _unreferenced(bufs: list[np.ndarray], j: int) -> bool:
+    # references: the list, getrefcount's argument
+    return sys.getrefcount(bufs[j]) <= 2
+
+
+def take_saved(dtype: Any, n: int) -> np.ndarray:
+    """A flat array of ``n`` elements of ``dtype`` (uninitialised) for arrays a context keeps:
+    a view of a pooled buffer that nothing else references, or a new buffer."""
+    dtype = np.dtype(dtype)
+    bufs = _saved_pool.setdefault(dtype, [])
+    for i in range(len(bufs)):
+        buf = bufs[i]
+        # references: the list, ``buf``, getrefcount's argument
+        if buf.size >= n and sys.getrefcount(buf) <= 3:
+            bufs.append(bufs.pop(i))  # most recently used last
+            return buf[:n]
+    buf = np.empty(max(n, 1), dtype)
+    if buf.nbytes <= _SCRATCH_KEEP_BYTES:
+        if len(bufs) >= _SAVED_KEEP:
+            # drop the least recently used buffer nothing references, else the oldest
+            free = [j for j in range(len(bufs)) if _unreferenced(bufs, j)]
+            bufs.pop(free[0] if free else 0)
+        bufs.append(buf)
+    return buf[:n]
+
+
 def clear_scratch() -> None:
-    """Free the cached scratch buffers."""
+    """Free the cached scratch buffers (and the pooled buffers of saved arrays)."""
     _scratch_pool.clear()
+    _saved_pool.clear()

@@ -49,6 +49,7 @@ from fastrnn._cpu._recurrent_threads import (
     fallback_limit,
     give_scratch,
     sequence_threads,
+    take_saved,
     take_scratch,
     team_size,
 )
@@ -229,7 +230,16 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     # One thread needs no partition: the natural layout is the blocked one with one block of H
     # units, and the weights are used uncopied.
     cdef Py_ssize_t bs = BLOCK if nt > 1 else H
-    hs = np.empty((T + 1 if train else 2, N, H), dtype)
+    # What backward reads (states, activations) shares one buffer from the saved pool when
+    # training: reused across calls, so its pages are not faulted in and zeroed every call.
+    cdef Py_ssize_t n_states = (T + 1) * N * H
+    if train:
+        keep = take_saved(dtype, n_states + T * N * S * H)
+        hs = keep[:n_states].reshape(T + 1, N, H)
+        acts = keep[n_states:].reshape(T, N, S * H)
+    else:
+        hs = np.empty((2, N, H), dtype)
+        acts = np.empty(1, dtype)
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
     # G2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
@@ -239,7 +249,6 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     xw = ws[: T * N * G * H]
     hw = ws[T * N * G * H : (T + 1) * N * G * H]
     w_hh_t = ws[(T + 1) * N * G * H :]
-    acts = np.empty((T, N, S * H), dtype) if train else np.empty(1, dtype)
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)
         w_hh_b = np.empty((G * H, H), dtype)

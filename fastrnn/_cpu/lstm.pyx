@@ -75,6 +75,7 @@ from fastrnn._cpu._recurrent_threads import (
     fallback_limit,
     give_scratch,
     sequence_threads,
+    take_saved,
     take_scratch,
     team_size,
 )
@@ -248,8 +249,16 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # units, and the weights are used uncopied.
     cdef Py_ssize_t bs = BLOCK if nt > 1 else H
     nstates = T + 1 if train else 2
-    hs = np.empty((nstates, N, H), dtype)
-    cs = np.empty((nstates, N, H), dtype)
+    # What backward reads (activations, states) shares one buffer from the saved pool when
+    # training: reused across calls, so its pages are not faulted in and zeroed every call.
+    cdef Py_ssize_t n_acts = T * N * G * H, n_states = nstates * N * H
+    if train:
+        keep = take_saved(dtype, n_acts + 2 * n_states)
+        hs = keep[n_acts : n_acts + n_states].reshape(nstates, N, H)
+        cs = keep[n_acts + n_states :].reshape(nstates, N, H)
+    else:
+        hs = np.empty((nstates, N, H), dtype)
+        cs = np.empty((nstates, N, H), dtype)
     hs[0] = h0
     cs[0] = c0
     y = np.empty((T, N, H), dtype)
@@ -259,7 +268,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # the activations are saved for backward when training, scratch otherwise
     ws = take_scratch(dtype, n_t + (0 if train else T * N * G * H))
     w_hh_t = ws[:n_t]
-    gates = np.empty(T * N * G * H, dtype) if train else ws[n_t : n_t + T * N * G * H]
+    gates = keep[:n_acts] if train else ws[n_t : n_t + n_acts]
     gates = gates.reshape(T, N, G * H)
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)

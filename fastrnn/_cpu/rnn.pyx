@@ -39,6 +39,7 @@ from fastrnn._cpu._recurrent_threads import (
     fallback_limit,
     give_scratch,
     sequence_threads,
+    take_saved,
     take_scratch,
     team_size,
 )
@@ -184,7 +185,10 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef int nt = team_size(N, H, 1)
     cdef int seq_threads = sequence_threads(T, N, D, H, 1)
     cdef Py_ssize_t bs = BLOCK  # one gate: any block size is the natural layout
-    hs = np.empty((T + 1 if train else 2, N, H), dtype)
+    # the states backward reads come from the saved pool when training (reused across calls)
+    hs = take_saved(dtype, (T + 1) * N * H).reshape(T + 1, N, H) if train else np.empty(
+        (2, N, H), dtype
+    )
     hs[0] = h0
     y = np.empty((T, N, H), dtype)
     # R2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
