@@ -61,6 +61,8 @@ SHAPES = [  # (T, N, D, H): T=1, N=1, H=1, D != H, odd sizes, sizes across the 1
     (3, 5, 9, 33),
     (6, 4, 20, 70),
     (5, 11, 7, 37),  # batch 11: the small-batch GEMM's 8-row and remainder blocks
+    (3, 37, 8, 70),  # batch > 32: the packed-panel step GEMM (one thread), partial panels
+    (3, 40, 6, 90),  # the same split over the threads (N H 4H > MIN_PARALLEL_WORK)
 ]
 LENGTHS = [None, "full", "ties"]
 

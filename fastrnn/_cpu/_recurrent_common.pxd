@@ -367,6 +367,67 @@ cdef extern from *:
             }
         }
     }
+
+    /* R rows x 32 columns of C over k in [k0, k1), B packed as rows of 32 (a panel). */
+    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_panel_tile(
+        int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t lda, const float *b,
+        int first, float beta, float *C, Py_ssize_t ldc)
+    {
+        fr_v16 c[8][2];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            if (first) {
+                c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
+            } else {
+                c[r][0] = *(const fr_v16u *)(C + r * ldc);
+                c[r][1] = *(const fr_v16u *)(C + r * ldc + 16);
+            }
+        }
+        b += k0 * 32;
+        for (Py_ssize_t k = k0; k < k1; k++, b += 32) {
+            fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                float ar = a[r * lda + k];
+                c[r][0] += b0 * ar;
+                c[r][1] += b1 * ar;
+            }
+        }
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            if (first) {
+                FR_ROW_UPDATE(C + r * ldc, c[r][0]);
+                FR_ROW_UPDATE(C + r * ldc + 16, c[r][1]);
+            } else {
+                *(fr_v16u *)(C + r * ldc) = c[r][0];
+                *(fr_v16u *)(C + r * ldc + 16) = c[r][1];
+            }
+        }
+    }
+
+    /* C (M x 32 np) = A (M x K) @ B + beta C, B given as np packed panels (K x 32 each,
+       contiguous: fr_pack_panels). k in chunks of 128, so a panel chunk (16 KB, contiguous: no
+       cache-set conflicts of a large row stride) stays in L1 across all M rows. */
+    __attribute__((target("avx512f,fma"))) static void fr_panel_sgemm_avx512(
+        Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
+        const float *P, float beta, float *C, Py_ssize_t ldc)
+    {
+        for (Py_ssize_t p = 0; p < np_; p++) {
+            const float *b = P + p * K * 32;
+            float *Cp = C + p * 32;
+            for (Py_ssize_t k0 = 0; k0 < K; k0 += 128) {
+                Py_ssize_t k1 = K - k0 < 128 ? K : k0 + 128;
+                int first = k0 == 0;
+                Py_ssize_t i = 0;
+                for (; i + 8 <= M; i += 8)
+                    fr_panel_tile(8, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
+                for (; i + 4 <= M; i += 4)
+                    fr_panel_tile(4, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
+                for (; i < M; i++)
+                    fr_panel_tile(1, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
+            }
+        }
+    }
     static int fr_small_gemm_ok = 0;
     static void fr_small_gemm_init(void) {
         __builtin_cpu_init();
@@ -379,13 +440,29 @@ cdef extern from *:
     static void fr_small_sgemm_avx512(
         Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
         const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc) {}
+    static void fr_panel_sgemm_avx512(
+        Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
+        const float *P, float beta, float *C, Py_ssize_t ldc) {}
     #endif
+
+    /* Columns [0, 32 np) of B (K rows, leading dimension ldb) as np panels of K x 32. */
+    static void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float *B, Py_ssize_t ldb,
+                               float *P) {
+        for (Py_ssize_t p = 0; p < np_; p++)
+            for (Py_ssize_t k = 0; k < K; k++)
+                memcpy(P + (p * K + k) * 32, B + k * ldb + p * 32, 32 * sizeof(float));
+    }
     """
     int fr_small_gemm_ok
     void fr_small_gemm_init() noexcept nogil
     void fr_small_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
                                Py_ssize_t lda, const float* B, Py_ssize_t ldb, float beta,
                                float* C, Py_ssize_t ldc) noexcept nogil
+    void fr_panel_sgemm_avx512(Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float* A,
+                               Py_ssize_t lda, const float* P, float beta, float* C,
+                               Py_ssize_t ldc) noexcept nogil
+    void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float* B, Py_ssize_t ldb,
+                        float* P) noexcept nogil
 
 # The batch size up to which the per-step GEMMs use fr_small_sgemm_avx512 instead of BLAS. On
 # one thread, fwd+bwd, BLAS -> this kernel: LSTM (T,N,D,H)=(100,16,256,256) 61.7 -> 33.6 ms, GRU
@@ -407,6 +484,33 @@ cdef inline void step_mm(
             fr_small_sgemm_avx512(m, n, k, a, lda, b, ldb, beta, c, ldc)
             return
     mm(False, False, m, n, k, <floating> 1, a, lda, b, ldb, beta, c, ldc)
+
+
+# Batches above SMALL_GEMM_MAX_ROWS: the per-step GEMMs of the LSTM read the recurrent weights
+# from panels packed once per call (fr_pack_panels) instead of letting OpenBLAS re-pack them on
+# every step (perf: sgemm_itcopy ~10% of a (100,64,512,512) fwd+bwd). See lstm.pyx.
+cdef inline bint use_panels(Py_ssize_t m) noexcept nogil:
+    return fr_small_gemm_ok != 0 and m > SMALL_GEMM_MAX_ROWS
+
+
+cdef inline void pack_panels(
+    Py_ssize_t k, Py_ssize_t n, const float* b, Py_ssize_t ldb, float* panels
+) noexcept nogil:
+    """The full 32-column panels of the (k, n) matrix b (leading dimension ldb)."""
+    fr_pack_panels(k, n // 32, b, ldb, panels)
+
+
+cdef inline void panel_mm(
+    Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda,
+    const float* b, Py_ssize_t ldb, const float* panels, float beta, float* c, Py_ssize_t ldc,
+) noexcept nogil:
+    """C = A @ B + beta C with B's full 32-column panels read from ``panels`` (pack_panels);
+    the last n % 32 columns from b itself."""
+    cdef Py_ssize_t nf = (n // 32) * 32
+    if nf > 0 and m > 0:
+        fr_panel_sgemm_avx512(m, n // 32, k, a, lda, panels, beta, c, ldc)
+    if n > nf:
+        step_mm(m, n - nf, k, a, lda, b + nf, ldb, beta, c + nf, ldc)
 
 
 cdef extern from "<string.h>" nogil:

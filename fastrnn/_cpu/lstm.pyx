@@ -57,7 +57,10 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_lstm_fwd_row_f,
     memcpy,
     mm,
+    pack_panels,
+    panel_mm,
     project_rows,
+    use_panels,
     sequence_grads,
     step_mm,
     fr_small_gemm_init,
@@ -162,6 +165,7 @@ cdef void fwd_thread(
     floating* y,                 # OUT (T, N, H)
     bint use_t,                  # IN  run L2 from W_hh^T
     floating* w_hh_t,            # scratch (H, 4H) W_hh^T (blocked columns) when use_t
+    floating* panels,            # scratch (H * 4H) W_hh^T's columns in panels, or NULL
 ) noexcept nogil:
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
@@ -169,6 +173,9 @@ cdef void fwd_thread(
     unit_range(H, bs, nt, p, &u0, &u1)
     if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
+    if floating is float:
+        if panels != NULL:  # and packed into panels, once per call (only it reads them)
+            pack_panels(H, G * (u1 - u0), w_hh_t + G * u0, G * H, panels + H * G * u0)
     # L1: the input projection of all T steps, this thread's gate columns, one GEMM.
     if whole:  # else fwd_run has done it, split by rows
         mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
@@ -177,8 +184,16 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # L2: the recurrent projection of this thread's gate columns, added onto L1's.
-        step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
-                  <floating> 1, gates + t * step)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, G * (u1 - u0), H, hs + cur * NH, H, w_hh_t + G * u0, G * H,
+                         panels + H * G * u0, 1, gates + t * step + G * u0, G * H)
+            else:
+                step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                          <floating> 1, gates + t * step)
+        else:
+            step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                      <floating> 1, gates + t * step)
         fwd_point(gates + t * step, bias, hs + cur * NH, cs + cur * NH, hs + nxt * NH,
                   cs + nxt * NH, y + t * NH, lengths, t, N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next L2 reads h_t.
@@ -193,7 +208,7 @@ cdef void fwd_run(
     floating* w_ih_b, floating* w_hh_b, floating* b_b,   # OUT blocked copies of the weights
     floating* gates, floating* hs, floating* cs, floating* y,
     floating* hT, floating* cT,                          # OUT (N, H)
-    bint use_t, floating* w_hh_t,
+    bint use_t, floating* w_hh_t, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -208,7 +223,7 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, True, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths,
-                       gates, hs, cs, y, use_t, w_hh_t)
+                       gates, hs, cs, y, use_t, w_hh_t, panels)
     else:
         # L1 split by rows over the threads, then the time loop on one thread
         if seq_threads > 1:
@@ -219,7 +234,7 @@ cdef void fwd_run(
         else:
             project_rows(0, 1, T * N, D, G * H, x, w_ih_b, gates)
         fwd_thread(0, 1, bs, False, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
-                   hs, cs, y, use_t, w_hh_t)
+                   hs, cs, y, use_t, w_hh_t, panels)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -265,10 +280,13 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # L2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
     cdef bint use_t = N >= 4 and T >= 4
     cdef Py_ssize_t n_t = G * H * H if use_t else 0
+    # float32 batches above the small-batch kernel: W_hh^T also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N) else 0
     # the activations are saved for backward when training, scratch otherwise
-    ws = take_scratch(dtype, n_t + (0 if train else T * N * G * H))
+    ws = take_scratch(dtype, n_t + n_p + (0 if train else T * N * G * H))
     w_hh_t = ws[:n_t]
-    gates = keep[:n_acts] if train else ws[n_t : n_t + n_acts]
+    panels = ws[n_t : n_t + n_p]
+    gates = keep[:n_acts] if train else ws[n_t + n_p : n_t + n_p + n_acts]
     gates = gates.reshape(T, N, G * H)
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)
@@ -293,6 +311,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     cdef void* p_hT = data(hT)
     cdef void* p_cT = data(cT)
     cdef void* p_w_hh_t = data(w_hh_t)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -300,14 +319,15 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
                         <float*> p_w_hh,
                         <float*> p_b, lens, <float*> p_w_ih_b, <float*> p_w_hh_b,
                         <float*> p_b_b, <float*> p_gates, <float*> p_hs, <float*> p_cs,
-                        <float*> p_y, <float*> p_hT, <float*> p_cT, use_t, <float*> p_w_hh_t)
+                        <float*> p_y, <float*> p_hT, <float*> p_cT, use_t, <float*> p_w_hh_t,
+                        <float*> p_panels)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_b_b, <double*> p_gates,
                         <double*> p_hs, <double*> p_cs, <double*> p_y, <double*> p_hT,
-                        <double*> p_cT, use_t, <double*> p_w_hh_t)
+                        <double*> p_cT, use_t, <double*> p_w_hh_t, <double*> NULL)
     give_scratch(ws)
     if not train:
         return y, hT, cT, None
@@ -399,9 +419,13 @@ cdef void bwd_thread(
     floating* da,                # OUT (T, N, 4H) blocked gate gradients (scratch)
     floating* dx, floating* dw_ih, floating* dw_hh, floating* db,
     floating* scratch,           # (4H, D + H + 2)
+    floating* panels,            # scratch (4H * H) W_hh's columns in panels, or NULL
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     unit_range(H, bs, nt, p, &u0, &u1)
+    if floating is float:
+        if panels != NULL:  # this thread's columns of W_hh, once per call (only it reads them)
+            pack_panels(G * H, u1 - u0, w_hh_b + u0, H, panels + G * H * u0)
     for t in range(T - 1, -1, -1):
         bwd_point(acts + t * step, cs + t * NH, cs + (t + 1) * NH, dy + t * NH, dh, dc,
                   da + t * step, lengths, t, N, H, bs, u0, u1)
@@ -409,8 +433,16 @@ cdef void bwd_thread(
         fr_barrier()
         # LB4: this thread's columns of dh_{t-1} += da_t W_hh; its next pointwise pass reads
         # only these columns, so no second barrier.
-        step_mm(N, u1 - u0, G * H, da + t * step, G * H, w_hh_b + u0, H,
-                <floating> 1, dh + u0, H)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, u1 - u0, G * H, da + t * step, G * H, w_hh_b + u0, H,
+                         panels + G * H * u0, 1, dh + u0, H)
+            else:
+                step_mm(N, u1 - u0, G * H, da + t * step, G * H, w_hh_b + u0, H,
+                        <floating> 1, dh + u0, H)
+        else:
+            step_mm(N, u1 - u0, G * H, da + t * step, G * H, w_hh_b + u0, H,
+                    <floating> 1, dh + u0, H)
     if whole:  # else bwd_run does it, with its own threads
         fr_barrier()
         # LB5: weight, bias and input gradients as whole-sequence GEMMs.
@@ -423,7 +455,7 @@ cdef void bwd_run(
     const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
     const floating* hs, const floating* cs, const long long* lengths, const floating* dy,
     floating* dh, floating* dc, floating* da, floating* dx, floating* dw_ih, floating* dw_hh,
-    floating* db, floating* scratch,
+    floating* db, floating* scratch, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -433,11 +465,11 @@ cdef void bwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             bwd_thread(p, team, bs, True, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy,
-                       dh, dc, da, dx, dw_ih, dw_hh, db, scratch)
+                       dh, dc, da, dx, dw_ih, dw_hh, db, scratch, panels)
     else:
         # the time loop on one thread, then the whole-sequence GEMMs split over the threads
         bwd_thread(0, 1, bs, False, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, cs, lengths, dy, dh,
-                   dc, da, dx, dw_ih, dw_hh, db, scratch)
+                   dc, da, dx, dw_ih, dw_hh, db, scratch, panels)
         if seq_threads > 1:
             with parallel(num_threads=seq_threads):
                 p = omp_get_thread_num()
@@ -469,9 +501,13 @@ def lstm_backward(ctx, dy, dhT, dcT):
     cdef int nt = team_size(N, H, G)
     cdef int seq_threads = sequence_threads(T, N, D, H, G)
     cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
-    ws = take_scratch(dtype, T * N * G * H + G * H * (D + H + 2))
+    # float32 batches above the small-batch kernel: W_hh also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = G * H * H if dtype == np.float32 and use_panels(N) else 0
+    cdef Py_ssize_t n_s = G * H * (D + H + 2)
+    ws = take_scratch(dtype, T * N * G * H + n_s + n_p)
     da = ws[: T * N * G * H]
-    scratch = ws[T * N * G * H :]
+    scratch = ws[T * N * G * H : T * N * G * H + n_s]
+    panels = ws[T * N * G * H + n_s : T * N * G * H + n_s + n_p]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((G * H, D), dtype)
     dw_hh = np.empty((G * H, H), dtype)
@@ -492,6 +528,7 @@ def lstm_backward(ctx, dy, dhT, dcT):
     cdef void* p_dw_hh = data(dw_hh)
     cdef void* p_db = data(db)
     cdef void* p_scratch = data(scratch)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -499,13 +536,14 @@ def lstm_backward(ctx, dy, dhT, dcT):
                         <float*> p_w_hh_b,
                         <float*> p_acts, <float*> p_hs, <float*> p_cs, lens, <float*> p_dy,
                         <float*> p_dh, <float*> p_dc, <float*> p_da, <float*> p_dx,
-                        <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db, <float*> p_scratch)
+                        <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db, <float*> p_scratch,
+                        <float*> p_panels)
         else:
             with nogil:
                 bwd_run(nt, seq_threads, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, <double*> p_cs,
                         lens, <double*> p_dy, <double*> p_dh, <double*> p_dc, <double*> p_da,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh, <double*> p_db,
-                        <double*> p_scratch)
+                        <double*> p_scratch, <double*> NULL)
     give_scratch(ws)
     return dx, dh, dc, dw_ih, dw_hh, db
