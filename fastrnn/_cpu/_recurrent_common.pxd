@@ -486,11 +486,15 @@ cdef inline void step_mm(
     mm(False, False, m, n, k, <floating> 1, a, lda, b, ldb, beta, c, ldc)
 
 
-# Batches above SMALL_GEMM_MAX_ROWS: the per-step GEMMs of the LSTM read the recurrent weights
-# from panels packed once per call (fr_pack_panels) instead of letting OpenBLAS re-pack them on
-# every step (perf: sgemm_itcopy ~10% of a (100,64,512,512) fwd+bwd). See lstm.pyx.
-cdef inline bint use_panels(Py_ssize_t m) noexcept nogil:
-    return fr_small_gemm_ok != 0 and m > SMALL_GEMM_MAX_ROWS
+# Batches of 4 rows or more: the per-step GEMMs of a sequence (T >= 4) read the recurrent
+# weights from panels packed once per call (fr_pack_panels). Above SMALL_GEMM_MAX_ROWS this
+# replaces OpenBLAS, which re-packed them on every step (perf: sgemm_itcopy ~10% of a
+# (100,64,512,512) LSTM fwd+bwd; 2 threads 373-390 -> 311-324 ms); below, it replaces
+# fr_small_sgemm_avx512's in-place reads of W^T, whose rows lie G*H*4 bytes apart (4 KB at
+# H=256: the same L1 sets), e.g. LSTM (100,16,256,256) 26.6/24.9 -> 25.9/24.4 ms and
+# (200,32,64,64) 12.3/10.9 -> 11.6/10.9 ms (two alternating runs, medians, 2 threads).
+cdef inline bint use_panels(Py_ssize_t m, Py_ssize_t T) noexcept nogil:
+    return fr_small_gemm_ok != 0 and m >= 4 and T >= 4
 
 
 cdef inline void pack_panels(

@@ -280,8 +280,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # L2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
     cdef bint use_t = N >= 4 and T >= 4
     cdef Py_ssize_t n_t = G * H * H if use_t else 0
-    # float32 batches above the small-batch kernel: W_hh^T also packed in panels (panel_mm)
-    cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N) else 0
+    # float32: W_hh^T also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N, T) else 0
     # the activations are saved for backward when training, scratch otherwise
     ws = take_scratch(dtype, n_t + n_p + (0 if train else T * N * G * H))
     w_hh_t = ws[:n_t]
@@ -501,8 +501,8 @@ def lstm_backward(ctx, dy, dhT, dcT):
     cdef int nt = team_size(N, H, G)
     cdef int seq_threads = sequence_threads(T, N, D, H, G)
     cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
-    # float32 batches above the small-batch kernel: W_hh also packed in panels (panel_mm)
-    cdef Py_ssize_t n_p = G * H * H if dtype == np.float32 and use_panels(N) else 0
+    # float32: W_hh also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = G * H * H if dtype == np.float32 and use_panels(N, T) else 0
     cdef Py_ssize_t n_s = G * H * (D + H + 2)
     ws = take_scratch(dtype, T * N * G * H + n_s + n_p)
     da = ws[: T * N * G * H]
