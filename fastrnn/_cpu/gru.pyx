@@ -34,6 +34,9 @@ from fastrnn._cpu._recurrent_common cimport (
     project_rows,
     sequence_grads,
     step_mm,
+    pack_panels,
+    panel_mm,
+    use_panels,
     fr_small_gemm_init,
     step_gemm,
     transpose_rows,
@@ -153,12 +156,16 @@ cdef void fwd_thread(
     floating* y,                 # OUT (T, N, H)
     bint use_t,                  # IN  run G2 from W_hh^T
     floating* w_hh_t,            # scratch (H, 3H) W_hh^T (blocked columns) when use_t
+    floating* panels,            # scratch (H * 3H) W_hh^T's columns in panels, or NULL
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
     if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
+    if floating is float:
+        if panels != NULL:  # and packed into panels, once per call (only it reads them)
+            pack_panels(H, G * (u1 - u0), w_hh_t + G * u0, G * H, panels + H * G * u0)
     # G1: the input projection of all T steps, this thread's gate columns, one GEMM.
     if whole:  # else fwd_run has done it, split by rows
         mm(False, True, T * N, G * (u1 - u0), D, <floating> 1, x, D, w_ih_b + G * u0 * D, D,
@@ -167,8 +174,16 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # G2: the recurrent projection of this thread's gate columns.
-        step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
-                  <floating> 0, hw)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, G * (u1 - u0), H, hs + cur * NH, H, w_hh_t + G * u0, G * H,
+                         panels + H * G * u0, 0, hw + G * u0, G * H)
+            else:
+                step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                          <floating> 0, hw)
+        else:
+            step_gemm(use_t, N, H, G * H, G * u0, G * u1, hs + cur * NH, w_hh_b, w_hh_t,
+                      <floating> 0, hw)
         fwd_point(xw + t * step, hw, b_ih_b, b_hh_b, hs + cur * NH, hs + nxt * NH, y + t * NH,
                   acts + t * N * S * H if training else <floating*> NULL, lengths, t, N, H, bs,
                   u0, u1)
@@ -183,7 +198,7 @@ cdef void fwd_run(
     const floating* b_hh, const long long* lengths,
     floating* w_ih_b, floating* w_hh_b, floating* b_ih_b, floating* b_hh_b,
     floating* xw, floating* hw, floating* acts, floating* hs, floating* y, floating* hT,
-    bint use_t, floating* w_hh_t,
+    bint use_t, floating* w_hh_t, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -199,7 +214,7 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, True, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
-                       lengths, xw, hw, acts, hs, y, use_t, w_hh_t)
+                       lengths, xw, hw, acts, hs, y, use_t, w_hh_t, panels)
     else:
         # G1 split by rows over the threads, then the time loop on one thread
         if seq_threads > 1:
@@ -210,7 +225,7 @@ cdef void fwd_run(
         else:
             project_rows(0, 1, T * N, D, G * H, x, w_ih_b, xw)
         fwd_thread(0, 1, bs, False, training, T, N, D, H, x, w_ih_b, w_hh_b, b_ih_b, b_hh_b,
-                   lengths, xw, hw, acts, hs, y, use_t, w_hh_t)
+                   lengths, xw, hw, acts, hs, y, use_t, w_hh_t, panels)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -245,10 +260,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     # G2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
     cdef bint use_t = N >= 4 and T >= 4
     cdef Py_ssize_t n_t = G * H * H if use_t else 0
-    ws = take_scratch(dtype, (T + 1) * N * G * H + n_t)
+    # float32: W_hh^T also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N, T) else 0
+    ws = take_scratch(dtype, (T + 1) * N * G * H + n_t + n_p)
     xw = ws[: T * N * G * H]
     hw = ws[T * N * G * H : (T + 1) * N * G * H]
-    w_hh_t = ws[(T + 1) * N * G * H :]
+    w_hh_t = ws[(T + 1) * N * G * H : (T + 1) * N * G * H + n_t]
+    panels = ws[(T + 1) * N * G * H + n_t : (T + 1) * N * G * H + n_t + n_p]
     if bs < H:
         w_ih_b = np.empty((G * H, D), dtype)
         w_hh_b = np.empty((G * H, H), dtype)
@@ -274,6 +292,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     cdef void* p_y = data(y)
     cdef void* p_hT = data(hT)
     cdef void* p_w_hh_t = data(w_hh_t)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -282,7 +301,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
                         <float*> p_b_ih, <float*> p_b_hh, lens, <float*> p_w_ih_b,
                         <float*> p_w_hh_b, <float*> p_b_ih_b, <float*> p_b_hh_b,
                         <float*> p_xw, <float*> p_hw, <float*> p_acts, <float*> p_hs,
-                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t)
+                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t,
+                        <float*> p_panels)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, T, N, D, H, <double*> p_x, <double*> p_w_ih,
@@ -290,7 +310,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
                         <double*> p_w_ih_b, <double*> p_w_hh_b, <double*> p_b_ih_b,
                         <double*> p_b_hh_b, <double*> p_xw, <double*> p_hw,
                         <double*> p_acts, <double*> p_hs, <double*> p_y, <double*> p_hT, use_t,
-                        <double*> p_w_hh_t)
+                        <double*> p_w_hh_t, <double*> NULL)
     give_scratch(ws)
     if not train:
         return y, hT, None
@@ -383,9 +403,13 @@ cdef void bwd_thread(
     floating* dhw,               # OUT (T, N, 3H) blocked da_h (scratch)
     floating* dx, floating* dw_ih, floating* dw_hh, floating* db_ih, floating* db_hh,
     floating* scratch,           # (3H, D + H + 2)
+    floating* panels,            # scratch (3H * H) W_hh's columns in panels, or NULL
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     unit_range(H, bs, nt, p, &u0, &u1)
+    if floating is float:
+        if panels != NULL:  # this thread's columns of W_hh, once per call (only it reads them)
+            pack_panels(G * H, u1 - u0, w_hh_b + u0, H, panels + G * H * u0)
     for t in range(T - 1, -1, -1):
         bwd_point(acts + t * N * S * H, hs + t * NH, dy + t * NH, dh, dxw + t * step,
                   dhw + t * step, lengths, t, N, H, bs, u0, u1)
@@ -393,8 +417,16 @@ cdef void bwd_thread(
         fr_barrier()
         # GB4: this thread's columns of dh_{t-1} += da_h W_hh (its next pointwise pass reads
         # only these columns, so no second barrier).
-        step_mm(N, u1 - u0, G * H, dhw + t * step, G * H, w_hh_b + u0, H,
-                <floating> 1, dh + u0, H)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, u1 - u0, G * H, dhw + t * step, G * H, w_hh_b + u0, H,
+                         panels + G * H * u0, 1, dh + u0, H)
+            else:
+                step_mm(N, u1 - u0, G * H, dhw + t * step, G * H, w_hh_b + u0, H,
+                        <floating> 1, dh + u0, H)
+        else:
+            step_mm(N, u1 - u0, G * H, dhw + t * step, G * H, w_hh_b + u0, H,
+                    <floating> 1, dh + u0, H)
     if whole:  # else bwd_run does it, with its own threads
         fr_barrier()
         # GB5: weight, bias and input gradients as whole-sequence GEMMs.
@@ -407,7 +439,7 @@ cdef void bwd_run(
     const floating* x, const floating* w_ih_b, const floating* w_hh_b, const floating* acts,
     const floating* hs, const long long* lengths, const floating* dy, floating* dh,
     floating* dxw, floating* dhw, floating* dx, floating* dw_ih, floating* dw_hh,
-    floating* db_ih, floating* db_hh, floating* scratch,
+    floating* db_ih, floating* db_hh, floating* scratch, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -417,11 +449,11 @@ cdef void bwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             bwd_thread(p, team, bs, True, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh,
-                       dxw, dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
+                       dxw, dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch, panels)
     else:
         # the time loop on one thread, then the whole-sequence GEMMs split over the threads
         bwd_thread(0, 1, bs, False, T, N, D, H, x, w_ih_b, w_hh_b, acts, hs, lengths, dy, dh, dxw,
-                   dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch)
+                   dhw, dx, dw_ih, dw_hh, db_ih, db_hh, scratch, panels)
         if seq_threads > 1:
             with parallel(num_threads=seq_threads):
                 p = omp_get_thread_num()
@@ -451,10 +483,14 @@ def gru_backward(ctx, dy, dhT):
     cdef int nt = team_size(N, H, G)
     cdef int seq_threads = sequence_threads(T, N, D, H, G)
     cdef Py_ssize_t bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
-    ws = take_scratch(dtype, 2 * T * N * G * H + G * H * (D + H + 2))
+    # float32: W_hh also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = G * H * H if dtype == np.float32 and use_panels(N, T) else 0
+    cdef Py_ssize_t n_s = G * H * (D + H + 2), n_a = 2 * T * N * G * H
+    ws = take_scratch(dtype, n_a + n_s + n_p)
     dxw = ws[: T * N * G * H]
-    dhw = ws[T * N * G * H : 2 * T * N * G * H]
-    scratch = ws[2 * T * N * G * H :]
+    dhw = ws[T * N * G * H : n_a]
+    scratch = ws[n_a : n_a + n_s]
+    panels = ws[n_a + n_s : n_a + n_s + n_p]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((G * H, D), dtype)
     dw_hh = np.empty((G * H, H), dtype)
@@ -476,6 +512,7 @@ def gru_backward(ctx, dy, dhT):
     cdef void* p_db_ih = data(db_ih)
     cdef void* p_db_hh = data(db_hh)
     cdef void* p_scratch = data(scratch)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
@@ -484,13 +521,14 @@ def gru_backward(ctx, dy, dhT):
                         <float*> p_acts, <float*> p_hs, lens, <float*> p_dy, <float*> p_dh,
                         <float*> p_dxw, <float*> p_dhw, <float*> p_dx, <float*> p_dw_ih,
                         <float*> p_dw_hh, <float*> p_db_ih, <float*> p_db_hh,
-                        <float*> p_scratch)
+                        <float*> p_scratch, <float*> p_panels)
         else:
             with nogil:
                 bwd_run(nt, seq_threads, bs, T, N, D, H, <double*> p_x, <double*> p_w_ih_b,
                         <double*> p_w_hh_b, <double*> p_acts, <double*> p_hs, lens,
                         <double*> p_dy, <double*> p_dh, <double*> p_dxw, <double*> p_dhw,
                         <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh,
-                        <double*> p_db_ih, <double*> p_db_hh, <double*> p_scratch)
+                        <double*> p_db_ih, <double*> p_db_hh, <double*> p_scratch,
+                        <double*> NULL)
     give_scratch(ws)
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
