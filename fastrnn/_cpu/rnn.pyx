@@ -26,6 +26,9 @@ from fastrnn._cpu._recurrent_common cimport (
     project_rows,
     sequence_grads,
     step_mm,
+    pack_panels,
+    panel_mm,
+    use_panels,
     fr_small_gemm_init,
     step_gemm,
     transpose_rows,
@@ -115,12 +118,16 @@ cdef void fwd_thread(
     floating* y,                 # OUT (T, N, H)
     bint use_t,                  # IN  run R2 from W_hh^T
     floating* w_hh_t,            # scratch (H, H) W_hh^T when use_t
+    floating* panels,            # scratch (H * H) W_hh^T's columns in panels, or NULL
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
     if use_t:  # this thread's columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh, H, H, u0, u1, w_hh_t)
+    if floating is float:
+        if panels != NULL:  # and packed into panels, once per call (only it reads them)
+            pack_panels(H, u1 - u0, w_hh_t + u0, H, panels + H * u0)
     # R1: the input projection of all T steps, this thread's columns, one GEMM.
     if whole:  # else fwd_run has done it, split by rows
         mm(False, True, T * N, u1 - u0, D, <floating> 1, x, D, w_ih + u0 * D, D, <floating> 0,
@@ -129,8 +136,16 @@ cdef void fwd_thread(
         cur = t if training else t & 1
         nxt = t + 1 if training else (t + 1) & 1
         # R2: the recurrent projection of this thread's columns, added onto R1's.
-        step_gemm(use_t, N, H, H, u0, u1, hs + cur * NH, w_hh, w_hh_t, <floating> 1,
-                  xw + t * NH)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, u1 - u0, H, hs + cur * NH, H, w_hh_t + u0, H, panels + H * u0, 1,
+                         xw + t * NH + u0, H)
+            else:
+                step_gemm(use_t, N, H, H, u0, u1, hs + cur * NH, w_hh, w_hh_t, <floating> 1,
+                          xw + t * NH)
+        else:
+            step_gemm(use_t, N, H, H, u0, u1, hs + cur * NH, w_hh, w_hh_t, <floating> 1,
+                      xw + t * NH)
         fwd_point(xw + t * NH, b, hs + cur * NH, hs + nxt * NH, y + t * NH, relu, lengths, t,
                   N, H, bs, u0, u1)
         # Every thread's part of h_t must be written before any thread's next R2 reads h_t.
@@ -142,7 +157,7 @@ cdef void fwd_run(
     Py_ssize_t D, Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* b,
     const long long* lengths, floating* xw, floating* hs, floating* y, floating* hT,
-    bint use_t, floating* w_hh_t,
+    bint use_t, floating* w_hh_t, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -153,7 +168,7 @@ cdef void fwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, True, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw,
-                       hs, y, use_t, w_hh_t)
+                       hs, y, use_t, w_hh_t, panels)
     else:
         # R1 split by rows over the threads, then the time loop on one thread
         if seq_threads > 1:
@@ -164,7 +179,7 @@ cdef void fwd_run(
         else:
             project_rows(0, 1, T * N, D, H, x, w_ih, xw)
         fwd_thread(0, 1, bs, False, training, relu, T, N, D, H, x, w_ih, w_hh, b, lengths, xw, hs,
-                   y, use_t, w_hh_t)
+                   y, use_t, w_hh_t, panels)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
 
@@ -194,9 +209,12 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     # R2 from W_hh^T (see step_gemm) when the batch and the sequence repay the transposition
     cdef bint use_t = N >= 4 and T >= 4
     cdef Py_ssize_t n_t = H * H if use_t else 0
-    ws = take_scratch(dtype, T * N * H + n_t)
+    # float32: W_hh^T also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N, T) else 0
+    ws = take_scratch(dtype, T * N * H + n_t + n_p)
     xw = ws[: T * N * H]
-    w_hh_t = ws[T * N * H :]
+    w_hh_t = ws[T * N * H : T * N * H + n_t]
+    panels = ws[T * N * H + n_t : T * N * H + n_t + n_p]
     hT = np.empty((N, H), dtype)
     cdef const long long* lens = lengths_ptr(lengths)
     cdef void* p_x = data(x)
@@ -208,19 +226,21 @@ def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     cdef void* p_y = data(y)
     cdef void* p_hT = data(hT)
     cdef void* p_w_hh_t = data(w_hh_t)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
                         <float*> p_w_hh, <float*> p_b, lens, <float*> p_xw, <float*> p_hs,
-                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t)
+                        <float*> p_y, <float*> p_hT, use_t, <float*> p_w_hh_t,
+                        <float*> p_panels)
         else:
             with nogil:
                 fwd_run(nt, seq_threads, bs, train, relu, T, N, D, H, <double*> p_x,
                         <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_b, lens, <double*> p_xw,
                         <double*> p_hs, <double*> p_y, <double*> p_hT, use_t,
-                        <double*> p_w_hh_t)
+                        <double*> p_w_hh_t, <double*> NULL)
     give_scratch(ws)
     if not train:
         return y, hT, None
@@ -281,9 +301,13 @@ cdef void bwd_thread(
     floating* dh,                # INOUT (N, H) dhT in, dh0 out
     floating* da,                # OUT (T, N, H) pre-activation gradients (scratch)
     floating* dx, floating* dw_ih, floating* dw_hh, floating* db,
+    floating* panels,            # scratch (H * H) W_hh's columns in panels, or NULL
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, t, NH = N * H
     unit_range(H, bs, nt, p, &u0, &u1)
+    if floating is float:
+        if panels != NULL:  # this thread's columns of W_hh, once per call (only it reads them)
+            pack_panels(H, u1 - u0, w_hh + u0, H, panels + H * u0)
     for t in range(T - 1, -1, -1):
         bwd_point(hs + (t + 1) * NH, dy + t * NH, dh, da + t * NH, relu, lengths, t, N, H, bs, u0,
                   u1)
@@ -291,8 +315,14 @@ cdef void bwd_thread(
         fr_barrier()
         # RB3: this thread's columns of dh_{t-1} += da_t W_hh (its next pointwise pass reads
         # only these columns, so no second barrier).
-        step_mm(N, u1 - u0, H, da + t * NH, H, w_hh + u0, H,
-                <floating> 1, dh + u0, H)
+        if floating is float:
+            if panels != NULL:
+                panel_mm(N, u1 - u0, H, da + t * NH, H, w_hh + u0, H, panels + H * u0, 1,
+                         dh + u0, H)
+            else:
+                step_mm(N, u1 - u0, H, da + t * NH, H, w_hh + u0, H, <floating> 1, dh + u0, H)
+        else:
+            step_mm(N, u1 - u0, H, da + t * NH, H, w_hh + u0, H, <floating> 1, dh + u0, H)
     if whole:  # else bwd_run does it, with its own threads
         fr_barrier()
         # RB4: weight, bias and input gradients as whole-sequence GEMMs.
@@ -305,7 +335,7 @@ cdef void bwd_run(
     Py_ssize_t H,
     const floating* x, const floating* w_ih, const floating* w_hh, const floating* hs,
     const long long* lengths, const floating* dy, floating* dh, floating* da, floating* dx,
-    floating* dw_ih, floating* dw_hh, floating* db,
+    floating* dw_ih, floating* dw_hh, floating* db, floating* panels,
 ) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
@@ -315,11 +345,11 @@ cdef void bwd_run(
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             bwd_thread(p, team, bs, True, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da,
-                       dx, dw_ih, dw_hh, db)
+                       dx, dw_ih, dw_hh, db, panels)
     else:
         # the time loop on one thread, then the whole-sequence GEMMs split over the threads
         bwd_thread(0, 1, bs, False, relu, T, N, D, H, x, w_ih, w_hh, hs, lengths, dy, dh, da, dx,
-                   dw_ih, dw_hh, db)
+                   dw_ih, dw_hh, db, panels)
         if seq_threads > 1:
             with parallel(num_threads=seq_threads):
                 p = omp_get_thread_num()
@@ -349,8 +379,11 @@ def rnn_backward(ctx, dy, dhT):
     cdef int nt = team_size(N, H, 1)
     cdef int seq_threads = sequence_threads(T, N, D, H, 1)
     cdef Py_ssize_t bs = BLOCK
-    ws = take_scratch(dtype, T * N * H)
+    # float32: W_hh also packed in panels (panel_mm)
+    cdef Py_ssize_t n_p = H * H if dtype == np.float32 and use_panels(N, T) else 0
+    ws = take_scratch(dtype, T * N * H + n_p)
     da = ws[: T * N * H]
+    panels = ws[T * N * H : T * N * H + n_p]
     dx = np.empty((T, N, D), dtype)
     dw_ih = np.empty((H, D), dtype)
     dw_hh = np.empty((H, H), dtype)
@@ -367,18 +400,20 @@ def rnn_backward(ctx, dy, dhT):
     cdef void* p_dw_ih = data(dw_ih)
     cdef void* p_dw_hh = data(dw_hh)
     cdef void* p_db = data(db)
+    cdef void* p_panels = data(panels) if n_p > 0 else NULL
     with fallback_limit(nt):
         if dtype == np.float32:
             with nogil:
                 bwd_run(nt, seq_threads, bs, relu, T, N, D, H, <float*> p_x, <float*> p_w_ih,
                         <float*> p_w_hh,
                         <float*> p_hs, lens, <float*> p_dy, <float*> p_dh, <float*> p_da,
-                        <float*> p_dx, <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db)
+                        <float*> p_dx, <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db,
+                        <float*> p_panels)
         else:
             with nogil:
                 bwd_run(nt, seq_threads, bs, relu, T, N, D, H, <double*> p_x, <double*> p_w_ih,
                         <double*> p_w_hh, <double*> p_hs, lens, <double*> p_dy,
                         <double*> p_dh, <double*> p_da, <double*> p_dx, <double*> p_dw_ih,
-                        <double*> p_dw_hh, <double*> p_db)
+                        <double*> p_dw_hh, <double*> p_db, <double*> NULL)
     give_scratch(ws)
     return dx, dh, dw_ih, dw_hh, db
