@@ -468,7 +468,9 @@ cdef extern from *:
 # one thread, fwd+bwd, BLAS -> this kernel: LSTM (T,N,D,H)=(100,16,256,256) 61.7 -> 33.6 ms, GRU
 # 45.9 -> 27.7, RNN 13.4 -> 8.2, LSTM (200,32,64,64) 14.9 -> 11.8 (torch.nn.LSTM: 40.9 and
 # 15.5). Allowing 64 rows made (100,64,512,512) slower (LSTM 605 -> 749 ms: the weights stream
-# from L2 once per 8 rows), so larger batches stay with BLAS.
+# from L2 once per 8 rows), so larger batches stay with BLAS here. The recurrent kernels now
+# use the packed-panel kernel below (use_panels) for batches of 4+ rows of sequences; this one
+# remains for short sequences and the dispatch's fallback.
 cdef enum:
     SMALL_GEMM_MAX_ROWS = 32
 

@@ -105,6 +105,14 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 # these steps) BLAS's own threads won this probe; the kernels still split there (one barrier
 # per step, no BLAS pool switching inside a call, which cost tens of ms per call, see below) and
 # scale 1.8x from 1 to 2 threads on the whole (100,64,512,512) LSTM. See lstm.pyx.
+# Re-measured with the packed-panel step GEMM (use_panels in _recurrent_common.pxd), 9 rounds,
+# load average ~1.1 (another job on one core), median us per step, serial / BLAS / split:
+#   N=1  H=128   2.0 / 1.7 / 1.5          N=32 H=64   6.0 / 6.7 / 3.6
+#   N=16 H=256  54.8 / 94.9 / 27.7        N=64 H=512  866 / 762 / 1169 (best 824 / 739 / 972)
+# The panels cut the split's step at N=64, H=512 from 2083 to 1169 us; under that load the
+# split lost to one thread, but the whole call (which also splits its whole-sequence GEMMs and
+# pointwise passes) still beat its previous version and torch.nn.LSTM; BLAS's own threads were
+# rejected for the whole call (lstm.pyx: they spin, and stall when a peer is descheduled).
 MIN_PARALLEL_WORK = 1 << 20
 
 

@@ -38,6 +38,21 @@ MIN_SEQUENCE_PARALLEL_WORK). At N=64, H=512 BLAS's own threads won the probe (69
 median); the split is kept there too because switching BLAS's pool on and off inside a call
 cost tens of ms per call on this machine; the whole LSTM still scales 1.8x from 1 to 2 threads
 at (100,64,512,512). BLAS itself stays single-threaded throughout a call.
+
+Tried and rejected: every GEMM of a large call on BLAS's own threads, set once at entry (no pool
+switching inside the call), the pointwise passes on the calling thread and no OpenMP region.
+LSTM (100,64,512,512) fwd+bwd, 2 threads, A/B in one process, 7-9 rounds: 413 vs 401 ms median
+(best 356 vs 392) with OMP_WAIT_POLICY unset and another job on the machine, and 5750 vs 731 ms
+with OMP_WAIT_POLICY=passive under the same load: OpenBLAS's threads wait for each other inside
+a GEMM by spinning, so a worker descheduled by another process stalls every step. The OpenMP
+split with one barrier per step degrades far more gracefully on the shared machine.
+
+The per-step GEMMs read the recurrent weights from panels packed once per call (float32 with
+AVX-512, batches of 4+, 4+ steps; see use_panels in _recurrent_common.pxd): each thread packs
+its own gate columns of W_hh^T (forward) and its own columns of W_hh (backward) into K x 32
+contiguous panels, and fr_panel_sgemm_avx512 runs every step from them, where OpenBLAS used to
+re-pack the weights on every step. LSTM (100,64,512,512) fwd+bwd, 2 threads: 373-390 -> 311-324
+ms (torch.nn.LSTM 347-392 in the same runs).
 """
 
 cimport numpy as cnp
