@@ -111,3 +111,26 @@ def test_blas_threads_restored_after_a_call(restore_threads):
     assert after == before
     # The kernels found SciPy's BLAS functions (no slow fallback on the standard wheels).
     assert _recurrent_threads.blas_thread_functions()
+
+
+@pytest.mark.parametrize("strategy", ["serial", "blas", "omp"])
+@pytest.mark.parametrize("N,H,G", [(1, 32, 4), (5, 40, 3), (40, 48, 1)])
+def test_step_gemm_probe_runs_every_strategy(strategy, N, H, G):
+    """The threading probe (fastrnn._bench --strategies) runs the kernels' step GEMMs, packed
+    panels included (N >= 4), for every strategy and leaves the BLAS setting as it found it."""
+    from fastrnn._cpu._recurrent_bench import step_gemm_seconds
+    from threadpoolctl import threadpool_info
+
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    seconds = step_gemm_seconds(N, H, G, strategy, 2, steps=8)
+    assert np.isfinite(seconds) and seconds > 0
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_step_gemm_probe_rejects_bad_arguments():
+    from fastrnn._cpu._recurrent_bench import step_gemm_seconds
+
+    with pytest.raises(ValueError, match="strategy"):
+        step_gemm_seconds(4, 16, 4, "gpu", 2)
+    with pytest.raises(ValueError, match="threads"):
+        step_gemm_seconds(4, 16, 4, "omp", 0)
