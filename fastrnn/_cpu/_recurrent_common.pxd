@@ -584,17 +584,6 @@ cdef inline void to_blocked(
         memcpy(dst + r * cols, src + natural_row(r, G, H, bs) * cols, cols * sizeof(floating))
 
 
-cdef inline void to_blocked_rows(
-    const floating* src,   # IN  (G*H, cols) natural gate rows
-    floating* dst,         # OUT (G*H, cols) blocked gate rows r0..r1 only; must not alias src
-    int G, Py_ssize_t H, Py_ssize_t cols, Py_ssize_t bs, Py_ssize_t r0, Py_ssize_t r1,
-) noexcept nogil:
-    """to_blocked for the blocked rows [r0, r1) (a thread converts only the rows it owns)."""
-    cdef Py_ssize_t r
-    for r in range(r0, r1):
-        memcpy(dst + r * cols, src + natural_row(r, G, H, bs) * cols, cols * sizeof(floating))
-
-
 cdef inline void from_blocked(
     const floating* src,   # IN  (G*H, cols) blocked gate rows
     floating* dst,         # OUT (G*H, cols) natural gate rows; rows r0..r1 of src only

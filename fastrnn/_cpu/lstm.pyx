@@ -11,11 +11,7 @@ Python in the time loop):
 
 * With more than one thread in the time loop, the weights are copied once per call into the
   blocked gate layout (_recurrent_common.pxd), so OpenMP thread p owns the hidden units
-  [u0, u1) and the gate rows [4 u0, 4 u1); thread p copies its own gate rows, inside the
-  parallel region (it alone reads them in the forward), into a buffer from the saved pool (the
-  backward reads the copies). LSTM (100,16,256,256) fwd+bwd, 2 threads, 31 interleaved rounds:
-  24.4 -> 23.7 and 23.9 -> 23.1 ms median (the serial copy and its page faults on a fresh
-  array, every call). One thread uses the weights as they are.
+  [u0, u1) and the gate rows [4 u0, 4 u1). One thread uses the weights as they are.
 * Forward, thread p: L1 its gate columns of x W_ih^T for all T steps in one GEMM; then per step
   L2 its gate columns of h_{t-1} W_hh^T (one GEMM, accumulated onto L1's result), L3-L5 the fused
   pointwise pass over its units (bias added here), and one barrier (h_t complete).
@@ -88,7 +84,6 @@ from fastrnn._cpu._recurrent_common cimport (
     sigmoid,
     tanh_,
     to_blocked,
-    to_blocked_rows,
     unit_range,
 )
 
@@ -186,18 +181,11 @@ cdef void fwd_thread(
     bint use_t,                  # IN  run L2 from W_hh^T
     floating* w_hh_t,            # scratch (H, 4H) W_hh^T (blocked columns) when use_t
     floating* panels,            # scratch (H * 4H) W_hh^T's columns in panels, or NULL
-    const floating* w_ih,        # IN  (4H, D) natural, or NULL: w_ih_b etc. are already blocked
-    const floating* w_hh,        # IN  (4H, H) natural, or NULL
-    const floating* b,           # IN  (4H,) natural, or NULL
 ) noexcept nogil:
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, t, NH = N * H, step = N * G * H
     cdef Py_ssize_t cur, nxt
     unit_range(H, bs, nt, p, &u0, &u1)
-    if w_ih != NULL:  # this thread's gate rows into the blocked layout: only it reads them
-        to_blocked_rows(w_ih, <floating*> w_ih_b, G, H, D, bs, G * u0, G * u1)
-        to_blocked_rows(w_hh, <floating*> w_hh_b, G, H, H, bs, G * u0, G * u1)
-        to_blocked_rows(b, <floating*> bias, G, H, 1, bs, G * u0, G * u1)
     if use_t:  # this thread's gate columns of W_hh^T: no barrier, only it reads them
         transpose_rows(w_hh_b, G * H, H, G * u0, G * u1, w_hh_t)
     if floating is float:
@@ -241,21 +229,17 @@ cdef void fwd_run(
     cdef int p, team
     cdef Py_ssize_t last = T if training else T & 1
     fr_blas_pin_one(saved)
+    if bs < H:  # else the natural layout is the blocked one and w_ih_b is w_ih, etc.
+        to_blocked(w_ih, w_ih_b, G, H, D, bs)
+        to_blocked(w_hh, w_hh_b, G, H, H, bs)
+        to_blocked(b, b_b, G, H, 1, bs)
     if nt > 1:
-        # bs < H: each thread copies its own gate rows into the blocked layout (fwd_thread);
-        # else the natural layout is the blocked one and w_ih_b is w_ih, etc.
         with parallel(num_threads=nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(p, team, bs, True, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths,
-                       gates, hs, cs, y, use_t, w_hh_t, panels,
-                       w_ih if bs < H else NULL, w_hh if bs < H else NULL,
-                       b if bs < H else NULL)
+                       gates, hs, cs, y, use_t, w_hh_t, panels)
     else:
-        if bs < H:  # (one thread runs with bs == H: no copy)
-            to_blocked(w_ih, w_ih_b, G, H, D, bs)
-            to_blocked(w_hh, w_hh_b, G, H, H, bs)
-            to_blocked(b, b_b, G, H, 1, bs)
         # L1 split by rows over the threads, then the time loop on one thread
         if seq_threads > 1:
             with parallel(num_threads=seq_threads):
@@ -265,8 +249,7 @@ cdef void fwd_run(
         else:
             project_rows(0, 1, T * N, D, G * H, x, w_ih_b, gates)
         fwd_thread(0, 1, bs, False, training, T, N, D, H, x, w_ih_b, w_hh_b, b_b, lengths, gates,
-                   hs, cs, y, use_t, w_hh_t, panels, <floating*> NULL, <floating*> NULL,
-                   <floating*> NULL)
+                   hs, cs, y, use_t, w_hh_t, panels)
     memcpy(hT, hs + last * N * H, N * H * sizeof(floating))
     memcpy(cT, cs + last * N * H, N * H * sizeof(floating))
     fr_blas_restore(saved)
@@ -298,14 +281,11 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     nstates = T + 1 if train else 2
     # What backward reads (activations, states) shares one buffer from the saved pool when
     # training: reused across calls, so its pages are not faulted in and zeroed every call.
-    # The blocked copies of the weights (bs < H) too: backward reads them.
     cdef Py_ssize_t n_acts = T * N * G * H, n_states = nstates * N * H
-    cdef Py_ssize_t n_w = G * H * (D + H + 1) if bs < H else 0
     if train:
-        keep = take_saved(dtype, n_acts + 2 * n_states + n_w)
+        keep = take_saved(dtype, n_acts + 2 * n_states)
         hs = keep[n_acts : n_acts + n_states].reshape(nstates, N, H)
-        cs = keep[n_acts + n_states : n_acts + 2 * n_states].reshape(nstates, N, H)
-        wb = keep[n_acts + 2 * n_states :]
+        cs = keep[n_acts + n_states :].reshape(nstates, N, H)
     else:
         hs = np.empty((nstates, N, H), dtype)
         cs = np.empty((nstates, N, H), dtype)
@@ -318,17 +298,15 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
     # float32: W_hh^T also packed in panels (panel_mm)
     cdef Py_ssize_t n_p = n_t if use_t and dtype == np.float32 and use_panels(N, T) else 0
     # the activations are saved for backward when training, scratch otherwise
-    ws = take_scratch(dtype, n_t + n_p + (0 if train else n_acts + n_w))
+    ws = take_scratch(dtype, n_t + n_p + (0 if train else T * N * G * H))
     w_hh_t = ws[:n_t]
     panels = ws[n_t : n_t + n_p]
     gates = keep[:n_acts] if train else ws[n_t + n_p : n_t + n_p + n_acts]
     gates = gates.reshape(T, N, G * H)
     if bs < H:
-        if not train:
-            wb = ws[n_t + n_p + n_acts : n_t + n_p + n_acts + n_w]
-        w_ih_b = wb[: G * H * D].reshape(G * H, D)
-        w_hh_b = wb[G * H * D : G * H * (D + H)].reshape(G * H, H)
-        b_b = wb[G * H * (D + H) :]
+        w_ih_b = np.empty((G * H, D), dtype)
+        w_hh_b = np.empty((G * H, H), dtype)
+        b_b = np.empty(G * H, dtype)
     else:
         w_ih_b, w_hh_b, b_b = w_ih, w_hh, b
     hT = np.empty((N, H), dtype)
