@@ -2,7 +2,7 @@
 
 ``set_num_threads(n)`` sets the OpenMP threads of fastrnn's kernels (passed explicitly to every
 parallel region, so it does not change other libraries' OpenMP settings). BLAS threads are
-managed by the kernels themselves through threadpoolctl (see fastrnn/_cpu/_blas_threads.py).
+managed by the kernels themselves (fastrnn/_cpu/_blas_threads.py, _recurrent_threads.py).
 The default is what OpenMP would use: ``OMP_NUM_THREADS`` when set, else the number of CPUs
 this process may run on.
 """

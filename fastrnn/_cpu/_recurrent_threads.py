@@ -6,8 +6,9 @@ GEMM per thread, so BLAS must run on one thread while they run. Pinning through 
 single-step LSTM call should take, so the kernels pin in C instead: :func:`blas_thread_functions`
 finds each loaded BLAS library's own set/get-num-threads functions once (the library list comes
 from threadpoolctl), and the kernels call them through function pointers without the GIL
-(~0.1 us). A BLAS whose functions cannot be found falls back to the controller
-(:func:`fallback_limit`), used only when the kernel will run more than one thread.
+(~0.1 us). A BLAS whose functions cannot be found falls back to the shared threadpoolctl
+controller of fastrnn/_cpu/_blas_threads.py (:func:`fallback_limit`), used only when the kernel
+will run more than one thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fastrnn._cpu._blas_threads import blas_controller
 from fastrnn._threads import get_num_threads
 
 # (set, get) function names by threadpoolctl's internal_api; OpenBLAS builds add a prefix
@@ -42,9 +44,7 @@ def _address(lib: Any, name: str) -> int:
 
 
 def _discover() -> tuple[list[tuple[int, int]], Any]:
-    from threadpoolctl import ThreadpoolController
-
-    controller = ThreadpoolController().select(user_api="blas")
+    controller = blas_controller()
     pairs: list[tuple[int, int]] = []
     missing = False
     for lc in controller.lib_controllers:
@@ -83,9 +83,7 @@ def blas_thread_functions() -> list[tuple[int, int]]:
 def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
     """Pins, through threadpoolctl, the BLAS libraries :func:`blas_thread_functions` could not;
     a no-op context when there are none or the kernel runs on one thread."""
-    if _found is None:
-        blas_thread_functions()
-    assert _found is not None
+    blas_thread_functions()
     controller = _found[1]
     if controller is None or n_threads <= 1:
         return contextlib.nullcontext()

@@ -45,7 +45,7 @@ import numpy as np
 from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 
-from fastrnn._cpu._conv_threads import blas_threads
+from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
