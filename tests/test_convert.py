@@ -12,7 +12,7 @@ import pytest
 
 import fastrnn
 from fastrnn import convert
-from tests.tolerances import assert_close
+from tolerances import assert_close
 
 T, N, D, H = 5, 3, 4, 6
 

@@ -7,7 +7,7 @@ import pytest
 
 import fastrnn
 from fastrnn import dlpack
-from tests.conftest import CUDA
+from conftest import CUDA
 
 torch = pytest.importorskip("torch")
 
