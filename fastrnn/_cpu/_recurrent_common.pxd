@@ -64,33 +64,6 @@ cdef extern from *:
     #endif
     }
 
-    /* BLAS thread pinning through the libraries' own set/get functions (registered once). */
-    typedef void (*fr_blas_set_fn)(int);
-    typedef int (*fr_blas_get_fn)(void);
-    #define FR_MAX_BLAS 8
-    static fr_blas_set_fn fr_blas_set[FR_MAX_BLAS];
-    static fr_blas_get_fn fr_blas_get[FR_MAX_BLAS];
-    static int fr_blas_count = 0;
-    static void fr_blas_register(size_t set_addr, size_t get_addr) {
-        if (fr_blas_count < FR_MAX_BLAS && set_addr && get_addr) {
-            fr_blas_set[fr_blas_count] = (fr_blas_set_fn) set_addr;
-            fr_blas_get[fr_blas_count] = (fr_blas_get_fn) get_addr;
-            fr_blas_count++;
-        }
-    }
-    /* saved must hold FR_MAX_BLAS ints; the caller's stack, so concurrent calls do not race
-       on it (they may still race on the libraries' global setting: last restore wins). */
-    static void fr_blas_pin(int n, int *saved) {
-        for (int i = 0; i < fr_blas_count; i++) {
-            saved[i] = fr_blas_get[i]();
-            if (saved[i] != n) fr_blas_set[i](n);
-        }
-    }
-    static void fr_blas_pin_one(int *saved) { fr_blas_pin(1, saved); }
-    static void fr_blas_restore(const int *saved) {
-        for (int i = 0; i < fr_blas_count; i++)
-            if (fr_blas_get[i]() != saved[i]) fr_blas_set[i](saved[i]);
-    }
     """
     float fr_expf(float x) noexcept nogil
     float fr_sigmoidf(float x) noexcept nogil
@@ -98,12 +71,28 @@ cdef extern from *:
     double fr_sigmoid(double x) noexcept nogil
     double fr_tanh(double x) noexcept nogil
     void fr_barrier() noexcept nogil
-    int FR_MAX_BLAS
-    int fr_blas_count
-    void fr_blas_register(size_t set_addr, size_t get_addr) noexcept nogil
-    void fr_blas_pin(int n, int* saved) noexcept nogil
-    void fr_blas_pin_one(int* saved) noexcept nogil
-    void fr_blas_restore(const int* saved) noexcept nogil
+
+# BLAS thread pinning: one process-wide counter shared by every kernel module
+# (fastrnn/_cpu/_process.pyx), so concurrent calls restore the user's settings exactly once.
+# ``saved`` is kept for the callers' signature; the state lives in _process.
+from fastrnn._cpu._process cimport blas_pin, blas_register, blas_unpin
+
+
+cdef inline void fr_blas_register(size_t set_addr, size_t get_addr) noexcept nogil:
+    blas_register(set_addr, get_addr)
+
+
+cdef inline void fr_blas_pin(int n, int* saved) noexcept nogil:
+    blas_pin(n)
+
+
+cdef inline void fr_blas_pin_one(int* saved) noexcept nogil:
+    blas_pin(1)
+
+
+cdef inline void fr_blas_restore(const int* saved) noexcept nogil:
+    blas_unpin()
+
 
 # The float32 pointwise passes in C: restrict-qualified, so they vectorise without alias checks,
 # and compiled for AVX-512, AVX2+FMA and baseline x86-64 with run-time dispatch (GCC

@@ -3,92 +3,21 @@
 The recurrent kernels call BLAS from inside their OpenMP parallel regions, one single-threaded
 GEMM per thread, so BLAS must run on one thread while they run. Pinning through a reused
 ``threadpoolctl.ThreadpoolController`` costs ~16 us per call (FACTS.md), more than a whole
-single-step LSTM call should take, so the kernels pin in C instead: :func:`blas_thread_functions`
-finds each loaded BLAS library's own set/get-num-threads functions once (the library list comes
-from threadpoolctl), and the kernels call them through function pointers without the GIL
-(~0.1 us). A BLAS whose functions cannot be found falls back to the shared threadpoolctl
-controller of fastrnn/_cpu/_blas_threads.py (:func:`fallback_limit`), used only when the kernel
-will run more than one thread.
+single-step LSTM call should take, so the kernels pin in C instead, through the process-wide
+counter of fastrnn/_cpu/_process.pyx (see fastrnn/_cpu/_blas_threads.py); a BLAS whose
+functions cannot be found falls back to threadpoolctl (:func:`fallback_limit`), used only when
+the kernel will run more than one thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import sys
 from typing import Any
 
 import numpy as np
 
-from fastrnn._cpu._blas_threads import blas_controller
+from fastrnn._cpu._blas_threads import blas_thread_functions, fallback_limit  # noqa: F401
 from fastrnn._threads import get_num_threads
-
-# (set, get) function names by threadpoolctl's internal_api; OpenBLAS builds add a prefix
-# ("scipy_" for the scipy-openblas wheels) and a suffix ("64_" for ILP64 builds).
-_NAMES = {
-    "openblas": ("openblas_set_num_threads", "openblas_get_num_threads"),
-    "mkl": ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
-}
-_PREFIXES = ("", "scipy_")
-_SUFFIXES = ("", "64_")
-
-_found: tuple[list[tuple[int, int]], Any] | None = None
-
-
-def _address(lib: Any, name: str) -> int:
-    try:
-        fn = getattr(lib, name)
-    except AttributeError:
-        return 0
-    return ctypes.cast(fn, ctypes.c_void_p).value or 0
-
-
-def _discover() -> tuple[list[tuple[int, int]], Any]:
-    controller = blas_controller()
-    pairs: list[tuple[int, int]] = []
-    missing = False
-    for lc in controller.lib_controllers:
-        names = _NAMES.get(lc.internal_api)
-        pair = (0, 0)
-        if names is not None:
-            for prefix in _PREFIXES:
-                for suffix in _SUFFIXES:
-                    pair = (
-                        _address(lc.dynlib, prefix + names[0] + suffix),
-                        _address(lc.dynlib, prefix + names[1] + suffix),
-                    )
-                    if all(pair):
-                        break
-                if all(pair):
-                    break
-        if all(pair):
-            pairs.append(pair)
-        else:
-            missing = True
-    return pairs, (controller if missing else None)
-
-
-def blas_thread_functions() -> list[tuple[int, int]]:
-    """Addresses ``(set_num_threads, get_num_threads)`` of every loaded BLAS we can pin in C.
-
-    Call after ``scipy.linalg.cython_blas`` is imported (the kernel modules import it), so that
-    SciPy's BLAS, the one the kernels call, is loaded.
-    """
-    global _found
-    if _found is None:
-        _found = _discover()
-    return _found[0]
-
-
-def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
-    """Pins, through threadpoolctl, the BLAS libraries :func:`blas_thread_functions` could not;
-    a no-op context when there are none or the kernel runs on one thread."""
-    blas_thread_functions()
-    controller = _found[1]
-    if controller is None or n_threads <= 1:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1)
-
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
 # runs on one thread (its whole-sequence GEMMs may still be split, see below): a barrier per

@@ -3,13 +3,16 @@ scipy.linalg.cython_blas.
 
 Each op family is one extension module (``fastrnn._cpu.lstm`` ...) whose ``def`` functions have
 exactly the backend interface's signatures (fastrnn/backends/base.py). They are imported on first
-use, so a missing build fails with a clear message instead of at ``import fastrnn``.
+use, so a missing build fails with a clear message instead of at ``import fastrnn``, and
+wrapped by :func:`fastrnn._cpu._fork.fork_safe`, so a forked child can call them.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from fastrnn._cpu._fork import fork_safe
 
 name = "cpu"
 
@@ -36,6 +39,6 @@ def __getattr__(attr: str) -> Any:
             f"({exc}); install fastrnn with `pip install -e .` (or "
             "`python setup.py build_ext --inplace` in a source checkout)"
         ) from exc
-    fn = getattr(module, attr)
+    fn = fork_safe(getattr(module, attr))
     globals()[attr] = fn  # later lookups skip __getattr__
     return fn
