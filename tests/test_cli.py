@@ -456,6 +456,121 @@ def test_sample_refuses_foreign_and_corrupt_checkpoints(
     assert_one_line_error(code, err, "JSON")
 
 
+def _tampered(trained: dict[str, Path], tmp_path: Path, name: str, edit) -> Path:
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(trained["out"], d)
+    meta = json.loads((d / "checkpoint.json").read_text())
+    edit(d, meta)
+    (d / "checkpoint.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_sample_refuses_file_names_outside_the_checkpoint(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+    import os
+    import shutil
+    import signal
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    meta0 = json.loads((trained["out"] / "checkpoint.json").read_text())
+    weights0 = trained["out"] / meta0["files"]["weights"]["name"]
+    outside = tmp_path / "outside.npz"
+    shutil.copy(weights0, outside)
+
+    def named(name: str, digest: str | None = None):
+        def edit(d: Path, meta: dict) -> None:
+            meta["files"]["weights"] = {"name": name, "sha256": digest or sha(outside)}
+
+        return edit
+
+    # a path up and out of the directory, an absolute path (both with a matching digest), the
+    # files a hostile checkpoint might name: each refused before anything is opened
+    cases = {
+        "up": "../outside.npz",
+        "absolute": str(outside),
+        "passwd": "/etc/passwd",
+        "zero": "/dev/zero",
+        "sub": "sub/../w.npz",
+        "dots": "..",
+    }
+    for label, name in cases.items():
+        d = _tampered(trained, tmp_path, label, named(name))
+        code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(d))
+        assert_one_line_error(code, err, "not a plain file name")
+
+    # a symlink inside the directory pointing out of it, and a FIFO: refused, never followed
+    # or waited on (the alarm turns a hang into a failure)
+    link = _tampered(trained, tmp_path, "link", named("w.npz"))
+    os.symlink(outside, link / "w.npz")
+    fifo = _tampered(trained, tmp_path, "fifo", named("w.npz"))
+    os.mkfifo(fifo / "w.npz")
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(30)
+    try:
+        for d in (link, fifo):
+            code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(d))
+            assert_one_line_error(code, err, "regular file")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_sample_refuses_model_sizes_out_of_range(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {
+        "huge": ("hidden", 100_000, "model.hidden"),
+        "negative": ("hidden", -5, "model.hidden"),
+        "text": ("layers", "2", "model.layers"),
+        "boolean": ("embedding", True, "model.embedding"),
+        "vocab": ("vocab", 17, "model.vocab"),
+        "dropout": ("dropout", 1.5, "model.dropout"),
+    }
+    for label, (key, value, needle) in cases.items():
+
+        def edit(d: Path, meta: dict, key=key, value=value) -> None:
+            meta["model"][key] = value
+
+        d = _tampered(trained, tmp_path, label, edit)
+        code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(d))
+        assert_one_line_error(code, err, needle)
+
+    # in range, but more weights than the file holds: refused before the model is built
+    def big(d: Path, meta: dict) -> None:
+        meta["model"]["hidden"] = 4096
+        meta["model"]["layers"] = 8
+
+    d = _tampered(trained, tmp_path, "big", big)
+    code, _, err = run(capsys, "char-rnn", "sample", "--checkpoint", str(d))
+    assert_one_line_error(code, err, "do not fit")
+
+
+def test_checkpoint_files_follow_the_umask(corpus: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "ckpt"
+        code = main(
+            ["char-rnn", "train", "--text", str(corpus), *TINY, "--steps", "2",
+             "--eval-every", "2", "--sample-every", "0", "--out", str(out)]
+        )
+        assert code == 0
+    finally:
+        os.umask(previous)
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    assert {p.suffix for p in files} >= {".json", ".npz"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p.name, oct(p.stat().st_mode))
+
+
 # ------------------------------------------------------------------------------------------------
 # digits
 # ------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 import fastrnn
 from fastrnn import convert
-from tolerances import assert_close
 
 T, N, D, H = 5, 3, 4, 6
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import CUDA
 
 import fastrnn
 from fastrnn import dlpack
-from conftest import CUDA
 
 torch = pytest.importorskip("torch")
 

@@ -158,3 +158,77 @@ def test_transfer_learning_freezes_all_but_the_last_layer(tmp_path):
         np.testing.assert_array_equal(target.state_dict()[k], v, err_msg=k)
         assert not dict(target.named_parameters())[k].grad.any()
     assert not np.array_equal(target[4].weight.data, last)
+
+
+def _npz_with_header(path, shape, payload=b""):
+    """An .npz whose one member declares ``shape`` (float32) but stores only ``payload``."""
+    import io as _io
+    import zipfile
+
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    buf = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(io.MARKER + ".npy", _npy_bytes(np.array(io.FORMAT_VERSION, dtype=np.int64)))
+        z.writestr("w.npy", buf.getvalue() + payload)
+
+
+def _npy_bytes(a):
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_load_checks_declared_sizes_before_allocating(tmp_path):
+    # 10^12 elements declared: refused from the header, not by NumPy's MemoryError
+    path = tmp_path / "huge.npz"
+    _npz_with_header(path, (10**6, 10**6))
+    with pytest.raises(ValueError, match="max_bytes"):
+        io.load(path)
+    # a small compressed file that inflates to 1 GiB: refused under a smaller limit ...
+    bomb = tmp_path / "bomb.npz"
+    _npz_with_header(bomb, (1 << 28,), b"\0" * (1 << 30))
+    assert bomb.stat().st_size < 2 << 20
+    with pytest.raises(ValueError, match="max_bytes=1048576"):
+        io.load(bomb, max_bytes=1 << 20)
+    # ... and an honest file loads under a limit it fits
+    ok = tmp_path / "ok.npz"
+    io.save(ok, {"w": np.ones(1000, np.float32)})
+    # the limit counts every array, the 8-byte format marker too
+    assert io.load(ok, max_bytes=4008)["w"].shape == (1000,)
+    with pytest.raises(ValueError, match="max_bytes"):
+        io.load(ok, max_bytes=4007)
+    assert io.load(ok, max_bytes=None)["w"].shape == (1000,)
+    for bad, exc in (("1", TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(exc, match="max_bytes"):
+            io.load(ok, max_bytes=bad)
+
+
+def test_load_reads_only_regular_files(tmp_path):
+    import signal
+
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(30)  # a FIFO must be refused, not waited on
+    try:
+        with pytest.raises(ValueError, match="regular file"):
+            io.load(fifo)
+        with pytest.raises(ValueError, match="regular file"):
+            io.load(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_save_follows_the_umask(tmp_path):
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        io.save(tmp_path / "a.npz", {"w": np.ones(3)})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.npz").stat().st_mode) == 0o640

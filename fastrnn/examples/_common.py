@@ -9,11 +9,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
+
+from fastrnn.io import temp_file
 
 
 class CommandError(Exception):
@@ -150,7 +151,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
@@ -222,9 +223,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
     """Save a matplotlib figure atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent
-    )
+    fd, tmp = temp_file(path.parent, f".{path.stem}.", path.suffix or ".png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")

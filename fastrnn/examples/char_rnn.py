@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -249,6 +250,115 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Bounds on what a checkpoint.json may describe, checked before anything is built from it.
+MAX_HIDDEN = MAX_EMBEDDING = 1 << 14
+MAX_LAYERS = 64
+MAX_VOCAB = 1 << 16
+
+
+def _checked_file(d: Path, entry: Any, what: str, option: str) -> str:
+    """The file a checkpoint.json names: a plain name of a regular file inside ``d`` (no path,
+    no symlink), at most fastrnn.io.MAX_BYTES, matching its recorded SHA-256 -> its name."""
+    from fastrnn import io
+
+    if not isinstance(entry, dict):
+        raise CommandError(f"{option}: files.{what} is not an object (corrupt checkpoint)")
+    name, digest = entry.get("name"), entry.get("sha256")
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "\0" in name
+        or os.path.basename(name) != name
+        or (os.altsep is not None and os.altsep in name)
+    ):
+        raise CommandError(
+            f"{option}: files.{what}.name {name!r} is not a plain file name inside the "
+            "checkpoint directory (refused)"
+        )
+    if not isinstance(digest, str):
+        raise CommandError(f"{option}: files.{what}.sha256 is not a string (corrupt checkpoint)")
+    file = d / name
+    try:
+        f = io.open_regular(file, follow_symlinks=False)
+    except FileNotFoundError:
+        raise CommandError(f"{option}: {file} is missing (incomplete checkpoint)") from None
+    except ValueError as exc:
+        raise CommandError(
+            f"{option}: {exc} (refused: checkpoint files are regular files)"
+        ) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > io.MAX_BYTES:
+            raise CommandError(
+                f"{option}: {file} is {size} bytes, more than a checkpoint file may be "
+                f"({io.MAX_BYTES})"
+            )
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != digest:
+        raise CommandError(
+            f"{option}: {file} does not match the SHA-256 recorded in "
+            f"{CHECKPOINT_JSON} (modified or corrupt)"
+        )
+    return name
+
+
+def _check_number(
+    option: str, where: str, value: Any, kind: type, low: float, high: float | None = None
+) -> None:
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if ok and kind is float:
+        ok = math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        expected = "an integer" if kind is int else "a number"
+        raise CommandError(
+            f"{option}: {where} is {value!r}, expected {expected} in {bounds} (corrupt checkpoint)"
+        )
+
+
+def _check_meta(meta: dict[str, Any], option: str) -> None:
+    """Types and ranges of everything a run takes from checkpoint.json."""
+    model = meta["model"]
+    vocab = model["vocab"]
+    if not isinstance(vocab, str) or not 1 <= len(vocab) <= MAX_VOCAB or len(set(vocab)) != len(
+        vocab
+    ):
+        raise CommandError(
+            f"{option}: model.vocab is not a string of 1..{MAX_VOCAB} distinct characters "
+            "(corrupt checkpoint)"
+        )
+    _check_number(option, "model.hidden", model["hidden"], int, 1, MAX_HIDDEN)
+    _check_number(option, "model.embedding", model["embedding"], int, 1, MAX_EMBEDDING)
+    _check_number(option, "model.layers", model["layers"], int, 1, MAX_LAYERS)
+    _check_number(option, "model.dropout", model["dropout"], float, 0.0, 0.999)
+    training = meta.get("training", {})
+    if not isinstance(training, dict):
+        raise CommandError(f"{option}: training is not an object (corrupt checkpoint)")
+    for key in ("seq_len", "batch_size"):
+        if key in training:
+            _check_number(option, f"training.{key}", training[key], int, 1, 1 << 20)
+    for key in ("lr", "clip"):
+        if key in training:
+            _check_number(option, f"training.{key}", training[key], float, 0.0)
+    if "dropout" in training:
+        _check_number(option, "training.dropout", training["dropout"], float, 0.0, 0.999)
+    progress = meta["progress"]
+    for key in ("step", "position", "chars"):
+        _check_number(option, f"progress.{key}", progress[key], int, 0)
+    _check_number(option, "progress.seconds", progress["seconds"], float, 0.0)
+    for key in ("history", "train_curve"):
+        if not isinstance(meta.get(key, []), list):
+            raise CommandError(f"{option}: {key} is not a list (corrupt checkpoint)")
+
+
+def parameter_count(vocab: int, hidden: int, layers: int, embedding: int) -> int:
+    """Elements of the CharRNN's parameters (embedding, LSTM with two biases per layer, head)."""
+    lstm = sum(4 * hidden * ((embedding if i == 0 else hidden) + hidden + 2) for i in range(layers))
+    return vocab * embedding + lstm + hidden * vocab + vocab
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """An optimizer state dict -> (arrays for fastrnn.io, JSON-able rest)."""
     arrays: dict[str, np.ndarray] = {}
@@ -334,17 +444,10 @@ def read_checkpoint(directory: str, option: str = "--checkpoint") -> dict[str, A
         for key in ("vocab", "hidden", "layers", "embedding", "dropout"):
             model[key]
         meta["corpus"]["sha256"], meta["progress"]["step"], meta["optimizer"]["param_groups"]
+        _check_meta(meta, option)
         files = meta["files"]
         for key in ("weights", "optimizer"):
-            entry = files[key]
-            file = d / entry["name"]
-            if not file.exists():
-                raise CommandError(f"{option}: {file} is missing (incomplete checkpoint)")
-            if _sha256_file(file) != entry["sha256"]:
-                raise CommandError(
-                    f"{option}: {file} does not match the SHA-256 recorded in "
-                    f"{CHECKPOINT_JSON} (modified or corrupt)"
-                )
+            _checked_file(d, files[key], key, option)
     except (KeyError, TypeError) as exc:
         raise CommandError(f"{option}: {path} lacks the entry {exc} (corrupt checkpoint)") from None
     meta["_dir"] = str(d)
@@ -358,10 +461,19 @@ def load_model(
 
     m = meta["model"]
     vocab = Vocabulary(m["vocab"])
-    model = build_model(len(vocab), m["hidden"], m["layers"], m["embedding"], m["dropout"], seed)
     path = Path(meta["_dir"]) / meta["files"]["weights"]["name"]
     try:
         state = io.load(path)
+        # the model is built only once the file holds exactly as many weights as it describes
+        stored = sum(int(a.size) for a in state.values())
+        wanted = parameter_count(len(vocab), m["hidden"], m["layers"], m["embedding"])
+        if stored != wanted:
+            raise ValueError(
+                f"{path.name} holds {stored} weights, the model described has {wanted}"
+            )
+        model = build_model(
+            len(vocab), m["hidden"], m["layers"], m["embedding"], m["dropout"], seed
+        )
         model.load_state_dict(state)
     except ValueError as exc:
         raise CommandError(
