@@ -23,6 +23,7 @@ from fastrnn.backends.ops import (
     rnn_forward,
 )
 from fastrnn.context import Context
+from fastrnn.inference import gru_inference, lstm_inference, rnn_inference
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,9 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d_forward",
     "avg_pool2d_backward",
+    "lstm_inference",
+    "gru_inference",
+    "rnn_inference",
     "use_backend",
     "get_backend",
     "set_num_threads",

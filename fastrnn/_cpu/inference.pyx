@@ -1,0 +1,306 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Prepared recurrent layers for inference on the CPU: one time step in one call.
+
+A prepared layer keeps its own C-contiguous copy of the weights (the biases of the LSTM and the
+RNN summed, as the kernels take them) and runs a step as two GEMMs (``x_t W_ih^T`` and
+``h W_hh^T``, whose sum with the bias feeds the cell) plus one pass of the cell's pointwise
+math, the LSTM projection as a third GEMM. Everything from the argument checks to the last
+store is in this module: no Python between the caller and BLAS. The per-call checks are the
+cheap ones (types, dtype, shapes, contiguity); the weights were validated once, by
+fastrnn.inference, when the object was made. Scratch memory is allocated per call, so one
+object may be stepped from several threads at once.
+
+The cells are those of the training kernels (gate orders of PyTorch; sigmoid and tanh from
+_recurrent_common.pxd, exact 0/1 where they saturate); BLAS picks its own threads for large
+steps (no OpenMP region here, so nothing to oversubscribe).
+"""
+
+cimport numpy as cnp
+from libc.stdlib cimport free, malloc
+
+from fastrnn._cpu._blas cimport floating, gemm
+from fastrnn._cpu._recurrent_common cimport sigmoid, tanh_
+
+cdef extern from *:
+    """
+    /* Small-batch products against the prepared, transposed weights wt (K1 + K2, M), row-major:
+       out[n, :] = bias + a1[n, :] wt[:K1, :] + a2[n, :] wt[K1:, :], four rows of the batch at
+       a time, so that each row of wt is loaded once per four outputs. The inner loop runs along
+       a contiguous row of wt and an output row (no reduction to reorder), so the compiler
+       vectorises it; GCC's target_clones picks AVX-512, AVX2 or baseline code at run time. */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    #define FR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define FR_CLONES
+    #endif
+    #define FR_DEFINE_ROWS(NAME, T)                                                          \
+    FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a2,       \
+                               const T* wt, const T* bias, T* out) {                         \
+        int K = K1 + K2;                                                                     \
+        for (int n0 = 0; n0 < N; n0 += 4) {                                                  \
+            int nb = N - n0 < 4 ? N - n0 : 4;                                                \
+            for (int r = 0; r < nb; r++)                                                     \
+                for (int j = 0; j < M; j++) out[(n0 + r) * M + j] = bias ? bias[j] : (T) 0;  \
+            for (int k = 0; k < K; k++) {                                                    \
+                const T* w = wt + (long) k * M;                                              \
+                T s[4];                                                                      \
+                for (int r = 0; r < nb; r++)                                                 \
+                    s[r] = k < K1 ? a1[(n0 + r) * K1 + k] : a2[(n0 + r) * K2 + (k - K1)];    \
+                if (nb == 4) {                                                               \
+                    T* o0 = out + n0 * M; T* o1 = o0 + M; T* o2 = o1 + M; T* o3 = o2 + M;    \
+                    for (int j = 0; j < M; j++) {                                            \
+                        T v = w[j];                                                          \
+                        o0[j] += s[0] * v; o1[j] += s[1] * v;                                \
+                        o2[j] += s[2] * v; o3[j] += s[3] * v;                                \
+                    }                                                                        \
+                } else {                                                                     \
+                    for (int r = 0; r < nb; r++) {                                           \
+                        T* o = out + (n0 + r) * M;                                           \
+                        T sr = s[r];                                                         \
+                        for (int j = 0; j < M; j++) o[j] += sr * w[j];                       \
+                    }                                                                        \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+    }
+    FR_DEFINE_ROWS(fr_rows_f, float)
+    FR_DEFINE_ROWS(fr_rows_d, double)
+    """
+    void fr_rows_f(int N, int K1, int K2, int M, const float* a1, const float* a2,
+                   const float* wt, const float* bias, float* out) noexcept nogil
+    void fr_rows_d(int N, int K1, int K2, int M, const double* a1, const double* a2,
+                   const double* wt, const double* bias, double* out) noexcept nogil
+
+cdef enum:
+    # Batches up to this size use the kernel above; larger ones BLAS (whose per-call packing
+    # pays off once the weights are reused across enough rows).
+    SMALL_BATCH = 8
+
+
+cdef inline void rows(int N, int K1, int K2, int M, const floating* a1, const floating* a2,
+                      const floating* wt, const floating* bias, floating* out) noexcept nogil:
+    if floating is float:
+        fr_rows_f(N, K1, K2, M, a1, a2, wt, bias, out)
+    else:
+        fr_rows_d(N, K1, K2, M, a1, a2, wt, bias, out)
+
+
+import numpy as np
+
+cnp.import_array()
+
+cdef enum:
+    CELL_LSTM = 0
+    CELL_GRU = 1
+    CELL_RNN_TANH = 2
+    CELL_RNN_RELU = 3
+
+
+cdef inline void fill_rows(Py_ssize_t N, Py_ssize_t M, const floating* v, floating* out) noexcept nogil:
+    cdef Py_ssize_t n, j
+    for n in range(N):
+        for j in range(M):
+            out[n * M + j] = v[j]
+
+
+cdef void _step(
+    int cell, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
+    const floating* x, const floating* h, const floating* c,
+    const floating* w_ih, const floating* w_hh, const floating* b, const floating* b_hh,
+    const floating* w_hr, const floating* wt, floating* h_out, floating* c_out,
+    floating* scratch,
+) noexcept nogil:
+    """One step of ``cell``. P is h's size (H, or the LSTM projection's size); wt is
+    [W_ih^T; W_hh^T], (D + P, G H). scratch holds 2 N G H (+ N H with a projection) elements.
+
+    The LSTM and the RNN need one pre-activation, ``x W_ih^T + h W_hh^T + b`` (gx); the GRU
+    two, ``x W_ih^T + b_ih`` (gx) and ``h W_hh^T + b_hh`` (gh), since r scales only the second's
+    n part. Small batches make them in one pass over wt, larger ones with BLAS."""
+    cdef int G = 4 if cell == CELL_LSTM else (3 if cell == CELL_GRU else 1)
+    cdef Py_ssize_t GH = G * H
+    cdef floating* gx = scratch
+    cdef floating* gh = scratch + N * GH
+    cdef floating* m = scratch + 2 * N * GH          # o * tanh(c) before the projection
+    cdef floating* hn = m if w_hr != NULL else h_out
+    cdef Py_ssize_t n, j
+    cdef const floating* ax
+    cdef const floating* ah
+    cdef floating i_, f, g, o, cc, r, z, a
+    if cell == CELL_GRU:
+        if N <= SMALL_BATCH:
+            rows(N, D, 0, GH, x, NULL, wt, b, gx)
+            rows(N, P, 0, GH, h, NULL, wt + D * GH, b_hh, gh)
+        else:
+            fill_rows(N, GH, b, gx)
+            fill_rows(N, GH, b_hh, gh)
+            gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 1, gx, GH)
+            gemm(False, True, N, GH, P, <floating> 1, h, P, w_hh, P, <floating> 1, gh, GH)
+    elif N <= SMALL_BATCH:
+        rows(N, D, P, GH, x, h, wt, b, gx)
+    else:
+        fill_rows(N, GH, b, gx)
+        gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 1, gx, GH)
+        gemm(False, True, N, GH, P, <floating> 1, h, P, w_hh, P, <floating> 1, gx, GH)
+    for n in range(N):
+        ax = gx + n * GH
+        ah = gh + n * GH
+        if cell == CELL_LSTM:
+            for j in range(H):
+                i_ = sigmoid(ax[j])
+                f = sigmoid(ax[H + j])
+                g = tanh_(ax[2 * H + j])
+                o = sigmoid(ax[3 * H + j])
+                cc = f * c[n * H + j] + i_ * g
+                c_out[n * H + j] = cc
+                hn[n * H + j] = o * tanh_(cc)
+        elif cell == CELL_GRU:
+            for j in range(H):
+                r = sigmoid(ax[j] + ah[j])
+                z = sigmoid(ax[H + j] + ah[H + j])
+                a = tanh_(ax[2 * H + j] + r * ah[2 * H + j])
+                h_out[n * H + j] = (1 - z) * a + z * h[n * H + j]
+        elif cell == CELL_RNN_TANH:
+            for j in range(H):
+                h_out[n * H + j] = tanh_(ax[j])
+        else:
+            for j in range(H):
+                h_out[n * H + j] = ax[j] if ax[j] > 0 else 0
+    if w_hr != NULL:
+        gemm(False, True, N, P, H, <floating> 1, m, H, w_hr, H, <floating> 0, h_out, P)
+
+
+cdef inline str _describe(object a):
+    if isinstance(a, np.ndarray):
+        return f"a {a.dtype} array of shape {a.shape}"
+    return f"a {type(a).__name__}"
+
+
+cdef class PreparedCell:
+    """One prepared recurrent layer on the CPU (made by fastrnn.lstm_inference, gru_inference,
+    rnn_inference; see fastrnn/inference.py for the public documentation)."""
+
+    cdef readonly object dtype
+    cdef readonly Py_ssize_t input_size, hidden_size, state_size
+    cdef int cell
+    cdef bint is_double
+    cdef object w_ih, w_hh, b, b_hh, w_hr          # the private copies
+    cdef object wt                                 # [W_ih^T; W_hh^T], (D + P, G H)
+
+    def __init__(self, int cell, w_ih, w_hh, b, b_hh, w_hr):
+        self.cell = cell
+        self.dtype = w_ih.dtype
+        self.is_double = w_ih.dtype == np.float64
+        self.w_ih = np.array(w_ih, order="C", copy=True)
+        self.w_hh = np.array(w_hh, order="C", copy=True)
+        self.b = np.array(b, order="C", copy=True)
+        self.b_hh = None if b_hh is None else np.array(b_hh, order="C", copy=True)
+        self.w_hr = None if w_hr is None else np.array(w_hr, order="C", copy=True)
+        self.input_size = self.w_ih.shape[1]
+        self.hidden_size = self.w_hh.shape[0] // (4 if cell == CELL_LSTM else
+                                                  (3 if cell == CELL_GRU else 1))
+        self.state_size = self.w_hh.shape[1]
+        self.wt = np.empty((self.input_size + self.state_size, self.w_hh.shape[0]), self.dtype)
+        self._transpose_weights()
+
+    def _copy_from(self, w_ih, w_hh, b, b_hh, w_hr):
+        """New weights of the same shapes (validated by the caller) into the private copies."""
+        np.copyto(self.w_ih, w_ih)
+        np.copyto(self.w_hh, w_hh)
+        np.copyto(self.b, b)
+        if b_hh is not None:
+            np.copyto(self.b_hh, b_hh)
+        if w_hr is not None:
+            np.copyto(self.w_hr, w_hr)
+        self._transpose_weights()
+
+    def _transpose_weights(self):
+        self.wt[: self.input_size] = self.w_ih.T
+        self.wt[self.input_size :] = self.w_hh.T
+
+    def _weights(self):
+        return self.w_ih, self.w_hh, self.b, self.b_hh, self.w_hr
+
+    cdef cnp.ndarray _checked(self, str name, object a, Py_ssize_t N, Py_ssize_t width):
+        cdef cnp.ndarray arr
+        if type(a) is not np.ndarray:
+            raise TypeError(f"{name}: expected a numpy.ndarray, got {_describe(a)}")
+        arr = <cnp.ndarray> a
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{name}: expected dtype {self.dtype} (the prepared weights'), "
+                            f"got {arr.dtype}")
+        if arr.ndim != 2 or (N >= 0 and arr.shape[0] != N) or arr.shape[1] != width:
+            want = f"({'N' if N < 0 else N}, {width})"
+            raise ValueError(f"{name}: expected shape {want}, got {(<object> a).shape}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            raise ValueError(f"{name}: expected a C-contiguous array")
+        return arr
+
+    cdef object _out(self, str name, object given, Py_ssize_t N, Py_ssize_t width):
+        if given is None:
+            return np.empty((N, width), self.dtype)
+        out = self._checked(name, given, N, width)
+        if not (<cnp.ndarray> out).flags.writeable:
+            raise ValueError(f"{name}: expected a writeable array")
+        return out
+
+    def step(self, x_t, h, c=None, *, out=None):
+        """One time step. LSTM: ``step(x_t, h, c) -> (h, c)``; GRU and RNN:
+        ``step(x_t, h) -> h``. ``out`` receives the results (a pair for the LSTM; the input
+        state arrays themselves are allowed)."""
+        cdef Py_ssize_t N, H = self.hidden_size, P = self.state_size, D = self.input_size
+        cdef cnp.ndarray xa = self._checked("x_t", x_t, -1, D)
+        N = xa.shape[0]
+        cdef cnp.ndarray ha = self._checked("h", h, N, P)
+        cdef cnp.ndarray ca = None
+        cdef cnp.ndarray ho, co = None
+        cdef bint lstm = self.cell == CELL_LSTM
+        if lstm:
+            if c is None:
+                raise TypeError("c: the LSTM step needs the cell state c")
+            ca = self._checked("c", c, N, H)
+            if out is None:
+                ho, co = self._out("out[0]", None, N, P), self._out("out[1]", None, N, H)
+            else:
+                if not isinstance(out, tuple) or len(out) != 2:
+                    raise TypeError("out: expected a pair (h, c) of arrays for the LSTM")
+                ho, co = self._out("out[0]", out[0], N, P), self._out("out[1]", out[1], N, H)
+        else:
+            if c is not None:
+                raise TypeError("c: only the LSTM has a cell state")
+            ho = self._out("out", out, N, P)
+        if N == 0:
+            return (ho, co) if lstm else ho
+        cdef int G = 4 if lstm else (3 if self.cell == CELL_GRU else 1)
+        cdef Py_ssize_t need = 2 * N * G * H + (N * H if self.w_hr is not None else 0)
+        cdef void* scratch = malloc(need * (8 if self.is_double else 4))
+        if scratch == NULL:
+            raise MemoryError()
+        cdef cnp.ndarray wi = self.w_ih, wh = self.w_hh, bb = self.b, wt = self.wt
+        cdef void* bh = NULL if self.b_hh is None else cnp.PyArray_DATA(<cnp.ndarray> self.b_hh)
+        cdef void* wr = NULL if self.w_hr is None else cnp.PyArray_DATA(<cnp.ndarray> self.w_hr)
+        cdef void* cp = NULL if ca is None else cnp.PyArray_DATA(ca)
+        cdef void* cop = NULL if co is None else cnp.PyArray_DATA(co)
+        cdef int cell = self.cell
+        with nogil:
+            if self.is_double:
+                _step[double](cell, N, D, H, P, <double*> cnp.PyArray_DATA(xa),
+                              <double*> cnp.PyArray_DATA(ha), <double*> cp,
+                              <double*> cnp.PyArray_DATA(wi), <double*> cnp.PyArray_DATA(wh),
+                              <double*> cnp.PyArray_DATA(bb), <double*> bh, <double*> wr,
+                              <double*> cnp.PyArray_DATA(wt),
+                              <double*> cnp.PyArray_DATA(ho), <double*> cop, <double*> scratch)
+            else:
+                _step[float](cell, N, D, H, P, <float*> cnp.PyArray_DATA(xa),
+                             <float*> cnp.PyArray_DATA(ha), <float*> cp,
+                             <float*> cnp.PyArray_DATA(wi), <float*> cnp.PyArray_DATA(wh),
+                             <float*> cnp.PyArray_DATA(bb), <float*> bh, <float*> wr,
+                             <float*> cnp.PyArray_DATA(wt),
+                             <float*> cnp.PyArray_DATA(ho), <float*> cop, <float*> scratch)
+        free(scratch)
+        return (ho, co) if lstm else ho
+
+    def __reduce__(self):
+        raise TypeError("prepared layers are not pickled; pickle the weights and prepare again")
+
+
+LSTM, GRU, RNN_TANH, RNN_RELU = CELL_LSTM, CELL_GRU, CELL_RNN_TANH, CELL_RNN_RELU
