@@ -224,14 +224,21 @@ def sample(
     out: list[int] = []
     try:
         with nn.no_grad():
+            # the prime in one call of the whole model, then one character at a time through a
+            # stream of the LSTM (prepared weights, state kept in place)
             logits, state = model(prime_ids[:, None], None)
             last = logits[-1, 0]
+            stream = model.lstm.stream(1)
+            stream.state = state
+            table = model.embed.weight.data
+            w_out, b_out = model.head.weight.data, model.head.bias.data
+            x = np.empty((1, table.shape[1]), table.dtype)
             for _ in range(length):
                 p = softmax(last.astype(np.float64) / temperature)
                 nxt = int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum()), len(p) - 1))
                 out.append(nxt)
-                logits, state = model(np.array([[nxt]], dtype=np.int64), state)
-                last = logits[0, 0]
+                x[0] = table[nxt]
+                last = w_out @ stream.step(x)[0] + b_out
     finally:
         model.train(was_training)
     return prime + vocab.decode(out)

@@ -168,6 +168,13 @@ class _RNNBase(Module):
             return h, c
         return self._check_state("h", state, like, shape), None
 
+    def stream(self, batch_size: int) -> Any:
+        """A stateful stepper over this module's current weights (fastrnn/nn/stream.py):
+        ``.step(x_t) -> y_t``, ``.state``, ``.reset()``, ``.refresh()``."""
+        from fastrnn.nn.stream import Stream
+
+        return Stream(self, batch_size)
+
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: Any, state: Any = None, lengths: Any = None) -> Any:

@@ -1,0 +1,105 @@
+"""Streams: a recurrent layer run one time step at a time, state kept between calls.
+
+``stream = lstm.stream(batch_size)`` prepares every layer once (fastrnn.lstm_inference etc.:
+private copies of the weights, summed biases) and holds the state; ``stream.step(x_t)`` takes
+(batch_size, input_size) and returns the last layer's (batch_size, hidden_size) output,
+updating the state of every layer in place. ``stream.state`` reads or sets the state in the
+module's format (``h`` or ``(h, c)``, each (num_layers, batch_size, hidden_size));
+``stream.reset()`` zeroes it; ``stream.refresh()`` takes the module's current weights (a stream
+made before an optimizer step still holds the old ones). Inference semantics: no dropout, nothing
+saved for backward. Bidirectional modules cannot stream (their reverse direction needs the whole
+sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastrnn.inference import gru_inference, lstm_inference, rnn_inference
+from fastrnn.nn._check import positive_int
+from fastrnn.nn._xp import array_module
+
+
+class Stream:
+    def __init__(self, module: Any, batch_size: int) -> None:
+        if module.bidirectional:
+            raise ValueError(
+                f"{type(module).__name__}: a bidirectional module cannot stream (its reverse "
+                "direction needs the whole sequence)"
+            )
+        self.module = module
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.lstm = module.mode == "LSTM"
+        self.layers = [self._prepare(layer) for layer in range(module.num_layers)]
+        like = module.weight_ih_l0.data
+        xp = array_module(like)
+        shape = (module.num_layers, self.batch_size, module.hidden_size)
+        self._h = xp.zeros(shape, like.dtype)
+        self._c = xp.zeros(shape, like.dtype) if self.lstm else None
+        self._x_shape = (self.batch_size, module.input_size)
+
+    def _weights(self, layer: int) -> tuple[Any, ...]:
+        w_ih, w_hh, b_ih, b_hh = self.module._weights(layer, 0)
+        xp = array_module(w_ih.data)
+        G = w_hh.data.shape[0]
+        zeros = xp.zeros(G, w_ih.data.dtype)
+        b_ih = zeros if b_ih is None else b_ih.data
+        b_hh = zeros if b_hh is None else b_hh.data
+        if self.module.mode == "GRU":
+            return w_ih.data, w_hh.data, b_ih, b_hh
+        return w_ih.data, w_hh.data, b_ih + b_hh
+
+    def _prepare(self, layer: int) -> Any:
+        w = self._weights(layer)
+        mode = self.module.mode
+        if mode == "LSTM":
+            return lstm_inference(*w)
+        if mode == "GRU":
+            return gru_inference(*w)
+        return rnn_inference(*w, nonlinearity="tanh" if mode == "RNN_TANH" else "relu")
+
+    def refresh(self) -> None:
+        """Take the module's current weights (after training steps or load_state_dict)."""
+        for layer, run in enumerate(self.layers):
+            run.update(*self._weights(layer))
+
+    def step(self, x_t: Any) -> Any:
+        """One time step through every layer: x_t (batch_size, input_size) -> the last
+        layer's output (batch_size, hidden_size), a view of the stream's state (copy it to keep
+        it past the next step)."""
+        if getattr(x_t, "shape", None) != self._x_shape:
+            raise ValueError(
+                f"x_t: expected shape {self._x_shape} (batch_size, input_size), got "
+                f"{getattr(x_t, 'shape', type(x_t).__name__)}"
+            )
+        inp = x_t
+        h, c = self._h, self._c
+        for layer, run in enumerate(self.layers):
+            if self.lstm:
+                run.step(inp, h[layer], c[layer], out=(h[layer], c[layer]))
+            else:
+                run.step(inp, h[layer], out=h[layer])
+            inp = h[layer]
+        return inp
+
+    @property
+    def state(self) -> Any:
+        return (self._h, self._c) if self.lstm else self._h
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        parts = value if self.lstm else (value,)
+        if self.lstm and (not isinstance(value, (tuple, list)) or len(value) != 2):
+            raise TypeError("state: expected a pair (h, c) for an LSTM stream")
+        for name, mine, new in zip(("h", "c"), (self._h, self._c), parts, strict=False):
+            if getattr(new, "shape", None) != mine.shape:
+                raise ValueError(
+                    f"state: {name}: expected shape {mine.shape}, got {getattr(new, 'shape', new)}"
+                )
+            mine[...] = new
+
+    def reset(self) -> None:
+        """Zero the state of every layer."""
+        self._h[...] = 0
+        if self._c is not None:
+            self._c[...] = 0
