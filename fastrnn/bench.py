@@ -734,6 +734,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--plot", metavar="PNG", default=None, help="write a bar chart (needs matplotlib)"
     )
+    p.add_argument(
+        "--inference",
+        action="store_true",
+        help="the streaming-inference table instead: prepared layers' one step and whole "
+        "sequences vs lstm_forward(training=False) and torch.nn (1 thread unless --threads)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -745,6 +751,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"--ops: unknown op(s) {unknown or args.ops!r}; choose from {', '.join(OPS)}"
         )
     json_path = check_output_file(args.json, "--json") if args.json else None
+    if args.inference:
+        from fastrnn import _inference_bench
+
+        result = _inference_bench.run(
+            threads=args.threads or 1,
+            use_torch=not args.no_torch,
+            rounds=3 if args.quick else 7,
+            min_time=args.min_time or (0.05 if args.quick else 0.3),
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        print(_inference_bench.format_table(result))
+        if json_path is not None:
+            write_json_atomic(json_path, result)
+            print(f"wrote {json_path}")
+        return 0
     plot_path = check_output_file(args.plot, "--plot") if args.plot else None
     if plot_path is not None and matplotlib_pyplot() is None:
         raise CommandError("--plot needs matplotlib: pip install matplotlib")

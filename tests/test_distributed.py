@@ -59,7 +59,7 @@ def test_command_exits_cleanly_with_output_to_a_pipe():
     for _ in range(2):
         done = subprocess.run(
             [sys.executable, "-m", "fastrnn.examples.distributed_lstm", "--steps", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr

@@ -102,7 +102,8 @@ def test_lstm_projection_step():
     x, h, c = rng.standard_normal((N, D)), rng.standard_normal((N, P)), rng.standard_normal((N, H))
     a = x @ w_ih.T + h @ w_hh.T + b
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
-    i, f, g, o = sig(a[:, :H]), sig(a[:, H : 2 * H]), np.tanh(a[:, 2 * H : 3 * H]), sig(a[:, 3 * H :])
+    i, f = sig(a[:, :H]), sig(a[:, H : 2 * H])
+    g, o = np.tanh(a[:, 2 * H : 3 * H]), sig(a[:, 3 * H :])
     c_want = f * c + i * g
     h_want = (o * np.tanh(c_want)) @ w_hr.T
     h_got, c_got = run.step(x, h, c)
@@ -224,3 +225,15 @@ def test_cuda_prepared_layer_matches_the_cpu(op):
     np.testing.assert_allclose(cupy.asnumpy(h_gpu), h_cpu, rtol=1e-10, atol=1e-12)
     if op.base == "lstm":
         np.testing.assert_allclose(cupy.asnumpy(c_gpu), c_cpu, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_inference_command(monkeypatch, capsys):
+    from fastrnn import _inference_bench
+    from fastrnn.cli import main
+
+    monkeypatch.setattr(_inference_bench, "STEP_GRID", [("lstm", 1, 8), ("gru", 2, 8)])
+    monkeypatch.setattr(_inference_bench, "SEQUENCE_GRID", [("rnn", 5, 2, 8)])
+    assert main(["bench", "--inference", "--quick", "--no-torch", "--min-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared" in out and "forward/prepared" in out
+    assert out.count("\nstep") == 2 and out.count("\nsequence") == 1
