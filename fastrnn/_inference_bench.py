@@ -120,7 +120,8 @@ def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int, min_time: flo
 
 def run(threads: int = 1, use_torch: bool = True, rounds: int = 7, min_time: float = 0.3,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from fastrnn._bench import sgemm_gflops, threads as same_threads, torch_available
+    from fastrnn._bench import sgemm_gflops, torch_available
+    from fastrnn._bench import threads as same_threads
 
     use_torch = use_torch and torch_available()
     rows = []
