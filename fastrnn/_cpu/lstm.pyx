@@ -263,10 +263,15 @@ cdef inline const long long* lengths_ptr(object lengths) noexcept:
     return NULL if lengths is None else <const long long*> cnp.PyArray_DATA(lengths)
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
     """LSTM forward (L1-L5). x (T,N,D); h0, c0 (N,H); w_ih (4H,D); w_hh (4H,H); b (4H,);
     lengths None or int64 (N,); training bool -> y (T,N,H), hT, cT (N,H), ctx (None if not
     training). Arrays: C-contiguous, one float dtype (fastrnn.lstm_forward guarantees it)."""
+    if w_hr is not None:
+        raise NotImplementedError(
+            "w_hr: the CPU LSTM kernel has no projection yet; run it on the reference with "
+            "fastrnn.use_backend('numpy')"
+        )
     dtype = x.dtype
     x, h0, c0, w_ih, w_hh, b = as_c_array(dtype, x, h0, c0, w_ih, w_hh, b)
     if lengths is not None:
