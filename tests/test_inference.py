@@ -25,7 +25,7 @@ def _weights(op, arrays):
 
 def _prepare(op, arrays):
     if op.base == "lstm":
-        return fr.lstm_inference(*_weights(op, arrays))
+        return fr.lstm_inference(*_weights(op, arrays), w_hr=arrays.get("w_hr"))
     if op.base == "gru":
         return fr.gru_inference(*_weights(op, arrays))
     return fr.rnn_inference(*_weights(op, arrays), nonlinearity=op.nonlinearity)
@@ -72,17 +72,21 @@ def test_matches_torch_nn(op):
     T, N, D, H = 20, 3, 6, 10
     kind = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[op.base]
     kw = {"nonlinearity": op.nonlinearity} if op.base == "rnn" else {}
+    P = H // 2 if op.proj else H
+    if op.proj:
+        kw["proj_size"] = P
     m = getattr(torch.nn, kind)(D, H, **kw).double()
     w_ih, w_hh = m.weight_ih_l0.detach().numpy(), m.weight_hh_l0.detach().numpy()
     b_ih, b_hh = m.bias_ih_l0.detach().numpy(), m.bias_hh_l0.detach().numpy()
     if op.base == "lstm":
-        run = fr.lstm_inference(w_ih, w_hh, b_ih + b_hh)
+        w_hr = m.weight_hr_l0.detach().numpy() if op.proj else None
+        run = fr.lstm_inference(w_ih, w_hh, b_ih + b_hh, w_hr=w_hr)
     elif op.base == "gru":
         run = fr.gru_inference(w_ih, w_hh, b_ih, b_hh)
     else:
         run = fr.rnn_inference(w_ih, w_hh, b_ih + b_hh, nonlinearity=op.nonlinearity)
     x = np.random.default_rng(0).standard_normal((T, N, D))
-    h = np.zeros((N, H))
+    h = np.zeros((N, P))
     c = np.zeros((N, H)) if op.base == "lstm" else None
     h, c = _steps(op, run, x, h, c)
     with torch.no_grad():
@@ -129,13 +133,13 @@ def test_private_copy_update_and_out(op):
     args = (x, h, c) if op.base == "lstm" else (x, h)
     before = run.step(*args)
     weights = _weights(op, arrays)
-    for w in weights:
+    for w in weights + ((arrays["w_hr"],) if op.proj else ()):
         w *= 3.0  # the caller changes its arrays in place: no effect until update()
     again = run.step(*args)
     for a, b in zip(np.atleast_1d(before) if op.base != "lstm" else before,
                     np.atleast_1d(again) if op.base != "lstm" else again, strict=True):
         np.testing.assert_array_equal(a, b)
-    run.update(*weights)
+    run.update(*weights, **({"w_hr": arrays["w_hr"]} if op.proj else {}))
     fresh = _prepare(op, arrays).step(*args)
     updated = run.step(*args)
     pairs = zip(fresh, updated, strict=True) if op.base == "lstm" else [(fresh, updated)]
@@ -195,11 +199,12 @@ def test_bad_input_names_the_argument(op):
     # construction and update validate the weights like the functional API
     w = _weights(op, arrays)
     with pytest.raises(ValueError, match="w_hh"):
-        _prepare(op, {**arrays, "w_hh": arrays["w_hh"][:, :2]})
+        _prepare(op, {**arrays, "w_hh": arrays["w_hh"][:, :-1]})
     with pytest.raises(TypeError, match="w_ih"):
         _prepare(op, {**arrays, "w_ih": arrays["w_ih"].astype(np.float64)})
     with pytest.raises(ValueError, match="w_ih"):
-        run.update(np.ones((w[0].shape[0], D + 1), np.float32), *w[1:])
+        run.update(np.ones((w[0].shape[0], D + 1), np.float32), *w[1:],
+                   **({"w_hr": arrays["w_hr"]} if op.proj else {}))
     if op.base == "rnn":
         with pytest.raises(ValueError, match="nonlinearity"):
             fr.rnn_inference(*w, nonlinearity="sigmoid")

@@ -19,7 +19,17 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 
 from fastrnn._cpu._blas cimport floating, gemm
-from fastrnn._cpu._recurrent_common cimport sigmoid, tanh_
+
+cdef extern from "_recurrent_cells.h":
+    int FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
+    void fr_cell_fwd_f(int isa, int cell, Py_ssize_t rows, float* g, const float* hw,
+                       const float* b1, const float* b2, const float* hp, const float* cp,
+                       float* hn, float* cn, float* sv, Py_ssize_t H, Py_ssize_t bs,
+                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+    void fr_cell_fwd_d(int isa, int cell, Py_ssize_t rows, double* g, const double* hw,
+                       const double* b1, const double* b2, const double* hp, const double* cp,
+                       double* hn, double* cn, double* sv, Py_ssize_t H, Py_ssize_t bs,
+                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
 
 cdef extern from *:
     """
@@ -89,22 +99,10 @@ import numpy as np
 
 cnp.import_array()
 
-cdef enum:
-    CELL_LSTM = 0
-    CELL_GRU = 1
-    CELL_RNN_TANH = 2
-    CELL_RNN_RELU = 3
-
-
-cdef inline void fill_rows(Py_ssize_t N, Py_ssize_t M, const floating* v, floating* out) noexcept nogil:
-    cdef Py_ssize_t n, j
-    for n in range(N):
-        for j in range(M):
-            out[n * M + j] = v[j]
 
 
 cdef void _step(
-    int cell, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
+    int isa, int cell, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
     const floating* x, const floating* h, const floating* c,
     const floating* w_ih, const floating* w_hh, const floating* b, const floating* b_hh,
     const floating* w_hr, const floating* wt, floating* h_out, floating* c_out,
@@ -113,58 +111,33 @@ cdef void _step(
     """One step of ``cell``. P is h's size (H, or the LSTM projection's size); wt is
     [W_ih^T; W_hh^T], (D + P, G H). scratch holds 2 N G H (+ N H with a projection) elements.
 
-    The LSTM and the RNN need one pre-activation, ``x W_ih^T + h W_hh^T + b`` (gx); the GRU
-    two, ``x W_ih^T + b_ih`` (gx) and ``h W_hh^T + b_hh`` (gh), since r scales only the second's
-    n part. Small batches make them in one pass over wt, larger ones with BLAS."""
-    cdef int G = 4 if cell == CELL_LSTM else (3 if cell == CELL_GRU else 1)
+    The LSTM and the RNN take one pre-activation, ``x W_ih^T + h W_hh^T`` (gx); the GRU two,
+    ``x W_ih^T`` (gx) and ``h W_hh^T`` (gh), since r scales only the second's n part. Small
+    batches make them in one pass over wt, larger ones with BLAS. The pointwise math is the
+    training engine's cell (_recurrent_cells.h: biases, gates, new states) on the natural
+    layout (one block of all H units)."""
+    cdef int G = 4 if cell == FR_LSTM else (3 if cell == FR_GRU else 1)
     cdef Py_ssize_t GH = G * H
     cdef floating* gx = scratch
     cdef floating* gh = scratch + N * GH
     cdef floating* m = scratch + 2 * N * GH          # o * tanh(c) before the projection
     cdef floating* hn = m if w_hr != NULL else h_out
-    cdef Py_ssize_t n, j
-    cdef const floating* ax
-    cdef const floating* ah
-    cdef floating i_, f, g, o, cc, r, z, a
-    if cell == CELL_GRU:
+    if cell == FR_GRU:
         if N <= SMALL_BATCH:
-            rows(N, D, 0, GH, x, NULL, wt, b, gx)
-            rows(N, P, 0, GH, h, NULL, wt + D * GH, b_hh, gh)
+            rows(N, D, 0, GH, x, NULL, wt, NULL, gx)
+            rows(N, P, 0, GH, h, NULL, wt + D * GH, NULL, gh)
         else:
-            fill_rows(N, GH, b, gx)
-            fill_rows(N, GH, b_hh, gh)
-            gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 1, gx, GH)
-            gemm(False, True, N, GH, P, <floating> 1, h, P, w_hh, P, <floating> 1, gh, GH)
+            gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 0, gx, GH)
+            gemm(False, True, N, GH, P, <floating> 1, h, P, w_hh, P, <floating> 0, gh, GH)
     elif N <= SMALL_BATCH:
-        rows(N, D, P, GH, x, h, wt, b, gx)
+        rows(N, D, P, GH, x, h, wt, NULL, gx)
     else:
-        fill_rows(N, GH, b, gx)
-        gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 1, gx, GH)
+        gemm(False, True, N, GH, D, <floating> 1, x, D, w_ih, D, <floating> 0, gx, GH)
         gemm(False, True, N, GH, P, <floating> 1, h, P, w_hh, P, <floating> 1, gx, GH)
-    for n in range(N):
-        ax = gx + n * GH
-        ah = gh + n * GH
-        if cell == CELL_LSTM:
-            for j in range(H):
-                i_ = sigmoid(ax[j])
-                f = sigmoid(ax[H + j])
-                g = tanh_(ax[2 * H + j])
-                o = sigmoid(ax[3 * H + j])
-                cc = f * c[n * H + j] + i_ * g
-                c_out[n * H + j] = cc
-                hn[n * H + j] = o * tanh_(cc)
-        elif cell == CELL_GRU:
-            for j in range(H):
-                r = sigmoid(ax[j] + ah[j])
-                z = sigmoid(ax[H + j] + ah[H + j])
-                a = tanh_(ax[2 * H + j] + r * ah[2 * H + j])
-                h_out[n * H + j] = (1 - z) * a + z * h[n * H + j]
-        elif cell == CELL_RNN_TANH:
-            for j in range(H):
-                h_out[n * H + j] = tanh_(ax[j])
-        else:
-            for j in range(H):
-                h_out[n * H + j] = ax[j] if ax[j] > 0 else 0
+    if floating is float:
+        fr_cell_fwd_f(isa, cell, N, gx, gh, b, b_hh, h, c, hn, c_out, NULL, H, H, 0, H)
+    else:
+        fr_cell_fwd_d(isa, cell, N, gx, gh, b, b_hh, h, c, hn, c_out, NULL, H, H, 0, H)
     if w_hr != NULL:
         gemm(False, True, N, P, H, <floating> 1, m, H, w_hr, H, <floating> 0, h_out, P)
 
@@ -181,13 +154,16 @@ cdef class PreparedCell:
 
     cdef readonly object dtype
     cdef readonly Py_ssize_t input_size, hidden_size, state_size
-    cdef int cell
+    cdef int cell, isa
     cdef bint is_double
     cdef object w_ih, w_hh, b, b_hh, w_hr          # the private copies
     cdef object wt                                 # [W_ih^T; W_hh^T], (D + P, G H)
 
     def __init__(self, int cell, w_ih, w_hh, b, b_hh, w_hr):
+        from fastrnn._cpu.recurrent import simd_level
+
         self.cell = cell
+        self.isa = simd_level()  # the instruction set of the engine's cells (FASTRNN_SIMD)
         self.dtype = w_ih.dtype
         self.is_double = w_ih.dtype == np.float64
         self.w_ih = np.array(w_ih, order="C", copy=True)
@@ -196,8 +172,8 @@ cdef class PreparedCell:
         self.b_hh = None if b_hh is None else np.array(b_hh, order="C", copy=True)
         self.w_hr = None if w_hr is None else np.array(w_hr, order="C", copy=True)
         self.input_size = self.w_ih.shape[1]
-        self.hidden_size = self.w_hh.shape[0] // (4 if cell == CELL_LSTM else
-                                                  (3 if cell == CELL_GRU else 1))
+        self.hidden_size = self.w_hh.shape[0] // (4 if cell == FR_LSTM else
+                                                  (3 if cell == FR_GRU else 1))
         self.state_size = self.w_hh.shape[1]
         self.wt = np.empty((self.input_size + self.state_size, self.w_hh.shape[0]), self.dtype)
         self._transpose_weights()
@@ -253,7 +229,7 @@ cdef class PreparedCell:
         cdef cnp.ndarray ha = self._checked("h", h, N, P)
         cdef cnp.ndarray ca = None
         cdef cnp.ndarray ho, co = None
-        cdef bint lstm = self.cell == CELL_LSTM
+        cdef bint lstm = self.cell == FR_LSTM
         if lstm:
             if c is None:
                 raise TypeError("c: the LSTM step needs the cell state c")
@@ -270,7 +246,7 @@ cdef class PreparedCell:
             ho = self._out("out", out, N, P)
         if N == 0:
             return (ho, co) if lstm else ho
-        cdef int G = 4 if lstm else (3 if self.cell == CELL_GRU else 1)
+        cdef int G = 4 if lstm else (3 if self.cell == FR_GRU else 1)
         cdef Py_ssize_t need = 2 * N * G * H + (N * H if self.w_hr is not None else 0)
         cdef void* scratch = malloc(need * (8 if self.is_double else 4))
         if scratch == NULL:
@@ -283,14 +259,14 @@ cdef class PreparedCell:
         cdef int cell = self.cell
         with nogil:
             if self.is_double:
-                _step[double](cell, N, D, H, P, <double*> cnp.PyArray_DATA(xa),
+                _step[double](self.isa, cell, N, D, H, P, <double*> cnp.PyArray_DATA(xa),
                               <double*> cnp.PyArray_DATA(ha), <double*> cp,
                               <double*> cnp.PyArray_DATA(wi), <double*> cnp.PyArray_DATA(wh),
                               <double*> cnp.PyArray_DATA(bb), <double*> bh, <double*> wr,
                               <double*> cnp.PyArray_DATA(wt),
                               <double*> cnp.PyArray_DATA(ho), <double*> cop, <double*> scratch)
             else:
-                _step[float](cell, N, D, H, P, <float*> cnp.PyArray_DATA(xa),
+                _step[float](self.isa, cell, N, D, H, P, <float*> cnp.PyArray_DATA(xa),
                              <float*> cnp.PyArray_DATA(ha), <float*> cp,
                              <float*> cnp.PyArray_DATA(wi), <float*> cnp.PyArray_DATA(wh),
                              <float*> cnp.PyArray_DATA(bb), <float*> bh, <float*> wr,
@@ -303,4 +279,4 @@ cdef class PreparedCell:
         raise TypeError("prepared layers are not pickled; pickle the weights and prepare again")
 
 
-LSTM, GRU, RNN_TANH, RNN_RELU = CELL_LSTM, CELL_GRU, CELL_RNN_TANH, CELL_RNN_RELU
+LSTM, GRU, RNN_TANH, RNN_RELU = FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
