@@ -217,17 +217,6 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
     }
     t_fr = b.time_fastrnn(fr_run, graphs=False)
     t_graph = b.time_fastrnn(fr_run, graphs=True)
-    t_gemm_steps = None
-    from fastrnn._cuda import recurrent as cuda_recurrent
-
-    if b.device == "cuda" and cuda_recurrent._fused(T, N, H):
-        # the same with a cuBLAS GEMM and a launch per step instead of the fused step kernels
-        saved = cuda_recurrent.FUSED_MAX_N
-        cuda_recurrent.FUSED_MAX_N = 0
-        try:
-            t_gemm_steps = b.time_fastrnn(fr_run, graphs=True)
-        finally:
-            cuda_recurrent.FUSED_MAX_N = saved
     t_th = b.time(th_run, "torch")
     G = GATES[op] * H
     flops = 3 * 2 * T * N * G * (D + H)  # forward GEMMs, and twice that for backward
@@ -236,7 +225,6 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
         "shape": f"T={T} N={N} D={D} H={H}",
         "fastrnn": t_fr,
         "fastrnn_graphs": t_graph,
-        "fastrnn_graphs_gemm_steps": t_gemm_steps,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
         "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
@@ -254,10 +242,13 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
                  elapsed: Callable[[Any, Any], float], sync: Callable[[], None],
                  reps: int = 5) -> list[tuple[str, float]]:  # fmt: skip
     """GPU time of each GEMM and kernel launch that ``fn()`` makes through the runtime ``rt``
-    (its gemm/launch wrapped with events, CUDA graphs off): [(label, median ms)] in call
-    order, labels "gemm MxNxK[ xbatch]" (row-major sizes) or the kernel's name."""
+    (CUDA graphs off; every call, inside a time loop or not, between two events):
+    [(label, median ms)] in call order, labels "gemm MxNxK[ xbatch]" (row-major sizes) or the
+    kernel's name. The loops' kept calls are dropped before and after, so the timed calls are
+    not kept."""
     records: list[tuple[str, Any, Any]] = []
     gemm, launch = rt.gemm, rt.launch
+    loop_gemm, loop_launch = rt.loop_gemm, rt.loop_launch
 
     def timed(label: str, call: Callable[[], Any]) -> Any:
         start, end = event(), event()
@@ -267,16 +258,36 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
         records.append((label, start, end))
         return out
 
+    def gemm_label(a: tuple, kw: dict, batch_at: int) -> str:
+        batch = a[batch_at] if len(a) > batch_at else kw.get("batch", 1)
+        return f"gemm {a[2]}x{a[3]}x{a[4]}" + (f" x{batch}" if batch > 1 else "")
+
+    def timed_step(step: Any, label: str) -> Any:
+        bind = step.bind
+
+        def timed_bind(*values: int) -> tuple[Any, tuple]:
+            f, args = bind(*values)
+            return (lambda *a: timed(label, lambda: f(*a))), args
+
+        step.bind = timed_bind
+        return step
+
     def gemm_timed(*a: Any, **kw: Any) -> Any:
-        batch = kw.get("batch", 1)
-        label = f"gemm {a[2]}x{a[3]}x{a[4]}" + (f" x{batch}" if batch > 1 else "")
-        return timed(label, lambda: gemm(*a, **kw))
+        return timed(gemm_label(a, kw, 16), lambda: gemm(*a, **kw))
 
     def launch_timed(name: str, *a: Any, **kw: Any) -> Any:
         return timed(name, lambda: launch(name, *a, **kw))
 
+    def loop_gemm_timed(*a: Any, **kw: Any) -> Any:
+        return timed_step(loop_gemm(*a, **kw), gemm_label(a, kw, 13))
+
+    def loop_launch_timed(name: str, *a: Any, **kw: Any) -> Any:
+        return timed_step(loop_launch(name, *a, **kw), name)
+
     previous = rt.graphs
     rt.gemm, rt.launch, rt.graphs = gemm_timed, launch_timed, False
+    rt.loop_gemm, rt.loop_launch = loop_gemm_timed, loop_launch_timed
+    rt.loops.clear()
     try:
         runs = []
         for _ in range(reps):
@@ -285,8 +296,9 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
             sync()
             runs.append([(label, elapsed(s, e)) for label, s, e in records])
     finally:
-        del rt.gemm, rt.launch  # the class's methods again
+        del rt.gemm, rt.launch, rt.loop_gemm, rt.loop_launch  # the class's methods again
         rt.graphs = previous
+        rt.loops.clear()
     if not runs or any(len(r) != len(runs[0]) for r in runs):
         return []
     return [(runs[0][i][0], statistics.median(r[i][1] for r in runs)) for i in range(len(runs[0]))]
@@ -421,7 +433,7 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
     other = "torch (cuDNN)" if device == "cuda" else "torch (CPU)"
     head = (
         f"{'op':<11} {'shape':<26} {'eager ms':>10} {'vs torch':>8} {'graphs ms':>9} "
-        f"{'vs torch':>8} {'cap/rep/fail':>12} {'unfused ms':>10} {other + ' ms':>17} "
+        f"{'vs torch':>8} {'cap/rep/fail':>12} {other + ' ms':>17} "
         f"{'GFLOP/s':>7}  max rel err (y, grads)"
     )
     lines = [head, "-" * len(head)]
@@ -439,17 +451,10 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
         counts = f"{gs['captured']}/{gs['replayed']}/{gs['capture_failed']}" if gs else "-"
         if g and g.get("capture_error"):
             errors.setdefault(g["capture_error"], []).append(f"{r['op']} {r['shape']}")
-        u = r.get("fastrnn_graphs_gemm_steps")
-        u_ms = f"{u['median_ms']:>10.3f}" if u else f"{'-':>10}"
         lines.append(
             f"{r['op']:<11} {r['shape']:<26} {r['fastrnn']['median_ms']:>10.3f} "
-            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} {u_ms} "
+            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} "
             f"{r['torch']['median_ms']:>17.3f} {gf:>7}  {errs}"
-        )
-    if any(r.get("fastrnn_graphs_gemm_steps") for r in results):
-        lines.append(
-            "unfused ms: graphs on, a cuBLAS GEMM and a launch per step instead of the fused "
-            "step kernels (which run batches of up to FASTRNN_CUDA_FUSED_MAX_N=8)"
         )
     for r in results:
         fo = r.get("forward_only")
