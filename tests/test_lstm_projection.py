@@ -11,7 +11,7 @@ import fastrnn as fr
 
 torch = pytest.importorskip("torch")
 
-BACKENDS = ["numpy"]  # the CPU kernel joins with its projection cell
+BACKENDS = ["numpy", "cpu"]
 
 
 def _arrays(T, N, D, H, P, dtype, rng):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 from typing import Any
 
@@ -130,12 +131,31 @@ def sequence_threads(T: int, N: int, D: int, H: int, G: int) -> int:
     return nt
 
 
-def team_size(N: int, H: int, G: int) -> int:
-    """OpenMP threads for one recurrent call: fastrnn.get_num_threads(), or 1 when tiny."""
+def team_size(N: int, H: int, G: int, P: int | None = None) -> int:
+    """OpenMP threads for one recurrent call's time loop: fastrnn.get_num_threads(), or 1 when
+    its step GEMM (N x P x G H; P = H without a projection) is tiny."""
     nt = get_num_threads()
-    if nt > 1 and N * H * G * H < MIN_PARALLEL_WORK:
+    if nt > 1 and N * (H if P is None else P) * G * H < MIN_PARALLEL_WORK:
         return 1
     return nt
+
+
+# The cells' instruction set: FASTRNN_SIMD = "avx512", "avx2" or "portable" forces one (the
+# tests run each against the reference), "auto" or unset takes the best this CPU runs. The
+# float32 AVX-512 GEMM kernels run only under "avx512"/"auto"; otherwise BLAS runs every GEMM.
+SIMD_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def simd_request() -> int | None:
+    """The instruction set FASTRNN_SIMD asks for (None: the best available); read per call."""
+    value = os.environ.get("FASTRNN_SIMD", "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in SIMD_LEVELS:
+        raise ValueError(
+            f"FASTRNN_SIMD: expected one of auto, {', '.join(SIMD_LEVELS)}, got {value!r}"
+        )
+    return SIMD_LEVELS[value]
 
 
 def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
