@@ -15,7 +15,7 @@
 typedef long long index_t;
 
 // Grid-stride loop over [0, n): correct for any grid size, so the launcher can cap the grid
-// (fastrnn/_cuda/_runtime.py MAX_BLOCKS) and the tests can force several passes per thread with
+// (fastrnn/_cuda/_launch.py MAX_BLOCKS) and the tests can force several passes per thread with
 // a tiny grid. The index arithmetic is done in 64 bits before it can overflow.
 #define FASTRNN_GRID_STRIDE_LOOP(i, n)                                            \
     for (index_t i = (index_t)blockIdx.x * (index_t)blockDim.x + (index_t)threadIdx.x; \

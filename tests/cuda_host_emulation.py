@@ -102,12 +102,24 @@ def wrapper_source() -> str:
                 f"{formals}) {{\n"
                 f"    fr_launch(grid, block, [&] {{ {expr}({actuals}); }});\n}}\n"
             )
+    for struct in _kernels.CELLS.values():  # a cell's constants, for the table's consistency
+        for const in ("gates", "acts"):
+            parts.append(
+                f'extern "C" int fr_host_{struct}_{const}() {{ return {struct}::{const}; }}\n'
+            )
     for fn in DEVICE_MATH:
         for ctype in ("float", "double"):
             parts.append(
                 f'extern "C" {ctype} fr_host_{fn}_{ctype}({ctype} a) {{ return {fn}(a); }}\n'
             )
     return "".join(parts)
+
+
+def cell_constant(lib: ctypes.CDLL, struct: str, const: str) -> int:
+    """``struct::const`` ("gates" or "acts") of a cell of csrc/."""
+    f = getattr(lib, f"fr_host_{struct}_{const}")
+    f.restype = ctypes.c_int
+    return int(f())
 
 
 def device_math(lib: ctypes.CDLL, fn: str, ctype: str) -> Any:

@@ -18,7 +18,13 @@ import shutil
 
 import numpy as np
 import pytest
-from cuda_host_emulation import EmulatedCupyRuntime, HostRuntime, build_library, device_math
+from cuda_host_emulation import (
+    EmulatedCupyRuntime,
+    HostRuntime,
+    build_library,
+    cell_constant,
+    device_math,
+)
 from tolerances import assert_close
 
 from fastrnn import reference as ref
@@ -192,6 +198,38 @@ def test_inference_uses_two_state_slots(host_rt, op):
     assert no_ctx is None
     for a, b in zip(train_outs, infer_outs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cell_table_matches_the_cells(host_lib):
+    """The driver's cell table agrees with the C++ cells: every op's .cu file defines a cell
+    with its gate count, and saved activations live apart (GRU) or in place of the gate sums
+    (LSTM: as wide as them) or not at all (RNN)."""
+    assert set(_kernels.CELLS) == {f"{op}.cu" for op in recurrent.CELLS}
+    for op, cell in recurrent.CELLS.items():
+        struct = _kernels.CELLS[f"{op}.cu"]
+        assert cell_constant(host_lib, struct, "gates") == cell.gates, op
+        acts = cell_constant(host_lib, struct, "acts")
+        assert acts == cell.saved if cell.saved else acts in (0, cell.gates), op
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_graphs_switch_is_read_at_call_time(host_lib, monkeypatch, value, expected):
+    """FASTRNN_CUDA_GRAPHS is read when a loop runs, not when the runtime is made; an explicit
+    runtime().graphs overrides it until set back to None."""
+    rt = EmulatedCupyRuntime(host_lib)
+    if value is None:
+        monkeypatch.delenv("FASTRNN_CUDA_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("FASTRNN_CUDA_GRAPHS", value)
+    with use_runtime(rt):
+        for _ in range(3):
+            rt.xp.reuse_addresses()
+            _graph_run(rt, "rnn", SHAPES[2], np.float64)
+    assert (rt.graph_stats["replayed"] == 2) is expected, rt.graph_stats
+    rt.graphs = not expected
+    assert rt.graphs is (not expected)
+    rt.graphs = None
+    assert rt.graphs is expected
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ From this one table come
 
 * the ``name_expressions`` handed to NVRTC (``kernel<float>``, ``kernel<double>``, and for a
   recurrent cell's step kernels ``kernel<float, Cell>``, ...),
-* the argument conversion of every launch (:mod:`fastrnn._cuda._runtime`),
+* the argument conversion of every launch (:mod:`fastrnn._cuda._launch`),
 * the NVRTC compile test for sm_80 / sm_90 (``tests/test_cuda_compile.py``),
 * the host build of the unchanged ``.cu`` files that the host execution tests call
   (``tests/cuda_host_emulation.py``; it also checks, with ``static_assert``, that every

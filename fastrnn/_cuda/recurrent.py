@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fastrnn._cuda import _kernels
 from fastrnn._cuda._runtime import runtime
 from fastrnn.context import Context
 
@@ -38,10 +39,10 @@ MODE_PLAIN, LSTM_PROJECTED, RNN_RELU = 0, 1, 1
 
 @dataclass(frozen=True)
 class Cell:
-    """What the time loop needs to know of one cell (the math is in csrc/<op>.cu)."""
+    """What the time loop needs to know of one cell (the math is in csrc/<op>.cu, its struct
+    registered in the kernel table's CELLS)."""
 
     op: str
-    struct: str  # the cell's C++ struct: the step kernels are recurrent_*_step<T, struct>
     gates: int  # G = gates * H columns of the input and recurrent sums
     # The recurrent sums are kept apart from the input's (the GRU's n needs r * (W_hn h + b_hn)):
     # the step's GEMM writes its own buffer, and backward has a gradient of their own for them
@@ -52,13 +53,14 @@ class Cell:
     cell_state: bool  # the LSTM's c
 
     def kernel(self, direction: str) -> str:
-        return f"recurrent_{direction}_step<{self.struct}>"
+        """The kernel-table key of the cell's step kernel: recurrent_<direction>_step<Struct>."""
+        return f"recurrent_{direction}_step<{_kernels.CELLS[self.op + '.cu']}>"
 
 
 CELLS = {
-    "lstm": Cell("lstm", "LstmCell", gates=4, apart=False, saved=0, cell_state=True),
-    "gru": Cell("gru", "GruCell", gates=3, apart=True, saved=4, cell_state=False),
-    "rnn": Cell("rnn", "RnnCell", gates=1, apart=False, saved=0, cell_state=False),
+    "lstm": Cell("lstm", gates=4, apart=False, saved=0, cell_state=True),
+    "gru": Cell("gru", gates=3, apart=True, saved=4, cell_state=False),
+    "rnn": Cell("rnn", gates=1, apart=False, saved=0, cell_state=False),
 }
 
 
