@@ -216,17 +216,14 @@ class Runtime:
 
 
 class _Step:
-    """One step of a time loop: ``bind(...)`` -> a call; ``step(...)`` runs it at once."""
+    """One step of a time loop: ``bind(...)`` -> a call ``(fn, args)``; ``signature``: what a
+    loop's key needs of it."""
 
     __slots__ = ("bind", "signature")
 
     def __init__(self, bind: Callable[..., Call], signature: tuple) -> None:
         self.bind = bind
         self.signature = signature
-
-    def __call__(self, *values: int) -> None:
-        fn, args = self.bind(*values)
-        fn(*args)
 
 
 class Recorder:
