@@ -1023,6 +1023,32 @@ def test_loop_calls_are_kept_and_launch_arguments_packed(host_lib, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_conv2d_loops_are_recorded_once(host_lib, monkeypatch):
+    """conv2d goes through the same time-loop API as the recurrent ops: its calls are recorded
+    (Runtime.record) the first time a key is seen and kept; a call with the same arrays runs
+    the kept calls (graphs off), with the same results."""
+    rt = EmulatedCupyRuntime(host_lib)
+    rt.graphs = False
+    recorded = [0]
+    real_record = rt.record
+
+    def counting(body):
+        recorded[0] += 1
+        return real_record(body)
+
+    monkeypatch.setattr(rt, "record", counting)
+    with use_runtime(rt):
+        rt.xp.reuse_addresses()
+        first = _graph_run(rt, "conv2d", CONV_CASES[0], np.float64)
+        assert recorded[0] == 2  # forward and backward
+        rt.xp.reuse_addresses()
+        second = _graph_run(rt, "conv2d", CONV_CASES[0], np.float64)
+    assert recorded[0] == 2 and rt.graph_stats["eager"] == 4
+    for a, b in zip(first, second, strict=True):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 def test_cupy_without_cpointer_arguments(host_lib):
     """A CuPy whose kernel call refuses CPointer arguments: the one probe launch (which would
     touch nothing) says so, and launches take arrays and NumPy scalars; same results."""
