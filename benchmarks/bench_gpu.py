@@ -4,9 +4,11 @@
     python benchmarks/bench_gpu.py --dry-run          # no GPU: NumPy/CPU arrays, tiny shapes
 
 Recurrent: fastrnn.{lstm,gru,rnn}_forward + _backward against torch.nn.LSTM/GRU/RNN (one layer,
-time-major, the same weights) at (T, N, D, H) in RECURRENT_SHAPES. Convolution and pooling:
-fastrnn.conv2d / max_pool2d / avg_pool2d against torch.nn.functional at (N, C, H, W, F, k) in
-CONV_SHAPES (conv: stride 1, padding k//2, with bias; pooling: kernel k, stride 2, padding k//2).
+time-major, the same weights) at (T, N, D, H) in RECURRENT_SHAPES, and the LSTM with projections
+("lstmp", w_hr against torch.nn.LSTM(proj_size=H // 2)) at PROJECTION_SHAPES. Convolution and
+pooling: fastrnn.conv2d / max_pool2d / avg_pool2d against torch.nn.functional at
+(N, C, H, W, F, k) in CONV_SHAPES (conv: stride 1, padding k//2, with bias; pooling: kernel k,
+stride 2, padding k//2).
 
 TF32 is off on both sides (torch.backends.*.allow_tf32 = False; CUPY_TF32=0, which must be set
 before CuPy is imported: this script sets it). Each case is checked first (fastrnn against
@@ -40,6 +42,8 @@ RECURRENT_SHAPES = [(100, 1, 128, 128), (100, 8, 256, 256), (100, 64, 512, 512),
                     (50, 128, 1024, 1024)]  # fmt: skip
 CONV_SHAPES = [(64, 3, 32, 32, 32, 3), (64, 32, 32, 32, 64, 3), (32, 64, 56, 56, 64, 3),
                (8, 128, 28, 28, 128, 3)]  # fmt: skip
+# LSTM with projections (op "lstmp", torch.nn.LSTM(proj_size=H // 2)) at a few of those shapes
+PROJECTION_SHAPES = [(100, 8, 256, 256), (100, 64, 512, 512)]
 DRY_RECURRENT_SHAPES = [(5, 2, 4, 6), (3, 1, 3, 5)]
 DRY_CONV_SHAPES = [(2, 3, 8, 8, 4, 3)]
 
@@ -154,7 +158,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 # recurrent
 # ------------------------------------------------------------------------------------------------
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+GATES = {"lstm": 4, "lstmp": 4, "gru": 3, "rnn": 1}
 
 
 def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict[str, Any]:
@@ -162,16 +166,20 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
 
     torch = b.torch
     T, N, D, H = shape
+    P = H // 2 if op == "lstmp" else H  # the state's width
     rng = np.random.default_rng(0)
     f32 = np.float32
     x = rng.standard_normal((T, N, D)).astype(f32)
-    h0 = (rng.standard_normal((N, H)) * 0.5).astype(f32)
+    h0 = (rng.standard_normal((N, P)) * 0.5).astype(f32)
     c0 = (rng.standard_normal((N, H)) * 0.5).astype(f32)
-    dy = rng.standard_normal((T, N, H)).astype(f32)
+    dy = rng.standard_normal((T, N, P)).astype(f32)
 
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[op]
     torch.manual_seed(0)
-    module = cls(D, H, num_layers=1).to(b.device)
+    if op == "lstmp":
+        module = torch.nn.LSTM(D, H, num_layers=1, proj_size=P).to(b.device)
+    else:
+        cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[op]
+        module = cls(D, H, num_layers=1).to(b.device)
     w_ih = module.weight_ih_l0.detach().cpu().numpy()
     w_hh = module.weight_hh_l0.detach().cpu().numpy()
     b_ih = module.bias_ih_l0.detach().cpu().numpy()
@@ -185,9 +193,11 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
     else:
         fb = (b.fr_array(b_ih + b_hh),)
 
+    fw_hr = b.fr_array(module.weight_hr_l0.detach().cpu().numpy()) if op == "lstmp" else None
+
     def fr_run() -> tuple[Any, Any]:
-        if op == "lstm":
-            y, _, _, ctx = fr.lstm_forward(fx, fh0, fc0, fw_ih, fw_hh, *fb)
+        if op in ("lstm", "lstmp"):
+            y, _, _, ctx = fr.lstm_forward(fx, fh0, fc0, fw_ih, fw_hh, *fb, w_hr=fw_hr)
             return y, fr.lstm_backward(ctx, fdy)
         if op == "gru":
             y, _, ctx = fr.gru_forward(fx, fh0, fw_ih, fw_hh, *fb)
@@ -204,7 +214,7 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
     def th_run() -> tuple[Any, Any]:
         module.zero_grad(set_to_none=True)
         tx.grad = th0.grad = tc0.grad = None
-        y, _ = module(tx, (th0, tc0) if op == "lstm" else th0)
+        y, _ = module(tx, (th0, tc0) if op in ("lstm", "lstmp") else th0)
         y.backward(tdy)
         return y, tx.grad
 
@@ -213,30 +223,22 @@ def bench_recurrent(b: Bench, op: str, shape: tuple[int, int, int, int]) -> dict
     check = {
         "y": _rel_err(b.host(y_fr), b.host(y_th)),
         "dx": _rel_err(b.host(g_fr[0]), b.host(dx_th)),
-        "dw_hh": _rel_err(b.host(g_fr[4 if op == "lstm" else 3]), b.host(module.weight_hh_l0.grad)),
+        "dw_hh": _rel_err(b.host(g_fr[4 if op in ("lstm", "lstmp") else 3]),
+                          b.host(module.weight_hh_l0.grad)),
     }
+    if op == "lstmp":
+        check["dw_hr"] = _rel_err(b.host(g_fr[6]), b.host(module.weight_hr_l0.grad))
     t_fr = b.time_fastrnn(fr_run, graphs=False)
     t_graph = b.time_fastrnn(fr_run, graphs=True)
-    t_gemm_steps = None
-    from fastrnn._cuda import recurrent as cuda_recurrent
-
-    if b.device == "cuda" and cuda_recurrent._fused(T, N, H):
-        # the same with a cuBLAS GEMM and a launch per step instead of the fused step kernels
-        saved = cuda_recurrent.FUSED_MAX_N
-        cuda_recurrent.FUSED_MAX_N = 0
-        try:
-            t_gemm_steps = b.time_fastrnn(fr_run, graphs=True)
-        finally:
-            cuda_recurrent.FUSED_MAX_N = saved
     t_th = b.time(th_run, "torch")
     G = GATES[op] * H
-    flops = 3 * 2 * T * N * G * (D + H)  # forward GEMMs, and twice that for backward
+    # forward GEMMs (input, recurrent, projection), and twice that for backward
+    flops = 3 * 2 * T * N * (G * (D + P) + (P * H if op == "lstmp" else 0))
     return {
         "op": op,
-        "shape": f"T={T} N={N} D={D} H={H}",
+        "shape": f"T={T} N={N} D={D} H={H}" + (f" P={P}" if op == "lstmp" else ""),
         "fastrnn": t_fr,
         "fastrnn_graphs": t_graph,
-        "fastrnn_graphs_gemm_steps": t_gemm_steps,
         "torch": t_th,
         "speed_vs_torch": t_th["median_ms"] / t_fr["median_ms"],
         "graphs_speed_vs_torch": t_th["median_ms"] / t_graph["median_ms"] if t_graph else None,
@@ -254,10 +256,13 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
                  elapsed: Callable[[Any, Any], float], sync: Callable[[], None],
                  reps: int = 5) -> list[tuple[str, float]]:  # fmt: skip
     """GPU time of each GEMM and kernel launch that ``fn()`` makes through the runtime ``rt``
-    (its gemm/launch wrapped with events, CUDA graphs off): [(label, median ms)] in call
-    order, labels "gemm MxNxK[ xbatch]" (row-major sizes) or the kernel's name."""
+    (CUDA graphs off; every call, inside a time loop or not, between two events):
+    [(label, median ms)] in call order, labels "gemm MxNxK[ xbatch]" (row-major sizes) or the
+    kernel's name. The loops' kept calls are dropped before and after, so the timed calls are
+    not kept."""
     records: list[tuple[str, Any, Any]] = []
     gemm, launch = rt.gemm, rt.launch
+    loop_gemm, loop_launch = rt.loop_gemm, rt.loop_launch
 
     def timed(label: str, call: Callable[[], Any]) -> Any:
         start, end = event(), event()
@@ -267,16 +272,36 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
         records.append((label, start, end))
         return out
 
+    def gemm_label(a: tuple, kw: dict, batch_at: int) -> str:
+        batch = a[batch_at] if len(a) > batch_at else kw.get("batch", 1)
+        return f"gemm {a[2]}x{a[3]}x{a[4]}" + (f" x{batch}" if batch > 1 else "")
+
+    def timed_step(step: Any, label: str) -> Any:
+        bind = step.bind
+
+        def timed_bind(*values: int) -> tuple[Any, tuple]:
+            f, args = bind(*values)
+            return (lambda *a: timed(label, lambda: f(*a))), args
+
+        step.bind = timed_bind
+        return step
+
     def gemm_timed(*a: Any, **kw: Any) -> Any:
-        batch = kw.get("batch", 1)
-        label = f"gemm {a[2]}x{a[3]}x{a[4]}" + (f" x{batch}" if batch > 1 else "")
-        return timed(label, lambda: gemm(*a, **kw))
+        return timed(gemm_label(a, kw, 16), lambda: gemm(*a, **kw))
 
     def launch_timed(name: str, *a: Any, **kw: Any) -> Any:
         return timed(name, lambda: launch(name, *a, **kw))
 
+    def loop_gemm_timed(*a: Any, **kw: Any) -> Any:
+        return timed_step(loop_gemm(*a, **kw), gemm_label(a, kw, 13))
+
+    def loop_launch_timed(name: str, *a: Any, **kw: Any) -> Any:
+        return timed_step(loop_launch(name, *a, **kw), name)
+
     previous = rt.graphs
     rt.gemm, rt.launch, rt.graphs = gemm_timed, launch_timed, False
+    rt.loop_gemm, rt.loop_launch = loop_gemm_timed, loop_launch_timed
+    rt.loops.clear()
     try:
         runs = []
         for _ in range(reps):
@@ -285,8 +310,9 @@ def step_profile(rt: Any, fn: Callable[[], Any], event: Callable[[], Any],
             sync()
             runs.append([(label, elapsed(s, e)) for label, s, e in records])
     finally:
-        del rt.gemm, rt.launch  # the class's methods again
+        del rt.gemm, rt.launch, rt.loop_gemm, rt.loop_launch  # the class's methods again
         rt.graphs = previous
+        rt.loops.clear()
     if not runs or any(len(r) != len(runs[0]) for r in runs):
         return []
     return [(runs[0][i][0], statistics.median(r[i][1] for r in runs)) for i in range(len(runs[0]))]
@@ -421,7 +447,7 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
     other = "torch (cuDNN)" if device == "cuda" else "torch (CPU)"
     head = (
         f"{'op':<11} {'shape':<26} {'eager ms':>10} {'vs torch':>8} {'graphs ms':>9} "
-        f"{'vs torch':>8} {'cap/rep/fail':>12} {'unfused ms':>10} {other + ' ms':>17} "
+        f"{'vs torch':>8} {'cap/rep/fail':>12} {other + ' ms':>17} "
         f"{'GFLOP/s':>7}  max rel err (y, grads)"
     )
     lines = [head, "-" * len(head)]
@@ -439,17 +465,10 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
         counts = f"{gs['captured']}/{gs['replayed']}/{gs['capture_failed']}" if gs else "-"
         if g and g.get("capture_error"):
             errors.setdefault(g["capture_error"], []).append(f"{r['op']} {r['shape']}")
-        u = r.get("fastrnn_graphs_gemm_steps")
-        u_ms = f"{u['median_ms']:>10.3f}" if u else f"{'-':>10}"
         lines.append(
             f"{r['op']:<11} {r['shape']:<26} {r['fastrnn']['median_ms']:>10.3f} "
-            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} {u_ms} "
+            f"{r['speed_vs_torch']:>7.2f}x {g_ms} {g_x} {counts:>12} "
             f"{r['torch']['median_ms']:>17.3f} {gf:>7}  {errs}"
-        )
-    if any(r.get("fastrnn_graphs_gemm_steps") for r in results):
-        lines.append(
-            "unfused ms: graphs on, a cuBLAS GEMM and a launch per step instead of the fused "
-            "step kernels (which run batches of up to FASTRNN_CUDA_FUSED_MAX_N=8)"
         )
     for r in results:
         fo = r.get("forward_only")
@@ -504,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("all", "recurrent"):
         for shape in DRY_RECURRENT_SHAPES if args.dry_run else RECURRENT_SHAPES:
             cases += [(bench_recurrent, op, shape) for op in ("lstm", "gru", "rnn")]
+        for shape in DRY_RECURRENT_SHAPES[:1] if args.dry_run else PROJECTION_SHAPES:
+            cases.append((bench_recurrent, "lstmp", shape))
     if args.only in ("all", "conv"):
         for shape in DRY_CONV_SHAPES if args.dry_run else CONV_SHAPES:
             cases += [(bench_conv, op, shape) for op in ("conv2d", "max_pool2d", "avg_pool2d")]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import statistics
 import time
 import types
@@ -72,29 +71,27 @@ def _fake_cublas() -> Any:
     )
 
 
+def _noop_kernel(grid: Any, block: Any, args: Any) -> None:
+    return None
+
+
 class NoopRuntime(_runtime.CupyRuntime):
     """CupyRuntime with no device behind it (see the module docstring)."""
 
     def __init__(self) -> None:
-        params = inspect.signature(_runtime.CupyRuntime._setup).parameters
-        extra: list[Any] = []
-        if "function" in params:
-            try:
-                from cupy.cuda import function
-            except ImportError:
-                function = types.SimpleNamespace(CIntptr=int, CNumpyArray=lambda a: a)
-            extra.append(function)
-        if "direct" in params:
-            f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
-            extra.append(
-                types.SimpleNamespace(
-                    gemm={f32: _noop, f64: _noop},
-                    gemm_batched={f32: _noop, f64: _noop},
-                    set_stream=_noop,
-                    set_workspace=_noop,
-                )
-            )
-        self._setup(_fake_cupy(), _fake_cublas(), *extra)
+        try:
+            from cupy.cuda import function
+        except ImportError:
+            function = types.SimpleNamespace(CIntptr=int, CNumpyArray=lambda a: a)
+        f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+        direct = types.SimpleNamespace(
+            gemm={f32: _noop, f64: _noop},
+            gemm_batched={f32: _noop, f64: _noop},
+            set_stream=_noop,
+            set_workspace=_noop,
+        )
+        self._setup(_fake_cupy(), _fake_cublas(), function, direct,
+                    lambda key, ctype, device_id: _noop_kernel)  # fmt: skip
         self.xp = np
 
     def device_of(self, a: Any) -> Any:
@@ -105,9 +102,6 @@ class NoopRuntime(_runtime.CupyRuntime):
 
     def ptr(self, a: Any) -> int:
         return a.ctypes.data
-
-    def _function(self, name: str, ctype: str) -> Any:
-        return lambda grid, block, args: None
 
 
 def measure(T: int, N: int, H: int, repeat: int, graphs: bool) -> float:
@@ -144,8 +138,6 @@ def measure(T: int, N: int, H: int, repeat: int, graphs: bool) -> float:
             full=lambda s, v, dtype=None: empty(s, dtype),
         )
         rt.xp = xp
-        if hasattr(recurrent, "_transposed"):  # a device copy on a GPU: not fastrnn's Python
-            recurrent._transposed = lambda _xp, w: empty((w.shape[1], w.shape[0]), w.dtype)
         for i in range(repeat + 3):
             calls[0] = 0
             t0 = time.perf_counter()

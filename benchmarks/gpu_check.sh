@@ -67,8 +67,8 @@ grep -q '^build .*ok' "$SUMMARY" || STATUS=1
 # 4. the benchmark (fastrnn vs torch.nn.LSTM/GRU/RNN and torch.nn.functional, cuDNN, fp32)
 stage bench 100 $PY benchmarks/bench_gpu.py --out "$OUT"
 
-# 4b. host and GPU time per time step of the recurrent loops, each path (fused / cuBLAS steps,
-#     graphs off / on): whether a loop is host-bound, and the last graph capture error if any
+# 4b. host and GPU time per time step of the recurrent loops, graphs off (eager) and on: whether
+#     a loop is host-bound, and the last graph capture error if any
 stage steps 20 $PY benchmarks/gpu_steps.py
 
 # 5. the CUDA cases of the shared test files (after the build: some compare with the CPU

@@ -2,11 +2,11 @@
 
     python benchmarks/gpu_steps.py [--T 500]
 
-For LSTM forward + backward at a small and a large batch, in four modes (fused step kernels or
-a cuBLAS GEMM + launch per step; CUDA graphs off or on), prints the host time to enqueue one
-call (perf_counter around the call, no synchronisation) and the GPU time of the call (CUDA
-events), both divided by the 2T steps, plus the graph counters. With the host time above the
-GPU time the loop is host-bound. Needs CuPy and a GPU.
+For LSTM forward + backward at a small, a mid and a large batch, with CUDA graphs off (eager: a
+cuBLAS GEMM and a launch per step, enqueued from the host) and on, prints the host time to
+enqueue one call (perf_counter around the call, no synchronisation) and the GPU time of the call
+(CUDA events), both divided by the 2T steps, plus the graph counters. With the host time above
+the GPU time the loop is host-bound. Needs CuPy and a GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ def main() -> int:
     import cupy
 
     import fastrnn as fr
-    from fastrnn._cuda import recurrent
     from fastrnn._cuda._runtime import runtime
 
     rt = runtime()
@@ -59,37 +58,33 @@ def main() -> int:
             *_, ctx = fr.lstm_forward(g["x"], g["h0"], g["c0"], g["w_ih"], g["w_hh"], g["b"])
             fr.lstm_backward(ctx, g["dy"])
 
-        for fused in (True, False):
-            if fused and not (N <= 8 and H <= 512):
-                continue
-            for graphs in (False, True):
-                saved = recurrent.FUSED_MAX_N, rt.graphs
-                recurrent.FUSED_MAX_N = 8 if fused else 0
-                rt.graphs = graphs
-                before = {k: v for k, v in rt.graph_stats.items() if isinstance(v, int)}
-                try:
-                    for _ in range(3):
-                        call()
-                    cupy.cuda.get_current_stream().synchronize()
-                    host, dev = [], []
-                    for _ in range(args.reps):
-                        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                        start.record()
-                        t0 = time.perf_counter()
-                        call()
-                        host.append(time.perf_counter() - t0)
-                        end.record()
-                        end.synchronize()
-                        dev.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3)
-                finally:
-                    recurrent.FUSED_MAX_N, rt.graphs = saved
-                stats = {k: rt.graph_stats[k] - v for k, v in before.items()}
-                mode = ("fused" if fused else "cublas") + (" + graphs" if graphs else " eager")
-                counts = f"{stats['captured']}/{stats['replayed']}/{stats['capture_failed']}"
-                print(
-                    f"{N:>3} {H:>4} {mode:<16} {statistics.median(host) / (2 * T) * 1e6:>12.2f} "
-                    f"{statistics.median(dev) / (2 * T) * 1e6:>11.2f}  {counts}"
-                )
+        for graphs in (False, True):
+            saved = rt.graphs
+            rt.graphs = graphs
+            before = {k: v for k, v in rt.graph_stats.items() if isinstance(v, int)}
+            try:
+                for _ in range(3):
+                    call()
+                cupy.cuda.get_current_stream().synchronize()
+                host, dev = [], []
+                for _ in range(args.reps):
+                    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                    start.record()
+                    t0 = time.perf_counter()
+                    call()
+                    host.append(time.perf_counter() - t0)
+                    end.record()
+                    end.synchronize()
+                    dev.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3)
+            finally:
+                rt.graphs = saved
+            stats = {k: rt.graph_stats[k] - v for k, v in before.items()}
+            mode = "cublas + graphs" if graphs else "cublas eager"
+            counts = f"{stats['captured']}/{stats['replayed']}/{stats['capture_failed']}"
+            print(
+                f"{N:>3} {H:>4} {mode:<16} {statistics.median(host) / (2 * T) * 1e6:>12.2f} "
+                f"{statistics.median(dev) / (2 * T) * 1e6:>11.2f}  {counts}"
+            )
     err = rt.graph_stats.get("last_capture_error")
     print(f"last capture error: {err}")
     return 0

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from fastrnn._cuda import _kernels
-from fastrnn._cuda._runtime import OP_N, CupyRuntime, Runtime
+from fastrnn._cuda._cublas import OP_N
+from fastrnn._cuda._runtime import CupyRuntime, Runtime
 
 SHIM = r"""
 // Host shim: just enough of CUDA for fastrnn's kernels to compile and run as C++.
@@ -75,6 +76,10 @@ def _param_type(param: str, ctype: str) -> str:
     return re.sub(r"\bT\b", ctype, " ".join(type_part.split()))
 
 
+# The device math of common.cuh, callable from the tests: fr_host_<function>_<type>(a).
+DEVICE_MATH = ("fr_sigmoid", "fr_tanh", "fr_relu")
+
+
 def wrapper_source() -> str:
     """The C++ translation unit: shim, every .cu file as NVRTC sees it, generated wrappers."""
     parts = [SHIM]
@@ -85,18 +90,44 @@ def wrapper_source() -> str:
         for ctype in k.dtypes:
             types = [_param_type(p, ctype) for p in k.params]
             sig = ", ".join(types)
+            expr = k.expression(ctype)
             parts.append(
-                f"static_assert(std::is_same<decltype(&{k.name}<{ctype}>), void (*)({sig})>::value,"
-                f' "kernel table: the parameters listed for {k.name} are not its signature");\n'
+                f"static_assert(std::is_same<decltype(&{expr}), void (*)({sig})>::value,"
+                f' "kernel table: the parameters listed for {k.key} are not its signature");\n'
             )
             formals = ", ".join(f"{t} a{i}" for i, t in enumerate(types))
             actuals = ", ".join(f"a{i}" for i in range(len(types)))
             parts.append(
-                f'extern "C" void fr_host_{k.name}_{ctype}(unsigned grid, unsigned block, '
+                f'extern "C" void fr_host_{k.symbol}_{ctype}(unsigned grid, unsigned block, '
                 f"{formals}) {{\n"
-                f"    fr_launch(grid, block, [&] {{ {k.name}<{ctype}>({actuals}); }});\n}}\n"
+                f"    fr_launch(grid, block, [&] {{ {expr}({actuals}); }});\n}}\n"
+            )
+    for struct in _kernels.CELLS.values():  # a cell's constants, for the table's consistency
+        for const in ("gates", "acts"):
+            parts.append(
+                f'extern "C" int fr_host_{struct}_{const}() {{ return {struct}::{const}; }}\n'
+            )
+    for fn in DEVICE_MATH:
+        for ctype in ("float", "double"):
+            parts.append(
+                f'extern "C" {ctype} fr_host_{fn}_{ctype}({ctype} a) {{ return {fn}(a); }}\n'
             )
     return "".join(parts)
+
+
+def cell_constant(lib: ctypes.CDLL, struct: str, const: str) -> int:
+    """``struct::const`` ("gates" or "acts") of a cell of csrc/."""
+    f = getattr(lib, f"fr_host_{struct}_{const}")
+    f.restype = ctypes.c_int
+    return int(f())
+
+
+def device_math(lib: ctypes.CDLL, fn: str, ctype: str) -> Any:
+    """common.cuh's ``fn`` (one of DEVICE_MATH) for ``ctype`` as a Python function."""
+    f = getattr(lib, f"fr_host_{fn}_{ctype}")
+    f.argtypes = [_C[ctype]]
+    f.restype = _C[ctype]
+    return f
 
 
 def build_library(directory: Path) -> ctypes.CDLL:
@@ -293,7 +324,7 @@ class HostRuntime(Runtime):
         self._launch_raw(spec, ctype, grid, block, cargs)
 
     def _launch_fn(self, spec, ctype):
-        fname = f"fr_host_{spec.name}_{ctype}"
+        fname = f"fr_host_{spec.symbol}_{ctype}"
         fn = self._fns.get(fname)
         if fn is None:
             fn = getattr(self.lib, fname)
@@ -316,7 +347,7 @@ class HostRuntime(Runtime):
     def _launch_raw(self, spec, ctype, grid, block, cargs):
         """Launch with C values: addresses for the pointers, Python numbers for scalars."""
         fn = self._launch_fn(spec, ctype)
-        self.launches.append((spec.name, grid, block))
+        self.launches.append((spec.key, grid, block))
         fn(grid, block, *cargs)
         self.xp.check_guards()
 
@@ -622,7 +653,7 @@ class EmulatedCupyRuntime(CupyRuntime):
         self.legacy_cupy = legacy_cupy
         self.packed_launches = 0
         self._setup(types.SimpleNamespace(cuda=self.fake_cuda), self.fake_cublas,
-                    _fake_function_module(), self.fake_direct)  # fmt: skip
+                    _fake_function_module(), self.fake_direct, self._function)  # fmt: skip
         self.xp = self.host.xp
         self.block = block
         self.max_blocks = max_blocks
@@ -644,7 +675,8 @@ class EmulatedCupyRuntime(CupyRuntime):
     def ptr(self, a: Any) -> int:
         return a.ctypes.data
 
-    def _function(self, name: str, ctype: str) -> Any:
+    def _function(self, name: str, ctype: str, device_id: int) -> Any:
+        """The emulated CuPy kernel call of ``name`` (a kernel-table key) for ``ctype``."""
         spec = _kernels.kernel(name)
         value_c = {**_SCALAR_C, "T": _C[ctype]}
 

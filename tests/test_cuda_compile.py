@@ -4,6 +4,8 @@ one (``pip install -e ".[nvrtc]"``). A failure shows NVRTC's log."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fastrnn._cuda import _kernels
@@ -71,3 +73,18 @@ class _Log:
 
     def write(self, s: str) -> None:
         self.text += s
+
+
+@pytest.mark.parametrize("source", _kernels.source_files())
+def test_program_text_holds_its_headers(source):
+    """Headers are prepended as text, never #included: CuPy's compile cache key (the program
+    text) then changes with them. Cell files get recurrent.cuh after common.cuh."""
+    text = _kernels.program_source(source)
+    d = _kernels.csrc_dir()
+    expected = (_kernels.COMMON_HEADER,) + (
+        (_kernels.RECURRENT_HEADER,) if source in _kernels.CELLS else ()
+    )
+    assert _kernels.headers(source) == expected
+    for name in (*expected, source):
+        assert (d / name).read_text() in text, name
+    assert not re.search(r"^\s*#\s*include", text, re.MULTILINE)  # no directive

@@ -195,7 +195,7 @@ def test_conv2d_cuda_graphs(rt, monkeypatch):
     captured on the second call and replayed afterwards; every call matches the reference,
     replays bitwise."""
     monkeypatch.setattr(rt, "graphs", True)
-    rt._loop_cache.clear()  # no loop of an earlier test at these addresses
+    rt.loops.clear()  # no loop of an earlier test at these addresses
     case = (3, 4, 9, 9, 6, (3, 3), 1, 2, 2, 2, True)
     x, w, b, kw = _conv_data(case, np.float32)
     before = dict(rt.graph_stats)

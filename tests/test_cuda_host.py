@@ -18,7 +18,13 @@ import shutil
 
 import numpy as np
 import pytest
-from cuda_host_emulation import EmulatedCupyRuntime, HostRuntime, build_library
+from cuda_host_emulation import (
+    EmulatedCupyRuntime,
+    HostRuntime,
+    build_library,
+    cell_constant,
+    device_math,
+)
 from tolerances import assert_close
 
 from fastrnn import reference as ref
@@ -194,6 +200,177 @@ def test_inference_uses_two_state_slots(host_rt, op):
         np.testing.assert_array_equal(a, b)
 
 
+def test_cell_table_matches_the_cells(host_lib):
+    """The driver's cell table agrees with the C++ cells: every op's .cu file defines a cell
+    with its gate count, and saved activations live apart (GRU) or in place of the gate sums
+    (LSTM: as wide as them) or not at all (RNN)."""
+    assert set(_kernels.CELLS) == {f"{op}.cu" for op in recurrent.CELLS}
+    for op, cell in recurrent.CELLS.items():
+        struct = _kernels.CELLS[f"{op}.cu"]
+        assert cell_constant(host_lib, struct, "gates") == cell.gates, op
+        acts = cell_constant(host_lib, struct, "acts")
+        assert acts == cell.saved if cell.saved else acts in (0, cell.gates), op
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_graphs_switch_is_read_at_call_time(host_lib, monkeypatch, value, expected):
+    """FASTRNN_CUDA_GRAPHS is read when a loop runs, not when the runtime is made; an explicit
+    runtime().graphs overrides it until set back to None."""
+    rt = EmulatedCupyRuntime(host_lib)
+    if value is None:
+        monkeypatch.delenv("FASTRNN_CUDA_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("FASTRNN_CUDA_GRAPHS", value)
+    with use_runtime(rt):
+        for _ in range(3):
+            rt.xp.reuse_addresses()
+            _graph_run(rt, "rnn", SHAPES[2], np.float64)
+    assert (rt.graph_stats["replayed"] == 2) is expected, rt.graph_stats
+    rt.graphs = not expected
+    assert rt.graphs is (not expected)
+    rt.graphs = None
+    assert rt.graphs is expected
+
+
+# ------------------------------------------------------------------------------------------------
+# LSTM with projections
+# ------------------------------------------------------------------------------------------------
+
+
+def _projection_data(shape, dtype, seed=0):
+    """An LSTM case with a projection of P = H // 2 features: inputs (in ORDER["lstm"] order,
+    then w_hr), upstream gradients, lengths."""
+    T, N, D, H, _ = shape
+    P = H // 2
+    d, grads, lens = _data("lstm", shape, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
+    d["w_hh"] = (rng.standard_normal((4 * H, P)) * 0.7 / np.sqrt(P)).astype(dtype)
+    d["w_hr"] = (rng.standard_normal((P, H)) * 0.9 / np.sqrt(H)).astype(dtype)
+    d["h0"] = d["h0"][:, :P].copy()
+    grads["dy"] = grads["dy"][:, :, :P].copy()
+    grads["dhT"] = grads["dhT"][:, :P].copy()
+    return d, grads, lens
+
+
+PROJECTION_SHAPES = [s for s in SHAPES if s[3] >= 2]  # P = H // 2 >= 1
+
+
+def _projection_both(rt, shape, dtype, *, with_state_grads=True, training=True):
+    d, grads, lens = _projection_data(shape, dtype)
+    args = [d[k] for k in ORDER["lstm"]]
+    *outs, ctx = recurrent.lstm_forward(*(rt.to_device(a) for a in args), lens, training,
+                                        rt.to_device(d["w_hr"]))  # fmt: skip
+    a64 = [a.astype(np.float64) for a in args]
+    *ref_outs, rctx = ref.lstm_forward(*a64, w_hr=d["w_hr"].astype(np.float64), lengths=lens)
+    if not training:
+        return outs, ref_outs, None, None, ctx
+    up = [grads[k] if with_state_grads or k == "dy" else None for k in ("dy", "dhT", "dcT")]
+    got = recurrent.lstm_backward(ctx, *(None if a is None else rt.to_device(a) for a in up))
+    want = ref.lstm_backward(rctx, *(None if a is None else a.astype(np.float64) for a in up))
+    return outs, ref_outs, got, want, ctx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=_ids)
+def test_lstm_projection_matches_reference(host_rt, shape, dtype):
+    """The projection cell (r into the projection GEMM, recurrent_select, dr = dh W_hr, dw_hr)
+    against the reference: y, hT (P features), cT (H), and the seven gradients."""
+    outs, ref_outs, got, want, ctx = _projection_both(host_rt, shape, dtype)
+    T, N, D, H, _ = shape
+    assert ctx.grad_shapes == {"dy": (T, N, H // 2), "dhT": (N, H // 2), "dcT": (N, H)}
+    for name, a, b in zip(("y", "hT", "cT"), outs, ref_outs, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, "recurrent", "forward", dtype, name=name)
+    assert len(got) == 7
+    for name, a, b in zip((*GRAD_NAMES["lstm"], "dw_hr"), got, want, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, "recurrent", "backward", dtype, name=name)
+    names = {name for name, _, _ in host_rt.launches}
+    assert "recurrent_select" in names
+
+
+def test_lstm_projection_without_state_gradients_and_inference(host_rt):
+    """dhT, dcT = None mean zeros; training=False gives the same outputs and no context."""
+    shape = SHAPES[3]
+    _, _, got, want, _ = _projection_both(host_rt, shape, np.float64, with_state_grads=False)
+    for name, a, b in zip((*GRAD_NAMES["lstm"], "dw_hr"), got, want, strict=True):
+        assert_close(a, b, "recurrent", "backward", np.float64, name=name)
+    train = _projection_both(host_rt, shape, np.float64)[0]
+    infer, _, _, _, ctx = _projection_both(host_rt, shape, np.float64, training=False)
+    assert ctx is None
+    for a, b in zip(train, infer, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lstm_projection_graphs(host_lib):
+    """The projection's loops (four calls per step) captured and replayed: bitwise the eager
+    results."""
+    rt = EmulatedCupyRuntime(host_lib)
+    results = []
+    with use_runtime(rt):
+        for graphs in (False, True, True, True):
+            rt.graphs = graphs
+            rt.xp.reuse_addresses()
+            outs, _, got, _, _ = _projection_both(rt, SHAPES[5], np.float32)
+            results.append([np.array(a) for a in (*outs, *got)])
+    assert rt.graph_stats["captured"] == 2 and rt.graph_stats["replayed"] == 4
+    for res in results[1:]:
+        for a, b in zip(res, results[0], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# saturating device math (csrc/common.cuh)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctype,np_type", [("float", np.float32), ("double", np.float64)])
+def test_gates_saturate_exactly(host_lib, ctype, np_type):
+    """Past the saturation points a sigmoid is exactly 0 or 1 and a tanh exactly +-1 (where the
+    true value underflows, the sigmoid is 0, not a subnormal); elsewhere both agree with the
+    float64 / extended-precision values to a few ulp, and NaN passes through."""
+    sigmoid = device_math(host_lib, "fr_sigmoid", ctype)
+    tanh = device_math(host_lib, "fr_tanh", ctype)
+    one, zero, t_one = {"float": (17.5, -87.34, 9.1), "double": (37.5, -708.4, 19.1)}[ctype]
+    for a in (one + 1e-3, one + 1, 1e4, np.inf):
+        assert sigmoid(a) == 1.0 and tanh(a) == 1.0 and tanh(-a) == -1.0, a
+    for a in (zero - 1e-2, zero - 10, -1e4, -np.inf):
+        assert sigmoid(a) == 0.0, a
+    tiny = np.finfo(np_type).tiny
+    for a in np.linspace(zero + 0.01, 0, 50):
+        assert sigmoid(a) >= tiny, a  # normal, never a subnormal
+    assert np.isnan(sigmoid(np.nan)) and np.isnan(tanh(np.nan))
+    eps = np.finfo(np_type).eps
+    for a in np.concatenate([np.linspace(-30, 30, 241), [one - 0.2, t_one - 0.05, zero + 1]]):
+        want = np.float64(np.longdouble(1) / (1 + np.exp(-np.longdouble(a))))
+        assert abs(sigmoid(a) - want) <= 4 * eps * max(want, tiny / eps), a
+        assert abs(tanh(a) - np.tanh(np.longdouble(a))) <= 4 * eps * max(abs(np.tanh(a)), 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_gates_give_exactly_zero_gradients(host_rt, dtype):
+    """An LSTM whose i, f, o pre-activations are far past saturation: the saved gates are
+    exactly 0 / 1 / 1 and the gradients of the gate pre-activations exactly 0 (not ~1e-38)."""
+    shape = (3, 2, 4, 5, None)
+    d, grads, _ = _data("lstm", shape, dtype)
+    H = shape[3]
+    # i: below the point where sigmoid underflows the dtype (float32: e^-95 ~ 5e-42 would be a
+    # subnormal); f: past where 1 - sigmoid rounds away; o: far past.
+    low = -95.0 if dtype == np.float32 else -750.0
+    d["b"][:H], d["b"][H : 2 * H], d["b"][3 * H :] = low, 40.0, 1000.0
+    dev = [host_rt.to_device(d[k]) for k in ORDER["lstm"]]
+    *_, ctx = recurrent.lstm_forward(*dev, None, True)
+    acts = np.array(ctx.saved["acts"])
+    assert np.all(acts[..., :H] == 0) and np.all(acts[..., H : 2 * H] == 1)
+    assert np.all(acts[..., 3 * H :] == 1)
+    up = (host_rt.to_device(grads[k]) for k in ("dy", "dhT", "dcT"))
+    _, _, dc0, _, _, db = recurrent.lstm_backward(ctx, *up)
+    # i = 0 also stops g's gradient: every gate's gradient is exactly 0 ...
+    np.testing.assert_array_equal(np.array(db), 0)
+    # ... while the cell state passes it on through f = 1.
+    assert np.all(np.array(dc0) != 0)
+
+
 @pytest.mark.parametrize("block,max_blocks", [(1, 1), (32, 1), (7, 5), (256, 4096)])
 def test_grid_stride_loops_cover_every_element(host_lib, block, max_blocks):
     """Whatever the grid, every (n, j) is computed exactly once (the forward is not idempotent
@@ -211,7 +388,7 @@ def test_sizes_and_steps_are_64_bit():
     """Every scalar parameter except the on/off flags is index_t (64-bit), so offsets such as
     t * N * 4H or n * C * H * W cannot overflow (the host build checks that the kernels take
     exactly these types)."""
-    flags = {"save", "relu", "has_bias"}
+    flags = {"save", "mode", "has_bias", "has_dhT"}
     for k in _kernels.KERNELS:
         for param, kind in zip(k.params, k.kinds, strict=True):
             if kind.endswith("*"):
@@ -225,7 +402,7 @@ def test_signature_check_catches_a_wrong_table(tmp_path, monkeypatch):
     (here: 'int N' where the kernel takes index_t), so a launch ABI mismatch cannot go unseen."""
     bad = tuple(
         dataclasses.replace(k, params=tuple("int N" if p == "index_t N" else p for p in k.params))
-        if k.name == "rnn_forward_step"
+        if k.key == "recurrent_forward_step<RnnCell>"
         else k
         for k in _kernels.KERNELS
     )
@@ -404,13 +581,15 @@ def test_conv2d_split_k_weight_gradient(host_rt, monkeypatch, split, dtype):
         item = np.dtype(dtype).itemsize
         monkeypatch.setattr(conv, "WORKSPACE_BYTES", budget * (C * KH * KW + F) * OH * OW * item)
     calls = []
-    gemm = host_rt.gemm
+    loop_gemm = host_rt.loop_gemm
 
     def spy(transa, transb, M, N_, K_, *args, **kwargs):
-        calls.append((transa, transb, M, N_, K_, kwargs.get("batch", 1)))
-        return gemm(transa, transb, M, N_, K_, *args, **kwargs)
+        # (alpha, A, lda, B, ldb, beta, C, ldc, batch, ...)
+        batch = args[8] if len(args) > 8 else kwargs.get("batch", 1)
+        calls.append((transa, transb, M, N_, K_, batch))
+        return loop_gemm(transa, transb, M, N_, K_, *args, **kwargs)
 
-    monkeypatch.setattr(host_rt, "gemm", spy)
+    monkeypatch.setattr(host_rt, "loop_gemm", spy)
     y, y_ref, got, want = _conv_both(host_rt, case, dtype)
     assert_close(y, y_ref, "conv", "forward", dtype, name="y")
     for name, a, b in zip(("dx", "dw", "db"), got, want, strict=True):
@@ -599,27 +778,24 @@ def test_pool_inference_saves_nothing(host_rt):
         assert_close(y, y_ref, "pool", "forward", np.float64)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
-def test_cupy_runtime_cublas_calls(host_lib, monkeypatch, fused):
+def test_cupy_runtime_cublas_calls(host_lib):
     """CupyRuntime issues one cuBLAS call per GEMM of the algorithm (1 input projection + T
-    recurrent forward; T recurrent backward + 3 weight/input + 1 bias; with the fused step
-    kernels, no recurrent GEMM but the one after step 0 of backward), each in host pointer
+    recurrent forward; T recurrent backward + 3 weight/input + 1 bias), each in host pointer
     mode on the current stream, and leaves the handle's pointer mode and stream as it found
     them."""
-    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 8 if fused else 0)
     rt = EmulatedCupyRuntime(host_lib)
     T, N, D, H = 4, 3, 5, 6
-    steps = 0 if fused else T
+    steps = T
     with use_runtime(rt):
         d, grads, lens = _data("lstm", (T, N, D, H, "mixed"), np.float64)
         args = [rt.to_device(d[k]) for k in ORDER["lstm"]]
         *_, ctx = recurrent.lstm_forward(*args, lens, True)
         assert rt.fake_cublas.calls == 1 + steps
         recurrent.lstm_backward(ctx, rt.to_device(grads["dy"]), None, None)
-        assert rt.fake_cublas.calls == 1 + steps + (1 if fused else T) + 3 + 1
+        assert rt.fake_cublas.calls == 1 + steps + T + 3 + 1
     kernels = {name for name, _, _ in rt.launches}
-    assert ("lstm_forward_fused" in kernels) is fused
-    assert ("lstm_backward_step" in kernels) is not fused
+    assert kernels == {"recurrent_forward_step<LstmCell>", "recurrent_backward_step<LstmCell>",
+                       "recurrent_seed"}  # fmt: skip
     assert rt.fake_cublas.mode == rt.fake_cublas.CUBLAS_POINTER_MODE_DEVICE
     assert rt.fake_cublas.stream == 0  # and its stream
 
@@ -644,14 +820,23 @@ def test_cuda_graph_cache_captures_then_replays(host_lib):
         y, acts = xp.empty((T, N, H)), xp.empty((T, N, 4 * H))
         hw = xp.empty((N, G))
 
-        def run():
+        def loop(steps_run):
             gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
             step = rt.loop_launch(
-                "gru_forward_step", np.dtype(np.float64), NH,
-                (xw, hw, b_ih, b_hh, hs, y, acts, lens_d, 0, 0, 0, N, H, 1), ("t", "src", "dst"),
+                "recurrent_forward_step<GruCell>", np.dtype(np.float64), NH,
+                (xw, hw, b_ih, b_hh, hs, hs, y, acts, lens_d, 0, 0, 0, N, H, 1, 0),
+                ("t", "src", "dst"),
             )  # fmt: skip
+
+            def calls():
+                return [c for t in range(steps_run)
+                        for c in (gemm.bind(t * N * H, 0, 0), step.bind(t, t, t + 1))]  # fmt: skip
+
+            rt.time_loop(("gru", steps_run, N, H), [gemm, step], calls)
+
+        def run():
             y[...] = np.nan
-            recurrent._forward_loop(rt, ("gru", T, N, H, True), T, NH, True, gemm, step, 0)
+            loop(T)
             return y.copy()
 
         first = run()
@@ -668,12 +853,7 @@ def test_cuda_graph_cache_captures_then_replays(host_lib):
         y_ref, _, _ = ref.gru_forward(*(d[k] for k in ORDER["gru"]), lengths=lens)
         assert_close(first, y_ref, "recurrent", "forward", np.float64)
         # other arguments (a different step count): not the cached graph
-        gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
-        step = rt.loop_launch(
-            "gru_forward_step", np.dtype(np.float64), NH,
-            (xw, hw, b_ih, b_hh, hs, y, acts, lens_d, 0, 0, 0, N, H, 1), ("t", "src", "dst"),
-        )  # fmt: skip
-        recurrent._forward_loop(rt, ("gru", T - 1, N, H, True), T - 1, NH, True, gemm, step, 0)
+        loop(T - 1)
         assert rt.graph_stats["replayed"] == 1 and rt.graph_stats["eager"] == 2
     assert rt.fake_cublas.stream == 0  # the handle's stream is restored after the capture
 
@@ -734,7 +914,6 @@ def test_cupy_cublas_wrappers_refuse_a_capturing_stream(host_lib, monkeypatch):
     handle's stream to the current one first, and CuPy's setStream raises for a capturing
     stream. The emulation does the same, and CupyRuntime captures its GEMMs through direct
     cuBLAS calls with a user workspace, restoring the handle afterwards."""
-    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 0)  # a cuBLAS GEMM in every step
     rt = EmulatedCupyRuntime(host_lib)
     s = rt.fake_cuda.Stream(non_blocking=True)
     with s:
@@ -762,8 +941,8 @@ def test_capture_failure_falls_back_to_eager_and_says_why(host_lib, caplog):
     the same results, the failure is counted, its text kept and logged, and it is not retried
     for that loop."""
     rt = EmulatedCupyRuntime(host_lib)
-    rt._direct = None
-    rt._direct_error = "RuntimeError: the cuBLAS library CuPy uses was not found"
+    rt.blas.direct_lib = None
+    rt.blas.direct_error = "RuntimeError: the cuBLAS library CuPy uses was not found"
     with use_runtime(rt):
         rt.graphs = False
         eager = _graph_run(rt, "gru", SHAPES[3], np.float64)
@@ -784,7 +963,6 @@ def test_capture_failure_falls_back_to_eager_and_says_why(host_lib, caplog):
 def test_failed_body_leaves_nothing_captured_or_run(host_lib, monkeypatch):
     """A call that fails half-way through a capture: nothing it recorded runs, the stream
     stops capturing, the handle is restored, and the loop then runs eagerly (correctly)."""
-    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 0)  # a cuBLAS GEMM in every step
     rt = EmulatedCupyRuntime(host_lib)
     with use_runtime(rt):
         eager = _graph_run(rt, "rnn", SHAPES[3], np.float64)
@@ -798,7 +976,7 @@ def test_failed_body_leaves_nothing_captured_or_run(host_lib, monkeypatch):
                 raise RuntimeError("cuBLAS status 14")
             real(*args)
 
-        rt._capture_fns = {}  # rebuilt from the patched entry point
+        rt.blas.capture_fns = {}  # rebuilt from the patched entry point
         direct.gemm[np.dtype(np.float64)] = flaky
         for _ in range(3):
             rt.xp.reuse_addresses()
@@ -845,6 +1023,32 @@ def test_loop_calls_are_kept_and_launch_arguments_packed(host_lib, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_conv2d_loops_are_recorded_once(host_lib, monkeypatch):
+    """conv2d goes through the same time-loop API as the recurrent ops: its calls are recorded
+    (Runtime.record) the first time a key is seen and kept; a call with the same arrays runs
+    the kept calls (graphs off), with the same results."""
+    rt = EmulatedCupyRuntime(host_lib)
+    rt.graphs = False
+    recorded = [0]
+    real_record = rt.record
+
+    def counting(body):
+        recorded[0] += 1
+        return real_record(body)
+
+    monkeypatch.setattr(rt, "record", counting)
+    with use_runtime(rt):
+        rt.xp.reuse_addresses()
+        first = _graph_run(rt, "conv2d", CONV_CASES[0], np.float64)
+        assert recorded[0] == 2  # forward and backward
+        rt.xp.reuse_addresses()
+        second = _graph_run(rt, "conv2d", CONV_CASES[0], np.float64)
+    assert recorded[0] == 2 and rt.graph_stats["eager"] == 4
+    for a, b in zip(first, second, strict=True):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 def test_cupy_without_cpointer_arguments(host_lib):
     """A CuPy whose kernel call refuses CPointer arguments: the one probe launch (which would
     touch nothing) says so, and launches take arrays and NumPy scalars; same results."""
@@ -853,7 +1057,7 @@ def test_cupy_without_cpointer_arguments(host_lib):
         rt = EmulatedCupyRuntime(host_lib, legacy_cupy=legacy)
         with use_runtime(rt):
             results.append(_graph_run(rt, "gru", SHAPES[2], np.float64))
-        assert rt._packed_args is (not legacy)
+        assert rt.kernels.packed_args is (not legacy)
         assert (rt.packed_launches > 0) is (not legacy)
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -889,13 +1093,9 @@ def test_graphs_switch(host_lib, monkeypatch, value, expected):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
-def test_both_step_paths_match_reference(host_lib, monkeypatch, op, shape, dtype, fused):
-    """Every shape through the cuBLAS-per-step kernels and through the fused step kernels
-    (which batch sizes take which path is a threshold; both must be right everywhere), on
-    CupyRuntime with graphs on and the same addresses every call (eager, captured, replayed)."""
-    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 1 << 30 if fused else 0)
-    monkeypatch.setattr(recurrent, "FUSED_MAX_H", 1 << 30)
+def test_graphs_match_reference(host_lib, op, shape, dtype):
+    """Every shape on CupyRuntime with graphs on and the same addresses every call (eager,
+    captured, replayed), against the reference."""
     rt = EmulatedCupyRuntime(host_lib)
     rt.graphs = True
     with use_runtime(rt):
@@ -907,8 +1107,6 @@ def test_both_step_paths_match_reference(host_lib, monkeypatch, op, shape, dtype
             for name, a, r in zip(GRAD_NAMES[op], got, want, strict=True):
                 assert_close(a, r, "recurrent", "backward", dtype, name=f"{op} {name}")
     assert rt.graph_stats["replayed"] == 2 and rt.graph_stats["capture_failed"] == 0
-    names = {name for name, _, _ in rt.launches}
-    assert any(n.endswith("_fused") for n in names) is (fused and shape[0] > 0)
 
 
 _FAKE_CUBLAS = r"""
@@ -969,7 +1167,7 @@ def test_direct_cublas_passes_c_arguments_intact(tmp_path):
     import ctypes
     import subprocess
 
-    from fastrnn._cuda._runtime import CublasError, DirectCublas
+    from fastrnn._cuda._cublas import CublasError, DirectCublas
 
     cxx = next(shutil.which(c) for c in ("g++", "c++", "clang++") if shutil.which(c))
     src, lib_path = tmp_path / "fake_cublas.cpp", tmp_path / "libfake_cublas.so"
@@ -999,7 +1197,7 @@ def test_direct_cublas_passes_c_arguments_intact(tmp_path):
 def test_missing_cublas_library_is_a_clear_error(monkeypatch):
     import ctypes
 
-    from fastrnn._cuda import _runtime
+    from fastrnn._cuda import _cublas
 
     def refuse(path, *a, **k):
         raise OSError(f"{path}: cannot open shared object file")
@@ -1007,4 +1205,4 @@ def test_missing_cublas_library_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", refuse)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     with pytest.raises(RuntimeError, match="cuBLAS library CuPy uses was not found"):
-        _runtime._load_cublas()
+        _cublas.load_cublas()

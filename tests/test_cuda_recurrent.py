@@ -220,7 +220,7 @@ def test_cuda_graphs(op, checked_runtime, monkeypatch):
     and replayed (later calls); every call matches the reference, and replays are bitwise
     equal."""
     monkeypatch.setattr(checked_runtime, "graphs", True)
-    checked_runtime._loop_cache.clear()  # no loop of an earlier test at these addresses
+    checked_runtime.loops.clear()  # no loop of an earlier test at these addresses
     d, lens = _data(op, (12, 5, 7, 33, "mixed"), np.float32)
     args = [cupy.asarray(d[k]) for k in ORDER[op]]
     up = [cupy.asarray(d[k]) for k in ("dy", *STATE_GRADS[op])]
@@ -254,7 +254,7 @@ def test_cuda_graph_replays_equal_eager(op, checked_runtime, monkeypatch):
     """A replayed graph gives bitwise the results of the eager run (the captured GEMMs use a
     workspace of cuBLAS's default size, so cuBLAS picks the same algorithms), at a batch and
     width where cuBLAS has choices to make."""
-    checked_runtime._loop_cache.clear()
+    checked_runtime.loops.clear()
     d, lens = _data(op, (6, 64, 48, 256, "mixed"), np.float32)
     args = [cupy.asarray(d[k]) for k in ORDER[op]]
     up = [cupy.asarray(d[k]) for k in ("dy", *STATE_GRADS[op])]
@@ -278,19 +278,44 @@ def test_cuda_graph_replays_equal_eager(op, checked_runtime, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], (9, 8, 16, 512, "mixed")], ids=_ids)
-@pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("fused", [False, True], ids=["cublas-steps", "fused-steps"])
-def test_both_step_paths(op, shape, dtype, fused, monkeypatch):
-    """The cuBLAS-per-step kernels and the fused step kernels (csrc/*_fused) on the same
-    shapes, whatever the batch-size threshold says."""
-    from fastrnn._cuda import recurrent
+def test_lstm_projection(shape, dtype):
+    """LSTM with projections (w_hr (P, H), P < H) against the reference: outputs, states and
+    every gradient, dw_hr the seventh."""
+    H = shape[3]
+    P = max(1, H // 3)
+    d, lens = _data("lstm", shape, dtype)
+    rng = np.random.default_rng(7)
+    d["w_hh"] = (rng.standard_normal((4 * H, P)) * 0.7 / np.sqrt(P)).astype(dtype)
+    d["w_hr"] = (rng.standard_normal((P, H)) * 0.7 / np.sqrt(H)).astype(dtype)
+    d["h0"], d["dhT"] = d["h0"][:, :P].copy(), d["dhT"][:, :P].copy()
+    d["dy"] = d["dy"][:, :, :P].copy()
+    names = ("x", "h0", "c0", "w_ih", "w_hh", "b")
+    *outs, ctx = fr.lstm_forward(*(cupy.asarray(d[k]) for k in names),
+                                 w_hr=cupy.asarray(d["w_hr"]), lengths=lens)  # fmt: skip
+    grads = fr.lstm_backward(ctx, *(cupy.asarray(d[k]) for k in ("dy", "dhT", "dcT")))
+    d64 = {k: v.astype(np.float64) for k, v in d.items()}
+    *want_outs, rctx = ref.lstm_forward(*(d64[k] for k in names), w_hr=d64["w_hr"], lengths=lens)
+    want = ref.lstm_backward(rctx, d64["dy"], d64["dhT"], d64["dcT"])
+    assert len(grads) == 7
+    for name, a, b in zip(("y", "hT", "cT"), outs, want_outs, strict=True):
+        assert_close(a, b, "recurrent", "forward", dtype, name=name)
+    for name, a, b in zip((*GRADS["lstm"], "dw_hr"), grads, want, strict=True):
+        assert_close(a, b, "recurrent", "backward", dtype, name=name)
 
-    monkeypatch.setattr(recurrent, "FUSED_MAX_N", 1 << 30 if fused else 0)
-    monkeypatch.setattr(recurrent, "FUSED_MAX_H", 1 << 30)
-    d, lens = _data(op, shape, dtype)
-    outs, grads, _ = _run(op, d, lens, cupy)
-    want_outs, want_grads = _reference(op, d, lens)
-    for a, b in zip(outs, want_outs, strict=False):
-        assert_close(a, b, "recurrent", "forward", dtype, name=op)
-    for name, a, b in zip(GRADS[op], grads, want_grads, strict=True):
-        assert_close(a, b, "recurrent", "backward", dtype, name=f"{op} {name}")
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_gates_have_zero_gradients(dtype):
+    """Gate pre-activations past saturation (i below where the sigmoid underflows the dtype):
+    the gates are exactly 0 / 1 / 1 and every gate gradient exactly 0, while the cell state
+    passes its gradient on (csrc/common.cuh)."""
+    d, _ = _data("lstm", (3, 2, 4, 5, None), dtype)
+    H = 5
+    d["b"][:H] = -95.0 if dtype == np.float32 else -750.0  # i = 0
+    d["b"][H : 2 * H] = 40.0  # f = 1
+    d["b"][3 * H :] = 1000.0  # o = 1
+    outs, grads, ctx = _run("lstm", d, None, cupy)
+    acts = cupy.asnumpy(ctx.saved["acts"])
+    assert np.all(acts[..., :H] == 0) and np.all(acts[..., H : 2 * H] == 1)
+    assert np.all(acts[..., 3 * H :] == 1)
+    np.testing.assert_array_equal(cupy.asnumpy(grads[5]), 0)  # db: every gate
+    assert np.all(cupy.asnumpy(grads[2]) != 0)  # dc0

@@ -2,8 +2,9 @@
 
 From this one table come
 
-* the ``name_expressions`` handed to NVRTC (``kernel<float>``, ``kernel<double>``, ...),
-* the argument conversion of every launch (:mod:`fastrnn._cuda._runtime`),
+* the ``name_expressions`` handed to NVRTC (``kernel<float>``, ``kernel<double>``, and for a
+  recurrent cell's step kernels ``kernel<float, Cell>``, ...),
+* the argument conversion of every launch (:mod:`fastrnn._cuda._launch`),
 * the NVRTC compile test for sm_80 / sm_90 (``tests/test_cuda_compile.py``),
 * the host build of the unchanged ``.cu`` files that the host execution tests call
   (``tests/cuda_host_emulation.py``; it also checks, with ``static_assert``, that every
@@ -15,7 +16,8 @@ parameters take device arrays (``T*`` of the call's dtype, ``index_t*`` of int64
 (64-bit) and ``int`` take Python ints, ``T`` takes a Python float.
 
 Sources are compiled lazily, one ``cupy.RawModule`` per ``.cu`` file on first use, with
-``common.cuh`` prepended as text so that CuPy's compile cache key covers it.
+``common.cuh`` (and, for a cell file, ``recurrent.cuh``) prepended as text so that CuPy's compile
+cache key covers it.
 """
 
 from __future__ import annotations
@@ -44,10 +46,24 @@ class Kernel:
     source: str
     params: tuple[str, ...]
     dtypes: tuple[str, ...] = ("float", "double")
+    # The second template argument (a recurrent cell struct), or None.
+    cell: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the drivers launch it by: ``name``, or ``name<Cell>`` for a cell's kernel."""
+        return self.name if self.cell is None else f"{self.name}<{self.cell}>"
+
+    @property
+    def symbol(self) -> str:
+        """``key`` as a C identifier (the host tests' wrapper names)."""
+        return self.name if self.cell is None else f"{self.name}_{self.cell}"
 
     def expression(self, ctype: str) -> str:
         """The NVRTC name expression of the instantiation for ``ctype``."""
-        return f"{self.name}<{ctype}>"
+        if self.cell is None:
+            return f"{self.name}<{ctype}>"
+        return f"{self.name}<{ctype}, {self.cell}>"
 
     @functools.cached_property
     def param_names(self) -> tuple[str, ...]:
@@ -67,7 +83,6 @@ def _kind(param: str) -> str:
     return ctype
 
 
-_STEP = ("const index_t* lengths", "index_t t")
 # conv2d: the chunk of images, then the geometry
 _CHUNK = ("index_t n0", "index_t nb")
 _CONV = (
@@ -100,84 +115,32 @@ _POOL = (
     "index_t pw",
 )
 
+# The recurrent cells (csrc/lstm.cu, gru.cu, rnn.cu): each file defines one cell struct, and the
+# step kernels of csrc/recurrent.cuh are instantiated for it.
+CELLS = {"lstm.cu": "LstmCell", "gru.cu": "GruCell", "rnn.cu": "RnnCell"}
+RECURRENT_HEADER = "recurrent.cuh"
+
+_STEP = ("const index_t* lengths", "index_t t")
+_FORWARD_STEP = ("T* pre", "const T* hw", "const T* b", "const T* b_hh", "T* hs", "T* cs", "T* y",
+                 "T* acts", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t H",
+                 "int save", "int mode")  # fmt: skip
+_BACKWARD_STEP = ("const T* acts", "const T* hs", "const T* cs", "const T* dh",
+                  "index_t dh_stride", "T* dhs", "T* da", "T* dha", "T* dc", *_STEP, "index_t N",
+                  "index_t H", "int mode")  # fmt: skip
+
 # fmt: off
 KERNELS: tuple[Kernel, ...] = (
-    # -- lstm.cu ---------------------------------------------------------------------------
-    Kernel(
-        "lstm_forward_step",
-        "lstm.cu",
-        ("T* pre", "const T* b", "T* hs", "T* cs", "T* y", *_STEP,
-         "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
-    ),
-    Kernel(
-        "lstm_backward_step",
-        "lstm.cu",
-        ("const T* acts", "const T* cs", "const T* dy", "T* da", "const T* dh_cur",
-         "T* dh_next", "T* dc", *_STEP, "index_t N", "index_t H"),
-    ),
-    Kernel(
-        "lstm_forward_fused",
-        "lstm.cu",
-        ("T* pre", "const T* w_hhT", "const T* b", "T* hs", "T* cs", "T* y", *_STEP,
-         "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
-    ),
-    Kernel(
-        "lstm_backward_fused",
-        "lstm.cu",
-        ("const T* acts", "const T* cs", "const T* dy", "T* da", "const T* w_hh",
-         "const T* dh_cur", "T* dh_next", "T* dc", *_STEP, "index_t steps", "index_t N",
-         "index_t H"),
-    ),
-    # -- gru.cu ----------------------------------------------------------------------------
-    Kernel(
-        "gru_forward_step",
-        "gru.cu",
-        ("const T* xw", "const T* hw", "const T* b_ih", "const T* b_hh", "T* hs", "T* y",
-         "T* acts", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
-    ),
-    Kernel(
-        "gru_backward_step",
-        "gru.cu",
-        ("const T* acts", "const T* hs", "const T* dy", "T* dxw", "T* dhw", "const T* dh_cur",
-         "T* dh_next", *_STEP, "index_t N", "index_t H"),
-    ),
-    Kernel(
-        "gru_forward_fused",
-        "gru.cu",
-        ("const T* xw", "const T* w_hhT", "const T* b_ih", "const T* b_hh", "T* hs", "T* y",
-         "T* acts", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t H", "int save"),
-    ),
-    Kernel(
-        "gru_backward_fused",
-        "gru.cu",
-        ("const T* acts", "const T* hs", "const T* dy", "T* dxw", "T* dhw", "const T* w_hh",
-         "const T* dh_cur", "T* dh_next", *_STEP, "index_t steps", "index_t N", "index_t H"),
-    ),
-    # -- rnn.cu ----------------------------------------------------------------------------
-    Kernel(
-        "rnn_forward_step",
-        "rnn.cu",
-        ("const T* pre", "const T* b", "T* hs", "T* y", *_STEP, "index_t src", "index_t dst",
-         "index_t N", "index_t H", "int relu"),
-    ),
-    Kernel(
-        "rnn_backward_step",
-        "rnn.cu",
-        ("const T* hs", "const T* dy", "T* da", "const T* dh_cur", "T* dh_next", *_STEP,
-         "index_t N", "index_t H", "int relu"),
-    ),
-    Kernel(
-        "rnn_forward_fused",
-        "rnn.cu",
-        ("const T* pre", "const T* w_hhT", "const T* b", "T* hs", "T* y", *_STEP, "index_t src",
-         "index_t dst", "index_t N", "index_t H", "int relu"),
-    ),
-    Kernel(
-        "rnn_backward_fused",
-        "rnn.cu",
-        ("const T* hs", "const T* dy", "T* da", "const T* w_hh", "const T* dh_cur",
-         "T* dh_next", *_STEP, "index_t steps", "index_t N", "index_t H", "int relu"),
-    ),
+    # -- the cells: recurrent.cuh's step kernels over lstm.cu, gru.cu, rnn.cu -----------------
+    *(Kernel(name, source, params, cell=cell)
+      for source, cell in CELLS.items()
+      for name, params in (("recurrent_forward_step", _FORWARD_STEP),
+                           ("recurrent_backward_step", _BACKWARD_STEP))),
+    # -- recurrent.cu: the time loop's own kernels ---------------------------------------------
+    Kernel("recurrent_seed", "recurrent.cu",
+           ("const T* dy", "const T* dhT", "T* dhs", "const index_t* lengths", "index_t steps",
+            "index_t N", "index_t P", "int has_dhT")),
+    Kernel("recurrent_select", "recurrent.cu",
+           ("T* hs", "T* y", *_STEP, "index_t src", "index_t dst", "index_t N", "index_t P")),
     # -- conv2d.cu -------------------------------------------------------------------------
     Kernel("im2col", "conv2d.cu", ("const T* x", "T* cols", *_CHUNK, *_CONV)),
     Kernel("col2im", "conv2d.cu", ("const T* cols", "T* dx", *_CHUNK, *_CONV)),
@@ -196,11 +159,12 @@ KERNELS: tuple[Kernel, ...] = (
 )
 # fmt: on
 
-_BY_NAME = {k.name: k for k in KERNELS}
+_BY_KEY = {k.key: k for k in KERNELS}
 
 
-def kernel(name: str) -> Kernel:
-    return _BY_NAME[name]
+def kernel(key: str) -> Kernel:
+    """The table entry launched as ``key`` (``name`` or ``name<Cell>``)."""
+    return _BY_KEY[key]
 
 
 def source_files() -> tuple[str, ...]:
@@ -228,25 +192,29 @@ def csrc_dir() -> Path:
     )
 
 
+def headers(source: str) -> tuple[str, ...]:
+    """The headers prepended to ``source``: common.cuh, and recurrent.cuh for a cell file."""
+    return (COMMON_HEADER, RECURRENT_HEADER) if source in CELLS else (COMMON_HEADER,)
+
+
 @functools.cache
 def program_source(source: str) -> str:
-    """The text NVRTC compiles for one ``.cu`` file: common.cuh, then the file, with ``#line``
+    """The text NVRTC compiles for one ``.cu`` file: its headers, then the file, with ``#line``
     directives so compiler messages name the right file and line."""
     d = csrc_dir()
-    header = (d / COMMON_HEADER).read_text()
-    body = (d / source).read_text()
-    return f'#line 1 "{COMMON_HEADER}"\n{header}\n#line 1 "{source}"\n{body}'
+    parts = [f'#line 1 "{name}"\n{(d / name).read_text()}\n' for name in (*headers(source), source)]
+    return "".join(parts)
 
 
 _modules: dict[tuple[str, int], object] = {}
 
 
-def get_function(name: str, ctype: str, device_id: int):
-    """The compiled kernel ``name<ctype>`` on device ``device_id`` (compiling its ``.cu`` file on
-    first use; CuPy also caches the binary on disk)."""
+def get_function(key: str, ctype: str, device_id: int):
+    """The compiled kernel ``key`` for ``ctype`` on device ``device_id`` (compiling its ``.cu``
+    file on first use; CuPy also caches the binary on disk)."""
     import cupy
 
-    k = _BY_NAME[name]
+    k = _BY_KEY[key]
     key = (k.source, device_id)
     module = _modules.get(key)
     if module is None:

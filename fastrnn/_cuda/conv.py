@@ -92,14 +92,14 @@ def dw_slice_length(RL: int, S: int) -> int:
     return -(-R // DW_SLICE_ALIGN) * DW_SLICE_ALIGN
 
 
-def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None:
+def _weight_grad(ops, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None:
     """CB2 for one chunk: dW_g (Fg, K) (+)= dyT_g (Fg, RL) @ cols_g^T (RL, K) for every group,
     with the reduction over RL cut into S slices (the split-K rule above). ``part`` holds
     S partials [F, K] (group g at rows g*Fg ..), ``ones_s`` S ones."""
     F = G * Fg
     if S == 1:
         # One strided batched GEMM over the groups, straight into dW.
-        rt.gemm(
+        ops.gemm(
             False, True, Fg, K, RL, 1.0, dyT, 0, RL, cols, 0, RL, beta, dw, 0, K,
             batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
         )  # fmt: skip
@@ -110,7 +110,7 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
         if G <= full:
             # Per group: one GEMM batched over the slices (R columns apart).
             for g in range(G):
-                rt.gemm(
+                ops.gemm(
                     False, True, Fg, K, R, 1.0, dyT, g * Fg * RL, RL, cols, g * K * RL, RL,
                     0.0, part, g * Fg * K, K,
                     batch=full, stride_a=R, stride_b=R, stride_c=F * K,
@@ -118,21 +118,21 @@ def _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw, beta) -> None
         else:
             # Per slice: one GEMM batched over the groups.
             for q in range(full):
-                rt.gemm(
+                ops.gemm(
                     False, True, Fg, K, R, 1.0, dyT, q * R, RL, cols, q * R, RL,
                     0.0, part, q * F * K, K,
                     batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
                 )  # fmt: skip
     P = full
     if rem > 0:
-        rt.gemm(
+        ops.gemm(
             False, True, Fg, K, rem, 1.0, dyT, full * R, RL, cols, full * R, RL,
             0.0, part, full * F * K, K,
             batch=G, stride_a=Fg * RL, stride_b=K * RL, stride_c=Fg * K,
         )  # fmt: skip
         P += 1
     # dW (1, F*K) (+)= ones (1, P) @ part (P, F*K): the sum of the partials.
-    rt.gemm(False, False, 1, F * K, P, 1.0, ones_s, 0, P, part, 0, F * K, beta, dw, 0, F * K)
+    ops.gemm(False, False, 1, F * K, P, 1.0, ones_s, 0, P, part, 0, F * K, beta, dw, 0, F * K)
 
 
 # Pointwise rule: a 1x1 kernel with stride 1 and no padding (any dilation) reads each image as
@@ -150,21 +150,21 @@ def _is_pointwise(geometry: tuple[int, ...]) -> bool:
     return KH == KW == 1 and sh == sw == 1 and ph == pw == 0 and OH * OW >= POINTWISE_MIN_L
 
 
-def _gemm_images_groups(rt, N, G, transa, transb, M, Nc, K, A, a, lda, B, b, ldb, beta, C, c,
+def _gemm_images_groups(ops, N, G, transa, transb, M, Nc, K, A, a, lda, B, b, ldb, beta, C, c,
                         ldc) -> None:  # fmt: skip
     """One row-major GEMM per (image, group) pair; ``a``, ``b``, ``c`` are (base offset,
     stride between images, stride between groups) of each operand. Batched over the larger of
     images and groups, looping over the smaller."""
     if G <= N:
         for g in range(G):
-            rt.gemm(
+            ops.gemm(
                 transa, transb, M, Nc, K, 1.0, A, a[0] + g * a[2], lda, B, b[0] + g * b[2], ldb,
                 beta, C, c[0] + g * c[2], ldc, batch=N, stride_a=a[1], stride_b=b[1],
                 stride_c=c[1],
             )  # fmt: skip
     else:
         for n in range(N):
-            rt.gemm(
+            ops.gemm(
                 transa, transb, M, Nc, K, 1.0, A, a[0] + n * a[1], lda, B, b[0] + n * b[1], ldb,
                 beta, C, c[0] + n * c[1], ldc, batch=G, stride_a=a[2], stride_b=b[2],
                 stride_c=c[2],
@@ -179,25 +179,26 @@ def _pointwise_forward(rt, x, w, b, G, y) -> None:
     Fg, L = F // G, H * W
     ones_l = None if b is None else xp.ones((L,), dtype=x.dtype)
 
-    def body() -> None:
+    def body(ops) -> None:
         if b is not None:
             # C4 as the GEMM's starting value: y[n] (F, L) = b (F, 1) @ ones (1, L).
-            rt.gemm(False, False, F, L, 1, 1.0, b, 0, 1, ones_l, 0, L, 0.0, y, 0, L,
+            ops.gemm(False, False, F, L, 1, 1.0, b, 0, 1, ones_l, 0, L, 0.0, y, 0, L,
                     batch=N, stride_a=0, stride_b=0, stride_c=F * L)  # fmt: skip
         # C3: y[n]_g (Fg, L) (+)= w_g (Fg, Cg) @ x[n]_g (Cg, L).
         _gemm_images_groups(
-            rt, N, G, False, False, Fg, L, Cg, w, (0, 0, Fg * Cg), Cg,
+            ops, N, G, False, False, Fg, L, Cg, w, (0, 0, Fg * Cg), Cg,
             x, (0, C * L, Cg * L), L, float(b is not None), y, (0, F * L, Fg * L), L,
         )  # fmt: skip
 
     arrays = [a for a in (x, w, b, y, ones_l) if a is not None]
     key = ("conv2d-1x1", x.dtype.char, N, C, L, F, G, *map(rt.ptr, arrays))
-    rt.time_loop(key, [], body)
+    rt.time_loop(key, [], lambda: rt.record(body))
 
 
 def _pointwise_backward(rt, x, w, dy, dx, dw) -> tuple[Any, list[Any], int]:
-    """CB2-CB5 of a pointwise conv (the rule above; CB1 is the caller's): the launches as a
-    function, the workspace arrays, and the images per round of dW partials."""
+    """CB2-CB5 of a pointwise conv (the rule above; CB1 is the caller's): the calls as a
+    function of a recorder (:meth:`fastrnn._cuda._runtime.Runtime.record`), the workspace
+    arrays, and the images per round of dW partials."""
     xp = rt.xp
     N, C, H, W = x.shape
     F, Cg = w.shape[:2]
@@ -209,10 +210,10 @@ def _pointwise_backward(rt, x, w, dy, dx, dw) -> tuple[Any, list[Any], int]:
     part = xp.empty((nbp * F * Cg,), dtype=dtype)
     ones_n = xp.ones((nbp,), dtype=dtype)
 
-    def body() -> None:
+    def body(ops) -> None:
         # CB3-CB5: dx[n]_g (Cg, L) = w_g^T (Cg, Fg) @ dy[n]_g (Fg, L).
         _gemm_images_groups(
-            rt, N, G, True, False, Cg, L, Fg, w, (0, 0, Fg * Cg), Cg,
+            ops, N, G, True, False, Cg, L, Fg, w, (0, 0, Fg * Cg), Cg,
             dy, (0, F * L, Fg * L), L, 0.0, dx, (0, C * L, Cg * L), L,
         )  # fmt: skip
         # CB2: part[n]_g (Fg, Cg) = dy[n]_g (Fg, L) @ x[n]_g^T (L, Cg), then dW (1, F*Cg)
@@ -220,10 +221,10 @@ def _pointwise_backward(rt, x, w, dy, dx, dw) -> tuple[Any, list[Any], int]:
         for n0 in range(0, N, nbp):
             m = min(nbp, N - n0)
             _gemm_images_groups(
-                rt, m, G, False, True, Fg, Cg, L, dy, (n0 * F * L, F * L, Fg * L), L,
+                ops, m, G, False, True, Fg, Cg, L, dy, (n0 * F * L, F * L, Fg * L), L,
                 x, (n0 * C * L, C * L, Cg * L), L, 0.0, part, (0, F * Cg, Fg * Cg), Cg,
             )  # fmt: skip
-            rt.gemm(False, False, 1, F * Cg, m, 1.0, ones_n, 0, m, part, 0, F * Cg,
+            ops.gemm(False, False, 1, F * Cg, m, 1.0, ones_n, 0, m, part, 0, F * Cg,
                     0.0 if n0 == 0 else 1.0, dw, 0, F * Cg)  # fmt: skip
 
     return body, [part, ones_n], nbp
@@ -259,27 +260,27 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             yT = xp.empty((F * nb * L,), dtype=dtype)
             bias = yT if b is None else b  # not read when has_bias is 0
 
-            def body() -> None:
+            def body(ops) -> None:
                 for n0 in range(0, N, nb):
                     m = min(nb, N - n0)
                     RL = m * L  # row length of the chunk's channel-major matrices
                     # C1, C2.
-                    rt.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
+                    ops.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
                     # C3: yT_g (Fg, RL) = w_g (Fg, K) @ cols_g (K, RL), one batched GEMM over
                     # the groups.
-                    rt.gemm(
+                    ops.gemm(
                         False, False, Fg, RL, K, 1.0, w, 0, K, cols, 0, RL, 0.0, yT, 0, RL,
                         batch=G, stride_a=Fg * K, stride_b=K * RL, stride_c=Fg * RL,
                     )  # fmt: skip
                     # C4 while going back to NCHW.
-                    rt.launch(
+                    ops.launch(
                         "from_channel_major", dtype, m * F * L,
                         (yT, bias, y, n0, m, F, L, has_bias),
                     )  # fmt: skip
 
             key = ("conv2d", dtype.char, N, F, G, nb, has_bias, geometry,
                    *map(rt.ptr, (x, w, bias, y, cols, yT)))  # fmt: skip
-            rt.time_loop(key, [], body)
+            rt.time_loop(key, [], lambda: rt.record(body))
             if nb == N and N > 0:
                 keep = cols
     ctx = None
@@ -340,40 +341,40 @@ def conv2d_backward(ctx, dy):
                 ones_s = xp.ones((S_max,), dtype=dtype)
             rest_arrays = [a for a in (cols, dyT, part, ones_s) if a is not None]
 
-            def rest() -> None:
+            def rest(ops) -> None:
                 for n0 in range(0, N, nb):
                     m = min(nb, N - n0)
                     RL = m * L
-                    rt.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
+                    ops.launch("to_channel_major", dtype, F * RL, (dy, dyT, n0, m, F, L))
                     if not reuse:  # C2 again
-                        rt.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
+                        ops.launch("im2col", dtype, C * RL, (x, cols, n0, m, *geometry))
                     # CB2: dW (+)= dyT @ cols^T, split-K over the chunk's columns; the first
                     # chunk assigns, the later ones accumulate, in chunk order.
                     S = dw_slices(G, Fg, K, RL, dtype.itemsize)
-                    _weight_grad(rt, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw,
+                    _weight_grad(ops, G, Fg, K, RL, S, dyT, cols, part, ones_s, dw,
                                  0.0 if n0 == 0 else 1.0)  # fmt: skip
                     # CB3: dcols_g (K, RL) = w_g^T (K, Fg) @ dyT_g (Fg, RL), over the columns.
-                    rt.gemm(
+                    ops.gemm(
                         True, False, K, RL, Fg, 1.0, w, 0, K, dyT, 0, RL, 0.0, cols, 0, RL,
                         batch=G, stride_a=Fg * K, stride_b=Fg * RL, stride_c=K * RL,
                     )  # fmt: skip
                     # CB4, CB5: gather every input element's column entries.
-                    rt.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
+                    ops.launch("col2im", dtype, m * C * H * W, (cols, dx, n0, m, *geometry))
 
-        def body() -> None:
+        def body(ops) -> None:
             if db is not None:
                 # CB1: db[f] = sum over n and positions of dy[n, f], as two GEMMs with vectors
                 # of ones (deterministic, unlike an atomic reduction).
-                rt.gemm(False, False, N * F, 1, L, 1.0, dy, 0, L, ones_l, 0, 1, 0.0,
-                        per_plane, 0, 1)  # fmt: skip
-                rt.gemm(False, False, 1, F, N, 1.0, ones_n, 0, N, per_plane, 0, F, 0.0,
-                        db, 0, F)  # fmt: skip
-            rest()
+                ops.gemm(False, False, N * F, 1, L, 1.0, dy, 0, L, ones_l, 0, 1, 0.0,
+                         per_plane, 0, 1)  # fmt: skip
+                ops.gemm(False, False, 1, F, N, 1.0, ones_n, 0, N, per_plane, 0, F, 0.0,
+                         db, 0, F)  # fmt: skip
+            rest(ops)
 
         arrays = [dy, x, w, dx, dw, *rest_arrays]
         arrays += [a for a in (db, per_plane, ones_l, ones_n) if a is not None]
         key = ("conv2d-b", dtype.char, N, F, G, nb, S_max, reuse, geometry, *map(rt.ptr, arrays))
-        rt.time_loop(key, [], body)
+        rt.time_loop(key, [], lambda: rt.record(body))
     return dx, dw, db
 
 

@@ -1,62 +1,67 @@
-"""CUDA drivers of the recurrent ops: LSTM, GRU, Elman RNN (the backend interface's signatures).
+"""CUDA drivers of the recurrent ops: LSTM (with or without projections), GRU, Elman RNN.
 
-The same algorithm as the CPU kernels (DESIGN.md, "Performance model"):
+One time loop serves every cell (DESIGN.md, "Performance model"):
 
-* forward: one GEMM for the input projection of all T steps, then per step one recurrent GEMM
-  (accumulated straight into that step's slice of the projection where the op allows) and one
-  fused pointwise kernel (csrc/lstm.cu, gru.cu, rnn.cu);
-* backward: per step one fused pointwise kernel and one GEMM for the gradient of the previous
-  hidden state, then the weight, bias and input gradients as whole-sequence GEMMs (the bias
-  gradient is ``ones @ dA``, a GEMM too: no atomics anywhere, so results are bitwise
-  reproducible run to run on the same GPU and CuPy/CUDA versions).
+* forward: one GEMM for the input projection of all T steps; per step the recurrent GEMM and the
+  cell's pointwise kernel (``recurrent_forward_step`` of csrc/recurrent.cuh over the cell of
+  csrc/<op>.cu); with projections, a GEMM projecting r into the state and ``recurrent_select``;
+* backward: ``recurrent_seed`` (csrc/recurrent.cu) puts dy and dhT where they enter the state
+  gradients; per step (with projections, first dr = dh W_hr) the cell's pointwise kernel and one
+  GEMM adding the step's gate gradients times W_hh into the gradient of the state before the
+  step; then the weight, bias and input gradients as whole-sequence GEMMs (a bias gradient is
+  ``ones @ dA``, a GEMM too: no atomics anywhere, so results are bitwise reproducible run to run
+  on the same GPU and CuPy/CUDA versions).
 
-Opt-in (``FASTRNN_CUDA_FUSED_MAX_N``, off by default: measured slower, see below), small batches
-run the ``*_fused`` step kernels instead: the recurrent GEMM of a step is summed inside its
-pointwise kernel, so a step is one launch (backward folds step t+1's dh GEMM into step t's kernel
-and ends with one GEMM for step 0). The time loops
-go through ``Runtime.run_loop``: their calls are bound once per key and, with CUDA graphs on (the
+What differs between the ops is a row of :data:`CELLS`. The time loops go through
+``Runtime.time_loop``: their calls are bound once per key and, with CUDA graphs on (the
 default), replayed as one graph from the third call with the same arrays on.
 
 Everything is enqueued on CuPy's current stream, on the device of the inputs; ``lengths`` goes to
 the device once per call and the time loop never waits for the GPU. The arrays arrive validated
-and C-contiguous (fastrnn/backends/ops.py). Kernel and step numbers refer to
+and C-contiguous (fastrnn/backends/ops.py). Step numbers refer to
 fastrnn/reference/{lstm,gru,rnn}.py.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fastrnn._cuda import _kernels
 from fastrnn._cuda._runtime import runtime
 from fastrnn.context import Context
 
-# Small batches take the fused step kernels (*_fused in csrc/): the recurrent GEMM of a step is
-# done inside its pointwise kernel, one thread per (n, j) summing over H (forward, with W_hh
-# transposed so the reads coalesce) or over the gates (backward, the previous step's dh GEMM), so
-# a step is one launch instead of a cuBLAS call and a launch. Measured on an H100
-# (benchmarks/gpu_steps.py, graphs on): 39 us of GPU time per LSTM step at (N, H) = (1, 128) and
-# 79 us at (8, 256), against 4.5 and 7.6 us for a cuBLAS GEMM plus the pointwise kernel: one
-# thread per output summing serially over H leaves the GPU idle. So they are off by default;
-# FASTRNN_CUDA_FUSED_MAX_N=8 turns them on for batches up to 8.
-FUSED_MAX_N = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_N", "0"))
-FUSED_MAX_H = int(os.environ.get("FASTRNN_CUDA_FUSED_MAX_H", "512"))
-# Threads per block of the fused kernels: small blocks spread a step over many SMs (each block
-# reads its own columns of W_hh, from L2).
-FUSED_BLOCK = 32
+# The cells' `mode` argument (csrc/lstm.cu LSTM_PROJECTED, csrc/rnn.cu RNN_RELU).
+MODE_PLAIN, LSTM_PROJECTED, RNN_RELU = 0, 1, 1
 
 
-def _fused(T: int, N: int, H: int) -> bool:
-    return T > 0 and 0 < N <= FUSED_MAX_N and 0 < H <= FUSED_MAX_H
+@dataclass(frozen=True)
+class Cell:
+    """What the time loop needs to know of one cell (the math is in csrc/<op>.cu, its struct
+    registered in the kernel table's CELLS)."""
+
+    op: str
+    gates: int  # G = gates * H columns of the input and recurrent sums
+    # The recurrent sums are kept apart from the input's (the GRU's n needs r * (W_hn h + b_hn)):
+    # the step's GEMM writes its own buffer, and backward has a gradient of their own for them
+    # (dha, for dW_hh and b_hh). Otherwise the GEMM accumulates into the step's input sums.
+    apart: bool
+    saved: int  # width / H of the activations saved in a buffer of their own (0: none, or in
+    #             place of the gate sums, the LSTM)
+    cell_state: bool  # the LSTM's c
+
+    def kernel(self, direction: str) -> str:
+        """The kernel-table key of the cell's step kernel: recurrent_<direction>_step<Struct>."""
+        return f"recurrent_{direction}_step<{_kernels.CELLS[self.op + '.cu']}>"
 
 
-def _transposed(xp: Any, w: Any) -> Any:
-    """A C-contiguous copy of w.T (allocated like every other buffer of the call)."""
-    out = xp.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
-    out[...] = w.T
-    return out
+CELLS = {
+    "lstm": Cell("lstm", gates=4, apart=False, saved=0, cell_state=True),
+    "gru": Cell("gru", gates=3, apart=True, saved=4, cell_state=False),
+    "rnn": Cell("rnn", gates=1, apart=False, saved=0, cell_state=False),
+}
 
 
 def _lengths(rt: Any, lengths: np.ndarray | None, T: int, N: int) -> Any:
@@ -72,15 +77,6 @@ def _slots(training: bool, t: int) -> tuple[int, int]:
     return (t, t + 1) if training else (t & 1, (t + 1) & 1)
 
 
-def _state(xp: Any, a: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """A fresh, writable copy of an upstream gradient (zeros when it is None)."""
-    if a is None:
-        return xp.zeros(shape, dtype=dtype)
-    out = xp.empty(shape, dtype=dtype)
-    out[...] = a
-    return out
-
-
 def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
     """Column sums of a row-major (rows, cols) array as ``ones(rows) @ a`` (one deterministic
     GEMM)."""
@@ -91,419 +87,211 @@ def _colsum(rt: Any, a: Any, rows: int, cols: int) -> Any:
     return out
 
 
-def _forward_loop(rt: Any, key: tuple, T: int, NH: int, training: bool, gemm: Any, pointwise: Any,
-                  out_stride: int) -> None:  # fmt: skip
-    """Steps 0..T-1: the recurrent GEMM reads state slot src and accumulates into the step's
-    output (element offset t * out_stride), then the pointwise kernel runs step t (a fused
-    kernel alone when ``gemm`` is None). The calls are bound once (the runtime may keep them,
-    or a CUDA graph of them, for the next call with the same key)."""
-
-    def calls() -> list:
-        out = []
-        for t in range(T):
-            src, dst = _slots(training, t)
-            if gemm is not None:
-                out.append(gemm.bind(src * NH, 0, t * out_stride))
-            out.append(pointwise.bind(t, src, dst))
-        return out
-
-    rt.run_loop(key, [s for s in (gemm, pointwise) if s is not None], calls)
-
-
-def _backward_loop(rt: Any, key: tuple, T: int, pointwise: list[Any], gemm: list[Any],
-                   grad_stride: int) -> int:  # fmt: skip
-    """Steps T-1..0: the pointwise kernel of step t, then the GEMM of the step's gradient (at
-    element offset t * grad_stride) into the other dh buffer; the two buffers alternate
-    (parity p reads dh[p] and writes dh[1-p]). Returns the index of the buffer holding dh0."""
-
-    def calls() -> list:
-        out = []
-        for k, t in enumerate(reversed(range(T))):
-            p = k & 1
-            out.append(pointwise[p].bind(t))
-            out.append(gemm[p].bind(t * grad_stride, 0, 0))
-        return out
-
-    rt.run_loop(key, [*pointwise, *gemm], calls)
-    return T & 1
-
-
-def _backward_loop_fused(rt: Any, key: tuple, T: int, pointwise: list[Any], final: Any) -> int:
-    """Steps T-1..0 of the fused kernels (each adds the previous step's dh GEMM itself), then
-    ``final``, the GEMM of step 0's gradient into the buffer step 0 wrote (dh[T & 1], its
-    index returned)."""
-
-    def calls() -> list:
-        out = [pointwise[k & 1].bind(t) for k, t in enumerate(reversed(range(T)))]
-        out.append(final.bind(0, 0, 0))
-        return out
-
-    rt.run_loop(key, [*pointwise, final], calls)
-    return T & 1
-
-
-def _weight_grads(
-    rt: Any, dA: Any, dB: Any, x: Any, hs: Any, w_ih: Any, T: int, N: int, D: int, H: int, G: int
-) -> tuple[Any, Any, Any]:
-    """dx = dA @ W_ih, dW_ih = dA^T @ x, dW_hh = dB^T @ h_{0..T-1} for the (T*N, G) gradients
-    dA of the input projection and dB of the recurrent one (the same array except in the GRU).
-    """
-    xp, dtype, TN = rt.xp, x.dtype, T * N
-    dx = xp.empty((T, N, D), dtype=dtype)
-    rt.gemm(False, False, TN, D, G, 1.0, dA, 0, G, w_ih, 0, D, 0.0, dx, 0, D)
-    dw_ih = xp.empty((G, D), dtype=dtype)
-    rt.gemm(True, False, G, D, TN, 1.0, dA, 0, G, x, 0, D, 0.0, dw_ih, 0, D)
-    dw_hh = xp.empty((G, H), dtype=dtype)
-    # hs holds T+1 states; its first T slots (the states before each step) are one (T*N, H)
-    # matrix.
-    rt.gemm(True, False, G, H, TN, 1.0, dB, 0, G, hs, 0, H, 0.0, dw_hh, 0, H)
-    return dx, dw_ih, dw_hh
-
-
-# ------------------------------------------------------------------------------------------------
-# LSTM
-# ------------------------------------------------------------------------------------------------
-
-
-def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
-    """x (T,N,D); h0, c0 (N,H); w_ih (4H,D); w_hh (4H,H); b (4H,) -> y, hT, cT, ctx."""
+def forward(cell: Cell, x, h0, c0, w_ih, w_hh, b, b_hh, w_hr, lengths, training, mode):
+    """The time loop forward for ``cell``: x (T,N,D); h0 (N,P); c0 (N,H) or None; w_ih (G,D);
+    w_hh (G,P); b (G,) (b_ih for a cell whose recurrent sums are apart, then b_hh (G,)); w_hr
+    (P,H) or None (P = H without it) -> y (T,N,P), hT (N,P), cT (N,H) or None, ctx."""
     rt = runtime()
     xp = rt.xp
     T, N, D = x.shape
-    H = w_hh.shape[1]
-    G = 4 * H
-    NH = N * H
+    G = w_ih.shape[0]
+    H = G // cell.gates
+    P = w_hh.shape[1]  # the state's width: H, or the projection size
+    NH, NP = N * H, N * P
     dtype = x.dtype
+    projected = w_hr is not None
     with rt.device_of(x):
         lens = _lengths(rt, lengths, T, N)
-        # L1: x_t W_ih^T for all T steps, one GEMM (the bias is added by the kernel).
+        # Step 1 of every cell (L1, G1, R1): x_t W_ih^T for all T steps, one GEMM (the biases
+        # are added by the cell).
         pre = xp.empty((T, N, G), dtype=dtype)
         rt.gemm(False, True, T * N, G, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, pre, 0, G)
         S = T + 1 if training else 2
-        hs = xp.empty((S, N, H), dtype=dtype)
-        cs = xp.empty((S, N, H), dtype=dtype)
+        hs = xp.empty((S, N, P), dtype=dtype)
         hs[0] = h0
-        cs[0] = c0
-        y = xp.empty((T, N, H), dtype=dtype)
-        fused = _fused(T, N, H)
-        if fused:  # L2 inside the kernel
-            recurrent_gemm = None
-            pointwise = rt.loop_launch(
-                "lstm_forward_fused", dtype, NH,
-                (pre, _transposed(xp, w_hh), b, hs, cs, y, lens, 0, 0, 0, N, H,
-                 int(training)), ("t", "src", "dst"), block=FUSED_BLOCK,
-            )  # fmt: skip
-        else:
-            # L2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-            recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 1.0, pre, G)
-            # L3-L5 (pre[t] becomes the activations i, f, g, o when training).
-            pointwise = rt.loop_launch(
-                "lstm_forward_step", dtype, NH,
-                (pre, b, hs, cs, y, lens, 0, 0, 0, N, H, int(training)), ("t", "src", "dst"),
-            )  # fmt: skip
-        _forward_loop(rt, ("lstm", T, N, H, training, fused), T, NH, training, recurrent_gemm,
-                      pointwise, N * G)  # fmt: skip
+        cs = hs
+        if cell.cell_state:
+            cs = xp.empty((S, N, H), dtype=dtype)
+            cs[0] = c0
+        y = xp.empty((T, N, P), dtype=dtype)
+        # The cell's output: y itself, or r (L4) that the projection turns into h (L4p).
+        out = xp.empty((T, N, H), dtype=dtype) if projected else y
+        hw = xp.empty((N, G), dtype=dtype) if cell.apart else pre
+        acts = xp.empty((T, N, cell.saved * H), dtype=dtype) if cell.saved and training else pre
+        # Step 2 (L2, G2, R2): h_{t-1} W_hh^T, into the step's input sums or apart.
+        recurrent_gemm = rt.loop_gemm(False, True, N, G, P, 1.0, hs, P, w_hh, P,
+                                      0.0 if cell.apart else 1.0, hw, G)  # fmt: skip
+        gemm_stride = 0 if cell.apart else N * G
+        # The cell (L3-L5, G3-G5, R3-R4); with projections it leaves hs alone (cs stands in).
+        pointwise = rt.loop_launch(
+            cell.kernel("forward"), dtype, NH,
+            (pre, hw, b, b_hh, cs if projected else hs, cs, out, acts, lens, 0, 0, 0, N, H,
+             int(training), mode),
+            ("t", "src", "dst"),
+        )  # fmt: skip
+        steps = [recurrent_gemm, pointwise]
+        if projected:
+            # L4p: h_t = r_t W_hr^T into slot dst, then L5 for finished sequences.
+            projection = rt.loop_gemm(False, True, N, P, H, 1.0, out, H, w_hr, H, 0.0, hs, P)
+            select = rt.loop_launch("recurrent_select", dtype, NP,
+                                    (hs, y, lens, 0, 0, 0, N, P), ("t", "src", "dst"))  # fmt: skip
+            steps += [projection, select]
+
+        def calls() -> list:
+            out_calls = []
+            for t in range(T):
+                src, dst = _slots(training, t)
+                out_calls.append(recurrent_gemm.bind(src * NP, 0, t * gemm_stride))
+                out_calls.append(pointwise.bind(t, src, dst))
+                if projected:
+                    out_calls.append(projection.bind(t * NH, 0, dst * NP))
+                    out_calls.append(select.bind(t, src, dst))
+            return out_calls
+
+        rt.time_loop((cell.op, "forward", T, N, H, P, training, mode), steps, calls)
         last = _slots(training, T - 1)[1]
         hT = hs[last].copy()
-        cT = cs[last].copy()
+        cT = cs[last].copy() if cell.cell_state else None
     ctx = None
     if training:
+        grad_shapes = {"dy": (T, N, P), "dhT": (N, P)}
+        if cell.cell_state:
+            grad_shapes["dcT"] = (N, H)
         ctx = Context(
-            op="lstm",
+            op=cell.op,
             backend="cuda",
             dtype=dtype,
             cupy=True,
-            grad_shapes={"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)},
-            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, cs=cs, acts=pre, lengths=lens),
-        )
+            grad_shapes=grad_shapes,
+            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hs=hs, cs=cs, acts=acts,
+                       out=out if projected else None, lengths=lens, mode=mode),
+        )  # fmt: skip
     return y, hT, cT, ctx
 
 
-def lstm_backward(ctx, dy, dhT, dcT):
-    """-> dx (T,N,D), dh0 (N,H), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H), db (4H,)."""
+def backward(cell: Cell, ctx, dy, dhT, dcT):
+    """The time loop backward for ``cell`` -> dx (T,N,D), dh0 (N,P), dc0 (N,H) or None,
+    dw_ih (G,D), dw_hh (G,P), da (the gradient of the input sums, whose column sums are the
+    bias gradient), dha (of the recurrent sums), dw_hr (P,H) or None."""
     rt = runtime()
     xp = rt.xp
     s = ctx.saved
-    x, w_ih, w_hh, hs, cs, acts, lens = (
-        s["x"],
-        s["w_ih"],
-        s["w_hh"],
-        s["hs"],
-        s["cs"],
-        s["acts"],
-        s["lengths"],
-    )
+    x, w_ih, w_hh, w_hr = s["x"], s["w_ih"], s["w_hh"], s["w_hr"]
+    hs, cs, acts, out, lens, mode = s["hs"], s["cs"], s["acts"], s["out"], s["lengths"], s["mode"]
     T, N, D = x.shape
-    H = w_hh.shape[1]
-    G = 4 * H
-    NH = N * H
+    G = w_ih.shape[0]
+    H = G // cell.gates
+    P = w_hh.shape[1]
+    NH, NP = N * H, N * P
     dtype = x.dtype
+    projected = w_hr is not None
     with rt.device_of(x):
+        # dhs[t+1]: the gradient reaching step t's output; dhs[0] becomes dh0.
+        dhs = xp.empty((T + 1, N, P), dtype=dtype)
+        seed_dhT = dy if dhT is None else dhT  # not read without dhT
+        rt.launch("recurrent_seed", dtype, (T + 1) * NP,
+                  (dy, seed_dhT, dhs, lens, T, N, P, int(dhT is not None)))  # fmt: skip
         da = xp.empty((T, N, G), dtype=dtype)
-        dh_cur = _state(xp, dhT, (N, H), dtype)
-        dh_next = xp.empty((N, H), dtype=dtype)
-        dc = _state(xp, dcT, (N, H), dtype)
-        # The two dh buffers alternate: a step reads one and writes the other.
-        dh = (dh_cur, dh_next)
-        # LB4: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
-        recurrent_gemm = [
-            rt.loop_gemm(False, False, N, H, G, 1.0, da, G, w_hh, H, 1.0, dh[1 - p], H)
-            for p in (0, 1)
-        ]
-        if _fused(T, N, H):  # step t's kernel adds da_{t+1} W_hh itself
-            pointwise = [
-                rt.loop_launch(
-                    "lstm_backward_fused",
-                    dtype,
-                    NH,
-                    (acts, cs, dy, da, w_hh, dh[p], dh[1 - p], dc, lens, 0, T, N, H),
-                    ("t",),
-                    block=FUSED_BLOCK,
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
-            i = _backward_loop_fused(rt, ("lstm-bf", T, N, H), T, pointwise, final)
-        else:
-            # LB1-LB4 except the GEMM; dc is updated in place.
-            pointwise = [
-                rt.loop_launch(
-                    "lstm_backward_step",
-                    dtype,
-                    NH,
-                    (acts, cs, dy, da, dh[p], dh[1 - p], dc, lens, 0, N, H),
-                    ("t",),
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            i = _backward_loop(rt, ("lstm-b", T, N, H), T, pointwise, recurrent_gemm, N * G)
-        dh_cur = dh[i]
-        # LB5: whole-sequence GEMMs.
-        dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, G)
-        db = _colsum(rt, da, T * N, G)
-    return dx, dh_cur, dc, dw_ih, dw_hh, db
+        dha = xp.empty((T, N, G), dtype=dtype) if cell.apart else da
+        dc = dhs  # not read by a cell without a cell state
+        if cell.cell_state:
+            dc = xp.empty((N, H), dtype=dtype)
+            if dcT is None:
+                dc[...] = 0
+            else:
+                dc[...] = dcT
+        steps = []
+        dh, dh_stride = dhs, NP
+        if projected:
+            # LB1p: dr = dh_step W_hr, the gradient reaching r (one buffer for every step).
+            dh, dh_stride = xp.empty((N, H), dtype=dtype), 0
+            projection = rt.loop_gemm(False, False, N, H, P, 1.0, dhs, P, w_hr, H, 0.0, dh, H)
+            steps.append(projection)
+        # The cell (LB1-LB4, GB1-GB4, RB1-RB3 except their GEMM).
+        pointwise = rt.loop_launch(
+            cell.kernel("backward"), dtype, NH,
+            (acts, cs if projected else hs, cs, dh, dh_stride, dhs, da, dha, dc, lens, 0, N, H,
+             mode),
+            ("t",),
+        )  # fmt: skip
+        # LB4 / GB4 / RB3: dhs[t] += dha_t W_hh, the state gradient before step t.
+        recurrent_gemm = rt.loop_gemm(False, False, N, P, G, 1.0, dha, G, w_hh, P, 1.0, dhs, P)
+        steps += [pointwise, recurrent_gemm]
+
+        def calls() -> list:
+            out_calls = []
+            for t in reversed(range(T)):
+                if projected:
+                    out_calls.append(projection.bind((t + 1) * NP, 0, 0))
+                out_calls.append(pointwise.bind(t))
+                out_calls.append(recurrent_gemm.bind(t * N * G, 0, t * NP))
+            return out_calls
+
+        rt.time_loop((cell.op, "backward", T, N, H, P, mode), steps, calls)
+        dh0 = dhs[0].copy()
+        # The last step of every cell (LB5, GB5, RB4): whole-sequence GEMMs. hs holds T+1
+        # states; its first T slots (the states before each step) are one (T*N, P) matrix.
+        TN = T * N
+        dx = xp.empty((T, N, D), dtype=dtype)
+        rt.gemm(False, False, TN, D, G, 1.0, da, 0, G, w_ih, 0, D, 0.0, dx, 0, D)
+        dw_ih = xp.empty((G, D), dtype=dtype)
+        rt.gemm(True, False, G, D, TN, 1.0, da, 0, G, x, 0, D, 0.0, dw_ih, 0, D)
+        dw_hh = xp.empty((G, P), dtype=dtype)
+        rt.gemm(True, False, G, P, TN, 1.0, dha, 0, G, hs, 0, P, 0.0, dw_hh, 0, P)
+        dw_hr = None
+        if projected:
+            # dW_hr = sum_t dh_step_t^T r_t: dhs[1..T] against the saved r.
+            dw_hr = xp.empty((P, H), dtype=dtype)
+            rt.gemm(True, False, P, H, TN, 1.0, dhs, NP, P, out, 0, H, 0.0, dw_hr, 0, H)
+    return dx, dh0, dc if cell.cell_state else None, dw_ih, dw_hh, da, dha, dw_hr
 
 
 # ------------------------------------------------------------------------------------------------
-# GRU
+# the backend interface (fastrnn/backends/base.py)
 # ------------------------------------------------------------------------------------------------
+
+_LSTM, _GRU, _RNN = CELLS["lstm"], CELLS["gru"], CELLS["rnn"]
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
+    """x (T,N,D); h0 (N,P); c0 (N,H); w_ih (4H,D); w_hh (4H,P); b (4H,); w_hr None or (P,H)
+    (P = H without it) -> y (T,N,P), hT (N,P), cT (N,H), ctx."""
+    mode = MODE_PLAIN if w_hr is None else LSTM_PROJECTED
+    return forward(_LSTM, x, h0, c0, w_ih, w_hh, b, b, w_hr, lengths, training, mode)
+
+
+def lstm_backward(ctx, dy, dhT, dcT):
+    """-> dx (T,N,D), dh0 (N,P), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,P), db (4H,), and dw_hr
+    (P,H) as a seventh element exactly when the forward had w_hr."""
+    dx, dh0, dc0, dw_ih, dw_hh, da, _, dw_hr = backward(_LSTM, ctx, dy, dhT, dcT)
+    T, N, G = da.shape
+    grads = (dx, dh0, dc0, dw_ih, dw_hh, _colsum(runtime(), da, T * N, G))
+    return grads if dw_hr is None else (*grads, dw_hr)
 
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     """x (T,N,D); h0 (N,H); w_ih (3H,D); w_hh (3H,H); b_ih, b_hh (3H,) -> y, hT, ctx."""
-    rt = runtime()
-    xp = rt.xp
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    G = 3 * H
-    NH = N * H
-    dtype = x.dtype
-    with rt.device_of(x):
-        lens = _lengths(rt, lengths, T, N)
-        # G1: x_t W_ih^T for all T steps (b_ih is added by the kernel).
-        xw = xp.empty((T, N, G), dtype=dtype)
-        rt.gemm(False, True, T * N, G, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, xw, 0, G)
-        S = T + 1 if training else 2
-        hs = xp.empty((S, N, H), dtype=dtype)
-        hs[0] = h0
-        y = xp.empty((T, N, H), dtype=dtype)
-        hw = xp.empty((N, G), dtype=dtype)
-        # r, z, n, hn per step for backward; without training the kernel never writes it.
-        acts = xp.empty((T, N, 4 * H), dtype=dtype) if training else hw
-        fused = _fused(T, N, H)
-        if fused:  # G2 inside the kernel
-            recurrent_gemm = None
-            pointwise = rt.loop_launch(
-                "gru_forward_fused", dtype, NH,
-                (xw, _transposed(xp, w_hh), b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H,
-                 int(training)), ("t", "src", "dst"), block=FUSED_BLOCK,
-            )  # fmt: skip
-        else:
-            # G2: hw = h_{t-1} W_hh^T (kept apart from xw: n needs r * (W_hn h + b_hn)).
-            recurrent_gemm = rt.loop_gemm(False, True, N, G, H, 1.0, hs, H, w_hh, H, 0.0, hw, G)
-            # G3-G5.
-            pointwise = rt.loop_launch(
-                "gru_forward_step", dtype, NH,
-                (xw, hw, b_ih, b_hh, hs, y, acts, lens, 0, 0, 0, N, H, int(training)),
-                ("t", "src", "dst"),
-            )  # fmt: skip
-        _forward_loop(rt, ("gru", T, N, H, training, fused), T, NH, training, recurrent_gemm,
-                      pointwise, 0)  # fmt: skip
-        hT = hs[_slots(training, T - 1)[1]].copy()
-    ctx = None
-    if training:
-        ctx = Context(
-            op="gru",
-            backend="cuda",
-            dtype=dtype,
-            cupy=True,
-            grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
-            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, acts=acts, lengths=lens),
-        )
+    y, hT, _, ctx = forward(_GRU, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, training,
+                            MODE_PLAIN)  # fmt: skip
     return y, hT, ctx
 
 
 def gru_backward(ctx, dy, dhT):
     """-> dx (T,N,D), dh0 (N,H), dw_ih (3H,D), dw_hh (3H,H), db_ih (3H,), db_hh (3H,)."""
-    rt = runtime()
-    xp = rt.xp
-    s = ctx.saved
-    x, w_ih, w_hh, hs, acts, lens = (s["x"], s["w_ih"], s["w_hh"], s["hs"], s["acts"], s["lengths"])
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    G = 3 * H
-    NH = N * H
-    dtype = x.dtype
-    with rt.device_of(x):
-        dxw = xp.empty((T, N, G), dtype=dtype)
-        dhw = xp.empty((T, N, G), dtype=dtype)
-        dh_cur = _state(xp, dhT, (N, H), dtype)
-        dh_next = xp.empty((N, H), dtype=dtype)
-        dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
-        # GB4: dh_{t-1} = dh_step * z (left by the kernel) + dhw_t W_hh.
-        recurrent_gemm = [
-            rt.loop_gemm(False, False, N, H, G, 1.0, dhw, G, w_hh, H, 1.0, dh[1 - p], H)
-            for p in (0, 1)
-        ]
-        if _fused(T, N, H):  # step t's kernel adds dhw_{t+1} W_hh itself
-            pointwise = [
-                rt.loop_launch(
-                    "gru_backward_fused",
-                    dtype,
-                    NH,
-                    (acts, hs, dy, dxw, dhw, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H),
-                    ("t",),
-                    block=FUSED_BLOCK,
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
-            i = _backward_loop_fused(rt, ("gru-bf", T, N, H), T, pointwise, final)
-        else:
-            # GB1-GB4 except the GEMM.
-            pointwise = [
-                rt.loop_launch(
-                    "gru_backward_step",
-                    dtype,
-                    NH,
-                    (acts, hs, dy, dxw, dhw, dh[p], dh[1 - p], lens, 0, N, H),
-                    ("t",),
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            i = _backward_loop(rt, ("gru-b", T, N, H), T, pointwise, recurrent_gemm, N * G)
-        dh_cur = dh[i]
-        # GB5: whole-sequence GEMMs.
-        dx, dw_ih, dw_hh = _weight_grads(rt, dxw, dhw, x, hs, w_ih, T, N, D, H, G)
-        db_ih = _colsum(rt, dxw, T * N, G)
-        db_hh = _colsum(rt, dhw, T * N, G)
-    return dx, dh_cur, dw_ih, dw_hh, db_ih, db_hh
-
-
-# ------------------------------------------------------------------------------------------------
-# Elman RNN
-# ------------------------------------------------------------------------------------------------
+    dx, dh0, _, dw_ih, dw_hh, dxw, dhw, _ = backward(_GRU, ctx, dy, dhT, None)
+    rt, (T, N, G) = runtime(), dxw.shape
+    return dx, dh0, dw_ih, dw_hh, _colsum(rt, dxw, T * N, G), _colsum(rt, dhw, T * N, G)
 
 
 def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
     """x (T,N,D); h0 (N,H); w_ih (H,D); w_hh (H,H); b (H,); "tanh" or "relu" -> y, hT, ctx."""
-    rt = runtime()
-    xp = rt.xp
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    NH = N * H
-    dtype = x.dtype
-    relu = int(nonlinearity == "relu")
-    with rt.device_of(x):
-        lens = _lengths(rt, lengths, T, N)
-        # R1: x_t W_ih^T for all T steps (the bias is added by the kernel).
-        pre = xp.empty((T, N, H), dtype=dtype)
-        rt.gemm(False, True, T * N, H, D, 1.0, x, 0, D, w_ih, 0, D, 0.0, pre, 0, H)
-        S = T + 1 if training else 2
-        hs = xp.empty((S, N, H), dtype=dtype)
-        hs[0] = h0
-        y = xp.empty((T, N, H), dtype=dtype)
-        fused = _fused(T, N, H)
-        if fused:  # R2 inside the kernel
-            recurrent_gemm = None
-            pointwise = rt.loop_launch(
-                "rnn_forward_fused", dtype, NH,
-                (pre, _transposed(xp, w_hh), b, hs, y, lens, 0, 0, 0, N, H, relu),
-                ("t", "src", "dst"), block=FUSED_BLOCK,
-            )  # fmt: skip
-        else:
-            # R2: pre[t] += h_{t-1} W_hh^T, accumulated in place.
-            recurrent_gemm = rt.loop_gemm(False, True, N, H, H, 1.0, hs, H, w_hh, H, 1.0, pre, H)
-            # R3-R4.
-            pointwise = rt.loop_launch(
-                "rnn_forward_step", dtype, NH,
-                (pre, b, hs, y, lens, 0, 0, 0, N, H, relu), ("t", "src", "dst"),
-            )  # fmt: skip
-        _forward_loop(rt, ("rnn", T, N, H, training, fused), T, NH, training, recurrent_gemm,
-                      pointwise, NH)  # fmt: skip
-        hT = hs[_slots(training, T - 1)[1]].copy()
-    ctx = None
-    if training:
-        ctx = Context(
-            op="rnn",
-            backend="cuda",
-            dtype=dtype,
-            cupy=True,
-            grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
-            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, lengths=lens, relu=relu),
-        )
+    mode = RNN_RELU if nonlinearity == "relu" else MODE_PLAIN
+    y, hT, _, ctx = forward(_RNN, x, h0, None, w_ih, w_hh, b, b, None, lengths, training, mode)
     return y, hT, ctx
 
 
 def rnn_backward(ctx, dy, dhT):
     """-> dx (T,N,D), dh0 (N,H), dw_ih (H,D), dw_hh (H,H), db (H,)."""
-    rt = runtime()
-    xp = rt.xp
-    s = ctx.saved
-    x, w_ih, w_hh, hs, lens, relu = (s["x"], s["w_ih"], s["w_hh"], s["hs"], s["lengths"], s["relu"])
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    NH = N * H
-    dtype = x.dtype
-    with rt.device_of(x):
-        da = xp.empty((T, N, H), dtype=dtype)
-        dh_cur = _state(xp, dhT, (N, H), dtype)
-        dh_next = xp.empty((N, H), dtype=dtype)
-        dh = (dh_cur, dh_next)  # alternate: a step reads one and writes the other
-        # RB3: dh_{t-1} = da_t W_hh (+ the pass-through the kernel left in dh_next).
-        recurrent_gemm = [
-            rt.loop_gemm(False, False, N, H, H, 1.0, da, H, w_hh, H, 1.0, dh[1 - p], H)
-            for p in (0, 1)
-        ]
-        if _fused(T, N, H):  # step t's kernel adds da_{t+1} W_hh itself
-            pointwise = [
-                rt.loop_launch(
-                    "rnn_backward_fused",
-                    dtype,
-                    NH,
-                    (hs, dy, da, w_hh, dh[p], dh[1 - p], lens, 0, T, N, H, relu),
-                    ("t",),
-                    block=FUSED_BLOCK,
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            final = recurrent_gemm[1 - (T & 1)]  # into dh[T & 1], where step 0 wrote
-            i = _backward_loop_fused(rt, ("rnn-bf", T, N, H), T, pointwise, final)
-        else:
-            # RB1-RB3 except the GEMM.
-            pointwise = [
-                rt.loop_launch(
-                    "rnn_backward_step",
-                    dtype,
-                    NH,
-                    (hs, dy, da, dh[p], dh[1 - p], lens, 0, N, H, relu),
-                    ("t",),
-                )  # fmt: skip
-                for p in (0, 1)
-            ]
-            i = _backward_loop(rt, ("rnn-b", T, N, H), T, pointwise, recurrent_gemm, NH)
-        dh_cur = dh[i]
-        # RB4: whole-sequence GEMMs.
-        dx, dw_ih, dw_hh = _weight_grads(rt, da, da, x, hs, w_ih, T, N, D, H, H)
-        db = _colsum(rt, da, T * N, H)
-    return dx, dh_cur, dw_ih, dw_hh, db
+    dx, dh0, _, dw_ih, dw_hh, da, _, _ = backward(_RNN, ctx, dy, dhT, None)
+    T, N, G = da.shape
+    return dx, dh0, dw_ih, dw_hh, _colsum(runtime(), da, T * N, G)

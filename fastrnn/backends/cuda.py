@@ -1,16 +1,35 @@
 """The ``cuda`` backend: CUDA C kernels in csrc/, compiled at run time by CuPy (NVRTC), GEMMs
-through cuBLAS. The launchers live in fastrnn/_cuda (``recurrent`` and ``conv`` modules) and
-have exactly the backend interface's signatures (fastrnn/backends/base.py); they are imported on
-first use, so CuPy is only imported when CuPy arrays are passed.
+through cuBLAS.
+
+The launchers are the functions of fastrnn/_cuda/recurrent.py (LSTM, GRU, RNN: cells of one
+time loop) and fastrnn/_cuda/conv.py (conv2d, pooling), with exactly the backend interface's
+signatures (fastrnn/backends/base.py); they are this module's functions. Importing them imports
+no CuPy: that happens at the first call (``fastrnn._cuda._runtime.runtime()``), so this module is
+only loaded when CuPy arrays are passed or the backend is forced.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastrnn._cuda.conv import (
+    avg_pool2d_backward,
+    avg_pool2d_forward,
+    conv2d_backward,
+    conv2d_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+)
+from fastrnn._cuda.recurrent import (
+    gru_backward,
+    gru_forward,
+    lstm_backward,
+    lstm_forward,
+    rnn_backward,
+    rnn_forward,
+)
 
 name = "cuda"
 
+# op name -> the module of fastrnn/_cuda that implements it
 _MODULE_OF = {
     "lstm": "recurrent",
     "gru": "recurrent",
@@ -20,12 +39,17 @@ _MODULE_OF = {
     "avg_pool2d": "conv",
 }
 
-
-def __getattr__(attr: str) -> Any:
-    op, _, direction = attr.rpartition("_")
-    if direction not in ("forward", "backward") or op not in _MODULE_OF:
-        raise AttributeError(attr)
-    module = importlib.import_module(f"fastrnn._cuda.{_MODULE_OF[op]}")
-    fn = getattr(module, attr)
-    globals()[attr] = fn
-    return fn
+__all__ = [
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "conv2d_backward",
+    "conv2d_forward",
+    "gru_backward",
+    "gru_forward",
+    "lstm_backward",
+    "lstm_forward",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+    "rnn_backward",
+    "rnn_forward",
+]
