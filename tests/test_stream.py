@@ -11,6 +11,7 @@ from fastrnn import nn
 
 MODULES = [
     pytest.param(lambda **kw: nn.LSTM(5, 7, num_layers=3, **kw), id="lstm"),
+    pytest.param(lambda **kw: nn.LSTM(5, 7, num_layers=2, proj_size=3, **kw), id="lstm_proj"),
     pytest.param(lambda **kw: nn.GRU(5, 7, num_layers=2, **kw), id="gru"),
     pytest.param(lambda **kw: nn.RNN(5, 7, num_layers=2, nonlinearity="relu", **kw), id="rnn"),
 ]

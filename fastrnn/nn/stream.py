@@ -4,7 +4,8 @@
 private copies of the weights, summed biases) and holds the state; ``stream.step(x_t)`` takes
 (batch_size, input_size) and returns the last layer's (batch_size, hidden_size) output,
 updating the state of every layer in place. ``stream.state`` reads or sets the state in the
-module's format (``h`` or ``(h, c)``, each (num_layers, batch_size, hidden_size));
+module's format (``h`` or ``(h, c)``, each (num_layers, batch_size, hidden_size); h has
+proj_size features for an LSTM with projections);
 ``stream.reset()`` zeroes it; ``stream.refresh()`` takes the module's current weights (a stream
 made before an optimizer step still holds the old ones). Inference semantics: no dropout, nothing
 saved for backward. Bidirectional modules cannot stream (their reverse direction needs the whole
@@ -33,27 +34,33 @@ class Stream:
         self.layers = [self._prepare(layer) for layer in range(module.num_layers)]
         like = module.weight_ih_l0.data
         xp = array_module(like)
-        shape = (module.num_layers, self.batch_size, module.hidden_size)
-        self._h = xp.zeros(shape, like.dtype)
-        self._c = xp.zeros(shape, like.dtype) if self.lstm else None
+        L, N, H = module.num_layers, self.batch_size, module.hidden_size
+        P = getattr(module, "proj_size", 0) or H  # h's size: the projection's, if any
+        self._h = xp.zeros((L, N, P), like.dtype)
+        self._c = xp.zeros((L, N, H), like.dtype) if self.lstm else None
         self._x_shape = (self.batch_size, module.input_size)
 
-    def _weights(self, layer: int) -> tuple[Any, ...]:
-        w_ih, w_hh, b_ih, b_hh = self.module._weights(layer, 0)
+    def _weights(self, layer: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(positional weights, keywords) of layer ``layer`` for the prepared layer."""
+        w_ih, w_hh, b_ih, b_hh, w_hr = self.module._weights(layer, 0)
         xp = array_module(w_ih.data)
         G = w_hh.data.shape[0]
         zeros = xp.zeros(G, w_ih.data.dtype)
         b_ih = zeros if b_ih is None else b_ih.data
         b_hh = zeros if b_hh is None else b_hh.data
         if self.module.mode == "GRU":
-            return w_ih.data, w_hh.data, b_ih, b_hh
-        return w_ih.data, w_hh.data, b_ih + b_hh
+            return (w_ih.data, w_hh.data, b_ih, b_hh), {}
+        if self.module.mode == "LSTM":
+            return (w_ih.data, w_hh.data, b_ih + b_hh), {
+                "w_hr": None if w_hr is None else w_hr.data
+            }
+        return (w_ih.data, w_hh.data, b_ih + b_hh), {}
 
     def _prepare(self, layer: int) -> Any:
-        w = self._weights(layer)
+        w, kw = self._weights(layer)
         mode = self.module.mode
         if mode == "LSTM":
-            return lstm_inference(*w)
+            return lstm_inference(*w, **kw)
         if mode == "GRU":
             return gru_inference(*w)
         return rnn_inference(*w, nonlinearity="tanh" if mode == "RNN_TANH" else "relu")
@@ -61,7 +68,8 @@ class Stream:
     def refresh(self) -> None:
         """Take the module's current weights (after training steps or load_state_dict)."""
         for layer, run in enumerate(self.layers):
-            run.update(*self._weights(layer))
+            w, kw = self._weights(layer)
+            run.update(*w, **kw)
 
     def step(self, x_t: Any) -> Any:
         """One time step through every layer: x_t (batch_size, input_size) -> the last
