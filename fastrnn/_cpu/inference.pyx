@@ -45,11 +45,46 @@ cdef extern from *:
     #define FR_CLONES
     #endif
     #define FR_JB 32
+    /* One row of the batch, columns [j0, j0 + jb): 128 columns at a time in registers (enough
+       independent accumulators to cover the FMA latency), then the rest. */
+    #define FR_JB1 128
+    #define FR_ROW(T) fr_row_##T
+    #define FR_DEFINE_ROW(T)                                                                 \
+    static inline void fr_row_##T(int K1, int K2, int M, int j0, int jb, const T* a1r,      \
+                                  const T* a2r, const T* wt, const T* bias, T* o) {          \
+        for (int c0 = j0; c0 < j0 + jb; c0 += FR_JB1) {                                      \
+            int cb = j0 + jb - c0 < FR_JB1 ? j0 + jb - c0 : FR_JB1;                          \
+            T c[FR_JB1];                                                                     \
+            if (cb == FR_JB1) {                                                              \
+                for (int j = 0; j < FR_JB1; j++) c[j] = bias ? bias[c0 + j] : (T) 0;         \
+                for (int k = 0; k < K1 + K2; k++) {                                          \
+                    const T *restrict w = wt + (long) k * M + c0;                            \
+                    T sr = k < K1 ? a1r[k] : a2r[k - K1];                                    \
+                    for (int j = 0; j < FR_JB1; j++) c[j] += sr * w[j];                      \
+                }                                                                            \
+                for (int j = 0; j < FR_JB1; j++) o[c0 + j] = c[j];                           \
+            } else {                                                                         \
+                for (int j = 0; j < cb; j++) c[j] = bias ? bias[c0 + j] : (T) 0;             \
+                for (int k = 0; k < K1 + K2; k++) {                                          \
+                    const T *restrict w = wt + (long) k * M + c0;                            \
+                    T sr = k < K1 ? a1r[k] : a2r[k - K1];                                    \
+                    for (int j = 0; j < cb; j++) c[j] += sr * w[j];                          \
+                }                                                                            \
+                for (int j = 0; j < cb; j++) o[c0 + j] = c[j];                               \
+            }                                                                                \
+        }                                                                                    \
+    }
     #define FR_DEFINE_ROWS(NAME, T)                                                          \
     FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a2,       \
                                const T* wt, const T* bias, T* out) {                         \
         for (int n0 = 0; n0 < N; n0 += 4) {                                                  \
             int nb = N - n0 < 4 ? N - n0 : 4;                                                \
+            if (nb < 4) {                                                                    \
+                for (int r = 0; r < nb; r++)                                                 \
+                    FR_ROW(T)(K1, K2, M, 0, M, a1 + (long) (n0 + r) * K1,                    \
+                              a2 + (long) (n0 + r) * K2, wt, bias, out + (long) (n0 + r) * M); \
+                continue;                                                                    \
+            }                                                                                \
             for (int j0 = 0; j0 < M; j0 += FR_JB) {                                          \
                 int jb = M - j0 < FR_JB ? M - j0 : FR_JB;                                    \
                 if (nb == 4 && jb == FR_JB) {                                                \
@@ -78,37 +113,15 @@ cdef extern from *:
                         out[(n0 + 3) * M + j0 + j] = c3[j];                                  \
                     }                                                                        \
                 } else {                                                                     \
-                    for (int r = 0; r < nb; r++) {                                           \
-                        T c[FR_JB];                                                          \
-                        const T* a1r = a1 + (long) (n0 + r) * K1;                            \
-                        const T* a2r = a2 + (long) (n0 + r) * K2;                            \
-                        if (jb == FR_JB) {                                                   \
-                            for (int j = 0; j < FR_JB; j++) c[j] = bias ? bias[j0 + j] : (T) 0; \
-                            for (int k = 0; k < K1; k++) {                                   \
-                                const T *restrict w = wt + (long) k * M + j0;                \
-                                T sr = a1r[k];                                               \
-                                for (int j = 0; j < FR_JB; j++) c[j] += sr * w[j];           \
-                            }                                                                \
-                            for (int k = 0; k < K2; k++) {                                   \
-                                const T *restrict w = wt + (long) (K1 + k) * M + j0;         \
-                                T sr = a2r[k];                                               \
-                                for (int j = 0; j < FR_JB; j++) c[j] += sr * w[j];           \
-                            }                                                                \
-                            for (int j = 0; j < FR_JB; j++) out[(n0 + r) * M + j0 + j] = c[j]; \
-                        } else {                                                             \
-                            for (int j = 0; j < jb; j++) c[j] = bias ? bias[j0 + j] : (T) 0; \
-                            for (int k = 0; k < K1 + K2; k++) {                              \
-                                T sr = k < K1 ? a1r[k] : a2r[k - K1];                        \
-                                const T *restrict w = wt + (long) k * M + j0;                \
-                                for (int j = 0; j < jb; j++) c[j] += sr * w[j];              \
-                            }                                                                \
-                            for (int j = 0; j < jb; j++) out[(n0 + r) * M + j0 + j] = c[j];  \
-                        }                                                                    \
-                    }                                                                        \
+                    for (int r = 0; r < nb; r++)                                             \
+                        FR_ROW(T)(K1, K2, M, j0, jb, a1 + (long) (n0 + r) * K1,              \
+                                  a2 + (long) (n0 + r) * K2, wt, bias, out + (long) (n0 + r) * M); \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
     }
+    FR_DEFINE_ROW(float)
+    FR_DEFINE_ROW(double)
     FR_DEFINE_ROWS(fr_rows_f, float)
     FR_DEFINE_ROWS(fr_rows_d, double)
     """
