@@ -63,10 +63,10 @@ cdef inline void fr_blas_restore(const int* saved) noexcept nogil:
 
 
 # The per-step GEMMs of small batches without BLAS: OpenBLAS re-packs the weight matrix on every
-# call, which measured 32% of an LSTM (T,N,D,H)=(100,16,256,256) forward+backward on one thread
-# (perf: sgemm_itcopy), as much as half of each step's GEMM. This kernel reads the weights in
-# place (8 rows x 32 columns of C in 16 AVX-512 registers, one k at a time), so nothing is packed.
+# call; this kernel reads the weights in place (8 rows x 32 columns of C in 16 AVX-512
+# registers, one k at a time), and the panel kernel reads them from panels packed once per call.
 # Only with AVX-512 (checked at run time); otherwise, and for float64, BLAS runs the step.
+# Measured: benchmarks/NOTES-cpu.md ("Per-step GEMMs").
 cdef extern from *:
     """
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
@@ -270,13 +270,8 @@ cdef extern from *:
     void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float* B, Py_ssize_t ldb,
                         float* P) noexcept nogil
 
-# The batch size up to which the per-step GEMMs use fr_small_sgemm_avx512 instead of BLAS. On
-# one thread, fwd+bwd, BLAS -> this kernel: LSTM (T,N,D,H)=(100,16,256,256) 61.7 -> 33.6 ms, GRU
-# 45.9 -> 27.7, RNN 13.4 -> 8.2, LSTM (200,32,64,64) 14.9 -> 11.8 (torch.nn.LSTM: 40.9 and
-# 15.5). Allowing 64 rows made (100,64,512,512) slower (LSTM 605 -> 749 ms: the weights stream
-# from L2 once per 8 rows), so larger batches stay with BLAS here. The recurrent kernels now
-# use the packed-panel kernel below (use_panels) for batches of 4+ rows of sequences; this one
-# remains for short sequences and the dispatch's fallback.
+# The batch size up to which the per-step GEMMs use fr_small_sgemm_avx512 instead of BLAS
+# (larger batches stream the weights from L2 once per 8 rows; NOTES-cpu.md).
 cdef enum:
     SMALL_GEMM_MAX_ROWS = 32
 
@@ -294,13 +289,9 @@ cdef inline void step_mm(
     mm(False, False, m, n, k, <floating> 1, a, lda, b, ldb, beta, c, ldc)
 
 
-# Batches of 4 rows or more: the per-step GEMMs of a sequence (T >= 4) read the recurrent
-# weights from panels packed once per call (fr_pack_panels). Above SMALL_GEMM_MAX_ROWS this
-# replaces OpenBLAS, which re-packed them on every step (perf: sgemm_itcopy ~10% of a
-# (100,64,512,512) LSTM fwd+bwd; 2 threads 373-390 -> 311-324 ms); below, it replaces
-# fr_small_sgemm_avx512's in-place reads of W^T, whose rows lie G*H*4 bytes apart (4 KB at
-# H=256: the same L1 sets), e.g. LSTM (100,16,256,256) 26.6/24.9 -> 25.9/24.4 ms and
-# (200,32,64,64) 12.3/10.9 -> 11.6/10.9 ms (two alternating runs, medians, 2 threads).
+# Batches of 4 rows or more, sequences of 4+ steps: the per-step GEMMs read the recurrent weights
+# from panels packed once per call (fr_pack_panels), contiguous K x 32 blocks that stay in L1
+# (NOTES-cpu.md).
 cdef inline bint use_panels(Py_ssize_t m, Py_ssize_t T) noexcept nogil:
     return fr_small_gemm_ok != 0 and m >= 4 and T >= 4
 

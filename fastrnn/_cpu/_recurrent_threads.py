@@ -22,33 +22,15 @@ from fastrnn._threads import get_num_threads
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
 # runs on one thread (its whole-sequence GEMMs may still be split, see below): a barrier per
-# step costs about as much as splitting the step saves. fastrnn._bench.compare_strategies with
-# the kernels' step GEMM (W^T stored; the small-batch kernel up to 32 rows), 2 threads, 21
-# interleaved rounds on the shared 2-core machine, median us per step, one thread / BLAS's
-# threads / OpenMP column split:
-#   N=1  H=128 (65k)   4.2 / 3.4 / noisy (best 2.6)      N=32 H=64 (524k)  5.8 / 6.3 / 4.8
-#   N=16 H=256 (4.2M)  62 / 89 / 34                        N=64 H=512 (67M)  1299 / 690 / 2083
-# The split wins clearly at N=16, H=256; at N=32, H=64 it gains ~1 us per step, not worth a
-# barrier that waits for a descheduled peer on a loaded machine. At N=64, H=512 (BLAS runs
-# these steps) BLAS's own threads won this probe; the kernels still split there (one barrier
-# per step, no BLAS pool switching inside a call, which cost tens of ms per call, see below) and
-# scale 1.8x from 1 to 2 threads on the whole (100,64,512,512) LSTM. See lstm.pyx.
-# Re-measured with the packed-panel step GEMM (use_panels in _recurrent_common.pxd), 9 rounds,
-# load average ~1.1 (another job on one core), median us per step, serial / BLAS / split:
-#   N=1  H=128   2.0 / 1.7 / 1.5          N=32 H=64   6.0 / 6.7 / 3.6
-#   N=16 H=256  54.8 / 94.9 / 27.7        N=64 H=512  866 / 762 / 1169 (best 824 / 739 / 972)
-# The panels cut the split's step at N=64, H=512 from 2083 to 1169 us; under that load the
-# split lost to one thread, but the whole call (which also splits its whole-sequence GEMMs and
-# pointwise passes) still beat its previous version and torch.nn.LSTM; BLAS's own threads were
-# rejected for the whole call (lstm.pyx: they spin, and stall when a peer is descheduled).
+# step costs about as much as splitting the step saves, and waits for a descheduled peer on a
+# loaded machine. Measured with ``python -m fastrnn._bench --strategies``: NOTES-cpu.md.
 MIN_PARALLEL_WORK = 1 << 20
 
 
 # A call whose time loop runs on one thread still splits its whole-sequence GEMMs (the input
 # projection; dx, dW_ih, dW_hh) over fastrnn's OpenMP threads, each with single-threaded BLAS,
-# above this many multiply-adds. Not through BLAS's own threads: switching OpenBLAS's pool on and
-# off inside a call cost ~35-50 ms per call on the shared machine (e.g. LSTM (T,N,D,H) =
-# (200,32,64,64) fwd+bwd: 18 ms on one thread, 50 ms with BLAS threads for those GEMMs).
+# above this many multiply-adds; never through BLAS's own threads, whose pool switched on and
+# off inside a call cost tens of ms (NOTES-cpu.md).
 MIN_SEQUENCE_PARALLEL_WORK = 1 << 24
 
 
@@ -105,10 +87,9 @@ def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------------------------------
 
 # Scratch arrays that do not outlive a call (the backward pass's gate gradients, the GRU's
-# input projections, ...) are reused across calls: a fresh allocation of tens of MB is mapped
-# and zeroed page by page by the kernel on first touch, which measured ~9% of a
-# (T,N,D,H)=(100,64,512,512) LSTM backward (perf: clear_page_erms). One buffer per dtype is
-# kept, at most _SCRATCH_KEEP_BYTES; a call takes it out of the pool, so concurrent calls from
+# recurrent pre-activations, ...) are reused across calls: a fresh allocation of tens of MB is
+# mapped and zeroed page by page on first touch (NOTES-cpu.md). One buffer per dtype is kept,
+# at most _SCRATCH_KEEP_BYTES; a call takes it out of the pool, so concurrent calls from
 # several Python threads never share one.
 _SCRATCH_KEEP_BYTES = 512 << 20
 _scratch_pool: dict[Any, np.ndarray] = {}
@@ -130,13 +111,13 @@ def give_scratch(buf: np.ndarray) -> None:
             _scratch_pool[buf.dtype] = buf
 
 
-# The arrays a training forward saves for its backward (activations, states: ~80% of the memory
-# a (100,64,512,512) LSTM call allocates) outlive the call, so they cannot come from the scratch
-# pool. They come from one flat buffer per call instead, and the buffers of earlier calls are
-# kept: a buffer is reused once nothing outside the pool references it (a context and every
-# view of the buffer hold a reference to it, so the reference count says exactly when the last
-# context that used it is gone). In a training loop (forward, backward, drop the context) every
-# call after the first reuses the previous call's buffer and skips its page faults.
+# The arrays a training forward saves for its backward (activations, states: most of the memory
+# a training call allocates) outlive the call, so they cannot come from the scratch pool. They
+# come from one flat buffer per call instead, and the buffers of earlier calls are kept: a
+# buffer is reused once nothing outside the pool references it (a context and every view of
+# the buffer hold a reference to it, so the reference count says exactly when the last context
+# that used it is gone). In a training loop every call after the first reuses the previous
+# call's buffer and skips its page faults.
 _SAVED_KEEP = 4
 _saved_pool: dict[Any, list[np.ndarray]] = {}
 

@@ -152,52 +152,45 @@ cdef struct Plan:
     const long long* crow   # (T+1,) the same in cs
 
 
-cdef inline void step_product(
-    const Plan* pl, Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1,
-    const floating* a,        # IN  (m, P) states
-    const floating* w,        # IN  (GH, P) the recurrent weights (blocked gate rows)
-    const floating* wt,       # IN  (P, GH) their transpose, when use_t
-    const floating* panels,   # IN  wt's columns packed (pack_panels), when pl.panels
+cdef inline void columns_product(
+    const Plan* pl, Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t K,
+    const floating* a, Py_ssize_t lda,   # IN  (m, K)
+    const floating* b, Py_ssize_t ldb,   # IN  (K, >= c1) row-major
+    const floating* panels,              # IN  b's columns packed (pack_panels), when pl.panels
     floating beta,
-    floating* out,            # INOUT (m, GH): columns c0..c1 = a W[c0:c1]^T + beta out
+    floating* out, Py_ssize_t ldo,       # INOUT (m, >= c1): columns c0..c1 = a b + beta out
 ) noexcept nogil:
-    """The recurrent GEMM of one step (L2, G2, R2), gate columns c0..c1."""
-    cdef Py_ssize_t GH = pl.G * pl.H, K = pl.P
+    """A per-step GEMM of the time loop, output columns c0..c1: from packed panels or the
+    small-batch kernel (float32, AVX-512), else single-threaded BLAS."""
     if m <= 0 or c1 <= c0:
         return
     if floating is float:
         if pl.panels:
-            panel_mm(m, c1 - c0, K, a, K, wt + c0, GH, panels + K * c0, beta, out + c0, GH)
-            return
-        if pl.use_t and pl.fast:
-            step_mm(m, c1 - c0, K, a, K, wt + c0, GH, beta, out + c0, GH)
-            return
-    if pl.use_t:
-        mm(False, False, m, c1 - c0, K, <floating> 1, a, K, wt + c0, GH, beta, out + c0, GH)
-    else:
-        mm(False, True, m, c1 - c0, K, <floating> 1, a, K, w + c0 * K, K, beta, out + c0, GH)
-
-
-cdef inline void state_product(
-    const Plan* pl, Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1,
-    const floating* da,       # IN  (m, GH) gate gradients of one step
-    const floating* w,        # IN  (GH, P) the recurrent weights (blocked gate rows)
-    const floating* panels,   # IN  w's columns packed, when pl.panels
-    floating beta,
-    floating* dh,             # INOUT (m, P): columns c0..c1 = da W[:, c0:c1] + beta dh
-) noexcept nogil:
-    """The gradient reaching the previous state through the recurrent GEMM (LB4, GB4, RB3)."""
-    cdef Py_ssize_t GH = pl.G * pl.H, K = pl.P
-    if m <= 0 or c1 <= c0:
-        return
-    if floating is float:
-        if pl.panels:
-            panel_mm(m, c1 - c0, GH, da, GH, w + c0, K, panels + GH * c0, beta, dh + c0, K)
+            panel_mm(m, c1 - c0, K, a, lda, b + c0, ldb, panels + K * c0, beta, out + c0, ldo)
             return
         if pl.fast:
-            step_mm(m, c1 - c0, GH, da, GH, w + c0, K, beta, dh + c0, K)
+            step_mm(m, c1 - c0, K, a, lda, b + c0, ldb, beta, out + c0, ldo)
             return
-    mm(False, False, m, c1 - c0, GH, <floating> 1, da, GH, w + c0, K, beta, dh + c0, K)
+    mm(False, False, m, c1 - c0, K, <floating> 1, a, lda, b + c0, ldb, beta, out + c0, ldo)
+
+
+cdef inline void step_product(
+    const Plan* pl, Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1,
+    const floating* h,        # IN  (m, P) states
+    const floating* w,        # IN  (GH, P) the recurrent weights (blocked gate rows)
+    const floating* wt,       # IN  (P, GH) their transpose, when use_t
+    const floating* panels,   # IN  wt's columns packed, when pl.panels
+    floating beta,
+    floating* out,            # INOUT (m, GH): columns c0..c1 = h W[c0:c1]^T + beta out
+) noexcept nogil:
+    """The recurrent GEMM of one step (L2, G2, R2). From W^T (stored once per call) it is the
+    plain NN product, about twice as fast in OpenBLAS for small batches; calls too short to
+    repay the transposition use W as it is."""
+    cdef Py_ssize_t GH = pl.G * pl.H, K = pl.P
+    if pl.use_t:
+        columns_product(pl, m, c0, c1, K, h, K, wt, GH, panels, beta, out, GH)
+    elif m > 0 and c1 > c0:
+        mm(False, True, m, c1 - c0, K, <floating> 1, h, K, w + c0 * K, K, beta, out + c0, GH)
 
 
 cdef inline void cell_fwd(
@@ -307,14 +300,32 @@ cdef void fwd_thread(
         fr_barrier()
 
 
-cdef void fwd_run(
-    const Plan* pl,
-    const floating* x, const floating* w_ih, const floating* w_hh, const floating* b1,
-    const floating* b2,
-    floating* w_ih_b, floating* w_hh_b, floating* b1_b, floating* b2_b,  # OUT blocked copies
-    const floating* w_hr, floating* gates, floating* hw, floating* sv, floating* hs,
-    floating* cs, floating* rs, floating* w_hh_t, floating* panels,
-) noexcept nogil:
+# The buffers of one forward call, by slot (_forward fills them; NULL where a cell has none).
+cdef enum:
+    F_X, F_W_IH, F_W_HH, F_B1, F_B2, F_W_IH_B, F_W_HH_B, F_B1_B, F_B2_B, F_W_HR, F_GATES, F_HW,
+    F_SV, F_HS, F_CS, F_RS, F_W_HH_T, F_PANELS, F_SLOTS
+
+
+cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
+    """The forward pass; ``kind`` only selects the float type of the buffers."""
+    cdef const floating* x = <const floating*> buf[F_X]
+    cdef const floating* w_ih = <const floating*> buf[F_W_IH]
+    cdef const floating* w_hh = <const floating*> buf[F_W_HH]
+    cdef const floating* b1 = <const floating*> buf[F_B1]
+    cdef const floating* b2 = <const floating*> buf[F_B2]
+    cdef floating* w_ih_b = <floating*> buf[F_W_IH_B]   # blocked copies (the inputs themselves
+    cdef floating* w_hh_b = <floating*> buf[F_W_HH_B]   # when the layout is natural)
+    cdef floating* b1_b = <floating*> buf[F_B1_B]
+    cdef floating* b2_b = <floating*> buf[F_B2_B]
+    cdef const floating* w_hr = <const floating*> buf[F_W_HR]
+    cdef floating* gates = <floating*> buf[F_GATES]
+    cdef floating* hw = <floating*> buf[F_HW]
+    cdef floating* sv = <floating*> buf[F_SV]
+    cdef floating* hs = <floating*> buf[F_HS]
+    cdef floating* cs = <floating*> buf[F_CS]
+    cdef floating* rs = <floating*> buf[F_RS]
+    cdef floating* w_hh_t = <floating*> buf[F_W_HH_T]
+    cdef floating* panels = <floating*> buf[F_PANELS]
     cdef int saved[8]
     cdef int p, team
     cdef int G = pl.G
@@ -422,7 +433,8 @@ cdef void bwd_thread(
         fr_barrier()
         # To the previous state: this thread's columns of dh; its next pointwise pass reads only
         # those (with a projection: the next LB1 reads them), so no second barrier.
-        state_product(pl, m, o0, o1, dah + r0 * GH, w_hh, panels, 0 if pl.proj else 1, dh)
+        columns_product(pl, m, o0, o1, GH, dah + r0 * GH, GH, w_hh, P, panels,
+                        0 if pl.proj else 1, dh, P)
     if whole:  # else bwd_run does it with its own threads
         fr_barrier()
         sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
@@ -499,14 +511,39 @@ cdef inline void column_sums(
             out[c] += a[r * ld + c]
 
 
-cdef void bwd_run(
-    const Plan* pl,
-    const floating* x, const floating* w_ih, const floating* w_hh, const floating* w_hr,
-    const floating* acts, const floating* hs, const floating* cs, const floating* rs,
-    const floating* hprev, const floating* dy, floating* dh, floating* dc, floating* dax,
-    floating* dah, floating* dht, floating* dr, floating* dx, floating* dw_ih, floating* dw_hh,
-    floating* db1, floating* db2, floating* dw_hr, floating* scratch, floating* panels,
-) noexcept nogil:
+# The buffers of one backward call, by slot (_backward fills them).
+cdef enum:
+    B_X, B_W_IH, B_W_HH, B_W_HR, B_ACTS, B_HS, B_CS, B_RS, B_HPREV, B_DY, B_DH, B_DC, B_DAX,
+    B_DAH, B_DHT, B_DR, B_DX, B_DW_IH, B_DW_HH, B_DB1, B_DB2, B_DW_HR, B_SCRATCH, B_PANELS,
+    B_SLOTS
+
+
+cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
+    """The backward pass; ``kind`` only selects the float type of the buffers."""
+    cdef const floating* x = <const floating*> buf[B_X]
+    cdef const floating* w_ih = <const floating*> buf[B_W_IH]
+    cdef const floating* w_hh = <const floating*> buf[B_W_HH]
+    cdef const floating* w_hr = <const floating*> buf[B_W_HR]
+    cdef const floating* acts = <const floating*> buf[B_ACTS]
+    cdef const floating* hs = <const floating*> buf[B_HS]
+    cdef const floating* cs = <const floating*> buf[B_CS]
+    cdef const floating* rs = <const floating*> buf[B_RS]
+    cdef const floating* hprev = <const floating*> buf[B_HPREV]
+    cdef const floating* dy = <const floating*> buf[B_DY]
+    cdef floating* dh = <floating*> buf[B_DH]
+    cdef floating* dc = <floating*> buf[B_DC]
+    cdef floating* dax = <floating*> buf[B_DAX]
+    cdef floating* dah = <floating*> buf[B_DAH]
+    cdef floating* dht = <floating*> buf[B_DHT]
+    cdef floating* dr = <floating*> buf[B_DR]
+    cdef floating* dx = <floating*> buf[B_DX]
+    cdef floating* dw_ih = <floating*> buf[B_DW_IH]
+    cdef floating* dw_hh = <floating*> buf[B_DW_HH]
+    cdef floating* db1 = <floating*> buf[B_DB1]
+    cdef floating* db2 = <floating*> buf[B_DB2]
+    cdef floating* dw_hr = <floating*> buf[B_DW_HR]
+    cdef floating* scratch = <floating*> buf[B_SCRATCH]
+    cdef floating* panels = <floating*> buf[B_PANELS]
     cdef int saved[8]
     cdef int p, team
     fr_blas_pin_one(saved)
@@ -603,6 +640,27 @@ class _Rows:
         return hs[self.hrow[self.t_of] + self.n_of]
 
 
+cdef int run_pass(const Plan* pl, bint backward, bint is_float, tuple arrays) except -1:
+    """Run the forward or backward pass on ``arrays``, the buffers in slot order (F_* / B_*;
+    None where a cell has none), without the GIL."""
+    cdef void* buf[B_SLOTS]  # B_SLOTS > F_SLOTS
+    cdef Py_ssize_t i
+    for i in range(len(arrays)):
+        buf[i] = data(arrays[i])
+    with fallback_limit(pl.nt):
+        with nogil:
+            if backward:
+                if is_float:
+                    bwd_run(pl, buf, <float> 0)
+                else:
+                    bwd_run(pl, buf, <double> 0)
+            elif is_float:
+                fwd_run(pl, buf, <float> 0)
+            else:
+                fwd_run(pl, buf, <double> 0)
+    return 0
+
+
 cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
                     bint proj, bint training, bint is_float, object crow):
     cdef int G = _GATES[cell]
@@ -693,39 +751,10 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
         b2_b = np.empty(GH, dtype) if is_gru else None
     else:
         w_ih_b, w_hh_b, b1_b, b2_b = w_ih, w_hh, b1, b2
-    cdef void* p_x = data(X)
-    cdef void* p_w_ih = data(w_ih)
-    cdef void* p_w_hh = data(w_hh)
-    cdef void* p_b1 = data(b1)
-    cdef void* p_b2 = data(b2) if is_gru else NULL
-    cdef void* p_w_ih_b = data(w_ih_b)
-    cdef void* p_w_hh_b = data(w_hh_b)
-    cdef void* p_b1_b = data(b1_b)
-    cdef void* p_b2_b = data(b2_b) if is_gru else NULL
-    cdef void* p_w_hr = data(w_hr) if proj else NULL
-    cdef void* p_gates = data(gates)
-    cdef void* p_hw = data(hw) if n_hw else NULL
-    cdef void* p_sv = data(sv) if n_sv else NULL
-    cdef void* p_hs = data(hs)
-    cdef void* p_cs = data(cs) if is_lstm else NULL
-    cdef void* p_rs = data(rs) if proj else NULL
-    cdef void* p_w_hh_t = data(w_hh_t) if n_t else NULL
-    cdef void* p_panels = data(panels) if n_p else NULL
-    with fallback_limit(pl.nt):
-        if dtype == np.float32:
-            with nogil:
-                fwd_run(&pl, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh, <float*> p_b1,
-                        <float*> p_b2, <float*> p_w_ih_b, <float*> p_w_hh_b, <float*> p_b1_b,
-                        <float*> p_b2_b, <float*> p_w_hr, <float*> p_gates, <float*> p_hw,
-                        <float*> p_sv, <float*> p_hs, <float*> p_cs, <float*> p_rs,
-                        <float*> p_w_hh_t, <float*> p_panels)
-        else:
-            with nogil:
-                fwd_run(&pl, <double*> p_x, <double*> p_w_ih, <double*> p_w_hh, <double*> p_b1,
-                        <double*> p_b2, <double*> p_w_ih_b, <double*> p_w_hh_b,
-                        <double*> p_b1_b, <double*> p_b2_b, <double*> p_w_hr,
-                        <double*> p_gates, <double*> p_hw, <double*> p_sv, <double*> p_hs,
-                        <double*> p_cs, <double*> p_rs, <double*> p_w_hh_t, <double*> p_panels)
+    run_pass(&pl, False, dtype == np.float32, (
+        X, w_ih, w_hh, b1, b2, w_ih_b, w_hh_b, b1_b, b2_b, w_hr, gates, hw if n_hw else None, sv,
+        hs, cs, rs, w_hh_t if n_t else None, panels if n_p else None,
+    ))
     give_scratch(ws)
     y = rows.unpack(hs[N:], P, dtype)
     if train and rows.perm is None:
@@ -798,49 +827,11 @@ def _backward(ctx, dy, dhT, dcT):
     db1 = np.empty(GH, dtype)
     db2 = np.empty(GH, dtype) if is_gru else None
     dw_hr = np.empty((P, H), dtype) if proj else None
-    cdef void* p_x = data(X)
-    cdef void* p_w_ih = data(w_ih_b)
-    cdef void* p_w_hh = data(w_hh_b)
-    cdef void* p_w_hr = data(w_hr) if proj else NULL
-    cdef void* p_acts = data(acts)
-    cdef void* p_hs = data(hs)
-    cdef void* p_cs = data(cs) if is_lstm else NULL
-    cdef void* p_rs = data(rs) if proj else NULL
-    cdef void* p_hprev = data(hprev)
-    cdef void* p_dy = data(dY)
-    cdef void* p_dh = data(dh)
-    cdef void* p_dc = data(dc) if is_lstm else NULL
-    cdef void* p_dax = data(dax)
-    cdef void* p_dah = data(dah)
-    cdef void* p_dht = data(dht) if proj else NULL
-    cdef void* p_dr = data(dr) if proj else NULL
-    cdef void* p_dx = data(dX)
-    cdef void* p_dw_ih = data(dw_ih)
-    cdef void* p_dw_hh = data(dw_hh)
-    cdef void* p_db1 = data(db1)
-    cdef void* p_db2 = data(db2) if is_gru else NULL
-    cdef void* p_dw_hr = data(dw_hr) if proj else NULL
-    cdef void* p_scratch = data(scratch)
-    cdef void* p_panels = data(panels) if n_p else NULL
-    with fallback_limit(pl.nt):
-        if dtype == np.float32:
-            with nogil:
-                bwd_run(&pl, <float*> p_x, <float*> p_w_ih, <float*> p_w_hh, <float*> p_w_hr,
-                        <float*> p_acts, <float*> p_hs, <float*> p_cs, <float*> p_rs,
-                        <float*> p_hprev, <float*> p_dy, <float*> p_dh, <float*> p_dc,
-                        <float*> p_dax, <float*> p_dah, <float*> p_dht, <float*> p_dr,
-                        <float*> p_dx, <float*> p_dw_ih, <float*> p_dw_hh, <float*> p_db1,
-                        <float*> p_db2, <float*> p_dw_hr, <float*> p_scratch,
-                        <float*> p_panels)
-        else:
-            with nogil:
-                bwd_run(&pl, <double*> p_x, <double*> p_w_ih, <double*> p_w_hh,
-                        <double*> p_w_hr, <double*> p_acts, <double*> p_hs, <double*> p_cs,
-                        <double*> p_rs, <double*> p_hprev, <double*> p_dy, <double*> p_dh,
-                        <double*> p_dc, <double*> p_dax, <double*> p_dah, <double*> p_dht,
-                        <double*> p_dr, <double*> p_dx, <double*> p_dw_ih, <double*> p_dw_hh,
-                        <double*> p_db1, <double*> p_db2, <double*> p_dw_hr,
-                        <double*> p_scratch, <double*> p_panels)
+    run_pass(&pl, True, dtype == np.float32, (
+        X, w_ih_b, w_hh_b, w_hr, acts, hs, cs, rs, hprev, dY, dh, dc, dax, dah,
+        dht if proj else None, dr if proj else None, dX, dw_ih, dw_hh, db1, db2, dw_hr, scratch,
+        panels if n_p else None,
+    ))
     if rows.perm is not None:
         dx = rows.unpack(dX[: R * D].reshape(R, D), D, dtype)
     give_scratch(ws)
