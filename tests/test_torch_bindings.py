@@ -536,13 +536,21 @@ def test_in_place_change_before_backward_is_caught():
         y.sum().backward()
 
 
-def test_double_backward_is_refused():
-    m = ft.RNN(D, H, dtype=torch.float64)
-    x = torch.randn(T, N, D, dtype=torch.float64, requires_grad=True)
-    y, _ = m(x)
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+def test_double_backward_matches_torch():
+    """A loss built from a gradient (create_graph=True) gets the second-order terms right: the
+    issue's reproducer, side by side with torch.nn."""
+    torch.manual_seed(0)
+    ours = ft.LSTM(3, 3).double()
+    theirs = nn.LSTM(3, 3).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    for m in (ours, theirs):
+        y, _ = m(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert g.requires_grad
+        (y.pow(2).sum() + g.pow(2).sum()).backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        assert_close(p.grad, q.grad, "recurrent", "backward", torch.float64, n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,26 +576,30 @@ def test_unsupported_configurations_raise():
 
 
 def test_bad_input_names_the_argument():
+    """fastrnn's own checks (lengths) name the argument; the mistakes torch.nn checks raise
+    torch.nn's exception types (tests/test_torch_nn_behaviour.py has them side by side)."""
     m = ft.LSTM(D, H)
     x = torch.randn(T, N, D)
-    with pytest.raises(ValueError, match="input"):
+    with pytest.raises(RuntimeError, match="input_size"):
         m(torch.randn(T, N, D + 1))
-    with pytest.raises(ValueError, match="input"):
+    with pytest.raises(ValueError, match="2D or 3D"):
         m(torch.randn(T, N, D, 1))
-    with pytest.raises(TypeError, match="input"):
+    with pytest.raises(ValueError, match="dtype"):
         m(x.double())
-    with pytest.raises(ValueError, match="h_0"):
+    with pytest.raises(RuntimeError, match="hidden"):
         m(x, (torch.zeros(2, N, H), torch.zeros(1, N, H)))
-    with pytest.raises(TypeError, match="hx"):
-        m(x, torch.zeros(1, N, H))
     with pytest.raises(ValueError, match="lengths"):
         m(x, lengths=[T + 1] * N)
     with pytest.raises(ValueError, match="lengths"):
+        m(x, lengths=[0] * N)
+    with pytest.raises(ValueError, match="lengths"):
         m(x, lengths=[1] * (N - 1))
+    with pytest.raises(TypeError, match="lengths"):
+        m(x, lengths=[1.5] * N)
     with pytest.raises(ValueError, match="lengths"):
         m(pack_padded_sequence(x, [T] * N), lengths=[T] * N)
     g = ft.GRU(D, H)
-    with pytest.raises(TypeError, match="hx"):
+    with pytest.raises(RuntimeError, match="hx"):
         g(x, torch.zeros(1, N, H, dtype=torch.float64))
 
 
