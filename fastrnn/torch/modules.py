@@ -20,6 +20,8 @@ from fastrnn.torch import _ops
 
 Tensor = torch.Tensor
 _DTYPES = (torch.float32, torch.float64)
+# the kernels' devices, and meta tensors (shapes only, through the operators' fake kernels)
+_DEVICES = ("cpu", "cuda", "meta")
 
 _NOT_SCRIPTABLE = (
     "fastrnn.torch.{name} cannot be compiled by torch.jit.script: its forward takes a "
@@ -41,7 +43,11 @@ def _check_dtype_argument(kwargs: dict[str, Any]) -> None:
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd records this call (so the forward must save what backward needs)."""
+    """Whether autograd records this call (so the forward must save what backward needs).
+    Always under torch.jit.trace: the traced graph keeps the flag as a constant and may be
+    trained."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -209,7 +215,7 @@ class _Recurrent:
                 f"Input and parameter tensors are not at the same device, found input tensor "
                 f"at {x.device} and parameter tensor at {w.device}"
             )
-        if x.device.type not in ("cpu", "cuda"):
+        if x.device.type not in _DEVICES:
             raise RuntimeError(f"input: device {x.device} is not supported (cpu or cuda)")
         for name, h in zip(("hx", "cx"), states, strict=False):
             if h.device != x.device:
@@ -314,7 +320,7 @@ def _check_image(input: Any, what: str) -> None:
         )
     if input.dtype not in _DTYPES:
         raise TypeError(f"input: fastrnn supports float32 and float64, got {input.dtype}")
-    if input.device.type not in ("cpu", "cuda"):
+    if input.device.type not in _DEVICES:
         raise RuntimeError(f"input: device {input.device} is not supported (cpu or cuda)")
 
 
