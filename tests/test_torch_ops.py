@@ -13,12 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tolerances import tol  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fastrnn  # noqa: E402
 import fastrnn.torch as ft  # noqa: E402
 from fastrnn.torch import _contexts, _ops  # noqa: E402
-from tolerances import tol  # noqa: E402
 
 F64 = torch.float64
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from fastrnn.torch import _ops
-from fastrnn.torch.modules import RNN, GRU, LSTM, AvgPool2d, Conv2d, MaxPool2d
+from fastrnn.torch.modules import GRU, LSTM, RNN, AvgPool2d, Conv2d, MaxPool2d
 
 __all__ = [
     "LSTM",
@@ -80,9 +80,7 @@ def lstm(
     """One LSTM layer (gates i, f, g, o): x (T,N,D), h0/c0 (N,H), w_ih (4H,D), w_hh (4H,H),
     b_ih/b_hh (4H,) or None, lengths None or (N,) integers -> y (T,N,H), hT, cT (N,H)."""
     training = _training(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    y, hT, cT, _ = _ops.lstm(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training
-    )
+    y, hT, cT, _ = _ops.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training)
     return y, hT, cT
 
 
@@ -104,9 +102,7 @@ def rnn(
     """One Elman RNN layer: w_ih (H,D), w_hh (H,H), b_ih/b_hh (H,) or None, nonlinearity
     "tanh" or "relu" -> y (T,N,H), hT (N,H)."""
     training = _training(x, h0, w_ih, w_hh, b_ih, b_hh)
-    y, hT, _ = _ops.rnn(
-        x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), nonlinearity, training
-    )
+    y, hT, _ = _ops.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), nonlinearity, training)
     return y, hT
 
 
@@ -129,18 +125,14 @@ def conv2d(
 def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
     """Max pooling (NCHW), PyTorch's defaults (floor output size, padding never wins)."""
     stride = kernel_size if stride is None else stride
-    y, _ = _ops.max_pool2d(
-        x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x)
-    )
+    y, _ = _ops.max_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x))
     return y
 
 
 def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
     """Average pooling (NCHW), PyTorch's defaults (floor output size, padding counted)."""
     stride = kernel_size if stride is None else stride
-    y, _ = _ops.avg_pool2d(
-        x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x)
-    )
+    y, _ = _ops.avg_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x))
     return y
 
 

@@ -3,9 +3,10 @@
 Every op is a forward operator and a backward operator (defined with ``torch.library``), each
 with a fake implementation (shapes only, for torch.compile, torch.export and meta tensors); the
 forward operator's autograd kernel (an ``autograd.Function`` that redispatches below autograd,
-as ``torch.library.register_autograd`` does) calls the backward operator. torch therefore sees one opaque operator per layer and
-direction: Dynamo does not trace into the kernels (no NumPy, no buffer pools in the graph),
-AOTAutograd saves what backward needs, and the compiled graph calls the same kernels as eager.
+as ``torch.library.register_autograd`` does) calls the backward operator. torch therefore
+sees one opaque operator per layer and direction: Dynamo does not trace into the kernels (no
+NumPy, no buffer pools in the graph), AOTAutograd saves what backward needs, and the compiled
+graph calls the same kernels as eager.
 
 Schemas (T steps, N batch, D input features, H hidden units; time-major, PyTorch's layouts)::
 
@@ -77,10 +78,10 @@ def _define(schema: str) -> Any:
 
 def _untraced(args: Sequence[Any]) -> bool:
     """Whether nothing traces or transforms this call: plain CPU or CUDA tensors, no
-    TorchDispatchMode (FakeTensorMode, make_fx, export), no functorch transform. Then the autograd formulas may
-    call an operator's implementation directly: what redispatching would reach, one
-    dispatcher round trip (~10 us) sooner. Anything else (torch.compile's and torch.export's
-    tracing, fake and meta tensors) goes through the dispatcher."""
+    TorchDispatchMode (FakeTensorMode, make_fx, export), no functorch transform. Then the
+    autograd formulas may call an operator's implementation directly: what redispatching
+    would reach, one dispatcher round trip (~10 us) sooner. Anything else (torch.compile's
+    and torch.export's tracing, fake and meta tensors) goes through the dispatcher."""
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack():
         return False
     return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, Tensor))
@@ -103,9 +104,7 @@ def _register_autograd(op: Any, function: type[torch.autograd.Function]) -> None
 
     def kernel(keyset: Any, *args: Any) -> Any:
         below = keyset & torch._C._after_autograd_keyset
-        if torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args
-        ):
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return function.apply(op, below, *args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(below, *args)
@@ -429,7 +428,9 @@ def _(x, w, b, stride, padding, dilation, groups, training):
     return x.new_empty(x.shape[0], w.shape[0], OH, OW), _handle_fake()
 
 
-@_define("(Tensor handle, Tensor x, Tensor w, bool has_bias, Tensor dy) -> (Tensor, Tensor, Tensor)")
+@_define(
+    "(Tensor handle, Tensor x, Tensor w, bool has_bias, Tensor dy) -> (Tensor, Tensor, Tensor)"
+)
 def conv2d_backward(handle, x, w, has_bias, dy):
     fr_ctx = context(handle, "conv2d")
     with kernel_call(x):

@@ -224,9 +224,7 @@ class _Recurrent:
                     f"at {x.device} and hidden tensor ({name}) at {h.device}"
                 )
             if h.dtype != x.dtype:
-                raise RuntimeError(
-                    f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}"
-                )
+                raise RuntimeError(f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}")
 
     def _layers(self, x, states, lengths):
         dirs = 2 if self.bidirectional else 1
@@ -299,9 +297,7 @@ class RNN(_Recurrent, nn.RNN):
         w_ih, w_hh, b_ih, b_hh = weights
         (h0,) = states
         training = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
-        y, hT, _ = _ops.rnn(
-            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, training
-        )
+        y, hT, _ = _ops.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, training)
         return y, hT
 
 
