@@ -7,14 +7,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import CUDA  # noqa: E402
+from tolerances import tol  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import fastrnn  # noqa: E402
 import fastrnn.torch as ft  # noqa: E402
-from conftest import CUDA  # noqa: E402
-from tolerances import tol  # noqa: E402
 
 TORCH_DTYPES = [torch.float32, torch.float64]
 NP = {torch.float32: np.float32, torch.float64: np.float64}

@@ -367,3 +367,42 @@ def test_script_is_refused_clearly_and_trace_works(name):
     assert any("fastrnn::" in n.kind() for n in traced.graph.nodes())
     x2 = torch.randn_like(x)
     torch.testing.assert_close(_first(traced(x2)), _first(m(x2)))
+
+
+def test_eager_shortcut_equals_the_dispatched_operator():
+    """Modules skip the dispatcher round trip when nothing traces (fastrnn/torch/_ops.py:call);
+    the dispatched operator gives the same outputs and gradients, bit for bit."""
+    op, args = OP_CASES["lstm"]
+    results = []
+    for run in (lambda a: _ops.call(op, *a), lambda a: op(*a)):
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and
+                  a.is_floating_point() else a for a in args]  # fmt: skip
+        y, hT, cT, _ = run(leaves)
+        (y.sum() + hT.square().sum() + cT.sum()).backward()
+        results.append(
+            [y, hT, cT] + [a.grad for a in leaves if getattr(a, "grad", None) is not None]
+        )
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_modes_see_the_operators():
+    """Under a TorchDispatchMode (what make_fx and export use) a module call is the operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    m = ft.GRU(4, 3)
+    x = torch.randn(5, 2, 4)
+    with Record() as rec:
+        y, _ = m(x)
+        y.sum().backward()
+    assert "fastrnn.gru.default" in rec.ops
+    assert "fastrnn.gru_backward.default" in rec.ops

@@ -80,7 +80,9 @@ def lstm(
     """One LSTM layer (gates i, f, g, o): x (T,N,D), h0/c0 (N,H), w_ih (4H,D), w_hh (4H,H),
     b_ih/b_hh (4H,) or None, lengths None or (N,) integers -> y (T,N,H), hT, cT (N,H)."""
     training = _training(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    y, hT, cT, _ = _ops.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training)
+    y, hT, cT, _ = _ops.call(
+        _ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training
+    )
     return y, hT, cT
 
 
@@ -91,7 +93,7 @@ def gru(
     """One GRU layer (gates r, z, n): w_ih (3H,D), w_hh (3H,H), b_ih/b_hh (3H,) or None ->
     y (T,N,H), hT (N,H)."""
     training = _training(x, h0, w_ih, w_hh, b_ih, b_hh)
-    y, hT, _ = _ops.gru(x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training)
+    y, hT, _ = _ops.call(_ops.gru, x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training)
     return y, hT
 
 
@@ -102,7 +104,9 @@ def rnn(
     """One Elman RNN layer: w_ih (H,D), w_hh (H,H), b_ih/b_hh (H,) or None, nonlinearity
     "tanh" or "relu" -> y (T,N,H), hT (N,H)."""
     training = _training(x, h0, w_ih, w_hh, b_ih, b_hh)
-    y, hT, _ = _ops.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), nonlinearity, training)
+    y, hT, _ = _ops.call(
+        _ops.rnn, x, h0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), nonlinearity, training
+    )
     return y, hT
 
 
@@ -116,8 +120,16 @@ def conv2d(
 ) -> Tensor:  # fmt: skip
     """2-D cross-correlation (NCHW), like ``torch.nn.functional.conv2d`` with int or pair
     ``stride``/``padding``/``dilation``."""
-    y, _ = _ops.conv2d(
-        x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups, _training(x, w, b)
+    y, _ = _ops.call(
+        _ops.conv2d,
+        x,
+        w,
+        b,
+        _pair(stride),
+        _pair(padding),
+        _pair(dilation),
+        groups,
+        _training(x, w, b),
     )
     return y
 
@@ -125,14 +137,18 @@ def conv2d(
 def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
     """Max pooling (NCHW), PyTorch's defaults (floor output size, padding never wins)."""
     stride = kernel_size if stride is None else stride
-    y, _ = _ops.max_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x))
+    y, _ = _ops.call(
+        _ops.max_pool2d, x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x)
+    )
     return y
 
 
 def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
     """Average pooling (NCHW), PyTorch's defaults (floor output size, padding counted)."""
     stride = kernel_size if stride is None else stride
-    y, _ = _ops.avg_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x))
+    y, _ = _ops.call(
+        _ops.avg_pool2d, x, _pair(kernel_size), _pair(stride), _pair(padding), _training(x)
+    )
     return y
 
 

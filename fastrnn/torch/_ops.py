@@ -99,6 +99,9 @@ def _fake(op: Any) -> Any:
     return torch.library.register_fake(op, lib=_lib)
 
 
+_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}  # operator name -> autograd
+
+
 def _register_autograd(op: Any, function: type[torch.autograd.Function]) -> None:
     """Differentiate ``op`` with ``function`` (whose forward redispatches below autograd)."""
 
@@ -110,6 +113,28 @@ def _register_autograd(op: Any, function: type[torch.autograd.Function]) -> None
             return op.redispatch(below, *args)
 
     _lib.impl(op._opname, kernel, "Autograd", with_keyset=True)
+    _FUNCTIONS[op._opname] = function
+
+
+def call(op: Any, *args: Any) -> Any:
+    """``op(*args)``, as the modules call a forward operator.
+
+    When nothing traces the call (:func:`_untraced`, and neither torch.compile, torch.export,
+    torch.jit.trace nor a TorchFunctionMode is active) this runs what the dispatcher would run
+    (the operator's autograd Function, or its implementation when no gradient is needed)
+    without the round trip through the dispatcher to a Python autograd kernel, which costs
+    ~30 us per call (measured: benchmarks/bench_torch_binding.py at (1, 1, 8, 8)). Everything
+    that traces (Dynamo constant-folds ``is_compiling``) sees the operator itself."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or not _untraced(args)
+    ):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return _FUNCTIONS[op._opname].apply(op, None, *args)
+    return _IMPLS[op._opname](*args)
 
 
 def _host_lengths(lengths: Tensor | None) -> Any:
@@ -155,7 +180,9 @@ def _split_bias_grad(db: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> tu
 
 
 def _forward_below_autograd(ctx: Any, op: Any, keyset: Any, args: tuple) -> tuple:
-    if _untraced(args):
+    """The operator below autograd: redispatched with ``keyset`` (from its autograd kernel), or
+    its implementation (``keyset`` None: from :func:`call`, or when nothing traces)."""
+    if keyset is None or _untraced(args):
         outputs = _IMPLS[op._opname](*args)
     else:
         with torch._C._AutoDispatchBelowAutograd():

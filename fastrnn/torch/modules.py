@@ -263,7 +263,7 @@ class LSTM(_Recurrent, nn.LSTM):
         w_ih, w_hh, b_ih, b_hh = weights
         h0, c0 = states
         training = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        y, hT, cT, _ = _ops.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+        y, hT, cT, _ = _ops.call(_ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training)
         return y, hT, cT
 
 
@@ -280,7 +280,7 @@ class GRU(_Recurrent, nn.GRU):
         w_ih, w_hh, b_ih, b_hh = weights
         (h0,) = states
         training = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
-        y, hT, _ = _ops.gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+        y, hT, _ = _ops.call(_ops.gru, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
         return y, hT
 
 
@@ -297,7 +297,9 @@ class RNN(_Recurrent, nn.RNN):
         w_ih, w_hh, b_ih, b_hh = weights
         (h0,) = states
         training = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
-        y, hT, _ = _ops.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, training)
+        y, hT, _ = _ops.call(
+            _ops.rnn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, training
+        )
         return y, hT
 
 
@@ -389,7 +391,8 @@ class Conv2d(nn.Conv2d):
             )
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        y, _ = _ops.conv2d(
+        y, _ = _ops.call(
+            _ops.conv2d,
             x, weight, bias, list(self.stride), list(padding), list(self.dilation), self.groups,
             _needs_grad(x, weight, bias),
         )  # fmt: skip
@@ -424,7 +427,7 @@ def _pool(module: nn.Module, kind: str, input: Any) -> Tensor:
             f"size: ({x.shape[1]}x{out[0]}x{out[1]}). Output size is too small"
         )
     op = _ops.max_pool2d if kind == "max" else _ops.avg_pool2d
-    y, _ = op(x, list(kernel_size), list(stride), list(padding), _needs_grad(x))
+    y, _ = _ops.call(op, x, list(kernel_size), list(stride), list(padding), _needs_grad(x))
     return y.squeeze(0) if unbatched else y
 
 
