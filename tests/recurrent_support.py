@@ -21,24 +21,37 @@ class RecurrentOp:
     upstream: tuple[str, ...]  # backward's gradient arguments, in order
     grads: tuple[str, ...]  # backward's results, in order
     nonlinearity: str | None = None
+    proj: bool = False  # LSTM with a projection (w_hr, keyword argument)
+
+    def sizes(self, H: int) -> tuple[int, int]:
+        """(hidden size, state size P) for a requested H: a projection needs P < H, so it uses
+        H >= 2 and P = H // 2."""
+        if not self.proj:
+            return H, H
+        H = max(H, 2)
+        return H, H // 2
 
     def arrays(self, T: int, N: int, D: int, H: int, rng: np.random.Generator) -> dict[str, Any]:
         """float64 inputs of moderate size (activations stay away from saturation)."""
+        H, P = self.sizes(H)
         shapes = {
             "x": (T, N, D),
-            "h0": (N, H),
+            "h0": (N, P),
             "c0": (N, H),
             "w_ih": (self.gates * H, D),
-            "w_hh": (self.gates * H, H),
+            "w_hh": (self.gates * H, P),
             "b": (self.gates * H,),
             "b_ih": (self.gates * H,),
             "b_hh": (self.gates * H,),
+            "w_hr": (P, H),
         }
-        scale = {"w_ih": 1 / np.sqrt(max(D, 1)), "w_hh": 1 / np.sqrt(H)}
-        return {k: rng.standard_normal(shapes[k]) * scale.get(k, 0.5) for k in self.inputs}
+        scale = {"w_ih": 1 / np.sqrt(max(D, 1)), "w_hh": 1 / np.sqrt(P), "w_hr": 1 / np.sqrt(H)}
+        names = self.inputs + (("w_hr",) if self.proj else ())
+        return {k: rng.standard_normal(shapes[k]) * scale.get(k, 0.5) for k in names}
 
     def upstream_arrays(self, T: int, N: int, H: int, rng: np.random.Generator) -> dict:
-        shapes = {"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)}
+        H, P = self.sizes(H)
+        shapes = {"dy": (T, N, P), "dhT": (N, P), "dcT": (N, H)}
         return {k: rng.standard_normal(shapes[k]) for k in self.upstream}
 
     def forward(self, arrays: dict, lengths=None, training: bool = True, module: Any = fr):
@@ -47,6 +60,8 @@ class RecurrentOp:
         kw: dict[str, Any] = dict(lengths=lengths, training=training)
         if self.nonlinearity is not None:
             kw["nonlinearity"] = self.nonlinearity
+        if self.proj:
+            kw["w_hr"] = arrays["w_hr"]
         out = fn(*(arrays[k] for k in self.inputs), **kw)
         return tuple(out[:-1]), out[-1]
 
@@ -94,6 +109,17 @@ OPS = [
         "relu",
     ),
 ]
+# The LSTM with a projection (torch's proj_size).
+LSTM_PROJ = RecurrentOp(
+    "lstm_proj",
+    "lstm",
+    4,
+    ("x", "h0", "c0", "w_ih", "w_hh", "b"),
+    ("dy", "dhT", "dcT"),
+    ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db", "dw_hr"),
+    proj=True,
+)
+OPS.append(LSTM_PROJ)
 OP_IDS = [op.name for op in OPS]
 
 REFERENCE = reference

@@ -21,6 +21,7 @@ MODES = {
     "gru": (nn.GRU, {}, "GRU", {}),
     "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}, "RNN", {"nonlinearity": "tanh"}),
     "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}, "RNN", {"nonlinearity": "relu"}),
+    "lstm_proj": (nn.LSTM, {"proj_size": 2}, "LSTM", {"proj_size": 2}),
 }
 
 # (num_layers, bidirectional, batch_first, use lengths, give initial state)
@@ -55,10 +56,11 @@ def test_matches_torch(
     m, t = make_pair(
         mode, dtype, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first
     )
-    is_lstm = mode == "lstm"
+    is_lstm = mode.startswith("lstm")
+    P = MODES[mode][1].get("proj_size") or H
     dirs = 2 if bidirectional else 1
     x = rng.standard_normal((N, T, D) if batch_first else (T, N, D)).astype(dtype)
-    h0 = rng.standard_normal((num_layers * dirs, N, H)).astype(dtype)
+    h0 = rng.standard_normal((num_layers * dirs, N, P)).astype(dtype)
     c0 = rng.standard_normal((num_layers * dirs, N, H)).astype(dtype)
     lengths = LENGTHS if use_lengths else None
 
@@ -82,14 +84,14 @@ def test_matches_torch(
     assert_close(y, out.detach().numpy(), "nn", "forward", dtype, "y")
     hn_t = st[0] if is_lstm else st
     hn = s[0] if is_lstm else s
-    assert hn.shape == (num_layers * dirs, N, H)
+    assert hn.shape == (num_layers * dirs, N, P)
     assert_close(hn, hn_t.detach().numpy(), "nn", "forward", dtype, "h_n")
     if is_lstm:
         assert_close(s[1], st[1].detach().numpy(), "nn", "forward", dtype, "c_n")
 
     dy = rng.standard_normal(y.shape).astype(dtype)
     dh = rng.standard_normal(hn.shape).astype(dtype)
-    dc = rng.standard_normal(hn.shape).astype(dtype)
+    dc = rng.standard_normal(s[1].shape if is_lstm else hn.shape).astype(dtype)
     loss = (out * torch.tensor(dy)).sum() + (hn_t * torch.tensor(dh)).sum()
     if is_lstm:
         loss = loss + (st[1] * torch.tensor(dc)).sum()
@@ -243,6 +245,9 @@ def test_errors():
 def test_fuzz_small_shapes_match_torch(mode, T_, N_, D_, H_, num_layers, bidirectional, data):
     """Tiny random configurations (T, N, H = 1 included), random lengths, vs torch.nn."""
     cls, extra, tname, textra = MODES[mode]
+    if "proj_size" in extra:  # a projection needs proj_size < hidden_size
+        H_ = max(H_, 2)
+        extra = textra = {"proj_size": data.draw(st.integers(1, H_ - 1))}
     t = getattr(torch.nn, tname)(
         D_, H_, num_layers=num_layers, bidirectional=bidirectional, **textra
     ).double()
@@ -261,3 +266,23 @@ def test_fuzz_small_shapes_match_torch(mode, T_, N_, D_, H_, num_layers, bidirec
     out.sum().backward()
     dx = m.backward(np.ones_like(y))
     assert_close(dx, xt.grad.numpy(), "nn", "backward", np.float64, "dx")
+
+
+def test_proj_size_state_dict_and_errors():
+    t = torch.nn.LSTM(D, H, num_layers=2, bidirectional=True, proj_size=2)
+    m = nn.LSTM(D, H, num_layers=2, bidirectional=True, proj_size=2)
+    want = {k: tuple(v.shape) for k, v in t.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert list(got) == list(want) and got == want
+    m.load_state_dict(torch_state(t))
+    assert "proj_size=2" in repr(m)
+    for bad in (H, H + 1, -1):
+        with pytest.raises(ValueError, match="proj_size"):
+            nn.LSTM(D, H, proj_size=bad)
+    with pytest.raises(TypeError, match="proj_size"):
+        nn.LSTM(D, H, proj_size=1.5)
+    x = np.zeros((T, N, D), np.float32)
+    with pytest.raises(ValueError, match="h"):  # h0 has P features, not H
+        m(x, (np.zeros((4, N, H), np.float32), np.zeros((4, N, H), np.float32)))
+    with pytest.raises(ValueError, match="c"):  # c0 has H features, not P
+        m(x, (np.zeros((4, N, 2), np.float32), np.zeros((4, N, 2), np.float32)))

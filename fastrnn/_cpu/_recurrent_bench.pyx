@@ -9,7 +9,7 @@ run three ways:
   single-threaded BLAS);
 * ``"blas"``: one thread calls BLAS, which uses ``threads`` threads of its own;
 * ``"omp"``: ``threads`` OpenMP threads, each its own gate columns with the kernels' step GEMM,
-  and a barrier per step (what lstm.pyx, gru.pyx and rnn.pyx do above MIN_PARALLEL_WORK).
+  and a barrier per step (what the engine, recurrent.pyx, does above MIN_PARALLEL_WORK).
 
 Only the GEMMs, the one packing of the panels and the synchronisation are timed, float32, the
 same code the kernels run.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 from typing import Any
 
@@ -92,33 +93,15 @@ def fallback_limit(n_threads: int) -> contextlib.AbstractContextManager[Any]:
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
 # runs on one thread (its whole-sequence GEMMs may still be split, see below): a barrier per
-# step costs about as much as splitting the step saves. fastrnn._bench.compare_strategies with
-# the kernels' step GEMM (W^T stored; the small-batch kernel up to 32 rows), 2 threads, 21
-# interleaved rounds on the shared 2-core machine, median us per step, one thread / BLAS's
-# threads / OpenMP column split:
-#   N=1  H=128 (65k)   4.2 / 3.4 / noisy (best 2.6)      N=32 H=64 (524k)  5.8 / 6.3 / 4.8
-#   N=16 H=256 (4.2M)  62 / 89 / 34                        N=64 H=512 (67M)  1299 / 690 / 2083
-# The split wins clearly at N=16, H=256; at N=32, H=64 it gains ~1 us per step, not worth a
-# barrier that waits for a descheduled peer on a loaded machine. At N=64, H=512 (BLAS runs
-# these steps) BLAS's own threads won this probe; the kernels still split there (one barrier
-# per step, no BLAS pool switching inside a call, which cost tens of ms per call, see below) and
-# scale 1.8x from 1 to 2 threads on the whole (100,64,512,512) LSTM. See lstm.pyx.
-# Re-measured with the packed-panel step GEMM (use_panels in _recurrent_common.pxd), 9 rounds,
-# load average ~1.1 (another job on one core), median us per step, serial / BLAS / split:
-#   N=1  H=128   2.0 / 1.7 / 1.5          N=32 H=64   6.0 / 6.7 / 3.6
-#   N=16 H=256  54.8 / 94.9 / 27.7        N=64 H=512  866 / 762 / 1169 (best 824 / 739 / 972)
-# The panels cut the split's step at N=64, H=512 from 2083 to 1169 us; under that load the
-# split lost to one thread, but the whole call (which also splits its whole-sequence GEMMs and
-# pointwise passes) still beat its previous version and torch.nn.LSTM; BLAS's own threads were
-# rejected for the whole call (lstm.pyx: they spin, and stall when a peer is descheduled).
+# step costs about as much as splitting the step saves, and waits for a descheduled peer on a
+# loaded machine. Measured with ``python -m fastrnn._bench --strategies``: NOTES-cpu.md.
 MIN_PARALLEL_WORK = 1 << 20
 
 
 # A call whose time loop runs on one thread still splits its whole-sequence GEMMs (the input
 # projection; dx, dW_ih, dW_hh) over fastrnn's OpenMP threads, each with single-threaded BLAS,
-# above this many multiply-adds. Not through BLAS's own threads: switching OpenBLAS's pool on and
-# off inside a call cost ~35-50 ms per call on the shared machine (e.g. LSTM (T,N,D,H) =
-# (200,32,64,64) fwd+bwd: 18 ms on one thread, 50 ms with BLAS threads for those GEMMs).
+# above this many multiply-adds; never through BLAS's own threads, whose pool switched on and
+# off inside a call cost tens of ms (NOTES-cpu.md).
 MIN_SEQUENCE_PARALLEL_WORK = 1 << 24
 
 
@@ -130,12 +113,31 @@ def sequence_threads(T: int, N: int, D: int, H: int, G: int) -> int:
     return nt
 
 
-def team_size(N: int, H: int, G: int) -> int:
-    """OpenMP threads for one recurrent call: fastrnn.get_num_threads(), or 1 when tiny."""
+def team_size(N: int, H: int, G: int, P: int | None = None) -> int:
+    """OpenMP threads for one recurrent call's time loop: fastrnn.get_num_threads(), or 1 when
+    its step GEMM (N x P x G H; P = H without a projection) is tiny."""
     nt = get_num_threads()
-    if nt > 1 and N * H * G * H < MIN_PARALLEL_WORK:
+    if nt > 1 and N * (H if P is None else P) * G * H < MIN_PARALLEL_WORK:
         return 1
     return nt
+
+
+# The cells' instruction set: FASTRNN_SIMD = "avx512", "avx2" or "portable" forces one (the
+# tests run each against the reference), "auto" or unset takes the best this CPU runs. The
+# float32 AVX-512 GEMM kernels run only under "avx512"/"auto"; otherwise BLAS runs every GEMM.
+SIMD_LEVELS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def simd_request() -> int | None:
+    """The instruction set FASTRNN_SIMD asks for (None: the best available); read per call."""
+    value = os.environ.get("FASTRNN_SIMD", "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in SIMD_LEVELS:
+        raise ValueError(
+            f"FASTRNN_SIMD: expected one of auto, {', '.join(SIMD_LEVELS)}, got {value!r}"
+        )
+    return SIMD_LEVELS[value]
 
 
 def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
@@ -156,10 +158,9 @@ def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------------------------------
 
 # Scratch arrays that do not outlive a call (the backward pass's gate gradients, the GRU's
-# input projections, ...) are reused across calls: a fresh allocation of tens of MB is mapped
-# and zeroed page by page by the kernel on first touch, which measured ~9% of a
-# (T,N,D,H)=(100,64,512,512) LSTM backward (perf: clear_page_erms). One buffer per dtype is
-# kept, at most _SCRATCH_KEEP_BYTES; a call takes it out of the pool, so concurrent calls from
+# recurrent pre-activations, ...) are reused across calls: a fresh allocation of tens of MB is
+# mapped and zeroed page by page on first touch (NOTES-cpu.md). One buffer per dtype is kept,
+# at most _SCRATCH_KEEP_BYTES; a call takes it out of the pool, so concurrent calls from
 # several Python threads never share one.
 _SCRATCH_KEEP_BYTES = 512 << 20
 _scratch_pool: dict[Any, np.ndarray] = {}
@@ -181,13 +182,13 @@ def give_scratch(buf: np.ndarray) -> None:
             _scratch_pool[buf.dtype] = buf
 
 
-# The arrays a training forward saves for its backward (activations, states: ~80% of the memory
-# a (100,64,512,512) LSTM call allocates) outlive the call, so they cannot come from the scratch
-# pool. They come from one flat buffer per call instead, and the buffers of earlier calls are
-# kept: a buffer is reused once nothing outside the pool references it (a context and every
-# view of the buffer hold a reference to it, so the reference count says exactly when the last
-# context that used it is gone). In a training loop (forward, backward, drop the context) every
-# call after the first reuses the previous call's buffer and skips its page faults.
+# The arrays a training forward saves for its backward (activations, states: most of the memory
+# a training call allocates) outlive the call, so they cannot come from the scratch pool. They
+# come from one flat buffer per call instead, and the buffers of earlier calls are kept: a
+# buffer is reused once nothing outside the pool references it (a context and every view of
+# the buffer hold a reference to it, so the reference count says exactly when the last context
+# that used it is gone). In a training loop every call after the first reuses the previous
+# call's buffer and skips its page faults.
 _SAVED_KEEP = 4
 _saved_pool: dict[Any, list[np.ndarray]] = {}
 

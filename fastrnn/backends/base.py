@@ -28,12 +28,14 @@ class Backend:
     name = "abstract"
 
     # -- recurrent ---------------------------------------------------------------------------
-    def lstm_forward(self, x, h0, c0, w_ih, w_hh, b, lengths, training):
-        """x (T,N,D); h0, c0 (N,H); w_ih (4H,D); w_hh (4H,H); b (4H,) -> y, hT, cT, ctx"""
+    def lstm_forward(self, x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
+        """x (T,N,D); h0 (N,P); c0 (N,H); w_ih (4H,D); w_hh (4H,P); b (4H,); w_hr None or
+        (P,H), P < H (without it P = H) -> y (T,N,P), hT (N,P), cT (N,H), ctx"""
         raise NotImplementedError
 
     def lstm_backward(self, ctx, dy, dhT, dcT):
-        """dy (T,N,H); dhT, dcT (N,H) or None -> dx, dh0, dc0, dw_ih, dw_hh, db"""
+        """dy (T,N,P); dhT (N,P) or None; dcT (N,H) or None -> dx, dh0, dc0, dw_ih, dw_hh, db,
+        and dw_hr (P,H) as a seventh element exactly when the forward had w_hr"""
         raise NotImplementedError
 
     def gru_forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):

@@ -1,23 +1,65 @@
 """The ``cpu`` backend: Cython + OpenMP kernels in fastrnn/_cpu, BLAS through
 scipy.linalg.cython_blas.
 
-Each op family is one extension module (``fastrnn._cpu.lstm`` ...) whose ``def`` functions have
-exactly the backend interface's signatures (fastrnn/backends/base.py). They are imported on first
-use, so a missing build fails with a clear message instead of at ``import fastrnn``.
+The recurrent ops (LSTM, GRU, RNN) are cells of one engine, fastrnn/_cpu/recurrent.pyx; the
+convolution and pooling ops are one extension module each. The functions below have exactly the
+backend interface's signatures (fastrnn/backends/base.py). Extension modules are imported on
+first use, so a missing build fails with a clear message instead of at ``import fastrnn``.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any
 
 name = "cpu"
 
+
+def _kernels(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"fastrnn._cpu.{module}")
+    except ImportError as exc:
+        raise ImportError(
+            f"fastrnn's CPU kernel module fastrnn._cpu.{module} is not built ({exc}); install "
+            "fastrnn with `pip install -e .` (or `python setup.py build_ext --inplace` in a "
+            "source checkout)"
+        ) from exc
+
+
+# -- recurrent: the engine's cells ------------------------------------------------------------
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
+    return _kernels("recurrent").lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr)
+
+
+def lstm_backward(ctx, dy, dhT, dcT):
+    return _kernels("recurrent").lstm_backward(ctx, dy, dhT, dcT)
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
+    return _kernels("recurrent").gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+
+
+def gru_backward(ctx, dy, dhT):
+    return _kernels("recurrent").gru_backward(ctx, dy, dhT)
+
+
+def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
+    return _kernels("recurrent").rnn_forward(
+        x, h0, w_ih, w_hh, b, nonlinearity, lengths, training
+    )
+
+
+def rnn_backward(ctx, dy, dhT):
+    return _kernels("recurrent").rnn_backward(ctx, dy, dhT)
+
+
+# -- convolution and pooling ----------------------------------------------------------------------
+
 # op name -> extension module in fastrnn/_cpu
 _MODULE_OF = {
-    "lstm": "lstm",
-    "gru": "gru",
-    "rnn": "rnn",
     "conv2d": "conv2d",
     "max_pool2d": "pool2d",
     "avg_pool2d": "pool2d",
@@ -28,14 +70,6 @@ def __getattr__(attr: str) -> Any:
     op, _, direction = attr.rpartition("_")
     if direction not in ("forward", "backward") or op not in _MODULE_OF:
         raise AttributeError(attr)
-    try:
-        module = importlib.import_module(f"fastrnn._cpu.{_MODULE_OF[op]}")
-    except ImportError as exc:
-        raise ImportError(
-            f"fastrnn's CPU kernel module fastrnn._cpu.{_MODULE_OF[op]} is not built "
-            f"({exc}); install fastrnn with `pip install -e .` (or "
-            "`python setup.py build_ext --inplace` in a source checkout)"
-        ) from exc
-    fn = getattr(module, attr)
+    fn = getattr(_kernels(_MODULE_OF[op]), attr)
     globals()[attr] = fn  # later lookups skip __getattr__
     return fn

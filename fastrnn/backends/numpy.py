@@ -7,8 +7,10 @@ from fastrnn import reference as ref
 name = "numpy"
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training):
-    return ref.lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths=lengths, training=training)
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
+    return ref.lstm_forward(
+        x, h0, c0, w_ih, w_hh, b, w_hr=w_hr, lengths=lengths, training=training
+    )
 
 
 def lstm_backward(ctx, dy, dhT, dcT):

@@ -45,42 +45,76 @@ def _state(name: str, a: Any, N: int, H: int) -> None:
         check_shape(name, a, (N, H))
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b, *, lengths=None, training=True):
+def _lstm_sizes(x: Any, w_ih: Any, w_hh: Any, w_hr: Any) -> tuple[int, int, int, int, int]:
+    """(T, N, D, H, P) of an LSTM call; P == H without projection."""
+    if w_hr is None:
+        T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 4)
+        return T, N, D, H, H
+    check_ndim("x", x, 3, "(T, N, D)")
+    T, N, D = x.shape
+    if T < 1:
+        raise ValueError(f"x: expected at least one time step, got shape {x.shape}")
+    check_ndim("w_hr", w_hr, 2, "(P, H)")
+    P, H = w_hr.shape
+    if P < 1 or H < 1:
+        raise ValueError(f"w_hr: expected a positive shape (P, H), got {w_hr.shape}")
+    if P >= H:
+        raise ValueError(
+            f"w_hr: the projection size P must be smaller than the hidden size H, got shape "
+            f"{w_hr.shape} (P={P}, H={H})"
+        )
+    check_ndim("w_hh", w_hh, 2, "(4H, P)")
+    check_shape("w_hh", w_hh, (4 * H, P))
+    check_shape("w_ih", w_ih, (4 * H, D))
+    return T, N, D, H, P
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, *, w_hr=None, lengths=None, training=True):
     """LSTM over a whole sequence, gates ordered i, f, g, o (PyTorch).
 
     Parameters
     ----------
     x : ndarray of shape (T, N, D)
-    h0, c0 : ndarray of shape (N, H)
+    h0 : ndarray of shape (N, H), or (N, P) with a projection
+    c0 : ndarray of shape (N, H)
     w_ih : ndarray of shape (4H, D)
-    w_hh : ndarray of shape (4H, H)
+    w_hh : ndarray of shape (4H, H), or (4H, P) with a projection
     b : ndarray of shape (4H,)  -- PyTorch's ``b_ih + b_hh``
+    w_hr : None or ndarray of shape (P, H), P < H -- PyTorch's ``weight_hr`` (``proj_size=P``):
+        the hidden state is ``h_t = (o_t * tanh(c_t)) W_hr^T``, of P features
     lengths : None or integer array of shape (N,), each in 1..T
     training : bool; False saves nothing for backward (ctx is None)
 
     Returns
     -------
-    y (T, N, H), hT (N, H), cT (N, H), ctx
+    y (T, N, H|P), hT (N, H|P), cT (N, H), ctx
     """
-    is_cupy, dtype = check_arrays(dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b=b))
-    T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 4)
-    _state("h0", h0, N, H)
+    is_cupy, dtype = check_arrays(
+        dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b=b, w_hr=w_hr), allow_none=("w_hr",)
+    )
+    T, N, D, H, P = _lstm_sizes(x, w_ih, w_hh, w_hr)
+    _state("h0", h0, N, P)
     _state("c0", c0, N, H)
     check_shape("b", b, (4 * H,))
     lengths = check_lengths(lengths, T, N)
     training = check_bool("training", training)
     be = backend_module(select(is_cupy))
-    x, h0, c0, w_ih, w_hh, b = map(contiguous, (x, h0, c0, w_ih, w_hh, b))
-    return be.lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training)
+    x, h0, c0, w_ih, w_hh, b, w_hr = map(contiguous, (x, h0, c0, w_ih, w_hh, b, w_hr))
+    if w_hr is None:
+        return be.lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training)
+    return be.lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr)
 
 
 def lstm_backward(ctx, dy, dhT=None, dcT=None):
     """Gradients of an LSTM forward pass.
 
-    dy : ndarray of shape (T, N, H) (values at padded positions are ignored)
-    dhT, dcT : None or ndarray of shape (N, H)
+    dy : ndarray of shape (T, N, H), or (T, N, P) with a projection (values at padded positions
+        are ignored)
+    dhT : None or ndarray of shape (N, H), or (N, P) with a projection
+    dcT : None or ndarray of shape (N, H)
 
-    Returns dx (T,N,D), dh0 (N,H), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H), db (4H,)
+    Returns dx (T,N,D), dh0 (N,H|P), dc0 (N,H), dw_ih (4H,D), dw_hh (4H,H|P), db (4H,), and a
+    seventh element dw_hr (P,H) exactly when the forward had ``w_hr``.
     """
     check_context(ctx, "lstm")
     dy, dhT, dcT = _grads(ctx, dict(dy=dy, dhT=dhT, dcT=dcT))

@@ -1,8 +1,8 @@
 """LSTM, GRU and RNN layers over the fused sequence kernels (fastrnn.lstm_forward etc.).
 
 torch.nn's constructor arguments, parameter names (``weight_ih_l0``, ``weight_hh_l0``,
-``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``), shapes and initialisation
-U(-1/sqrt(H), 1/sqrt(H)), so a torch.nn state dict loads as it is. Both biases are kept as
+``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0`` with ``proj_size``, ``..._reverse``), shapes
+and initialisation U(-1/sqrt(H), 1/sqrt(H)), so a torch.nn state dict loads as it is. Both biases are kept as
 parameters (as in PyTorch); the LSTM and RNN kernels take their sum.
 
 Variable-length batches: ``forward(x, state, lengths=...)`` gives PyTorch's packed-sequence
@@ -76,12 +76,23 @@ class _RNNBase(Module):
         dropout: float = 0.0,
         bidirectional: bool = False,
         *,
+        proj_size: int = 0,
         dtype: Any = np.float32,
         seed: int | None = None,
     ) -> None:
         super().__init__()
         self.input_size = positive_int("input_size", input_size)
         self.hidden_size = positive_int("hidden_size", hidden_size)
+        if not isinstance(proj_size, (int, np.integer)) or isinstance(proj_size, (bool, np.bool_)):
+            raise TypeError(f"proj_size: expected an int, got {type(proj_size).__name__}")
+        if proj_size < 0 or proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size: expected 0 (no projection) or 1..hidden_size-1 "
+                f"({hidden_size - 1}), got {proj_size}"
+            )
+        if proj_size and self.mode != "LSTM":
+            raise ValueError(f"proj_size: only an LSTM has projections, not {self.mode}")
+        self.proj_size = int(proj_size)
         self.num_layers = positive_int("num_layers", num_layers)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
@@ -91,21 +102,29 @@ class _RNNBase(Module):
         self._rngs: dict[str, Any] = {}
         self._cache = None
         G, H = _GATES[self.mode], hidden_size
+        P = self.state_size
         dirs = 2 if bidirectional else 1
         bound = 1.0 / math.sqrt(H)
         for layer in range(num_layers):
-            in_size = input_size if layer == 0 else H * dirs
+            in_size = input_size if layer == 0 else P * dirs
             for d in range(dirs):
                 sfx = f"l{layer}" + ("_reverse" if d else "")
-                shapes = {"weight_ih": (G * H, in_size), "weight_hh": (G * H, H)}
+                shapes = {"weight_ih": (G * H, in_size), "weight_hh": (G * H, P)}
                 if bias:
                     shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+                if self.proj_size:
+                    shapes.update(weight_hr=(P, H))
                 for kind, shape in shapes.items():
                     setattr(self, f"{kind}_{sfx}", Parameter(init.uniform(shape, bound, dtype)))
 
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def state_size(self) -> int:
+        """Features of h: proj_size with a projection, else hidden_size."""
+        return self.proj_size or self.hidden_size
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -119,14 +138,17 @@ class _RNNBase(Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s
 
     def _weights(self, layer: int, d: int) -> tuple[Parameter, ...]:
+        """w_ih, w_hh, b_ih, b_hh (None without bias), w_hr (None without projection)."""
         sfx = f"l{layer}" + ("_reverse" if d else "")
         p = self._parameters
         w_ih, w_hh = p[f"weight_ih_{sfx}"], p[f"weight_hh_{sfx}"]
         b_ih, b_hh = p.get(f"bias_ih_{sfx}"), p.get(f"bias_hh_{sfx}")
-        return w_ih, w_hh, b_ih, b_hh
+        return w_ih, w_hh, b_ih, b_hh, p.get(f"weight_hr_{sfx}")
 
     def _rng(self, xp: Any) -> Any:
         key = xp.__name__
@@ -155,8 +177,11 @@ class _RNNBase(Module):
             )
         return a
 
-    def _split_state(self, state: Any, like: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        """-> (h, c) arrays of ``shape`` or None (c always None unless LSTM)."""
+    def _split_state(
+        self, state: Any, like: Any, shape: tuple[int, ...], c_shape: tuple[int, ...] | None = None
+    ) -> tuple[Any, Any]:
+        """-> (h, c) arrays of ``shape`` (c: ``c_shape``, default ``shape``) or None (c always
+        None unless LSTM)."""
         if state is None:
             return None, None
         if self.mode == "LSTM":
@@ -164,7 +189,8 @@ class _RNNBase(Module):
                 raise TypeError("LSTM: state: expected a pair (h, c) or None")
             h, c = state
             h = None if h is None else self._check_state("h", h, like, shape)
-            c = None if c is None else self._check_state("c", c, like, shape)
+            c_shape = shape if c_shape is None else c_shape
+            c = None if c is None else self._check_state("c", c, like, c_shape)
             return h, c
         return self._check_state("h", state, like, shape), None
 
@@ -179,8 +205,9 @@ class _RNNBase(Module):
             ((num_layers*dirs, H) unbatched)
         lengths : None or integers of shape (N,), each in 1..T (PyTorch's packed sequences)
 
-        Returns ``y, h_n`` (``y, (h_n, c_n)`` for LSTM); y is (T, N, dirs*H) (batch-first
-        when ``batch_first``), h_n (num_layers*dirs, N, H).
+        Returns ``y, h_n`` (``y, (h_n, c_n)`` for LSTM); y is (T, N, dirs*P) (batch-first
+        when ``batch_first``), h_n (num_layers*dirs, N, P), c_n (num_layers*dirs, N, H), where
+        P = proj_size with a projection, else H.
         """
         name = type(self).__name__
         like = self.weight_ih_l0.data
@@ -201,11 +228,12 @@ class _RNNBase(Module):
         if unbatched and lengths is not None:
             lengths = np.asarray(lengths).reshape(-1)
         lengths = check_lengths(lengths, T, N)
-        L, dirs, H = self.num_layers, self.num_directions, self.hidden_size
+        L, dirs, H, P = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         if unbatched and state is not None:
             state = _with_batch_axis(state)
-        h0, c0 = self._split_state(state, like, (L * dirs, N, H))
+        h0, c0 = self._split_state(state, like, (L * dirs, N, P), (L * dirs, N, H))
         zeros = xp.zeros((N, H), dtype=like.dtype)
+        zeros_h = zeros if P == H else xp.zeros((N, P), dtype=like.dtype)
         training = grad_enabled()
         reverse = _Reverser(xp, lengths, T, N) if dirs == 2 else None
 
@@ -218,7 +246,7 @@ class _RNNBase(Module):
             for d in range(dirs):
                 k = layer * dirs + d
                 xin = layer_in if d == 0 else reverse(layer_in)
-                hk = zeros if h0 is None else h0[k]
+                hk = zeros_h if h0 is None else h0[k]
                 y, hT, cT, ctx = self._run(
                     xp, xin, hk, None if c0 is None else c0[k], zeros, layer, d, lengths, training
                 )
@@ -252,7 +280,7 @@ class _RNNBase(Module):
         return y, h_n
 
     def _run(self, xp, x, h0, c0, zeros, layer, d, lengths, training):
-        w_ih, w_hh, b_ih, b_hh = self._weights(layer, d)
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
         G, H = _GATES[self.mode], self.hidden_size
         if self.mode == "LSTM":
             b = b_ih.data + b_hh.data if b_ih is not None else xp.zeros(G * H, w_ih.data.dtype)
@@ -263,6 +291,7 @@ class _RNNBase(Module):
                 w_ih.data,
                 w_hh.data,
                 b,
+                w_hr=None if w_hr is None else w_hr.data,
                 lengths=lengths,
                 training=training,
             )
@@ -308,18 +337,18 @@ class _RNNBase(Module):
         cache = self._saved()
         name = type(self).__name__
         T, N, D = cache["shape"]
-        L, dirs, H = self.num_layers, self.num_directions, self.hidden_size
+        L, dirs, H, P = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         like = self.weight_ih_l0.data
         xp = array_module(like)
         unbatched = cache["unbatched"]
         if unbatched:
-            out_shape: tuple[int, ...] = (T, dirs * H)
+            out_shape: tuple[int, ...] = (T, dirs * P)
         elif self.batch_first:
-            out_shape = (N, T, dirs * H)
+            out_shape = (N, T, dirs * P)
         else:
-            out_shape = (T, N, dirs * H)
+            out_shape = (T, N, dirs * P)
         if dy is None:
-            dy = xp.zeros((T, N, dirs * H), dtype=like.dtype)
+            dy = xp.zeros((T, N, dirs * P), dtype=like.dtype)
         else:
             check_input(name, "dy", dy, like)
             if tuple(dy.shape) != out_shape:
@@ -328,8 +357,9 @@ class _RNNBase(Module):
                 dy = dy[:, None, :]
             elif self.batch_first:
                 dy = dy.transpose(1, 0, 2)
-        st_shape = (L * dirs, H) if unbatched else (L * dirs, N, H)
-        dh_n, dc_n = self._split_state(dstate, like, st_shape)
+        st_shape = (L * dirs, P) if unbatched else (L * dirs, N, P)
+        c_shape = (L * dirs, H) if unbatched else (L * dirs, N, H)
+        dh_n, dc_n = self._split_state(dstate, like, st_shape, c_shape)
         if unbatched:
             dh_n, dc_n = (None if s is None else s[:, None, :] for s in (dh_n, dc_n))
         reverse = cache["reverse"]
@@ -343,15 +373,18 @@ class _RNNBase(Module):
             dx = None
             for d in range(dirs):
                 k = layer * dirs + d
-                gd = g[:, :, d * H : (d + 1) * H]
+                gd = g[:, :, d * P : (d + 1) * P]
                 if d == 1:
                     gd = reverse(gd)
                 ctx = cache["ctxs"][layer][d]
                 dhT = None if dh_n is None else dh_n[k]
-                w_ih, w_hh, b_ih, b_hh = self._weights(layer, d)
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
                 if self.mode == "LSTM":
                     dcT = None if dc_n is None else dc_n[k]
-                    dxd, dh0[k], dc0[k], dw_ih, dw_hh, db = lstm_backward(ctx, gd, dhT, dcT)
+                    grads = lstm_backward(ctx, gd, dhT, dcT)
+                    dxd, dh0[k], dc0[k], dw_ih, dw_hh, db = grads[:6]
+                    if w_hr is not None:
+                        w_hr.accumulate(grads[6])
                     db_ih = db_hh = db
                 elif self.mode == "GRU":
                     dxd, dh0[k], dw_ih, dw_hh, db_ih, db_hh = gru_backward(ctx, gd, dhT)
@@ -387,10 +420,39 @@ class _RNNBase(Module):
 class LSTM(_RNNBase):
     """Multi-layer LSTM, gates i, f, g, o (torch.nn.LSTM): ``y, (h_n, c_n) = lstm(x, (h0, c0))``.
 
+    ``proj_size`` > 0 (< hidden_size) adds torch's projection ``h_t = W_hr (o_t * tanh(c_t))``
+    (parameters ``weight_hr_l{k}``): h, y and the next layer's input have proj_size features.
     Extra keyword-only arguments: ``dtype`` (float32 default) and ``seed`` (the RNG of the
     dropout between layers)."""
 
     mode = "LSTM"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        *,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size=proj_size,
+            dtype=dtype,
+            seed=seed,
+        )
 
 
 class GRU(_RNNBase):

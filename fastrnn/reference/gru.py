@@ -22,7 +22,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, lengths=None, training=True):
     xp = get_xp(x)
     T, N, D = x.shape
     H = h0.shape[1]
-    mask = step_mask(xp, lengths, T, N, x.dtype)
+    mask = step_mask(xp, lengths, T, N, x.dtype) > 0  # (T, N, 1) bool
 
     # G1: the input projection of all T steps as one GEMM.
     xw = (x.reshape(T * N, D) @ w_ih.T + b_ih).reshape(T, N, 3 * H)
@@ -41,10 +41,11 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, lengths=None, training=True):
         n = xp.tanh(xw[t][:, 2 * H :] + r * hn)
         # G4: new state.
         h = (1 - z) * n + z * hs[t]
-        # G5: finished sequences keep their state and emit zeros.
+        # G5: finished sequences keep their state and emit zeros (a select: an infinite state
+        #     stays infinite instead of becoming 0 * inf = NaN).
         m = mask[t]
-        hs[t + 1] = m * h + (1 - m) * hs[t]
-        y[t] = m * h
+        hs[t + 1] = xp.where(m, h, hs[t])
+        y[t] = xp.where(m, h, 0)
         acts[t] = xp.concatenate([r, z, n, hn], axis=1)
 
     ctx = None
@@ -74,7 +75,7 @@ def gru_backward(ctx, dy, dhT=None):
         m = mask[t]
         r, z, n, hn = (acts[t][:, k * H : (k + 1) * H] for k in range(4))
         # GB1: gradient reaching this step's new h; padded positions pass dh through (G5).
-        dh_step = m * (dy[t] + dh)
+        dh_step = xp.where(m, dy[t] + dh, 0)
         # GB2: through h = (1 - z) * n + z * h_prev (G4).
         dn = dh_step * (1 - z)
         dz = dh_step * (hs[t] - n)
@@ -82,11 +83,11 @@ def gru_backward(ctx, dy, dhT=None):
         dan = dn * (1 - n * n)
         dar = dan * hn * r * (1 - r)
         daz = dz * z * (1 - z)
-        dxw_all[t] = xp.concatenate([dar, daz, dan], axis=1)
-        dhw = xp.concatenate([dar, daz, dan * r], axis=1)
+        dxw_all[t] = xp.where(m, xp.concatenate([dar, daz, dan], axis=1), 0)
+        dhw = xp.where(m, xp.concatenate([dar, daz, dan * r], axis=1), 0)
         dhw_all[t] = dhw
         # GB4: to the previous state (G2, G4), plus the pass-through of padded positions.
-        dh = dh_step * z + dhw @ w_hh + (1 - m) * dh
+        dh = xp.where(m, dh_step * z + dhw @ w_hh, dh)
     # GB5: weight, bias and input gradients as whole-sequence GEMMs.
     dxw = dxw_all.reshape(T * N, 3 * H)
     dhw = dhw_all.reshape(T * N, 3 * H)

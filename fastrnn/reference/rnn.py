@@ -20,7 +20,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, *, nonlinearity="tanh", lengths=None, trai
     xp = get_xp(x)
     T, N, D = x.shape
     H = h0.shape[1]
-    mask = step_mask(xp, lengths, T, N, x.dtype)
+    mask = step_mask(xp, lengths, T, N, x.dtype) > 0  # (T, N, 1) bool
 
     # R1: the input projection of all T steps as one GEMM.
     xw = (x.reshape(T * N, D) @ w_ih.T + b).reshape(T, N, H)
@@ -33,10 +33,11 @@ def rnn_forward(x, h0, w_ih, w_hh, b, *, nonlinearity="tanh", lengths=None, trai
         a = xw[t] + hs[t] @ w_hh.T
         # R3: the nonlinearity.
         h = xp.tanh(a) if nonlinearity == "tanh" else xp.maximum(a, 0)
-        # R4: finished sequences keep their state and emit zeros.
+        # R4: finished sequences keep their state and emit zeros (a select: an infinite state
+        #     stays infinite instead of becoming 0 * inf = NaN).
         m = mask[t]
-        hs[t + 1] = m * h + (1 - m) * hs[t]
-        y[t] = m * h
+        hs[t + 1] = xp.where(m, h, hs[t])
+        y[t] = xp.where(m, h, 0)
 
     ctx = None
     if training:
@@ -65,15 +66,16 @@ def rnn_backward(ctx, dy, dhT=None):
     for t in reversed(range(T)):
         m = mask[t]
         # RB1: gradient reaching this step's new h; padded positions pass dh through (R4).
-        dh_step = m * (dy[t] + dh)
+        dh_step = xp.where(m, dy[t] + dh, 0)
         # RB2: through the nonlinearity (R3); y[t] is this step's h where m = 1.
         if s["nonlinearity"] == "tanh":
             da = dh_step * (1 - y[t] * y[t])
         else:
             da = dh_step * (y[t] > 0)
+        da = xp.where(m, da, 0)
         da_all[t] = da
         # RB3: to the previous state (R2), plus the pass-through of padded positions.
-        dh = da @ w_hh + (1 - m) * dh
+        dh = xp.where(m, da @ w_hh, dh)
     # RB4: weight, bias and input gradients as whole-sequence GEMMs.
     da2 = da_all.reshape(T * N, H)
     dx = (da2 @ w_ih).reshape(T, N, D)

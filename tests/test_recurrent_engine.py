@@ -1,0 +1,178 @@
+"""The CPU recurrent engine: each instruction-set variant of the cells vs the reference, variable
+lengths (packed rows: ended sequences drop out of the work), and numerics at the edges
+(saturated gates, infinite states)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from recurrent_support import OP_IDS, OPS, REFERENCE
+from tolerances import assert_close
+
+import fastrnn as fr
+from fastrnn._cpu import _recurrent_threads
+from fastrnn._cpu import recurrent as engine
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def _compare(op, dtype, T, N, D, H, lengths, seed=0, final_grads=True):
+    rng = np.random.default_rng(seed)
+    arrays = {k: v.astype(dtype) for k, v in op.arrays(T, N, D, H, rng).items()}
+    upstream = {k: v.astype(dtype) for k, v in op.upstream_arrays(T, N, H, rng).items()}
+    if not final_grads:
+        upstream = {k: (v if k == "dy" else None) for k, v in upstream.items()}
+    a64 = {k: v.astype(np.float64) for k, v in arrays.items()}
+    u64 = {k: None if v is None else v.astype(np.float64) for k, v in upstream.items()}
+    want_out, want_ctx = op.forward(a64, lengths, module=REFERENCE)
+    want_grads = op.backward(want_ctx, u64, module=REFERENCE)
+    got_out, ctx = op.forward(arrays, lengths)
+    got_grads = op.backward(ctx, upstream)
+    for name, got, want in zip(op.outputs(), got_out, want_out, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert_close(got, want, "recurrent", "forward", dtype, name)
+    for name, got, want in zip(op.grads, got_grads, want_grads, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert_close(got, want, "recurrent", "backward", dtype, name)
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------
+# instruction-set variants
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypatch):
+    if not engine.isa_supported(ISAS[isa]):
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("FASTRNN_SIMD", isa)
+    assert engine.simd_level() == ISAS[isa]
+    if split:
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    threads = fr.get_num_threads()
+    fr.set_num_threads(2)
+    try:
+        # 37 rows: the 8-row, 4-row and single-row tiles of the AVX-512 kernels; H=45: two
+        # full 16-unit blocks and a partial one, a partial 32-column panel
+        for lengths in (None, np.array([6] * 20 + [3] * 10 + [1] * 7)):
+            _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
+    finally:
+        fr.set_num_threads(threads)
+
+
+def test_simd_switch_refuses_unknown_values(monkeypatch):
+    monkeypatch.setenv("FASTRNN_SIMD", "sse9")
+    with pytest.raises(ValueError, match="FASTRNN_SIMD"):
+        engine.simd_level()
+    op = OPS[0]
+    arrays = op.arrays(2, 2, 2, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="FASTRNN_SIMD"):
+        op.forward(arrays)
+    monkeypatch.setenv("FASTRNN_SIMD", "auto")
+    assert engine.isa_supported(engine.simd_level())
+
+
+# ------------------------------------------------------------------------------------------------
+# variable lengths
+# ------------------------------------------------------------------------------------------------
+
+LENGTH_CASES = {
+    "unsorted": [3, 7, 1, 5, 6, 2],
+    "tied": [4, 4, 7, 2, 2, 4],
+    "all_full": [7, 7, 7, 7, 7, 7],
+    "one_of_length_1": [7, 6, 7, 1, 5, 7],
+    "n1": [5],
+    "n1_length_1": [1],
+    "shorter_than_T": [3, 2, 3, 1, 3, 3],  # no sequence runs all T steps
+}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", list(LENGTH_CASES))
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_lengths_match_reference(op, case, dtype, split, monkeypatch):
+    if split:
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    lengths = np.array(LENGTH_CASES[case])
+    ctx = _compare(op, dtype, 7, len(lengths), 4, 21, lengths, seed=len(case))
+    # the packed rows: exactly one per (sequence, step inside it); no padded position is computed
+    assert ctx.saved["rows"].R == lengths.sum()
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_lengths_without_final_gradients(op):
+    _compare(op, np.float64, 6, 5, 3, 18, np.array([2, 6, 1, 6, 3]), final_grads=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# numerics at the edges
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x", [88.8, 100.0, 1e3, 1e30, np.inf])
+def test_float32_activations_saturate_exactly(x):
+    s_pos, t_pos = engine.sigmoid_tanh_float32(x)
+    s_neg, t_neg = engine.sigmoid_tanh_float32(-x)
+    assert (s_pos, s_neg, t_pos, t_neg) == (1.0, 0.0, 1.0, -1.0)
+    # so the derivatives the backward passes use are exactly zero
+    assert s_neg * (1 - s_neg) == 0 and s_pos * (1 - s_pos) == 0
+    assert 1 - t_pos * t_pos == 0
+
+
+@pytest.mark.parametrize("x", [-87.0, -30.0, -1.0, 0.0, 0.5, 20.0, 87.0])
+def test_float32_activations_accurate_inside_the_range(x):
+    s, t = engine.sigmoid_tanh_float32(x)
+    assert s == pytest.approx(1 / (1 + np.exp(-x)), rel=1e-6, abs=1e-38)
+    assert t == pytest.approx(np.tanh(x), rel=1e-6, abs=2e-7)
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_gru_with_huge_states_matches_reference(isa, monkeypatch):
+    """States around 1e30 saturate the r and z gates: the float32 kernels must give the exact
+    zero derivatives the reference gives, not ~1e-38, which the 1e30-sized recurrent
+    pre-activations and states blow up into gradients of ~1e21 (and Inf/NaN further on)."""
+    if not engine.isa_supported(ISAS[isa]):
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv("FASTRNN_SIMD", isa)
+    rng = np.random.default_rng(11)
+    T, N, D, H = 4, 3, 5, 6
+    x = rng.standard_normal((T, N, D)).astype(np.float32)
+    h0 = (rng.standard_normal((N, H)) * 1e30).astype(np.float32)
+    w_ih = (rng.standard_normal((3 * H, D)) / np.sqrt(D)).astype(np.float32)
+    w_hh = (rng.standard_normal((3 * H, H)) / np.sqrt(H)).astype(np.float32)
+    b_ih = rng.standard_normal(3 * H).astype(np.float32)
+    b_hh = rng.standard_normal(3 * H).astype(np.float32)
+    dy = rng.standard_normal((T, N, H)).astype(np.float32)
+    y, hT, ctx = fr.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    grads = fr.gru_backward(ctx, dy)
+    a64 = [a.astype(np.float64) for a in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    ry, rhT, rctx = fr.reference.gru_forward(*a64)
+    rgrads = fr.reference.gru_backward(rctx, dy.astype(np.float64))
+    assert_close(y, ry, "recurrent", "forward", np.float32, "y")
+    names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    for name, g, r in zip(names, grads, rgrads, strict=True):
+        assert np.isfinite(g).all(), name
+        assert_close(g, r, "recurrent", "backward", np.float32, name)
+
+
+def test_reference_keeps_infinite_states_without_lengths():
+    """An infinite c0 stays infinite in cT and y stays finite (torch.nn.LSTM does the same); a
+    product with the all-ones mask turned it into 0 * inf = NaN."""
+    rng = np.random.default_rng(12)
+    T, N, D, H = 3, 2, 2, 3
+    x = rng.standard_normal((T, N, D))
+    h0 = rng.standard_normal((N, H))
+    c0 = rng.standard_normal((N, H))
+    c0[0, 1] = np.inf
+    w_ih = rng.standard_normal((4 * H, D))
+    w_hh = rng.standard_normal((4 * H, H))
+    b = rng.standard_normal(4 * H)
+    for module in (fr.reference, fr):
+        y, hT, cT, _ = module.lstm_forward(x, h0, c0, w_ih, w_hh, b)
+        assert np.isfinite(y).all() and np.isfinite(hT).all(), module.__name__
+        assert cT[0, 1] == np.inf and np.isfinite(np.delete(cT.ravel(), 1)).all(), module.__name__
