@@ -280,3 +280,55 @@ def test_packed_and_padded_input_agree_with_torch(mode, lengths_as_tensor):
         grads.append([out.data, *hidden, xx.grad, hh.grad, *(p.grad for p in m.parameters())])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# LSTM projections
+# ------------------------------------------------------------------------------------------------
+
+
+def test_projection_shape_mistakes_raise_runtime_error():
+    """h of proj_size features, c of hidden_size: every wrong shape is torch.nn's RuntimeError,
+    wrong hidden sizes included (h given hidden_size features, c given proj_size)."""
+    P = 2
+    good_h, good_c = (L, B, P), (L, B, H)
+    cases = [
+        ((S, BAD, I), good_h, good_c),
+        ((S, B, I), (L, BAD, P), (L, BAD, H)),
+        ((S, B, BAD), good_h, good_c),
+        ((S, B, I), (L, B, BAD), (L, B, BAD)),
+        ((S, B, I), (BAD, B, P), (BAD, B, H)),
+        ((S, B, I), (L, B, H), good_c),
+        ((S, B, I), good_h, (L, B, P)),
+    ]
+    torch.manual_seed(0)
+    ours = ft.LSTM(I, H, L, proj_size=P)
+    theirs = nn.LSTM(I, H, L, proj_size=P)
+    for x_shape, h_shape, c_shape in cases:
+        x, hx = torch.randn(x_shape), (torch.randn(h_shape), torch.randn(c_shape))
+        with pytest.raises(RuntimeError):
+            ours(x, hx)
+        _same_error(lambda x=x, hx=hx: ours(x, hx), lambda x=x, hx=hx: theirs(x, hx))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projection_zero_initial_state_equals_none(bidirectional):
+    m = ft.LSTM(30, 20, 2, bidirectional=bidirectional, proj_size=10, dtype=F64)
+    dirs = 2 if bidirectional else 1
+    x = torch.randn(10, 8, 30, dtype=F64)
+    hx = (torch.zeros(2 * dirs, 8, 10, dtype=F64), torch.zeros(2 * dirs, 8, 20, dtype=F64))
+    y1, (h1, c1) = m(x, hx)
+    y2, (h2, c2) = m(x)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(c1, c2)
+
+
+def test_projection_forward_mistakes_raise_torch_types():
+    ours = ft.LSTM(10, 20, batch_first=True, proj_size=10)
+    theirs = nn.LSTM(10, 20, batch_first=True, proj_size=10)
+    wrong = (torch.zeros(1, 2, 19), torch.zeros(1, 2, 19))
+    x_right, x_wrong = torch.randn(2, 3, 10), torch.randn(2, 3, 3)
+    _same_error(lambda: ours(x_right, wrong), lambda: theirs(x_right, wrong),
+                "Expected hidden.*size.*got")  # fmt: skip
+    _same_error(lambda: ours(x_wrong), lambda: theirs(x_wrong), "input_size")

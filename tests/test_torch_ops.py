@@ -35,9 +35,12 @@ def _op_cases():
     img = _leaf(1, 2, 5, 4)  # small: gradgradcheck perturbs every element
     return [
         ("lstm", _ops.lstm, (x, _leaf(N, H), _leaf(N, H), _leaf(4 * H, D), _leaf(4 * H, H),
-                             _leaf(4 * H), _leaf(4 * H), lengths, True)),
+                             _leaf(4 * H), _leaf(4 * H), None, lengths, True)),
         ("lstm_no_bias", _ops.lstm, (x, _leaf(N, H), _leaf(N, H), _leaf(4 * H, D),
-                                     _leaf(4 * H, H), None, None, None, True)),
+                                     _leaf(4 * H, H), None, None, None, None, True)),
+        ("lstm_projection", _ops.lstm, (x, _leaf(N, 1), _leaf(N, H), _leaf(4 * H, D),
+                                        _leaf(4 * H, 1), _leaf(4 * H), None, _leaf(1, H),
+                                        lengths, True)),
         ("gru", _ops.gru, (x, _leaf(N, H), _leaf(3 * H, D), _leaf(3 * H, H), _leaf(3 * H),
                            _leaf(3 * H), lengths, True)),
         ("rnn_relu", _ops.rnn, (x, _leaf(N, H), _leaf(H, D), _leaf(H, H), _leaf(H), _leaf(H),

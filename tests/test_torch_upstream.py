@@ -7,8 +7,7 @@ hold what that file imports from ``test/``; it needs ``expecttest`` and ``hypoth
 it the test is skipped, visibly. fastrnn's own tests of the same behaviours are in
 tests/test_torch_nn_behaviour.py and tests/test_torch_ops.py.
 
-UPSTREAM lists the CPU tests of recurrent modules; those that need an LSTM projection
-(``proj_size``), which fastrnn.torch refuses, are expected to fail.
+UPSTREAM lists the CPU tests of recurrent modules; every one must pass.
 """
 
 from __future__ import annotations
@@ -40,11 +39,6 @@ UPSTREAM = [
     ("TestNNDeviceTypeCPU", "test_LSTM_differentiable_backward_using_oneDNN_cpu_bfloat16"),
     ("TestNNDeviceTypeCPU", "test_save_lstm_compatibility_cpu"),
 ]
-NEEDS_PROJECTION = {
-    "test_projections_lstm_args_check",
-    "test_projections_lstm_initial_hidden_state",
-    "test_cudnn_forward_exception",  # builds an nn.LSTM(..., proj_size=10)
-}
 
 PATH = os.environ.get("FASTRNN_PYTORCH_TEST_NN", "")
 
@@ -76,8 +70,5 @@ def test_pytorch_rnn_test(case, monkeypatch):
     finally:
         torch.set_default_dtype(default_dtype)
     failures = result.errors + result.failures
-    if method in NEEDS_PROJECTION:
-        assert failures and "proj_size" in failures[0][1], "expected the proj_size refusal"
-        return
     assert not result.skipped, result.skipped
     assert not failures, failures[0][1]

@@ -22,7 +22,7 @@ The recurrent modules also take padded input with a ``lengths=`` keyword (intege
 ``(N,)``): outputs past each sequence's end are zero and the final states are those after its
 last step, exactly what a ``PackedSequence`` gives, without packing.
 
-Unsupported configurations raise instead of falling back to PyTorch's kernels: ``proj_size``,
+Unsupported configurations raise instead of falling back to PyTorch's kernels:
 ``padding_mode`` other than ``"zeros"``, pooling with ``ceil_mode``, ``dilation``,
 ``return_indices``, ``count_include_pad=False`` or ``divisor_override``, dtypes other than
 float32 and float64 (TypeError), devices other than CPU and CUDA. ``torch.jit.script`` of the
@@ -75,13 +75,15 @@ def _lengths(lengths: Any) -> Tensor | None:
 
 def lstm(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-    b_ih: Tensor | None = None, b_hh: Tensor | None = None, *, lengths: Any = None,
+    b_ih: Tensor | None = None, b_hh: Tensor | None = None, *, w_hr: Tensor | None = None,
+    lengths: Any = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One LSTM layer (gates i, f, g, o): x (T,N,D), h0/c0 (N,H), w_ih (4H,D), w_hh (4H,H),
-    b_ih/b_hh (4H,) or None, lengths None or (N,) integers -> y (T,N,H), hT, cT (N,H)."""
-    training = _training(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    b_ih/b_hh (4H,) or None, lengths None or (N,) integers -> y (T,N,H), hT, cT (N,H).
+    With torch's projection ``w_hr`` (P,H): w_hh (4H,P), h0, hT and y of P features."""
+    training = _training(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     y, hT, cT, _ = _ops.call(
-        _ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, _lengths(lengths), training
+        _ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _lengths(lengths), training
     )
     return y, hT, cT
 

@@ -11,9 +11,11 @@ graph calls the same kernels as eager.
 Schemas (T steps, N batch, D input features, H hidden units; time-major, PyTorch's layouts)::
 
     fastrnn::lstm(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih,
-                  Tensor? b_hh, Tensor? lengths, bool training) -> (y, hT, cT, handle)
-    fastrnn::lstm_backward(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? dy,
-                           Tensor? dhT, Tensor? dcT) -> (dx, dh0, dc0, dw_ih, dw_hh, db)
+                  Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool training)
+                  -> (y, hT, cT, handle)        # w_hr (P, H): torch's proj_size=P
+    fastrnn::lstm_backward(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? w_hr,
+                           Tensor? dy, Tensor? dhT, Tensor? dcT)
+                           -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)  # dw_hr (0,) if no w_hr
     fastrnn::gru(x, h0, w_ih, w_hh, b_ih?, b_hh?, lengths?, training) -> (y, hT, handle)
     fastrnn::gru_backward(handle, x, w_ih, w_hh, dy?, dhT?) -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
     fastrnn::rnn(x, h0, w_ih, w_hh, b_ih?, b_hh?, lengths?, str nonlinearity, training)
@@ -199,69 +201,77 @@ def _forward_below_autograd(ctx: Any, op: Any, keyset: Any, args: tuple) -> tupl
 
 @_define(
     "(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-    "Tensor? lengths, bool training) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? w_hr, Tensor? lengths, bool training) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training):
+def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
     with kernel_call(x):
         w_hh_a = array(w_hh)
         b = _summed_bias(b_ih, b_hh, w_hh_a, w_hh.shape[0])
         y, hT, cT, fr_ctx = _fr.lstm_forward(
-            array(x), array(h0), array(c0), array(w_ih), w_hh_a, b,
+            array(x), array(h0), array(c0), array(w_ih), w_hh_a, b, w_hr=array(w_hr),
             lengths=_host_lengths(lengths), training=training,
         )  # fmt: skip
         return tensor(y), tensor(hT), tensor(cT), handle(fr_ctx)
 
 
 @_fake(lstm)
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training):
-    return _recurrent_fake(x, w_hh, 2)
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
+    T, N, H = x.shape[0], x.shape[1], w_hh.shape[0] // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    return x.new_empty(T, N, P), x.new_empty(N, P), x.new_empty(N, H), _handle_fake()
 
 
 @_define(
-    "(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? dy, Tensor? dhT, Tensor? dcT)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? dy, Tensor? dhT,"
+    " Tensor? dcT) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-def lstm_backward(handle, x, w_ih, w_hh, dy, dhT, dcT):
+def lstm_backward(handle, x, w_ih, w_hh, w_hr, dy, dhT, dcT):
+    """dw_hr is a (0,) tensor when the forward had no projection (outputs cannot be None)."""
     fr_ctx = context(handle, "lstm")
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.lstm_backward(
             fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT), array(dcT)
         )
-        return tuple(tensor(g) for g in grads)
+        grads = tuple(tensor(g) for g in grads)
+        return grads if w_hr is not None else (*grads, w_hh.new_empty(0))
 
 
 @_fake(lstm_backward)
-def _(handle, x, w_ih, w_hh, dy, dhT, dcT):
-    N, H = x.shape[1], w_hh.shape[1]
+def _(handle, x, w_ih, w_hh, w_hr, dy, dhT, dcT):
+    N, G, P = x.shape[1], w_hh.shape[0], w_hh.shape[1]
     return (
-        torch.empty_like(x), x.new_empty(N, H), x.new_empty(N, H),
-        torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]),
+        torch.empty_like(x), x.new_empty(N, P), x.new_empty(N, G // 4),
+        torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(G),
+        torch.empty_like(w_hr) if w_hr is not None else w_hh.new_empty(0),
     )  # fmt: skip
 
 
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op, keyset, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training):
-        args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+    def forward(ctx, op, keyset, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
+        args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training)
         outputs = _forward_below_autograd(ctx, op, keyset, args)
         ctx.save_for_backward(*args[:-1], outputs[3])
         return outputs
 
     @staticmethod
     def backward(ctx, dy, dhT, dcT, _dhandle):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, h = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             grads = _second_order.grads(
-                _second_order.lstm, (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (lengths,),
-                ctx.needs_input_grad[2:9], (dy, dhT, dcT),
+                _second_order.lstm, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (lengths,),
+                ctx.needs_input_grad[2:10], (dy, dhT, dcT),
             )  # fmt: skip
             return (None, None, *grads, None, None)
         if dy is None and dhT is None and dcT is None:
-            return (None,) * 11
-        dx, dh0, dc0, dw_ih, dw_hh, db = _call(lstm_backward, h, x, w_ih, w_hh, dy, dhT, dcT)
+            return (None,) * 12
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _call(
+            lstm_backward, h, x, w_ih, w_hh, w_hr, dy, dhT, dcT
+        )
         db_ih, db_hh = _split_bias_grad(db, b_ih, b_hh)
-        return (None, None, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None)
+        dw_hr = dw_hr if w_hr is not None else None
+        return (None, None, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None, None)
 
 
 _register_autograd(lstm, _LSTMFunction)

@@ -75,8 +75,8 @@ def _scan(cell: Callable[..., tuple[Tensor, ...]], gx: Tensor, states: tuple[Ten
     return torch.stack(ys), states
 
 
-def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
-    """y, hT, cT of an LSTM layer (gates i, f, g, o)."""
+def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    """y, hT, cT of an LSTM layer (gates i, f, g, o; projected by w_hr when given)."""
     gx = F.linear(x, w_ih, b_ih)
     if b_hh is not None:
         gx = gx + b_hh
@@ -84,7 +84,8 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths):
     def cell(g_x, h, c):
         i, f, g, o = (g_x + F.linear(h, w_hh)).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else F.linear(h, w_hr)), c
 
     y, (h, c) = _scan(cell, gx, (h0, c0), _masks(lengths, x))
     return y, h, c

@@ -91,22 +91,20 @@ class _Recurrent:
     _n_states = 1  # hidden state tensors: 2 for LSTM (h, c)
 
     def _fr_setup(self) -> None:
-        if getattr(self, "proj_size", 0):
-            raise ValueError(
-                f"proj_size: fastrnn.torch.{type(self).__name__} has no projection kernel "
-                f"(got proj_size={self.proj_size}); use torch.nn.LSTM for projections"
-            )
         for name, p in self.named_parameters():
             _check_dtype(name, p.dtype)
-        # Names of (w_ih, w_hh, b_ih, b_hh) per layer and direction, in hx order; looked up with
-        # getattr at each call so torch.func.functional_call and load_state_dict just work.
+        # Names of (w_ih, w_hh, b_ih, b_hh[, w_hr]) per layer and direction, in hx order; looked
+        # up with getattr at each call so torch.func.functional_call and load_state_dict work.
         dirs = 2 if self.bidirectional else 1
+        projected = getattr(self, "proj_size", 0) > 0
         self._fr_weight_names = []
         for layer in range(self.num_layers):
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 names = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
                 names += [f"bias_ih{sfx}", f"bias_hh{sfx}"] if self.bias else [None, None]
+                if self._n_states == 2:
+                    names.append(f"weight_hr{sfx}" if projected else None)
                 self._fr_weight_names.append(names)
 
     def __prepare_scriptable__(self) -> Any:
@@ -178,7 +176,11 @@ class _Recurrent:
         if hx is None:
             shape = (self.num_layers * dirs, N, self.hidden_size)
             zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
-            hx = (zeros, zeros) if self._n_states == 2 else zeros
+            if self._n_states == 2 and self.proj_size > 0:
+                h_shape = (self.num_layers * dirs, N, self.proj_size)
+                hx = (torch.zeros(h_shape, dtype=x.dtype, device=x.device), zeros)
+            else:
+                hx = (zeros, zeros) if self._n_states == 2 else zeros
         self.check_forward_args(check_input, hx, batch_sizes)  # torch.nn's checks and errors
         states = list(hx) if self._n_states == 2 else [hx]
         self._check_kernel_args(x, states)
@@ -249,8 +251,8 @@ class _Recurrent:
 
 
 class LSTM(_Recurrent, nn.LSTM):
-    """``torch.nn.LSTM`` on fastrnn's kernels: same arguments, parameters, outputs and errors;
-    ``forward(input, hx=None, *, lengths=None)``. ``proj_size`` must be 0."""
+    """``torch.nn.LSTM`` on fastrnn's kernels: same arguments (``proj_size`` included),
+    parameters, outputs and errors; ``forward(input, hx=None, *, lengths=None)``."""
 
     _n_states = 2
 
@@ -260,10 +262,12 @@ class LSTM(_Recurrent, nn.LSTM):
         self._fr_setup()
 
     def _cell(self, x, states, weights, lengths):
-        w_ih, w_hh, b_ih, b_hh = weights
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
         h0, c0 = states
-        training = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        y, hT, cT, _ = _ops.call(_ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+        training = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, hT, cT, _ = _ops.call(
+            _ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training
+        )
         return y, hT, cT
 
 
