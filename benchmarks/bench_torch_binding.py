@@ -3,7 +3,7 @@
 Outside the default test run (pytest collects tests/ only). Two ways to run it:
 
     python -m pytest benchmarks/bench_torch_binding.py --benchmark-only --benchmark-group-by=group
-    python benchmarks/bench_torch_binding.py [--threads 2] [--reps 30]
+    python benchmarks/bench_torch_binding.py [--threads 2] [--reps 30] [--compile] [--jax]
 
 Comparisons per shape (T, N, D, H), float32, time-major, one layer:
 
@@ -12,16 +12,16 @@ Comparisons per shape (T, N, D, H), float32, time-major, one layer:
   backward, SGD step.
 * ``binding overhead``: ``fastrnn.torch.LSTM`` forward + ``y.backward(dy)`` vs the bare kernel,
   ``fastrnn.lstm_forward`` + ``fastrnn.lstm_backward`` on NumPy views of the same tensors with
-  the same ``dy``. The difference is everything the binding adds: the module's Python, the
-  ``autograd.Function`` machinery, zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array
-  wrapping, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
+  the same ``dy``. The difference is everything the binding adds: the module's Python and
+  torch.nn's argument checks, the ``fastrnn::lstm`` operator's autograd, the context handle,
+  zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array wrapping, the per-call thread
+  count, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
   Parameter gradients are reset to None before each call (``zero_grad(set_to_none=True)``) so
   autograd adopts the kernel's gradient arrays instead of adding them into old ones; the bare
   call likewise keeps its weight gradients until its next call, as an optimizer needs them.
   (Without that, the two calls free memory in different orders, and glibc's heap trimming
   gives the one that frees the top of the heap thousands of page faults per call: ~2800 at
   (200,32,64,64), a few ms that belong to the allocator, not to either call.)
-
 * ``compiled`` (``--compile``): the same training step of ``fastrnn.torch.LSTM`` eager and
   under ``torch.compile(fullgraph=True)`` (inductor; ``torch._dynamo.config.allow_rnn``), after
   one compiling call whose time is reported separately.
