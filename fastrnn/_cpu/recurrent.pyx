@@ -577,9 +577,24 @@ cdef inline void* data(object a) noexcept:
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray> a)
 
 
+_dense_rows = {}
+
+
 class _Rows:
     """The packed rows of one call: the batch ordered by length (longest first), step t owning
-    rows [off[t], off[t] + na[t]). Without lengths the identity, and no copies."""
+    rows [off[t], off[t] + na[t]). Without lengths the identity, and no copies; those plans
+    are shared between calls of the same (T, N) (read-only), which matters for short calls."""
+
+    @staticmethod
+    def of(lengths, T, N):
+        if lengths is not None:
+            return _Rows(lengths, T, N)
+        rows = _dense_rows.get((T, N))
+        if rows is None:
+            if len(_dense_rows) >= 64:
+                _dense_rows.clear()
+            rows = _dense_rows[(T, N)] = _Rows(None, T, N)
+        return rows
 
     def __init__(self, lengths, T, N):
         self.T, self.N = T, N
@@ -600,6 +615,10 @@ class _Rows:
             self.last = ls                                         # steps of sorted row n
         # the state before step t starts at row hrow[t] of hs: h0 first, then each step's h
         self.hrow = np.concatenate(([0], self.N + self.off)).astype(np.int64)
+        # the same for c when nothing is saved for backward: a ring of two blocks
+        self.ring = (np.arange(T + 1, dtype=np.int64) & 1) * N
+        for a in (self.na, self.off, self.hrow, self.ring):
+            a.flags.writeable = False
 
     def pack(self, a):
         """(T, N, F) -> (R, F)."""
@@ -697,25 +716,19 @@ cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H,
 
 def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     dtype = x.dtype
-    x, h0, w_ih, w_hh, b1 = as_c_array(dtype, x, h0, w_ih, w_hh, b1)
     cdef bint is_lstm = cell == FR_LSTM, is_gru = cell == FR_GRU
     cdef bint proj = w_hr is not None
-    if is_lstm:
-        (c0,) = as_c_array(dtype, c0)
-    if is_gru:
-        (b2,) = as_c_array(dtype, b2)
-    if proj:
-        (w_hr,) = as_c_array(dtype, w_hr)
+    x, h0, c0, w_ih, w_hh, b1, b2, w_hr = as_c_array(dtype, x, h0, c0, w_ih, w_hh, b1, b2, w_hr)
     if lengths is not None:
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2]
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = w_ih.shape[0], H = GH // G, P = w_hh.shape[1]
     cdef bint train = bool(training)
-    rows = _Rows(lengths, T, N)
+    rows = _Rows.of(lengths, T, N)
     cdef Py_ssize_t R = rows.R
     # c: every step's block when training, else a ring of two blocks
-    crow = rows.hrow if train else (np.arange(T + 1, dtype=np.int64) & 1) * N
+    crow = rows.hrow if train else rows.ring
     cdef Plan pl
     fill_plan(&pl, cell, rows, D, H, P, proj, train, dtype == np.float32, crow)
     X = rows.pack(x)
@@ -734,9 +747,9 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     cs = keep[n_g + n_h : n_g + n_h + n_c].reshape(-1, H) if is_lstm else None
     sv = keep[n_g + n_h + n_c : n_g + n_h + n_c + n_sv] if n_sv else None
     rs = keep[n_g + n_h + n_c + n_sv :].reshape(R, H) if proj else None
-    hs[:N] = rows.sort(h0)
+    hs[:N] = h0 if rows.perm is None else h0[rows.perm]
     if is_lstm:
-        cs[:N] = rows.sort(c0)
+        cs[:N] = c0 if rows.perm is None else c0[rows.perm]
     cdef Py_ssize_t n_t = GH * P if pl.use_t else 0
     cdef Py_ssize_t n_p = n_t if pl.panels else 0
     cdef Py_ssize_t n_hw = N * GH if is_gru else 0
