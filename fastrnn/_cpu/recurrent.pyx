@@ -49,7 +49,6 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_small_gemm_init,
     fr_small_gemm_ok,
     from_blocked,
-    memcpy,
     mm,
     natural_row,
     pack_panels,
@@ -140,7 +139,6 @@ cdef struct Plan:
     int isa             # the cells' instruction set
     bint fast           # float32 AVX-512 GEMM kernels allowed (isa and CPU)
     bint proj           # LSTM with a projection
-    bint training
     bint use_t          # step GEMM from W_hh^T (forward)
     bint panels         # step GEMMs from packed panels (float32 fast only)
     int nt              # threads in the time loop (1: serial time loop)
@@ -219,7 +217,9 @@ cdef inline void cell_bwd(
                       pl.bs, u0, u1)
 
 
-cdef inline void out_columns(const Plan* pl, int nt, int p, Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
+cdef inline void out_columns(
+    const Plan* pl, int nt, int p, Py_ssize_t* c0, Py_ssize_t* c1
+) noexcept nogil:
     """Thread p's columns of the state h: its hidden units, or with a projection its share of
     the P outputs (in blocks of BLOCK)."""
     if pl.proj:
@@ -395,7 +395,7 @@ cdef void bwd_thread(
     floating* panels,         # scratch (GH * P) W_hh's columns in panels, or unused
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, o0, o1, t, m, r0, i, c
-    cdef Py_ssize_t G = pl.G, H = pl.H, P = pl.P, GH = pl.G * pl.H
+    cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
     cdef const floating* a_t
     cdef floating* dh_t
     cdef const floating* dy_t
@@ -680,8 +680,9 @@ cdef int run_pass(const Plan* pl, bint backward, bint is_float, tuple arrays) ex
     return 0
 
 
-cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
-                    bint proj, bint training, bint is_float, object crow):
+cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
+                   bint proj, bint is_float, object crow) except -1:
+    """The plan of one call (raises for a FASTRNN_SIMD this CPU does not run)."""
     cdef int G = _GATES[cell]
     cdef int isa = simd_level()
     cdef cnp.ndarray a
@@ -690,7 +691,6 @@ cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H,
     pl.isa = isa
     pl.fast = is_float and isa == 2 and fr_small_gemm_ok != 0
     pl.proj = proj
-    pl.training = training
     pl.T = rows.T
     pl.N = rows.N
     pl.D = D
@@ -712,6 +712,7 @@ cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H,
     pl.hrow = <const long long*> cnp.PyArray_DATA(a)
     a = crow
     pl.crow = <const long long*> cnp.PyArray_DATA(a)
+    return 0
 
 
 def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
@@ -730,7 +731,7 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     # c: every step's block when training, else a ring of two blocks
     crow = rows.hrow if train else rows.ring
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, train, dtype == np.float32, crow)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow)
     X = rows.pack(x)
     # What backward reads shares one buffer from the saved pool when training (reused across
     # calls, so its pages are not faulted in and zeroed every call).
@@ -807,7 +808,7 @@ def _backward(ctx, dy, dhT, dcT):
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = G * H, R = rows.R
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, True, dtype == np.float32, rows.hrow)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow)
     pl.bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     if pl.bs >= H:
         pl.nt = 1
@@ -823,18 +824,13 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t n_s = GH * (D + P + 2), n_p = GH * P if pl.panels else 0
     cdef Py_ssize_t n_dx = R * D if rows.perm is not None else 0
     ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx)
-    o = 0
-    dax = ws[o : o + n_da]; o += n_da
-    dah = ws[o : o + n_dah] if is_gru else dax; o += n_dah
-    dht = ws[o : o + n_dht]; o += n_dht
-    dr = ws[o : o + n_dr]; o += n_dr
-    scratch = ws[o : o + n_s]; o += n_s
-    panels = ws[o : o + n_p]; o += n_p
+    ends = np.cumsum([n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx])
+    dax, dah, dht, dr, scratch, panels, dX = np.split(ws[: ends[-1]], ends[:-1])
+    if not is_gru:
+        dah = dax  # one gradient for the input and the recurrent pre-activations
     if rows.perm is None:
         dx = np.empty((T, N, D), dtype)
         dX = dx
-    else:
-        dX = ws[o : o + n_dx]
     dw_ih = np.empty((GH, D), dtype)
     dw_hh = np.empty((GH, P), dtype)
     db1 = np.empty(GH, dtype)
