@@ -12,11 +12,15 @@ one group, with threads, dtype, shape, GFLOP/s and the percentage of this machin
 implementations round by round and prints medians and PyTorch's time over fastrnn's (above 1:
 fastrnn is faster); on a shared machine that is the number to quote.
 
-Shapes: the single-step inference call (T,N,D,H) = (1,1,128,128) (forward, training=False), and
-(100,1,128,128), (200,32,64,64), (100,16,256,256), (100,64,512,512) forward+backward.
+Shapes: the single-step inference call (T,N,D,H) = (1,1,128,128) (forward, training=False);
+forward+backward at (35,20,200,200), (64,32,192,192), (100,1,128,128), (200,32,64,64),
+(100,16,256,256), (100,64,512,512); and forward+backward with variable lengths (uniform in
+[T/4, T], about 0.63 T on average) at (100,16,256,256), where PyTorch runs its PackedSequence
+path (pack_padded_sequence, unsorted).
 Threads: FASTRNN_BENCH_THREADS (default fastrnn.get_num_threads()); fastrnn, PyTorch and the
 BLAS pools are all set explicitly (fastrnn and PyTorch share libgomp: FACTS.md).
-FLOPs: the GEMM work, forward 2 T N (D + H) G H (G = 4, 3, 1), forward+backward three times.
+FLOPs: the GEMM work, forward 2 T N (D + H) G H (G = 4, 3, 1), forward+backward three times;
+with lengths, sum(lengths) instead of T N.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import pytest
 import fastrnn as fr
 from fastrnn._bench import (
     INFERENCE_SHAPES,
+    LENGTHS_SHAPES,
     RUNNERS,
     TRAINING_SHAPES,
+    bench_lengths,
     make_inputs,
     recurrent_flops,
     sgemm_gflops,
@@ -37,7 +43,11 @@ from fastrnn._bench import (
     torch_available,
 )
 
-CASES = [("fwd", s) for s in INFERENCE_SHAPES] + [("fwd+bwd", s) for s in TRAINING_SHAPES]
+CASES = (
+    [("fwd", s) for s in INFERENCE_SHAPES]
+    + [("fwd+bwd", s) for s in TRAINING_SHAPES]
+    + [("fwd+bwd-lengths", s) for s in LENGTHS_SHAPES]
+)
 IMPLS = ["fastrnn", "numpy", "torch"]
 
 
@@ -50,7 +60,7 @@ def _first_output(result):
     return np.asarray(result)
 
 
-def _check_against_reference(op: str, a: dict, impl: str) -> None:
+def _check_against_reference(op: str, a: dict, impl: str, lengths=None) -> None:
     """Correctness first: the forward output matches the float64 reference."""
     names = {
         "lstm": ("x", "h0", "c0", "w_ih", "w_hh", "b"),
@@ -59,9 +69,9 @@ def _check_against_reference(op: str, a: dict, impl: str) -> None:
     }[op]
     with fr.use_backend("numpy"):
         want = getattr(fr, f"{op}_forward")(
-            *(a[k].astype(np.float64) for k in names), training=False
+            *(a[k].astype(np.float64) for k in names), lengths=lengths, training=False
         )[0]
-    got = _first_output(RUNNERS[impl](op, a, "fwd")())
+    got = _first_output(RUNNERS[impl](op, a, "fwd", lengths)())
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4, err_msg=impl)
 
 
@@ -75,22 +85,28 @@ def test_recurrent(benchmark, op, passes, shape, impl, bench_threads, sgemm_rate
         pytest.skip("PyTorch is not installed")
     T, N, D, H = shape
     a = make_inputs(op, T, N, D, H, np.float32)
+    lengths = bench_lengths(T, N) if passes.endswith("lengths") else None
+    run_passes = "fwd" if passes == "fwd" else "fwd+bwd"
     with threads(bench_threads):
         if impl != "numpy" or T * N * H * H < 1e8:
-            _check_against_reference(op, a, impl)
-        fn = RUNNERS[impl](op, a, passes)
+            _check_against_reference(op, a, impl, lengths)
+        fn = RUNNERS[impl](op, a, run_passes, lengths)
         benchmark.group = f"{op} {passes} T,N,D,H={T},{N},{D},{H}"
         if impl == "numpy" and T * N * H * H > 1e8:  # the reference takes seconds per call
             benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
         else:
             benchmark(fn)
     median = benchmark.stats.stats.median
-    gflops = recurrent_flops(op, T, N, D, H, passes) / median / 1e9
+    flops = recurrent_flops(op, T, N, D, H, run_passes)
+    if lengths is not None:
+        flops *= float(np.mean(lengths)) / T
+    gflops = flops / median / 1e9
     benchmark.extra_info.update(
         impl=impl,
         op=op,
         passes=passes,
         shape=list(shape),
+        mean_length=None if lengths is None else float(np.mean(lengths)),
         dtype="float32",
         threads=bench_threads,
         gflops=round(gflops, 2),

@@ -26,10 +26,25 @@ import fastrnn as fr
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
-# (T, N, D, H): the single-step inference call, then forward+backward training shapes.
+# (T, N, D, H): the single-step inference call, then forward+backward training shapes (PyTorch's
+# word-language-model example, our char-rnn layer, and small to large batches and widths).
 INFERENCE_SHAPES = [(1, 1, 128, 128)]
-TRAINING_SHAPES = [(100, 1, 128, 128), (200, 32, 64, 64), (100, 16, 256, 256), (100, 64, 512, 512)]
+TRAINING_SHAPES = [
+    (35, 20, 200, 200),
+    (64, 32, 192, 192),
+    (100, 1, 128, 128),
+    (200, 32, 64, 64),
+    (100, 16, 256, 256),
+    (100, 64, 512, 512),
+]
+# forward+backward with variable lengths (fastrnn's lengths= vs torch's PackedSequence path)
+LENGTHS_SHAPES = [(100, 16, 256, 256)]
 IMPLS = ("fastrnn", "numpy", "torch")
+
+
+def bench_lengths(T: int, N: int, seed: int = 1) -> np.ndarray:
+    """Lengths of a variable-length batch, uniform in [T/4, T] (mean about 0.63 T), unsorted."""
+    return np.random.default_rng(seed).integers(max(1, T // 4), T + 1, size=N)
 
 
 def recurrent_flops(op: str, T: int, N: int, D: int, H: int, passes: str) -> float:
@@ -74,25 +89,29 @@ def _fastrnn_args(op: str, a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     return tuple(a[k] for k in names)
 
 
-def fastrnn_runner(op: str, a: dict[str, np.ndarray], passes: str) -> Callable[[], Any]:
+def fastrnn_runner(
+    op: str, a: dict[str, np.ndarray], passes: str, lengths: np.ndarray | None = None
+) -> Callable[[], Any]:
     """One fastrnn call (forward with training=False, or forward+backward)."""
     fwd = getattr(fr, f"{op}_forward")
     bwd = getattr(fr, f"{op}_backward")
     args = _fastrnn_args(op, a)
     dy = a["dy"]
     if passes == "fwd":
-        return lambda: fwd(*args, training=False)
+        return lambda: fwd(*args, lengths=lengths, training=False)
 
     def run() -> Any:
-        out = fwd(*args)
+        out = fwd(*args, lengths=lengths)
         return bwd(out[-1], dy)
 
     return run
 
 
-def numpy_runner(op: str, a: dict[str, np.ndarray], passes: str) -> Callable[[], Any]:
+def numpy_runner(
+    op: str, a: dict[str, np.ndarray], passes: str, lengths: np.ndarray | None = None
+) -> Callable[[], Any]:
     """The NumPy reference through the public API (validation included)."""
-    inner = fastrnn_runner(op, a, passes)
+    inner = fastrnn_runner(op, a, passes, lengths)
 
     def run() -> Any:
         with fr.use_backend("numpy"):
@@ -101,8 +120,11 @@ def numpy_runner(op: str, a: dict[str, np.ndarray], passes: str) -> Callable[[],
     return run
 
 
-def torch_runner(op: str, a: dict[str, np.ndarray], passes: str) -> Callable[[], Any]:
-    """torch.nn.LSTM / GRU / RNN (tanh) with the same weights, time-major, one layer."""
+def torch_runner(
+    op: str, a: dict[str, np.ndarray], passes: str, lengths: np.ndarray | None = None
+) -> Callable[[], Any]:
+    """torch.nn.LSTM / GRU / RNN (tanh) with the same weights, time-major, one layer; with
+    ``lengths`` through torch's PackedSequence path (pack_padded_sequence, unsorted)."""
     import torch
 
     T, N, D = a["x"].shape
@@ -126,16 +148,25 @@ def torch_runner(op: str, a: dict[str, np.ndarray], passes: str) -> Callable[[],
     if op == "lstm":
         state = (h0, torch.from_numpy(a["c0"])[None].clone().requires_grad_(train))
     dy = torch.from_numpy(a["dy"])
+    seq_lengths = None if lengths is None else torch.from_numpy(np.asarray(lengths))
+
+    def call() -> Any:
+        if seq_lengths is None:
+            return m(x, state)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, seq_lengths, enforce_sorted=False)
+        y, st = m(packed, state)
+        return torch.nn.utils.rnn.pad_packed_sequence(y, total_length=T)[0], st
+
     if not train:
 
         def infer() -> Any:
             with torch.no_grad():
-                return m(x, state)
+                return call()
 
         return infer
 
     def run() -> Any:
-        y, _ = m(x, state)
+        y, _ = call()
         y.backward(dy)
         return y
 
@@ -300,12 +331,15 @@ def table(
     cases = []
     for op in ops:
         for shape in shapes or INFERENCE_SHAPES + TRAINING_SHAPES:
-            cases.append((op, shape, "fwd" if shape in INFERENCE_SHAPES else "fwd+bwd"))
+            cases.append((op, shape, "fwd" if shape in INFERENCE_SHAPES else "fwd+bwd", False))
+        if shapes is None:
+            cases += [(op, shape, "fwd+bwd", True) for shape in LENGTHS_SHAPES]
     rows = []
     with threads(n_threads):
-        for op, (T, N, D, H), passes in cases:
+        for op, (T, N, D, H), passes, with_lengths in cases:
             a = make_inputs(op, T, N, D, H)
-            fns = {i: RUNNERS[i](op, a, passes) for i in impls}
+            lengths = bench_lengths(T, N) if with_lengths else None
+            fns = {i: RUNNERS[i](op, a, passes, lengths) for i in impls}
             big = T * N * H * H > 5e7
             # the reference is slow on big shapes: fewer samples
             samples: dict[str, list[float]] = {i: [] for i in impls}
@@ -321,6 +355,9 @@ def table(
                     )
             flops = recurrent_flops(op, T, N, D, H, passes)
             row: dict[str, Any] = {"op": op, "shape": (T, N, D, H), "passes": passes}
+            if with_lengths:  # the work done: sum(lengths) of the T N sequence steps
+                flops *= float(np.mean(lengths)) / T
+                row["passes"] = f"{passes} lengths {np.mean(lengths) / T:.2f}T"
             for i in impls:
                 ms = statistics.median(samples[i]) * 1e3
                 row[f"{i}_ms"] = ms

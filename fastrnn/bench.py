@@ -128,6 +128,8 @@ def grid(quick: bool) -> list[Case]:
     ]
     return [
         *(_rec("lstm", *s) for s in rec),
+        _rec("lstm", 35, 20, 200, 200),  # PyTorch's word-language-model example
+        _rec("lstm", 64, 32, 192, 192),  # fastrnn's char-rnn layer
         *(_rec(op, *s) for op in ("gru", "rnn") for s in rec[1:]),
         _conv(64, 3, 32, 32, 3, 1, 1),
         _conv(64, 32, 32, 64, 3, 1, 1),

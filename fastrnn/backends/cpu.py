@@ -47,9 +47,7 @@ def gru_backward(ctx, dy, dhT):
 
 
 def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
-    return _kernels("recurrent").rnn_forward(
-        x, h0, w_ih, w_hh, b, nonlinearity, lengths, training
-    )
+    return _kernels("recurrent").rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training)
 
 
 def rnn_backward(ctx, dy, dhT):
