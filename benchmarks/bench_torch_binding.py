@@ -3,24 +3,30 @@
 Outside the default test run (pytest collects tests/ only). Two ways to run it:
 
     python -m pytest benchmarks/bench_torch_binding.py --benchmark-only --benchmark-group-by=group
-    python benchmarks/bench_torch_binding.py [--threads 2] [--reps 30]
+    python benchmarks/bench_torch_binding.py [--threads 2] [--reps 30] [--compile] [--jax]
 
-Two comparisons per shape (T, N, D, H), float32, time-major, one layer:
+Comparisons per shape (T, N, D, H), float32, time-major, one layer:
 
 * ``train step``: ``torch.nn.LSTM`` vs ``fastrnn.torch.LSTM`` (same weights) in a whole training
   step: zero_grad, forward, a loss on every output (mean squared error against a fixed target),
   backward, SGD step.
 * ``binding overhead``: ``fastrnn.torch.LSTM`` forward + ``y.backward(dy)`` vs the bare kernel,
   ``fastrnn.lstm_forward`` + ``fastrnn.lstm_backward`` on NumPy views of the same tensors with
-  the same ``dy``. The difference is everything the binding adds: the module's Python, the
-  ``autograd.Function`` machinery, zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array
-  wrapping, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
+  the same ``dy``. The difference is everything the binding adds: the module's Python and
+  torch.nn's argument checks, the ``fastrnn::lstm`` operator's autograd, the context handle,
+  zero initial states, the ``b_ih + b_hh`` sum, tensor <-> array wrapping, the per-call thread
+  count, handing the gradients to autograd. The issue's target: under 5% at (100,16,256,256).
   Parameter gradients are reset to None before each call (``zero_grad(set_to_none=True)``) so
   autograd adopts the kernel's gradient arrays instead of adding them into old ones; the bare
   call likewise keeps its weight gradients until its next call, as an optimizer needs them.
   (Without that, the two calls free memory in different orders, and glibc's heap trimming
   gives the one that frees the top of the heap thousands of page faults per call: ~2800 at
   (200,32,64,64), a few ms that belong to the allocator, not to either call.)
+* ``compiled`` (``--compile``): the same training step of ``fastrnn.torch.LSTM`` eager and
+  under ``torch.compile(fullgraph=True)`` (inductor; ``torch._dynamo.config.allow_rnn``), after
+  one compiling call whose time is reported separately.
+* ``jax`` (``--jax``): ``jax.jit(jax.grad(...))`` of ``fastrnn.jax.lstm`` (forward + backward
+  through ``jax.pure_callback``) vs the bare kernels on NumPy arrays, same ``dy``.
 
 Calls are checked for agreement before they are timed. The script alternates the two calls of a
 comparison call by call and reports medians and minima, and each ratio as the median of the
@@ -135,6 +141,78 @@ def overhead_calls(shape) -> dict[str, Callable[[], object]]:
     return {"bare kernel": bare, "fastrnn.torch": binding}
 
 
+def compile_calls(shape) -> tuple[dict[str, Callable[[], float]], float]:
+    """The training step of fastrnn.torch.LSTM eager and with the module compiled (fullgraph,
+    inductor), on twin modules; returns the calls and the seconds of the compiling call."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.allow_rnn = True
+    _, _, x, target = _twins(shape)
+    T, N, D, H = shape
+    calls, compile_s = {}, 0.0
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = ft.LSTM(D, H, dtype=DTYPE)
+        run = torch.compile(model, fullgraph=True) if name == "compiled" else model
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(run=run, opt=opt) -> float:
+            opt.zero_grad(set_to_none=True)
+            y, _ = run(x)
+            loss = torch.nn.functional.mse_loss(y, target)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        t0 = time.perf_counter()
+        step()  # compiles the compiled one; both take the same number of steps
+        if name == "compiled":
+            compile_s = time.perf_counter() - t0
+        calls[name] = step
+    first = {k: c() for k, c in calls.items()}
+    np.testing.assert_allclose(first["compiled"], first["eager"], rtol=1e-4)
+    return calls, compile_s
+
+
+def jax_calls(shape) -> dict[str, Callable[[], object]]:
+    """fastrnn.jax.lstm forward + backward under jax.jit vs the bare kernels."""
+    import jax
+    import jax.numpy as jnp
+
+    import fastrnn.jax as fj
+
+    T, N, D, H = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, N, D)).astype(np.float32)
+    w_ih = (rng.standard_normal((4 * H, D)) / np.sqrt(H)).astype(np.float32)
+    w_hh = (rng.standard_normal((4 * H, H)) / np.sqrt(H)).astype(np.float32)
+    b = np.zeros(4 * H, np.float32)
+    h0 = np.zeros((N, H), np.float32)
+    dy = rng.standard_normal((T, N, H)).astype(np.float32)
+    args = [jnp.asarray(a) for a in (x, h0, h0, w_ih, w_hh, b)]
+    dy_j = jnp.asarray(dy)
+
+    def loss(*a):
+        return jnp.sum(fj.lstm(*a)[0] * dy_j)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+
+    def via_jax():
+        return jax.block_until_ready(grad(*args))
+
+    held: list[np.ndarray] = []
+
+    def bare():
+        held.clear()
+        _, _, _, ctx = fr.lstm_forward(x, h0, h0, w_ih, w_hh, b)
+        held.extend(fr.lstm_backward(ctx, dy))
+        return held
+
+    np.testing.assert_allclose(np.asarray(via_jax()[3]), bare()[3], rtol=2e-3, atol=2e-3)
+    return {"bare kernel": bare, "fastrnn.jax": via_jax}
+
+
 # ------------------------------------------------------------------------------------------------
 # pytest-benchmark suite
 # ------------------------------------------------------------------------------------------------
@@ -217,12 +295,46 @@ def table(threads: int, reps: int) -> None:
         )
 
 
+def _mm(t: np.ndarray) -> str:
+    return f"{np.median(t):.3f} ({t.min():.3f})"
+
+
+def compare_table(title: str, make: Callable, names: tuple[str, str], threads: int, reps: int,
+                  shapes: list) -> None:  # fmt: skip
+    """Per shape: medians (minima) of two interleaved calls and the median per-round ratio."""
+    set_threads(threads)
+    base, other = names
+    print(f"\n{title}: threads={threads}, float32, {reps} interleaved rounds, ms median (min)")
+    print(f"{'shape':16} {base:>18} {other:>18} {'ratio':>15} {'extra ms':>9} {'first call s':>12}")
+    for shape in shapes:
+        made = make(shape)
+        calls, first = made if isinstance(made, tuple) else (made, float("nan"))
+        t = _interleaved(calls, reps)
+        ratio = (np.median(t[other] / t[base]), t[other].min() / t[base].min())
+        print(
+            f"{_id(shape):16} {_mm(t[base]):>18} {_mm(t[other]):>18} "
+            f"{f'{ratio[0]:.3f} ({ratio[1]:.3f})':>15} {np.median(t[other] - t[base]):9.3f} "
+            f"{first:12.1f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=fr.get_num_threads())
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds (default 30)")
+    parser.add_argument("--compile", action="store_true", help="also: compiled vs eager step")
+    parser.add_argument("--jax", action="store_true", help="also: fastrnn.jax vs bare kernels")
+    parser.add_argument("--only", action="store_true", help="skip the default table")
     args = parser.parse_args()
-    table(args.threads, args.reps)
+    if not args.only:
+        table(args.threads, args.reps)
+    if args.compile:
+        compare_table("torch.compile(fullgraph=True) training step vs eager", compile_calls,
+                      ("eager", "compiled"), args.threads, args.reps, SHAPES)  # fmt: skip
+    if args.jax:
+        compare_table("fastrnn.jax jit(grad) vs bare kernels, fwd+bwd", jax_calls,
+                      ("bare kernel", "fastrnn.jax"), args.threads, args.reps, SHAPES)  # fmt: skip
 
 
 if __name__ == "__main__":

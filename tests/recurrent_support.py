@@ -125,6 +125,15 @@ OP_IDS = [op.name for op in OPS]
 REFERENCE = reference
 
 
+def cuda_has_projection() -> bool:
+    """Whether the CUDA LSTM launcher takes w_hr (the projection cell) yet."""
+    import inspect
+
+    from fastrnn._cuda import recurrent
+
+    return "w_hr" in inspect.signature(recurrent.lstm_forward).parameters
+
+
 def make_lengths(kind: str | None, T: int, N: int, rng: np.random.Generator):
     """None; "full": every sequence T long (given explicitly); "ties": random lengths in 1..T
     with repeated values, including 1 and T when N allows."""

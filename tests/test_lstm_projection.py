@@ -30,8 +30,15 @@ def _arrays(T, N, D, H, P, dtype, rng):
 
 def _call(a, lengths=None, training=True):
     return fr.lstm_forward(
-        a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"] + a["b_hh"],
-        w_hr=a["w_hr"], lengths=lengths, training=training,
+        a["x"],
+        a["h0"],
+        a["c0"],
+        a["w_ih"],
+        a["w_hh"],
+        a["b_ih"] + a["b_hh"],
+        w_hr=a["w_hr"],
+        lengths=lengths,
+        training=training,
     )
 
 
@@ -48,7 +55,9 @@ def _torch_lstm(a, D, H, P, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("lengths", [None, [5, 2, 4, 1], [5, 5, 5, 5]], ids=["dense", "lengths", "full"])
+@pytest.mark.parametrize(
+    "lengths", [None, [5, 2, 4, 1], [5, 5, 5, 5]], ids=["dense", "lengths", "full"]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_proj_size(backend, lengths, dtype):
     rng = np.random.default_rng(7)
@@ -85,8 +94,13 @@ def test_matches_torch_proj_size(backend, lengths, dtype):
     assert len(grads) == 7
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
     want = dict(
-        dx=xt.grad, dh0=h0t.grad[0], dc0=c0t.grad[0], dw_ih=t.weight_ih_l0.grad,
-        dw_hh=t.weight_hh_l0.grad, db=t.bias_ih_l0.grad, dw_hr=t.weight_hr_l0.grad,
+        dx=xt.grad,
+        dh0=h0t.grad[0],
+        dc0=c0t.grad[0],
+        dw_ih=t.weight_ih_l0.grad,
+        dw_hh=t.weight_hh_l0.grad,
+        db=t.bias_ih_l0.grad,
+        dw_hr=t.weight_hr_l0.grad,
     )
     got = dict(dx=dx, dh0=dh0, dc0=dc0, dw_ih=dw_ih, dw_hh=dw_hh, db=db, dw_hr=dw_hr)
     for name, g in got.items():

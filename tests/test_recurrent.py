@@ -9,7 +9,7 @@ import pytest
 from conftest import DTYPES, KERNEL_BACKENDS, to_backend, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from recurrent_support import OP_IDS, OPS, REFERENCE, make_lengths
+from recurrent_support import OP_IDS, OPS, REFERENCE, cuda_has_projection, make_lengths
 from tolerances import assert_close, tol
 
 # ------------------------------------------------------------------------------------------------
@@ -68,6 +68,8 @@ LENGTHS = [None, "full", "ties"]
 
 
 def _compare(op, backend, dtype, T, N, D, H, lengths_kind, give_final_grads, seed=0):
+    if backend == "cuda" and op.proj and not cuda_has_projection():
+        pytest.xfail("the CUDA LSTM launcher does not take w_hr yet")
     rng = np.random.default_rng(seed)
     arrays = op.arrays(T, N, D, H, rng)
     upstream = op.upstream_arrays(T, N, H, rng)
@@ -118,6 +120,8 @@ def test_final_state_gradients_none(backend, op, dtype):
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_inference_saves_nothing_and_matches_training(backend, op, dtype):
+    if backend == "cuda" and op.proj and not cuda_has_projection():
+        pytest.xfail("the CUDA LSTM launcher does not take w_hr yet")
     rng = np.random.default_rng(3)
     T, N, D, H = 6, 4, 5, 40
     arrays = {

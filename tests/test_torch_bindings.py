@@ -220,6 +220,70 @@ def test_only_final_state_used():
 
 
 # ------------------------------------------------------------------------------------------------
+# LSTM projections (proj_size)
+# ------------------------------------------------------------------------------------------------
+
+P = 2  # proj_size < H
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=["float32", "float64"])
+def test_lstm_projection_matches_torch(dtype, config):
+    """LSTM(proj_size=P): parameter names (weight_hr_l*), outputs of P features, cell states
+    of H, and every gradient equal torch.nn.LSTM's."""
+    cfg = CONFIGS[config]
+    kwargs = dict(cfg["kwargs"], proj_size=P)
+    a, b = twins("lstm", dtype, **kwargs)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert any(n.startswith("weight_hr_l") for n, _ in a.named_parameters())
+    dirs = 2 if kwargs.get("bidirectional") else 1
+    layers = kwargs.get("num_layers", 1)
+    batch_first = kwargs.get("batch_first", False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, N, D, generator=g, dtype=dtype)
+    if batch_first:
+        x = x.transpose(0, 1).contiguous()
+    h0 = torch.randn(layers * dirs, N, P, generator=g, dtype=dtype)
+    c0 = torch.randn(layers * dirs, N, H, generator=g, dtype=dtype)
+    results = []
+    for m, use_packed in ((a, False), (b, cfg["lengths"])):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        if cfg["lengths"] and use_packed:
+            packed = pack_padded_sequence(leaves[0], torch.tensor(LENGTHS), batch_first,
+                                          enforce_sorted=False)  # fmt: skip
+            out, (h, c) = m(packed, tuple(leaves[1:]))
+            y, _ = pad_packed_sequence(out, batch_first, total_length=T)
+        elif cfg["lengths"]:
+            y, (h, c) = m(leaves[0], tuple(leaves[1:]), lengths=LENGTHS)
+        else:
+            y, (h, c) = m(leaves[0], tuple(leaves[1:]))
+        assert y.shape[-1] == dirs * P and h.shape[-1] == P and c.shape[-1] == H
+        (y.square().sum() + (h * 2).sum() + (c * 3).sum()).backward()
+        results.append([y, h, c] + [t.grad for t in leaves] + [p.grad for p in m.parameters()])
+    for i, (u, v) in enumerate(zip(*results, strict=True)):
+        direction = "forward" if i < 3 else "backward"
+        assert_close(u, v, "recurrent", direction, dtype, f"result {i}")
+
+
+def test_gradcheck_lstm_projection():
+    dtype = torch.float64
+    torch.manual_seed(0)
+    m = ft.LSTM(3, 3, num_layers=2, bidirectional=True, proj_size=2, dtype=dtype)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    x = torch.randn(4, 3, 3, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(4, 3, 2, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(4, 3, 3, dtype=dtype, requires_grad=True)
+
+    def f(x, h0, c0, *ps):
+        p = dict(zip(names, ps, strict=True))
+        y, (h, c) = torch.func.functional_call(m, p, (x, (h0, c0)), {"lengths": [4, 1, 3]})
+        return y, h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
 # dropout between layers
 # ------------------------------------------------------------------------------------------------
 
@@ -536,13 +600,21 @@ def test_in_place_change_before_backward_is_caught():
         y.sum().backward()
 
 
-def test_double_backward_is_refused():
-    m = ft.RNN(D, H, dtype=torch.float64)
-    x = torch.randn(T, N, D, dtype=torch.float64, requires_grad=True)
-    y, _ = m(x)
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+def test_double_backward_matches_torch():
+    """A loss built from a gradient (create_graph=True) gets the second-order terms right: the
+    issue's reproducer, side by side with torch.nn."""
+    torch.manual_seed(0)
+    ours = ft.LSTM(3, 3).double()
+    theirs = nn.LSTM(3, 3).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    for m in (ours, theirs):
+        y, _ = m(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert g.requires_grad
+        (y.pow(2).sum() + g.pow(2).sum()).backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        assert_close(p.grad, q.grad, "recurrent", "backward", torch.float64, n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,8 +623,6 @@ def test_double_backward_is_refused():
 
 
 def test_unsupported_configurations_raise():
-    with pytest.raises(ValueError, match="proj_size"):
-        ft.LSTM(D, H, proj_size=2)
     with pytest.raises(ValueError, match="padding_mode"):
         ft.Conv2d(3, 4, 3, padding_mode="reflect")
     with pytest.raises(TypeError, match="dtype"):
@@ -568,26 +638,30 @@ def test_unsupported_configurations_raise():
 
 
 def test_bad_input_names_the_argument():
+    """fastrnn's own checks (lengths) name the argument; the mistakes torch.nn checks raise
+    torch.nn's exception types (tests/test_torch_nn_behaviour.py has them side by side)."""
     m = ft.LSTM(D, H)
     x = torch.randn(T, N, D)
-    with pytest.raises(ValueError, match="input"):
+    with pytest.raises(RuntimeError, match="input_size"):
         m(torch.randn(T, N, D + 1))
-    with pytest.raises(ValueError, match="input"):
+    with pytest.raises(ValueError, match="2D or 3D"):
         m(torch.randn(T, N, D, 1))
-    with pytest.raises(TypeError, match="input"):
+    with pytest.raises(ValueError, match="dtype"):
         m(x.double())
-    with pytest.raises(ValueError, match="h_0"):
+    with pytest.raises(RuntimeError, match="hidden"):
         m(x, (torch.zeros(2, N, H), torch.zeros(1, N, H)))
-    with pytest.raises(TypeError, match="hx"):
-        m(x, torch.zeros(1, N, H))
     with pytest.raises(ValueError, match="lengths"):
         m(x, lengths=[T + 1] * N)
     with pytest.raises(ValueError, match="lengths"):
+        m(x, lengths=[0] * N)
+    with pytest.raises(ValueError, match="lengths"):
         m(x, lengths=[1] * (N - 1))
+    with pytest.raises(TypeError, match="lengths"):
+        m(x, lengths=[1.5] * N)
     with pytest.raises(ValueError, match="lengths"):
         m(pack_padded_sequence(x, [T] * N), lengths=[T] * N)
     g = ft.GRU(D, H)
-    with pytest.raises(TypeError, match="hx"):
+    with pytest.raises(RuntimeError, match="hx"):
         g(x, torch.zeros(1, N, H, dtype=torch.float64))
 
 

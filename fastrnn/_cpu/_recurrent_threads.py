@@ -70,12 +70,16 @@ def simd_request() -> int | None:
 
 
 def as_c_array(dtype: Any, *arrays: Any) -> tuple[Any, ...]:
-    """The arrays as C-contiguous NumPy arrays of ``dtype`` (themselves when they already are).
+    """The arrays as C-contiguous NumPy arrays of ``dtype`` (themselves when they already are;
+    None stays None).
 
     fastrnn's public functions already guarantee this; the kernels are also callable through
     the backend module directly, where a strided view must not reach raw-pointer code."""
     out = []
     for a in arrays:
+        if a is None:  # an array the cell does not have
+            out.append(a)
+            continue
         if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous:
             a = np.ascontiguousarray(a, dtype=dtype)
         out.append(a)

@@ -49,7 +49,6 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_small_gemm_init,
     fr_small_gemm_ok,
     from_blocked,
-    memcpy,
     mm,
     natural_row,
     pack_panels,
@@ -140,7 +139,6 @@ cdef struct Plan:
     int isa             # the cells' instruction set
     bint fast           # float32 AVX-512 GEMM kernels allowed (isa and CPU)
     bint proj           # LSTM with a projection
-    bint training
     bint use_t          # step GEMM from W_hh^T (forward)
     bint panels         # step GEMMs from packed panels (float32 fast only)
     int nt              # threads in the time loop (1: serial time loop)
@@ -219,7 +217,9 @@ cdef inline void cell_bwd(
                       pl.bs, u0, u1)
 
 
-cdef inline void out_columns(const Plan* pl, int nt, int p, Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
+cdef inline void out_columns(
+    const Plan* pl, int nt, int p, Py_ssize_t* c0, Py_ssize_t* c1
+) noexcept nogil:
     """Thread p's columns of the state h: its hidden units, or with a projection its share of
     the P outputs (in blocks of BLOCK)."""
     if pl.proj:
@@ -395,7 +395,7 @@ cdef void bwd_thread(
     floating* panels,         # scratch (GH * P) W_hh's columns in panels, or unused
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, o0, o1, t, m, r0, i, c
-    cdef Py_ssize_t G = pl.G, H = pl.H, P = pl.P, GH = pl.G * pl.H
+    cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
     cdef const floating* a_t
     cdef floating* dh_t
     cdef const floating* dy_t
@@ -577,9 +577,24 @@ cdef inline void* data(object a) noexcept:
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray> a)
 
 
+_dense_rows = {}
+
+
 class _Rows:
     """The packed rows of one call: the batch ordered by length (longest first), step t owning
-    rows [off[t], off[t] + na[t]). Without lengths the identity, and no copies."""
+    rows [off[t], off[t] + na[t]). Without lengths the identity, and no copies; those plans
+    are shared between calls of the same (T, N) (read-only), which matters for short calls."""
+
+    @staticmethod
+    def of(lengths, T, N):
+        if lengths is not None:
+            return _Rows(lengths, T, N)
+        rows = _dense_rows.get((T, N))
+        if rows is None:
+            if len(_dense_rows) >= 64:
+                _dense_rows.clear()
+            rows = _dense_rows[(T, N)] = _Rows(None, T, N)
+        return rows
 
     def __init__(self, lengths, T, N):
         self.T, self.N = T, N
@@ -600,6 +615,10 @@ class _Rows:
             self.last = ls                                         # steps of sorted row n
         # the state before step t starts at row hrow[t] of hs: h0 first, then each step's h
         self.hrow = np.concatenate(([0], self.N + self.off)).astype(np.int64)
+        # the same for c when nothing is saved for backward: a ring of two blocks
+        self.ring = (np.arange(T + 1, dtype=np.int64) & 1) * N
+        for a in (self.na, self.off, self.hrow, self.ring):
+            a.flags.writeable = False
 
     def pack(self, a):
         """(T, N, F) -> (R, F)."""
@@ -661,8 +680,9 @@ cdef int run_pass(const Plan* pl, bint backward, bint is_float, tuple arrays) ex
     return 0
 
 
-cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
-                    bint proj, bint training, bint is_float, object crow):
+cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
+                   bint proj, bint is_float, object crow) except -1:
+    """The plan of one call (raises for a FASTRNN_SIMD this CPU does not run)."""
     cdef int G = _GATES[cell]
     cdef int isa = simd_level()
     cdef cnp.ndarray a
@@ -671,7 +691,6 @@ cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H,
     pl.isa = isa
     pl.fast = is_float and isa == 2 and fr_small_gemm_ok != 0
     pl.proj = proj
-    pl.training = training
     pl.T = rows.T
     pl.N = rows.N
     pl.D = D
@@ -693,31 +712,26 @@ cdef void fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H,
     pl.hrow = <const long long*> cnp.PyArray_DATA(a)
     a = crow
     pl.crow = <const long long*> cnp.PyArray_DATA(a)
+    return 0
 
 
 def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     dtype = x.dtype
-    x, h0, w_ih, w_hh, b1 = as_c_array(dtype, x, h0, w_ih, w_hh, b1)
     cdef bint is_lstm = cell == FR_LSTM, is_gru = cell == FR_GRU
     cdef bint proj = w_hr is not None
-    if is_lstm:
-        (c0,) = as_c_array(dtype, c0)
-    if is_gru:
-        (b2,) = as_c_array(dtype, b2)
-    if proj:
-        (w_hr,) = as_c_array(dtype, w_hr)
+    x, h0, c0, w_ih, w_hh, b1, b2, w_hr = as_c_array(dtype, x, h0, c0, w_ih, w_hh, b1, b2, w_hr)
     if lengths is not None:
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2]
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = w_ih.shape[0], H = GH // G, P = w_hh.shape[1]
     cdef bint train = bool(training)
-    rows = _Rows(lengths, T, N)
+    rows = _Rows.of(lengths, T, N)
     cdef Py_ssize_t R = rows.R
     # c: every step's block when training, else a ring of two blocks
-    crow = rows.hrow if train else (np.arange(T + 1, dtype=np.int64) & 1) * N
+    crow = rows.hrow if train else rows.ring
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, train, dtype == np.float32, crow)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow)
     X = rows.pack(x)
     # What backward reads shares one buffer from the saved pool when training (reused across
     # calls, so its pages are not faulted in and zeroed every call).
@@ -734,9 +748,9 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     cs = keep[n_g + n_h : n_g + n_h + n_c].reshape(-1, H) if is_lstm else None
     sv = keep[n_g + n_h + n_c : n_g + n_h + n_c + n_sv] if n_sv else None
     rs = keep[n_g + n_h + n_c + n_sv :].reshape(R, H) if proj else None
-    hs[:N] = rows.sort(h0)
+    hs[:N] = h0 if rows.perm is None else h0[rows.perm]
     if is_lstm:
-        cs[:N] = rows.sort(c0)
+        cs[:N] = c0 if rows.perm is None else c0[rows.perm]
     cdef Py_ssize_t n_t = GH * P if pl.use_t else 0
     cdef Py_ssize_t n_p = n_t if pl.panels else 0
     cdef Py_ssize_t n_hw = N * GH if is_gru else 0
@@ -794,7 +808,7 @@ def _backward(ctx, dy, dhT, dcT):
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = G * H, R = rows.R
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, True, dtype == np.float32, rows.hrow)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow)
     pl.bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
     if pl.bs >= H:
         pl.nt = 1
@@ -810,18 +824,13 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t n_s = GH * (D + P + 2), n_p = GH * P if pl.panels else 0
     cdef Py_ssize_t n_dx = R * D if rows.perm is not None else 0
     ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx)
-    o = 0
-    dax = ws[o : o + n_da]; o += n_da
-    dah = ws[o : o + n_dah] if is_gru else dax; o += n_dah
-    dht = ws[o : o + n_dht]; o += n_dht
-    dr = ws[o : o + n_dr]; o += n_dr
-    scratch = ws[o : o + n_s]; o += n_s
-    panels = ws[o : o + n_p]; o += n_p
+    ends = np.cumsum([n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx])
+    dax, dah, dht, dr, scratch, panels, dX = np.split(ws[: ends[-1]], ends[:-1])
+    if not is_gru:
+        dah = dax  # one gradient for the input and the recurrent pre-activations
     if rows.perm is None:
         dx = np.empty((T, N, D), dtype)
         dX = dx
-    else:
-        dX = ws[o : o + n_dx]
     dw_ih = np.empty((GH, D), dtype)
     dw_hh = np.empty((GH, P), dtype)
     db1 = np.empty(GH, dtype)

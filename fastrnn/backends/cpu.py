@@ -56,9 +56,7 @@ def gru_backward(ctx, dy, dhT):
 
 @fork_safe
 def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
-    return _kernels("recurrent").rnn_forward(
-        x, h0, w_ih, w_hh, b, nonlinearity, lengths, training
-    )
+    return _kernels("recurrent").rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training)
 
 
 @fork_safe

@@ -2,8 +2,8 @@
 
 torch.nn's constructor arguments, parameter names (``weight_ih_l0``, ``weight_hh_l0``,
 ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0`` with ``proj_size``, ``..._reverse``), shapes
-and initialisation U(-1/sqrt(H), 1/sqrt(H)), so a torch.nn state dict loads as it is. Both biases are kept as
-parameters (as in PyTorch); the LSTM and RNN kernels take their sum.
+and initialisation U(-1/sqrt(H), 1/sqrt(H)), so a torch.nn state dict loads as it is. Both
+biases are kept as parameters (as in PyTorch); the LSTM and RNN kernels take their sum.
 
 Variable-length batches: ``forward(x, state, lengths=...)`` gives PyTorch's packed-sequence
 results without packing. Outputs past each sequence's end are zero, the final states are those

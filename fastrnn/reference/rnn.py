@@ -47,9 +47,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, *, nonlinearity="tanh", lengths=None, trai
             dtype=x.dtype,
             cupy=xp.__name__ == "cupy",
             grad_shapes={"dy": (T, N, H), "dhT": (N, H)},
-            saved=dict(
-                x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, y=y, mask=mask, nonlinearity=nonlinearity
-            ),
+            saved=dict(x=x, w_ih=w_ih, w_hh=w_hh, hs=hs, y=y, mask=mask, nonlinearity=nonlinearity),
         )
     return y, hs[T].copy(), ctx
 

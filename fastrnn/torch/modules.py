@@ -1,0 +1,477 @@
+"""``torch.nn`` drop-ins whose forward calls fastrnn's custom operators (fastrnn/torch/_ops.py).
+
+The classes subclass their ``torch.nn`` twins: constructor arguments and checks, parameters,
+initialisation, ``state_dict``, ``repr`` and the forward's argument checks are torch.nn's own
+(the forward calls torch.nn's ``check_forward_args``), so the same mistakes raise the same
+exception types. Only the computation differs: one ``torch.ops.fastrnn`` operator per layer and
+direction. Everything here is plain torch code that torch.compile traces without a break.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastrnn.torch import _ops
+
+Tensor = torch.Tensor
+_DTYPES = (torch.float32, torch.float64)
+# the kernels' devices, and meta tensors (shapes only, through the operators' fake kernels)
+_DEVICES = ("cpu", "cuda", "meta")
+
+_NOT_SCRIPTABLE = (
+    "fastrnn.torch.{name} cannot be compiled by torch.jit.script: its forward takes a "
+    "keyword-only `lengths` and handles PackedSequence and unbatched input in Python, which "
+    "TorchScript does not accept. Use torch.compile or torch.export (the fastrnn operators are "
+    "single graph nodes there), or torch.jit.trace for a fixed input layout."
+)
+
+
+def _check_dtype(name: str, dtype: Any) -> None:
+    if dtype not in _DTYPES:
+        raise TypeError(f"{name}: fastrnn supports float32 and float64, got {dtype}")
+
+
+def _check_dtype_argument(kwargs: dict[str, Any]) -> None:
+    """The constructor's ``dtype=``, checked before torch.nn allocates parameters in it."""
+    if kwargs.get("dtype") is not None:
+        _check_dtype("dtype", kwargs["dtype"])
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call (so the forward must save what backward needs).
+    Always under torch.jit.trace: the traced graph keeps the flag as a constant and may be
+    trained."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------
+# recurrent layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _lengths_tensor(lengths: Any, N: int) -> Tensor:
+    """``lengths`` (tensor, list, NumPy array) as an int64 CPU tensor of shape (N,); the values
+    (each in 1..T) are checked by the operator, on the host."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != N:
+        raise ValueError(
+            f"lengths: expected shape ({N},) (one length per sequence), got {tuple(lengths.shape)}"
+        )
+    return lengths.to(device="cpu", dtype=torch.int64)
+
+
+def _reverser(lengths: Tensor | None, T: int, device: torch.device) -> Any:
+    """A function that reverses (T, N, F) sequences in time, each within its own length
+    (positions past a length stay where they are: the kernels ignore them there)."""
+    if lengths is None:
+        return lambda a: a.flip(0)
+    t = torch.arange(T, device=device)[:, None]
+    L = lengths.to(device)[None, :]
+    index = torch.where(t < L, L - 1 - t, t)  # (T, N); an involution
+
+    def reverse(a: Tensor) -> Tensor:
+        return a.gather(0, index[:, :, None].expand(-1, -1, a.shape[2]))
+
+    return reverse
+
+
+class _Recurrent:
+    """The forward of the recurrent drop-ins; parameters, initialisation and argument checks
+    are torch.nn's (the subclasses inherit them)."""
+
+    _n_states = 1  # hidden state tensors: 2 for LSTM (h, c)
+
+    def _fr_setup(self) -> None:
+        for name, p in self.named_parameters():
+            _check_dtype(name, p.dtype)
+        # Names of (w_ih, w_hh, b_ih, b_hh[, w_hr]) per layer and direction, in hx order; looked
+        # up with getattr at each call so torch.func.functional_call and load_state_dict work.
+        dirs = 2 if self.bidirectional else 1
+        projected = getattr(self, "proj_size", 0) > 0
+        self._fr_weight_names = []
+        for layer in range(self.num_layers):
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                names = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
+                names += [f"bias_ih{sfx}", f"bias_hh{sfx}"] if self.bias else [None, None]
+                if self._n_states == 2:
+                    names.append(f"weight_hr{sfx}" if projected else None)
+                self._fr_weight_names.append(names)
+
+    def __prepare_scriptable__(self) -> Any:
+        raise RuntimeError(_NOT_SCRIPTABLE.format(name=type(self).__name__))
+
+    def _weights(self, k: int) -> list[Tensor | None]:
+        return [None if n is None else getattr(self, n) for n in self._fr_weight_names[k]]
+
+    def _cell(self, x, states, weights, lengths):
+        raise NotImplementedError
+
+    def _hx(self, hx: Any, is_batched: bool) -> Any:
+        """torch.nn's checks of the initial state's dimensions (RuntimeError); unbatched states
+        get their batch dimension."""
+        if hx is None:
+            return None
+        if self._n_states == 2:
+            h, c = hx[0], hx[1]
+            if is_batched:
+                if h.dim() != 3 or c.dim() != 3:
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({h.dim()}-D, {c.dim()}-D) tensors"
+                    )
+                return h, c
+            if h.dim() != 2 or c.dim() != 2:
+                raise RuntimeError(
+                    "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                    f"({h.dim()}-D, {c.dim()}-D) tensors"
+                )
+            return h.unsqueeze(1), c.unsqueeze(1)
+        if is_batched:
+            if hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            return hx
+        if hx.dim() != 2:
+            raise RuntimeError(
+                f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+            )
+        return hx.unsqueeze(1)
+
+    def forward(self, input: Any, hx: Any = None, *, lengths: Any = None) -> Any:
+        """Same as torch.nn's ``forward(input, hx)``; padded input may also carry ``lengths``
+        (integers of shape (N,), each in 1..T): outputs past a sequence's end are zero and the
+        final states are those after its last step, as with a PackedSequence."""
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths: a PackedSequence carries its own lengths")
+            check_input, batch_sizes = input.data, input.batch_sizes
+            x, lens = pad_packed_sequence(input)  # (T, N, D), the caller's batch order
+            lengths = lens.to(torch.int64)
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"{type(self).__name__}: Expected input to be 2D or 3D, got "
+                    f"{input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            batch_sizes = None
+            check_input = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
+            x = check_input.transpose(0, 1) if self.batch_first else check_input
+        hx = self._hx(hx, is_batched)
+        N = x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        if hx is None:
+            shape = (self.num_layers * dirs, N, self.hidden_size)
+            zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            if self._n_states == 2 and self.proj_size > 0:
+                h_shape = (self.num_layers * dirs, N, self.proj_size)
+                hx = (torch.zeros(h_shape, dtype=x.dtype, device=x.device), zeros)
+            else:
+                hx = (zeros, zeros) if self._n_states == 2 else zeros
+        self.check_forward_args(check_input, hx, batch_sizes)  # torch.nn's checks and errors
+        states = list(hx) if self._n_states == 2 else [hx]
+        self._check_kernel_args(x, states)
+        if lengths is not None and not packed:
+            lengths = _lengths_tensor(lengths, N)
+
+        output, finals = self._layers(x.contiguous(), states, lengths)
+
+        if packed:
+            sorted_indices = input.sorted_indices
+            if sorted_indices is not None:
+                output = output.index_select(1, sorted_indices)
+                lens = lens[sorted_indices.cpu()]
+            data = pack_padded_sequence(output, lens, enforce_sorted=True).data
+            output = PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+        elif not is_batched:
+            output = output.squeeze(1)
+            finals = [f.squeeze(1) for f in finals]
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (tuple(finals) if self._n_states == 2 else finals[0])
+
+    def _check_kernel_args(self, x: Tensor, states: list[Tensor]) -> None:
+        """What torch.nn checks in C++ (RuntimeError) and what fastrnn's kernels need."""
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"input: fastrnn supports float32 and float64, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        w = self.weight_hh_l0
+        if w.device != x.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor "
+                f"at {x.device} and parameter tensor at {w.device}"
+            )
+        if x.device.type not in _DEVICES:
+            raise RuntimeError(f"input: device {x.device} is not supported (cpu or cuda)")
+        for name, h in zip(("hx", "cx"), states, strict=False):
+            if h.device != x.device:
+                raise RuntimeError(
+                    f"Input and hidden tensors are not at the same device, found input tensor "
+                    f"at {x.device} and hidden tensor ({name}) at {h.device}"
+                )
+            if h.dtype != x.dtype:
+                raise RuntimeError(f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}")
+
+    def _layers(self, x, states, lengths):
+        dirs = 2 if self.bidirectional else 1
+        reverse = _reverser(lengths, x.shape[0], x.device) if dirs == 2 else None
+        finals: list[list[Tensor]] = [[] for _ in states]
+        out = x
+        for layer in range(self.num_layers):
+            if layer and self.dropout and self.training:
+                out = F.dropout(out, self.dropout, training=True)
+            ys = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                inp = reverse(out) if d else out
+                y, *last = self._cell(inp, [s[k] for s in states], self._weights(k), lengths)
+                ys.append(reverse(y) if d else y)
+                for i, h in enumerate(last):
+                    finals[i].append(h)
+            out = ys[0] if dirs == 1 else torch.cat(ys, dim=2)
+        if len(finals[0]) == 1:
+            return out, [f[0].unsqueeze(0) for f in finals]
+        return out, [torch.stack(f) for f in finals]
+
+
+class LSTM(_Recurrent, nn.LSTM):
+    """``torch.nn.LSTM`` on fastrnn's kernels: same arguments (``proj_size`` included),
+    parameters, outputs and errors; ``forward(input, hx=None, *, lengths=None)``."""
+
+    _n_states = 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_dtype_argument(kwargs)
+        super().__init__(*args, **kwargs)
+        self._fr_setup()
+
+    def _cell(self, x, states, weights, lengths):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        h0, c0 = states
+        training = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, hT, cT, _ = _ops.call(
+            _ops.lstm, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training
+        )
+        return y, hT, cT
+
+
+class GRU(_Recurrent, nn.GRU):
+    """``torch.nn.GRU`` on fastrnn's kernels: same arguments, parameters, outputs and errors;
+    ``forward(input, hx=None, *, lengths=None)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_dtype_argument(kwargs)
+        super().__init__(*args, **kwargs)
+        self._fr_setup()
+
+    def _cell(self, x, states, weights, lengths):
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0,) = states
+        training = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
+        y, hT, _ = _ops.call(_ops.gru, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
+        return y, hT
+
+
+class RNN(_Recurrent, nn.RNN):
+    """``torch.nn.RNN`` (Elman, ``nonlinearity`` "tanh" or "relu") on fastrnn's kernels: same
+    arguments, parameters, outputs and errors; ``forward(input, hx=None, *, lengths=None)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_dtype_argument(kwargs)
+        super().__init__(*args, **kwargs)
+        self._fr_setup()
+
+    def _cell(self, x, states, weights, lengths):
+        w_ih, w_hh, b_ih, b_hh = weights
+        (h0,) = states
+        training = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
+        y, hT, _ = _ops.call(
+            _ops.rnn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, self.nonlinearity, training
+        )
+        return y, hT
+
+
+# ------------------------------------------------------------------------------------------------
+# convolution
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_image(input: Any, what: str) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input: expected a tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"Expected 3D (unbatched) or 4D (batched) input to {what}, but got input of size: "
+            f"{list(input.shape)}"
+        )
+    if input.dtype not in _DTYPES:
+        raise TypeError(f"input: fastrnn supports float32 and float64, got {input.dtype}")
+    if input.device.type not in _DEVICES:
+        raise RuntimeError(f"input: device {input.device} is not supported (cpu or cuda)")
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` on fastrnn's kernels: same arguments, parameters, outputs and errors;
+    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"``; ``padding_mode`` must be
+    ``"zeros"``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_dtype_argument(kwargs)
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(
+                "padding_mode: fastrnn.torch.Conv2d pads with zeros only, got "
+                f"{self.padding_mode!r}"
+            )
+        for name, p in self.named_parameters():
+            _check_dtype(name, p.dtype)
+
+    def __prepare_scriptable__(self) -> Any:
+        raise RuntimeError(_NOT_SCRIPTABLE.format(name=type(self).__name__))
+
+    def _padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Symmetric (h, w) padding for the kernel; for ``"same"`` with an odd total padding,
+        the one extra row/column goes to the bottom/right, as PyTorch does, through F.pad."""
+        if self.padding == "valid":
+            return x, (0, 0)
+        if self.padding != "same":
+            return x, (int(self.padding[0]), int(self.padding[1]))
+        left, extra = [], []
+        for d, k in zip(self.dilation, self.kernel_size, strict=True):
+            total = d * (k - 1)
+            left.append(total // 2)
+            extra.append(total - 2 * (total // 2))
+        if extra[0] or extra[1]:
+            x = F.pad(x, [0, extra[1], 0, extra[0]])
+        return x, (left[0], left[1])
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        _check_image(input, "conv2d")
+        if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+            raise RuntimeError(
+                f"Input type ({input.dtype}) and weight type ({weight.dtype}) should be the same"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(
+                f"Input type ({input.device}) and weight type ({weight.device}) should be on "
+                "the same device"
+            )
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != weight.shape[1] * self.groups:
+            raise RuntimeError(
+                f"Given groups={self.groups}, weight of size {list(weight.shape)}, expected "
+                f"input{list(x.shape)} to have {weight.shape[1] * self.groups} channels, but "
+                f"got {x.shape[1]} channels instead"
+            )
+        x, padding = self._padding(x)
+        out = _ops.conv2d_output_size(
+            x.shape[2:], weight.shape[2:], self.stride, padding, self.dilation
+        )
+        if out[0] < 1 or out[1] < 1:
+            raise RuntimeError(
+                f"Calculated padded input size per channel: ({x.shape[2] + 2 * padding[0]} x "
+                f"{x.shape[3] + 2 * padding[1]}). Kernel size: {tuple(weight.shape[2:])} "
+                "(dilated). Kernel size can't be greater than actual input size"
+            )
+        x, weight = x.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        y, _ = _ops.call(
+            _ops.conv2d,
+            x, weight, bias, list(self.stride), list(padding), list(self.dilation), self.groups,
+            _needs_grad(x, weight, bias),
+        )  # fmt: skip
+        return y.squeeze(0) if unbatched else y
+
+
+# ------------------------------------------------------------------------------------------------
+# pooling
+# ------------------------------------------------------------------------------------------------
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _pool(module: nn.Module, kind: str, input: Any) -> Tensor:
+    _check_image(input, f"{kind}_pool2d")
+    unbatched = input.dim() == 3
+    x = (input.unsqueeze(0) if unbatched else input).contiguous()
+    kernel_size = _pair(module.kernel_size)
+    stride = kernel_size if module.stride is None else _pair(module.stride)
+    padding = _pair(module.padding)
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise RuntimeError(
+            f"pad should be at most half of effective kernel size, but got pad={padding}, "
+            f"kernel_size={kernel_size}"
+        )
+    out = _ops.conv2d_output_size(x.shape[2:], kernel_size, stride, padding, (1, 1))
+    if out[0] < 1 or out[1] < 1:
+        raise RuntimeError(
+            f"Given input size: ({x.shape[1]}x{x.shape[2]}x{x.shape[3]}). Calculated output "
+            f"size: ({x.shape[1]}x{out[0]}x{out[1]}). Output size is too small"
+        )
+    op = _ops.max_pool2d if kind == "max" else _ops.avg_pool2d
+    y, _ = _ops.call(op, x, list(kernel_size), list(stride), list(padding), _needs_grad(x))
+    return y.squeeze(0) if unbatched else y
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` on fastrnn's kernels. ``dilation`` must be 1, ``return_indices``
+    and ``ceil_mode`` False."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _pair(self.dilation) != (1, 1):
+            raise ValueError(
+                f"dilation: fastrnn's max pooling is not dilated, got {self.dilation!r}"
+            )
+        if self.return_indices:
+            raise ValueError("return_indices: fastrnn's max pooling does not return indices")
+        if self.ceil_mode:
+            raise ValueError("ceil_mode: fastrnn's pooling uses the floor output size only")
+
+    def __prepare_scriptable__(self) -> Any:
+        raise RuntimeError(_NOT_SCRIPTABLE.format(name=type(self).__name__))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _pool(self, "max", input)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` on fastrnn's kernels. ``ceil_mode`` must be False,
+    ``count_include_pad`` True and ``divisor_override`` None (PyTorch's defaults)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.ceil_mode:
+            raise ValueError("ceil_mode: fastrnn's pooling uses the floor output size only")
+        if not self.count_include_pad:
+            raise ValueError("count_include_pad: fastrnn's average pooling counts the padding")
+        if self.divisor_override is not None:
+            raise ValueError("divisor_override: fastrnn's average pooling divides by the window")
+
+    def __prepare_scriptable__(self) -> Any:
+        raise RuntimeError(_NOT_SCRIPTABLE.format(name=type(self).__name__))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _pool(self, "avg", input)
