@@ -65,6 +65,7 @@ from fastrnn._cpu._recurrent_threads import (
     blas_thread_functions,
     fallback_limit,
     give_scratch,
+    SIMD_LEVELS,
     sequence_threads,
     simd_request,
     take_saved,
@@ -100,7 +101,7 @@ cdef extern from "_recurrent_cells.h":
     float fr_sigmoidf_portable(float x) noexcept nogil
     float fr_tanhf_portable(float x) noexcept nogil
 
-# cell -> (gates per hidden unit in the weights, saved values per hidden unit besides states)
+# cell -> gate rows per hidden unit in the weights
 _GATES = {FR_LSTM: 4, FR_GRU: 3, FR_RNN_TANH: 1, FR_RNN_RELU: 1}
 
 
@@ -108,13 +109,15 @@ _best_isa = max(i for i in (0, 1, 2) if fr_isa_supported(i))
 
 
 def simd_level():
-    """The cells' instruction set for this call: FASTRNN_SIMD's (fastrnn._cpu._recurrent_threads)
-    when this CPU runs it, else the best it runs. 0 portable, 1 AVX2, 2 AVX-512."""
+    """The cells' instruction set for this call (0 portable, 1 AVX2, 2 AVX-512): the one
+    FASTRNN_SIMD forces (fastrnn._cpu._recurrent_threads; ValueError when this CPU does not run
+    it), else the best this CPU runs."""
     requested = simd_request()
     if requested is None:
         return _best_isa
     if not fr_isa_supported(requested):
-        raise ValueError(f"FASTRNN_SIMD: this CPU does not run instruction set {requested}")
+        name = {v: k for k, v in SIMD_LEVELS.items()}[requested]
+        raise ValueError(f"FASTRNN_SIMD: this CPU does not run the {name} instruction set")
     return requested
 
 
