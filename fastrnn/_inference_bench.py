@@ -3,8 +3,9 @@ benchmarks/bench_inference.py): one time step and whole sequences of the prepare
 (fastrnn.lstm_inference etc.) against ``lstm_forward(training=False)`` and torch.nn under
 ``no_grad``, interleaved round by round in one process, medians, one thread by default.
 
-Rows: op, N, H (D = H), and per implementation the median microseconds of one step; the
-ratios torch / prepared and forward / prepared; the arithmetic's share of the prepared step's
+Rows: op, N, H (D = H), and per implementation the median microseconds of one step (the
+prepared layer, ``lstm_forward(training=False)`` on one step, torch.nn and fastrnn.torch's module
+under ``no_grad``); the ratios torch / prepared, forward / prepared and torch / fastrnn.torch; the arithmetic's share of the prepared step's
 time (its GEMM FLOPs at the sgemm rate measured in the same run).
 """
 
@@ -91,11 +92,21 @@ def step_callables(op: str, N: int, H: int, use_torch: bool) -> dict[str, Callab
         ht = torch.zeros(1, N, H)
         state = (ht, torch.zeros(1, N, H)) if op == "lstm" else ht
 
+        import fastrnn.torch as ft
+
+        fm = {"lstm": ft.LSTM, "gru": ft.GRU, "rnn": ft.RNN}[op](D, H)
+        fm.load_state_dict(m.state_dict())
+
         def torch_step() -> Any:
             with torch.no_grad():
                 return m(xt, state)
 
+        def binding_step() -> Any:
+            with torch.no_grad():
+                return fm(xt, state)
+
         calls["torch"] = torch_step
+        calls["fastrnn.torch"] = binding_step
     return calls
 
 
@@ -184,6 +195,8 @@ def format_row(row: dict[str, Any]) -> str:
     ratios = f"forward/prepared {us['forward'] / us['prepared']:5.1f}x"
     if "torch" in us:
         ratios += f"  torch/prepared {us['torch'] / us['prepared']:5.1f}x"
+    if "fastrnn.torch" in us:
+        ratios += f"  torch/fastrnn.torch {us['torch'] / us['fastrnn.torch']:5.1f}x"
     share = (f"  arithmetic {100 * row['arithmetic_share']:4.1f}% of the step"
              if "arithmetic_share" in row else "")
     return f"{row['kind']:<8} {row['op']:<4} {shape:<18} {cells}  {ratios}{share}"

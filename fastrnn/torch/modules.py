@@ -9,14 +9,17 @@ direction. Everything here is plain torch code that torch.compile traces without
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.torch import _ops
+from fastrnn.torch._arrays import array
 
 Tensor = torch.Tensor
 _DTYPES = (torch.float32, torch.float64)
@@ -230,6 +233,7 @@ class _Recurrent:
 
     def _layers(self, x, states, lengths):
         dirs = 2 if self.bidirectional else 1
+        infer = _prepared_inference(self, x, states)
         reverse = _reverser(lengths, x.shape[0], x.device) if dirs == 2 else None
         finals: list[list[Tensor]] = [[] for _ in states]
         out = x
@@ -240,7 +244,11 @@ class _Recurrent:
             for d in range(dirs):
                 k = layer * dirs + d
                 inp = reverse(out) if d else out
-                y, *last = self._cell(inp, [s[k] for s in states], self._weights(k), lengths)
+                state_k = [s[k] for s in states]
+                if infer:
+                    y, *last = _infer(self, k, inp, state_k, lengths)
+                else:
+                    y, *last = self._cell(inp, state_k, self._weights(k), lengths)
                 ys.append(reverse(y) if d else y)
                 for i, h in enumerate(last):
                     finals[i].append(h)
@@ -248,6 +256,73 @@ class _Recurrent:
         if len(finals[0]) == 1:
             return out, [f[0].unsqueeze(0) for f in finals]
         return out, [torch.stack(f) for f in finals]
+
+
+# -- inference through prepared layers -----------------------------------------------------------
+#
+# Under no_grad / inference_mode on the CPU, outside anything that traces, each layer and
+# direction runs on a prepared layer (fastrnn.lstm_inference etc.: weights validated and copied
+# once; a one-step call is one call into the extension). A prepared layer is reused while its
+# parameters are the same tensors at the same versions: any in-place update (an optimizer step,
+# load_state_dict, ``p.data.copy_``) bumps a version counter and the next call prepares again.
+# The cache lives outside the module (a weak mapping), so pickling and deepcopy never see it.
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Tensor]) -> bool:
+    """Whether this call can run on prepared layers: CPU, no gradient recorded, no tracing."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch.is_grad_enabled():
+        params = [w for ws in map(module._weights, range(len(module._fr_weight_names)))
+                  for w in ws if w is not None]
+        if _needs_grad(x, *states, *params):
+            return False
+        return _ops._untraced([x, *states, *params])
+    # nothing records gradients: the parameters only need to be plain CPU tensors (checked
+    # on one; they share a device with x, which _check_kernel_args has seen)
+    return _ops._untraced([x, *states, module.weight_hh_l0])
+
+
+def _prepared(module: _Recurrent, k: int) -> Any:
+    from fastrnn.inference import gru_inference, lstm_inference, rnn_inference
+
+    weights = module._weights(k)
+    key = tuple((id(w), w._version, w.data_ptr()) if w is not None else None for w in weights)
+    cache = _PREPARED.setdefault(module, {})
+    hit = cache.get(k)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w_ih, w_hh, b_ih, b_hh = (None if w is None else w.detach().numpy() for w in weights[:4])
+    if b_ih is None:
+        b_ih = b_hh = np.zeros(w_hh.shape[0], w_hh.dtype)
+    if module._n_states == 2:
+        w_hr = weights[4].detach().numpy() if weights[4] is not None else None
+        run = lstm_inference(w_ih, w_hh, b_ih + b_hh, w_hr=w_hr)
+    elif isinstance(module, nn.GRU):
+        run = gru_inference(w_ih, w_hh, b_ih, b_hh)
+    else:
+        run = rnn_inference(w_ih, w_hh, b_ih + b_hh, nonlinearity=module.nonlinearity)
+    cache[k] = (key, run)
+    return run
+
+
+def _infer(module: _Recurrent, k: int, x: Tensor, states: list[Tensor], lengths: Any) -> Any:
+    """(y, hT[, cT]) of layer-direction k through its prepared layer: one step as one call,
+    a longer sequence through the kernels' forward without saving anything."""
+    run = _prepared(module, k)
+    xa = array(x)
+    hs = [array(s) for s in states]
+    if xa.shape[0] == 1 and lengths is None:
+        out = run.step(xa[0], *hs)
+        out = out if isinstance(out, tuple) else (out,)
+        finals = [torch.from_numpy(o) for o in out]
+        return (finals[0].clone().unsqueeze(0), *finals)
+    out = run(xa, *hs, lengths=None if lengths is None else lengths.numpy())
+    return tuple(torch.from_numpy(o) for o in out)
 
 
 class LSTM(_Recurrent, nn.LSTM):

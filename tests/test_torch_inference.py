@@ -1,0 +1,104 @@
+"""fastrnn.torch's recurrent modules under no_grad / inference_mode: prepared layers, reused while
+the parameters are unchanged and prepared again after any in-place update; results equal
+torch.nn step by step."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastrnn.torch as ft  # noqa: E402
+from fastrnn.torch import modules  # noqa: E402
+
+CASES = [
+    pytest.param(ft.LSTM, torch.nn.LSTM, {}, id="lstm"),
+    pytest.param(ft.LSTM, torch.nn.LSTM, {"proj_size": 3}, id="lstm_proj"),
+    pytest.param(ft.GRU, torch.nn.GRU, {}, id="gru"),
+    pytest.param(ft.RNN, torch.nn.RNN, {"nonlinearity": "relu"}, id="rnn_relu"),
+]
+
+
+def _pair(ours, theirs, kw):
+    torch.manual_seed(0)
+    m = ours(5, 7, num_layers=2, **kw).double()
+    t = theirs(5, 7, num_layers=2, **kw).double()
+    t.load_state_dict(m.state_dict())
+    return m, t
+
+
+def _flat(out):
+    y, state = out
+    return [y, *(state if isinstance(state, tuple) else (state,))]
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("ours,theirs,kw", CASES)
+def test_steps_match_torch_nn(ours, theirs, kw, context):
+    m, t = _pair(ours, theirs, kw)
+    x = torch.randn(100, 3, 5, dtype=torch.float64)
+    with getattr(torch, context)():
+        sm = st = None
+        for n in range(100):  # states after 1, 2, ..., 100 single steps
+            a, sm = m(x[n : n + 1], sm)
+            b, st = t(x[n : n + 1], st)
+            if n in (0, 1, 99):
+                for p, q in zip(_flat((a, sm)), _flat((b, st)), strict=True):
+                    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+        # a whole sequence, with lengths, on the same prepared layers
+        lengths = torch.tensor([100, 37, 1])
+        a = m(x, lengths=lengths)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        yb, sb = t(packed)
+        yb, _ = torch.nn.utils.rnn.pad_packed_sequence(yb, total_length=100)
+        for p, q in zip(_flat(a), _flat((yb, sb)), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    assert m in modules._PREPARED  # the prepared path ran
+    assert not a[0].requires_grad
+
+
+@pytest.mark.parametrize("ours,theirs,kw", CASES)
+def test_updates_invalidate_prepared_weights(ours, theirs, kw):
+    m, t = _pair(ours, theirs, kw)
+    x = torch.randn(1, 3, 5, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            for p, q in zip(_flat(m(x)), _flat(t(x)), strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+    check()
+    prepared = modules._PREPARED[m][0][1]
+    check()
+    assert modules._PREPARED[m][0][1] is prepared  # reused while nothing changed
+    # an optimizer step (both modules the same step)
+    for mod in (m, t):
+        opt = torch.optim.SGD(mod.parameters(), lr=0.5)
+        mod(torch.randn(4, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[
+            0
+        ].sum().backward()
+        opt.step()
+    check()
+    # load_state_dict and an in-place change of one parameter
+    sd = {k: v * 1.5 for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    t.load_state_dict(sd)
+    check()
+    with torch.no_grad():
+        m.weight_hh_l1.add_(0.25)
+        t.weight_hh_l1.add_(0.25)
+    check()
+    # the modules still pickle and copy (the cache is not part of them)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x)[0], m(x)[0])
+
+
+def test_training_calls_do_not_use_prepared_layers():
+    m = ft.LSTM(5, 7)
+    x = torch.randn(3, 2, 5)
+    y, _ = m(x)
+    assert y.requires_grad and m not in modules._PREPARED
