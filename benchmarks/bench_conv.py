@@ -45,13 +45,17 @@ try:
 except ImportError:  # pragma: no cover - torch is optional
     torch = None
 
-# (N, C, H, W, F, k, stride, pad)
+# (N, C, H, W, F, k, stride, pad, groups): the layers of issue 17's table
 CONV_SHAPES = [
-    (64, 3, 32, 32, 32, 3, 1, 1),
-    (64, 32, 32, 32, 64, 3, 1, 1),
-    (8, 128, 28, 28, 128, 3, 1, 1),
-    (64, 1, 28, 28, 16, 5, 1, 2),
-    (32, 64, 56, 56, 64, 3, 1, 1),
+    (64, 3, 32, 32, 32, 3, 1, 1, 1),
+    (64, 1, 28, 28, 16, 5, 1, 2, 1),
+    (32, 256, 14, 14, 64, 1, 1, 0, 1),
+    (64, 32, 32, 32, 64, 3, 1, 1, 1),
+    (32, 64, 56, 56, 64, 3, 1, 1, 1),
+    (32, 64, 56, 56, 128, 3, 2, 1, 1),
+    (8, 128, 28, 28, 128, 3, 1, 1, 1),
+    (16, 256, 14, 14, 256, 3, 1, 1, 1),
+    (32, 64, 56, 56, 64, 3, 1, 1, 64),
 ]
 # (N, C, H, W, k, stride, pad)
 POOL_SHAPES = [
@@ -75,9 +79,9 @@ def set_threads(n: int) -> None:
 
 
 def conv_flops(shape: tuple[int, ...], passes: str) -> float:
-    N, C, H, W, F, k, s, p = shape
+    N, C, H, W, F, k, s, p, g = shape
     OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    fwd = 2.0 * N * F * OH * OW * C * k * k
+    fwd = 2.0 * N * F * OH * OW * (C // g) * k * k
     return fwd if passes == "fwd" else 3 * fwd
 
 
@@ -95,12 +99,12 @@ def pool_flops(shape: tuple[int, ...], passes: str) -> float:
 
 def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], object]:
     """A zero-argument call running conv2d forward (or forward+backward) on ``impl``."""
-    N, C, H, W, F, k, s, p = shape
+    N, C, H, W, F, k, s, p, g = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, C, H, W), dtype=np.float64).astype(DTYPE)
-    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(DTYPE)
+    w = (rng.standard_normal((F, C // g, k, k)) / np.sqrt(C // g * k * k)).astype(DTYPE)
     b = rng.standard_normal(F).astype(DTYPE)
-    y, _ = ref.conv2d_forward(x, w, b, stride=s, padding=p, training=False)
+    y, _ = ref.conv2d_forward(x, w, b, stride=s, padding=p, groups=g, training=False)
     dy = rng.standard_normal(y.shape).astype(DTYPE)
     train = passes == "fwd+bwd"
 
@@ -113,9 +117,9 @@ def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], ob
         def call():
             if not train:
                 with torch.no_grad():
-                    return tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+                    return tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
             xt.grad = wt.grad = bt.grad = None
-            yt = tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+            yt = tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
             yt.backward(dyt)
             return yt
 
@@ -124,7 +128,7 @@ def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], ob
         return call
 
     def call():
-        yy, ctx = fr.conv2d_forward(x, w, b, stride=s, padding=p, training=train)
+        yy, ctx = fr.conv2d_forward(x, w, b, stride=s, padding=p, groups=g, training=train)
         if train:
             fr.conv2d_backward(ctx, dy)
         return yy
@@ -207,7 +211,7 @@ def _run(benchmark, call, flops: float, info: dict) -> None:
 
 
 def _conv_id(shape) -> str:
-    return "N{}C{}H{}W{}F{}k{}s{}p{}".format(*shape)
+    return "N{}C{}H{}W{}F{}k{}s{}p{}g{}".format(*shape)
 
 
 def _pool_id(shape) -> str:
@@ -247,11 +251,14 @@ def _median_ms(call: Callable[[], object], reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def table(threads: int, repeat: int, with_reference: bool) -> None:
+def table(threads: int, repeat: int, with_reference: bool, pool: bool = True) -> None:
     set_threads(threads)
     impls = ["fastrnn", "torch"] + (["reference"] if with_reference else [])
     rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
-    rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
+    if pool:
+        rows += [
+            (f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES
+        ]
     print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians)")
     head = f"{'op':10} {'shape':34} {'pass':8}"
     for impl in impls:
@@ -291,10 +298,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=fr.get_num_threads())
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time the reference")
+    parser.add_argument("--no-pool", action="store_true", help="convolutions only")
     args = parser.parse_args()
     if torch is None:
         raise SystemExit("the table compares with PyTorch: install torch")
-    table(args.threads, args.repeat, args.reference)
+    table(args.threads, args.repeat, args.reference, pool=not args.no_pool)
 
 
 if __name__ == "__main__":
