@@ -12,6 +12,7 @@ from tolerances import assert_close
 
 import fastrnn as fr
 from fastrnn import reference as ref
+from fastrnn.nn import Conv2d
 
 # (N, C, H, W, F, (KH, KW), stride, padding, dilation, groups, bias)
 CASES = [
@@ -158,7 +159,7 @@ def test_cpu_column_tiles(case, tile, restore_threads):
     x, w, b, kw = _data(case)
     previous = kernel._set_tile_columns(tile)
     try:
-        (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+        (y, dx, dw, db), _, dy = _run("cpu", x, w, b, dict(kw, algorithm="im2col"))
     finally:
         kernel._set_tile_columns(previous)
     yr, cr = ref.conv2d_forward(x, w, b, **kw)
@@ -166,6 +167,105 @@ def test_cpu_column_tiles(case, tile, restore_threads):
     assert_close(y, yr, "conv", "forward", np.float64, name="y")
     assert_close(dx, dxr, "conv", "backward", np.float64, name="dx")
     assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+
+
+# awkward sizes for the direct kernels: channels not a multiple of the blocks (6 filters,
+# 16 lanes), positions not a multiple of a vector, more than one batch of images
+DIRECT_CASES = CASES + [
+    (5, 17, 11, 13, 19, (3, 3), 1, 1, 1, 1, True),
+    (3, 20, 12, 9, 14, (3, 3), 2, 1, 1, 1, True),  # stride 2
+    (2, 16, 10, 10, 16, (3, 3), 1, 1, 1, 16, False),  # depthwise, 16 channels
+    (2, 12, 9, 9, 24, (3, 3), 1, 1, 1, 12, True),  # depthwise, channel multiplier 2
+    (1, 33, 6, 5, 7, (1, 1), 1, 0, 1, 1, True),  # pointwise by the direct kernels
+    (2, 8, 15, 14, 10, (3, 3), 1, 2, 2, 2, True),  # dilation 2, groups
+    (1, 3, 20, 17, 8, (5, 5), 2, 2, 1, 1, True),  # 5x5 stride 2
+]
+
+
+def _direct_isas() -> list:
+    from fastrnn._cpu import conv2d as kernel
+
+    return [
+        pytest.param(
+            isa,
+            marks=pytest.mark.skipif(
+                not kernel.isa_supported(isa), reason=f"this CPU lacks the {isa} path"
+            ),
+        )
+        for isa in ("avx512", "avx2", "portable")
+    ]
+
+
+@pytest.fixture
+def pinned_isa(request):
+    from fastrnn._cpu import conv2d as kernel
+
+    previous = kernel.force_isa(request.param)
+    yield request.param
+    kernel.force_isa(previous)
+
+
+def _check_against_reference(x, w, b, kw, dtype):
+    (y, dx, dw, db), ctx, dy = _run("cpu", x, w, b, kw)
+
+    def f64(a):
+        return None if a is None else a.astype(np.float64)
+
+    kw = {k: v for k, v in kw.items() if k != "algorithm"}
+    yr, cr = ref.conv2d_forward(f64(x), f64(w), f64(b), **kw)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, f64(dy))
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert_close(y, yr, "conv", "forward", dtype, name="y")
+    assert_close(dx, dxr, "conv", "backward", dtype, name="dx")
+    assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+    assert (db is None) == (b is None)
+    if b is not None:
+        assert_close(db, dbr, "conv", "backward", dtype, name="db")
+    return ctx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads):
+    """The direct kernels, pinned to each instruction-set path, equal the reference."""
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="direct"), dtype)
+    assert ctx.saved["algorithm"] == "direct"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
+def test_cpu_im2col(case, dtype):
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="im2col"), dtype)
+    assert ctx.saved["algorithm"] == "im2col"
+
+
+def test_cpu_force_isa_rejects_unknown_paths():
+    from fastrnn._cpu import conv2d as kernel
+
+    with pytest.raises(ValueError, match="name"):
+        kernel.force_isa("sse9")
+
+
+@pytest.mark.parametrize("bad", ["fft", "", None, 3, "Direct"])
+def test_bad_algorithm(bad):
+    x, w, b = _good()
+    with pytest.raises(ValueError, match="algorithm"):
+        fr.conv2d_forward(x, w, b, padding=1, groups=2, algorithm=bad)
+    with pytest.raises(ValueError, match="algorithm"):
+        Conv2d(4, 6, 3, groups=2, algorithm=bad)
+
+
+def test_layer_algorithm_reaches_the_kernel():
+    x, _, _ = _good()
+    layer = Conv2d(4, 6, 3, padding=1, groups=2, dtype=np.float64, algorithm="im2col")
+    y = layer(x)
+    assert layer._cache.saved["algorithm"] == "im2col"
+    yr, _ = ref.conv2d_forward(x, layer.weight.data, layer.bias.data, padding=1, groups=2)
+    assert_close(y, yr, "conv", "forward", np.float64, name="y")
+    assert "algorithm='im2col'" in repr(layer)
 
 
 @st.composite
@@ -187,11 +287,15 @@ def conv_cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=conv_cases(), seed=st.integers(0, 2**16))
-def test_cpu_random_geometries(case, seed):
-    """Property-based: the CPU kernel equals the reference on random small geometries."""
+@given(
+    case=conv_cases(),
+    seed=st.integers(0, 2**16),
+    algorithm=st.sampled_from(["auto", "direct", "im2col"]),
+)
+def test_cpu_random_geometries(case, seed, algorithm):
+    """Property-based: the CPU kernels equal the reference on random small geometries."""
     x, w, b, kw = _data(case, seed=seed)
-    (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+    (y, dx, dw, db), _, dy = _run("cpu", x, w, b, dict(kw, algorithm=algorithm))
     yr, cr = ref.conv2d_forward(x, w, b, **kw)
     dxr, dwr, dbr = ref.conv2d_backward(cr, dy)
     assert_close(y, yr, "conv", "forward", np.float64, name="y")
@@ -199,6 +303,8 @@ def test_cpu_random_geometries(case, seed):
     assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
     if b is not None:
         assert_close(db, dbr, "conv", "backward", np.float64, name="db")
+    else:
+        assert db is None
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

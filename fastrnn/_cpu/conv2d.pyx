@@ -39,6 +39,7 @@ from cython.parallel cimport parallel, prange
 from libc.string cimport memcpy, memset
 
 import contextlib
+import threading
 
 import numpy as np
 
@@ -435,8 +436,8 @@ def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
     return 1 if g.pointwise else g.C * g.KH * g.KW * g.tile_rows * g.OW
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
-    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
+def _im2col_forward(x, w, b, stride, padding, dilation, groups, training):
+    """im2col + GEMM: x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
@@ -453,12 +454,12 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             cupy=False,
             grad_shapes={"dy": y.shape},
             saved=dict(x=x, w=w, has_bias=b is not None,
-                       geometry=(stride, padding, dilation, groups)),
+                       geometry=(stride, padding, dilation, groups), algorithm="im2col"),
         )
     return y, ctx
 
 
-def conv2d_backward(ctx, dy):
+def _im2col_backward(ctx, dy):
     """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
@@ -483,3 +484,424 @@ def _set_tile_columns(Py_ssize_t n) -> int:
     previous = TILE_COLUMNS
     TILE_COLUMNS = n
     return previous
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct convolution: our own micro-kernels over pitched planes (conv_direct.h / .c)
+# ------------------------------------------------------------------------------------------------
+#
+# An image's input channels are laid out as zero-padded planes, one per channel and stride
+# phase (a, b): plane[u, v] = xpad[c, u*sh + a, v*sw + b], Hq x Wq. Every kernel tap (c, i, j)
+# then reads the input of output position (oh, ow) at one fixed offset from p = oh*Wq + ow, so
+# an output channel is a sum over taps of a weight times a contiguous run of the planes: the
+# micro-kernel holds 6 output channels x FWD_RV vectors of positions in registers and streams
+# the taps (step C3 without im2col). Positions ow >= OW of each pitched row are computed and
+# dropped. The input gradient is the same product on the output gradient's planes, one per
+# stride phase of dx, with the kernel transposed and flipped; the weight gradient multiplies
+# runs of the output gradient (in the forward's pitch, zero where there is no output) with runs
+# of the input planes and reduces over positions.
+
+cdef extern from "conv_direct.h" nogil:
+    ctypedef Py_ssize_t idx_t
+    ctypedef struct fr_geom:
+        idx_t N, C, H, W, F, KH, KW, OH, OW
+        idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg
+        idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r
+        idx_t x_slack, x_size, d_slack, d_size
+    int FR_ISA_PORTABLE, FR_ISA_AVX2, FR_ISA_AVX512
+    int fr_isa_supported(int isa)
+    int fr_isa_best()
+    void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
+    void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
+    void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
+    void fr_pack_dy_forward_pitch_f64(const fr_geom* g, const double* dy, double* dyf)
+    void fr_pack_dy_planes_f32(const fr_geom* g, const float* dy, float* dyq)
+    void fr_pack_dy_planes_f64(const fr_geom* g, const double* dy, double* dyq)
+    void fr_forward_block_f32(int isa, const fr_geom* g, const float* xq, const idx_t* off,
+                              const float* wblk, const float* b, float* y, idx_t grp, idx_t f0,
+                              int nf, float* tile)
+    void fr_forward_block_f64(int isa, const fr_geom* g, const double* xq, const idx_t* off,
+                              const double* wblk, const double* b, double* y, idx_t grp,
+                              idx_t f0, int nf, double* tile)
+    void fr_dgrad_block_f32(int isa, const fr_geom* g, const float* dyq, const idx_t* off,
+                            idx_t K, const float* wblk, float* dx, idx_t grp, idx_t c0, int nc,
+                            idx_t a, idx_t b, float* tile)
+    void fr_dgrad_block_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off,
+                            idx_t K, const double* wblk, double* dx, idx_t grp, idx_t c0,
+                            int nc, idx_t a, idx_t b, double* tile)
+    void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float* dyf,
+                            const idx_t* off, float* part)
+    void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
+                            const idx_t* off, double* part)
+
+
+ISA_NAMES = {"portable": FR_ISA_PORTABLE, "avx2": FR_ISA_AVX2, "avx512": FR_ISA_AVX512}
+_forced_isa = None
+
+
+def isa_supported(str name) -> bool:
+    """Whether this CPU runs the direct kernels' ``name`` path ("avx512", "avx2", "portable")."""
+    return bool(fr_isa_supported(ISA_NAMES[name]))
+
+
+def force_isa(name):
+    """Pin the direct kernels to one instruction-set path ("avx512", "avx2", "portable"), or
+    None for the best this CPU supports; returns the previous setting. For tests and
+    benchmarks: every path must give the reference's result."""
+    global _forced_isa
+    if name is not None:
+        if name not in ISA_NAMES:
+            raise ValueError(f"name: expected one of {sorted(ISA_NAMES)} or None, got {name!r}")
+        if not fr_isa_supported(ISA_NAMES[name]):
+            raise ValueError(f"name: this CPU does not support the {name!r} path")
+    previous = _forced_isa
+    _forced_isa = name
+    return previous
+
+
+cdef int _isa():
+    return ISA_NAMES[_forced_isa] if _forced_isa is not None else fr_isa_best()
+
+
+cdef inline idx_t _round(idx_t n, idx_t m) noexcept nogil:
+    return (n + m - 1) // m * m
+
+
+cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
+    cdef fr_geom g
+    cdef idx_t Hp, Wp
+    stride, padding, dilation, groups = geometry
+    g.N, g.C, g.H, g.W = x_shape
+    g.F, g.Cg, g.KH, g.KW = w_shape
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.dh, g.dw = dilation
+    g.G = groups
+    g.Fg = g.F // g.G
+    g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) // g.sh + 1
+    g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) // g.sw + 1
+    Hp = g.H + 2 * g.ph
+    Wp = g.W + 2 * g.pw
+    g.Hq = (Hp + g.sh - 1) // g.sh
+    g.Wq = (Wp + g.sw - 1) // g.sw
+    g.Pf_r = _round(g.OH * g.Wq, 64)
+    g.QH = g.dh * (g.KH - 1) // g.sh
+    g.QW = g.dw * (g.KW - 1) // g.sw
+    g.Hd = g.Hq + g.QH
+    g.Wd = g.Wq + g.QW
+    g.Pd_r = _round(g.Hq * g.Wd, 64)
+    g.Kg = g.Cg * g.KH * g.KW
+    g.Kg_r = _round(g.Kg, 6)
+    # Slack after the last plane: whole vectors read past the last position (at most Wq + 64
+    # elements), and the zeros that the weight gradient's padding taps read (Pf_r elements).
+    g.x_slack = g.Pf_r + g.Wq + 128
+    g.x_size = g.C * g.sh * g.sw * g.Hq * g.Wq + g.x_slack
+    g.d_slack = g.Wd + 128
+    g.d_size = g.F * g.Hd * g.Wd + g.d_slack
+    return g
+
+
+def _direct_tables(fr_geom g, w):
+    """Forward tap offsets [Kg], packed forward weights [G, ceil(Fg/6), Kg, 6], and the weight
+    gradient's padded offsets [G, Kg_r]."""
+    c, i, j = np.meshgrid(np.arange(g.Cg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    c, i, j = c.ravel(), i.ravel(), j.ravel()
+    plane = g.Hq * g.Wq
+    phase = (c * g.sh + (i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw
+    off = (phase * plane + (i * g.dh // g.sh) * g.Wq + (j * g.dw // g.sw)).astype(np.intp)
+    nfb = (g.Fg + 5) // 6
+    wp = np.zeros((g.G, nfb * 6, g.Kg), dtype=w.dtype)
+    wp[:, :g.Fg] = w.reshape(g.G, g.Fg, g.Kg)
+    wp = np.ascontiguousarray(wp.reshape(g.G, nfb, 6, g.Kg).transpose(0, 1, 3, 2))
+    planes = g.C * g.sh * g.sw * plane
+    woff = np.empty((g.G, g.Kg_r), dtype=np.intp)
+    for grp in range(g.G):
+        woff[grp, :g.Kg] = off
+        woff[grp, g.Kg:] = planes - grp * g.Cg * g.sh * g.sw * plane  # the zeros after the planes
+    return off, wp, woff
+
+
+def _dgrad_tables(fr_geom g, w):
+    """Per stride phase (a, b) of dx: tap offsets into the output-gradient planes and packed,
+    transposed weights [G, ceil(Cg/6), K_ab, 6], concatenated; returns (off, wp, starts) with
+    starts[ab] = (first tap, first weight, tap count)."""
+    f, i, j = np.meshgrid(np.arange(g.Fg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    f, i, j = f.ravel(), i.ravel(), j.ravel()
+    ncb = (g.Cg + 5) // 6
+    wt = w.reshape(g.G, g.Fg, g.Cg, g.KH * g.KW)  # [G, Fg, Cg, taps]
+    offs, wps, starts = [], [], []
+    t0 = w0 = 0
+    for a in range(g.sh):
+        for b in range(g.sw):
+            sel = ((i * g.dh) % g.sh == a) & ((j * g.dw) % g.sw == b)
+            fs, is_, js = f[sel], i[sel], j[sel]
+            K = len(fs)
+            off = (fs * g.Hd * g.Wd + (g.QH - is_ * g.dh // g.sh) * g.Wd
+                   + (g.QW - js * g.dw // g.sw)).astype(np.intp)
+            wp = np.zeros((g.G, ncb * 6, K), dtype=w.dtype)
+            wp[:, :g.Cg] = wt[:, fs, :, is_ * g.KW + js].transpose(1, 2, 0) if K else 0
+            wp = np.ascontiguousarray(wp.reshape(g.G, ncb, 6, K).transpose(0, 1, 3, 2))
+            offs.append(off)
+            wps.append(wp.ravel())
+            starts.append((t0, w0, K))
+            t0 += K
+            w0 += wp.size
+    off = np.concatenate(offs + [np.zeros(1, np.intp)]).astype(np.intp)
+    wp = np.concatenate(wps + [np.zeros(1, w.dtype)])
+    return off, wp, np.array(starts, dtype=np.intp).reshape(-1, 3)
+
+
+def _direct_forward_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[:, :, :, ::1] wp,  # IN  [G, nfb, Kg, 6] packed weights
+    const floating[::1] b,            # IN  [F] (length 0: no bias)
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, ::1] xq,              # scratch [B, x_size]: the planes of a batch of B images
+    floating[:, ::1] tiles,           # scratch [threads, 6 * Pf_r]
+    const idx_t[::1] off,             # IN  [Kg]
+    tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """C1-C4, B images at a time: their planes are packed in parallel, then the (image, group,
+    block of 6 filters) items run in parallel; the batch's planes stay in cache and the scratch
+    stays small whatever N is."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef int tid, nf
+    for n0 in range(0, g.N, B):
+        nb = min(B, g.N - n0)
+        with nogil, parallel(num_threads=nthreads):
+            for n in prange(nb, schedule="static"):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for item in prange(nb * g.G * nfb, schedule="dynamic"):
+                n = item // (g.G * nfb)
+                r = item - n * g.G * nfb
+                grp = r // nfb
+                fb = r - grp * nfb
+                nf = <int> min(6, g.Fg - fb * 6)
+                if floating is float:
+                    fr_forward_block_f32(isa, &g, &xq[n, 0], &off[0], &wp[grp, fb, 0, 0], bp,
+                                         &y[n0 + n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                         &tiles[tid, 0])
+                else:
+                    fr_forward_block_f64(isa, &g, &xq[n, 0], &off[0], &wp[grp, fb, 0, 0], bp,
+                                         &y[n0 + n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                         &tiles[tid, 0])
+
+
+def _direct_dgrad_run(
+    const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
+    const floating[::1] wp,           # IN  every phase's packed weights (_dgrad_tables)
+    floating[:, :, :, ::1] dx,        # OUT [N, C, H, W]
+    floating[:, ::1] dyq,             # scratch [B, d_size]: the planes of a batch of B images
+    floating[:, ::1] tiles,           # scratch [threads, 6 * Pd_r]
+    const idx_t[::1] off,             # IN  every phase's tap offsets
+    const idx_t[:, ::1] starts,       # IN  [phases, 3] first tap, first weight, tap count
+    tuple x_shape, tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """CB3-CB5: dx by one correlation per stride phase, B images at a time (items: phase,
+    image, group, block of 6 input channels)."""
+    cdef fr_geom g = _direct_geometry(x_shape, w_shape, geometry)
+    cdef idx_t ncb = (g.Cg + 5) // 6, B = dyq.shape[0], n0, nb, per
+    cdef idx_t item, ab, n, r, grp, cb, K
+    cdef int tid, nc
+    for n0 in range(0, g.N, B):
+        nb = min(B, g.N - n0)
+        per = nb * g.G * ncb
+        with nogil, parallel(num_threads=nthreads):
+            for n in prange(nb, schedule="static"):
+                if floating is float:
+                    fr_pack_dy_planes_f32(&g, &dy[n0 + n, 0, 0, 0], &dyq[n, 0])
+                else:
+                    fr_pack_dy_planes_f64(&g, &dy[n0 + n, 0, 0, 0], &dyq[n, 0])
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for item in prange(g.sh * g.sw * per, schedule="dynamic"):
+                ab = item // per
+                r = item - ab * per
+                n = r // (g.G * ncb)
+                r = r - n * g.G * ncb
+                grp = r // ncb
+                cb = r - grp * ncb
+                K = starts[ab, 2]
+                nc = <int> min(6, g.Cg - cb * 6)
+                if floating is float:
+                    fr_dgrad_block_f32(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
+                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
+                else:
+                    fr_dgrad_block_f64(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
+                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
+
+
+def _direct_wgrad_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
+    floating[:, ::1] parts,           # OUT [chunks, F * Kg_r] partial sums, zeroed by the caller
+    floating[:, ::1] bufs,            # scratch [threads, x_size + F * Pf_r]
+    const idx_t[:, ::1] woff,         # IN  [G, Kg_r]
+    tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """CB2: chunk c sums the weight gradients of its images, in order, into parts[c]."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef idx_t P = parts.shape[0], c, n
+    cdef int tid
+    with nogil, parallel(num_threads=nthreads):
+        tid = omp_get_thread_num()
+        for c in prange(P, schedule="dynamic"):
+            for n in range(c * g.N // P, (c + 1) * g.N // P):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
+                    fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
+                    fr_wgrad_image_f32(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
+                                       &woff[0, 0], &parts[c, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
+                    fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
+                    fr_wgrad_image_f64(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
+                                       &woff[0, 0], &parts[c, 0])
+
+
+def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
+    """CB1: db[f] = the sum of dy[:, f], in double, in a fixed order."""
+    cdef Geom g
+    cdef Py_ssize_t f
+    g.N, g.F, g.L = dy.shape[0], dy.shape[1], dy.shape[2] * dy.shape[3]
+    with nogil:
+        for f in prange(g.F, num_threads=nthreads, schedule="static"):
+            db[f] = <floating> _channel_sum(&dy[0, 0, 0, 0], f, &g)
+
+
+def _threads(Py_ssize_t macs) -> int:
+    return get_num_threads() if macs >= MIN_PARALLEL_MACS else 1
+
+
+# Images per batch of the direct forward and input gradient, per thread: enough items for
+# the dynamic schedule to balance, few enough that a batch's planes stay in cache.
+BATCH_PER_THREAD = 2
+_scratch_local = threading.local()
+
+
+def _scratch(dtype, *sizes):
+    """Scratch arrays of these many elements, carved from one buffer per Python thread that is
+    kept between calls: fresh pages for tens of MB of scratch per call cost more than the
+    kernels on small layers (the kernel zeroes every new page). Never returned to a caller."""
+    itemsize = np.dtype(dtype).itemsize
+    need = sum(_round(n, 16) for n in sizes) * itemsize + 64
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.size < need:
+        buf = np.empty(need, dtype=np.uint8)
+        _scratch_local.buf = buf
+    start = (-buf.ctypes.data) % 64  # 64-byte aligned
+    out = []
+    for n in sizes:
+        out.append(buf[start:start + n * itemsize].view(dtype))
+        start += _round(n, 16) * itemsize
+    return out
+
+
+def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
+    geometry = (stride, padding, dilation, groups)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
+    off, wp, _ = _direct_tables(g, w)
+    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    if g.N > 0:
+        B = min(g.N, BATCH_PER_THREAD * nt)
+        xq, tiles = _scratch(x.dtype, B * g.x_size, nt * 6 * g.Pf_r)
+        xq, tiles = xq.reshape(B, g.x_size), tiles.reshape(nt, 6 * g.Pf_r)
+        bias = np.empty(0, dtype=x.dtype) if b is None else b
+        _direct_forward_run(x, wp, bias, y, xq, tiles, off, w.shape, geometry, nt, _isa())
+    ctx = None
+    if training:
+        ctx = Context(
+            op="conv2d",
+            backend="cpu",
+            dtype=x.dtype,
+            cupy=False,
+            grad_shapes={"dy": y.shape},
+            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
+                       algorithm="direct"),
+        )
+    return y, ctx
+
+
+def _direct_backward(ctx, dy):
+    s = ctx.saved
+    x, w, geometry = s["x"], s["w"], s["geometry"]
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
+    isa = _isa()
+    dx = np.empty_like(x)
+    db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
+    chunks = _chunks(g.N, g.F * g.Kg_r * x.itemsize)
+    parts = np.zeros((chunks, g.F * g.Kg_r), dtype=x.dtype)
+    if g.N > 0:
+        off, wp, starts = _dgrad_tables(g, w)
+        B = min(g.N, BATCH_PER_THREAD * nt)
+        dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
+        dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
+        _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
+                          isa)
+        _, _, woff = _direct_tables(g, w)
+        (bufs,) = _scratch(x.dtype, nt * (g.x_size + g.F * g.Pf_r))
+        bufs = bufs.reshape(nt, g.x_size + g.F * g.Pf_r)
+        _direct_wgrad_run(x, dy, parts, bufs, woff, w.shape, geometry, nt, isa)
+        if s["has_bias"]:
+            _bias_grad(dy, db, nt)
+    elif s["has_bias"]:
+        db[:] = 0
+    # CB2 across chunks, in chunk order
+    total = parts[0].copy()
+    for c in range(1, chunks):
+        total += parts[c]
+    dw = np.ascontiguousarray(total.reshape(g.F, g.Kg_r)[:, :g.Kg]).reshape(w.shape)
+    return dx, dw, (db if s["has_bias"] else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend entry points
+# ------------------------------------------------------------------------------------------------
+
+ALGORITHMS = ("auto", "direct", "winograd", "im2col")
+
+
+def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> str:
+    """The algorithm "auto" runs: GEMMs for pointwise convolutions (1x1, stride 1, no padding:
+    x itself is the column matrix), the direct kernels for everything else."""
+    cdef Geom g = _geometry(x_shape, w_shape, stride, padding, dilation, groups)
+    return "im2col" if g.pointwise else "direct"
+
+
+def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
+    ``algorithm`` (validated by fastrnn.backends.ops)."""
+    if algorithm == "auto":
+        algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
+    if algorithm == "direct":
+        return _direct_forward(x, w, b, stride, padding, dilation, groups, training)
+    if algorithm == "im2col":
+        return _im2col_forward(x, w, b, stride, padding, dilation, groups, training)
+    raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
+    return conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, "auto")
+
+
+def conv2d_backward(ctx, dy):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None; by the
+    forward's algorithm."""
+    if ctx.saved.get("algorithm") == "direct":
+        return _direct_backward(ctx, dy)
+    return _im2col_backward(ctx, dy)
+
