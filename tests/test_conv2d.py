@@ -179,6 +179,8 @@ DIRECT_CASES = CASES + [
     (1, 33, 6, 5, 7, (1, 1), 1, 0, 1, 1, True),  # pointwise by the direct kernels
     (2, 8, 15, 14, 10, (3, 3), 1, 2, 2, 2, True),  # dilation 2, groups
     (1, 3, 20, 17, 8, (5, 5), 2, 2, 1, 1, True),  # 5x5 stride 2
+    (3, 6, 9, 8, 40, (3, 3), 1, 1, 1, 2, True),  # groups of 20 filters: filters in lanes
+    (2, 5, 7, 6, 33, (2, 3), (2, 1), 1, (1, 2), 1, False),  # 33 filters: a partial vector
 ]
 
 

@@ -506,11 +506,12 @@ cdef extern from "conv_direct.h" nogil:
     ctypedef struct fr_geom:
         idx_t N, C, H, W, F, KH, KW, OH, OW
         idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg
-        idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r
+        idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r, Fg_r, wgt
         idx_t x_slack, x_size, d_slack, d_size
     int FR_ISA_PORTABLE, FR_ISA_AVX2, FR_ISA_AVX512
     int fr_isa_supported(int isa)
     int fr_isa_best()
+    idx_t fr_dy_size(const fr_geom* g)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
     void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
     void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
@@ -591,7 +592,11 @@ cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
     g.Wd = g.Wq + g.QW
     g.Pd_r = _round(g.Hq * g.Wd, 64)
     g.Kg = g.Cg * g.KH * g.KW
-    g.Kg_r = _round(g.Kg, 6)
+    g.Kg_r = _round(g.Kg, 12)
+    g.Fg_r = _round(g.Fg, 32)
+    # Weight gradient with the filters in the vector lanes when they fill vectors; with few
+    # filters per group (depthwise), lanes along the positions, reduced at the end.
+    g.wgt = g.Fg >= 16
     # Slack after the last plane: whole vectors read past the last position (at most Wq + 64
     # elements), and the zeros that the weight gradient's padding taps read (Pf_r elements).
     g.x_slack = g.Pf_r + g.Wq + 128
@@ -746,7 +751,7 @@ def _direct_wgrad_run(
     const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
     const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
     floating[:, ::1] parts,           # OUT [chunks, F * Kg_r] partial sums, zeroed by the caller
-    floating[:, ::1] bufs,            # scratch [threads, x_size + F * Pf_r]
+    floating[:, ::1] bufs,            # scratch [threads, x_size + fr_dy_size]
     const idx_t[:, ::1] woff,         # IN  [G, Kg_r]
     tuple w_shape, tuple geometry, int nthreads, int isa,
 ):
@@ -842,8 +847,9 @@ def _direct_backward(ctx, dy):
     isa = _isa()
     dx = np.empty_like(x)
     db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
-    chunks = _chunks(g.N, g.F * g.Kg_r * x.itemsize)
-    parts = np.zeros((chunks, g.F * g.Kg_r), dtype=x.dtype)
+    psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
+    chunks = _chunks(g.N, psize * x.itemsize)
+    parts = np.zeros((chunks, psize), dtype=x.dtype)
     if g.N > 0:
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
@@ -852,8 +858,8 @@ def _direct_backward(ctx, dy):
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
         _, _, woff = _direct_tables(g, w)
-        (bufs,) = _scratch(x.dtype, nt * (g.x_size + g.F * g.Pf_r))
-        bufs = bufs.reshape(nt, g.x_size + g.F * g.Pf_r)
+        (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
+        bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
         _direct_wgrad_run(x, dy, parts, bufs, woff, w.shape, geometry, nt, isa)
         if s["has_bias"]:
             _bias_grad(dy, db, nt)
@@ -863,7 +869,11 @@ def _direct_backward(ctx, dy):
     total = parts[0].copy()
     for c in range(1, chunks):
         total += parts[c]
-    dw = np.ascontiguousarray(total.reshape(g.F, g.Kg_r)[:, :g.Kg]).reshape(w.shape)
+    if g.wgt:  # [G, Kg_r, Fg_r] -> [G, Fg, Kg]
+        total = total.reshape(g.G, g.Kg_r, g.Fg_r)[:, :g.Kg, :g.Fg].transpose(0, 2, 1)
+    else:
+        total = total.reshape(g.F, g.Kg_r)[:, :g.Kg]
+    dw = np.ascontiguousarray(total).reshape(w.shape)
     return dx, dw, (db if s["has_bias"] else None)
 
 

@@ -20,6 +20,8 @@
 #define VB 64
 #define FWD_RV 4
 #define WG_RF 4
+#define WT_NV 2
+#define WT_NT 12
 #define T float
 #define SUF f32_avx512
 #include "conv_direct_kernels.h"
@@ -34,11 +36,15 @@
 #undef VB
 #undef FWD_RV
 #undef WG_RF
+#undef WT_NV
+#undef WT_NT
 
 #define TARGET __attribute__((target("avx2,fma")))
 #define VB 32
 #define FWD_RV 2
 #define WG_RF 2
+#define WT_NV 2
+#define WT_NT 6
 #define T float
 #define SUF f32_avx2
 #include "conv_direct_kernels.h"
@@ -53,12 +59,16 @@
 #undef VB
 #undef FWD_RV
 #undef WG_RF
+#undef WT_NV
+#undef WT_NT
 #endif
 
 #define TARGET
 #define VB 16
 #define FWD_RV 2
 #define WG_RF 2
+#define WT_NV 2
+#define WT_NT 6
 #define T float
 #define SUF f32_portable
 #include "conv_direct_kernels.h"
@@ -73,6 +83,8 @@
 #undef VB
 #undef FWD_RV
 #undef WG_RF
+#undef WT_NV
+#undef WT_NT
 
 /* ---- instruction-set selection ---- */
 int fr_isa_supported(int isa)
@@ -102,6 +114,23 @@ int fr_isa_best(void)
 int fr_wgrad_rf(int isa)
 {
     return isa == FR_ISA_AVX512 ? 4 : 2;
+}
+
+int fr_wgradt_nt(int isa)
+{
+    return isa == FR_ISA_AVX512 ? 12 : 6;
+}
+
+int fr_wgradt_nf(int isa, int dsize)
+{
+    /* filters per block: WT_NV vectors */
+    const int vb = isa == FR_ISA_AVX512 ? 64 : isa == FR_ISA_AVX2 ? 32 : 16;
+    return 2 * vb / dsize;
+}
+
+idx_t fr_dy_size(const fr_geom* g)
+{
+    return g->wgt ? g->G * g->OH * g->Wq * g->Fg_r : g->F * g->Pf_r;
 }
 
 /* ---- per-item drivers ---- */

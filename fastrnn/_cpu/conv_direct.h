@@ -7,7 +7,9 @@
  *   QH, QW  dh (KH - 1) / sh and dw (KW - 1) / sw: the output-gradient planes' top/left margin
  *   Hd, Wd  Hq + QH, Wq + QW: rows and columns of one output-gradient plane
  *   Pd_r    input-gradient positions per channel and phase, Hq * Wd, rounded up to 64
- *   Kg, Kg_r  taps per group, Cg * KH * KW, and that rounded up to 6
+ *   Kg, Kg_r  taps per group, Cg * KH * KW, and that rounded up to 12
+ *   Fg_r    filters per group rounded up to 32 (the filters-in-lanes weight gradient)
+ *   wgt     1: the weight gradient runs with the filters in lanes (Fg >= 16)
  *   x_size, d_size  elements of one image's input planes and output-gradient planes, slack
  *           included (the kernels read whole vectors past the last position)
  */
@@ -23,13 +25,15 @@ enum { FR_ISA_PORTABLE = 1, FR_ISA_AVX2 = 2, FR_ISA_AVX512 = 3 };
 typedef struct fr_geom {
     idx_t N, C, H, W, F, KH, KW, OH, OW;
     idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg;
-    idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r;
+    idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r, Fg_r, wgt;
     idx_t x_slack, x_size, d_slack, d_size;
 } fr_geom;
 
 int fr_isa_supported(int isa);   /* 1 when this CPU (and build) runs that instruction set */
 int fr_isa_best(void);           /* the best supported one */
-int fr_wgrad_rf(int isa);        /* filters per weight-gradient block */
+int fr_wgrad_rf(int isa);        /* filters per weight-gradient block (lanes reduced) */
+int fr_wgradt_nt(int isa);       /* taps per weight-gradient block (filters in lanes) */
+int fr_wgradt_nf(int isa, int dsize); /* filters per such block, dsize = sizeof(T) */
 
 void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq);
 void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq);
@@ -53,5 +57,6 @@ void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float*
                         const idx_t* off, float* part);
 void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
                         const idx_t* off, double* part);
+idx_t fr_dy_size(const fr_geom* g);   /* elements of one image's packed output gradients */
 
 #endif

@@ -21,6 +21,17 @@ static void DN(kfwd)(int isa, int nf, const T* x, const idx_t* off, idx_t K, con
     DCAT(fwd, DCAT(TS, portable))(nf, x, off, K, w, y, ldy, P);
 }
 
+static void DN(kwgradt)(int isa, const T* dyt, idx_t lddt, const T* x, const idx_t* off, idx_t P,
+                        T* part, idx_t ldp)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(wgradt, DCAT(TS, avx512))(dyt, lddt, x, off, P, part, ldp); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(wgradt, DCAT(TS, avx2))(dyt, lddt, x, off, P, part, ldp); return; }
+#endif
+    (void)isa;
+    DCAT(wgradt, DCAT(TS, portable))(dyt, lddt, x, off, P, part, ldp);
+}
+
 static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, const idx_t* off,
                        idx_t P, T* dw, idx_t ldw)
 {
@@ -73,13 +84,29 @@ void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
     memset(q, 0, g->x_slack * sizeof(T));
 }
 
-/* Output gradients of one image in the forward's pitch (for the weight gradient):
- *   dyf[f * Pf_r + oh * Wq + ow] = dy[f, oh, ow], zero for ow >= OW and past OH * Wq.
+/* Output gradients of one image for the weight gradient, in the forward's pitch, zero at
+ * positions that are no output (ow >= OW):
+ *   g->wgt = 0: dyf[f * Pf_r + oh * Wq + ow] = dy[f, oh, ow]                    [F, Pf_r]
+ *   g->wgt = 1: dyf[(grp * OH * Wq + oh * Wq + ow) * Fg_r + f] = dy[grp * Fg + f, oh, ow]
+ *               (filters contiguous, zero for f >= Fg)                   [G, OH * Wq, Fg_r]
  * dy  : IN  [F, OH, OW]
- * dyf : OUT [F, Pf_r]
+ * dyf : OUT [fr_dy_size(g)]
  */
 void DN(fr_pack_dy_forward_pitch)(const fr_geom* g, const T* dy, T* dyf)
 {
+    if (g->wgt) {
+        const idx_t P = g->OH * g->Wq;
+        memset(dyf, 0, g->G * P * g->Fg_r * sizeof(T));
+        for (idx_t grp = 0; grp < g->G; ++grp)
+            for (idx_t oh = 0; oh < g->OH; ++oh)
+                for (idx_t f = 0; f < g->Fg; ++f) {
+                    const T* src = dy + ((grp * g->Fg + f) * g->OH + oh) * g->OW;
+                    T* dst = dyf + (grp * P + oh * g->Wq) * g->Fg_r + f;
+                    for (idx_t ow = 0; ow < g->OW; ++ow)
+                        dst[ow * g->Fg_r] = src[ow];
+                }
+        return;
+    }
     for (idx_t f = 0; f < g->F; ++f) {
         T* dst = dyf + f * g->Pf_r;
         const T* src = dy + f * g->OH * g->OW;
@@ -173,22 +200,38 @@ void DN(fr_dgrad_block)(int isa, const fr_geom* g, const T* dyq, const idx_t* of
 /* Weight-gradient item: one image's contribution to every filter of every group (step CB2),
  * added into a partial dw.
  * xq   : IN  the image's input planes; dyf : IN  its output gradients (fr_pack_dy_forward_pitch)
- * off  : IN  [G, Kg_r] each group's tap offsets inside its planes, padded to a multiple of 6
+ * off  : IN  [G, Kg_r] each group's tap offsets inside its planes, padded to a multiple of 12
  *        with the offset of the zeros after the last plane
- * part : INOUT [F, Kg_r] partial sum of dw (row f = filter f, column t = tap t)
+ * part : INOUT g->wgt = 0: [F, Kg_r] (row f = filter f, column t = tap t)
+ *              g->wgt = 1: [G, Kg_r, Fg_r] (filters contiguous)
  */
 void DN(fr_wgrad_image)(int isa, const fr_geom* g, const T* xq, const T* dyf, const idx_t* off,
                         T* part)
 {
+    const idx_t plane = g->Hq * g->Wq;
+    if (g->wgt) {
+        const idx_t P = g->OH * g->Wq;
+        const int nt = fr_wgradt_nt(isa), nf = fr_wgradt_nf(isa, (int)sizeof(T));
+        for (idx_t grp = 0; grp < g->G; ++grp) {
+            const T* xg = xq + grp * g->Cg * g->sh * g->sw * plane;
+            const T* dg = dyf + grp * P * g->Fg_r;
+            T* pg = part + grp * g->Kg_r * g->Fg_r;
+            for (idx_t t0 = 0; t0 < g->Kg_r; t0 += nt)
+                for (idx_t f0 = 0; f0 < g->Fg; f0 += nf)
+                    DN(kwgradt)(isa, dg + f0, g->Fg_r, xg, off + grp * g->Kg_r + t0, P,
+                                pg + t0 * g->Fg_r + f0, g->Fg_r);
+        }
+        return;
+    }
     const int rf = fr_wgrad_rf(isa);
     for (idx_t grp = 0; grp < g->G; ++grp) {
-        const T* xg = xq + grp * g->Cg * g->sh * g->sw * g->Hq * g->Wq;
+        const T* xg = xq + grp * g->Cg * g->sh * g->sw * plane;
         for (idx_t f0 = 0; f0 < g->Fg; f0 += rf) {
             const int nf = g->Fg - f0 < rf ? (int)(g->Fg - f0) : rf;
             const idx_t f = grp * g->Fg + f0;
             for (idx_t t0 = 0; t0 < g->Kg_r; t0 += 6)
-                DN(kwgrad)(isa, nf, dyf + f * g->Pf_r, g->Pf_r, xg, off + grp * g->Kg_r + t0, g->Pf_r,
-                           part + f * g->Kg_r + t0, g->Kg_r);
+                DN(kwgrad)(isa, nf, dyf + f * g->Pf_r, g->Pf_r, xg, off + grp * g->Kg_r + t0,
+                           g->Pf_r, part + f * g->Kg_r + t0, g->Kg_r);
         }
     }
 }

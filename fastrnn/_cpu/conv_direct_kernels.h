@@ -4,7 +4,8 @@
  *   T        float or double
  *   VB       vector bytes: 64 (AVX-512), 32 (AVX2), 16 (portable SSE2 / generic)
  *   FWD_RV   vectors of output positions per forward block
- *   WG_RF    filters per weight-gradient block
+ *   WG_RF    filters per weight-gradient block (lanes reduced at the end)
+ *   WT_NV, WT_NT  vectors of filters and taps per weight-gradient block (filters in lanes)
  *   SUF      name suffix, e.g. f32_avx512
  *   TARGET   function attribute selecting the instruction set (may be empty)
  *
@@ -167,6 +168,42 @@ static void NAME(wgrad)(int nf, const T* dy, idx_t lddy, const T* x, const idx_t
     default: CAT(NAME(wgrad), 2)(dy, lddy, x, off, P, dw, ldw); break;
 #endif
     }
+}
+
+/* part[t * ldp + f] += sum over p < P of dyt[p * lddt + f] * x[off[t] + p]
+ *   for f < WT_NV * VW (whole vectors of filters) and t < WT_NT.
+ * The filters run along the vectors, so nothing is reduced across lanes: the weight gradient
+ * of channels that fill vectors (Fg >= 16), whatever the number of positions.
+ * dyt  : IN  [P][lddt] output gradients with the filters contiguous, zero where no output
+ * x    : IN  pitched planes
+ * off  : IN  [WT_NT] tap offsets
+ * part : INOUT [WT_NT][ldp]
+ */
+static TARGET void NAME(wgradt)(const T* restrict dyt, idx_t lddt, const T* restrict x,
+                                const idx_t* restrict off, idx_t P, T* restrict part, idx_t ldp)
+{
+    V acc[WT_NV][WT_NT];
+    const T* xt[WT_NT];
+    for (int t = 0; t < WT_NT; ++t)
+        xt[t] = x + off[t];
+    for (int v = 0; v < WT_NV; ++v)
+        for (int t = 0; t < WT_NT; ++t)
+            acc[v][t] = (V){0};
+    for (idx_t p = 0; p < P; ++p) {
+        V d[WT_NV];
+        for (int v = 0; v < WT_NV; ++v)
+            d[v] = NAME(load)(dyt + p * lddt + v * VW);
+        for (int t = 0; t < WT_NT; ++t) {
+            const T s = xt[t][p];
+            for (int v = 0; v < WT_NV; ++v)
+                acc[v][t] += s * d[v];
+        }
+    }
+    for (int t = 0; t < WT_NT; ++t)
+        for (int v = 0; v < WT_NV; ++v) {
+            T* q = part + t * ldp + v * VW;
+            NAME(store)(q, NAME(load)(q) + acc[v][t]);
+        }
 }
 
 #undef V
