@@ -175,19 +175,19 @@ void DN(fr_dgrad_block)(int isa, const fr_geom* g, const T* dyq, const idx_t* of
                         const T* wblk, T* dx, idx_t grp, idx_t c0, int nc, idx_t a, idx_t b,
                         T* tile)
 {
-    const T* dg = dyq + grp * g->Fg * g->Hd * g->Wd;
-    if (K > 0)
-        DN(kfwd)(isa, nc, dg, off, K, wblk, tile, g->Pd_r, g->Hq * g->Wd);
-    /* positions h = u * sh + a - ph in [0, H) */
-    idx_t u0 = 0, v0 = 0;
+    /* only the rows u whose positions h = u * sh + a - ph fall in [0, H) */
+    idx_t u0 = 0, v0 = 0, u1 = g->Hq;
     while (u0 * g->sh + a - g->ph < 0) ++u0;
     while (v0 * g->sw + b - g->pw < 0) ++v0;
+    while (u1 > u0 && (u1 - 1) * g->sh + a - g->ph >= g->H) --u1;
+    const T* dg = dyq + grp * g->Fg * g->Hd * g->Wd + u0 * g->Wd;
+    if (K > 0 && u1 > u0)
+        DN(kfwd)(isa, nc, dg, off, K, wblk, tile, g->Pd_r, (u1 - u0) * g->Wd);
     for (int c = 0; c < nc; ++c) {
-        const T* src = tile + c * g->Pd_r;
+        const T* src = tile + c * g->Pd_r - u0 * g->Wd;
         T* dst = dx + (c0 + c) * g->H * g->W;
-        for (idx_t u = u0; u < g->Hq; ++u) {
+        for (idx_t u = u0; u < u1; ++u) {
             const idx_t h = u * g->sh + a - g->ph;
-            if (h >= g->H) break;
             for (idx_t v = v0; v < g->Wq; ++v) {
                 const idx_t w = v * g->sw + b - g->pw;
                 if (w >= g->W) break;

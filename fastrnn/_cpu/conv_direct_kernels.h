@@ -42,44 +42,65 @@ static inline __attribute__((always_inline)) TARGET void NAME(store)(T* p, V v)
 }
 
 /* y[f * ldy + p] = sum over t < K of w[t * FWD_RF + f] * x[off[t] + p]
- *   for f < NF and p < P rounded up to FWD_RV * VW (y holds that many columns per row).
+ *   for f < NF and p0 <= p < p1, p1 - p0 a multiple of RV * VW.
  * x   : IN  pitched planes (readable at off[t] + p for every such p)
  * w   : IN  [K][FWD_RF] one block of packed weights (filters past NF are ignored)
  * y   : OUT [NF][ldy]
  */
 static inline __attribute__((always_inline)) TARGET void NAME(fwd_body)(
-    const int NF, const T* restrict x, const idx_t* restrict off, idx_t K,
-    const T* restrict w, T* restrict y, idx_t ldy, idx_t P)
+    const int NF, const int RV, const T* restrict x, const idx_t* restrict off, idx_t K,
+    const T* restrict w, T* restrict y, idx_t ldy, idx_t p0, idx_t p1)
 {
-    for (idx_t p = 0; p < P; p += FWD_RV * VW) {
+    for (idx_t p = p0; p < p1; p += RV * VW) {
         V acc[FWD_RF][FWD_RV];
         for (int f = 0; f < NF; ++f)
-            for (int r = 0; r < FWD_RV; ++r)
+            for (int r = 0; r < RV; ++r)
                 acc[f][r] = (V){0};
         const T* xp = x + p;
         for (idx_t t = 0; t < K; ++t) {
             const T* xt = xp + off[t];
             const T* wt = w + t * FWD_RF;
             V xv[FWD_RV];
-            for (int r = 0; r < FWD_RV; ++r)
+            for (int r = 0; r < RV; ++r)
                 xv[r] = NAME(load)(xt + r * VW);
             for (int f = 0; f < NF; ++f) {
                 const T s = wt[f];
-                for (int r = 0; r < FWD_RV; ++r)
+                for (int r = 0; r < RV; ++r)
                     acc[f][r] += s * xv[r];
             }
         }
         for (int f = 0; f < NF; ++f)
-            for (int r = 0; r < FWD_RV; ++r)
+            for (int r = 0; r < RV; ++r)
                 NAME(store)(y + f * ldy + p + r * VW, acc[f][r]);
     }
 }
 
+/* The positions p < P in blocks of FWD_RV vectors, then one block of rv <= FWD_RV vectors for
+ * the rest: y is written up to P rounded up to a vector. (FWD_RV is 4 or 2.) */
+#if FWD_RV == 4
+#define FWD_TAIL(nf)                                                                          \
+    switch (rv) {                                                                             \
+    case 1: NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW); break;              \
+    case 2: NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW); break;          \
+    case 3: NAME(fwd_body)(nf, 3, x, off, K, w, y, ldy, full, full + 3 * VW); break;          \
+    case 4: NAME(fwd_body)(nf, 4, x, off, K, w, y, ldy, full, full + 4 * VW); break;          \
+    default: break;                                                                           \
+    }
+#else
+#define FWD_TAIL(nf)                                                                          \
+    if (rv == 1)                                                                              \
+        NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW);                         \
+    else if (rv == 2)                                                                         \
+        NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW);
+#endif
 #define FWD_NF(nf)                                                                            \
     static TARGET void CAT(NAME(fwd), nf)(const T* x, const idx_t* off, idx_t K, const T* w,  \
                                           T* y, idx_t ldy, idx_t P)                           \
     {                                                                                         \
-        NAME(fwd_body)(nf, x, off, K, w, y, ldy, P);                                          \
+        const idx_t full = P / (FWD_RV * VW) * (FWD_RV * VW);                                 \
+        const idx_t rv = (P - full + VW - 1) / VW;                                            \
+        NAME(fwd_body)(nf, FWD_RV, x, off, K, w, y, ldy, 0, full);                            \
+        FWD_TAIL(nf)                                                                          \
     }
 FWD_NF(1)
 FWD_NF(2)
@@ -88,6 +109,7 @@ FWD_NF(4)
 FWD_NF(5)
 FWD_NF(6)
 #undef FWD_NF
+#undef FWD_TAIL
 
 static void NAME(fwd)(int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y, idx_t ldy,
                       idx_t P)
