@@ -666,13 +666,36 @@ def _direct_forward_run(
     const idx_t[::1] off,             # IN  [Kg]
     tuple w_shape, tuple geometry, int nthreads, int isa,
 ):
-    """C1-C4, B images at a time: their planes are packed in parallel, then the (image, group,
-    block of 6 filters) items run in parallel; the batch's planes stay in cache and the scratch
-    stays small whatever N is."""
+    """C1-C4. With at least BATCH_PER_THREAD images per thread, each image is one work item: a
+    thread packs its planes into its own row of xq and runs every block of filters on them (one
+    parallel region, no barrier but the last: a thread descheduled on a busy machine holds up
+    nobody). With fewer, B images at a time: their planes are packed in parallel, then the
+    (image, group, block of 6 filters) items run in parallel."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef int tid, nf
+    if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for n in prange(g.N, schedule="dynamic"):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                for r in range(g.G * nfb):
+                    grp = r // nfb
+                    fb = r - grp * nfb
+                    nf = <int> min(6, g.Fg - fb * 6)
+                    if floating is float:
+                        fr_forward_block_f32(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
+                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             &tiles[tid, 0])
+                    else:
+                        fr_forward_block_f64(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
+                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             &tiles[tid, 0])
+        return
     for n0 in range(0, g.N, B):
         nb = min(B, g.N - n0)
         with nogil, parallel(num_threads=nthreads):
@@ -709,12 +732,39 @@ def _direct_dgrad_run(
     const idx_t[:, ::1] starts,       # IN  [phases, 3] first tap, first weight, tap count
     tuple x_shape, tuple w_shape, tuple geometry, int nthreads, int isa,
 ):
-    """CB3-CB5: dx by one correlation per stride phase, B images at a time (items: phase,
-    image, group, block of 6 input channels)."""
+    """CB3-CB5: dx by one correlation per stride phase; work split as in _direct_forward_run
+    (whole images per item, or B images at a time with items: phase, image, group, block of 6
+    input channels)."""
     cdef fr_geom g = _direct_geometry(x_shape, w_shape, geometry)
     cdef idx_t ncb = (g.Cg + 5) // 6, B = dyq.shape[0], n0, nb, per
     cdef idx_t item, ab, n, r, grp, cb, K
     cdef int tid, nc
+    if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for n in prange(g.N, schedule="dynamic"):
+                if floating is float:
+                    fr_pack_dy_planes_f32(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
+                else:
+                    fr_pack_dy_planes_f64(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
+                for item in range(g.sh * g.sw * g.G * ncb):
+                    ab = item // (g.G * ncb)
+                    r = item - ab * g.G * ncb
+                    grp = r // ncb
+                    cb = r - grp * ncb
+                    K = starts[ab, 2]
+                    nc = <int> min(6, g.Cg - cb * 6)
+                    if floating is float:
+                        fr_dgrad_block_f32(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
+                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
+                    else:
+                        fr_dgrad_block_f64(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
+                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
+        return
     for n0 in range(0, g.N, B):
         nb = min(B, g.N - n0)
         per = nb * g.G * ncb
