@@ -244,6 +244,56 @@ def test_cpu_im2col(case, dtype):
     assert ctx.saved["algorithm"] == "im2col"
 
 
+# 3x3, stride 1, dilation 1, one group: what Winograd F(2x2, 3x3) runs
+WINOGRAD_CASES = [
+    (2, 3, 7, 9, 4, (3, 3), 1, 1, 1, 1, True),  # odd output sizes: partial tiles
+    (1, 17, 12, 13, 13, (3, 3), 1, 1, 1, 1, False),
+    (3, 32, 14, 14, 40, (3, 3), 1, 1, 1, 1, True),
+    (2, 5, 8, 6, 7, (3, 3), 1, 0, 1, 1, True),  # no padding
+    (1, 4, 5, 5, 8, (3, 3), 1, 2, 1, 1, True),  # padding 2
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_winograd_every_path(pinned_isa, case, dtype, restore_threads):
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="winograd"), dtype)
+    assert ctx.saved["algorithm"] == "winograd"
+
+
+def test_cpu_winograd_error_is_small():
+    """F(2x2, 3x3)'s float32 error on a 64-channel layer stays far inside the forward tolerance
+    (rtol 1e-4): measured relative to the largest output, about 3e-7 (benchmarks/NOTES-conv.md),
+    so "auto" may pick it."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 20, 20)).astype(np.float32)
+    w = (rng.standard_normal((32, 64, 3, 3)) / 24).astype(np.float32)
+    y, _ = fr.conv2d_forward(x, w, padding=1, algorithm="winograd", training=False)
+    yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), padding=1)
+    assert np.abs(y - yr).max() / np.abs(yr).max() < 2e-6
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (dict(w=np.zeros((6, 4, 5, 5)), b=np.zeros(6), padding=2), "3x3"),
+        (dict(stride=2), "stride"),
+        (dict(dilation=2, padding=2), "dilation"),
+        (dict(groups=2), "groups"),
+    ],
+)
+def test_winograd_refuses_what_it_cannot_run(change, why):
+    x, w, b = _good()
+    args = dict(w=w[:, :2].repeat(2, axis=1), b=b, stride=1, padding=1, dilation=1, groups=1)
+    args.update(change)
+    if args["groups"] == 2:
+        args["w"] = w
+    with pytest.raises(ValueError, match=f"algorithm.*{why}"):
+        fr.conv2d_forward(x, args.pop("w"), args.pop("b"), algorithm="winograd", **args)
+
+
 def test_cpu_force_isa_rejects_unknown_paths():
     from fastrnn._cpu import conv2d as kernel
 

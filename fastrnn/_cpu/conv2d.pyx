@@ -512,6 +512,12 @@ cdef extern from "conv_direct.h" nogil:
     int fr_isa_supported(int isa)
     int fr_isa_best()
     idx_t fr_dy_size(const fr_geom* g)
+    void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
+                               const float* u, const idx_t* off, const float* b, float* y,
+                               float* xq, float* v, float* m, idx_t band, idx_t ldv)
+    void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
+                               const double* u, const idx_t* off, const double* b, double* y,
+                               double* xq, double* v, double* m, idx_t band, idx_t ldv)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
     void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
     void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
@@ -928,6 +934,103 @@ def _direct_backward(ctx, dy):
 
 
 # ------------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group (conv_winograd.h)
+# ------------------------------------------------------------------------------------------------
+
+# Transformed input kept per band of tile rows, about this many bytes (stays in L2)
+WINOGRAD_BAND_BYTES = 1 << 20
+
+
+def _winograd_weights(w):
+    """U = G w G^T for every (filter, channel), as [4, 4, C, F]: the rows of G written out
+    (a small einsum would go through BLAS and wake its threads)."""
+    def rows(a):  # G @ a along axis 0 of a (3, ...) -> (4, ...)
+        return np.stack([a[0], (a[0] + a[1] + a[2]) * 0.5, (a[0] - a[1] + a[2]) * 0.5, a[2]])
+
+    wt = np.transpose(w, (2, 3, 1, 0))  # [KH, KW, C, F]
+    return rows(np.swapaxes(rows(wt), 0, 1)).swapaxes(0, 1)
+
+
+def winograd_unsupported(tuple w_shape, stride, dilation, groups):
+    """Why Winograd F(2x2, 3x3) cannot run this convolution, or None when it can."""
+    if tuple(w_shape[2:]) != (3, 3):
+        return f"the kernel is {w_shape[2]}x{w_shape[3]}, Winograd F(2x2,3x3) needs 3x3"
+    if tuple(stride) != (1, 1):
+        return f"stride is {tuple(stride)}, Winograd needs stride 1"
+    if tuple(dilation) != (1, 1):
+        return f"dilation is {tuple(dilation)}, Winograd needs dilation 1"
+    if groups != 1:
+        return f"groups is {groups}, Winograd runs ungrouped convolutions only"
+    return None
+
+
+def _winograd_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[::1] u,            # IN  [16, nfb, C, 6] packed transformed weights
+    const floating[::1] b,            # IN  [F] (length 0: no bias)
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
+    const idx_t[::1] off,             # IN  [C] c * ldv
+    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa,
+):
+    """One image per work item."""
+    stride, padding, dilation, groups = geometry
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), padding, (1, 1), 1))
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
+    cdef int tid
+    with nogil, parallel(num_threads=nthreads):
+        tid = omp_get_thread_num()
+        for n in prange(g.N, schedule="dynamic"):
+            if floating is float:
+                fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
+                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
+                                      &bufs[tid, mo], band, ldv)
+            else:
+                fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
+                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
+                                      &bufs[tid, mo], band, ldv)
+
+
+def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
+    """C1-C4 by Winograd F(2x2, 3x3); the backward runs the direct kernels (the gradients of
+    the same convolution)."""
+    geometry = (stride, padding, dilation, groups)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
+                                       ((2, 2), padding, (1, 1), 1))
+    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    if g.N > 0:
+        nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), g.N)
+        TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
+        band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
+        ldv = _round(band * TW, 16)
+        nfb = (g.F + 5) // 6
+        up = np.zeros((16, g.C, nfb * 6), dtype=x.dtype)
+        up[:, :, :g.F] = _winograd_weights(w).reshape(16, g.C, g.F)
+        up = np.ascontiguousarray(up.reshape(16, g.C, nfb, 6).transpose(0, 2, 1, 3)).ravel()
+        off = (np.arange(g.C) * ldv).astype(np.intp)
+        row = gw.x_size + 16 * g.C * ldv + 16 * 6 * ldv
+        (bufs,) = _scratch(x.dtype, nt * row)
+        bias = np.empty(0, dtype=x.dtype) if b is None else b
+        _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
+                      band, ldv, nt, _isa())
+    ctx = None
+    if training:
+        ctx = Context(
+            op="conv2d",
+            backend="cpu",
+            dtype=x.dtype,
+            cupy=False,
+            grad_shapes={"dy": y.shape},
+            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
+                       algorithm="winograd"),
+        )
+    return y, ctx
+
+
+# ------------------------------------------------------------------------------------------------
 # the backend entry points
 # ------------------------------------------------------------------------------------------------
 
@@ -950,6 +1053,11 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
         return _direct_forward(x, w, b, stride, padding, dilation, groups, training)
     if algorithm == "im2col":
         return _im2col_forward(x, w, b, stride, padding, dilation, groups, training)
+    if algorithm == "winograd":
+        why = winograd_unsupported(tuple(w.shape), stride, dilation, groups)
+        if why is not None:
+            raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
+        return _winograd_forward(x, w, b, stride, padding, dilation, groups, training)
     raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
 
 
@@ -961,7 +1069,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
 def conv2d_backward(ctx, dy):
     """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None; by the
     forward's algorithm."""
-    if ctx.saved.get("algorithm") == "direct":
+    if ctx.saved.get("algorithm") in ("direct", "winograd"):
         return _direct_backward(ctx, dy)
     return _im2col_backward(ctx, dy)
 

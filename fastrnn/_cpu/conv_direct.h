@@ -57,6 +57,12 @@ void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float*
                         const idx_t* off, float* part);
 void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
                         const idx_t* off, double* part);
-idx_t fr_dy_size(const fr_geom* g);   /* elements of one image's packed output gradients */
+idx_t fr_dy_size(const fr_geom* g);
+void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
+                           const float* u, const idx_t* off, const float* b, float* y,
+                           float* xq, float* v, float* m, idx_t band, idx_t ldv);
+void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
+                           const double* u, const idx_t* off, const double* b, double* y,
+                           double* xq, double* v, double* m, idx_t band, idx_t ldv);   /* elements of one image's packed output gradients */
 
 #endif

@@ -236,6 +236,8 @@ void DN(fr_wgrad_image)(int isa, const fr_geom* g, const T* xq, const T* dyf, co
     }
 }
 
+#include "conv_winograd.h"
+
 #undef DN
 #undef DCAT
 #undef DCAT_
