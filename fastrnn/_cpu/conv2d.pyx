@@ -197,24 +197,39 @@ cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
     return g
 
 
-def _direct_tables(fr_geom g, w):
-    """Forward tap offsets [Kg], packed forward weights [G, ceil(Fg/6), Kg, 6], and the weight
-    gradient's padded offsets [G, Kg_r]."""
+def _direct_tables(fr_geom g, w, bint pack=True):
+    """Forward tap offsets [Kg], packed forward weights [G, ceil(Fg/6), Kg, 6] (None unless
+    ``pack``), and the weight gradient's padded offsets [G, Kg_r]."""
     c, i, j = np.meshgrid(np.arange(g.Cg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
     c, i, j = c.ravel(), i.ravel(), j.ravel()
     plane = g.Hq * g.Wq
     phase = (c * g.sh + (i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw
     off = (phase * plane + (i * g.dh // g.sh) * g.Wq + (j * g.dw // g.sw)).astype(np.intp)
     nfb = (g.Fg + 5) // 6
-    wp = np.zeros((g.G, nfb * 6, g.Kg), dtype=w.dtype)
-    wp[:, :g.Fg] = w.reshape(g.G, g.Fg, g.Kg)
-    wp = np.ascontiguousarray(wp.reshape(g.G, nfb, 6, g.Kg).transpose(0, 1, 3, 2))
+    wp = None
+    if pack:
+        wp = np.empty((g.G, nfb, g.Kg, 6), dtype=w.dtype)
+        _pack_rows(w.reshape(g.G, g.Fg, g.Kg), wp)
     planes = g.C * g.sh * g.sw * plane
     woff = np.empty((g.G, g.Kg_r), dtype=np.intp)
     for grp in range(g.G):
         woff[grp, :g.Kg] = off
         woff[grp, g.Kg:] = planes - grp * g.Cg * g.sh * g.sw * plane  # the zeros after the planes
     return off, wp, woff
+
+
+def _pack_rows(const floating[:, :, ::1] src, floating[:, :, :, ::1] dst):
+    """dst[g, b, t, r] = src[g, 6 b + r, t], zero past the last row: a group's rows (filters)
+    in blocks of 6 with the 6 contiguous per tap, as the micro-kernel reads them."""
+    cdef Py_ssize_t G = src.shape[0], R = src.shape[1], K = src.shape[2]
+    cdef Py_ssize_t nb = dst.shape[1], g, blk, t, r, row
+    with nogil:
+        for g in range(G):
+            for blk in range(nb):
+                for t in range(K):
+                    for r in range(6):
+                        row = blk * 6 + r
+                        dst[g, blk, t, r] = src[g, row, t] if row < R else 0
 
 
 def _dgrad_tables(fr_geom g, w):
@@ -224,7 +239,8 @@ def _dgrad_tables(fr_geom g, w):
     f, i, j = np.meshgrid(np.arange(g.Fg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
     f, i, j = f.ravel(), i.ravel(), j.ravel()
     ncb = (g.Cg + 5) // 6
-    wt = w.reshape(g.G, g.Fg, g.Cg, g.KH * g.KW)  # [G, Fg, Cg, taps]
+    # [G, Cg, (f, i, j)]: the transposed kernel's rows are input channels
+    wt = w.reshape(g.G, g.Fg, g.Cg, g.KH * g.KW).transpose(0, 2, 1, 3).reshape(g.G, g.Cg, -1)
     offs, wps, starts = [], [], []
     t0 = w0 = 0
     for a in range(g.sh):
@@ -234,9 +250,8 @@ def _dgrad_tables(fr_geom g, w):
             K = len(fs)
             off = (fs * g.Hd * g.Wd + (g.QH - is_ * g.dh // g.sh) * g.Wd
                    + (g.QW - js * g.dw // g.sw)).astype(np.intp)
-            wp = np.zeros((g.G, ncb * 6, K), dtype=w.dtype)
-            wp[:, :g.Cg] = wt[:, fs, :, is_ * g.KW + js].transpose(1, 2, 0) if K else 0
-            wp = np.ascontiguousarray(wp.reshape(g.G, ncb, 6, K).transpose(0, 1, 3, 2))
+            wp = np.empty((g.G, ncb, K, 6), dtype=w.dtype)
+            _pack_rows(np.ascontiguousarray(wt[:, :, sel]), wp)
             offs.append(off)
             wps.append(wp.ravel())
             starts.append((t0, w0, K))
@@ -504,7 +519,7 @@ def _direct_backward(ctx, dy):
         dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
-        _, _, woff = _direct_tables(g, w)
+        _, _, woff = _direct_tables(g, w, False)
         (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
         bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
         _direct_wgrad_run(x, dy, parts, bufs, woff, w.shape, geometry, nt, isa)
