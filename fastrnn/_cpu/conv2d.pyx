@@ -579,10 +579,9 @@ def _winograd_run(
     const idx_t[::1] off,             # IN  [C] c * ldv
     tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa,
 ):
-    """One image per work item."""
-    stride, padding, dilation, groups = geometry
+    """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads)."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
-    cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), padding, (1, 1), 1))
+    cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
     cdef int tid
@@ -679,4 +678,3 @@ def conv2d_backward(ctx, dy):
     if ctx.saved.get("algorithm") in ("direct", "winograd"):
         return _direct_backward(ctx, dy)
     return _im2col()._im2col_backward(ctx, dy)
-
