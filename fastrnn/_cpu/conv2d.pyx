@@ -447,6 +447,40 @@ def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
             db[f] = <floating> acc
 
 
+def _reduce_parts(
+    const floating[:, ::1] parts,     # IN  [chunks, G*Kg_r*Fg_r] or [chunks, F*Kg_r]
+    floating[:, :, ::1] dw,           # OUT [G, Fg, Kg]
+    Py_ssize_t Kg_r,                  # IN  taps per group, padded
+    Py_ssize_t Fg_r,                  # IN  filters per group, padded; 0: the [F, Kg_r] layout
+    int nthreads,
+):
+    """dw[g, f, t] = sum over chunks c, in order, of the partial's (g, f, t) entry."""
+    cdef Py_ssize_t P = parts.shape[0], G = dw.shape[0], Fg = dw.shape[1], Kg = dw.shape[2]
+    cdef Py_ssize_t row, grp, f, t, c, e
+    cdef floating acc
+    with nogil:
+        if Fg_r > 0:  # [G, Kg_r, Fg_r]: one (group, tap) row per iteration, read along f
+            for row in prange(G * Kg, num_threads=nthreads, schedule="static"):
+                grp = row // Kg
+                t = row - grp * Kg
+                for f in range(Fg):
+                    e = (grp * Kg_r + t) * Fg_r + f
+                    acc = parts[0, e]
+                    for c in range(1, P):
+                        acc = acc + parts[c, e]
+                    dw[grp, f, t] = acc
+        else:  # [F, Kg_r]: one filter per iteration, read along t
+            for row in prange(G * Fg, num_threads=nthreads, schedule="static"):
+                grp = row // Fg
+                f = row - grp * Fg
+                for t in range(Kg):
+                    e = row * Kg_r + t
+                    acc = parts[0, e]
+                    for c in range(1, P):
+                        acc = acc + parts[c, e]
+                    dw[grp, f, t] = acc
+
+
 def _threads(Py_ssize_t macs) -> int:
     return get_num_threads() if macs >= MIN_PARALLEL_MACS else 1
 
@@ -527,15 +561,9 @@ def _direct_backward(ctx, dy):
             _bias_grad(dy, db, nt)
     elif s["has_bias"]:
         db[:] = 0
-    # CB2 across chunks, in chunk order
-    total = parts[0].copy()
-    for c in range(1, chunks):
-        total += parts[c]
-    if g.wgt:  # [G, Kg_r, Fg_r] -> [G, Fg, Kg]
-        total = total.reshape(g.G, g.Kg_r, g.Fg_r)[:, :g.Kg, :g.Fg].transpose(0, 2, 1)
-    else:
-        total = total.reshape(g.F, g.Kg_r)[:, :g.Kg]
-    dw = np.ascontiguousarray(total).reshape(w.shape)
+    # CB2 across chunks, in chunk order, and back to w's layout
+    dw = np.empty_like(w)
+    _reduce_parts(parts, dw.reshape(g.G, g.Fg, g.Kg), g.Kg_r, g.Fg_r if g.wgt else 0, nt)
     return dx, dw, (db if s["has_bias"] else None)
 
 
