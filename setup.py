@@ -78,6 +78,12 @@ def openmp_flags() -> list[str]:
     return []
 
 
+# C sources compiled into an extension next to its .pyx (their headers sit beside them)
+C_SOURCES = {
+    "conv2d": ("conv_direct.c",),
+}
+
+
 def extensions() -> list[Extension]:
     debug = _env_flag("FASTRNN_CYTHON_DEBUG")
     omp = openmp_flags()
@@ -91,10 +97,13 @@ def extensions() -> list[Extension]:
         name = pyx.stem
         if only and name not in only:
             continue
+        sources = [str(pyx.relative_to(ROOT))]
+        sources += [f"fastrnn/_cpu/{c}" for c in C_SOURCES.get(name, ())]
         exts.append(
             Extension(
                 f"fastrnn._cpu.{name}",
-                [str(pyx.relative_to(ROOT))],
+                sources,
+                depends=[str(p) for p in (ROOT / "fastrnn" / "_cpu").glob("*.h")],
                 include_dirs=[np.get_include(), str(ROOT / "fastrnn" / "_cpu")],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=compile_args,

@@ -9,6 +9,9 @@ The pytest-benchmark suite puts fastrnn, the reference and PyTorch of one shape 
 group, with GFLOP/s, threads, dtype and shape in ``extra_info``. The script form times fastrnn
 and PyTorch interleaved, shape by shape, several rounds, and prints median times, GFLOP/s and
 PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
+``--im2col`` adds fastrnn pinned to algorithm="im2col" (the kernels before the direct ones) to
+the same interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
+torch.nn's and fastrnn.torch's Conv2d/MaxPool2d.
 
 Threads: ``FASTRNN_BENCH_THREADS`` (pytest) or ``--threads`` (script), default
 ``fastrnn.get_num_threads()``; both fastrnn and PyTorch are set explicitly (they share libgomp,
@@ -45,13 +48,17 @@ try:
 except ImportError:  # pragma: no cover - torch is optional
     torch = None
 
-# (N, C, H, W, F, k, stride, pad)
+# (N, C, H, W, F, k, stride, pad, groups): the layers of issue 17's table
 CONV_SHAPES = [
-    (64, 3, 32, 32, 32, 3, 1, 1),
-    (64, 32, 32, 32, 64, 3, 1, 1),
-    (8, 128, 28, 28, 128, 3, 1, 1),
-    (64, 1, 28, 28, 16, 5, 1, 2),
-    (32, 64, 56, 56, 64, 3, 1, 1),
+    (64, 3, 32, 32, 32, 3, 1, 1, 1),
+    (64, 1, 28, 28, 16, 5, 1, 2, 1),
+    (32, 256, 14, 14, 64, 1, 1, 0, 1),
+    (64, 32, 32, 32, 64, 3, 1, 1, 1),
+    (32, 64, 56, 56, 64, 3, 1, 1, 1),
+    (32, 64, 56, 56, 128, 3, 2, 1, 1),
+    (8, 128, 28, 28, 128, 3, 1, 1, 1),
+    (16, 256, 14, 14, 256, 3, 1, 1, 1),
+    (32, 64, 56, 56, 64, 3, 1, 1, 64),
 ]
 # (N, C, H, W, k, stride, pad)
 POOL_SHAPES = [
@@ -75,9 +82,9 @@ def set_threads(n: int) -> None:
 
 
 def conv_flops(shape: tuple[int, ...], passes: str) -> float:
-    N, C, H, W, F, k, s, p = shape
+    N, C, H, W, F, k, s, p, g = shape
     OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    fwd = 2.0 * N * F * OH * OW * C * k * k
+    fwd = 2.0 * N * F * OH * OW * (C // g) * k * k
     return fwd if passes == "fwd" else 3 * fwd
 
 
@@ -95,12 +102,12 @@ def pool_flops(shape: tuple[int, ...], passes: str) -> float:
 
 def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], object]:
     """A zero-argument call running conv2d forward (or forward+backward) on ``impl``."""
-    N, C, H, W, F, k, s, p = shape
+    N, C, H, W, F, k, s, p, g = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, C, H, W), dtype=np.float64).astype(DTYPE)
-    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(DTYPE)
+    w = (rng.standard_normal((F, C // g, k, k)) / np.sqrt(C // g * k * k)).astype(DTYPE)
     b = rng.standard_normal(F).astype(DTYPE)
-    y, _ = ref.conv2d_forward(x, w, b, stride=s, padding=p, training=False)
+    y, _ = ref.conv2d_forward(x, w, b, stride=s, padding=p, groups=g, training=False)
     dy = rng.standard_normal(y.shape).astype(DTYPE)
     train = passes == "fwd+bwd"
 
@@ -113,9 +120,9 @@ def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], ob
         def call():
             if not train:
                 with torch.no_grad():
-                    return tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+                    return tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
             xt.grad = wt.grad = bt.grad = None
-            yt = tnf.conv2d(xt, wt, bt, stride=s, padding=p)
+            yt = tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
             yt.backward(dyt)
             return yt
 
@@ -123,8 +130,12 @@ def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], ob
         np.testing.assert_allclose(out.detach().numpy(), y, rtol=1e-3, atol=1e-3)
         return call
 
+    algorithm = "im2col" if impl == "im2col" else "auto"
+
     def call():
-        yy, ctx = fr.conv2d_forward(x, w, b, stride=s, padding=p, training=train)
+        yy, ctx = fr.conv2d_forward(
+            x, w, b, stride=s, padding=p, groups=g, training=train, algorithm=algorithm
+        )
         if train:
             fr.conv2d_backward(ctx, dy)
         return yy
@@ -207,7 +218,7 @@ def _run(benchmark, call, flops: float, info: dict) -> None:
 
 
 def _conv_id(shape) -> str:
-    return "N{}C{}H{}W{}F{}k{}s{}p{}".format(*shape)
+    return "N{}C{}H{}W{}F{}k{}s{}p{}g{}".format(*shape)
 
 
 def _pool_id(shape) -> str:
@@ -247,15 +258,21 @@ def _median_ms(call: Callable[[], object], reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def table(threads: int, repeat: int, with_reference: bool) -> None:
+def table(
+    threads: int, repeat: int, with_reference: bool, pool: bool = True, im2col: bool = False
+) -> None:
     set_threads(threads)
     impls = ["fastrnn", "torch"] + (["reference"] if with_reference else [])
+    impls += ["im2col"] if im2col else []
     rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
-    rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
+    if pool:
+        rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
     print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians)")
     head = f"{'op':10} {'shape':34} {'pass':8}"
     for impl in impls:
         head += f" {impl + ' ms':>13} {'GF/s':>6}"
+    if im2col:
+        head += f" {'torch/im2col':>14}"
     print(head + f" {'torch/fastrnn':>14}")
     ratios: dict[str, list[float]] = {p: [] for p in PASSES}
     for op, shape, passes in rows:
@@ -263,6 +280,8 @@ def table(threads: int, repeat: int, with_reference: bool) -> None:
             calls = {i: conv_call(shape, i, passes) for i in impls}
             flops = conv_flops(shape, passes)
             label = _conv_id(shape)
+        elif "im2col" in impls:  # pooling has no im2col column
+            continue
         else:
             calls = {i: pool_call(op[:3], shape, i, passes) for i in impls}
             flops = pool_flops(shape, passes)
@@ -280,10 +299,78 @@ def table(threads: int, repeat: int, with_reference: bool) -> None:
         ratio = ms["torch"] / ms["fastrnn"]
         if op == "conv2d":
             ratios[passes].append(ratio)
+        if "im2col" in impls:
+            line += f" {ms['torch'] / ms['im2col']:14.2f}"
         print(line + f" {ratio:14.2f}", flush=True)
     for p in PASSES:
         gm = float(np.exp(np.mean(np.log(ratios[p]))))
         print(f"conv2d {p}: geometric mean of torch/fastrnn over the grid = {gm:.2f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch's examples/mnist network, with torch.nn's or fastrnn.torch's Conv2d and MaxPool2d
+# ------------------------------------------------------------------------------------------------
+
+
+def mnist_net(layers) -> object:
+    """examples/mnist's Net: conv 1->32, conv 32->64 (3x3), max pool 2, dropout, 9216->128->10.
+    ``layers`` provides Conv2d and MaxPool2d (torch.nn or fastrnn.torch)."""
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = layers.Conv2d(1, 32, 3, 1)
+            self.conv2 = layers.Conv2d(32, 64, 3, 1)
+            self.pool = layers.MaxPool2d(2)
+            self.dropout1 = nn.Dropout(0.25)
+            self.dropout2 = nn.Dropout(0.5)
+            self.fc1 = nn.Linear(9216, 128)
+            self.fc2 = nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv1(x))
+            x = self.pool(torch.relu(self.conv2(x)))
+            x = torch.flatten(self.dropout1(x), 1)
+            x = self.dropout2(torch.relu(self.fc1(x)))
+            return torch.log_softmax(self.fc2(x), dim=1)
+
+    return Net()
+
+
+def mnist(threads: int, repeat: int, batch: int = 64) -> None:
+    """Training steps (forward, NLL loss, backward, Adadelta step as in examples/mnist) of the
+    two networks, interleaved; prints medians and torch's time over fastrnn's."""
+    import fastrnn.torch as frt
+
+    set_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28)
+    t = torch.randint(0, 10, (batch,))
+    steps = {}
+    for name, layers in (("torch", torch.nn), ("fastrnn", frt)):
+        torch.manual_seed(1)
+        net = mnist_net(layers)
+        opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
+
+        def step(net=net, opt=opt):
+            opt.zero_grad()
+            loss = tnf.nll_loss(net(x), t)
+            loss.backward()
+            opt.step()
+
+        step()
+        steps[name] = step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeat):
+        for k, f in steps.items():
+            times[k].append(_median_ms(f, 5))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"mnist training step, batch {batch}, threads={threads}: torch {ms['torch']:.2f} ms, "
+        f"fastrnn.torch Conv2d/MaxPool2d {ms['fastrnn']:.2f} ms, "
+        f"torch/fastrnn {ms['torch'] / ms['fastrnn']:.2f}"
+    )
 
 
 def main() -> None:
@@ -291,10 +378,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=fr.get_num_threads())
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time the reference")
+    parser.add_argument("--no-pool", action="store_true", help="convolutions only")
+    parser.add_argument(
+        "--im2col",
+        action="store_true",
+        help="also time fastrnn pinned to algorithm='im2col' (the im2col + GEMM kernels)",
+    )
+    parser.add_argument(
+        "--mnist", action="store_true", help="only PyTorch's examples/mnist training step"
+    )
     args = parser.parse_args()
     if torch is None:
         raise SystemExit("the table compares with PyTorch: install torch")
-    table(args.threads, args.repeat, args.reference)
+    if args.mnist:
+        mnist(args.threads, args.repeat)
+        return
+    table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col)
 
 
 if __name__ == "__main__":

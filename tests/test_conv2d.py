@@ -12,6 +12,7 @@ from tolerances import assert_close
 
 import fastrnn as fr
 from fastrnn import reference as ref
+from fastrnn.nn import Conv2d
 
 # (N, C, H, W, F, (KH, KW), stride, padding, dilation, groups, bias)
 CASES = [
@@ -158,7 +159,7 @@ def test_cpu_column_tiles(case, tile, restore_threads):
     x, w, b, kw = _data(case)
     previous = kernel._set_tile_columns(tile)
     try:
-        (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+        (y, dx, dw, db), _, dy = _run("cpu", x, w, b, dict(kw, algorithm="im2col"))
     finally:
         kernel._set_tile_columns(previous)
     yr, cr = ref.conv2d_forward(x, w, b, **kw)
@@ -166,6 +167,157 @@ def test_cpu_column_tiles(case, tile, restore_threads):
     assert_close(y, yr, "conv", "forward", np.float64, name="y")
     assert_close(dx, dxr, "conv", "backward", np.float64, name="dx")
     assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+
+
+# awkward sizes for the direct kernels: channels not a multiple of the blocks (6 filters,
+# 16 lanes), positions not a multiple of a vector, more than one batch of images
+DIRECT_CASES = CASES + [
+    (5, 17, 11, 13, 19, (3, 3), 1, 1, 1, 1, True),
+    (3, 20, 12, 9, 14, (3, 3), 2, 1, 1, 1, True),  # stride 2
+    (2, 16, 10, 10, 16, (3, 3), 1, 1, 1, 16, False),  # depthwise, 16 channels
+    (2, 12, 9, 9, 24, (3, 3), 1, 1, 1, 12, True),  # depthwise, channel multiplier 2
+    (1, 33, 6, 5, 7, (1, 1), 1, 0, 1, 1, True),  # pointwise by the direct kernels
+    (2, 8, 15, 14, 10, (3, 3), 1, 2, 2, 2, True),  # dilation 2, groups
+    (1, 3, 20, 17, 8, (5, 5), 2, 2, 1, 1, True),  # 5x5 stride 2
+    (3, 6, 9, 8, 40, (3, 3), 1, 1, 1, 2, True),  # groups of 20 filters: filters in lanes
+    (2, 5, 7, 6, 33, (2, 3), (2, 1), 1, (1, 2), 1, False),  # 33 filters: a partial vector
+]
+
+
+def _direct_isas() -> list:
+    from fastrnn._cpu import conv2d as kernel
+
+    return [
+        pytest.param(
+            isa,
+            marks=pytest.mark.skipif(
+                not kernel.isa_supported(isa), reason=f"this CPU lacks the {isa} path"
+            ),
+        )
+        for isa in ("avx512", "avx2", "portable")
+    ]
+
+
+@pytest.fixture
+def pinned_isa(request):
+    from fastrnn._cpu import conv2d as kernel
+
+    previous = kernel.force_isa(request.param)
+    yield request.param
+    kernel.force_isa(previous)
+
+
+def _check_against_reference(x, w, b, kw, dtype):
+    (y, dx, dw, db), ctx, dy = _run("cpu", x, w, b, kw)
+
+    def f64(a):
+        return None if a is None else a.astype(np.float64)
+
+    kw = {k: v for k, v in kw.items() if k != "algorithm"}
+    yr, cr = ref.conv2d_forward(f64(x), f64(w), f64(b), **kw)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, f64(dy))
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert_close(y, yr, "conv", "forward", dtype, name="y")
+    assert_close(dx, dxr, "conv", "backward", dtype, name="dx")
+    assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+    assert (db is None) == (b is None)
+    if b is not None:
+        assert_close(db, dbr, "conv", "backward", dtype, name="db")
+    return ctx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads):
+    """The direct kernels, pinned to each instruction-set path, equal the reference."""
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="direct"), dtype)
+    assert ctx.saved["algorithm"] == "direct"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
+def test_cpu_im2col(case, dtype):
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="im2col"), dtype)
+    assert ctx.saved["algorithm"] == "im2col"
+
+
+# 3x3, stride 1, dilation 1, one group: what Winograd F(2x2, 3x3) runs
+WINOGRAD_CASES = [
+    (2, 3, 7, 9, 4, (3, 3), 1, 1, 1, 1, True),  # odd output sizes: partial tiles
+    (1, 17, 12, 13, 13, (3, 3), 1, 1, 1, 1, False),
+    (3, 32, 14, 14, 40, (3, 3), 1, 1, 1, 1, True),
+    (2, 5, 8, 6, 7, (3, 3), 1, 0, 1, 1, True),  # no padding
+    (1, 4, 5, 5, 8, (3, 3), 1, 2, 1, 1, True),  # padding 2
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_winograd_every_path(pinned_isa, case, dtype, restore_threads):
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="winograd"), dtype)
+    assert ctx.saved["algorithm"] == "winograd"
+
+
+def test_cpu_winograd_error_is_small():
+    """F(2x2, 3x3)'s float32 error on a 64-channel layer stays far inside the forward tolerance
+    (rtol 1e-4): measured relative to the largest output, about 3e-7 (benchmarks/NOTES-conv.md),
+    so "auto" may pick it."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 20, 20)).astype(np.float32)
+    w = (rng.standard_normal((32, 64, 3, 3)) / 24).astype(np.float32)
+    y, _ = fr.conv2d_forward(x, w, padding=1, algorithm="winograd", training=False)
+    yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), padding=1)
+    assert np.abs(y - yr).max() / np.abs(yr).max() < 2e-6
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (dict(w=np.zeros((6, 4, 5, 5)), b=np.zeros(6), padding=2), "3x3"),
+        (dict(stride=2), "stride"),
+        (dict(dilation=2, padding=2), "dilation"),
+        (dict(groups=2), "groups"),
+    ],
+)
+def test_winograd_refuses_what_it_cannot_run(change, why):
+    x, w, b = _good()
+    args = dict(w=w[:, :2].repeat(2, axis=1), b=b, stride=1, padding=1, dilation=1, groups=1)
+    args.update(change)
+    if args["groups"] == 2:
+        args["w"] = w
+    with pytest.raises(ValueError, match=f"algorithm.*{why}"):
+        fr.conv2d_forward(x, args.pop("w"), args.pop("b"), algorithm="winograd", **args)
+
+
+def test_cpu_force_isa_rejects_unknown_paths():
+    from fastrnn._cpu import conv2d as kernel
+
+    with pytest.raises(ValueError, match="name"):
+        kernel.force_isa("sse9")
+
+
+@pytest.mark.parametrize("bad", ["fft", "", None, 3, "Direct"])
+def test_bad_algorithm(bad):
+    x, w, b = _good()
+    with pytest.raises(ValueError, match="algorithm"):
+        fr.conv2d_forward(x, w, b, padding=1, groups=2, algorithm=bad)
+    with pytest.raises(ValueError, match="algorithm"):
+        Conv2d(4, 6, 3, groups=2, algorithm=bad)
+
+
+def test_layer_algorithm_reaches_the_kernel():
+    x, _, _ = _good()
+    layer = Conv2d(4, 6, 3, padding=1, groups=2, dtype=np.float64, algorithm="im2col")
+    y = layer(x)
+    assert layer._cache.saved["algorithm"] == "im2col"
+    yr, _ = ref.conv2d_forward(x, layer.weight.data, layer.bias.data, padding=1, groups=2)
+    assert_close(y, yr, "conv", "forward", np.float64, name="y")
+    assert "algorithm='im2col'" in repr(layer)
 
 
 @st.composite
@@ -187,11 +339,15 @@ def conv_cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=conv_cases(), seed=st.integers(0, 2**16))
-def test_cpu_random_geometries(case, seed):
-    """Property-based: the CPU kernel equals the reference on random small geometries."""
+@given(
+    case=conv_cases(),
+    seed=st.integers(0, 2**16),
+    algorithm=st.sampled_from(["auto", "direct", "im2col"]),
+)
+def test_cpu_random_geometries(case, seed, algorithm):
+    """Property-based: the CPU kernels equal the reference on random small geometries."""
     x, w, b, kw = _data(case, seed=seed)
-    (y, dx, dw, db), _, dy = _run("cpu", x, w, b, kw)
+    (y, dx, dw, db), _, dy = _run("cpu", x, w, b, dict(kw, algorithm=algorithm))
     yr, cr = ref.conv2d_forward(x, w, b, **kw)
     dxr, dwr, dbr = ref.conv2d_backward(cr, dy)
     assert_close(y, yr, "conv", "forward", np.float64, name="y")
@@ -199,6 +355,8 @@ def test_cpu_random_geometries(case, seed):
     assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
     if b is not None:
         assert_close(db, dbr, "conv", "backward", np.float64, name="db")
+    else:
+        assert db is None
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

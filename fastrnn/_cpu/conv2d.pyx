@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""2-D convolution on the CPU: im2col + BLAS GEMM on tiles of output rows, OpenMP over images.
+"""2-D convolution on the CPU: the algorithms and their dispatch.
 
 Contract (the backend interface, fastrnn/backends/base.py; arguments validated and made
 C-contiguous by fastrnn.backends.ops):
@@ -12,413 +12,44 @@ C-contiguous by fastrnn.backends.ops):
 
 Steps cite fastrnn/reference/conv2d.py (C1..C4 forward, CB1..CB5 backward).
 
-Layout of one image: the columns ``cols`` [C*KH*KW, L], rows ordered (c, i, j), L = OH*OW;
-group g owns the K = Cg*KH*KW rows from g*K. y[n] viewed as [F, L] is w_g [Fg, K] @ cols_g per
-group: already NCHW, no transpose. The columns are built for a tile of whole output rows at a
-time (about TILE_COLUMNS positions), so one thread holds at most one tile of columns and the
-tile stays in cache from im2col through the GEMMs (and col2im).
+* "direct": our micro-kernels (conv_direct.c), below;
+* "winograd": F(2x2, 3x3) on the same micro-kernel (conv_winograd.h), below;
+* "im2col": column tiles + BLAS GEMM, in fastrnn/_cpu/conv2d_im2col.pyx, imported on first use:
+  it needs SciPy's BLAS, whose import (scipy.linalg, 120-400 ms here) a first call of the
+  other algorithms then does not pay.
 
-Threads (fastrnn.get_num_threads()), never BLAS threads inside OpenMP threads:
-* forward: the (image, tile) pairs run in parallel (dynamic schedule), each thread with its own
-  column buffer and BLAS pinned to one thread; tiles write disjoint parts of y, so even a
-  single image spreads over the threads. With fewer pairs than threads they run one after
-  another and BLAS gets the threads.
-* backward: chunks of whole images run in parallel the same way (col2im of neighbouring tiles
-  adds into the same rows of dx, so an image stays on one thread). Each chunk accumulates dw
-  over its images, in order, into its own partial (transposed: cols @ dy^T runs faster in
-  OpenBLAS than dy @ cols^T); the partials are summed in chunk order afterwards. The chunks
-  depend on the sizes only, so results are bitwise the same for any thread count and run.
-  db is a fixed-order sum per channel. With fewer chunks than threads, they run one after
-  another and BLAS gets the threads.
-
-Pointwise convolutions (1x1, stride 1, no padding) skip im2col: x[n] viewed as [C, H*W] already
-is the column matrix, and the dx GEMM writes dx[n] directly (no col2im).
+Threads: fastrnn.get_num_threads(); work is split by sizes, never by the thread count, so 1 and
+N threads give bitwise the same results.
 """
 
 from cython.parallel cimport parallel, prange
-from libc.string cimport memcpy, memset
 
-import contextlib
+import importlib
+import threading
 
 import numpy as np
 
-from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 
-from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
-
-cdef Py_ssize_t TILE_COLUMNS = 512
-cdef enum:
-    KBLOCK = 16  # rows of a dw partial transposed together (_reduce_block)
-
-
-cdef struct Geom:
-    Py_ssize_t N, C, H, W, F, KH, KW, OH, OW
-    Py_ssize_t sh, sw, ph, pw, dh, dw
-    Py_ssize_t G, Fg, K, L   # groups, output channels per group, column length, OH*OW
-    bint pointwise           # 1x1, stride 1, no padding: no im2col
-    Py_ssize_t tile_rows     # output rows per column tile
-
-
-cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, groups):
-    cdef Geom g
-    g.N, g.C, g.H, g.W = x_shape
-    g.F, _, g.KH, g.KW = w_shape
-    g.sh, g.sw = stride
-    g.ph, g.pw = padding
-    g.dh, g.dw = dilation
-    g.G = groups
-    g.Fg = g.F // g.G
-    g.K = (g.C // g.G) * g.KH * g.KW
-    g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) // g.sh + 1
-    g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) // g.sw + 1
-    g.L = g.OH * g.OW
-    g.pointwise = (g.KH == 1 and g.KW == 1 and g.sw == 1 and g.sh == 1
-                   and g.ph == 0 and g.pw == 0)
-    # About TILE_COLUMNS output positions per tile (whole rows): OpenBLAS runs these GEMMs
-    # faster on 256-1024 columns than on a whole 56x56 image (single thread, 64x576 @ 576xL:
-    # 116 GFLOP/s at L=3136, 140-150 at L=392-784), and the tile's columns stay in cache between
-    # im2col, the GEMMs and col2im.
-    g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW))
-    return g
-
-
-cdef inline void _valid(
-    Py_ssize_t off,        # IN  input index of output 0 (kernel tap offset minus padding)
-    Py_ssize_t s,          # IN  stride
-    Py_ssize_t n_in,       # IN  input size
-    Py_ssize_t n_out,      # IN  output size
-    Py_ssize_t* lo,        # OUT
-    Py_ssize_t* hi,        # OUT
-) noexcept nogil:
-    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1; the rest read padding."""
-    cdef Py_ssize_t a = 0, b = 0
-    if off < 0:
-        a = (-off + s - 1) // s
-    if n_in - 1 - off >= 0:
-        b = (n_in - 1 - off) // s + 1
-    if b > n_out:
-        b = n_out
-    if a > b:
-        a = b
-    lo[0] = a
-    hi[0] = b
-
-
-cdef void _im2col(
-    const floating* x,     # IN  [C, H, W] one image
-    floating* cols,        # OUT [C*KH*KW, (oh1 - oh0) * OW]: the columns of output rows oh0..oh1
-    Py_ssize_t r0,         # IN  first output row of the tile
-    Py_ssize_t r1,         # IN  end of the tile's output rows
-    const Geom* g,
-) noexcept nogil:
-    """C1 + C2 on a tile of output rows: cols[(c, i, j), (oh - r0, ow)] =
-    x[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw], 0 in the padding. Stride-1 rows are one memcpy
-    between two zeroed margins."""
-    cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
-    cdef Py_ssize_t T = (r1 - r0) * g.OW
-    cdef floating* out
-    cdef floating* row
-    cdef const floating* src
-    for c in range(g.C):
-        for i in range(g.KH):
-            offh = i * g.dh - g.ph
-            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
-            oh0 = min(max(oh0, r0), r1)
-            oh1 = max(min(oh1, r1), oh0)
-            for j in range(g.KW):
-                offw = j * g.dw - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
-                out = cols + ((c * g.KH + i) * g.KW + j) * T - r0 * g.OW  # indexed by oh
-                if oh0 > r0:
-                    memset(out + r0 * g.OW, 0, (oh0 - r0) * g.OW * sizeof(floating))
-                if oh1 < r1:
-                    memset(out + oh1 * g.OW, 0, (r1 - oh1) * g.OW * sizeof(floating))
-                for oh in range(oh0, oh1):
-                    src = x + (c * g.H + oh * g.sh + offh) * g.W
-                    row = out + oh * g.OW
-                    if ow0 > 0:
-                        memset(row, 0, ow0 * sizeof(floating))
-                    if ow1 < g.OW:
-                        memset(row + ow1, 0, (g.OW - ow1) * sizeof(floating))
-                    if g.sw == 1:
-                        memcpy(row + ow0, src + ow0 + offw, (ow1 - ow0) * sizeof(floating))
-                    else:
-                        for ow in range(ow0, ow1):
-                            row[ow] = src[ow * g.sw + offw]
-
-
-cdef void _col2im(
-    const floating* cols,  # IN  [C*KH*KW, (r1 - r0) * OW] column gradients of a tile
-    floating* dx,          # INOUT [C, H, W] of the image, zeroed before its first tile
-    Py_ssize_t r0,         # IN  first output row of the tile
-    Py_ssize_t r1,         # IN  end of the tile's output rows
-    const Geom* g,
-) noexcept nogil:
-    """CB4 + CB5: the transpose of _im2col; gradient landing on padding is dropped."""
-    cdef Py_ssize_t c, i, j, oh, ow, oh0, oh1, ow0, ow1, offh, offw
-    cdef Py_ssize_t T = (r1 - r0) * g.OW
-    cdef const floating* row
-    cdef floating* dst
-    for c in range(g.C):
-        for i in range(g.KH):
-            offh = i * g.dh - g.ph
-            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
-            oh0 = min(max(oh0, r0), r1)
-            oh1 = max(min(oh1, r1), oh0)
-            for j in range(g.KW):
-                offw = j * g.dw - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
-                for oh in range(oh0, oh1):
-                    row = cols + ((c * g.KH + i) * g.KW + j) * T + (oh - r0) * g.OW
-                    dst = dx + (c * g.H + oh * g.sh + offh) * g.W + offw
-                    if g.sw == 1:
-                        for ow in range(ow0, ow1):
-                            dst[ow] += row[ow]
-                    else:
-                        for ow in range(ow0, ow1):
-                            dst[ow * g.sw] += row[ow]
-
-
-cdef void _forward_tile(
-    const floating* x,     # IN  [C, H, W] one image
-    const floating* w,     # IN  [G, Fg, K]
-    const floating* b,     # IN  [F] or NULL
-    floating* y,           # OUT [F, L] of the image; this writes the tile's columns
-    floating* buf,         # scratch [C*KH*KW, tile columns] (unused when pointwise)
-    Py_ssize_t r0,         # IN  first output row of the tile
-    Py_ssize_t r1,         # IN  end of the tile's output rows
-    const Geom* g,
-) noexcept nogil:
-    """C1-C4 for output rows r0..r1 of one image. Tiles write disjoint parts of y."""
-    cdef floating beta = 0
-    cdef Py_ssize_t f, e, grp
-    cdef Py_ssize_t T = (r1 - r0) * g.OW
-    cdef Py_ssize_t ld = T
-    cdef const floating* cols = buf
-    if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
-        for f in range(g.F):
-            for e in range(T):
-                y[f * g.L + r0 * g.OW + e] = b[f]
-        beta = 1
-    if g.pointwise:  # x itself is the column matrix [C, L]
-        cols = x + r0 * g.OW
-        ld = g.L
-    else:
-        _im2col(x, buf, r0, r1, g)  # C1, C2
-    for grp in range(g.G):  # C3
-        gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
-             w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * ld, <int> ld,
-             beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
-
-
-cdef void _backward_image(
-    const floating* x,     # IN  [C, H, W]
-    const floating* w,     # IN  [G, Fg, K]
-    const floating* dy,    # IN  [F, L]
-    floating* dx,          # OUT [C, H, W]
-    floating* dw_part,     # INOUT [G, K, Fg] this thread's partial sum of dw, transposed per group
-    floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
-    const Geom* g,
-) noexcept nogil:
-    cdef Py_ssize_t grp, r0, r1, T
-    if g.pointwise:
-        for grp in range(g.G):
-            # CB2, transposed: dw_g^T [K, Fg] += x_g [K, L] @ dy_g^T [L, Fg]
-            gemm(False, True, <int> g.K, <int> g.Fg, <int> g.L, <floating> 1,
-                 x + grp * g.K * g.L, <int> g.L, dy + grp * g.Fg * g.L, <int> g.L,
-                 <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
-            # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
-            gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
-                 w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
-                 <floating> 0, dx + grp * g.K * g.L, <int> g.L)
-        return
-    memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
-    r0 = 0
-    while r0 < g.OH:
-        r1 = min(r0 + g.tile_rows, g.OH)
-        T = (r1 - r0) * g.OW
-        _im2col(x, buf, r0, r1, g)  # C2, recomputed from x instead of saved
-        for grp in range(g.G):  # CB2, transposed: dw_g^T [K, Fg] += cols_g [K, T] @ dy_g^T
-            gemm(False, True, <int> g.K, <int> g.Fg, <int> T, <floating> 1,
-                 buf + grp * g.K * T, <int> T, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
-                 <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
-        for grp in range(g.G):  # CB3 into the (now free) column buffer
-            gemm(True, False, <int> g.K, <int> T, <int> g.Fg, <floating> 1,
-                 w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
-                 <floating> 0, buf + grp * g.K * T, <int> T)
-        _col2im(buf, dx, r0, r1, g)  # CB4, CB5
-        r0 = r1
-
-
-cdef void _reduce_block(
-    const floating* parts,  # IN  [P, G, K, Fg] the chunks' partials (transposed per group)
-    Py_ssize_t P,           # IN  number of chunks
-    floating* dw,           # OUT [G, Fg, K]
-    Py_ssize_t block,       # IN  block index: group grp, columns k0 .. k0 + KBLOCK of dw
-    const Geom* g,
-) noexcept nogil:
-    """CB2 across chunks for one block of KBLOCK rows of a partial: dw[grp, f, k] = sum over c
-    (in chunk order) of parts[c, grp, k, f]. Blocked so the strided side of the transpose stays
-    in L1 (an element-by-element transpose missed the cache on every read: 15% of a backward
-    pass for 8x128x28x28 -> 128)."""
-    cdef Py_ssize_t nkb = (g.K + KBLOCK - 1) // KBLOCK
-    cdef Py_ssize_t grp = block // nkb
-    cdef Py_ssize_t k0 = (block - grp * nkb) * KBLOCK
-    cdef Py_ssize_t k1 = min(k0 + KBLOCK, g.K)
-    cdef Py_ssize_t ps = g.G * g.K * g.Fg
-    cdef Py_ssize_t c, f, k
-    cdef const floating* src = parts + grp * g.K * g.Fg
-    cdef floating* dst = dw + grp * g.Fg * g.K
-    cdef floating acc
-    for f in range(g.Fg):
-        for k in range(k0, k1):
-            acc = src[k * g.Fg + f]
-            for c in range(1, P):
-                acc = acc + src[c * ps + k * g.Fg + f]
-            dst[f * g.K + k] = acc
-
-
-cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
-    """CB1 for one output channel, accumulated in double in a fixed order."""
-    cdef double s = 0
-    cdef Py_ssize_t n, e
-    cdef const floating* p
-    for n in range(g.N):
-        p = dy + (n * g.F + f) * g.L
-        for e in range(g.L):
-            s += p[e]
-    return s
+ctypedef fused floating:
+    float
+    double
 
 
 cdef tuple _shape(const floating[:, :, :, ::1] a):
     return (a.shape[0], a.shape[1], a.shape[2], a.shape[3])
 
 
-def _forward(
-    const floating[:, :, :, ::1] x,   # IN
-    const floating[:, :, :, ::1] w,   # IN
-    const floating[::1] b,            # IN  (length 0 when there is no bias)
-    floating[:, :, :, ::1] y,         # OUT
-    floating[:, ::1] bufs,            # scratch, one row per thread
-    stride, padding, dilation, int groups, int nthreads,
-    blas,                             # context manager setting the BLAS threads (see _plan)
-):
-    cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
-                            groups)
-    cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* wp = &w[0, 0, 0, 0]
-    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
-    cdef floating* yp = &y[0, 0, 0, 0]
-    cdef floating* bufp = &bufs[0, 0]
-    cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
-    cdef Py_ssize_t tiles = (g.OH + g.tile_rows - 1) // g.tile_rows
-    cdef Py_ssize_t item, n, r0
-    cdef int tid
-    # Work items are (image, tile) pairs: they write disjoint parts of y, so even one image
-    # spreads over the threads.
-    if bufs.shape[0] > 1:
-        with blas:
-            with nogil, parallel(num_threads=nthreads):
-                tid = omp_get_thread_num()
-                for item in prange(g.N * tiles, schedule="dynamic"):
-                    n = item // tiles
-                    r0 = (item - n * tiles) * g.tile_rows
-                    _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs,
-                                  r0, min(r0 + g.tile_rows, g.OH), &g)
-    else:
-        with blas:
-            with nogil:
-                for item in range(g.N * tiles):
-                    n = item // tiles
-                    r0 = (item - n * tiles) * g.tile_rows
-                    _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp,
-                                  r0, min(r0 + g.tile_rows, g.OH), &g)
-
-
-def _backward(
-    const floating[:, :, :, ::1] x,   # IN
-    const floating[:, :, :, ::1] w,   # IN
-    const floating[:, :, :, ::1] dy,  # IN
-    floating[:, :, :, ::1] dx,        # OUT
-    floating[:, :, :, ::1] dw,        # OUT
-    floating[::1] db,                 # OUT (length 0 when there is no bias)
-    floating[:, ::1] parts,           # scratch [chunks, F*K], zeroed by the caller
-    floating[:, ::1] bufs,            # scratch, one row per thread
-    stride, padding, dilation, int groups, int nthreads,
-    blas,                             # context manager setting the BLAS threads (see _plan)
-):
-    cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
-                            groups)
-    cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* wp = &w[0, 0, 0, 0]
-    cdef const floating* dyp = &dy[0, 0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0, 0]
-    cdef floating* dwp = &dw[0, 0, 0, 0]
-    cdef floating* partp = &parts[0, 0]
-    cdef floating* bufp = &bufs[0, 0]
-    cdef Py_ssize_t xs = g.C * g.H * g.W, ys = g.F * g.L, cs = bufs.shape[1]
-    cdef Py_ssize_t ps = parts.shape[1], P = parts.shape[0]
-    cdef Py_ssize_t c, n, f, e
-    cdef int tid
-    # Chunk c holds images [c*N/P, (c+1)*N/P) and sums their dw, in image order, into partial
-    # c; whichever thread runs it, the arithmetic is the same.
-    if bufs.shape[0] > 1:
-        with blas:
-            with nogil, parallel(num_threads=nthreads):
-                tid = omp_get_thread_num()
-                for c in prange(P, schedule="dynamic"):
-                    for n in range(c * g.N // P, (c + 1) * g.N // P):
-                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
-                                        partp + c * ps, bufp + tid * cs, &g)
-    else:
-        with blas:
-            with nogil:
-                for c in range(P):
-                    for n in range(c * g.N // P, (c + 1) * g.N // P):
-                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
-                                        partp + c * ps, bufp, &g)
-    with nogil:
-        # CB2 across chunks: the partials summed in chunk order and transposed back.
-        for e in prange(g.G * ((g.K + KBLOCK - 1) // KBLOCK), num_threads=nthreads,
-                        schedule="static"):
-            _reduce_block(partp, P, dwp, e, &g)
-        if db.shape[0] > 0:  # CB1
-            for f in prange(g.F, num_threads=nthreads, schedule="static"):
-                db[f] = <floating> _channel_sum(dyp, f, &g)
-
-
-# Below this many multiply-adds a call runs on one thread: the parallel region and the BLAS
-# pinning cost more than they save (measured: 32x1x8x8 -> 32, k3, 590K multiply-adds, forward
-# and backward take as long on 2 threads as on 1).
+# Below this many multiply-adds a call runs on one thread: the parallel region costs more than
+# it saves (measured: 32x1x8x8 -> 32, k3, 590K multiply-adds, forward and backward take as
+# long on 2 threads as on 1).
 MIN_PARALLEL_MACS = 1 << 21
-# Below this many, not even the BLAS pinning is needed: OpenBLAS runs a GEMM with
-# m*n*k <= 2^18 on one thread by itself, and a smaller call holds no larger GEMM.
-BLAS_SERIAL_MACS = 1 << 18
-
-
-def _plan(Py_ssize_t macs, Py_ssize_t items) -> tuple:
-    """(OpenMP threads, per-thread buffers, BLAS thread context) for a call of ``macs``
-    multiply-adds split into ``items`` work items.
-
-    Items run in parallel (one buffer per thread, BLAS pinned to one thread) when there are at
-    least as many as threads; otherwise one after another (one buffer) with BLAS on the
-    threads."""
-    nt = get_num_threads() if macs >= MIN_PARALLEL_MACS else 1
-    if nt > 1 and items >= nt:
-        return nt, nt, blas_threads(1)
-    if nt == 1 and macs < BLAS_SERIAL_MACS:
-        return 1, 1, contextlib.nullcontext()
-    return nt, 1, blas_threads(nt)
-
-
 # Images of a backward pass are split into at most this many chunks, each with its own dw
 # partial; the number depends on the sizes only, never on the thread count, so results are
-# the same with any number of threads. Enough chunks to balance a few threads (dynamic
-# schedule: a thread slowed by other load takes fewer chunks).
+# the same with any number of threads.
 MAX_CHUNKS = 8
 # ... and the partials together stay below this many bytes.
 MAX_PARTIAL_BYTES = 64 << 20
@@ -428,22 +59,468 @@ def _chunks(Py_ssize_t N, Py_ssize_t weight_bytes) -> int:
     return int(max(1, min(N, MAX_CHUNKS, MAX_PARTIAL_BYTES // max(weight_bytes, 1))))
 
 
-def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
-    """Length of one thread's column buffer (1 for pointwise convolutions, which need none)."""
+def _im2col():
+    """The im2col module, imported on first use (it loads SciPy's BLAS)."""
+    module = importlib.import_module("fastrnn._cpu.conv2d_im2col")
+    module.MIN_PARALLEL_MACS = MIN_PARALLEL_MACS
+    return module
+
+
+def _set_tile_columns(Py_ssize_t n) -> int:
+    """Output positions per im2col column tile; returns the previous value (for tests)."""
+    return _im2col()._set_tile_columns(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct convolution: our own micro-kernels over pitched planes (conv_direct.h / .c)
+# ------------------------------------------------------------------------------------------------
+#
+# An image's input channels are laid out as zero-padded planes, one per channel and stride
+# phase (a, b): plane[u, v] = xpad[c, u*sh + a, v*sw + b], Hq x Wq. Every kernel tap (c, i, j)
+# then reads the input of output position (oh, ow) at one fixed offset from p = oh*Wq + ow, so
+# an output channel is a sum over taps of a weight times a contiguous run of the planes: the
+# micro-kernel holds 6 output channels x FWD_RV vectors of positions in registers and streams
+# the taps (step C3 without im2col). Positions ow >= OW of each pitched row are computed and
+# dropped. The input gradient is the same product on the output gradient's planes, one per
+# stride phase of dx, with the kernel transposed and flipped; the weight gradient multiplies
+# runs of the output gradient (in the forward's pitch, zero where there is no output) with runs
+# of the input planes and reduces over positions.
+
+cdef extern from "conv_direct.h" nogil:
+    ctypedef Py_ssize_t idx_t
+    ctypedef struct fr_geom:
+        idx_t N, C, H, W, F, KH, KW, OH, OW
+        idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg
+        idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r, Fg_r, wgt
+        idx_t x_slack, x_size, d_slack, d_size
+    int FR_ISA_PORTABLE, FR_ISA_AVX2, FR_ISA_AVX512
+    int fr_isa_supported(int isa)
+    int fr_isa_best()
+    idx_t fr_dy_size(const fr_geom* g)
+    void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
+                               const float* u, const idx_t* off, const float* b, float* y,
+                               float* xq, float* v, float* m, idx_t band, idx_t ldv)
+    void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
+                               const double* u, const idx_t* off, const double* b, double* y,
+                               double* xq, double* v, double* m, idx_t band, idx_t ldv)
+    void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
+    void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
+    void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
+    void fr_pack_dy_forward_pitch_f64(const fr_geom* g, const double* dy, double* dyf)
+    void fr_pack_dy_planes_f32(const fr_geom* g, const float* dy, float* dyq)
+    void fr_pack_dy_planes_f64(const fr_geom* g, const double* dy, double* dyq)
+    void fr_forward_block_f32(int isa, const fr_geom* g, const float* xq, const idx_t* off,
+                              const float* wblk, const float* b, float* y, idx_t grp, idx_t f0,
+                              int nf, float* tile)
+    void fr_forward_block_f64(int isa, const fr_geom* g, const double* xq, const idx_t* off,
+                              const double* wblk, const double* b, double* y, idx_t grp,
+                              idx_t f0, int nf, double* tile)
+    void fr_dgrad_block_f32(int isa, const fr_geom* g, const float* dyq, const idx_t* off,
+                            idx_t K, const float* wblk, float* dx, idx_t grp, idx_t c0, int nc,
+                            idx_t a, idx_t b, float* tile)
+    void fr_dgrad_block_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off,
+                            idx_t K, const double* wblk, double* dx, idx_t grp, idx_t c0,
+                            int nc, idx_t a, idx_t b, double* tile)
+    void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float* dyf,
+                            const idx_t* off, float* part)
+    void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
+                            const idx_t* off, double* part)
+
+
+ISA_NAMES = {"portable": FR_ISA_PORTABLE, "avx2": FR_ISA_AVX2, "avx512": FR_ISA_AVX512}
+_forced_isa = None
+
+
+def isa_supported(str name) -> bool:
+    """Whether this CPU runs the direct kernels' ``name`` path ("avx512", "avx2", "portable")."""
+    return bool(fr_isa_supported(ISA_NAMES[name]))
+
+
+def force_isa(name):
+    """Pin the direct kernels to one instruction-set path ("avx512", "avx2", "portable"), or
+    None for the best this CPU supports; returns the previous setting. For tests and
+    benchmarks: every path must give the reference's result."""
+    global _forced_isa
+    if name is not None:
+        if name not in ISA_NAMES:
+            raise ValueError(f"name: expected one of {sorted(ISA_NAMES)} or None, got {name!r}")
+        if not fr_isa_supported(ISA_NAMES[name]):
+            raise ValueError(f"name: this CPU does not support the {name!r} path")
+    previous = _forced_isa
+    _forced_isa = name
+    return previous
+
+
+cdef int _isa():
+    return ISA_NAMES[_forced_isa] if _forced_isa is not None else fr_isa_best()
+
+
+cdef inline idx_t _round(idx_t n, idx_t m) noexcept nogil:
+    return (n + m - 1) // m * m
+
+
+cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
+    cdef fr_geom g
+    cdef idx_t Hp, Wp
     stride, padding, dilation, groups = geometry
-    cdef Geom g = _geometry(x_shape, w_shape, stride, padding, dilation, groups)
-    return 1 if g.pointwise else g.C * g.KH * g.KW * g.tile_rows * g.OW
+    g.N, g.C, g.H, g.W = x_shape
+    g.F, g.Cg, g.KH, g.KW = w_shape
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.dh, g.dw = dilation
+    g.G = groups
+    g.Fg = g.F // g.G
+    g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) // g.sh + 1
+    g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) // g.sw + 1
+    Hp = g.H + 2 * g.ph
+    Wp = g.W + 2 * g.pw
+    g.Hq = (Hp + g.sh - 1) // g.sh
+    g.Wq = (Wp + g.sw - 1) // g.sw
+    g.Pf_r = _round(g.OH * g.Wq, 64)
+    g.QH = g.dh * (g.KH - 1) // g.sh
+    g.QW = g.dw * (g.KW - 1) // g.sw
+    g.Hd = g.Hq + g.QH
+    g.Wd = g.Wq + g.QW
+    g.Pd_r = _round(g.Hq * g.Wd, 64)
+    g.Kg = g.Cg * g.KH * g.KW
+    g.Kg_r = _round(g.Kg, 12)
+    g.Fg_r = _round(g.Fg, 32)
+    # Weight gradient with the filters in the vector lanes when they fill vectors; with few
+    # filters per group (depthwise), lanes along the positions, reduced at the end.
+    g.wgt = g.Fg >= 16
+    # Slack after the last plane: whole vectors read past the last position (at most Wq + 64
+    # elements), and the zeros that the weight gradient's padding taps read (Pf_r elements).
+    g.x_slack = g.Pf_r + g.Wq + 128
+    g.x_size = g.C * g.sh * g.sw * g.Hq * g.Wq + g.x_slack
+    g.d_slack = g.Wd + 128
+    g.d_size = g.F * g.Hd * g.Wd + g.d_slack
+    return g
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
-    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
-    cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
+def _direct_tables(fr_geom g, w, bint pack=True):
+    """Forward tap offsets [Kg], packed forward weights [G, ceil(Fg/6), Kg, 6] (None unless
+    ``pack``), and the weight gradient's padded offsets [G, Kg_r]."""
+    c, i, j = np.meshgrid(np.arange(g.Cg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    c, i, j = c.ravel(), i.ravel(), j.ravel()
+    plane = g.Hq * g.Wq
+    phase = (c * g.sh + (i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw
+    off = (phase * plane + (i * g.dh // g.sh) * g.Wq + (j * g.dw // g.sw)).astype(np.intp)
+    nfb = (g.Fg + 5) // 6
+    wp = None
+    if pack:
+        wp = np.empty((g.G, nfb, g.Kg, 6), dtype=w.dtype)
+        _pack_rows(w.reshape(g.G, g.Fg, g.Kg), wp)
+    planes = g.C * g.sh * g.sw * plane
+    woff = np.empty((g.G, g.Kg_r), dtype=np.intp)
+    for grp in range(g.G):
+        woff[grp, :g.Kg] = off
+        woff[grp, g.Kg:] = planes - grp * g.Cg * g.sh * g.sw * plane  # the zeros after the planes
+    return off, wp, woff
+
+
+def _pack_rows(const floating[:, :, ::1] src, floating[:, :, :, ::1] dst):
+    """dst[g, b, t, r] = src[g, 6 b + r, t], zero past the last row: a group's rows (filters)
+    in blocks of 6 with the 6 contiguous per tap, as the micro-kernel reads them."""
+    cdef Py_ssize_t G = src.shape[0], R = src.shape[1], K = src.shape[2]
+    cdef Py_ssize_t nb = dst.shape[1], g, blk, t, r, row
+    with nogil:
+        for g in range(G):
+            for blk in range(nb):
+                for t in range(K):
+                    for r in range(6):
+                        row = blk * 6 + r
+                        dst[g, blk, t, r] = src[g, row, t] if row < R else 0
+
+
+def _dgrad_tables(fr_geom g, w):
+    """Per stride phase (a, b) of dx: tap offsets into the output-gradient planes and packed,
+    transposed weights [G, ceil(Cg/6), K_ab, 6], concatenated; returns (off, wp, starts) with
+    starts[ab] = (first tap, first weight, tap count)."""
+    f, i, j = np.meshgrid(np.arange(g.Fg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
+    f, i, j = f.ravel(), i.ravel(), j.ravel()
+    ncb = (g.Cg + 5) // 6
+    # [G, Cg, (f, i, j)]: the transposed kernel's rows are input channels
+    wt = w.reshape(g.G, g.Fg, g.Cg, g.KH * g.KW).transpose(0, 2, 1, 3).reshape(g.G, g.Cg, -1)
+    offs, wps, starts = [], [], []
+    t0 = w0 = 0
+    for a in range(g.sh):
+        for b in range(g.sw):
+            sel = ((i * g.dh) % g.sh == a) & ((j * g.dw) % g.sw == b)
+            fs, is_, js = f[sel], i[sel], j[sel]
+            K = len(fs)
+            off = (fs * g.Hd * g.Wd + (g.QH - is_ * g.dh // g.sh) * g.Wd
+                   + (g.QW - js * g.dw // g.sw)).astype(np.intp)
+            wp = np.empty((g.G, ncb, K, 6), dtype=w.dtype)
+            _pack_rows(np.ascontiguousarray(wt[:, :, sel]), wp)
+            offs.append(off)
+            wps.append(wp.ravel())
+            starts.append((t0, w0, K))
+            t0 += K
+            w0 += wp.size
+    off = np.concatenate(offs + [np.zeros(1, np.intp)]).astype(np.intp)
+    wp = np.concatenate(wps + [np.zeros(1, w.dtype)])
+    return off, wp, np.array(starts, dtype=np.intp).reshape(-1, 3)
+
+
+def _direct_forward_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[:, :, :, ::1] wp,  # IN  [G, nfb, Kg, 6] packed weights
+    const floating[::1] b,            # IN  [F] (length 0: no bias)
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, ::1] xq,              # scratch [B, x_size]: the planes of a batch of B images
+    floating[:, ::1] tiles,           # scratch [threads, 6 * Pf_r]
+    const idx_t[::1] off,             # IN  [Kg]
+    tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """C1-C4. With at least BATCH_PER_THREAD images per thread, each image is one work item: a
+    thread packs its planes into its own row of xq and runs every block of filters on them (one
+    parallel region, no barrier but the last: a thread descheduled on a busy machine holds up
+    nobody). With fewer, B images at a time: their planes are packed in parallel, then the
+    (image, group, block of 6 filters) items run in parallel."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef int tid, nf
+    if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for n in prange(g.N, schedule="dynamic"):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                for r in range(g.G * nfb):
+                    grp = r // nfb
+                    fb = r - grp * nfb
+                    nf = <int> min(6, g.Fg - fb * 6)
+                    if floating is float:
+                        fr_forward_block_f32(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
+                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             &tiles[tid, 0])
+                    else:
+                        fr_forward_block_f64(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
+                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             &tiles[tid, 0])
+        return
+    for n0 in range(0, g.N, B):
+        nb = min(B, g.N - n0)
+        with nogil, parallel(num_threads=nthreads):
+            for n in prange(nb, schedule="static"):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for item in prange(nb * g.G * nfb, schedule="dynamic"):
+                n = item // (g.G * nfb)
+                r = item - n * g.G * nfb
+                grp = r // nfb
+                fb = r - grp * nfb
+                nf = <int> min(6, g.Fg - fb * 6)
+                if floating is float:
+                    fr_forward_block_f32(isa, &g, &xq[n, 0], &off[0], &wp[grp, fb, 0, 0], bp,
+                                         &y[n0 + n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                         &tiles[tid, 0])
+                else:
+                    fr_forward_block_f64(isa, &g, &xq[n, 0], &off[0], &wp[grp, fb, 0, 0], bp,
+                                         &y[n0 + n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                         &tiles[tid, 0])
+
+
+def _direct_dgrad_run(
+    const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
+    const floating[::1] wp,           # IN  every phase's packed weights (_dgrad_tables)
+    floating[:, :, :, ::1] dx,        # OUT [N, C, H, W]
+    floating[:, ::1] dyq,             # scratch [B, d_size]: the planes of a batch of B images
+    floating[:, ::1] tiles,           # scratch [threads, 6 * Pd_r]
+    const idx_t[::1] off,             # IN  every phase's tap offsets
+    const idx_t[:, ::1] starts,       # IN  [phases, 3] first tap, first weight, tap count
+    tuple x_shape, tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """CB3-CB5: dx by one correlation per stride phase; work split as in _direct_forward_run
+    (whole images per item, or B images at a time with items: phase, image, group, block of 6
+    input channels)."""
+    cdef fr_geom g = _direct_geometry(x_shape, w_shape, geometry)
+    cdef idx_t ncb = (g.Cg + 5) // 6, B = dyq.shape[0], n0, nb, per
+    cdef idx_t item, ab, n, r, grp, cb, K
+    cdef int tid, nc
+    if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for n in prange(g.N, schedule="dynamic"):
+                if floating is float:
+                    fr_pack_dy_planes_f32(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
+                else:
+                    fr_pack_dy_planes_f64(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
+                for item in range(g.sh * g.sw * g.G * ncb):
+                    ab = item // (g.G * ncb)
+                    r = item - ab * g.G * ncb
+                    grp = r // ncb
+                    cb = r - grp * ncb
+                    K = starts[ab, 2]
+                    nc = <int> min(6, g.Cg - cb * 6)
+                    if floating is float:
+                        fr_dgrad_block_f32(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
+                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
+                    else:
+                        fr_dgrad_block_f64(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
+                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
+        return
+    for n0 in range(0, g.N, B):
+        nb = min(B, g.N - n0)
+        per = nb * g.G * ncb
+        with nogil, parallel(num_threads=nthreads):
+            for n in prange(nb, schedule="static"):
+                if floating is float:
+                    fr_pack_dy_planes_f32(&g, &dy[n0 + n, 0, 0, 0], &dyq[n, 0])
+                else:
+                    fr_pack_dy_planes_f64(&g, &dy[n0 + n, 0, 0, 0], &dyq[n, 0])
+        with nogil, parallel(num_threads=nthreads):
+            tid = omp_get_thread_num()
+            for item in prange(g.sh * g.sw * per, schedule="dynamic"):
+                ab = item // per
+                r = item - ab * per
+                n = r // (g.G * ncb)
+                r = r - n * g.G * ncb
+                grp = r // ncb
+                cb = r - grp * ncb
+                K = starts[ab, 2]
+                nc = <int> min(6, g.Cg - cb * 6)
+                if floating is float:
+                    fr_dgrad_block_f32(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
+                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
+                else:
+                    fr_dgrad_block_f64(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
+                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
+                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
+                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
+
+
+def _direct_wgrad_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
+    floating[:, ::1] parts,           # OUT [chunks, F * Kg_r] partial sums, zeroed by the caller
+    floating[:, ::1] bufs,            # scratch [threads, x_size + fr_dy_size]
+    const idx_t[:, ::1] woff,         # IN  [G, Kg_r]
+    tuple w_shape, tuple geometry, int nthreads, int isa,
+):
+    """CB2: chunk c sums the weight gradients of its images, in order, into parts[c]."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef idx_t P = parts.shape[0], c, n
+    cdef int tid
+    with nogil, parallel(num_threads=nthreads):
+        tid = omp_get_thread_num()
+        for c in prange(P, schedule="dynamic"):
+            for n in range(c * g.N // P, (c + 1) * g.N // P):
+                if floating is float:
+                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
+                    fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
+                    fr_wgrad_image_f32(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
+                                       &woff[0, 0], &parts[c, 0])
+                else:
+                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
+                    fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
+                    fr_wgrad_image_f64(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
+                                       &woff[0, 0], &parts[c, 0])
+
+
+def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
+    """CB1: db[f] = the sum of dy[:, f], in double, in a fixed order."""
+    cdef Py_ssize_t N = dy.shape[0], F = dy.shape[1], L = dy.shape[2] * dy.shape[3]
+    cdef Py_ssize_t f, n, e
+    cdef double acc
+    cdef const floating* p
+    with nogil:
+        for f in prange(F, num_threads=nthreads, schedule="static"):
+            acc = 0
+            for n in range(N):
+                p = &dy[n, f, 0, 0]
+                for e in range(L):
+                    acc = acc + p[e]
+            db[f] = <floating> acc
+
+
+def _reduce_parts(
+    const floating[:, ::1] parts,     # IN  [chunks, G*Kg_r*Fg_r] or [chunks, F*Kg_r]
+    floating[:, :, ::1] dw,           # OUT [G, Fg, Kg]
+    Py_ssize_t Kg_r,                  # IN  taps per group, padded
+    Py_ssize_t Fg_r,                  # IN  filters per group, padded; 0: the [F, Kg_r] layout
+    int nthreads,
+):
+    """dw[g, f, t] = sum over chunks c, in order, of the partial's (g, f, t) entry."""
+    cdef Py_ssize_t P = parts.shape[0], G = dw.shape[0], Fg = dw.shape[1], Kg = dw.shape[2]
+    cdef Py_ssize_t row, grp, f, t, c, e
+    cdef floating acc
+    with nogil:
+        if Fg_r > 0:  # [G, Kg_r, Fg_r]: one (group, tap) row per iteration, read along f
+            for row in prange(G * Kg, num_threads=nthreads, schedule="static"):
+                grp = row // Kg
+                t = row - grp * Kg
+                for f in range(Fg):
+                    e = (grp * Kg_r + t) * Fg_r + f
+                    acc = parts[0, e]
+                    for c in range(1, P):
+                        acc = acc + parts[c, e]
+                    dw[grp, f, t] = acc
+        else:  # [F, Kg_r]: one filter per iteration, read along t
+            for row in prange(G * Fg, num_threads=nthreads, schedule="static"):
+                grp = row // Fg
+                f = row - grp * Fg
+                for t in range(Kg):
+                    e = row * Kg_r + t
+                    acc = parts[0, e]
+                    for c in range(1, P):
+                        acc = acc + parts[c, e]
+                    dw[grp, f, t] = acc
+
+
+def _threads(Py_ssize_t macs) -> int:
+    return get_num_threads() if macs >= MIN_PARALLEL_MACS else 1
+
+
+# Images per batch of the direct forward and input gradient, per thread: enough items for
+# the dynamic schedule to balance, few enough that a batch's planes stay in cache.
+BATCH_PER_THREAD = 2
+_scratch_local = threading.local()
+
+
+def _scratch(dtype, *sizes):
+    """Scratch arrays of these many elements, carved from one buffer per Python thread that is
+    kept between calls: fresh pages for tens of MB of scratch per call cost more than the
+    kernels on small layers (the kernel zeroes every new page). Never returned to a caller."""
+    itemsize = np.dtype(dtype).itemsize
+    need = sum(_round(n, 16) for n in sizes) * itemsize + 64
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.size < need:
+        buf = np.empty(need, dtype=np.uint8)
+        _scratch_local.buf = buf
+    start = (-buf.ctypes.data) % 64  # 64-byte aligned
+    out = []
+    for n in sizes:
+        out.append(buf[start:start + n * itemsize].view(dtype))
+        start += _round(n, 16) * itemsize
+    return out
+
+
+def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
+    geometry = (stride, padding, dilation, groups)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
+    off, wp, _ = _direct_tables(g, w)
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
-    bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
-                                        (stride, padding, dilation, groups))), dtype=x.dtype)
-    bias = np.empty(0, dtype=x.dtype) if b is None else b
-    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt, blas)
+    if g.N > 0:
+        B = min(g.N, BATCH_PER_THREAD * nt)
+        xq, tiles = _scratch(x.dtype, B * g.x_size, nt * 6 * g.Pf_r)
+        xq, tiles = xq.reshape(B, g.x_size), tiles.reshape(nt, 6 * g.Pf_r)
+        bias = np.empty(0, dtype=x.dtype) if b is None else b
+        _direct_forward_run(x, wp, bias, y, xq, tiles, off, w.shape, geometry, nt, _isa())
     ctx = None
     if training:
         ctx = Context(
@@ -452,34 +529,180 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
             dtype=x.dtype,
             cupy=False,
             grad_shapes={"dy": y.shape},
-            saved=dict(x=x, w=w, has_bias=b is not None,
-                       geometry=(stride, padding, dilation, groups)),
+            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
+                       algorithm="direct"),
         )
     return y, ctx
 
 
-def conv2d_backward(ctx, dy):
-    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
+def _direct_backward(ctx, dy):
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
-    chunks = _chunks(x.shape[0], w.nbytes)
-    F, L = w.shape[0], dy.shape[2] * dy.shape[3]
-    nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
+    isa = _isa()
     dx = np.empty_like(x)
+    db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
+    psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
+    chunks = _chunks(g.N, psize * x.itemsize)
+    parts = np.zeros((chunks, psize), dtype=x.dtype)
+    if g.N > 0:
+        off, wp, starts = _dgrad_tables(g, w)
+        B = min(g.N, BATCH_PER_THREAD * nt)
+        dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
+        dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
+        _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
+                          isa)
+        _, _, woff = _direct_tables(g, w, False)
+        (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
+        bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
+        _direct_wgrad_run(x, dy, parts, bufs, woff, w.shape, geometry, nt, isa)
+        if s["has_bias"]:
+            _bias_grad(dy, db, nt)
+    elif s["has_bias"]:
+        db[:] = 0
+    # CB2 across chunks, in chunk order, and back to w's layout
     dw = np.empty_like(w)
-    db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
-    parts = np.zeros((chunks, w.size), dtype=x.dtype)
-    bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
-    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt, blas)
+    _reduce_parts(parts, dw.reshape(g.G, g.Fg, g.Kg), g.Kg_r, g.Fg_r if g.wgt else 0, nt)
     return dx, dw, (db if s["has_bias"] else None)
 
 
-def _set_tile_columns(Py_ssize_t n) -> int:
-    """Output positions per column tile (rounded to whole rows, at least one row); returns the
-    previous value. For tests, which need images spanning several tiles."""
-    global TILE_COLUMNS
-    if n < 1:
-        raise ValueError(f"n: expected at least 1 column per tile, got {n}")
-    previous = TILE_COLUMNS
-    TILE_COLUMNS = n
-    return previous
+# ------------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group (conv_winograd.h)
+# ------------------------------------------------------------------------------------------------
+
+# Transformed input kept per band of tile rows, about this many bytes (stays in L2)
+WINOGRAD_BAND_BYTES = 1 << 20
+
+
+def _winograd_weights(w):
+    """U = G w G^T for every (filter, channel), as [4, 4, C, F]: the rows of G written out
+    (a small einsum would go through BLAS and wake its threads)."""
+    def rows(a):  # G @ a along axis 0 of a (3, ...) -> (4, ...)
+        return np.stack([a[0], (a[0] + a[1] + a[2]) * 0.5, (a[0] - a[1] + a[2]) * 0.5, a[2]])
+
+    wt = np.transpose(w, (2, 3, 1, 0))  # [KH, KW, C, F]
+    return rows(np.swapaxes(rows(wt), 0, 1)).swapaxes(0, 1)
+
+
+def winograd_unsupported(tuple w_shape, stride, dilation, groups):
+    """Why Winograd F(2x2, 3x3) cannot run this convolution, or None when it can."""
+    if tuple(w_shape[2:]) != (3, 3):
+        return f"the kernel is {w_shape[2]}x{w_shape[3]}, Winograd F(2x2,3x3) needs 3x3"
+    if tuple(stride) != (1, 1):
+        return f"stride is {tuple(stride)}, Winograd needs stride 1"
+    if tuple(dilation) != (1, 1):
+        return f"dilation is {tuple(dilation)}, Winograd needs dilation 1"
+    if groups != 1:
+        return f"groups is {groups}, Winograd runs ungrouped convolutions only"
+    return None
+
+
+def _winograd_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[::1] u,            # IN  [16, nfb, C, 6] packed transformed weights
+    const floating[::1] b,            # IN  [F] (length 0: no bias)
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
+    const idx_t[::1] off,             # IN  [C] c * ldv
+    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa,
+):
+    """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads)."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
+    cdef int tid
+    with nogil, parallel(num_threads=nthreads):
+        tid = omp_get_thread_num()
+        for n in prange(g.N, schedule="dynamic"):
+            if floating is float:
+                fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
+                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
+                                      &bufs[tid, mo], band, ldv)
+            else:
+                fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
+                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
+                                      &bufs[tid, mo], band, ldv)
+
+
+def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
+    """C1-C4 by Winograd F(2x2, 3x3); the backward runs the direct kernels (the gradients of
+    the same convolution)."""
+    geometry = (stride, padding, dilation, groups)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
+                                       ((2, 2), padding, (1, 1), 1))
+    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    if g.N > 0:
+        nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), g.N)
+        TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
+        band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
+        ldv = _round(band * TW, 16)
+        nfb = (g.F + 5) // 6
+        up = np.zeros((16, g.C, nfb * 6), dtype=x.dtype)
+        up[:, :, :g.F] = _winograd_weights(w).reshape(16, g.C, g.F)
+        up = np.ascontiguousarray(up.reshape(16, g.C, nfb, 6).transpose(0, 2, 1, 3)).ravel()
+        off = (np.arange(g.C) * ldv).astype(np.intp)
+        row = gw.x_size + 16 * g.C * ldv + 16 * 6 * ldv
+        (bufs,) = _scratch(x.dtype, nt * row)
+        bias = np.empty(0, dtype=x.dtype) if b is None else b
+        _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
+                      band, ldv, nt, _isa())
+    ctx = None
+    if training:
+        ctx = Context(
+            op="conv2d",
+            backend="cpu",
+            dtype=x.dtype,
+            cupy=False,
+            grad_shapes={"dy": y.shape},
+            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
+                       algorithm="winograd"),
+        )
+    return y, ctx
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend entry points
+# ------------------------------------------------------------------------------------------------
+
+ALGORITHMS = ("auto", "direct", "winograd", "im2col")
+
+
+def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> str:
+    """The algorithm "auto" runs: GEMMs for pointwise convolutions (1x1, stride 1, no padding:
+    x itself is the column matrix), the direct kernels for everything else."""
+    pointwise = (tuple(w_shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+                 and tuple(padding) == (0, 0))
+    return "im2col" if pointwise else "direct"
+
+
+def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
+    ``algorithm`` (validated by fastrnn.backends.ops)."""
+    if algorithm == "auto":
+        algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
+    if algorithm == "direct":
+        return _direct_forward(x, w, b, stride, padding, dilation, groups, training)
+    if algorithm == "im2col":
+        return _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training)
+    if algorithm == "winograd":
+        why = winograd_unsupported(tuple(w.shape), stride, dilation, groups)
+        if why is not None:
+            raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
+        return _winograd_forward(x, w, b, stride, padding, dilation, groups, training)
+    raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
+    """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
+    return conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, "auto")
+
+
+def conv2d_backward(ctx, dy):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None; by the
+    forward's algorithm."""
+    if ctx.saved.get("algorithm") in ("direct", "winograd"):
+        return _direct_backward(ctx, dy)
+    return _im2col()._im2col_backward(ctx, dy)

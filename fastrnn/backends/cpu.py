@@ -74,6 +74,16 @@ _MODULE_OF = {
 }
 
 
+@fork_safe
+def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
+    """conv2d_forward (the interface's arguments) by a chosen algorithm: "auto", "direct",
+    "winograd" or "im2col" (validated by fastrnn.backends.ops). Beyond the interface: only the
+    CPU backend has several algorithms."""
+    return _kernels("conv2d").conv2d_forward_algorithm(
+        x, w, b, stride, padding, dilation, groups, training, algorithm
+    )
+
+
 def __getattr__(attr: str) -> Any:
     op, _, direction = attr.rpartition("_")
     if direction not in ("forward", "backward") or op not in _MODULE_OF:

@@ -204,11 +204,28 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_forward(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, training=True):
+CONV_ALGORITHMS = ("auto", "direct", "winograd", "im2col")
+
+
+def conv2d_forward(
+    x,
+    w,
+    b=None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    training=True,
+    algorithm="auto",
+):
     """2-D cross-correlation (PyTorch's conv2d), NCHW.
 
     x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; stride, padding, dilation: int or pair.
-    Returns y (N,F,OH,OW), ctx (None when training=False).
+    algorithm: "auto" (the CPU backend picks), or pin one on the CPU: "direct" (register-blocked
+    kernels), "winograd" (3x3 stride 1, dilation 1 only), "im2col" (columns + GEMM); the
+    backward runs the forward's algorithm. The reference ignores it; the CUDA backend runs
+    im2col + GEMM only. Returns y (N,F,OH,OW), ctx (None when training=False).
     """
     is_cupy, dtype = check_arrays(dict(x=x, w=w, b=b), allow_none=("b",))
     check_ndim("x", x, 4, "(N, C, H, W)")
@@ -243,8 +260,18 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, t
             f"is larger than the padded input ({Hi + 2 * padding[0]}, {Wi + 2 * padding[1]})"
         )
     training = check_bool("training", training)
+    if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
     be = backend_module(select(is_cupy))
     x, w, b = map(contiguous, (x, w, b))
+    if be.name == "cpu":
+        return be.conv2d_forward_algorithm(
+            x, w, b, stride, padding, dilation, groups, training, algorithm
+        )
+    if be.name == "cuda" and algorithm not in ("auto", "im2col"):
+        raise ValueError(
+            f"algorithm: {algorithm!r} runs on the CPU only; the CUDA backend has im2col + GEMM"
+        )
     return be.conv2d_forward(x, w, b, stride, padding, dilation, groups, training)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fastrnn.backends.ops import conv2d_backward, conv2d_forward
+from fastrnn.backends.ops import CONV_ALGORITHMS, conv2d_backward, conv2d_forward
 from fastrnn.backends.validation import pair
 from fastrnn.nn import init
 from fastrnn.nn._check import check_input, positive_int
@@ -19,7 +19,8 @@ class Conv2d(Module):
 
     weight (out_channels, in_channels/groups, KH, KW) and bias (out_channels,), both
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels/groups * KH * KW (torch's
-    kaiming_uniform_(a=sqrt(5)) and bias init).
+    kaiming_uniform_(a=sqrt(5)) and bias init). ``algorithm`` pins the CPU algorithm
+    ("auto", "direct", "winograd", "im2col"; see fastrnn.conv2d_forward).
     """
 
     def __init__(
@@ -33,8 +34,12 @@ class Conv2d(Module):
         groups: int = 1,
         bias: bool = True,
         dtype: Any = np.float32,
+        algorithm: str = "auto",
     ) -> None:
         super().__init__()
+        if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = pair("kernel_size", kernel_size, 1)
@@ -62,6 +67,7 @@ class Conv2d(Module):
         s += f", padding={self.padding}" if self.padding != (0, 0) else ""
         s += f", dilation={self.dilation}" if self.dilation != (1, 1) else ""
         s += f", groups={self.groups}" if self.groups != 1 else ""
+        s += f", algorithm={self.algorithm!r}" if self.algorithm != "auto" else ""
         return s + ("" if self.bias is not None else ", bias=False")
 
     def forward(self, x: Any) -> Any:
@@ -80,6 +86,7 @@ class Conv2d(Module):
             dilation=self.dilation,
             groups=self.groups,
             training=training,
+            algorithm=self.algorithm,
         )
         self._cache = ctx
         return y

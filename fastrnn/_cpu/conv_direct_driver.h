@@ -1,0 +1,243 @@
+/* Per-work-item drivers of the direct convolution, one instantiation per float type.
+ *
+ * Included by conv_direct.c with T (float or double) and TS (f32 or f64) defined. Each function
+ * is one work item of a parallel loop in fastrnn/_cpu/conv2d.pyx: it packs what it reads into
+ * pitched planes, calls the micro-kernel of the selected instruction set, and scatters its
+ * result into the NCHW output. Items write disjoint parts of their outputs.
+ */
+
+#define DCAT_(a, b) a##_##b
+#define DCAT(a, b) DCAT_(a, b)
+#define DN(n) DCAT(n, TS)
+
+static void DN(kfwd)(int isa, int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y,
+                     idx_t ldy, idx_t P)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(fwd, DCAT(TS, avx512))(nf, x, off, K, w, y, ldy, P); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(fwd, DCAT(TS, avx2))(nf, x, off, K, w, y, ldy, P); return; }
+#endif
+    (void)isa;
+    DCAT(fwd, DCAT(TS, portable))(nf, x, off, K, w, y, ldy, P);
+}
+
+static void DN(kwgradt)(int isa, const T* dyt, idx_t lddt, const T* x, const idx_t* off, idx_t P,
+                        T* part, idx_t ldp)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(wgradt, DCAT(TS, avx512))(dyt, lddt, x, off, P, part, ldp); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(wgradt, DCAT(TS, avx2))(dyt, lddt, x, off, P, part, ldp); return; }
+#endif
+    (void)isa;
+    DCAT(wgradt, DCAT(TS, portable))(dyt, lddt, x, off, P, part, ldp);
+}
+
+static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, const idx_t* off,
+                       idx_t P, T* dw, idx_t ldw)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(wgrad, DCAT(TS, avx512))(nf, dy, lddy, x, off, P, dw, ldw); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(wgrad, DCAT(TS, avx2))(nf, dy, lddy, x, off, P, dw, ldw); return; }
+#endif
+    (void)isa;
+    DCAT(wgrad, DCAT(TS, portable))(nf, dy, lddy, x, off, P, dw, ldw);
+}
+
+/* Input planes of one image (step C1 of fastrnn/reference/conv2d.py, split by stride phase):
+ *   xq[((c * sh + a) * sw + b) * Hq * Wq + u * Wq + v] = xpad[c, u * sh + a, v * sw + b]
+ * (xpad: x zero-padded by (ph, pw)), followed by g->x_slack zeros.
+ * x  : IN  [C, H, W]
+ * xq : OUT [g->x_size]
+ */
+void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
+{
+    const idx_t plane = g->Hq * g->Wq;
+    T* q = xq;
+    for (idx_t c = 0; c < g->C; ++c) {
+        const T* xc = x + c * g->H * g->W;
+        for (idx_t a = 0; a < g->sh; ++a)
+            for (idx_t b = 0; b < g->sw; ++b) {
+                for (idx_t u = 0; u < g->Hq; ++u) {
+                    T* row = q + u * g->Wq;
+                    const idx_t h = u * g->sh + a - g->ph;
+                    if (h < 0 || h >= g->H) {
+                        memset(row, 0, g->Wq * sizeof(T));
+                        continue;
+                    }
+                    const T* src = xc + h * g->W;
+                    if (g->sw == 1) {
+                        /* v - pw in [0, W) */
+                        const idx_t lo = g->pw, hi = g->pw + g->W < g->Wq ? g->pw + g->W : g->Wq;
+                        memset(row, 0, lo * sizeof(T));
+                        memcpy(row + lo, src, (hi - lo) * sizeof(T));
+                        memset(row + hi, 0, (g->Wq - hi) * sizeof(T));
+                    } else {
+                        for (idx_t v = 0; v < g->Wq; ++v) {
+                            const idx_t w = v * g->sw + b - g->pw;
+                            row[v] = (w >= 0 && w < g->W) ? src[w] : (T)0;
+                        }
+                    }
+                }
+                q += plane;
+            }
+    }
+    memset(q, 0, g->x_slack * sizeof(T));
+}
+
+/* Output gradients of one image for the weight gradient, in the forward's pitch, zero at
+ * positions that are no output (ow >= OW):
+ *   g->wgt = 0: dyf[f * Pf_r + oh * Wq + ow] = dy[f, oh, ow]                    [F, Pf_r]
+ *   g->wgt = 1: dyf[(grp * OH * Wq + oh * Wq + ow) * Fg_r + f] = dy[grp * Fg + f, oh, ow]
+ *               (filters contiguous, zero for f >= Fg)                   [G, OH * Wq, Fg_r]
+ * dy  : IN  [F, OH, OW]
+ * dyf : OUT [fr_dy_size(g)]
+ */
+void DN(fr_pack_dy_forward_pitch)(const fr_geom* g, const T* dy, T* dyf)
+{
+    if (g->wgt) {
+        const idx_t P = g->OH * g->Wq;
+        memset(dyf, 0, g->G * P * g->Fg_r * sizeof(T));
+        for (idx_t grp = 0; grp < g->G; ++grp)
+            for (idx_t oh = 0; oh < g->OH; ++oh)
+                for (idx_t f = 0; f < g->Fg; ++f) {
+                    const T* src = dy + ((grp * g->Fg + f) * g->OH + oh) * g->OW;
+                    T* dst = dyf + (grp * P + oh * g->Wq) * g->Fg_r + f;
+                    for (idx_t ow = 0; ow < g->OW; ++ow)
+                        dst[ow * g->Fg_r] = src[ow];
+                }
+        return;
+    }
+    for (idx_t f = 0; f < g->F; ++f) {
+        T* dst = dyf + f * g->Pf_r;
+        const T* src = dy + f * g->OH * g->OW;
+        for (idx_t oh = 0; oh < g->OH; ++oh) {
+            memcpy(dst + oh * g->Wq, src + oh * g->OW, g->OW * sizeof(T));
+            memset(dst + oh * g->Wq + g->OW, 0, (g->Wq - g->OW) * sizeof(T));
+        }
+        memset(dst + g->OH * g->Wq, 0, (g->Pf_r - g->OH * g->Wq) * sizeof(T));
+    }
+}
+
+/* Output gradients of one image as planes for the input gradient (a "full" correlation):
+ *   dyq[f * Hd * Wd + r * Wd + s] = dy[f, r - QH, s - QW], zero outside, then g->d_slack zeros.
+ * dy  : IN  [F, OH, OW]
+ * dyq : OUT [g->d_size]
+ */
+void DN(fr_pack_dy_planes)(const fr_geom* g, const T* dy, T* dyq)
+{
+    const idx_t plane = g->Hd * g->Wd;
+    for (idx_t f = 0; f < g->F; ++f) {
+        T* q = dyq + f * plane;
+        const T* src = dy + f * g->OH * g->OW;
+        memset(q, 0, plane * sizeof(T));
+        for (idx_t oh = 0; oh < g->OH && oh + g->QH < g->Hd; ++oh) {
+            const idx_t n = g->OW < g->Wd - g->QW ? g->OW : g->Wd - g->QW;
+            memcpy(q + (oh + g->QH) * g->Wd + g->QW, src + oh * g->OW, n * sizeof(T));
+        }
+    }
+    memset(dyq + g->F * plane, 0, g->d_slack * sizeof(T));
+}
+
+/* Forward item: filters f0 .. f0 + nf (nf <= 6, one packed block, inside group grp) of one
+ * image. Steps C1-C4: y[f, oh, ow] = b[f] + sum over taps of w * x.
+ * xq   : IN  the image's input planes (fr_pack_input)
+ * off  : IN  [Kg] tap offsets inside a group's planes
+ * wblk : IN  [Kg][6] the block's packed weights
+ * b    : IN  [F] or NULL
+ * y    : OUT [F, OH, OW] the image's output; this writes rows f0 .. f0 + nf
+ * tile : scratch [6, Pf_r]
+ */
+void DN(fr_forward_block)(int isa, const fr_geom* g, const T* xq, const idx_t* off,
+                          const T* wblk, const T* b, T* y, idx_t grp, idx_t f0, int nf, T* tile)
+{
+    const T* xg = xq + grp * g->Cg * g->sh * g->sw * g->Hq * g->Wq;
+    DN(kfwd)(isa, nf, xg, off, g->Kg, wblk, tile, g->Pf_r, g->OH * g->Wq);
+    for (int f = 0; f < nf; ++f) {
+        const T bias = b ? b[f0 + f] : (T)0;
+        const T* src = tile + f * g->Pf_r;
+        T* dst = y + (f0 + f) * g->OH * g->OW;
+        for (idx_t oh = 0; oh < g->OH; ++oh)
+            for (idx_t ow = 0; ow < g->OW; ++ow)
+                dst[oh * g->OW + ow] = src[oh * g->Wq + ow] + bias;
+    }
+}
+
+/* Input-gradient item: input channels c0 .. c0 + nc (one packed block, inside group grp) of
+ * stride phase (a, b) of one image. Steps CB3-CB5 as one correlation of the padded output
+ * gradients with the transposed, flipped kernel taps of the phase.
+ * dyq  : IN  the image's output-gradient planes (fr_pack_dy_planes)
+ * off  : IN  [K] the phase's tap offsets inside a group's planes (K may be 0)
+ * wblk : IN  [K][6] the block's packed weights
+ * dx   : OUT [C, H, W] of the image; this writes the phase's positions of channels c0 .. c0+nc
+ * tile : scratch [6, Pd_r]
+ */
+void DN(fr_dgrad_block)(int isa, const fr_geom* g, const T* dyq, const idx_t* off, idx_t K,
+                        const T* wblk, T* dx, idx_t grp, idx_t c0, int nc, idx_t a, idx_t b,
+                        T* tile)
+{
+    /* only the rows u whose positions h = u * sh + a - ph fall in [0, H) */
+    idx_t u0 = 0, v0 = 0, u1 = g->Hq;
+    while (u0 * g->sh + a - g->ph < 0) ++u0;
+    while (v0 * g->sw + b - g->pw < 0) ++v0;
+    while (u1 > u0 && (u1 - 1) * g->sh + a - g->ph >= g->H) --u1;
+    const T* dg = dyq + grp * g->Fg * g->Hd * g->Wd + u0 * g->Wd;
+    if (K > 0 && u1 > u0)
+        DN(kfwd)(isa, nc, dg, off, K, wblk, tile, g->Pd_r, (u1 - u0) * g->Wd);
+    for (int c = 0; c < nc; ++c) {
+        const T* src = tile + c * g->Pd_r - u0 * g->Wd;
+        T* dst = dx + (c0 + c) * g->H * g->W;
+        for (idx_t u = u0; u < u1; ++u) {
+            const idx_t h = u * g->sh + a - g->ph;
+            for (idx_t v = v0; v < g->Wq; ++v) {
+                const idx_t w = v * g->sw + b - g->pw;
+                if (w >= g->W) break;
+                dst[h * g->W + w] = K > 0 ? src[u * g->Wd + v] : (T)0;
+            }
+        }
+    }
+}
+
+/* Weight-gradient item: one image's contribution to every filter of every group (step CB2),
+ * added into a partial dw.
+ * xq   : IN  the image's input planes; dyf : IN  its output gradients (fr_pack_dy_forward_pitch)
+ * off  : IN  [G, Kg_r] each group's tap offsets inside its planes, padded to a multiple of 12
+ *        with the offset of the zeros after the last plane
+ * part : INOUT g->wgt = 0: [F, Kg_r] (row f = filter f, column t = tap t)
+ *              g->wgt = 1: [G, Kg_r, Fg_r] (filters contiguous)
+ */
+void DN(fr_wgrad_image)(int isa, const fr_geom* g, const T* xq, const T* dyf, const idx_t* off,
+                        T* part)
+{
+    const idx_t plane = g->Hq * g->Wq;
+    if (g->wgt) {
+        const idx_t P = g->OH * g->Wq;
+        const int nt = fr_wgradt_nt(isa), nf = fr_wgradt_nf(isa, (int)sizeof(T));
+        for (idx_t grp = 0; grp < g->G; ++grp) {
+            const T* xg = xq + grp * g->Cg * g->sh * g->sw * plane;
+            const T* dg = dyf + grp * P * g->Fg_r;
+            T* pg = part + grp * g->Kg_r * g->Fg_r;
+            for (idx_t t0 = 0; t0 < g->Kg_r; t0 += nt)
+                for (idx_t f0 = 0; f0 < g->Fg; f0 += nf)
+                    DN(kwgradt)(isa, dg + f0, g->Fg_r, xg, off + grp * g->Kg_r + t0, P,
+                                pg + t0 * g->Fg_r + f0, g->Fg_r);
+        }
+        return;
+    }
+    const int rf = fr_wgrad_rf(isa);
+    for (idx_t grp = 0; grp < g->G; ++grp) {
+        const T* xg = xq + grp * g->Cg * g->sh * g->sw * plane;
+        for (idx_t f0 = 0; f0 < g->Fg; f0 += rf) {
+            const int nf = g->Fg - f0 < rf ? (int)(g->Fg - f0) : rf;
+            const idx_t f = grp * g->Fg + f0;
+            for (idx_t t0 = 0; t0 < g->Kg_r; t0 += 6)
+                DN(kwgrad)(isa, nf, dyf + f * g->Pf_r, g->Pf_r, xg, off + grp * g->Kg_r + t0,
+                           g->Pf_r, part + f * g->Kg_r + t0, g->Kg_r);
+        }
+    }
+}
+
+#include "conv_winograd.h"
+
+#undef DN
+#undef DCAT
+#undef DCAT_

@@ -1,0 +1,237 @@
+/* Direct-convolution micro-kernels, one instantiation per (float type, instruction set).
+ *
+ * Included by conv_direct.c once per instantiation with these macros defined:
+ *   T        float or double
+ *   VB       vector bytes: 64 (AVX-512), 32 (AVX2), 16 (portable SSE2 / generic)
+ *   FWD_RV   vectors of output positions per forward block
+ *   WG_RF    filters per weight-gradient block (lanes reduced at the end)
+ *   WT_NV, WT_NT  vectors of filters and taps per weight-gradient block (filters in lanes)
+ *   SUF      name suffix, e.g. f32_avx512
+ *   TARGET   function attribute selecting the instruction set (may be empty)
+ *
+ * The kernels work on "pitched planes": an image's channels as zero-padded planes laid out
+ * one after another, a tap (input channel, kernel row, kernel column) being one offset into
+ * them, so every tap of every output position p reads x[off[t] + p] and the positions of a
+ * vector are consecutive in memory (no gathers, no bounds checks). fastrnn/_cpu/conv2d.pyx
+ * documents the planes and the offsets.
+ *
+ * Vectors are GCC vector extensions: the same source compiles to zmm, ymm or xmm code under
+ * the TARGET attribute, and to plain scalar code on a compiler target without SIMD.
+ */
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(n) CAT(n, SUF)
+#define VW ((idx_t)(VB / sizeof(T)))
+#define FWD_RF 6
+#define WG_RT 6
+
+typedef T NAME(vec) __attribute__((vector_size(VB)));
+#define V NAME(vec)
+
+static inline __attribute__((always_inline)) TARGET V NAME(load)(const T* p)
+{
+    V v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) TARGET void NAME(store)(T* p, V v)
+{
+    __builtin_memcpy(p, &v, sizeof v);
+}
+
+/* y[f * ldy + p] = sum over t < K of w[t * FWD_RF + f] * x[off[t] + p]
+ *   for f < NF and p0 <= p < p1, p1 - p0 a multiple of RV * VW.
+ * x   : IN  pitched planes (readable at off[t] + p for every such p)
+ * w   : IN  [K][FWD_RF] one block of packed weights (filters past NF are ignored)
+ * y   : OUT [NF][ldy]
+ */
+static inline __attribute__((always_inline)) TARGET void NAME(fwd_body)(
+    const int NF, const int RV, const T* restrict x, const idx_t* restrict off, idx_t K,
+    const T* restrict w, T* restrict y, idx_t ldy, idx_t p0, idx_t p1)
+{
+    for (idx_t p = p0; p < p1; p += RV * VW) {
+        V acc[FWD_RF][FWD_RV];
+        for (int f = 0; f < NF; ++f)
+            for (int r = 0; r < RV; ++r)
+                acc[f][r] = (V){0};
+        const T* xp = x + p;
+        for (idx_t t = 0; t < K; ++t) {
+            const T* xt = xp + off[t];
+            const T* wt = w + t * FWD_RF;
+            V xv[FWD_RV];
+            for (int r = 0; r < RV; ++r)
+                xv[r] = NAME(load)(xt + r * VW);
+            for (int f = 0; f < NF; ++f) {
+                const T s = wt[f];
+                for (int r = 0; r < RV; ++r)
+                    acc[f][r] += s * xv[r];
+            }
+        }
+        for (int f = 0; f < NF; ++f)
+            for (int r = 0; r < RV; ++r)
+                NAME(store)(y + f * ldy + p + r * VW, acc[f][r]);
+    }
+}
+
+/* The positions p < P in blocks of FWD_RV vectors, then one block of rv <= FWD_RV vectors for
+ * the rest: y is written up to P rounded up to a vector. (FWD_RV is 4 or 2.) */
+#if FWD_RV == 4
+#define FWD_TAIL(nf)                                                                          \
+    switch (rv) {                                                                             \
+    case 1: NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW); break;              \
+    case 2: NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW); break;          \
+    case 3: NAME(fwd_body)(nf, 3, x, off, K, w, y, ldy, full, full + 3 * VW); break;          \
+    case 4: NAME(fwd_body)(nf, 4, x, off, K, w, y, ldy, full, full + 4 * VW); break;          \
+    default: break;                                                                           \
+    }
+#else
+#define FWD_TAIL(nf)                                                                          \
+    if (rv == 1)                                                                              \
+        NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW);                         \
+    else if (rv == 2)                                                                         \
+        NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW);
+#endif
+#define FWD_NF(nf)                                                                            \
+    static TARGET void CAT(NAME(fwd), nf)(const T* x, const idx_t* off, idx_t K, const T* w,  \
+                                          T* y, idx_t ldy, idx_t P)                           \
+    {                                                                                         \
+        const idx_t full = P / (FWD_RV * VW) * (FWD_RV * VW);                                 \
+        const idx_t rv = (P - full + VW - 1) / VW;                                            \
+        NAME(fwd_body)(nf, FWD_RV, x, off, K, w, y, ldy, 0, full);                            \
+        FWD_TAIL(nf)                                                                          \
+    }
+FWD_NF(1)
+FWD_NF(2)
+FWD_NF(3)
+FWD_NF(4)
+FWD_NF(5)
+FWD_NF(6)
+#undef FWD_NF
+#undef FWD_TAIL
+
+static void NAME(fwd)(int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y, idx_t ldy,
+                      idx_t P)
+{
+    switch (nf) {
+    case 1: CAT(NAME(fwd), 1)(x, off, K, w, y, ldy, P); break;
+    case 2: CAT(NAME(fwd), 2)(x, off, K, w, y, ldy, P); break;
+    case 3: CAT(NAME(fwd), 3)(x, off, K, w, y, ldy, P); break;
+    case 4: CAT(NAME(fwd), 4)(x, off, K, w, y, ldy, P); break;
+    case 5: CAT(NAME(fwd), 5)(x, off, K, w, y, ldy, P); break;
+    default: CAT(NAME(fwd), 6)(x, off, K, w, y, ldy, P); break;
+    }
+}
+
+/* dw[f * ldw + t] += sum over p < P of dy[f * lddy + p] * x[off[t] + p]
+ *   for f < NF, t < WG_RT; P a multiple of VW.
+ * dy  : IN  [NF][lddy] pitched output gradients, zero at positions that are no output
+ * x   : IN  pitched planes
+ * off : IN  [WG_RT] tap offsets (padded with a tap reading zeros)
+ * dw  : INOUT [NF][ldw]
+ */
+static inline __attribute__((always_inline)) TARGET void NAME(wgrad_body)(
+    const int NF, const T* restrict dy, idx_t lddy, const T* restrict x,
+    const idx_t* restrict off, idx_t P, T* restrict dw, idx_t ldw)
+{
+    V acc[WG_RF][WG_RT];
+    const T* xt[WG_RT];
+    for (int t = 0; t < WG_RT; ++t)
+        xt[t] = x + off[t];
+    for (int f = 0; f < NF; ++f)
+        for (int t = 0; t < WG_RT; ++t)
+            acc[f][t] = (V){0};
+    for (idx_t p = 0; p < P; p += VW) {
+        V d[WG_RF];
+        for (int f = 0; f < NF; ++f)
+            d[f] = NAME(load)(dy + f * lddy + p);
+        for (int t = 0; t < WG_RT; ++t) {
+            const V xv = NAME(load)(xt[t] + p);
+            for (int f = 0; f < NF; ++f)
+                acc[f][t] += d[f] * xv;
+        }
+    }
+    for (int f = 0; f < NF; ++f)
+        for (int t = 0; t < WG_RT; ++t) {
+            T s = 0;
+            for (int l = 0; l < VW; ++l)
+                s += acc[f][t][l];
+            dw[f * ldw + t] += s;
+        }
+}
+
+#define WG_NF(nf)                                                                             \
+    static TARGET void CAT(NAME(wgrad), nf)(const T* dy, idx_t lddy, const T* x,              \
+                                            const idx_t* off, idx_t P, T* dw, idx_t ldw)      \
+    {                                                                                         \
+        NAME(wgrad_body)(nf, dy, lddy, x, off, P, dw, ldw);                                   \
+    }
+WG_NF(1)
+#if WG_RF >= 2
+WG_NF(2)
+#endif
+#if WG_RF >= 4
+WG_NF(3)
+WG_NF(4)
+#endif
+#undef WG_NF
+
+static void NAME(wgrad)(int nf, const T* dy, idx_t lddy, const T* x, const idx_t* off, idx_t P,
+                        T* dw, idx_t ldw)
+{
+    switch (nf) {
+    case 1: CAT(NAME(wgrad), 1)(dy, lddy, x, off, P, dw, ldw); break;
+#if WG_RF >= 4
+    case 2: CAT(NAME(wgrad), 2)(dy, lddy, x, off, P, dw, ldw); break;
+    case 3: CAT(NAME(wgrad), 3)(dy, lddy, x, off, P, dw, ldw); break;
+    default: CAT(NAME(wgrad), 4)(dy, lddy, x, off, P, dw, ldw); break;
+#elif WG_RF >= 2
+    default: CAT(NAME(wgrad), 2)(dy, lddy, x, off, P, dw, ldw); break;
+#endif
+    }
+}
+
+/* part[t * ldp + f] += sum over p < P of dyt[p * lddt + f] * x[off[t] + p]
+ *   for f < WT_NV * VW (whole vectors of filters) and t < WT_NT.
+ * The filters run along the vectors, so nothing is reduced across lanes: the weight gradient
+ * of channels that fill vectors (Fg >= 16), whatever the number of positions.
+ * dyt  : IN  [P][lddt] output gradients with the filters contiguous, zero where no output
+ * x    : IN  pitched planes
+ * off  : IN  [WT_NT] tap offsets
+ * part : INOUT [WT_NT][ldp]
+ */
+static TARGET void NAME(wgradt)(const T* restrict dyt, idx_t lddt, const T* restrict x,
+                                const idx_t* restrict off, idx_t P, T* restrict part, idx_t ldp)
+{
+    V acc[WT_NV][WT_NT];
+    const T* xt[WT_NT];
+    for (int t = 0; t < WT_NT; ++t)
+        xt[t] = x + off[t];
+    for (int v = 0; v < WT_NV; ++v)
+        for (int t = 0; t < WT_NT; ++t)
+            acc[v][t] = (V){0};
+    for (idx_t p = 0; p < P; ++p) {
+        V d[WT_NV];
+        for (int v = 0; v < WT_NV; ++v)
+            d[v] = NAME(load)(dyt + p * lddt + v * VW);
+        for (int t = 0; t < WT_NT; ++t) {
+            const T s = xt[t][p];
+            for (int v = 0; v < WT_NV; ++v)
+                acc[v][t] += s * d[v];
+        }
+    }
+    for (int t = 0; t < WT_NT; ++t)
+        for (int v = 0; v < WT_NV; ++v) {
+            T* q = part + t * ldp + v * VW;
+            NAME(store)(q, NAME(load)(q) + acc[v][t]);
+        }
+}
+
+#undef V
+#undef NAME
+#undef CAT
+#undef CAT_
+#undef VW
+#undef FWD_RF
+#undef WG_RT
