@@ -177,6 +177,36 @@ class CharRNN(nn.Module):
         dy = self.drop.backward(self.head.backward(dlogits.reshape(T * N, V)).reshape(T, N, -1))
         self.embed.backward(self.lstm.backward(dy))
 
+    def loss_backward(self, ids: Any, targets: Any, state: Any = None) -> tuple[float, Any]:
+        """Training forward and backward at once: the mean cross-entropy of predicting
+        ``targets`` (T, N), with every parameter's gradient accumulated, and the state to carry.
+        The head and the loss run fused (``nn.Linear.cross_entropy``): same numbers as
+        ``forward`` + ``softmax_cross_entropy`` + ``backward``, without the logits."""
+        y, state = self.lstm(self.embed(ids), state)
+        T, N, H = y.shape
+        loss, dy = self.head.cross_entropy(self.drop(y).reshape(T * N, H), targets.reshape(-1))
+        self.embed.backward(self.lstm.backward(self.drop.backward(dy.reshape(T, N, H))))
+        return loss, state
+
+
+def train_step(
+    model: Any, optimizer: Any, params: list[Any], x: Any, y: Any, state: Any, clip: float
+) -> tuple[float, Any]:
+    """One step of truncated backpropagation through time: forward from the carried ``state``,
+    loss and backward (``CharRNN.loss_backward``), gradient clipping, the optimizer's update,
+    gradients zeroed. Returns the loss and the state to carry; a non-finite loss returns
+    before any parameter is updated."""
+    from fastrnn import optim
+
+    loss, state = model.loss_backward(x, y, state)
+    if not math.isfinite(loss):
+        optimizer.zero_grad()
+        return loss, state
+    optim.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss, state
+
 
 def evaluate(model: Any, ids: np.ndarray, n_streams: int = 32, chunk: int = 512) -> float:
     """Mean cross-entropy (bits per character) of predicting ``ids[1:]`` from what precedes,
@@ -551,7 +581,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import fastrnn
     from fastrnn import optim
     from fastrnn.examples.corpus import file_corpus, stdlib_corpus
-    from fastrnn.nn.functional import softmax_cross_entropy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -698,17 +727,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 pos, state = 0, None  # a new pass over the text starts from a zero state
             x = train_ids[pos : pos + hp["seq_len"]]
             y = train_ids[pos + 1 : pos + hp["seq_len"] + 1]
-            logits, state = model(x, state)
-            loss, dlogits = softmax_cross_entropy(logits, y)
+            loss, state = train_step(model, optimizer, params, x, y, state, hp["clip"])
             if not math.isfinite(loss):
                 raise CommandError(
                     f"the training loss became {loss} at step "
                     f"{start_step + steps_done + 1}; lower --lr or --clip"
                 )
-            model.backward(dlogits)
-            optim.clip_grad_norm_(params, hp["clip"])
-            optimizer.step()
-            optimizer.zero_grad()
             pos += hp["seq_len"]
             steps_done += 1
             train_seconds += time.perf_counter() - t0
