@@ -37,8 +37,9 @@ import numpy as np
 import fastrnn as fr
 
 CHAR = dict(vocab=96, embedding=64, hidden=192, layers=2, seq_len=64, batch=32, lr=3e-3, clip=5.0)
-WORD = dict(vocab=10000, embedding=200, hidden=200, layers=2, seq_len=35, batch=20, lr=20.0,
-            clip=0.25)
+WORD = dict(
+    vocab=10000, embedding=200, hidden=200, layers=2, seq_len=35, batch=20, lr=20.0, clip=0.25
+)
 
 
 @contextlib.contextmanager

@@ -149,9 +149,14 @@ class Optimizer:
                     state[k] = np.ascontiguousarray(b, dtype=p.data.dtype)
                     bufs = [state[k] if x is b else x for x in bufs]
             arrays.append((p.data, p.grad, *bufs, *([None] * (3 - len(bufs)))))
-        if plan is None or len(plan["arrays"]) != n or any(
-            a is not b for old, new in zip(plan["arrays"], arrays, strict=True)
-            for a, b in zip(old, new, strict=True)
+        if (
+            plan is None
+            or len(plan["arrays"]) != n
+            or any(
+                a is not b
+                for old, new in zip(plan["arrays"], arrays, strict=True)
+                for a, b in zip(old, new, strict=True)
+            )
         ):
             ptrs = np.zeros((5, n), np.int64)
             for i, row in enumerate(arrays):
@@ -391,9 +396,7 @@ class Adadelta(Optimizer):
     _kind = "adadelta"
 
     def _hyper(self, group):
-        return [group[k] for k in ("lr", "rho", "eps", "weight_decay")] + [
-            float(group["maximize"])
-        ]
+        return [group[k] for k in ("lr", "rho", "eps", "weight_decay")] + [float(group["maximize"])]
 
     def _prepare(self, p, group, state):
         if not state:

@@ -37,6 +37,7 @@ from fastrnn import nn
 from fastrnn.examples._common import (
     CommandError,
     Progress,
+    ThreadChoice,
     check_output_file,
     finite_or_none,
     matplotlib_pyplot,
@@ -206,6 +207,25 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad()
     return loss, state
+
+
+def _timing_step(vocab_size: int, hp: dict[str, Any], ids: np.ndarray, seed: int) -> Any:
+    """A training step of a scratch copy of the model on the first batch (state carried), for
+    timing thread counts: the run's own model and optimizer stay untouched."""
+    from fastrnn import optim
+
+    model = build_model(
+        vocab_size, hp["hidden"], hp["layers"], hp["embedding"], hp["dropout"], seed
+    )
+    params = list(model.parameters())
+    optimizer = optim.Adam(params, lr=hp["lr"])
+    x, y = ids[: hp["seq_len"]], ids[1 : hp["seq_len"] + 1]
+    state: list[Any] = [None]
+
+    def step() -> None:
+        _, state[0] = train_step(model, optimizer, params, x, y, state[0], hp["clip"])
+
+    return step
 
 
 def evaluate(model: Any, ids: np.ndarray, n_streams: int = 32, chunk: int = 512) -> float:
@@ -548,8 +568,8 @@ def add_train_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
-        "other processes leave idle)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else 1 or all CPUs, "
+        "whichever ran the first steps faster)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -637,6 +657,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress_state["position"] = 0
 
     n_params = sum(int(np.prod(p.shape)) for p in params)
+    choice = getattr(args, "threads_note", None)
+    if isinstance(choice, ThreadChoice):
+        choice.measure(_timing_step(len(vocab), hp, train_ids, args.seed))
     log = print
     log(f"corpus: {corpus.description}; vocabulary {len(vocab)} characters")
     log(
@@ -849,8 +872,7 @@ def add_sample_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
-        "other processes leave idle)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else all CPUs)",
     )
     p.set_defaults(func=cmd_sample)
 

@@ -41,9 +41,7 @@ def _targets(logits: Any, targets: Any, xp: Any) -> Any:
         raise ValueError(f"logits: expected at least one row and one class, got {logits.shape}")
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= C:
-        raise ValueError(
-            f"targets: every class index must be in 0..{C - 1}, got min {lo} max {hi}"
-        )
+        raise ValueError(f"targets: every class index must be in 0..{C - 1}, got min {lo} max {hi}")
     return t
 
 

@@ -65,7 +65,6 @@ class Linear(Module):
             self.bias.accumulate(dy2.sum(axis=0))
         return (dy2 @ self.weight.data).reshape(x.shape)
 
-
     def cross_entropy(self, x: Any, targets: Any) -> tuple[float, Any]:
         """Forward, mean softmax cross-entropy against integer ``targets`` and backward in one
         call: returns ``(loss, dx)`` and adds the weight and bias gradients, exactly what
