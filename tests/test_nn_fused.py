@@ -106,10 +106,10 @@ def _linear_ce(x, w, b, t, fused: bool, bias_grad: bool = True):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
-    "M, K, C", [(1, 1, 1), (5, 3, 2), (127, 17, 13), (129, 33, 96), (600, 24, 7)]
+    "M, K, C", [(1, 1, 1), (5, 3, 2), (127, 17, 13), (512, 33, 96), (513, 24, 7), (1500, 8, 5)]
 )
 def test_linear_cross_entropy_equals_unfused(M, K, C, bias, dtype):
-    """Row counts below, at and across the 128-row tile, one or more tiles per thread."""
+    """Row counts below, at and across the 512-row tile, one or more tiles per thread."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((M, K)).astype(dtype)
     w = rng.standard_normal((C, K)).astype(dtype)
