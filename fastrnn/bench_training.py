@@ -46,6 +46,7 @@ WORD = dict(
 def threads(n: int) -> Iterator[None]:
     """fastrnn, PyTorch and every BLAS on ``n`` threads (set explicitly: PyTorch and fastrnn
     share libgomp, so one library's setting moves the other's default)."""
+    import scipy.linalg  # noqa: F401  (loaded first, so that the limit below covers its BLAS)
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -73,11 +74,16 @@ def _char_data(steps: int, seed: int = 0) -> np.ndarray:
 
 
 class CharFastrnn:
-    """The char-rnn step of ``fastrnn char-rnn train``."""
+    """The char-rnn step of ``fastrnn char-rnn train``; ``numpy_glue``: with the training glue
+    (embedding backward, head + loss, clipping, Adam) on its NumPy code instead of the kernels
+    of fastrnn/_cpu/_train.pyx, as before they existed."""
 
     name = "fastrnn"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, numpy_glue: bool = False) -> None:
+        self.numpy_glue = numpy_glue
+        if numpy_glue:
+            self.name = "fastrnn-numpy-glue"
         from fastrnn import optim
         from fastrnn.examples.char_rnn import build_model
 
@@ -88,11 +94,13 @@ class CharFastrnn:
         self.state: Any = None
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        from fastrnn.backends.training import numpy_glue
         from fastrnn.examples.char_rnn import train_step
 
-        loss, self.state = train_step(
-            self.model, self.optimizer, self.params, x, y, self.state, CHAR["clip"]
-        )
+        with numpy_glue() if self.numpy_glue else contextlib.nullcontext():
+            loss, self.state = train_step(
+                self.model, self.optimizer, self.params, x, y, self.state, CHAR["clip"]
+            )
         return loss
 
 
@@ -428,15 +436,16 @@ def run(
                 log(f"char-rnn, {n} thread(s)")
                 ours = CharFastrnn()
                 weights = {k: np.asarray(v) for k, v in ours.model.state_dict().items()}
-                theirs = CharTorch(_torch_names(weights))
-                t = interleaved([ours, theirs], char_data, CHAR["seq_len"], steps, rounds)
+                theirs = CharTorch(weights)
+                impls = [ours, CharFastrnn(numpy_glue=True), theirs]
+                t = interleaved(impls, char_data, CHAR["seq_len"], steps, rounds)
                 chars = CHAR["seq_len"] * CHAR["batch"]
                 entry["char-rnn"] = {
                     "per_second": {k: chars / statistics.median(v) for k, v in t.items()},
                     "samples_ms": {k: [s * 1e3 for s in v] for k, v in t.items()},
                     "page_faults_per_step": {
-                        "fastrnn": page_faults_per_step(CharFastrnn(), char_data, CHAR["seq_len"]),
-                        "torch": page_faults_per_step(theirs, char_data, CHAR["seq_len"]),
+                        impl.name: page_faults_per_step(impl, char_data, CHAR["seq_len"])
+                        for impl in impls
                     },
                 }
                 if parts:
@@ -471,24 +480,23 @@ def run(
     return result
 
 
-def _torch_names(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """fastrnn's CharRNN state dict under the torch model's names (head -> head etc.)."""
-    return {k: v for k, v in weights.items()}
-
-
 def format_result(result: dict[str, Any]) -> str:
     lines = []
     units = {"char-rnn": "chars/s", "word-lm": "tokens/s"}
-    lines.append("model     threads  fastrnn        torch          ratio   page faults/step")
+    lines.append(
+        f"{'model':<9} {'threads':>7}  {'implementation':<20} {'per second':>12}  "
+        f"{'vs torch':>8}  {'page faults/step':>16}"
+    )
     for n, entry in result["threads"].items():
         for model, r in entry.items():
             ps = r["per_second"]
-            pf = r.get("page_faults_per_step")
-            pf_text = f"{pf['fastrnn']:.0f} / {pf['torch']:.0f}" if pf else "-"
-            lines.append(
-                f"{model:<9} {n:>7}  {ps['fastrnn']:>9,.0f} {units[model]:<4} "
-                f"{ps['torch']:>9,.0f}      {ps['fastrnn'] / ps['torch']:>5.2f}x   {pf_text}"
-            )
+            pf = r.get("page_faults_per_step", {})
+            for impl, rate in ps.items():
+                faults = f"{pf[impl]:.0f}" if impl in pf else "-"
+                lines.append(
+                    f"{model:<9} {n:>7}  {impl:<20} {rate:>12,.0f}  {rate / ps['torch']:>7.2f}x"
+                    f"  {faults:>16}   ({units[model]})"
+                )
     for n, entry in result["threads"].items():
         for model, r in entry.items():
             if "parts_ms" not in r:

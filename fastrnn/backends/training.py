@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -41,11 +42,27 @@ def _load() -> ModuleType:
     return _kernels
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def numpy_glue() -> Iterator[None]:
+    """Inside the block (this Python thread), the training glue runs the NumPy code while
+    everything else keeps its kernels: ``fastrnn bench --training`` times the step both ways in
+    one run."""
+    before = getattr(_local, "numpy_glue", False)
+    _local.numpy_glue = True
+    try:
+        yield
+    finally:
+        _local.numpy_glue = before
+
+
 def cpu_kernels(*arrays: Any) -> ModuleType | None:
     """The kernel module when every array is a C-contiguous NumPy array (floating ones float32
     or float64, all of one dtype) and the reference is not forced; else None (run the NumPy
     code)."""
-    if get_backend() == "numpy":
+    if get_backend() == "numpy" or getattr(_local, "numpy_glue", False):
         return None
     dtype = None
     for a in arrays:
@@ -64,11 +81,12 @@ def threads() -> int:
     return get_num_threads()
 
 
-def blas_pinned(nthreads: int) -> contextlib.AbstractContextManager[Any]:
-    """BLAS on one thread while a kernel calls it from ``nthreads`` OpenMP threads (no
-    oversubscription); nothing to do on one thread."""
-    if nthreads <= 1:
-        return contextlib.nullcontext()
+def blas_pinned() -> contextlib.AbstractContextManager[Any]:
+    """BLAS on one thread while a kernel calls it from its OpenMP threads, whatever their
+    number: with its own pool, SciPy's OpenBLAS (the one scipy.linalg.cython_blas calls, often
+    loaded after the caller pinned NumPy's) fought the kernels' threads and made the char-rnn
+    step four times slower on the loaded 2-core machine (perf: inner_thread,
+    blas_thread_server, exec_blas_async_wait on top). ~16 us per call (FACTS.md)."""
     from fastrnn._cpu._blas_threads import blas_threads
 
     return blas_threads(1)

@@ -384,6 +384,7 @@ def _training_threads(n: int | None) -> Iterator[ThreadChoice]:
         choice = ThreadChoice(cpus, f"auto: {cpus} CPUs", auto=cpus > 1)
     fastrnn.set_num_threads(choice.n)
     try:
+        import scipy.linalg  # noqa: F401  (SciPy's BLAS, which the kernels call, is pinned too)
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):

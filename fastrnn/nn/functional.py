@@ -164,7 +164,7 @@ def linear_cross_entropy(
     partial = training.scratch("partial", np.float64, nt)
     t64 = np.ascontiguousarray(t, dtype=np.int64)
     empty = training.scratch("empty", dtype, 0)
-    with training.blas_pinned(nt):
+    with training.blas_pinned():
         loss = kern.linear_cross_entropy(
             x2,
             weight,
