@@ -329,3 +329,23 @@ def test_char_rnn_fused_step_equals_unfused():
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert p.grad.any(), name
         assert_close(p.grad, q.grad, "nn", "backward", np.float64, name)
+
+
+def test_kernels_pin_every_blas_to_one_thread():
+    """The fused linear + cross-entropy calls SciPy's BLAS from its OpenMP threads: every BLAS
+    runs on one thread inside, and gets its own setting back after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastrnn.backends import training
+
+    training.cpu_kernels()  # loads the kernels, and with them SciPy's BLAS
+
+    def blas_threads():
+        return [
+            i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"
+        ]
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        outside = blas_threads()
+        with training.blas_pinned():
+            assert blas_threads() and set(blas_threads()) == {1}
+        assert blas_threads() == outside

@@ -40,12 +40,8 @@ TILE = _TILE
 cdef extern from *:
     """
     #include <string.h>
-    #if defined(__GNUC__) && !defined(__clang__)
-    /* Lets GCC if-convert the float selects below (and so vectorise the loops that call
-       fastrnn_expf); no value changes: floating-point traps are never enabled here. */
-    #pragma GCC optimize ("no-trapping-math")
-    #endif
-    /* exp for float32 without a libm call, so that loops over it vectorise: Cephes' expf
+    /* exp for float32 without a libm call, so that loops over it vectorise (setup.py builds
+       this module with -fno-trapping-math so the selects are if-converted): Cephes' expf
        (range reduction by ln 2 in two parts, degree-6 polynomial, 2^n through the exponent
        bits), relative error about 1e-7; 0 below -87.3 (where expf underflows). */
     static inline float fastrnn_expf(float x) {
@@ -341,6 +337,27 @@ cdef inline floating* _at(int64_t address, Py_ssize_t start, floating* kind) noe
     return (<floating*> <size_t> address) + start
 
 
+cdef inline double _sumsq(const floating* a, Py_ssize_t n) noexcept nogil:
+    """Sum of squares of a[0:n] in double over 8 interleaved partial sums (vector lanes); a
+    chunk always runs on one thread, so the result does not depend on the thread count."""
+    cdef double acc[8]
+    cdef double v
+    cdef Py_ssize_t j, k
+    for k in range(8):
+        acc[k] = 0.0
+    j = 0
+    while j + 8 <= n:
+        for k in range(8):
+            v = <double> a[j + k]
+            acc[k] = acc[k] + v * v
+        j += 8
+    while j < n:
+        v = <double> a[j]
+        acc[0] = acc[0] + v * v
+        j += 1
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+
+
 cdef void _sumsq_chunks(
     const int64_t[::1] g, const int64_t[::1] ct, const int64_t[::1] cs, const int64_t[::1] cl,
     double[::1] out, bint inf_norm, int nt, floating* kind,
@@ -350,14 +367,14 @@ cdef void _sumsq_chunks(
     cdef double s, v
     for c in prange(ct.shape[0], num_threads=nt, schedule="static"):
         a = _at(g[ct[c]], cs[c], kind)
-        s = 0.0
-        for j in range(cl[c]):
-            v = <double> _abs(a[j])
-            if inf_norm:
+        if inf_norm:
+            s = 0.0
+            for j in range(cl[c]):
+                v = <double> _abs(a[j])
                 if v > s or v != v:
                     s = v
-            else:
-                s = s + v * v
+        else:
+            s = _sumsq(a, cl[c])
         out[c] = s
 
 
@@ -515,6 +532,17 @@ cdef void _adam_chunk(floating* p, floating* g, floating* m, floating* v, floati
     cdef bint use_wd = h[4] != 0
     cdef Py_ssize_t j
     cdef floating gj, denom
+    if not (maximize or use_wd or amsgrad):
+        # the defaults, without a branch in the loop: GCC vectorises it (the general loop
+        # below stays scalar); the same arithmetic as the general loop
+        for j in range(n):
+            gj = g[j]
+            m[j] = m[j] + b1 * (gj - m[j])
+            v[j] = v[j] * beta2
+            v[j] = v[j] + b2 * gj * gj
+            denom = _sqrt(v[j]) / bc + eps
+            p[j] = p[j] - ss * (m[j] / denom)
+        return
     for j in range(n):
         gj = -g[j] if maximize else g[j]
         if use_wd:
