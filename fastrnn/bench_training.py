@@ -12,6 +12,10 @@ Two models, each trained the same way by both libraries in one process, with the
   2-layer LSTM 200, vocabulary 10,000, decoder + cross-entropy, SGD (lr 20) with clipping at
   0.25, all in torch; only the LSTM differs: ``fastrnn.torch.LSTM`` against ``torch.nn.LSTM``.
 
+The char-rnn step is also timed as ``fastrnn-numpy-glue``: the same step with the training glue
+(embedding backward, head + loss, clipping, Adam) on its NumPy code instead of the kernels of
+fastrnn/_cpu/_train.pyx, so one run shows what those kernels change.
+
 Each thread count (fastrnn, PyTorch and BLAS all set to it) runs interleaved rounds: each round
 times ``steps`` training steps of every implementation, the order alternating between rounds;
 the table gives the medians in characters (tokens) per second and the ratio to PyTorch (above
