@@ -83,6 +83,12 @@ C_SOURCES = {
     "conv2d": ("conv_direct.c",),
 }
 
+# Per-extension flags. _train (the training glue): GCC vectorises its elementwise loops only
+# when sqrt needs no errno path and float selects may be if-converted; neither changes a value
+# (nothing reads errno, no floating-point trap is enabled). Fused Adam over the char-rnn's
+# 519k parameters on one thread: 1.22 ms scalar, 0.39 ms vectorised (torch.optim.Adam 1.04).
+EXTRA_COMPILE_ARGS = {"_train": ["-fno-math-errno", "-fno-trapping-math"]}
+
 
 def extensions() -> list[Extension]:
     debug = _env_flag("FASTRNN_CYTHON_DEBUG")
@@ -106,7 +112,7 @@ def extensions() -> list[Extension]:
                 depends=[str(p) for p in (ROOT / "fastrnn" / "_cpu").glob("*.h")],
                 include_dirs=[np.get_include(), str(ROOT / "fastrnn" / "_cpu")],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                extra_compile_args=compile_args,
+                extra_compile_args=compile_args + EXTRA_COMPILE_ARGS.get(name, []),
                 extra_link_args=omp,
             )
         )

@@ -742,10 +742,79 @@ def add_parser(sub: Any) -> None:
         help="the streaming-inference table instead: prepared layers' one step and whole "
         "sequences vs lstm_forward(training=False) and torch.nn (1 thread unless --threads)",
     )
+    p.add_argument(
+        "--training",
+        action="store_true",
+        help="instead of the kernels: whole training steps (char-rnn in fastrnn.nn, the word "
+        "LM with fastrnn.torch.LSTM) against PyTorch, on 1 and all CPUs (or --threads), with a "
+        "per-part breakdown (needs PyTorch)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="--training: interleaved rounds per measurement (default 5)",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=10,
+        help="--training: training steps per round (default 10)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_bench_training(args: argparse.Namespace) -> int:
+    """``fastrnn bench --training`` (fastrnn/bench_training.py)."""
+    from fastrnn import bench_training
+    from fastrnn.examples._common import available_cpus
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CommandError("--training compares with PyTorch: pip install torch") from None
+    json_path = check_output_file(args.json, "--json") if args.json else None
+    if args.threads is not None:
+        counts: tuple[int, ...] = (args.threads,)
+    else:
+        counts = tuple(sorted({1, available_cpus()}))
+    result = bench_training.run(
+        thread_counts=counts,
+        steps=args.steps,
+        rounds=args.rounds,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(bench_training.format_result(result))
+    if json_path is not None:
+        write_json_atomic(json_path, result)
+        print(f"wrote {json_path}")
+    return 0
+
+
+def cmd_bench_inference(args: argparse.Namespace) -> int:
+    """``fastrnn bench --inference``: fastrnn/_inference_bench.py's table."""
+    from fastrnn import _inference_bench
+
+    json_path = check_output_file(args.json, "--json") if args.json else None
+    result = _inference_bench.run(
+        threads=args.threads or 1,
+        use_torch=not args.no_torch,
+        rounds=3 if args.quick else 7,
+        min_time=args.min_time or (0.05 if args.quick else 0.3),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(_inference_bench.format_table(result))
+    if json_path is not None:
+        write_json_atomic(json_path, result)
+        print(f"wrote {json_path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.training:
+        return cmd_bench_training(args)
+    if args.inference:
+        return cmd_bench_inference(args)
     ops = tuple(s.strip() for s in args.ops.split(",") if s.strip())
     unknown = [o for o in ops if o not in OPS]
     if unknown or not ops:
@@ -753,21 +822,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"--ops: unknown op(s) {unknown or args.ops!r}; choose from {', '.join(OPS)}"
         )
     json_path = check_output_file(args.json, "--json") if args.json else None
-    if args.inference:
-        from fastrnn import _inference_bench
-
-        result = _inference_bench.run(
-            threads=args.threads or 1,
-            use_torch=not args.no_torch,
-            rounds=3 if args.quick else 7,
-            min_time=args.min_time or (0.05 if args.quick else 0.3),
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-        print(_inference_bench.format_table(result))
-        if json_path is not None:
-            write_json_atomic(json_path, result)
-            print(f"wrote {json_path}")
-        return 0
     plot_path = check_output_file(args.plot, "--plot") if args.plot else None
     if plot_path is not None and matplotlib_pyplot() is None:
         raise CommandError("--plot needs matplotlib: pip install matplotlib")

@@ -16,6 +16,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
+from fastrnn.backends import training
 from fastrnn.nn._xp import array_module, move
 from fastrnn.nn.module import Parameter
 
@@ -92,16 +95,90 @@ class Optimizer:
                 p.grad[...] = 0
 
     def step(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
+        """One update of every parameter with a gradient.
+
+        NumPy parameters of one float dtype take the fused path: one multi-tensor kernel call
+        per parameter group updates all parameters and their state (OpenMP over chunks,
+        fastrnn/_cpu/_train.pyx), with the same arithmetic as the per-parameter NumPy code
+        below, which runs for CuPy parameters and under ``fastrnn.use_backend("numpy")``.
+        """
+        for gi, group in enumerate(self.param_groups):
+            ps = [p for p in group["params"] if p.requires_grad]
+            if not ps:
+                continue
+            kern = training.cpu_kernels(*[p.data for p in ps], *[p.grad for p in ps])
+            if kern is not None:
+                self._fused_step(kern, gi, group, ps)
+                continue
+            for p in ps:
                 state = self.state.setdefault(p, {})
                 g = -p.grad if group.get("maximize", False) else p.grad
                 self._update(p, g, group, state, array_module(p.data))
 
     def _update(self, p: Parameter, g: Any, group: dict, state: dict, xp: Any) -> None:
         raise NotImplementedError
+
+    # -- the fused path ----------------------------------------------------------------------------
+
+    # subclasses: the kernel's name, the group's hyperparameters in the kernel's order, and
+    # per parameter (state initialised and its step counted as _update does) its state buffers
+    # (at most three, None for absent) and two per-tensor scalars
+    _kind = ""
+
+    def _hyper(self, group: dict[str, Any]) -> list[float]:
+        raise NotImplementedError
+
+    def _prepare(
+        self, p: Parameter, group: dict[str, Any], state: dict[str, Any]
+    ) -> tuple[list[Any], float, float]:
+        raise NotImplementedError
+
+    def _fused_step(self, kern: Any, gi: int, group: dict[str, Any], ps: list[Parameter]) -> None:
+        n = len(ps)
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(gi)
+        per = plan["per"] if plan is not None and plan["per"].shape[0] == n else np.empty((n, 2))
+        arrays: list[Any] = []
+        for i, p in enumerate(ps):
+            state = self.state.setdefault(p, {})
+            bufs, per[i, 0], per[i, 1] = self._prepare(p, group, state)
+            for k, b in state.items():  # a loaded state dict may hold other layouts
+                if getattr(b, "shape", None) == p.data.shape and not (
+                    type(b) is np.ndarray and b.flags.c_contiguous and b.dtype == p.data.dtype
+                ):
+                    state[k] = np.ascontiguousarray(b, dtype=p.data.dtype)
+                    bufs = [state[k] if x is b else x for x in bufs]
+            arrays.append((p.data, p.grad, *bufs, *([None] * (3 - len(bufs)))))
+        if (
+            plan is None
+            or len(plan["arrays"]) != n
+            or any(
+                a is not b
+                for old, new in zip(plan["arrays"], arrays, strict=True)
+                for a, b in zip(old, new, strict=True)
+            )
+        ):
+            ptrs = np.zeros((5, n), np.int64)
+            for i, row in enumerate(arrays):
+                for r, a in enumerate(row):
+                    if a is not None:
+                        ptrs[r, i] = training.address(a)
+            ct, cs, cl = kern.chunk_table([p.data.size for p in ps])
+            plan = plans[gi] = dict(arrays=arrays, ptrs=ptrs, chunks=(ct, cs, cl), per=per)
+        ct, cs, cl = plan["chunks"]
+        h = np.asarray(self._hyper(group), np.float64)
+        nt = max(1, min(training.threads(), ct.shape[0]))
+        kern.optimizer_step(
+            self._kind,
+            plan["ptrs"],
+            ct,
+            cs,
+            cl,
+            per,
+            h,
+            ps[0].data.dtype == np.float64,
+            nt,
+        )
 
     # -- state dicts -----------------------------------------------------------------------------
 
@@ -201,6 +278,23 @@ class SGD(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov: requires a momentum > 0 and zero dampening")
 
+    _kind = "sgd"
+
+    def _hyper(self, group):
+        return [group[k] for k in ("lr", "momentum", "dampening", "weight_decay")] + [
+            float(group["nesterov"]),
+            float(group["maximize"]),
+        ]
+
+    def _prepare(self, p, group, state):
+        if group["momentum"] == 0:
+            return [], 0.0, 0.0
+        buf = state.get("momentum_buffer")
+        first = buf is None
+        if first:  # the kernel copies the (decayed) gradient into it, as torch does
+            buf = state["momentum_buffer"] = np.empty_like(p.data)
+        return [buf], float(first), 0.0
+
     def _update(self, p, g, group, state, xp):
         if group["weight_decay"] != 0:
             g = g + group["weight_decay"] * p.data
@@ -256,6 +350,18 @@ class Adagrad(Optimizer):
                 step=0, sum=array_module(p.data).full_like(p.data, g["initial_accumulator_value"])
             )
 
+    _kind = "adagrad"
+
+    def _hyper(self, group):
+        return [group[k] for k in ("lr", "lr_decay", "weight_decay", "eps")] + [
+            float(group["maximize"])
+        ]
+
+    def _prepare(self, p, group, state):
+        state["step"] += 1
+        clr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
+        return [state["sum"]], clr, 0.0
+
     def _update(self, p, g, group, state, xp):
         state["step"] += 1
         if group["weight_decay"] != 0:
@@ -286,6 +392,17 @@ class Adadelta(Optimizer):
         super()._check_group(group)
         _in_unit("rho", group["rho"], closed_right=True)
         _nonneg("eps", group["eps"])
+
+    _kind = "adadelta"
+
+    def _hyper(self, group):
+        return [group[k] for k in ("lr", "rho", "eps", "weight_decay")] + [float(group["maximize"])]
+
+    def _prepare(self, p, group, state):
+        if not state:
+            state.update(step=0, square_avg=np.zeros_like(p.data), acc_delta=np.zeros_like(p.data))
+        state["step"] += 1
+        return [state["square_avg"], state["acc_delta"]], 0.0, 0.0
 
     def _update(self, p, g, group, state, xp):
         if not state:
@@ -338,13 +455,36 @@ class RMSprop(Optimizer):
         _nonneg("eps", group["eps"])
         _nonneg("momentum", group["momentum"])
 
-    def _update(self, p, g, group, state, xp):
+    _kind = "rmsprop"
+
+    def _hyper(self, group):
+        return [group[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum")] + [
+            float(group["centered"]),
+            float(group["maximize"]),
+        ]
+
+    def _prepare(self, p, group, state):
+        self._init_state(p, group, state, np)
+        state["step"] += 1
+        bufs = [state["square_avg"], state.get("momentum_buffer"), state.get("grad_avg")]
+        if group["momentum"] > 0 and bufs[1] is None or group["centered"] and bufs[2] is None:
+            raise ValueError(
+                "RMSprop: the state lacks a buffer the group's momentum/centered need "
+                "(a state dict saved with other hyperparameters)"
+            )
+        return bufs, 0.0, 0.0
+
+    @staticmethod
+    def _init_state(p, group, state, xp):
         if not state:
             state.update(step=0, square_avg=xp.zeros_like(p.data))
             if group["momentum"] > 0:
                 state["momentum_buffer"] = xp.zeros_like(p.data)
             if group["centered"]:
                 state["grad_avg"] = xp.zeros_like(p.data)
+
+    def _update(self, p, g, group, state, xp):
+        self._init_state(p, group, state, xp)
         state["step"] += 1
         alpha = group["alpha"]
         if group["weight_decay"] != 0:
@@ -404,11 +544,36 @@ class Adam(Optimizer):
         _in_unit("betas[1]", betas[1])
         _nonneg("eps", group["eps"])
 
-    def _update(self, p, g, group, state, xp):
+    _kind = "adam"
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]] + [
+            float(group["amsgrad"]),
+            float(group["maximize"]),
+            float(group["decoupled_weight_decay"]),
+        ]
+
+    def _prepare(self, p, group, state):
+        self._init_state(p, group, state, np)
+        state["step"] += 1
+        step = state["step"]
+        beta1, beta2 = group["betas"]
+        bufs = [state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")]
+        if group["amsgrad"] and bufs[2] is None:
+            raise ValueError("Adam: the state lacks max_exp_avg_sq that amsgrad needs")
+        # the same scalars as _update: lr / bias_correction1, sqrt(bias_correction2)
+        return bufs, group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step)
+
+    @staticmethod
+    def _init_state(p, group, state, xp):
         if not state:
             state.update(step=0, exp_avg=xp.zeros_like(p.data), exp_avg_sq=xp.zeros_like(p.data))
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = xp.zeros_like(p.data)
+
+    def _update(self, p, g, group, state, xp):
+        self._init_state(p, group, state, xp)
         state["step"] += 1
         step = state["step"]
         lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
@@ -471,14 +636,18 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
     norm_type = float(norm_type)
     if not ps:
         return 0.0
+    if norm_type <= 0:
+        raise ValueError(f"norm_type: must be > 0, got {norm_type}")
+    grads = [p.grad for p in ps]
+    kern = training.cpu_kernels(*grads) if norm_type == 2.0 or math.isinf(norm_type) else None
+    if kern is not None:
+        return _clip_fused(kern, grads, max_norm, math.isinf(norm_type))
     if math.isinf(norm_type):
         total = max(
             (float(array_module(p.grad).abs(p.grad).max()) for p in ps if p.grad.size),
             default=0.0,
         )
     else:
-        if norm_type <= 0:
-            raise ValueError(f"norm_type: must be > 0, got {norm_type}")
         parts = []
         for p in ps:
             xp = array_module(p.grad)
@@ -487,4 +656,28 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
     coef = min(max_norm / (total + 1e-6), 1.0)
     for p in ps:
         p.grad *= p.grad.dtype.type(coef)
+    return total
+
+
+_clip_plans: dict[tuple[int, ...], Any] = {}
+
+
+def _clip_fused(kern: Any, grads: list[Any], max_norm: float, inf_norm: bool) -> float:
+    """clip_grad_norm_ on NumPy gradients: the norm of all of them in one kernel call (per-chunk
+    sums in double, added in chunk order), then, only when clipping, one scaling call."""
+    sizes = tuple(g.size for g in grads)
+    chunks = _clip_plans.get(sizes)
+    if chunks is None:
+        if len(_clip_plans) > 64:
+            _clip_plans.clear()
+        chunks = _clip_plans[sizes] = kern.chunk_table(sizes)
+    ct, cs, cl = chunks
+    ptrs = np.fromiter((training.address(g) for g in grads), np.int64, len(grads))
+    dbl = grads[0].dtype == np.float64
+    nt = max(1, min(training.threads(), ct.shape[0]))
+    partial = training.scratch("clip_partial", np.float64, ct.shape[0])
+    total = kern.grad_norm(ptrs, ct, cs, cl, partial, dbl, inf_norm, nt)
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    if coef < 1.0:  # a factor of 1 changes nothing
+        kern.scale(ptrs, ct, cs, cl, coef, dbl, nt)
     return total

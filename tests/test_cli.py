@@ -736,15 +736,88 @@ def test_training_threads_chosen_and_restored(
     assert "threads: 1 (--threads)" in out
     assert fastrnn.get_num_threads() == before
 
-    monkeypatch.setattr(_common.os, "getloadavg", lambda: (50.0, 0.0, 0.0))
-    assert _common.idle_cpus()[0] == 1  # every CPU busy elsewhere: one thread
-    monkeypatch.setattr(_common.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    cpus = len(_common.os.sched_getaffinity(0))
-    assert _common.idle_cpus()[0] == cpus  # an idle machine: all of them
+    cpus = _common.available_cpus()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    with _common.training_threads(None) as note:
-        assert fastrnn.get_num_threads() == cpus and note.startswith(f"{cpus} (auto")
+    with _common.training_threads(None) as choice:
+        assert fastrnn.get_num_threads() == cpus and str(choice).startswith(f"{cpus} (auto")
+        assert choice.auto == (cpus > 1)
     assert fastrnn.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with _common.training_threads(None) as choice:
+        assert not choice.auto and str(choice).endswith("(OMP_NUM_THREADS)")
+
+
+class _FakeMachine:
+    """A clock and a training step whose duration depends on fastrnn's thread count: ``ms``
+    maps a thread count to the milliseconds one step takes on this pretend machine."""
+
+    def __init__(self, ms: dict[int, float]) -> None:
+        self.ms, self.now, self.calls = ms, 0.0, []
+
+    def timer(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        import fastrnn
+
+        n = fastrnn.get_num_threads()
+        self.calls.append(n)
+        self.now += self.ms[n] / 1e3
+
+
+@pytest.mark.parametrize(
+    "ms, expected",
+    [
+        ({1: 60.0, 4: 35.0}, 4),  # an idle machine: all CPUs are faster
+        ({1: 60.0, 4: 140.0}, 1),  # a busy core stalls every parallel step: one thread
+    ],
+)
+def test_thread_choice_by_measurement(ms: dict[int, float], expected: int) -> None:
+    import fastrnn
+    from fastrnn.examples import _common
+
+    before = fastrnn.get_num_threads()
+    machine = _FakeMachine(ms)
+    choice = _common.ThreadChoice(4, "auto: 4 CPUs", auto=True)
+    try:
+        assert choice.measure(machine.step, timer=machine.timer, rounds=3) == expected
+        assert fastrnn.get_num_threads() == expected
+    finally:
+        fastrnn.set_num_threads(before)
+    assert choice.n == expected
+    assert sorted(set(machine.calls)) == [1, 4] and len(machine.calls) == 2 + 2 * 3
+    note = str(choice)
+    assert note.startswith(f"{expected} (measured: ")
+    assert f"{ms[4]:.1f} ms per step on 4 threads" in note and f"{ms[1]:.1f} ms on 1" in note
+
+
+def test_thread_choice_not_measured_when_given() -> None:
+    from fastrnn.examples import _common
+
+    machine = _FakeMachine({1: 1.0, 2: 1.0})
+    choice = _common.ThreadChoice(2, "--threads", auto=False)
+    assert choice.measure(machine.step, timer=machine.timer) == 2
+    assert machine.calls == [] and str(choice) == "2 (--threads)"
+
+
+def test_char_rnn_header_names_the_measured_choice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """With no --threads, the header line says how many threads the timing of the first steps
+    picked, and both timings."""
+    from fastrnn.examples import _common
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_common, "available_cpus", lambda: 2)
+    code, out, err = run(
+        capsys,
+        *("char-rnn", "train", "--steps", "2", "--hidden", "16", "--embedding", "8"),
+        *("--seq-len", "8", "--batch-size", "4", "--no-progress", "--sample-every", "0"),
+        *("--out", str(tmp_path / "run")),
+    )
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("model:"))
+    assert "threads: " in header and "(measured: " in header and "ms on 1" in header
 
 
 def test_gpu_report_without_the_cuda_backend_module(monkeypatch: pytest.MonkeyPatch) -> None:

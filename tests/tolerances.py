@@ -18,6 +18,8 @@ TOL = {
     ("pool", "backward"): {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-14)},
     ("nn", "forward"): {np.float32: (1e-4, 1e-5), np.float64: (1e-10, 1e-12)},
     ("nn", "backward"): {np.float32: (1e-3, 1e-4), np.float64: (1e-9, 1e-11)},
+    # the fused training kernels (fastrnn/_cpu/_train.pyx) against the unfused NumPy code
+    ("fused", "vs unfused"): {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-14)},
     # central finite differences of the float64 reference
     ("fd", "backward"): {np.float64: (1e-6, 1e-8)},
 }

@@ -8,9 +8,10 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -287,30 +288,78 @@ def probability(text: str) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def idle_cpus() -> tuple[int, str]:
-    """CPUs this process may use that other processes are not already keeping busy (from the
-    one-minute load average), at least 1; and a note saying how the number was chosen."""
+def available_cpus() -> int:
+    """CPUs this process may run on."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
-        return cpus, f"{cpus} CPUs"
-    n = max(1, min(cpus, int(cpus - load + 0.5)))
-    return n, f"auto: {cpus} CPUs, load average {load:.1f}"
+        return os.cpu_count() or 1
 
 
-def training_threads(n: int | None) -> contextlib.AbstractContextManager[str]:
-    """Threads of a training command, as a context manager that yields a note for the log.
+class ThreadChoice:
+    """The threads of a training command and why: what :func:`training_threads` yields.
 
-    fastrnn's kernels run on ``n`` threads; ``None`` picks them: ``OMP_NUM_THREADS`` when set,
-    else the CPUs that other processes leave idle (:func:`idle_cpus`). The recurrent kernels
-    synchronise their threads at every time step, so a thread that has to share its core with
-    another process stalls the others at each step: measured on the 2-core machine with a
-    second busy process, `fastrnn char-rnn train` ran at 6k characters/s on two threads and
-    26k on one (44k on two when the machine was otherwise idle).
+    ``str(choice)`` is the note for the run's header line. When ``auto`` (no ``--threads``, no
+    ``OMP_NUM_THREADS``), the command times its first steps with :meth:`measure` before it
+    prints the header.
+    """
+
+    def __init__(self, n: int, note: str, auto: bool) -> None:
+        self.n, self.note, self.auto = n, note, auto
+
+    def __str__(self) -> str:
+        return f"{self.n} ({self.note})"
+
+    def measure(
+        self,
+        step: Callable[[], Any],
+        *,
+        rounds: int = 3,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> int:
+        """Choose between 1 thread and all CPUs by timing ``step`` on each (a warm-up call
+        each, then ``rounds`` calls each, alternating); keep the count with the lower median
+        and set it. A no-op unless ``auto``.
+
+        Measured, not guessed from the load average: a kernel on several threads synchronises
+        them at every time step, so one thread that must share its core with another process
+        stalls the rest (char-rnn on the 2-core machine with a second busy process: 6k
+        characters/s on two threads, 26k on one); and the load average still counts a
+        compiler that finished a minute ago (an idle machine ran on one thread).
+        """
+        import fastrnn
+
+        if not self.auto or self.n <= 1:
+            return self.n
+        counts = (1, self.n)
+        times: dict[int, list[float]] = {n: [] for n in counts}
+        for n in counts:
+            fastrnn.set_num_threads(n)
+            step()
+        for r in range(rounds):
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                fastrnn.set_num_threads(n)
+                t0 = timer()
+                step()
+                times[n].append(timer() - t0)
+        median = {n: statistics.median(v) for n, v in times.items()}
+        best = min(counts, key=lambda n: (median[n], n))
+        fastrnn.set_num_threads(best)
+        self.note = (
+            f"measured: {median[self.n] * 1e3:.1f} ms per step on {self.n} threads, "
+            f"{median[1] * 1e3:.1f} ms on 1"
+        )
+        self.n = best
+        return best
+
+
+def training_threads(n: int | None) -> contextlib.AbstractContextManager[ThreadChoice]:
+    """Threads of a training command, as a context manager that yields a :class:`ThreadChoice`
+    (its ``str`` is the note for the log).
+
+    fastrnn's kernels run on ``n`` threads; ``None`` means ``OMP_NUM_THREADS`` when set, else
+    all CPUs this process may use, to be narrowed by the command's measurement of its first
+    steps (:meth:`ThreadChoice.measure`).
 
     NumPy's BLAS runs on one thread meanwhile: the layers' own matrix products (a Linear head)
     are small, and between kernel calls the kernels' OpenMP threads are still spinning, so a
@@ -321,21 +370,23 @@ def training_threads(n: int | None) -> contextlib.AbstractContextManager[str]:
 
 
 @contextlib.contextmanager
-def _training_threads(n: int | None) -> Iterator[str]:
+def _training_threads(n: int | None) -> Iterator[ThreadChoice]:
     import fastrnn
 
     before = fastrnn.get_num_threads()
     if n is not None:
-        note = "--threads"
+        choice = ThreadChoice(n, "--threads", auto=False)
     elif os.environ.get("OMP_NUM_THREADS", "").strip():
-        n, note = before, "OMP_NUM_THREADS"
+        choice = ThreadChoice(before, "OMP_NUM_THREADS", auto=False)
     else:
-        n, note = idle_cpus()
-    fastrnn.set_num_threads(n)
+        cpus = available_cpus()
+        choice = ThreadChoice(cpus, f"auto: {cpus} CPUs", auto=cpus > 1)
+    fastrnn.set_num_threads(choice.n)
     try:
+        import scipy.linalg  # noqa: F401  (SciPy's BLAS, which the kernels call, is pinned too)
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):
-            yield f"{n} ({note})"
+            yield choice
     finally:
         fastrnn.set_num_threads(before)

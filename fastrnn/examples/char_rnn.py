@@ -38,6 +38,7 @@ from fastrnn import nn
 from fastrnn.examples._common import (
     CommandError,
     Progress,
+    ThreadChoice,
     check_output_file,
     finite_or_none,
     matplotlib_pyplot,
@@ -177,6 +178,55 @@ class CharRNN(nn.Module):
         T, N, V = dlogits.shape
         dy = self.drop.backward(self.head.backward(dlogits.reshape(T * N, V)).reshape(T, N, -1))
         self.embed.backward(self.lstm.backward(dy))
+
+    def loss_backward(self, ids: Any, targets: Any, state: Any = None) -> tuple[float, Any]:
+        """Training forward and backward at once: the mean cross-entropy of predicting
+        ``targets`` (T, N), with every parameter's gradient accumulated, and the state to carry.
+        The head and the loss run fused (``nn.Linear.cross_entropy``): same numbers as
+        ``forward`` + ``softmax_cross_entropy`` + ``backward``, without the logits."""
+        y, state = self.lstm(self.embed(ids), state)
+        T, N, H = y.shape
+        loss, dy = self.head.cross_entropy(self.drop(y).reshape(T * N, H), targets.reshape(-1))
+        self.embed.backward(self.lstm.backward(self.drop.backward(dy.reshape(T, N, H))))
+        return loss, state
+
+
+def train_step(
+    model: Any, optimizer: Any, params: list[Any], x: Any, y: Any, state: Any, clip: float
+) -> tuple[float, Any]:
+    """One step of truncated backpropagation through time: forward from the carried ``state``,
+    loss and backward (``CharRNN.loss_backward``), gradient clipping, the optimizer's update,
+    gradients zeroed. Returns the loss and the state to carry; a non-finite loss returns
+    before any parameter is updated."""
+    from fastrnn import optim
+
+    loss, state = model.loss_backward(x, y, state)
+    if not math.isfinite(loss):
+        optimizer.zero_grad()
+        return loss, state
+    optim.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss, state
+
+
+def _timing_step(vocab_size: int, hp: dict[str, Any], ids: np.ndarray, seed: int) -> Any:
+    """A training step of a scratch copy of the model on the first batch (state carried), for
+    timing thread counts: the run's own model and optimizer stay untouched."""
+    from fastrnn import optim
+
+    model = build_model(
+        vocab_size, hp["hidden"], hp["layers"], hp["embedding"], hp["dropout"], seed
+    )
+    params = list(model.parameters())
+    optimizer = optim.Adam(params, lr=hp["lr"])
+    x, y = ids[: hp["seq_len"]], ids[1 : hp["seq_len"] + 1]
+    state: list[Any] = [None]
+
+    def step() -> None:
+        _, state[0] = train_step(model, optimizer, params, x, y, state[0], hp["clip"])
+
+    return step
 
 
 def evaluate(model: Any, ids: np.ndarray, n_streams: int = 32, chunk: int = 512) -> float:
@@ -637,8 +687,8 @@ def add_train_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
-        "other processes leave idle)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else 1 or all CPUs, "
+        "whichever ran the first steps faster)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -670,7 +720,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import fastrnn
     from fastrnn import optim
     from fastrnn.examples.corpus import file_corpus, stdlib_corpus
-    from fastrnn.nn.functional import softmax_cross_entropy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -727,6 +776,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress_state["position"] = 0
 
     n_params = sum(int(np.prod(p.shape)) for p in params)
+    choice = getattr(args, "threads_note", None)
+    if isinstance(choice, ThreadChoice):
+        choice.measure(_timing_step(len(vocab), hp, train_ids, args.seed))
     log = print
     log(f"corpus: {corpus.description}; vocabulary {len(vocab)} characters")
     log(
@@ -817,17 +869,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 pos, state = 0, None  # a new pass over the text starts from a zero state
             x = train_ids[pos : pos + hp["seq_len"]]
             y = train_ids[pos + 1 : pos + hp["seq_len"] + 1]
-            logits, state = model(x, state)
-            loss, dlogits = softmax_cross_entropy(logits, y)
+            loss, state = train_step(model, optimizer, params, x, y, state, hp["clip"])
             if not math.isfinite(loss):
                 raise CommandError(
                     f"the training loss became {loss} at step "
                     f"{start_step + steps_done + 1}; lower --lr or --clip"
                 )
-            model.backward(dlogits)
-            optim.clip_grad_norm_(params, hp["clip"])
-            optimizer.step()
-            optimizer.zero_grad()
             pos += hp["seq_len"]
             steps_done += 1
             train_seconds += time.perf_counter() - t0
@@ -944,8 +991,7 @@ def add_sample_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
-        "other processes leave idle)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else all CPUs)",
     )
     p.set_defaults(func=cmd_sample)
 

@@ -24,6 +24,7 @@ from fastrnn import nn
 from fastrnn.examples._common import (
     CommandError,
     Progress,
+    ThreadChoice,
     check_output_file,
     positive_float,
     positive_int,
@@ -146,6 +147,26 @@ def train(
     return model, history
 
 
+def _timing_step(
+    data: dict[str, tuple[np.ndarray, np.ndarray]], channels: int, batch_size: int, seed: int
+) -> Any:
+    """A training step of a scratch model on the first batch, for timing thread counts."""
+    from fastrnn import optim
+    from fastrnn.nn.functional import softmax_cross_entropy
+
+    model = build_model(channels, 0.0, seed)
+    opt = optim.AdamW(model.parameters())
+    xb, yb = data["train"][0][:batch_size], data["train"][1][:batch_size]
+
+    def step() -> None:
+        _, dlogits = softmax_cross_entropy(model(xb), yb)
+        model.backward(dlogits)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "digits",
@@ -215,8 +236,8 @@ def add_parser(sub: Any) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="threads of the kernels (default: OMP_NUM_THREADS when set, else the CPUs that "
-        "other processes leave idle)",
+        help="threads of the kernels (default: OMP_NUM_THREADS when set, else 1 or all CPUs, "
+        "whichever ran the first steps faster)",
     )
     p.set_defaults(func=cmd_digits)
 
@@ -234,6 +255,9 @@ def cmd_digits(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data = load_data(args.seed)
     sizes = {k: len(v[1]) for k, v in data.items()}
+    choice = getattr(args, "threads_note", None)
+    if isinstance(choice, ThreadChoice):
+        choice.measure(_timing_step(data, args.channels, args.batch_size, args.seed))
     print(
         f"digits: {sizes['train']} training, {sizes['val']} validation, {sizes['test']} test "
         f"images (8x8); threads: {getattr(args, 'threads_note', fastrnn.get_num_threads())}"

@@ -6,10 +6,12 @@ from typing import Any
 
 import numpy as np
 
+from fastrnn.backends import training
 from fastrnn.backends.validation import is_cupy_array
 from fastrnn.nn import init
 from fastrnn.nn._check import check_grad, check_input, positive_int
 from fastrnn.nn._xp import array_module, grad_enabled, move, scatter_add
+from fastrnn.nn.functional import linear_cross_entropy
 from fastrnn.nn.module import Module, Parameter
 
 
@@ -62,6 +64,27 @@ class Linear(Module):
         if self.bias is not None:
             self.bias.accumulate(dy2.sum(axis=0))
         return (dy2 @ self.weight.data).reshape(x.shape)
+
+    def cross_entropy(self, x: Any, targets: Any) -> tuple[float, Any]:
+        """Forward, mean softmax cross-entropy against integer ``targets`` and backward in one
+        call: returns ``(loss, dx)`` and adds the weight and bias gradients, exactly what
+        ``forward`` + ``functional.softmax_cross_entropy`` + ``backward`` give, without the
+        logits ever existing whole (``functional.linear_cross_entropy``)."""
+        check_input("Linear", "x", x, self.weight.data)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear: x: expected shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        w, b = self.weight, self.bias
+        self._cache = None
+        return linear_cross_entropy(
+            x,
+            w.data,
+            None if b is None else b.data,
+            targets,
+            dweight=w.grad if w.requires_grad else None,
+            dbias=b.grad if b is not None and b.requires_grad else None,
+        )
 
 
 class Embedding(Module):
@@ -125,7 +148,25 @@ class Embedding(Module):
         indices = self._saved()
         w = self.weight.data
         check_grad("Embedding", dy, tuple(indices.shape) + (self.embedding_dim,), w.dtype)
-        if self.weight.requires_grad:
+        if not self.weight.requires_grad:
+            return None
+        flat = indices.reshape(-1)
+        dy2 = dy.reshape(-1, self.embedding_dim)
+        kern = training.cpu_kernels(flat, dy2, self.weight.grad)
+        if kern is not None:
+            # a stable counting sort of the indices, then each row's sum in parallel
+            V, M = self.num_embeddings, flat.shape[0]
+            nt = training.threads() if M * self.embedding_dim >= 1 << 16 else 1
+            kern.embedding_backward(
+                np.ascontiguousarray(flat, dtype=np.int64),
+                dy2,
+                self.weight.grad,
+                -1 if self.padding_idx is None else self.padding_idx,
+                training.scratch("embedding_counts", np.int64, V + 1),
+                training.scratch("embedding_order", np.int64, M),
+                nt,
+            )
+        else:
             xp = array_module(w)
             g = xp.zeros_like(w)
             scatter_add(xp, g, indices.reshape(-1), dy.reshape(-1, self.embedding_dim))
