@@ -278,13 +278,12 @@ def _pool_args(x, kernel_size, stride, padding):
     check_size("kernel_size", "the output", (N, C, OH, OW), x)
     check_size("padding", "the padded input", (N, C, Hp, Wp), x)
     backend = select(is_cupy)
-    if backend == "numpy":  # the reference's window taps (P2)
-        check_size(
-            "kernel_size",
-            "the reference's window taps",
-            (N, C, kernel_size[0] * kernel_size[1], OH, OW),
-            x,
-        )
+    if backend == "numpy":
+        # The reference's window taps (P2), and its mask of the real taps: one padded plane
+        # and its taps, whatever N and C are.
+        taps = (max(N, 1), max(C, 1), kernel_size[0] * kernel_size[1], OH, OW)
+        check_size("kernel_size", "the reference's window taps", taps, x)
+        check_size("padding", "the reference's padded plane", (1, 1, Hp, Wp), x)
     return backend, contiguous(x), kernel_size, stride, padding
 
 
