@@ -475,3 +475,13 @@ def test_bool_and_non_integers_refused(arg, bad):
     args[arg] = bad
     with pytest.raises(TypeError, match=rf"^{arg}: "):
         fr.conv2d_forward(x, w, b, **args)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_empty_batch_with_dimensions_past_64_bits_refused(backend):
+    """N = 0 allocates nothing, but a padded input of 2^32 x 2^32 per plane is still refused
+    naming padding: NumPy cannot even make such an empty array ("array is too big")."""
+    x = np.zeros((0, 1, 1, 1), np.float32)
+    w = np.zeros((1, 1, 1, 1), np.float32)
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: .*64 bits"):
+        fr.conv2d_forward(x, w, padding=2**31, stride=2**40)

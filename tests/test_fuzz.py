@@ -244,10 +244,22 @@ def check_error(exc: BaseException, errors: tuple[type, ...], names: set[str], w
     assert m and m.group(1) in names, f"{what}: message names none of {sorted(names)}: {exc}"
 
 
+def _describe(args: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, np.ndarray):
+            return f"<{v.dtype} array {v.shape}>"
+        if isinstance(v, fr.Context):
+            return f"<{v.op} context>"
+        return repr(v)
+
+    return "(" + ", ".join(f"{k}={one(v)}" for k, v in args.items()) + ")"
+
+
 def run_case(call: Call, backend: str, fn, culprits: set[str], all_names: set[str]):
     """Call ``fn(**passed)`` on ``backend``; return its result, or None when it (rightly)
     raised. ``culprits``: the arguments at fault in the canonical call (empty when valid)."""
     what = f"{backend}: {call.changed} as {call.how}" if call.changed else backend
+    what += " " + _describe(call.passed)
     with fr.use_backend(backend):
         try:
             out = fn(**call.passed)
@@ -318,7 +330,7 @@ def change_one(
         call.passed[name], call.kind, call.how = int_form(draw, canonical[name])
         call.errors = (TypeError,) if call.kind == INVALID else (TypeError, ValueError)
     elif canonical[name] is None:
-        call.passed[name] = np.zeros(3)
+        call.passed[name] = np.zeros((1, 1, 1))  # no optional argument is 3-D
         call.kind, call.errors, call.how = INVALID, (TypeError, ValueError), "an array for None"
     else:
         call.passed[name], call.kind, call.errors, call.how = array_form(
@@ -504,6 +516,14 @@ def test_fuzz_recurrent(data):
 # ------------------------------------------------------------------------------------------------
 
 
+def _too_big(shape: tuple[int, ...], itemsize: int, limit: int) -> bool:
+    """More bytes than ``limit``, or dimensions whose product overflows 64 bits."""
+    return (
+        int(np.prod(shape, dtype=object)) * itemsize > limit
+        or int(np.prod([max(s, 1) for s in shape], dtype=object)) * itemsize > 2**63 - 1
+    )
+
+
 def _conv_culprits(
     backend: str, x_shape, w_shape, stride, padding, dilation, groups, itemsize: int
 ) -> set[str]:
@@ -536,11 +556,11 @@ def _conv_culprits(
         out.append((extent - di * (k - 1) - 1) // si + 1)
         ext.append(extent)
     limit = max_array_bytes(np.zeros(1, f"f{itemsize}"))
-    if N * F * out[0] * out[1] * itemsize > limit:
+    if _too_big((N, F, *out), itemsize, limit):
         bad |= {"padding", "x"}
-    if N * C * ext[0] * ext[1] * itemsize > limit:
+    if _too_big((N, C, *ext), itemsize, limit):
         bad.add("padding")
-    if backend == "numpy" and N * C * KH * KW * out[0] * out[1] * itemsize > limit:
+    if backend == "numpy" and _too_big((N, C, KH, KW, *out), itemsize, limit):
         bad.add("w")
     if backend == "cpu" and out[0] * out[1] > INT_MAX:
         bad |= {"padding", "x"}
@@ -678,14 +698,14 @@ def _pool_culprits(backend: str, x_shape, kernel_size, stride, padding, itemsize
         out.append((extent - ki) // si + 1)
         ext.append(extent)
     limit = max_array_bytes(np.zeros(1, f"f{itemsize}"))
-    if N * C * out[0] * out[1] * itemsize > limit:
+    if _too_big((N, C, *out), itemsize, limit):
         bad.add("kernel_size")
-    if N * C * ext[0] * ext[1] * itemsize > limit:
+    if _too_big((N, C, *ext), itemsize, limit):
         bad.add("padding")
     if backend == "numpy":
-        if max(N, 1) * max(C, 1) * k[0] * k[1] * out[0] * out[1] * itemsize > limit:
+        if _too_big((max(N, 1), max(C, 1), k[0] * k[1], *out), itemsize, limit):
             bad.add("kernel_size")
-        if ext[0] * ext[1] * itemsize > limit:
+        if _too_big((1, 1, *ext), itemsize, limit):
             bad.add("padding")
     return bad
 

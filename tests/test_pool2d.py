@@ -415,3 +415,13 @@ def test_bool_and_non_integers_refused(kind, arg, bad):
     args[arg] = bad
     with pytest.raises(TypeError, match=rf"^{arg}: "):
         fwd(_x((1, 2, 6, 6)), **args)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_empty_batch_with_dimensions_past_64_bits_refused(backend, kind):
+    """N = 0 allocates nothing, but a padded plane of 2^33 x 2^33 is refused naming padding
+    (the reference builds one whatever N is; NumPy refuses such shapes even when empty)."""
+    fwd, _ = PUBLIC[kind]
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: "):
+        fwd(np.zeros((0, 1, 1, 1), np.float32), 2**33, 1, 2**32)

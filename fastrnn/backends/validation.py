@@ -234,16 +234,22 @@ def max_array_bytes(like: Any) -> int:
 
 
 def check_size(name: str, what: str, shape: tuple[int, ...], like: Any) -> None:
-    """Refuse an array of ``shape`` (``like``'s dtype) that no machine of this kind could hold;
+    """Refuse an array of ``shape`` (``like``'s dtype) that no machine of this kind could hold,
+    or whose dimensions multiply past 64 bits (NumPy refuses that even when one of them is 0);
     ``name`` is the argument responsible, ``what`` says which array it is."""
-    count = 1
+    count, span = 1, 1
     for s in shape:
         count *= s
-    nbytes = count * like.dtype.itemsize
-    limit = max_array_bytes(like)
-    if nbytes > limit:
+        span *= max(s, 1)
+    itemsize = like.dtype.itemsize
+    if span * itemsize > 2**63 - 1:
         raise ValueError(
-            f"{name}: {what} {tuple(shape)} would take {_bytes(nbytes)}, more than the "
+            f"{name}: {what} {tuple(shape)} has dimensions whose product overflows 64 bits"
+        )
+    limit = max_array_bytes(like)
+    if count * itemsize > limit:
+        raise ValueError(
+            f"{name}: {what} {tuple(shape)} would take {_bytes(count * itemsize)}, more than the "
             f"{_bytes(limit)} of memory an array can have here"
         )
 
