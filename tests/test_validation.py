@@ -261,3 +261,15 @@ def test_unaligned_inputs_give_correct_results(op):
     got_grads = op.backward(ctx, {k: _unaligned(v) for k, v in upstream.items()})
     for a, b in zip(got_out + got_grads, want_out + want_grads, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_sequence_beyond_memory_refused(op, backend):
+    """x of shape (2^40, 1, 0) takes no memory, but its outputs would: a ValueError naming x,
+    not a MemoryError (or NumPy's "array is too big") from inside the kernel."""
+    arrays = _inputs(op, np.float32)
+    arrays["x"] = np.zeros((2**40, N, 0), np.float32)
+    arrays["w_ih"] = np.zeros((op.gates * H, 0), np.float32)
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^x: "):
+        op.forward(arrays)

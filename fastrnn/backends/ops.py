@@ -48,6 +48,9 @@ def _recurrent_sizes(x: Any, w_ih: Any, w_hh: Any, gates: int) -> tuple[int, int
             f"x: has D={D} input features (shape {x.shape}) but w_ih of shape {w_ih.shape} "
             f"expects D={w_ih.shape[1]}"
         )
+    # the gate pre-activations of every step: the largest array a forward pass allocates
+    # (x may be (T, N, 0) with T * N far beyond memory)
+    check_size("x", "the gates of all steps", (T, N, gates * H), x)
     return T, N, D, H
 
 

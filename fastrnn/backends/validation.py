@@ -5,7 +5,13 @@ Bad input raises ``TypeError`` (wrong type or dtype, NumPy mixed with CuPy) or `
 always naming the argument, always before any kernel runs.
 
 Non-contiguous and Fortran-ordered arrays are accepted and copied to C order (documented in the
-README); the kernels only ever see C-contiguous arrays.
+README); the kernels only ever see C-contiguous, aligned arrays.
+
+Integer arguments (kernel_size, stride, padding, dilation, groups, the entries of lengths) are
+Python or NumPy integers alike, never bool. The large arrays a call would allocate (outputs,
+padded inputs, the reference's intermediates) are sized before anything is allocated: one
+larger than the machine's (or CUDA device's) memory, or whose dimensions multiply past 64 bits,
+is a ValueError naming the argument responsible, not a MemoryError or OverflowError.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # in 64-bit integers; every padded extent H + 2 * padding is kept at or below this, so none of it
 # can overflow.
 MAX_EXTENT = 1 << 62
-# No machine addresses more than this in one process (the 47-bit user address space of x86-64
-# and AArch64 with 4-level page tables): the bound on any one array a call would allocate when
-# the machine's own memory size is unknown.
+# The user address space of x86-64 and AArch64 with 4-level page tables (47 bits): no array a
+# call would allocate may be larger, and this is the bound when the machine's memory size
+# cannot be read.
 MAX_ADDRESSABLE_BYTES = 1 << 47
 
 
