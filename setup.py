@@ -7,6 +7,11 @@ FASTRNN_CYTHON_DEBUG=1     bounds checks, wraparound and initialized checks on; 
 FASTRNN_NATIVE=1           compile for this machine's CPU (-march=native); off by default so a
                            wheel runs on any x86-64
 FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "lstm,gru"): a developer shortcut
+FASTRNN_SANITIZE=address   build with AddressSanitizer (-fsanitize=address, -O1 -g, frame
+                           pointers kept) to catch out-of-bounds reads and writes in the kernels;
+                           Python is not built with it, so run with
+                           LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0
+                           (.ci/run does this for tests/test_fuzz.py)
 """
 
 from __future__ import annotations
@@ -90,13 +95,29 @@ C_SOURCES = {
 EXTRA_COMPILE_ARGS = {"_train": ["-fno-math-errno", "-fno-trapping-math"]}
 
 
+def sanitizer_flags() -> list[str]:
+    """Compile and link flags of FASTRNN_SANITIZE (empty when unset)."""
+    name = os.environ.get("FASTRNN_SANITIZE", "").strip().lower()
+    if not name:
+        return []
+    if name != "address":
+        sys.exit(f"FASTRNN_SANITIZE: expected 'address' (or unset), got {name!r}")
+    return ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
 def extensions() -> list[Extension]:
     debug = _env_flag("FASTRNN_CYTHON_DEBUG")
+    sanitize = sanitizer_flags()
     omp = openmp_flags()
-    compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    if debug:
+        compile_args = ["-O0", "-g"]
+    elif sanitize:
+        compile_args = ["-O1", "-g"]  # ASan's advice: readable reports, a fraction of -O3's build
+    else:
+        compile_args = ["-O3"]
     if _env_flag("FASTRNN_NATIVE"):
         compile_args.append("-march=native")
-    compile_args += omp
+    compile_args += omp + sanitize
     only = {s.strip() for s in os.environ.get("FASTRNN_EXTENSIONS", "").split(",") if s.strip()}
     exts = []
     for pyx in sorted((ROOT / "fastrnn" / "_cpu").glob("*.pyx")):
@@ -113,7 +134,7 @@ def extensions() -> list[Extension]:
                 include_dirs=[np.get_include(), str(ROOT / "fastrnn" / "_cpu")],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=compile_args + EXTRA_COMPILE_ARGS.get(name, []),
-                extra_link_args=omp,
+                extra_link_args=omp + sanitize,
             )
         )
     directives = {

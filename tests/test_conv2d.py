@@ -509,3 +509,137 @@ def test_bad_gradient():
             fr.conv2d_backward(ctx, y.astype(np.float32))
         with pytest.raises(TypeError, match="ctx"):
             fr.conv2d_backward(None, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# empty planes (issue 14, item 1)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 6), (2, 3, 6, 0), (0, 3, 0, 0), (8, 3, 0, 8192)])
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_empty_plane_refused(backend, shape):
+    """H or W of 0 is refused by every backend, as by PyTorch, even where padding would make
+    an output (it used to return an output of bias values)."""
+    x = to_backend(backend, np.zeros(shape))
+    w = to_backend(backend, np.ones((2, 3, 1, 1)))
+    with fr.use_backend(backend), pytest.raises(ValueError, match=r"^x: .*planes"):
+        fr.conv2d_forward(x, w, padding=1)
+
+
+def test_cpu_kernel_module_refuses_empty_plane():
+    from fastrnn.backends import backend_module
+
+    with pytest.raises(ValueError, match="^x: "):
+        backend_module("cpu").conv2d_forward(
+            np.zeros((2, 3, 0, 6)), np.ones((2, 3, 1, 1)), None, (1, 1), (1, 1), (1, 1), 1, True
+        )
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_empty_channels(backend):
+    """C = 0, as in PyTorch: the output is the bias, dx and dw are empty, db sums dy."""
+    x = to_backend(backend, np.zeros((2, 0, 5, 5)))
+    w = to_backend(backend, np.zeros((4, 0, 3, 3)))
+    b = to_backend(backend, np.arange(4.0))
+    with fr.use_backend(backend):
+        y, ctx = fr.conv2d_forward(x, w, b, padding=1)
+        np.testing.assert_array_equal(
+            to_numpy(y), np.broadcast_to(np.arange(4.0)[:, None, None], (2, 4, 5, 5))
+        )
+        dx, dw, db = map(to_numpy, fr.conv2d_backward(ctx, y))
+    assert dx.shape == (2, 0, 5, 5) and dw.shape == (4, 0, 3, 3)
+    np.testing.assert_array_equal(db, 50 * np.arange(4.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# integer arguments and sizes (issue 14, item 6)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (dict(padding=10**6), "padding"),  # used to be a MemoryError (175 TiB)
+        (dict(padding=2**40), "padding"),  # used to be NumPy's "array is too big"
+        (dict(padding=(1, 2**63)), "padding"),  # used to be an OverflowError
+        (dict(padding=2**64), "padding"),
+        (dict(dilation=2**63), "dilation"),  # the dilated kernel is larger than the input
+        (dict(dilation=(1, 2**40)), "dilation"),
+    ],
+)
+def test_huge_geometry_refused(backend, change, name):
+    _, w, b = _good()
+    x = np.zeros((2, 4, 6, 6), np.float32)
+    w, b = w.astype(np.float32), b.astype(np.float32)
+    with fr.use_backend(backend), pytest.raises(ValueError, match=rf"\b{name}\b"):
+        fr.conv2d_forward(x, w, b, groups=2, **change)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("stride", [2**31, 2**63 - 1, 2**63, 2**64])
+def test_huge_stride_and_dilation_of_a_1x1_kernel(backend, stride):
+    """A stride beyond the padded input gives one output row/column, and a 1x1 kernel ignores
+    its dilation, whatever their size (they used to raise OverflowError at 2^63)."""
+    x, w, b = _good()
+    with fr.use_backend(backend):
+        y, ctx = fr.conv2d_forward(x, w, b, stride=(stride, 1), padding=1, groups=2)
+        want, want_ctx = fr.conv2d_forward(x, w, b, stride=(8, 1), padding=1, groups=2)
+        np.testing.assert_array_equal(y, want)
+        for got, exp in zip(
+            fr.conv2d_backward(ctx, y), fr.conv2d_backward(want_ctx, y), strict=True
+        ):
+            np.testing.assert_array_equal(got, exp)
+        w1 = w[:, :, :1, :1]
+        y, _ = fr.conv2d_forward(x, w1, b, dilation=stride, groups=2)
+        np.testing.assert_array_equal(y, fr.conv2d_forward(x, w1, b, groups=2)[0])
+
+
+def test_cpu_kernel_refuses_output_planes_beyond_32_bit_blas():
+    """The CPU kernel's GEMMs take 32-bit sizes: an output plane of 2^31 positions or more is
+    refused (here with N = 0, so nothing is allocated) instead of overflowing."""
+    x = np.zeros((0, 1, 5, 5), np.float32)
+    w = np.zeros((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="^padding: .*32-bit"):
+        fr.conv2d_forward(x, w, padding=2**16)
+
+
+INTEGER_TYPES = [int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint64]
+
+
+@pytest.mark.parametrize("itype", INTEGER_TYPES, ids=lambda t: t.__name__)
+def test_numpy_integers_accepted(itype):
+    """groups=np.int64(2) used to be refused while stride=np.int64(1) was accepted."""
+    x, w, b = _good()
+    want, _ = fr.conv2d_forward(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    got, _ = fr.conv2d_forward(
+        x,
+        w,
+        b,
+        stride=(itype(2), itype(1)),
+        padding=itype(1),
+        dilation=[itype(1), itype(2)],
+        groups=itype(2),
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("arg", ["stride", "padding", "dilation", "groups"])
+@pytest.mark.parametrize("bad", [True, np.True_, False, 2.0, np.float32(1), "1", None, (1, 1, 1)])
+def test_bool_and_non_integers_refused(arg, bad):
+    x, w, b = _good()
+    args = dict(stride=1, padding=1, dilation=1, groups=2)
+    args[arg] = bad
+    with pytest.raises(TypeError, match=rf"^{arg}: "):
+        fr.conv2d_forward(x, w, b, **args)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_empty_batch_with_dimensions_past_64_bits_refused(backend):
+    """N = 0 allocates nothing, but a padded input of 2^32 x 2^32 per plane is still refused
+    naming padding: NumPy cannot even make such an empty array ("array is too big")."""
+    x = np.zeros((0, 1, 1, 1), np.float32)
+    w = np.zeros((1, 1, 1, 1), np.float32)
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: .*64 bits"):
+        fr.conv2d_forward(x, w, padding=2**31, stride=2**40)

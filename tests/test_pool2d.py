@@ -277,3 +277,151 @@ def test_bad_gradient(kind):
         other = "avg" if kind == "max" else "max"
         with pytest.raises(ValueError, match="ctx"):
             PUBLIC[other][1](ctx, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# empty planes (issue 14, item 1)
+# ------------------------------------------------------------------------------------------------
+
+_EMPTY_PLANE_REPRODUCER = """
+import numpy as np
+import fastrnn
+x = np.zeros((8, 64, 0, 8192), np.float32)
+try:
+    y, ctx = fastrnn.max_pool2d_forward(x, 2, 2, 1)
+except ValueError as exc:
+    assert str(exc).startswith("x:"), exc
+    print("refused")
+else:
+    print("accepted", y.shape, flush=True)
+    fastrnn.max_pool2d_backward(ctx, np.ones_like(y))  # wrote past the end of the empty dx
+"""
+
+
+def test_empty_plane_reproducer_refused_in_subprocess():
+    """The reported reproducer, in its own process: it used to return y of -inf and then
+    corrupt the heap in backward (glibc abort or a later segfault)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _EMPTY_PLANE_REPRODUCER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr[-2000:],
+    )
+
+
+EMPTY_PLANES = [(2, 3, 0, 6), (2, 3, 6, 0), (0, 3, 0, 0), (1, 1, 0, 8192)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_PLANES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_empty_plane_refused(backend, kind, shape):
+    """H or W of 0 is refused by every backend (PyTorch too), even where padding would give
+    windows; N and C may be 0."""
+    fwd, _ = PUBLIC[kind]
+    x = to_backend(backend, np.zeros(shape, np.float32))
+    with fr.use_backend(backend), pytest.raises(ValueError, match=r"^x: .*planes"):
+        fwd(x, 2, 2, 1)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_cpu_kernel_module_refuses_empty_plane(kind):
+    """Called directly, without the public function's validation, the kernel refuses too."""
+    from fastrnn.backends import backend_module
+
+    fwd = getattr(backend_module("cpu"), f"{kind}_pool2d_forward")
+    with pytest.raises(ValueError, match="^x: "):
+        fwd(np.zeros((8, 64, 0, 8192), np.float32), (2, 2), (2, 2), (1, 1), True)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_empty_channels(backend, kind):
+    """C = 0 (PyTorch refuses it) is just an empty result, forward and backward."""
+    fwd, bwd = PUBLIC[kind]
+    with fr.use_backend(backend):
+        y, ctx = fwd(to_backend(backend, np.zeros((2, 0, 5, 5))), 3, 2, 1)
+        assert y.shape == (2, 0, 3, 3)
+        assert bwd(ctx, y).shape == (2, 0, 5, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# integer arguments and sizes (issue 14, item 6)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("stride", [2**31, 2**63 - 1, 2**63, 2**64, 10**30])
+def test_huge_stride_is_one_window(backend, kind, stride):
+    """A stride beyond the padded input leaves one window per axis, whatever its size (it used
+    to raise OverflowError at 2^63 on the CPU)."""
+    fwd, bwd = PUBLIC[kind]
+    x = _x((2, 3, 7, 6))
+    with fr.use_backend(backend):
+        y, ctx = fwd(x, 3, stride, 1)
+        want, want_ctx = fwd(x, 3, 8, 1)
+        assert y.shape == (2, 3, 1, 1)
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(bwd(ctx, y), bwd(want_ctx, y))
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize(
+    "k, p, name",
+    [
+        (2**63, 0, "kernel_size"),  # larger than the input
+        (2**64, 2**63, "padding"),  # padded extent beyond 2^62
+        (2**40, 2**39, "padding"),  # a padded input no machine holds
+        (4, 2**63, "padding"),  # more than half the kernel
+    ],
+)
+def test_huge_geometry_refused(backend, kind, k, p, name):
+    fwd, _ = PUBLIC[kind]
+    with fr.use_backend(backend), pytest.raises(ValueError, match=rf"^{name}: "):
+        fwd(_x((2, 3, 7, 6)), k, 1, p)
+
+
+INTEGER_TYPES = [int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint64]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("itype", INTEGER_TYPES, ids=lambda t: t.__name__)
+def test_numpy_integers_accepted(kind, itype):
+    fwd, _ = PUBLIC[kind]
+    x = _x((2, 3, 7, 9))
+    want, _ = fwd(x, (3, 2), (2, 1), (1, 0))
+    got, _ = fwd(x, (itype(3), itype(2)), [itype(2), itype(1)], (itype(1), itype(0)))
+    np.testing.assert_array_equal(got, want)
+    got, _ = fwd(x, itype(3), itype(2), itype(1))
+    np.testing.assert_array_equal(got, fwd(x, 3, 2, 1)[0])
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("arg", ["kernel_size", "stride", "padding"])
+@pytest.mark.parametrize("bad", [True, np.True_, False, (2, True), 2.0, np.float64(2), "2", (2,)])
+def test_bool_and_non_integers_refused(kind, arg, bad):
+    fwd, _ = PUBLIC[kind]
+    args = dict(kernel_size=2, stride=2, padding=1)
+    args[arg] = bad
+    with pytest.raises(TypeError, match=rf"^{arg}: "):
+        fwd(_x((1, 2, 6, 6)), **args)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_empty_batch_with_dimensions_past_64_bits_refused(backend, kind):
+    """N = 0 allocates nothing, but a padded plane of 2^33 x 2^33 is refused naming padding
+    (the reference builds one whatever N is; NumPy refuses such shapes even when empty)."""
+    fwd, _ = PUBLIC[kind]
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: "):
+        fwd(np.zeros((0, 1, 1, 1), np.float32), 2**33, 1, 2**32)

@@ -188,3 +188,88 @@ def test_kernel_module_copies_strided_input(op):
     got = fn(*(_non_contiguous(arrays[k], "strided") for k in op.inputs), *extra, None, False)
     for a, b in zip(got[:-1], want[:-1], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14, item 6: the argument named is the one at fault; integers of every kind
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_wrong_input_size_names_x(op, backend):
+    """x with D + 1 features is x's mistake (w_ih fixes D); it used to be reported as w_ih's."""
+    arrays = _inputs(op)
+    arrays["x"] = np.zeros((T, N, D + 1))
+    with fr.use_backend(backend), pytest.raises(ValueError, match=r"^x: .*w_ih"):
+        op.forward(arrays)
+
+
+INTEGER_TYPES = [int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint64]
+
+
+@pytest.mark.parametrize("itype", INTEGER_TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_lengths_of_any_integer_kind(op, itype):
+    arrays = _inputs(op)
+    want = op.forward(arrays, lengths=np.array([4, 1, 2]))[0]
+    for lengths in ([itype(4), itype(1), itype(2)], (itype(4), 1, itype(2))):
+        got = op.forward(arrays, lengths=lengths)[0]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_lengths_bool_and_huge_refused(op):
+    arrays = _inputs(op)
+    for bad in ([True, 1, 2], [4, np.True_, 2], [4, 1.0, 2], [4, None, 2], ["4", 1, 2]):
+        _expect(TypeError, "lengths", op, arrays, lengths=bad)
+    # out of range, never an OverflowError on the way to int64
+    for bad in ([2**70, 1, 2], [4, -(2**64), 2], np.array([2**64 - 1, 1, 2], np.uint64)):
+        _expect(ValueError, "lengths", op, arrays, lengths=bad)
+    _expect(ValueError, "lengths", op, arrays, lengths=[2**70, 1])  # and the wrong count
+
+
+def test_nonlinearity_of_the_wrong_kind():
+    op = OPS[2]
+    arrays = _inputs(op)
+    for bad in (np.array(["tanh", "relu"]), ["tanh"], b"tanh"):
+        with pytest.raises(ValueError, match="^nonlinearity: "):
+            fr.rnn_forward(*(arrays[k] for k in op.inputs), nonlinearity=bad)
+
+
+def _unaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` one byte off its dtype's alignment."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    view = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    view[...] = a
+    assert view.flags.c_contiguous and not view.flags.aligned
+    return view
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_unaligned_inputs_give_correct_results(op):
+    """Unaligned arrays are copied like non-contiguous ones: the kernels may assume alignment."""
+    arrays = _inputs(op, np.float32)
+    want_out, want_ctx = op.forward(arrays)
+    upstream = {
+        k: v.astype(np.float32)
+        for k, v in op.upstream_arrays(T, N, H, np.random.default_rng(3)).items()
+    }
+    want_grads = op.backward(want_ctx, upstream)
+    got_out, ctx = op.forward({k: _unaligned(v) for k, v in arrays.items()})
+    got_grads = op.backward(ctx, {k: _unaligned(v) for k, v in upstream.items()})
+    for a, b in zip(got_out + got_grads, want_out + want_grads, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_sequence_beyond_memory_refused(op, backend):
+    """x of shape (2^40, 1, 0) takes no memory, but its outputs would: a ValueError naming x,
+    not a MemoryError (or NumPy's "array is too big") from inside the kernel."""
+    arrays = _inputs(op, np.float32)
+    arrays["x"] = np.zeros((2**40, N, 0), np.float32)
+    arrays["w_ih"] = np.zeros((op.gates * H, 0), np.float32)
+    with fr.use_backend(backend), pytest.raises(ValueError, match="^x: "):
+        op.forward(arrays)

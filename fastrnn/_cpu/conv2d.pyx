@@ -681,6 +681,10 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
 def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
     ``algorithm`` (validated by fastrnn.backends.ops)."""
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
+        # kernel module (no input behind any output)
+        raise ValueError(f"x: expected image planes of at least 1x1, got shape {x.shape}")
     if algorithm == "auto":
         algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
     if algorithm == "direct":

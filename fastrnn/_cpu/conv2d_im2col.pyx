@@ -83,7 +83,7 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     # faster on 256-1024 columns than on a whole 56x56 image (single thread, 64x576 @ 576xL:
     # 116 GFLOP/s at L=3136, 140-150 at L=392-784), and the tile's columns stay in cache between
     # im2col, the GEMMs and col2im.
-    g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW))
+    g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW)) if g.OW > 0 else 1
     return g
 
 
@@ -436,9 +436,36 @@ def _column_size(tuple x_shape, tuple w_shape, tuple geometry) -> int:
     return 1 if g.pointwise else g.C * g.KH * g.KW * g.tile_rows * g.OW
 
 
+# BLAS takes 32-bit sizes and leading dimensions.
+INT_MAX = 2147483647
+
+
+cdef _check_sizes(tuple x_shape, tuple w_shape, padding, const Geom* g):
+    """Refuse what the kernel cannot index: an empty image plane (no input behind any
+    output), or GEMM sizes beyond BLAS's 32-bit integers (an output plane OH*OW, a column
+    length C/groups*KH*KW, or F/groups). fastrnn.backends.ops refuses empty planes first; this
+    also guards direct calls of the kernel module."""
+    if g.H < 1 or g.W < 1:
+        raise ValueError(f"x: expected image planes of at least 1x1, got shape {x_shape}")
+    if g.OH < 1 or g.OW < 1:
+        raise ValueError(f"w: the kernel {w_shape} is larger than the padded input {x_shape}")
+    if g.L > INT_MAX:
+        name = "padding" if tuple(padding) != (0, 0) else "x"
+        raise ValueError(
+            f"{name}: the output plane of {g.OH}x{g.OW} positions (x {x_shape}, padding "
+            f"{tuple(padding)}) is more than the CPU kernel's 32-bit BLAS sizes allow (2^31-1)"
+        )
+    if g.K > INT_MAX or g.Fg > INT_MAX:
+        raise ValueError(
+            f"w: shape {w_shape} makes GEMMs of {g.Fg} x {g.K}, more than the CPU kernel's "
+            "32-bit BLAS sizes allow (2^31-1)"
+        )
+
+
 def _im2col_forward(x, w, b, stride, padding, dilation, groups, training):
     """im2col + GEMM: x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    _check_sizes(x.shape, w.shape, padding, &g)
     nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,

@@ -261,6 +261,11 @@ def _threads(Py_ssize_t inputs, Py_ssize_t outputs) -> int:
 
 def _out_shape(x, kernel_size, stride, padding) -> tuple:
     N, C, H, W = x.shape
+    if H < 1 or W < 1:
+        # An empty plane has no real tap for any window: the max would be -inf with its
+        # position (saved for backward) outside the plane. fastrnn.backends.ops refuses it
+        # first; this guards direct calls of the kernel module.
+        raise ValueError(f"x: expected image planes of at least 1x1, got shape {x.shape}")
     return (N, C, (H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
             (W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
 

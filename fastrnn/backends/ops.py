@@ -14,10 +14,14 @@ from fastrnn.backends.validation import (
     check_arrays,
     check_bool,
     check_context,
+    check_extent,
+    check_image,
     check_lengths,
     check_ndim,
     check_shape,
+    check_size,
     contiguous,
+    integer,
     pair,
 )
 
@@ -36,7 +40,17 @@ def _recurrent_sizes(x: Any, w_ih: Any, w_hh: Any, gates: int) -> tuple[int, int
     if H < 1:
         raise ValueError(f"w_hh: expected at least one hidden unit, got shape {w_hh.shape}")
     check_shape("w_hh", w_hh, (gates * H, H))
-    check_shape("w_ih", w_ih, (gates * H, D))
+    check_ndim("w_ih", w_ih, 2, f"({gates}H, D)")
+    if w_ih.shape[0] != gates * H:
+        check_shape("w_ih", w_ih, (gates * H, D))
+    if w_ih.shape[1] != D:  # w_ih is the weights' shape; x is what the caller feeds them
+        raise ValueError(
+            f"x: has D={D} input features (shape {x.shape}) but w_ih of shape {w_ih.shape} "
+            f"expects D={w_ih.shape[1]}"
+        )
+    # the gate pre-activations of every step: the largest array a forward pass allocates
+    # (x may be (T, N, 0) with T * N far beyond memory)
+    check_size("x", "the gates of all steps", (T, N, gates * H), x)
     return T, N, D, H
 
 
@@ -156,7 +170,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b, *, nonlinearity="tanh", lengths=None, trai
     T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 1)
     _state("h0", h0, N, H)
     check_shape("b", b, (H,))
-    if nonlinearity not in ("tanh", "relu"):
+    if not isinstance(nonlinearity, str) or nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
     lengths = check_lengths(lengths, T, N)
     training = check_bool("training", training)
@@ -204,6 +218,34 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _window_geometry(
+    x: Any, kernel: tuple[int, int], stride, padding, dilation, kernel_name: str
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Output size of a window op along H and W, with its stride and dilation as the kernels
+    get them -> (out, stride, dilation, padded extents).
+
+    A stride or dilation beyond the padded extent acts as the extent itself (one output along
+    that axis; a kernel of size 1 never dilates), so they are clamped to it: the same result,
+    and every integer a kernel sees stays far from overflow."""
+    out, strides, dilations, extents = [], [], [], []
+    for axis, size, k, s, p, d in zip(
+        ("height", "width"), x.shape[2:], kernel, stride, padding, dilation, strict=True
+    ):
+        extent = check_extent("padding", size, p, axis)
+        span = d * (k - 1) + 1
+        if span > extent:
+            dilated = f" dilated by dilation {dilation}" if dilation != (1, 1) else ""
+            raise ValueError(
+                f"{kernel_name}: the kernel {kernel}{dilated} spans {span} along the {axis}, "
+                f"more than the input's {size} padded by padding {padding}: {extent}"
+            )
+        out.append((extent - span) // s + 1)
+        strides.append(min(s, extent))
+        dilations.append(min(d, extent))
+        extents.append(extent)
+    return tuple(out), tuple(strides), tuple(dilations), tuple(extents)
+
+
 CONV_ALGORITHMS = ("auto", "direct", "winograd", "im2col")
 
 
@@ -225,18 +267,16 @@ def conv2d_forward(
     algorithm: "auto" (the CPU backend picks), or pin one on the CPU: "direct" (register-blocked
     kernels), "winograd" (3x3 stride 1, dilation 1 only), "im2col" (columns + GEMM); the
     backward runs the forward's algorithm. The reference ignores it; the CUDA backend runs
-    im2col + GEMM only. Returns y (N,F,OH,OW), ctx (None when training=False).
+    im2col + GEMM only. N and C may be 0 (PyTorch's rule), H and W may not. Returns
+    y (N,F,OH,OW), ctx (None when training=False).
     """
     is_cupy, dtype = check_arrays(dict(x=x, w=w, b=b), allow_none=("b",))
-    check_ndim("x", x, 4, "(N, C, H, W)")
+    check_image("x", x)
     check_ndim("w", w, 4, "(F, C/groups, KH, KW)")
     stride = pair("stride", stride, 1)
     padding = pair("padding", padding, 0)
     dilation = pair("dilation", dilation, 1)
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise TypeError(f"groups: expected an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups: must be >= 1, got {groups}")
+    groups = integer("groups", groups, 1)
     N, C, Hi, Wi = x.shape
     F, Cg, KH, KW = w.shape
     if C % groups:
@@ -252,17 +292,18 @@ def conv2d_forward(
         raise ValueError(f"w: every dimension must be positive, got shape {w.shape}")
     if b is not None:
         check_shape("b", b, (F,))
-    OH = conv_out_size(Hi, KH, stride[0], padding[0], dilation[0])
-    OW = conv_out_size(Wi, KW, stride[1], padding[1], dilation[1])
-    if OH < 1 or OW < 1:
-        raise ValueError(
-            f"w: the dilated kernel ({dilation[0] * (KH - 1) + 1}, {dilation[1] * (KW - 1) + 1}) "
-            f"is larger than the padded input ({Hi + 2 * padding[0]}, {Wi + 2 * padding[1]})"
-        )
+    (OH, OW), stride, dilation, (Hp, Wp) = _window_geometry(
+        x, (KH, KW), stride, padding, dilation, "w"
+    )
+    check_size("padding" if padding != (0, 0) else "x", "the output", (N, F, OH, OW), x)
+    check_size("padding", "the padded input", (N, C, Hp, Wp), x)
     training = check_bool("training", training)
     if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
-    be = backend_module(select(is_cupy))
+    backend = select(is_cupy)
+    if backend == "numpy":  # the reference's im2col columns (C2)
+        check_size("w", "the reference's columns", (N, C, KH, KW, OH, OW), x)
+    be = backend_module(backend)
     x, w, b = map(contiguous, (x, w, b))
     if be.name == "cpu":
         return be.conv2d_forward_algorithm(
@@ -283,8 +324,10 @@ def conv2d_backward(ctx, dy):
 
 
 def _pool_args(x, kernel_size, stride, padding):
+    """Validate a pooling call -> (backend, x, kernel_size, stride, padding), N and C may be 0
+    (PyTorch refuses C=0; the result is just empty), H and W may not."""
     is_cupy, dtype = check_arrays(dict(x=x))
-    check_ndim("x", x, 4, "(N, C, H, W)")
+    check_image("x", x)
     kernel_size = pair("kernel_size", kernel_size, 1)
     stride = kernel_size if stride is None else pair("stride", stride, 1)
     padding = pair("padding", padding, 0)
@@ -292,24 +335,29 @@ def _pool_args(x, kernel_size, stride, padding):
         raise ValueError(
             f"padding: must be at most half the kernel size {kernel_size}, got {padding}"
         )
-    _, _, Hi, Wi = x.shape
-    OH = conv_out_size(Hi, kernel_size[0], stride[0], padding[0], 1)
-    OW = conv_out_size(Wi, kernel_size[1], stride[1], padding[1], 1)
-    if OH < 1 or OW < 1:
-        raise ValueError(
-            f"kernel_size: {kernel_size} is larger than the padded input "
-            f"({Hi + 2 * padding[0]}, {Wi + 2 * padding[1]})"
-        )
-    return is_cupy, contiguous(x), kernel_size, stride, padding
+    (OH, OW), stride, _, (Hp, Wp) = _window_geometry(
+        x, kernel_size, stride, padding, (1, 1), "kernel_size"
+    )
+    N, C = x.shape[:2]
+    check_size("kernel_size", "the output", (N, C, OH, OW), x)
+    check_size("padding", "the padded input", (N, C, Hp, Wp), x)
+    backend = select(is_cupy)
+    if backend == "numpy":
+        # The reference's window taps (P2), and its mask of the real taps: one padded plane
+        # and its taps, whatever N and C are.
+        taps = (max(N, 1), max(C, 1), kernel_size[0] * kernel_size[1], OH, OW)
+        check_size("kernel_size", "the reference's window taps", taps, x)
+        check_size("padding", "the reference's padded plane", (1, 1, Hp, Wp), x)
+    return backend, contiguous(x), kernel_size, stride, padding
 
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, training=True):
     """Max pooling, PyTorch's defaults (floor output size; padding never wins a max).
 
     x (N,C,H,W) -> y (N,C,OH,OW), ctx (None when training=False)."""
-    is_cupy, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
+    backend, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
     training = check_bool("training", training)
-    return backend_module(select(is_cupy)).max_pool2d_forward(x, k, s, p, training)
+    return backend_module(backend).max_pool2d_forward(x, k, s, p, training)
 
 
 def max_pool2d_backward(ctx, dy):
@@ -322,9 +370,9 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, training=True)
     """Average pooling, PyTorch's defaults (floor output size; the average counts padding).
 
     x (N,C,H,W) -> y (N,C,OH,OW), ctx (None when training=False)."""
-    is_cupy, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
+    backend, x, k, s, p = _pool_args(x, kernel_size, stride, padding)
     training = check_bool("training", training)
-    return backend_module(select(is_cupy)).avg_pool2d_forward(x, k, s, p, training)
+    return backend_module(backend).avg_pool2d_forward(x, k, s, p, training)
 
 
 def avg_pool2d_backward(ctx, dy):
