@@ -597,12 +597,15 @@ def test_huge_stride_and_dilation_of_a_1x1_kernel(backend, stride):
 
 
 def test_cpu_kernel_refuses_output_planes_beyond_32_bit_blas():
-    """The CPU kernel's GEMMs take 32-bit sizes: an output plane of 2^31 positions or more is
-    refused (here with N = 0, so nothing is allocated) instead of overflowing."""
+    """The im2col kernel's GEMMs take 32-bit sizes: an output plane of 2^31 positions or more
+    is refused (here with N = 0, so nothing is allocated) instead of overflowing. The direct
+    kernels index with 64 bits and give the empty result."""
     x = np.zeros((0, 1, 5, 5), np.float32)
     w = np.zeros((1, 1, 1, 1), np.float32)
     with pytest.raises(ValueError, match="^padding: .*32-bit"):
-        fr.conv2d_forward(x, w, padding=2**16)
+        fr.conv2d_forward(x, w, padding=2**16, algorithm="im2col")
+    y, _ = fr.conv2d_forward(x, w, padding=2**16, algorithm="direct")
+    assert y.shape == (0, 1, 2**17 + 5, 2**17 + 5)
 
 
 INTEGER_TYPES = [int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint64]

@@ -218,7 +218,7 @@ static FR_TARGET void FR_NAME(rnn_fwd)(
         if (relu) {
             for (Py_ssize_t j = u0; j < u1; j++) {
                 FR_T a = gr[j] + bias[j];
-                FR_T h = a > 0 ? a : (FR_T) 0;
+                FR_T h = a < 0 ? (FR_T) 0 : a; /* NaN stays NaN, like numpy.maximum and torch */
                 gr[j] = h; hnr[j] = h;
             }
         } else {

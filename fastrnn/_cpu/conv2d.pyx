@@ -675,6 +675,13 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
     x itself is the column matrix), the direct kernels for everything else."""
     pointwise = (tuple(w_shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
                  and tuple(padding) == (0, 0))
+    # The direct kernels copy each image into a zero-padded plane: where the padding dwarfs
+    # the image (say 5x5 padded by 2^31) that copy is gigabytes of zeros, while im2col touches
+    # only the columns of the outputs it computes.
+    H, W = x_shape[2], x_shape[3]
+    padded = (H + 2 * padding[0]) * (W + 2 * padding[1])
+    if padded > max(4 * H * W, 1 << 20):
+        return "im2col"
     return "im2col" if pointwise else "direct"
 
 
@@ -685,6 +692,10 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
         # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
         # kernel module (no input behind any output)
         raise ValueError(f"x: expected image planes of at least 1x1, got shape {x.shape}")
+    if x.shape[1] == 0:
+        # no input channels: nothing to convolve (y is the bias, dw and dx are empty); the
+        # im2col path handles the empty contraction, whichever algorithm was asked for
+        algorithm = "im2col"
     if algorithm == "auto":
         algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
     if algorithm == "direct":

@@ -30,16 +30,20 @@ from fastrnn.backends.validation import (
 # ------------------------------------------------------------------------------------------------
 
 
-def _recurrent_sizes(x: Any, w_ih: Any, w_hh: Any, gates: int) -> tuple[int, int, int, int]:
+def _recurrent_sizes(
+    x: Any, w_ih: Any, w_hh: Any, gates: int, sizes: tuple[int, int] | None = None
+) -> tuple[int, int, int, int]:
+    """(T, N, D, H) of a recurrent call. w_hh is (gates H, H), or (gates H, P) when ``sizes``
+    gives (H, P) (the LSTM projection's, from w_hr)."""
     check_ndim("x", x, 3, "(T, N, D)")
     T, N, D = x.shape
-    check_ndim("w_hh", w_hh, 2, f"({gates}H, H)")
-    H = w_hh.shape[1]
+    check_ndim("w_hh", w_hh, 2, f"({gates}H, {'P' if sizes else 'H'})")
+    H, P = sizes if sizes is not None else (w_hh.shape[1], w_hh.shape[1])
     if T < 1:
         raise ValueError(f"x: expected at least one time step, got shape {x.shape}")
     if H < 1:
         raise ValueError(f"w_hh: expected at least one hidden unit, got shape {w_hh.shape}")
-    check_shape("w_hh", w_hh, (gates * H, H))
+    check_shape("w_hh", w_hh, (gates * H, P))
     check_ndim("w_ih", w_ih, 2, f"({gates}H, D)")
     if w_ih.shape[0] != gates * H:
         check_shape("w_ih", w_ih, (gates * H, D))
@@ -64,10 +68,6 @@ def _lstm_sizes(x: Any, w_ih: Any, w_hh: Any, w_hr: Any) -> tuple[int, int, int,
     if w_hr is None:
         T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 4)
         return T, N, D, H, H
-    check_ndim("x", x, 3, "(T, N, D)")
-    T, N, D = x.shape
-    if T < 1:
-        raise ValueError(f"x: expected at least one time step, got shape {x.shape}")
     check_ndim("w_hr", w_hr, 2, "(P, H)")
     P, H = w_hr.shape
     if P < 1 or H < 1:
@@ -77,9 +77,7 @@ def _lstm_sizes(x: Any, w_ih: Any, w_hh: Any, w_hr: Any) -> tuple[int, int, int,
             f"w_hr: the projection size P must be smaller than the hidden size H, got shape "
             f"{w_hr.shape} (P={P}, H={H})"
         )
-    check_ndim("w_hh", w_hh, 2, "(4H, P)")
-    check_shape("w_hh", w_hh, (4 * H, P))
-    check_shape("w_ih", w_ih, (4 * H, D))
+    T, N, D, H = _recurrent_sizes(x, w_ih, w_hh, 4, (H, P))
     return T, N, D, H, P
 
 
