@@ -4,8 +4,9 @@ benchmarks/bench_inference.py): one time step and whole sequences of the prepare
 ``no_grad``, interleaved round by round in one process, medians, one thread by default.
 
 Rows: op, N, H (D = H), and per implementation the median microseconds of one step (the
-prepared layer, ``lstm_forward(training=False)`` on one step, torch.nn and fastrnn.torch's module
-under ``no_grad``); the ratios torch / prepared, forward / prepared and torch / fastrnn.torch; the arithmetic's share of the prepared step's
+prepared layer, ``lstm_forward(training=False)`` on one step, torch.nn and fastrnn.torch's
+module under ``no_grad``); the ratios torch / prepared, forward / prepared and
+torch / fastrnn.torch; the arithmetic's share of the prepared step's
 time (its GEMM FLOPs at the sgemm rate measured in the same run).
 """
 

@@ -19,17 +19,14 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 
 from fastrnn._cpu._blas cimport floating, gemm
-
-cdef extern from "_recurrent_cells.h":
-    int FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
-    void fr_cell_fwd_f(int isa, int cell, Py_ssize_t rows, float* g, const float* hw,
-                       const float* b1, const float* b2, const float* hp, const float* cp,
-                       float* hn, float* cn, float* sv, Py_ssize_t H, Py_ssize_t bs,
-                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
-    void fr_cell_fwd_d(int isa, int cell, Py_ssize_t rows, double* g, const double* hw,
-                       const double* b1, const double* b2, const double* hp, const double* cp,
-                       double* hn, double* cn, double* sv, Py_ssize_t H, Py_ssize_t bs,
-                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
+from fastrnn._cpu._recurrent_cells cimport (
+    FR_GRU,
+    FR_LSTM,
+    FR_RNN_RELU,
+    FR_RNN_TANH,
+    fr_cell_fwd_d,
+    fr_cell_fwd_f,
+)
 
 cdef extern from *:
     """

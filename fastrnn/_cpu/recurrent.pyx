@@ -79,27 +79,19 @@ fr_small_gemm_init()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 
-cdef extern from "_recurrent_cells.h":
-    int FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
-    int fr_isa_supported(int isa) noexcept nogil
-    void fr_cell_fwd_f(int isa, int cell, Py_ssize_t rows, float* g, const float* hw,
-                       const float* b1, const float* b2, const float* hp, const float* cp,
-                       float* hn, float* cn, float* sv, Py_ssize_t H, Py_ssize_t bs,
-                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
-    void fr_cell_fwd_d(int isa, int cell, Py_ssize_t rows, double* g, const double* hw,
-                       const double* b1, const double* b2, const double* hp, const double* cp,
-                       double* hn, double* cn, double* sv, Py_ssize_t H, Py_ssize_t bs,
-                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
-    void fr_cell_bwd_f(int isa, int cell, Py_ssize_t rows, const float* acts, const float* cp,
-                       const float* cn, const float* hp, const float* dyt, float* dh, float* dc,
-                       float* dax, float* dah, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
-                       Py_ssize_t u1) noexcept nogil
-    void fr_cell_bwd_d(int isa, int cell, Py_ssize_t rows, const double* acts, const double* cp,
-                       const double* cn, const double* hp, const double* dyt, double* dh,
-                       double* dc, double* dax, double* dah, Py_ssize_t H, Py_ssize_t bs,
-                       Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
-    float fr_sigmoidf_portable(float x) noexcept nogil
-    float fr_tanhf_portable(float x) noexcept nogil
+from fastrnn._cpu._recurrent_cells cimport (
+    FR_GRU,
+    FR_LSTM,
+    FR_RNN_RELU,
+    FR_RNN_TANH,
+    fr_cell_bwd_d,
+    fr_cell_bwd_f,
+    fr_cell_fwd_d,
+    fr_cell_fwd_f,
+    fr_isa_supported,
+    fr_sigmoidf_portable,
+    fr_tanhf_portable,
+)
 
 # cell -> gate rows per hidden unit in the weights
 _GATES = {FR_LSTM: 4, FR_GRU: 3, FR_RNN_TANH: 1, FR_RNN_RELU: 1}
