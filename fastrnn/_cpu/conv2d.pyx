@@ -509,6 +509,18 @@ def _scratch(dtype, *sizes):
     return out
 
 
+def _context(x, w, b, y, geometry, str algorithm):
+    """What backward needs of a direct or Winograd forward (both run the direct backward)."""
+    return Context(
+        op="conv2d",
+        backend="cpu",
+        dtype=x.dtype,
+        cupy=False,
+        grad_shapes={"dy": y.shape},
+        saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry, algorithm=algorithm),
+    )
+
+
 def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
@@ -521,18 +533,7 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
         xq, tiles = xq.reshape(B, g.x_size), tiles.reshape(nt, 6 * g.Pf_r)
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _direct_forward_run(x, wp, bias, y, xq, tiles, off, w.shape, geometry, nt, _isa())
-    ctx = None
-    if training:
-        ctx = Context(
-            op="conv2d",
-            backend="cpu",
-            dtype=x.dtype,
-            cupy=False,
-            grad_shapes={"dy": y.shape},
-            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
-                       algorithm="direct"),
-        )
-    return y, ctx
+    return y, (_context(x, w, b, y, geometry, "direct") if training else None)
 
 
 def _direct_backward(ctx, dy):
@@ -649,18 +650,7 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
                       band, ldv, nt, _isa())
-    ctx = None
-    if training:
-        ctx = Context(
-            op="conv2d",
-            backend="cpu",
-            dtype=x.dtype,
-            cupy=False,
-            grad_shapes={"dy": y.shape},
-            saved=dict(x=x, w=w, has_bias=b is not None, geometry=geometry,
-                       algorithm="winograd"),
-        )
-    return y, ctx
+    return y, (_context(x, w, b, y, geometry, "winograd") if training else None)
 
 
 # ------------------------------------------------------------------------------------------------
