@@ -7,11 +7,16 @@ Rows: op, N, H (D = H), and per implementation the median microseconds of one st
 prepared layer, ``lstm_forward(training=False)`` on one step, torch.nn and fastrnn.torch's
 module under ``no_grad``); the ratios torch / prepared, forward / prepared and
 torch / fastrnn.torch; the arithmetic's share of the prepared step's
-time (its GEMM FLOPs at the sgemm rate measured in the same run).
+time (its GEMM FLOPs at the sgemm rate measured in the same run). Then ``char-rnn sample``
+with the default model (embedding 64, 2-layer LSTM 192, 96 characters): characters per second
+of fastrnn's sampler (``char_rnn.sample``: the loop in one kernel call), of the same loop
+stepped from Python through a stream, and of the same model in torch stepped under
+``no_grad`` with the same NumPy draws, at one thread and at every CPU.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -152,7 +157,87 @@ def run(threads: int = 1, use_torch: bool = True, rounds: int = 7, min_time: flo
             rows.append(_sequence_row(op, T, N, H, use_torch, rounds, min_time))
             if log:
                 log(format_row(rows[-1]))
+    for n in sorted({threads, os.cpu_count() or 1}):
+        with same_threads(n):
+            rows.append(_sample_row(n, use_torch, rounds))
+        if log:
+            log(format_row(rows[-1]))
     return {"threads": threads, "sgemm_gflops": rate, "rows": rows}
+
+
+SAMPLE_CHARS = 2000
+
+
+def sample_callables(use_torch: bool) -> dict[str, Callable[[], Any]]:
+    """Each writes SAMPLE_CHARS characters with the default char-rnn model (random weights)."""
+    from fastrnn import nn
+    from fastrnn.examples.char_rnn import MODEL_DEFAULTS, Vocabulary, build_model, sample
+    from fastrnn.nn.functional import softmax
+
+    vocab = Vocabulary.from_text("".join(chr(c) for c in range(32, 127)) + "\n")
+    m = MODEL_DEFAULTS
+    model = build_model(len(vocab), m["hidden"], m["layers"], m["embedding"], 0.0, seed=0)
+    model.eval()
+    prime = vocab.encode("def ", "prime")
+
+    def draw(logits: Any, u: float) -> int:
+        p = softmax(logits.astype(np.float64) / 0.8)
+        return int(min(np.searchsorted(np.cumsum(p), u * p.sum()), len(p) - 1))
+
+    def kernel() -> Any:
+        return sample(model, vocab, SAMPLE_CHARS, 0.8, "def ", np.random.default_rng(0))
+
+    def stepped() -> Any:
+        u = np.random.default_rng(0).random(SAMPLE_CHARS)
+        with nn.no_grad():
+            logits, state = model(prime[:, None], None)
+            stream = model.lstm.stream(1)
+            stream.state = state
+            last, table = logits[-1, 0], model.embed.weight.data
+            w, b = model.head.weight.data, model.head.bias.data
+            x = np.empty((1, table.shape[1]), table.dtype)
+            for i in range(SAMPLE_CHARS):
+                x[0] = table[draw(last, u[i])]
+                last = w @ stream.step(x)[0] + b
+
+    calls = {"sampler": kernel, "stepped": stepped}
+    if use_torch:
+        import torch
+
+        emb = torch.nn.Embedding.from_pretrained(torch.from_numpy(model.embed.weight.data))
+        lstm = torch.nn.LSTM(m["embedding"], m["hidden"], m["layers"])
+        lstm.load_state_dict({k: torch.from_numpy(v.data) for k, v in
+                              model.lstm.named_parameters()})
+        head = torch.nn.Linear(m["hidden"], len(vocab))
+        head.weight.data = torch.from_numpy(model.head.weight.data)
+        head.bias.data = torch.from_numpy(model.head.bias.data)
+
+        def torch_loop() -> Any:
+            u = np.random.default_rng(0).random(SAMPLE_CHARS)
+            with torch.no_grad():
+                y, state = lstm(emb(torch.from_numpy(prime)[:, None]))
+                last = head(y[-1, 0]).numpy()
+                for i in range(SAMPLE_CHARS):
+                    nxt = torch.tensor([[draw(last, u[i])]])
+                    y, state = lstm(emb(nxt), state)
+                    last = head(y[0, 0]).numpy()
+
+        calls["torch"] = torch_loop
+    return calls
+
+
+def _sample_row(threads: int, use_torch: bool, rounds: int) -> dict[str, Any]:
+    calls = sample_callables(use_torch)
+    per: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():  # warm-up
+        fn()
+    for _ in range(max(3, rounds // 2)):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            per[name].append(SAMPLE_CHARS / (time.perf_counter() - start))
+    return {"kind": "sample", "op": "char-rnn", "threads": threads,
+            "chars_per_s": {k: statistics.median(v) for k, v in per.items()}}
 
 
 def _sequence_row(op, T, N, H, use_torch, rounds, min_time) -> dict[str, Any]:
@@ -189,6 +274,14 @@ def _sequence_row(op, T, N, H, use_torch, rounds, min_time) -> dict[str, Any]:
 
 
 def format_row(row: dict[str, Any]) -> str:
+    if row["kind"] == "sample":
+        rate = row["chars_per_s"]
+        cells = "  ".join(f"{k} {v:9,.0f} chars/s" for k, v in rate.items())
+        ratios = f"sampler/stepped {rate['sampler'] / rate['stepped']:4.1f}x"
+        if "torch" in rate:
+            ratios += f"  sampler/torch {rate['sampler'] / rate['torch']:5.1f}x"
+        return (f"sample   char-rnn {row['threads']} thread(s), default model   {cells}  "
+                f"{ratios}")
     us = row["us"]
     shape = (f"N={row['N']:<2} H={row['H']:<4}" if row["kind"] == "step"
              else f"T={row['T']} N={row['N']} H={row['H']}")

@@ -89,3 +89,97 @@ def test_char_rnn_sampling_through_a_stream_matches_the_model():
             logits, state = model(np.array([[nxt]], dtype=np.int64), state)
             last = logits[0, 0]
     assert got == "abc" + vocab.decode(out)
+
+
+def _python_sampler(stream, table, w_out, b_out, last, temperature, u):
+    """The sampling loop written with NumPy and stream.step: what the kernel must equal."""
+    from fastrnn.nn.functional import softmax
+
+    out = []
+    x = np.empty((1, table.shape[1]), table.dtype)
+    for i in range(len(u)):
+        p = softmax(last.astype(np.float64) / temperature)
+        nxt = int(min(np.searchsorted(np.cumsum(p), u[i] * p.sum()), len(p) - 1))
+        out.append(nxt)
+        x[0] = table[nxt]
+        last = w_out @ stream.step(x)[0] + b_out
+    return out
+
+
+SAMPLED = [
+    pytest.param(lambda D, H, dt: nn.LSTM(D, H, num_layers=2, dtype=dt), id="lstm"),
+    pytest.param(lambda D, H, dt: nn.GRU(D, H, num_layers=3, dtype=dt), id="gru"),
+    pytest.param(lambda D, H, dt: nn.RNN(D, H, nonlinearity="relu", dtype=dt), id="rnn_relu"),
+    pytest.param(lambda D, H, dt: nn.RNN(D, H, num_layers=2, dtype=dt), id="rnn_tanh"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("H", [1, 7, 33, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("make", SAMPLED)
+def test_sampling_kernel_equals_the_stepped_loop(make, dtype, H, threads):
+    from fastrnn._threads import threads_in_this_thread
+
+    rng = np.random.default_rng(H)
+    V, D, n = 11, 5, 60
+    m = make(D, H, dtype)
+    for p in m.parameters():  # weights large enough that the draws depend on them
+        p.data[...] = rng.standard_normal(p.data.shape) * 1.2 / np.sqrt(H)
+    table = rng.standard_normal((V + 2, D)).astype(dtype)
+    w_out = rng.standard_normal((V, H)).astype(dtype)
+    b_out = rng.standard_normal(V).astype(dtype)
+    last = rng.standard_normal(V).astype(dtype)
+    u = rng.random(n)
+    a, b = m.stream(1), m.stream(1)
+    h0 = rng.standard_normal(a.state[0].shape if m.mode == "LSTM" else a.state.shape)
+    start = (h0.astype(dtype), h0[::-1].astype(dtype).copy()) if m.mode == "LSTM" else h0
+    start = start if m.mode == "LSTM" else h0.astype(dtype)
+    a.state = start
+    b.state = start
+    want = _python_sampler(a, table, w_out, b_out, last, 0.7, u)
+    with threads_in_this_thread(threads):
+        got = b._sample(table, w_out, b_out, last, 0.7, u)
+    # the same draws; the states agree to rounding (the threads' column ranges may put a
+    # column in a vectorised loop's body where the one-thread step has it in the tail)
+    assert got.dtype == np.int64 and got.tolist() == want
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-11)
+    for x, y in zip(
+        a.state if m.mode == "LSTM" else (a.state,), b.state if m.mode == "LSTM" else (b.state,),
+        strict=True,
+    ):
+        np.testing.assert_allclose(y, x, **tol)
+
+
+def test_sampling_kernel_refuses_bad_arguments():
+    from fastrnn._cpu.inference import generate
+
+    m = nn.LSTM(4, 6, dtype=np.float32)
+    s = m.stream(1)
+    table, w, b = np.ones((9, 4), np.float32), np.ones((9, 6), np.float32), np.ones(9, np.float32)
+    last, u = np.zeros(9, np.float32), np.full(3, 0.5)
+    assert s._sample(table, w, b, last, 1.0, u).shape == (3,)
+    layers = [(s.layers[0], s._h[0, 0], s._c[0, 0])]
+    with pytest.raises(TypeError, match="table"):
+        s._sample(table.astype(np.float64), w, b, last, 1.0, u)
+    with pytest.raises(ValueError, match="table"):
+        s._sample(np.ones((9, 5), np.float32), w, b, last, 1.0, u)
+    with pytest.raises(ValueError, match="head_w"):
+        s._sample(table, np.ones((9, 5), np.float32), b, last, 1.0, u)
+    with pytest.raises(ValueError, match="head_w"):
+        s._sample(table[:4], w, b, last, 1.0, u)
+    with pytest.raises(ValueError, match="head_b"):
+        s._sample(table, w, b[:3], last, 1.0, u)
+    with pytest.raises(TypeError, match="u"):
+        s._sample(table, w, b, last, 1.0, u.astype(np.float32))
+    with pytest.raises(ValueError, match="temperature"):
+        s._sample(table, w, b, last, 0.0, u)
+    with pytest.raises(ValueError, match="c"):
+        generate([(s.layers[0], s._h[0, 0], None)], table, w, b, last, 1.0, u, 1)
+    with pytest.raises(ValueError, match="layers"):
+        generate([], table, w, b, last, 1.0, u, 1)
+    with pytest.raises(ValueError, match="layers"):
+        generate(layers * 2, table, w, b, last, 1.0, u, 1)  # the second takes 4 inputs, gets 6
+    # where the kernel does not apply, the caller steps the stream itself
+    assert nn.LSTM(4, 6, proj_size=2).stream(1)._sample(table, w, b, last, 1.0, u) is None
+    assert m.stream(2)._sample(table, w, b, last, 1.0, u) is None

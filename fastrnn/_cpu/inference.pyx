@@ -12,7 +12,11 @@ object may be stepped from several threads at once.
 
 The cells are those of the training kernels (gate orders of PyTorch; sigmoid and tanh from
 _recurrent_common.pxd, exact 0/1 where they saturate); BLAS picks its own threads for large
-steps (no OpenMP region here, so nothing to oversubscribe).
+steps (no OpenMP region in a step, so nothing to oversubscribe).
+
+``generate`` is the sampling loop of an embedding -> recurrent stack -> linear model (char-rnn's
+``sample``) as one call: the draws, the embedding lookups, every layer's step and the head, on
+fastrnn's threads (_inference.h), with the values of the stepped loop.
 """
 
 cimport numpy as cnp
@@ -28,104 +32,34 @@ from fastrnn._cpu._recurrent_cells cimport (
     fr_cell_fwd_f,
 )
 
-cdef extern from *:
-    """
-    /* Small-batch products against the prepared, transposed weights wt (K1 + K2, M), row-major:
-       out[n, :] = bias + a1[n, :] wt[:K1, :] + a2[n, :] wt[K1:, :]. Register-blocked: four rows
-       of the batch times 32 output columns are accumulated in registers over all of K, so each
-       element of wt is loaded once per four rows and the outputs are stored once; the fixed-size
-       inner loops are vectorised by the compiler, and GCC's target_clones picks AVX-512, AVX2
-       or baseline code at run time. Edges (fewer rows or columns) take the plain loop. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-    #define FR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-    #else
-    #define FR_CLONES
-    #endif
-    #define FR_JB 32
-    /* One row of the batch, columns [j0, j0 + jb): 128 columns at a time in registers (enough
-       independent accumulators to cover the FMA latency), then the rest. */
-    #define FR_JB1 128
-    #define FR_ROW(T) fr_row_##T
-    #define FR_DEFINE_ROW(T)                                                                 \
-    static inline void fr_row_##T(int K1, int K2, int M, int j0, int jb, const T* a1r,      \
-                                  const T* a2r, const T* wt, const T* bias, T* o) {          \
-        for (int c0 = j0; c0 < j0 + jb; c0 += FR_JB1) {                                      \
-            int cb = j0 + jb - c0 < FR_JB1 ? j0 + jb - c0 : FR_JB1;                          \
-            T c[FR_JB1];                                                                     \
-            if (cb == FR_JB1) {                                                              \
-                for (int j = 0; j < FR_JB1; j++) c[j] = bias ? bias[c0 + j] : (T) 0;         \
-                for (int k = 0; k < K1 + K2; k++) {                                          \
-                    const T *restrict w = wt + (long) k * M + c0;                            \
-                    T sr = k < K1 ? a1r[k] : a2r[k - K1];                                    \
-                    for (int j = 0; j < FR_JB1; j++) c[j] += sr * w[j];                      \
-                }                                                                            \
-                for (int j = 0; j < FR_JB1; j++) o[c0 + j] = c[j];                           \
-            } else {                                                                         \
-                for (int j = 0; j < cb; j++) c[j] = bias ? bias[c0 + j] : (T) 0;             \
-                for (int k = 0; k < K1 + K2; k++) {                                          \
-                    const T *restrict w = wt + (long) k * M + c0;                            \
-                    T sr = k < K1 ? a1r[k] : a2r[k - K1];                                    \
-                    for (int j = 0; j < cb; j++) c[j] += sr * w[j];                          \
-                }                                                                            \
-                for (int j = 0; j < cb; j++) o[c0 + j] = c[j];                               \
-            }                                                                                \
-        }                                                                                    \
-    }
-    #define FR_DEFINE_ROWS(NAME, T)                                                          \
-    FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a2,       \
-                               const T* wt, const T* bias, T* out) {                         \
-        for (int n0 = 0; n0 < N; n0 += 4) {                                                  \
-            int nb = N - n0 < 4 ? N - n0 : 4;                                                \
-            if (nb < 4) {                                                                    \
-                for (int r = 0; r < nb; r++)                                                 \
-                    FR_ROW(T)(K1, K2, M, 0, M, a1 + (long) (n0 + r) * K1,                    \
-                              a2 + (long) (n0 + r) * K2, wt, bias, out + (long) (n0 + r) * M); \
-                continue;                                                                    \
-            }                                                                                \
-            for (int j0 = 0; j0 < M; j0 += FR_JB) {                                          \
-                int jb = M - j0 < FR_JB ? M - j0 : FR_JB;                                    \
-                if (nb == 4 && jb == FR_JB) {                                                \
-                    T c0[FR_JB], c1[FR_JB], c2[FR_JB], c3[FR_JB];                            \
-                    for (int j = 0; j < FR_JB; j++)                                          \
-                        c0[j] = c1[j] = c2[j] = c3[j] = bias ? bias[j0 + j] : (T) 0;         \
-                    for (int part = 0; part < 2; part++) {                                   \
-                        int K = part ? K2 : K1;                                              \
-                        const T* a = part ? a2 : a1;                                         \
-                        const T* wp = wt + (long) (part ? K1 : 0) * M + j0;                  \
-                        for (int k = 0; k < K; k++) {                                        \
-                            const T *restrict w = wp + (long) k * M;                         \
-                            T s0 = a[n0 * K + k], s1 = a[(n0 + 1) * K + k];                  \
-                            T s2 = a[(n0 + 2) * K + k], s3 = a[(n0 + 3) * K + k];            \
-                            for (int j = 0; j < FR_JB; j++) {                                \
-                                T v = w[j];                                                  \
-                                c0[j] += s0 * v; c1[j] += s1 * v;                            \
-                                c2[j] += s2 * v; c3[j] += s3 * v;                            \
-                            }                                                                \
-                        }                                                                    \
-                    }                                                                        \
-                    for (int j = 0; j < FR_JB; j++) {                                        \
-                        out[n0 * M + j0 + j] = c0[j];                                        \
-                        out[(n0 + 1) * M + j0 + j] = c1[j];                                  \
-                        out[(n0 + 2) * M + j0 + j] = c2[j];                                  \
-                        out[(n0 + 3) * M + j0 + j] = c3[j];                                  \
-                    }                                                                        \
-                } else {                                                                     \
-                    for (int r = 0; r < nb; r++)                                             \
-                        FR_ROW(T)(K1, K2, M, j0, jb, a1 + (long) (n0 + r) * K1,              \
-                                  a2 + (long) (n0 + r) * K2, wt, bias, out + (long) (n0 + r) * M); \
-                }                                                                            \
-            }                                                                                \
-        }                                                                                    \
-    }
-    FR_DEFINE_ROW(float)
-    FR_DEFINE_ROW(double)
-    FR_DEFINE_ROWS(fr_rows_f, float)
-    FR_DEFINE_ROWS(fr_rows_d, double)
-    """
+cdef extern from "_inference.h":
+    # small-batch products against the prepared weights, and the sampler (see the header)
     void fr_rows_f(int N, int K1, int K2, int M, const float* a1, const float* a2,
                    const float* wt, const float* bias, float* out) noexcept nogil
     void fr_rows_d(int N, int K1, int K2, int M, const double* a1, const double* a2,
                    const double* wt, const double* bias, double* out) noexcept nogil
+    ctypedef struct fr_gen_layer_f:
+        int cell, D, H
+        const float* wt
+        const float* b1
+        const float* b2
+        float* h
+        float* c
+    ctypedef struct fr_gen_layer_d:
+        int cell, D, H
+        const double* wt
+        const double* b1
+        const double* b2
+        double* h
+        double* c
+    int fr_generate_f(int isa, int nthreads, int L, fr_gen_layer_f* layers, int V, int E,
+                      const float* table, const float* head_t, const float* head_b,
+                      const float* logits0, double temperature, const double* u, long length,
+                      long* ids) noexcept nogil
+    int fr_generate_d(int isa, int nthreads, int L, fr_gen_layer_d* layers, int V, int E,
+                      const double* table, const double* head_t, const double* head_b,
+                      const double* logits0, double temperature, const double* u, long length,
+                      long* ids) noexcept nogil
 
 cdef enum:
     # Batches up to this size use the kernel above; larger ones BLAS (whose per-call packing
@@ -326,3 +260,117 @@ cdef class PreparedCell:
 
 
 LSTM, GRU, RNN_TANH, RNN_RELU = FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
+
+
+def generate(list layers, table, head_w, head_b, logits0, double temperature, u, int nthreads):
+    """Sample ``len(u)`` tokens from an embedding -> recurrent stack -> linear model.
+
+    ``layers``: (PreparedCell without projection, h (H,), c (H,) or None) from the first layer
+    up, states updated in place to those after the last token; ``table`` (vocabulary, E) the
+    embedding; ``head_w`` (V, H_last), ``head_b`` (V,) the output layer; ``logits0`` (V,) the
+    logits of the first draw; ``u`` float64 uniforms in [0, 1), one per token. Each token is
+    ``searchsorted(cumsum(p), u * p.sum())`` (at most V - 1) of ``p = softmax(logits /
+    temperature)`` in float64, as the NumPy sampler draws it. -> int64 token ids."""
+    cdef Py_ssize_t L = len(layers), s, n
+    if L == 0:
+        raise ValueError("layers: expected at least one layer")
+    first = layers[0][0]
+    dt = (<PreparedCell> first).dtype
+    cdef bint dbl = dt == np.float64
+    cdef Py_ssize_t E = (<PreparedCell> first).input_size
+    table = _exact("table", table, dt, 2)
+    if table.shape[1] != E:
+        raise ValueError(f"table: expected {E} columns (the first layer's input size), "
+                         f"got {table.shape[1]}")
+    head_w = _exact("head_w", head_w, dt, 2)
+    cdef Py_ssize_t V = head_w.shape[0]
+    if V > table.shape[0]:
+        raise ValueError(f"head_w: {V} outputs, but table embeds only {table.shape[0]} tokens")
+    head_b = _exact("head_b", head_b, dt, 1)
+    logits0 = _exact("logits0", logits0, dt, 1)
+    if head_b.shape[0] != V or logits0.shape[0] != V:
+        raise ValueError(f"head_b, logits0: expected {V} elements (head_w's rows)")
+    u = _exact("u", u, np.float64, 1)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    cdef Py_ssize_t D = E
+    cdef PreparedCell cell
+    keep = []
+    for item in layers:
+        cell, h, c = item
+        if cell.dtype != dt or cell.w_hr is not None:
+            raise ValueError("layers: expected prepared layers of one dtype, without projection")
+        if cell.input_size != D:
+            raise ValueError(f"layers: a layer takes {cell.input_size} inputs, its input has {D}")
+        if not (<object> h).flags.writeable:
+            raise ValueError("layers: the states must be writeable")
+        keep.append(_exact("h", h, dt, 1))
+        if (<object> h).shape[0] != cell.hidden_size:
+            raise ValueError(f"h: expected {cell.hidden_size} elements")
+        if (cell.cell == FR_LSTM) != (c is not None):
+            raise ValueError("c: exactly the LSTM layers carry a cell state")
+        if c is not None:
+            keep.append(_exact("c", c, dt, 1))
+            if (<object> c).shape[0] != cell.hidden_size or not (<object> c).flags.writeable:
+                raise ValueError(f"c: expected {cell.hidden_size} writeable elements")
+        D = cell.hidden_size
+    if head_w.shape[1] != D:
+        raise ValueError(f"head_w: expected {D} columns (the last layer's size), got "
+                         f"{head_w.shape[1]}")
+    head_t = np.ascontiguousarray(head_w.T)
+    n = u.shape[0]
+    ids = np.empty(n, np.int64)
+    if n == 0:
+        return ids
+    cdef fr_gen_layer_f* lf = NULL
+    cdef fr_gen_layer_d* ld = NULL
+    cdef cnp.ndarray ua = u, ia = ids, ta = table, hta = head_t, hba = head_b, la = logits0
+    cdef int rc = 0, isa = (<PreparedCell> first).isa
+    lf = <fr_gen_layer_f*> malloc(L * sizeof(fr_gen_layer_f))
+    ld = <fr_gen_layer_d*> malloc(L * sizeof(fr_gen_layer_d))
+    if lf == NULL or ld == NULL:
+        free(lf); free(ld)
+        raise MemoryError()
+    for s in range(L):
+        cell, h, c = layers[s]
+        wt = cnp.PyArray_DATA(<cnp.ndarray> cell.wt)
+        b1 = cnp.PyArray_DATA(<cnp.ndarray> cell.b)
+        b2 = NULL if cell.b_hh is None else cnp.PyArray_DATA(<cnp.ndarray> cell.b_hh)
+        hp = cnp.PyArray_DATA(<cnp.ndarray> h)
+        cp = NULL if c is None else cnp.PyArray_DATA(<cnp.ndarray> c)
+        lf[s].cell = ld[s].cell = cell.cell
+        lf[s].D = ld[s].D = cell.input_size
+        lf[s].H = ld[s].H = cell.hidden_size
+        lf[s].wt, lf[s].b1, lf[s].b2 = <float*> wt, <float*> b1, <float*> b2
+        lf[s].h, lf[s].c = <float*> hp, <float*> cp
+        ld[s].wt, ld[s].b1, ld[s].b2 = <double*> wt, <double*> b1, <double*> b2
+        ld[s].h, ld[s].c = <double*> hp, <double*> cp
+    with nogil:
+        if dbl:
+            rc = fr_generate_d(isa, nthreads, <int> L, ld, <int> V, <int> E,
+                               <double*> cnp.PyArray_DATA(ta), <double*> cnp.PyArray_DATA(hta),
+                               <double*> cnp.PyArray_DATA(hba), <double*> cnp.PyArray_DATA(la),
+                               temperature, <double*> cnp.PyArray_DATA(ua), n,
+                               <long*> cnp.PyArray_DATA(ia))
+        else:
+            rc = fr_generate_f(isa, nthreads, <int> L, lf, <int> V, <int> E,
+                               <float*> cnp.PyArray_DATA(ta), <float*> cnp.PyArray_DATA(hta),
+                               <float*> cnp.PyArray_DATA(hba), <float*> cnp.PyArray_DATA(la),
+                               temperature, <double*> cnp.PyArray_DATA(ua), n,
+                               <long*> cnp.PyArray_DATA(ia))
+    free(lf)
+    free(ld)
+    if rc != 0:
+        raise MemoryError()
+    return ids
+
+
+cdef object _exact(str name, object a, object dtype, int ndim):
+    """``a`` itself: a C-contiguous numpy.ndarray of ``dtype`` and ``ndim`` dimensions."""
+    if type(a) is not np.ndarray:
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {_describe(a)}")
+    if a.dtype != dtype or a.ndim != ndim:
+        raise TypeError(f"{name}: expected a {ndim}-d {np.dtype(dtype)} array, got {_describe(a)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return a

@@ -282,10 +282,19 @@ def sample(
             stream.state = state
             table = model.embed.weight.data
             w_out, b_out = model.head.weight.data, model.head.bias.data
+            # the whole loop in one kernel call where it applies (NumPy weights): the same
+            # draws, uniforms taken from rng in the same order
+            u = rng.random(length)  # the draws of `length` calls of rng.random()
+            ids = stream._sample(
+                np.ascontiguousarray(table), np.ascontiguousarray(w_out), b_out,
+                np.ascontiguousarray(last), temperature, u,
+            )
+            if ids is not None:
+                return prime + vocab.decode(ids.tolist())
             x = np.empty((1, table.shape[1]), table.dtype)
-            for _ in range(length):
+            for i in range(length):
                 p = softmax(last.astype(np.float64) / temperature)
-                nxt = int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum()), len(p) - 1))
+                nxt = int(min(np.searchsorted(np.cumsum(p), u[i] * p.sum()), len(p) - 1))
                 out.append(nxt)
                 x[0] = table[nxt]
                 last = w_out @ stream.step(x)[0] + b_out

@@ -90,6 +90,37 @@ class Stream:
             inp = h[layer]
         return inp
 
+    def _sample(
+        self, table: Any, head_w: Any, head_b: Any, logits: Any, temperature: float, u: Any
+    ) -> Any:
+        """Token ids drawn one per uniform in ``u`` from an embedding (``table``) -> this stream
+        -> linear (``head_w``, ``head_b``) model, the first from ``logits``; each draw is
+        ``searchsorted(cumsum(p), u * p.sum())`` (at most V - 1) of ``p = softmax(logits /
+        temperature)`` in float64, and its row of ``table`` is the next input. The whole loop
+        runs in the CPU kernel (fastrnn/_cpu/_inference.h) on fastrnn's threads; the state
+        follows the last token. None where that kernel does not apply (CuPy arrays, a batch of
+        more than one, projections): the caller steps the stream itself."""
+        from fastrnn.inference import _CPU
+
+        if (
+            self.batch_size != 1
+            or getattr(self.module, "proj_size", 0)
+            or _CPU is None
+            or not all(isinstance(run, _CPU) for run in self.layers)
+        ):
+            return None
+        from fastrnn import get_num_threads
+        from fastrnn._cpu._fork import fork_safe
+        from fastrnn._cpu.inference import generate
+
+        layers = [
+            (run, self._h[i, 0], None if self._c is None else self._c[i, 0])
+            for i, run in enumerate(self.layers)
+        ]
+        return fork_safe(generate)(
+            layers, table, head_w, head_b, logits, float(temperature), u, get_num_threads()
+        )
+
     @property
     def state(self) -> Any:
         return (self._h, self._c) if self.lstm else self._h
