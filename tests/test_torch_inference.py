@@ -102,3 +102,40 @@ def test_training_calls_do_not_use_prepared_layers():
     x = torch.randn(3, 2, 5)
     y, _ = m(x)
     assert y.requires_grad and m not in modules._PREPARED
+
+
+@pytest.mark.parametrize("ours,theirs,kw", CASES)
+def test_one_step_fast_path_cases(ours, theirs, kw):
+    """The one-step call (fastrnn/torch/modules.py:_one_step): batch_first, float32, no state,
+    swapped parameters, and mistakes that must still raise torch.nn's errors."""
+    torch.manual_seed(1)
+    m = ours(5, 7, num_layers=3, batch_first=True, **kw)
+    t = theirs(5, 7, num_layers=3, batch_first=True, **kw)
+    t.load_state_dict(m.state_dict())
+    x = torch.randn(4, 1, 5)
+    with torch.no_grad():
+        for p, q in zip(_flat(m(x)), _flat(t(x)), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        _, state = t(x)
+        for p, q in zip(_flat(m(x, state)), _flat(t(x, state)), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # the outputs are fresh tensors, not views of the state
+        y, s = m(x, state)
+        first = s[0] if isinstance(s, tuple) else s
+        y.zero_()
+        assert first.abs().sum() > 0
+        # functional_call's tensors, not the module's parameters
+        doubled = {k: v * 2 for k, v in m.state_dict().items()}
+        got = torch.func.functional_call(m, doubled, (x,))
+        want = torch.func.functional_call(t, doubled, (x,))
+        for p, q in zip(_flat(got), _flat(want), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # mistakes: torch.nn's exception types
+        bad = (
+            (state[0][:, :2], state[1]) if isinstance(state, tuple) else state[:, :2]
+        )
+        for args in ((x, bad), (x.double(), state), (torch.randn(4, 1, 6), state)):
+            with pytest.raises(Exception) as theirs_error:
+                t(*args)
+            with pytest.raises(theirs_error.type):
+                m(*args)

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.torch import _ops
+from fastrnn._threads import threads_in_this_thread
 from fastrnn.torch._arrays import array
 
 Tensor = torch.Tensor
@@ -155,6 +156,10 @@ class _Recurrent:
         """Same as torch.nn's ``forward(input, hx)``; padded input may also carry ``lengths``
         (integers of shape (N,), each in 1..T): outputs past a sequence's end are zero and the
         final states are those after its last step, as with a PackedSequence."""
+        if lengths is None and not torch.is_grad_enabled():
+            stepped = _one_step(self, input, hx)
+            if stepped is not None:
+                return stepped
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -288,14 +293,22 @@ def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Tensor]) -> 
 
 
 def _prepared(module: _Recurrent, k: int) -> Any:
-    from fastrnn.inference import gru_inference, lstm_inference, rnn_inference
-
-    weights = module._weights(k)
+    # the parameters as module._weights(k) finds them, without nn.Module.__getattr__ where the
+    # name is a plain parameter (functional_call swaps tensors in _parameters too)
+    params = module._parameters
+    weights = [
+        None if n is None else params[n] if n in params else getattr(module, n)
+        for n in module._fr_weight_names[k]
+    ]
     key = tuple((id(w), w._version, w.data_ptr()) if w is not None else None for w in weights)
-    cache = _PREPARED.setdefault(module, {})
+    cache = _PREPARED.get(module)
+    if cache is None:
+        cache = _PREPARED[module] = {}
     hit = cache.get(k)
     if hit is not None and hit[0] == key:
         return hit[1]
+    from fastrnn.inference import gru_inference, lstm_inference, rnn_inference
+
     w_ih, w_hh, b_ih, b_hh = (None if w is None else w.detach().numpy() for w in weights[:4])
     if b_ih is None:
         b_ih = b_hh = np.zeros(w_hh.shape[0], w_hh.dtype)
@@ -323,6 +336,72 @@ def _infer(module: _Recurrent, k: int, x: Tensor, states: list[Tensor], lengths:
         return (finals[0].clone().unsqueeze(0), *finals)
     out = run(xa, *hs, lengths=None if lengths is None else lengths.numpy())
     return tuple(torch.from_numpy(o) for o in out)
+
+
+def _one_step(module: _Recurrent, input: Any, hx: Any) -> Any:
+    """The streaming call, cheaply: one time step of a unidirectional module on CPU tensors
+    under no_grad / inference_mode, batched contiguous input and a well-formed state (or none),
+    every layer one call of its prepared layer (whose step runs no OpenMP region). None for
+    anything else: the general path then runs, with torch.nn's checks and errors."""
+    w = module.weight_hh_l0
+    dtype = w.dtype
+    if (
+        type(input) is not Tensor
+        or input.dtype is not dtype
+        or input.dim() != 3
+        or module.bidirectional
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return None
+    batch_first = module.batch_first
+    T, N, D = input.shape
+    if batch_first:
+        T, N = N, T
+    L, H = module.num_layers, module.hidden_size
+    P = module.proj_size or H if module._n_states == 2 else H
+    lstm = module._n_states == 2
+    parts = (hx if lstm else (hx,)) if hx is not None else ()
+    if (
+        T != 1
+        or D != module.input_size
+        or (hx is not None and lstm and (type(hx) is not tuple or len(hx) != 2))
+        or not _ops._untraced((input, w, *parts))
+        or not input.is_contiguous()
+        or input.device.type != "cpu"
+    ):
+        return None
+    np_dtype = _NP_DTYPES[dtype]
+    if hx is None:
+        hs = [np.zeros((L, N, P), np_dtype)]
+        if lstm:
+            hs.append(np.zeros((L, N, H), np_dtype))
+    else:
+        hs = []
+        for t, shape in zip(parts, ((L, N, P), (L, N, H)), strict=False):
+            if (t.dtype is not dtype or t.shape != shape or t.device.type != "cpu"
+                    or not t.is_contiguous()):
+                return None
+            hs.append(t.detach().numpy())
+    x = input.detach().numpy().reshape(N, D)
+    outs = [np.empty((L, N, P), np_dtype)]
+    if lstm:
+        outs.append(np.empty((L, N, H), np_dtype))
+    for layer in range(L):
+        run = _prepared(module, layer)
+        if lstm:
+            run.step(x, hs[0][layer], hs[1][layer], out=(outs[0][layer], outs[1][layer]))
+        else:
+            run.step(x, hs[0][layer], out=outs[0][layer])
+        x = outs[0][layer]
+    y = torch.from_numpy(x.reshape((N, 1, P) if batch_first else (1, N, P)).copy())
+    if lstm:
+        return y, (torch.from_numpy(outs[0]), torch.from_numpy(outs[1]))
+    return y, torch.from_numpy(outs[0])
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class LSTM(_Recurrent, nn.LSTM):
