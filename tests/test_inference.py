@@ -40,9 +40,13 @@ def _steps(op, run, x, h, c):
     return h, c
 
 
-# N = 9 runs the BLAS path, N <= 8 the small-batch kernel
+# N = 9 runs the BLAS path, N <= 8 the small-batch kernel: one row at a time below four, four
+# rows at a time from four; G H outputs in panels of 128 columns, blocks of 128 / 64 / 32 / 16
+# and a last few (e.g. LSTM H = 70: panels of 128, 128, 24 = 16 + 8)
 @pytest.mark.parametrize("T", [1, 2, 100])
-@pytest.mark.parametrize("N,D,H", [(1, 5, 7), (3, 17, 4), (9, 6, 33)])
+@pytest.mark.parametrize(
+    "N,D,H", [(1, 5, 7), (3, 17, 4), (9, 6, 33), (4, 3, 40), (8, 2, 70), (5, 9, 130)]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_steps_and_sequence_match_the_reference(op, dtype, N, D, H, T):

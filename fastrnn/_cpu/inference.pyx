@@ -38,26 +38,30 @@ cdef extern from "_inference.h":
                    const float* wt, const float* bias, float* out) noexcept nogil
     void fr_rows_d(int N, int K1, int K2, int M, const double* a1, const double* a2,
                    const double* wt, const double* bias, double* out) noexcept nogil
+    void fr_pack_f(const float* src, long ld, int K, int M, float* dst) noexcept nogil
+    void fr_pack_d(const double* src, long ld, int K, int M, double* dst) noexcept nogil
     ctypedef struct fr_gen_layer_f:
         int cell, D, H
-        const float* wt
+        const float* w_ih
+        const float* w_hh
         const float* b1
         const float* b2
         float* h
         float* c
     ctypedef struct fr_gen_layer_d:
         int cell, D, H
-        const double* wt
+        const double* w_ih
+        const double* w_hh
         const double* b1
         const double* b2
         double* h
         double* c
     int fr_generate_f(int isa, int nthreads, int L, fr_gen_layer_f* layers, int V, int E,
-                      const float* table, const float* head_t, const float* head_b,
+                      const float* table, const float* head_w, const float* head_b,
                       const float* logits0, double temperature, const double* u, long length,
                       long* ids) noexcept nogil
     int fr_generate_d(int isa, int nthreads, int L, fr_gen_layer_d* layers, int V, int E,
-                      const double* table, const double* head_t, const double* head_b,
+                      const double* table, const double* head_w, const double* head_b,
                       const double* logits0, double temperature, const double* u, long length,
                       long* ids) noexcept nogil
 
@@ -89,7 +93,7 @@ cdef void _step(
     floating* scratch,
 ) noexcept nogil:
     """One step of ``cell``. P is h's size (H, or the LSTM projection's size); wt is
-    [W_ih^T; W_hh^T], (D + P, G H). scratch holds 2 N G H (+ N H with a projection) elements.
+    [W_ih^T; W_hh^T], (D + P, G H), packed in panels (the GRU's two parts apart). scratch holds 2 N G H (+ N H with a projection) elements.
 
     The LSTM and the RNN take one pre-activation, ``x W_ih^T + h W_hh^T`` (gx); the GRU two,
     ``x W_ih^T`` (gx) and ``h W_hh^T`` (gh), since r scales only the second's n part. Small
@@ -122,6 +126,27 @@ cdef void _step(
         gemm(False, True, N, P, H, <floating> 1, m, H, w_hr, H, <floating> 0, h_out, P)
 
 
+def _huge_empty(shape, dtype):
+    """An empty array for weights that every step streams through: from 256 KiB up, in memory
+    the kernel is asked to back with transparent huge pages (madvise; where THP is off or not
+    granted, ordinary pages), which keeps the whole matrix physically contiguous."""
+    import mmap
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    huge = 1 << 21
+    if nbytes < (1 << 18) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype)
+    size = (nbytes + huge - 1) // huge * huge
+    buf = mmap.mmap(-1, size + huge)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    base = np.frombuffer(buf, np.uint8)
+    start = (-base.ctypes.data) % huge   # 2 MiB-aligned start: whole huge pages
+    return base[start:start + nbytes].view(dtype).reshape(shape)
+
+
 cdef inline str _describe(object a):
     if isinstance(a, np.ndarray):
         return f"a {a.dtype} array of shape {a.shape}"
@@ -137,7 +162,7 @@ cdef class PreparedCell:
     cdef int cell, isa
     cdef bint is_double
     cdef object w_ih, w_hh, b, b_hh, w_hr          # the private copies
-    cdef object wt                                 # [W_ih^T; W_hh^T], (D + P, G H)
+    cdef object wt                                 # [W_ih^T; W_hh^T] in panels
 
     def __init__(self, int cell, w_ih, w_hh, b, b_hh, w_hr):
         from fastrnn._cpu.recurrent import simd_level
@@ -155,7 +180,7 @@ cdef class PreparedCell:
         self.hidden_size = self.w_hh.shape[0] // (4 if cell == FR_LSTM else
                                                   (3 if cell == FR_GRU else 1))
         self.state_size = self.w_hh.shape[1]
-        self.wt = np.empty((self.input_size + self.state_size, self.w_hh.shape[0]), self.dtype)
+        self.wt = _huge_empty((self.input_size + self.state_size, self.w_hh.shape[0]), self.dtype)
         self._transpose_weights()
 
     def _copy_from(self, w_ih, w_hh, b, b_hh, w_hr):
@@ -170,8 +195,26 @@ cdef class PreparedCell:
         self._transpose_weights()
 
     def _transpose_weights(self):
-        self.wt[: self.input_size] = self.w_ih.T
-        self.wt[self.input_size :] = self.w_hh.T
+        # [W_ih^T; W_hh^T] packed in panels of columns (_inference.h); the GRU's two parts as
+        # two matrices, since its cell takes x W_ih^T and h W_hh^T apart
+        cdef Py_ssize_t D = self.input_size, P = self.state_size, M = self.w_hh.shape[0]
+        natural = np.empty((D + P, M), self.dtype)
+        natural[:D] = self.w_ih.T
+        natural[D:] = self.w_hh.T
+        cdef cnp.ndarray src = natural, dst = self.wt
+        cdef char* sp = <char*> cnp.PyArray_DATA(src)
+        cdef char* dp = <char*> cnp.PyArray_DATA(dst)
+        cdef Py_ssize_t item = 8 if self.is_double else 4
+        cdef Py_ssize_t k0, K, part
+        for part in range(2 if self.cell == FR_GRU else 1):
+            k0 = D if part else 0
+            K = (P if part else D) if self.cell == FR_GRU else D + P
+            if self.is_double:
+                fr_pack_d(<double*> (sp + k0 * M * item), M, <int> K, <int> M,
+                          <double*> (dp + k0 * M * item))
+            else:
+                fr_pack_f(<float*> (sp + k0 * M * item), M, <int> K, <int> M,
+                          <float*> (dp + k0 * M * item))
 
     def _weights(self):
         return self.w_ih, self.w_hh, self.b, self.b_hh, self.w_hr
@@ -317,14 +360,13 @@ def generate(list layers, table, head_w, head_b, logits0, double temperature, u,
     if head_w.shape[1] != D:
         raise ValueError(f"head_w: expected {D} columns (the last layer's size), got "
                          f"{head_w.shape[1]}")
-    head_t = np.ascontiguousarray(head_w.T)
     n = u.shape[0]
     ids = np.empty(n, np.int64)
     if n == 0:
         return ids
     cdef fr_gen_layer_f* lf = NULL
     cdef fr_gen_layer_d* ld = NULL
-    cdef cnp.ndarray ua = u, ia = ids, ta = table, hta = head_t, hba = head_b, la = logits0
+    cdef cnp.ndarray ua = u, ia = ids, ta = table, hwa = head_w, hba = head_b, la = logits0
     cdef int rc = 0, isa = (<PreparedCell> first).isa
     lf = <fr_gen_layer_f*> malloc(L * sizeof(fr_gen_layer_f))
     ld = <fr_gen_layer_d*> malloc(L * sizeof(fr_gen_layer_d))
@@ -333,7 +375,8 @@ def generate(list layers, table, head_w, head_b, logits0, double temperature, u,
         raise MemoryError()
     for s in range(L):
         cell, h, c = layers[s]
-        wt = cnp.PyArray_DATA(<cnp.ndarray> cell.wt)
+        wi = cnp.PyArray_DATA(<cnp.ndarray> cell.w_ih)
+        wh = cnp.PyArray_DATA(<cnp.ndarray> cell.w_hh)
         b1 = cnp.PyArray_DATA(<cnp.ndarray> cell.b)
         b2 = NULL if cell.b_hh is None else cnp.PyArray_DATA(<cnp.ndarray> cell.b_hh)
         hp = cnp.PyArray_DATA(<cnp.ndarray> h)
@@ -341,20 +384,22 @@ def generate(list layers, table, head_w, head_b, logits0, double temperature, u,
         lf[s].cell = ld[s].cell = cell.cell
         lf[s].D = ld[s].D = cell.input_size
         lf[s].H = ld[s].H = cell.hidden_size
-        lf[s].wt, lf[s].b1, lf[s].b2 = <float*> wt, <float*> b1, <float*> b2
+        lf[s].w_ih, lf[s].w_hh = <float*> wi, <float*> wh
+        lf[s].b1, lf[s].b2 = <float*> b1, <float*> b2
         lf[s].h, lf[s].c = <float*> hp, <float*> cp
-        ld[s].wt, ld[s].b1, ld[s].b2 = <double*> wt, <double*> b1, <double*> b2
+        ld[s].w_ih, ld[s].w_hh = <double*> wi, <double*> wh
+        ld[s].b1, ld[s].b2 = <double*> b1, <double*> b2
         ld[s].h, ld[s].c = <double*> hp, <double*> cp
     with nogil:
         if dbl:
             rc = fr_generate_d(isa, nthreads, <int> L, ld, <int> V, <int> E,
-                               <double*> cnp.PyArray_DATA(ta), <double*> cnp.PyArray_DATA(hta),
+                               <double*> cnp.PyArray_DATA(ta), <double*> cnp.PyArray_DATA(hwa),
                                <double*> cnp.PyArray_DATA(hba), <double*> cnp.PyArray_DATA(la),
                                temperature, <double*> cnp.PyArray_DATA(ua), n,
                                <long*> cnp.PyArray_DATA(ia))
         else:
             rc = fr_generate_f(isa, nthreads, <int> L, lf, <int> V, <int> E,
-                               <float*> cnp.PyArray_DATA(ta), <float*> cnp.PyArray_DATA(hta),
+                               <float*> cnp.PyArray_DATA(ta), <float*> cnp.PyArray_DATA(hwa),
                                <float*> cnp.PyArray_DATA(hba), <float*> cnp.PyArray_DATA(la),
                                temperature, <double*> cnp.PyArray_DATA(ua), n,
                                <long*> cnp.PyArray_DATA(ia))
