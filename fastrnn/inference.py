@@ -133,10 +133,17 @@ class _Methods:
         return self._run_sequence(x, h0, c0, lengths)
 
     def _run_sequence(self, x, h0, c0, lengths):
+        if self.kind == "lstm" and c0 is None:
+            raise TypeError("c0: the LSTM needs the initial cell state c0")
+        if self.kind != "lstm" and c0 is not None:
+            raise TypeError("c0: only the LSTM has a cell state")
+        small = getattr(self, "_sequence", None)  # the CPU's small-batch loop on the panels
+        if small is not None:
+            out = small(x, h0, c0, lengths)
+            if out is not None:
+                return out
         w_ih, w_hh, b, b_hh, w_hr = self._weights()
         if self.kind == "lstm":
-            if c0 is None:
-                raise TypeError("c0: the LSTM needs the initial cell state c0")
             extra = {} if w_hr is None else {"w_hr": w_hr}
             y, hT, cT, _ = ops.lstm_forward(
                 x, h0, c0, w_ih, w_hh, b, lengths=lengths, training=False, **extra

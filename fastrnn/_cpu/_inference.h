@@ -71,13 +71,15 @@ typedef double fr_vec_double __attribute__((vector_size(64)));
 #define FR_VL(T) ((int) (64 / sizeof(T)))
 #define FR_VLOAD(VT, p) ({ VT v_; memcpy(&v_, (p), 64); v_; })
 
-/* One row, columns [jj, wd) of one panel (base, K1 + K2 rows of wd): o[jj, wd). */
+/* One row, columns [jj, wd) of one panel (base, K1 + K2 rows of wd): o[jj, wd) = (acc ? o :
+   bias or 0) + the products. */
 #define FR_COLS_BLOCK(T, W)                                                                  \
     if (wd - jj >= (W)) {                                                                    \
         enum { NV = (W) / FR_VL(T) };                                                        \
         fr_vec_##T c[NV];                                                                    \
         for (int v = 0; v < NV; v++)                                                         \
-            c[v] = bias ? FR_VLOAD(fr_vec_##T, bias + jj + v * FR_VL(T))                     \
+            c[v] = acc ? FR_VLOAD(fr_vec_##T, o + jj + v * FR_VL(T))                         \
+                 : bias ? FR_VLOAD(fr_vec_##T, bias + jj + v * FR_VL(T))                     \
                         : (fr_vec_##T) {0};                                                  \
         for (int k = 0; k < K1 + K2; k++) {                                                  \
             const T *w = base + (long) k * wd + jj;                                          \
@@ -91,7 +93,7 @@ typedef double fr_vec_double __attribute__((vector_size(64)));
     }
 #define FR_DEFINE_PANEL_COLS(T)                                                              \
 FR_INLINE void fr_panel_cols_##T(int K1, int K2, int wd, int jj, const T* a1r, const T* a2r, \
-                                 const T* base, const T* bias, T* o) {                       \
+                                 const T* base, const T* bias, int acc, T* o) {              \
     while (jj < wd) {                                                                        \
         FR_COLS_BLOCK(T, 128)                                                                \
         FR_COLS_BLOCK(T, 64)                                                                 \
@@ -99,7 +101,7 @@ FR_INLINE void fr_panel_cols_##T(int K1, int K2, int wd, int jj, const T* a1r, c
         FR_COLS_BLOCK(T, 16)                                                                 \
         int cb = wd - jj;                                                                    \
         T c[16];                                                                             \
-        for (int j = 0; j < cb; j++) c[j] = bias ? bias[jj + j] : (T) 0;                     \
+        for (int j = 0; j < cb; j++) c[j] = acc ? o[jj + j] : bias ? bias[jj + j] : (T) 0;   \
         for (int k = 0; k < K1 + K2; k++) {                                                  \
             const T *restrict w = base + (long) k * wd + jj;                                 \
             T sr = k < K1 ? a1r[k] : a2r[k - K1];                                            \
@@ -111,12 +113,12 @@ FR_INLINE void fr_panel_cols_##T(int K1, int K2, int wd, int jj, const T* a1r, c
 }                                                                                            \
 /* One row of the batch, all M columns. */                                                   \
 FR_INLINE void fr_row_##T(int K1, int K2, int M, const T* a1r, const T* a2r, const T* wp,    \
-                          const T* bias, T* o) {                                             \
+                          const T* bias, int acc, T* o) {                                    \
     long K = K1 + K2;                                                                        \
     for (int p0 = 0; p0 < M; p0 += FR_PW) {                                                  \
         int wd = M - p0 < FR_PW ? M - p0 : FR_PW;                                            \
         fr_panel_cols_##T(K1, K2, wd, 0, a1r, a2r, wp + p0 * K, bias ? bias + p0 : NULL,     \
-                          o + p0);                                                           \
+                          acc, o + p0);                                                      \
     }                                                                                        \
 }
 FR_DEFINE_PANEL_COLS(float)
@@ -125,15 +127,16 @@ FR_DEFINE_PANEL_COLS(double)
 #define FR_DEFINE_ROWS(NAME, ROWNAME, T)                                                     \
 FR_CLONES static void ROWNAME(int K1, int K2, int M, const T* a1r, const T* a2r,             \
                               const T* wp, const T* bias, T* o) {                            \
-    fr_row_##T(K1, K2, M, a1r, a2r, wp, bias, o);                                            \
+    fr_row_##T(K1, K2, M, a1r, a2r, wp, bias, 0, o);                                         \
 }                                                                                            \
-FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a2,           \
-                           const T* wp, const T* bias, T* out) {                             \
+/* out (N, M) = (acc ? out : bias or 0) + a1 wt[:K1] + a2 wt[K1:] */                        \
+FR_CLONES static void NAME##_acc(int N, int K1, int K2, int M, const T* a1, const T* a2,     \
+                                 const T* wp, const T* bias, int acc, T* out) {              \
     long K = K1 + K2;                                                                        \
     for (int n0 = 0; n0 < N; n0 += 4) {                                                      \
         if (N - n0 < 4) {                                                                    \
             for (int n = n0; n < N; n++)                                                     \
-                fr_row_##T(K1, K2, M, a1 + (long) n * K1, a2 + (long) n * K2, wp, bias,      \
+                fr_row_##T(K1, K2, M, a1 + (long) n * K1, a2 + (long) n * K2, wp, bias, acc, \
                            out + (long) n * M);                                              \
             break;                                                                           \
         }                                                                                    \
@@ -145,9 +148,12 @@ FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a
             for (; jj + FR_JB <= wd; jj += FR_JB) {                                          \
                 enum { NV = FR_JB / FR_VL(T) };                                              \
                 fr_vec_##T c[4][NV];                                                         \
-                for (int v = 0; v < NV; v++)                                                 \
-                    c[0][v] = c[1][v] = c[2][v] = c[3][v] =                                  \
-                        bp ? FR_VLOAD(fr_vec_##T, bp + jj + v * FR_VL(T)) : (fr_vec_##T) {0}; \
+                for (int r = 0; r < 4; r++)                                                  \
+                    for (int v = 0; v < NV; v++)                                             \
+                        c[r][v] = acc ? FR_VLOAD(fr_vec_##T, out + (long) (n0 + r) * M + p0  \
+                                                                + jj + v * FR_VL(T))         \
+                                : bp ? FR_VLOAD(fr_vec_##T, bp + jj + v * FR_VL(T))          \
+                                     : (fr_vec_##T) {0};                                     \
                 for (int part = 0; part < 2; part++) {                                       \
                     int Kp = part ? K2 : K1;                                                 \
                     const T* a = part ? a2 : a1;                                             \
@@ -170,9 +176,14 @@ FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a
             if (jj < wd) /* the panel's last columns, row by row */                          \
                 for (int n = n0; n < n0 + 4; n++)                                            \
                     fr_panel_cols_##T(K1, K2, wd, jj, a1 + (long) n * K1,                    \
-                                      a2 + (long) n * K2, base, bp, out + (long) n * M + p0); \
+                                      a2 + (long) n * K2, base, bp, acc,                     \
+                                      out + (long) n * M + p0);                              \
         }                                                                                    \
     }                                                                                        \
+}                                                                                            \
+FR_CLONES static void NAME(int N, int K1, int K2, int M, const T* a1, const T* a2,           \
+                           const T* wp, const T* bias, T* out) {                             \
+    NAME##_acc(N, K1, K2, M, a1, a2, wp, bias, 0, out);                                      \
 }
 FR_DEFINE_ROWS(fr_rows_f, fr_cols_f, float)
 FR_DEFINE_ROWS(fr_rows_d, fr_cols_d, double)

@@ -148,19 +148,26 @@ static FR_TARGET void FR_NAME(gru_fwd)(
             const FR_T *restrict bi = b_ih + 3 * j0;
             const FR_T *restrict bh = b_hh + 3 * j0;
             FR_T *restrict sa = svr ? svr + 4 * j0 : NULL;
-            for (Py_ssize_t u = 0; u < sz; u++) {
-                Py_ssize_t j = j0 + u;
-                /* G3: gates */
-                FR_T r = FR_NAME(sigmoid)(xa[u] + bi[u] + ha[u] + bh[u]);
-                FR_T z = FR_NAME(sigmoid)(xa[sz + u] + bi[sz + u] + ha[sz + u] + bh[sz + u]);
-                FR_T hh = ha[2 * sz + u] + bh[2 * sz + u];
-                FR_T nn = FR_NAME(tanh)(xa[2 * sz + u] + bi[2 * sz + u] + r * hh);
-                /* G4: new state */
+            /* G3: gates; G4: new state. Written twice, with and without the saved values, so
+               each loop has no branch and vectorises. */
+#define FR_GRU_UNIT                                                                          \
+                Py_ssize_t j = j0 + u;                                                       \
+                FR_T r = FR_NAME(sigmoid)(xa[u] + bi[u] + ha[u] + bh[u]);                    \
+                FR_T z = FR_NAME(sigmoid)(xa[sz + u] + bi[sz + u] + ha[sz + u] + bh[sz + u]); \
+                FR_T hh = ha[2 * sz + u] + bh[2 * sz + u];                                   \
+                FR_T nn = FR_NAME(tanh)(xa[2 * sz + u] + bi[2 * sz + u] + r * hh);           \
                 hnr[j] = (1 - z) * nn + z * hpr[j];
-                if (sa) {
+            if (sa) {
+                for (Py_ssize_t u = 0; u < sz; u++) {
+                    FR_GRU_UNIT
                     sa[u] = r; sa[sz + u] = z; sa[2 * sz + u] = nn; sa[3 * sz + u] = hh;
                 }
+            } else {
+                for (Py_ssize_t u = 0; u < sz; u++) {
+                    FR_GRU_UNIT
+                }
             }
+#undef FR_GRU_UNIT
         }
     }
 }

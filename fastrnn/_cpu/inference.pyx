@@ -38,6 +38,10 @@ cdef extern from "_inference.h":
                    const float* wt, const float* bias, float* out) noexcept nogil
     void fr_rows_d(int N, int K1, int K2, int M, const double* a1, const double* a2,
                    const double* wt, const double* bias, double* out) noexcept nogil
+    void fr_rows_f_acc(int N, int K1, int K2, int M, const float* a1, const float* a2,
+                       const float* wt, const float* bias, int acc, float* out) noexcept nogil
+    void fr_rows_d_acc(int N, int K1, int K2, int M, const double* a1, const double* a2,
+                       const double* wt, const double* bias, int acc, double* out) noexcept nogil
     void fr_pack_f(const float* src, long ld, int K, int M, float* dst) noexcept nogil
     void fr_pack_d(const double* src, long ld, int K, int M, double* dst) noexcept nogil
     ctypedef struct fr_gen_layer_f:
@@ -77,6 +81,48 @@ cdef inline void rows(int N, int K1, int K2, int M, const floating* a1, const fl
         fr_rows_f(N, K1, K2, M, a1, a2, wt, bias, out)
     else:
         fr_rows_d(N, K1, K2, M, a1, a2, wt, bias, out)
+
+
+cdef inline void rows_acc(int N, int K, int M, const floating* a, const floating* wt,
+                          floating* out) noexcept nogil:
+    """out (N, M) += a (N, K) wt, wt a (K, M) panel-packed matrix."""
+    if floating is float:
+        fr_rows_f_acc(N, K, 0, M, a, NULL, wt, NULL, 1, out)
+    else:
+        fr_rows_d_acc(N, K, 0, M, a, NULL, wt, NULL, 1, out)
+
+
+cdef void _sequence_loop(
+    int isa, int cell, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H, const long* lengths,
+    floating* gx, floating* gh, const floating* wt_h, const floating* b, const floating* b_hh,
+    floating* y, floating* h, floating* c, floating* hn, floating* cn,
+) noexcept nogil:
+    """The time loop of a small-batch sequence: gx (T, N, G H) holds x W_ih^T; each step adds
+    (LSTM, RNN) or sets apart (GRU: gh) h W_hh^T, runs the cell into hn/cn, and moves the rows
+    still inside their sequence into y[t] and the state h, c (rows past their length keep their
+    state and a zero output, as PackedSequence gives)."""
+    cdef int G = 4 if cell == FR_LSTM else (3 if cell == FR_GRU else 1)
+    cdef Py_ssize_t GH = G * H, t, n, j
+    cdef floating* g
+    for t in range(T):
+        g = gx + t * N * GH
+        if cell == FR_GRU:
+            rows(<int> N, <int> H, 0, <int> GH, h, NULL, wt_h, NULL, gh)
+        else:
+            rows_acc(<int> N, <int> H, <int> GH, h, wt_h, g)
+        if floating is float:
+            fr_cell_fwd_f(isa, cell, N, g, gh, b, b_hh, h, c, hn, cn, NULL, H, H, 0, H)
+        else:
+            fr_cell_fwd_d(isa, cell, N, g, gh, b, b_hh, h, c, hn, cn, NULL, H, H, 0, H)
+        for n in range(N):
+            if lengths != NULL and t >= lengths[n]:
+                continue
+            for j in range(H):
+                h[n * H + j] = hn[n * H + j]
+                y[(t * N + n) * H + j] = hn[n * H + j]
+            if c != NULL:
+                for j in range(H):
+                    c[n * H + j] = cn[n * H + j]
 
 
 import numpy as np
@@ -126,6 +172,19 @@ cdef void _step(
         gemm(False, True, N, P, H, <floating> 1, m, H, w_hr, H, <floating> 0, h_out, P)
 
 
+def _panels(a):
+    """A (K, M) matrix packed in panels (_inference.h) on _huge_empty memory."""
+    src = np.ascontiguousarray(a)
+    cdef Py_ssize_t K = src.shape[0], M = src.shape[1]
+    out = _huge_empty((K, M), src.dtype)
+    cdef cnp.ndarray s = src, d = out
+    if src.dtype == np.float64:
+        fr_pack_d(<double*> cnp.PyArray_DATA(s), M, <int> K, <int> M, <double*> cnp.PyArray_DATA(d))
+    else:
+        fr_pack_f(<float*> cnp.PyArray_DATA(s), M, <int> K, <int> M, <float*> cnp.PyArray_DATA(d))
+    return out
+
+
 def _huge_empty(shape, dtype):
     """An empty array for weights that every step streams through: from 256 KiB up, in memory
     the kernel is asked to back with transparent huge pages (madvise; where THP is off or not
@@ -163,6 +222,7 @@ cdef class PreparedCell:
     cdef bint is_double
     cdef object w_ih, w_hh, b, b_hh, w_hr          # the private copies
     cdef object wt                                 # [W_ih^T; W_hh^T] in panels
+    cdef object wt_h                               # W_hh^T in panels, made on demand
 
     def __init__(self, int cell, w_ih, w_hh, b, b_hh, w_hr):
         from fastrnn._cpu.recurrent import simd_level
@@ -195,6 +255,7 @@ cdef class PreparedCell:
         self._transpose_weights()
 
     def _transpose_weights(self):
+        self.wt_h = None  # W_hh^T's own panels, made again on demand
         # [W_ih^T; W_hh^T] packed in panels of columns (_inference.h); the GRU's two parts as
         # two matrices, since its cell takes x W_ih^T and h W_hh^T apart
         cdef Py_ssize_t D = self.input_size, P = self.state_size, M = self.w_hh.shape[0]
@@ -297,6 +358,73 @@ cdef class PreparedCell:
                              <float*> cnp.PyArray_DATA(ho), <float*> cop, <float*> scratch)
         free(scratch)
         return (ho, co) if lstm else ho
+
+    def _sequence(self, x, h0, c0, lengths):
+        """``(y, hT[, cT])`` of a whole sequence through the prepared panels, at small batches
+        (N <= SMALL_BATCH, no projection): x W_ih^T for all steps in one GEMM, then each step
+        one pass over W_hh^T and the cell. None where it does not apply (another batch size,
+        dtype or layout, a projection, lengths that are not an int64 array of N values in
+        1..T): the caller runs the general forward, which also reports bad input."""
+        if self.w_hr is not None or type(x) is not np.ndarray or type(h0) is not np.ndarray:
+            return None
+        cdef bint lstm = self.cell == FR_LSTM
+        if lstm and type(c0) is not np.ndarray:
+            return None
+        cdef Py_ssize_t H = self.hidden_size, D = self.input_size
+        if (x.ndim != 3 or x.dtype != self.dtype or not x.flags.c_contiguous
+                or x.shape[2] != D or x.shape[0] == 0 or not 0 < x.shape[1] <= SMALL_BATCH):
+            return None
+        cdef Py_ssize_t T = x.shape[0], N = x.shape[1]
+        for a, width in ((h0, H), (c0, H)) if lstm else ((h0, H),):
+            if a.dtype != self.dtype or a.shape != (N, width) or not a.flags.c_contiguous:
+                return None
+        cdef cnp.ndarray lens = None
+        if lengths is not None:
+            if (type(lengths) is not np.ndarray or lengths.dtype != np.int64
+                    or lengths.shape != (N,) or not lengths.flags.c_contiguous
+                    or lengths.min() < 1 or lengths.max() > T):
+                return None
+            lens = lengths
+        cdef int G = 4 if lstm else (3 if self.cell == FR_GRU else 1)
+        cdef Py_ssize_t GH = G * H
+        if self.wt_h is None:
+            self.wt_h = self.wt[D:] if self.cell == FR_GRU else _panels(self.w_hh.T)
+        gx = np.empty((T, N, GH), self.dtype)
+        gh = np.empty((N, GH), self.dtype) if self.cell == FR_GRU else gx[0]
+        y = np.zeros((T, N, H), self.dtype) if lens is not None else np.empty((T, N, H), self.dtype)
+        h = np.array(h0, copy=True)
+        c = np.array(c0, copy=True) if lstm else None
+        hn, cn = np.empty((N, H), self.dtype), np.empty((N, H), self.dtype)
+        cdef cnp.ndarray xa = x, gxa = gx, gha = gh, wi = self.w_ih, wh = self.wt_h, bb = self.b
+        cdef cnp.ndarray ya = y, ha = h, hna = hn, cna = cn
+        cdef void* bh = NULL if self.b_hh is None else cnp.PyArray_DATA(<cnp.ndarray> self.b_hh)
+        cdef void* cp = NULL if c is None else cnp.PyArray_DATA(<cnp.ndarray> c)
+        cdef const long* lp = NULL if lens is None else <const long*> cnp.PyArray_DATA(lens)
+        cdef int cell = self.cell, isa = self.isa
+        with nogil:
+            if self.is_double:
+                gemm(False, True, T * N, GH, D, <double> 1, <double*> cnp.PyArray_DATA(xa), D,
+                     <double*> cnp.PyArray_DATA(wi), D, <double> 0,
+                     <double*> cnp.PyArray_DATA(gxa), GH)
+                _sequence_loop[double](
+                    isa, cell, T, N, H, lp, <double*> cnp.PyArray_DATA(gxa),
+                    <double*> cnp.PyArray_DATA(gha), <double*> cnp.PyArray_DATA(wh),
+                    <double*> cnp.PyArray_DATA(bb), <double*> bh,
+                    <double*> cnp.PyArray_DATA(ya), <double*> cnp.PyArray_DATA(ha),
+                    <double*> cp, <double*> cnp.PyArray_DATA(hna),
+                    <double*> cnp.PyArray_DATA(cna))
+            else:
+                gemm(False, True, T * N, GH, D, <float> 1, <float*> cnp.PyArray_DATA(xa), D,
+                     <float*> cnp.PyArray_DATA(wi), D, <float> 0,
+                     <float*> cnp.PyArray_DATA(gxa), GH)
+                _sequence_loop[float](
+                    isa, cell, T, N, H, lp, <float*> cnp.PyArray_DATA(gxa),
+                    <float*> cnp.PyArray_DATA(gha), <float*> cnp.PyArray_DATA(wh),
+                    <float*> cnp.PyArray_DATA(bb), <float*> bh,
+                    <float*> cnp.PyArray_DATA(ya), <float*> cnp.PyArray_DATA(ha),
+                    <float*> cp, <float*> cnp.PyArray_DATA(hna),
+                    <float*> cnp.PyArray_DATA(cna))
+        return (y, h, c) if lstm else (y, h)
 
     def __reduce__(self):
         raise TypeError("prepared layers are not pickled; pickle the weights and prepare again")
