@@ -344,6 +344,8 @@ def _one_step(module: _Recurrent, input: Any, hx: Any) -> Any:
     every layer one call of its prepared layer (whose step runs no OpenMP region). None for
     anything else: the general path then runs, with torch.nn's checks and errors. (Every check
     here is one of the cheapest spellings: this call is a few microseconds in all.)"""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: Dynamo stops here
+        return None
     w = module._parameters.get("weight_hh_l0")
     if w is None:
         w = module.weight_hh_l0
@@ -359,8 +361,6 @@ def _one_step(module: _Recurrent, input: Any, hx: Any) -> Any:
         or torch._C._len_torch_dispatch_stack()  # what _ops._untraced checks, for plain tensors
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch._C._is_torch_function_mode_enabled()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
         or type(w) not in _ops._PLAIN
         or not w.is_cpu
     ):
