@@ -646,3 +646,32 @@ def test_empty_batch_with_dimensions_past_64_bits_refused(backend):
     w = np.zeros((1, 1, 1, 1), np.float32)
     with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: .*64 bits"):
         fr.conv2d_forward(x, w, padding=2**31, stride=2**40)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("algorithm", ["direct", "im2col", "auto"])
+def test_cpu_non_finite_input_reaches_only_what_the_convolution_reads(algorithm, value):
+    """A NaN or infinity at any position of x or w: y, dx and dw are non-finite exactly where
+    the reference's are (stride 3 and dilation 2 leave input positions no output reads, whose
+    value must not reach dw through a zero output gradient, nor a weight's reach dx there)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, 6, 8))
+    w = rng.standard_normal((2, 1, 4, 1))
+    kw = dict(stride=3, padding=1, dilation=2)
+    for which, i, j in [("x", i, j) for i in range(6) for j in range(8)] + [
+        ("w", f, t) for f in range(2) for t in range(4)
+    ]:
+        xx, ww = x.copy(), w.copy()
+        if which == "x":
+            xx[0, 0, i, j] = value
+        else:
+            ww[i, 0, j, 0] = value
+        y, ctx = fr.conv2d_forward(xx, ww, None, algorithm=algorithm, **kw)
+        dy = np.ones_like(y)
+        got = (y, *fr.conv2d_backward(ctx, dy)[:2])
+        yr, cr = ref.conv2d_forward(xx, ww, None, **kw)
+        want = (yr, *ref.conv2d_backward(cr, dy)[:2])
+        for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
+            msg = f"{name}, non-finite {which}[{i}, {j}]"
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=msg)
+            np.testing.assert_array_equal(np.isinf(g), np.isinf(r), err_msg=msg)

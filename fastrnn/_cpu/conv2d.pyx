@@ -565,6 +565,16 @@ def _direct_backward(ctx, dy):
     # CB2 across chunks, in chunk order, and back to w's layout
     dw = np.empty_like(w)
     _reduce_parts(parts, dw.reshape(g.G, g.Fg, g.Kg), g.Kg_r, g.Fg_r if g.wgt else 0, nt)
+    # The gradient kernels multiply by the output gradient spread over the input grid, zero
+    # where no output is: 0 * NaN would put a NaN (or an infinity) that no output ever saw
+    # into dw (from x) or dx (from w). With such values those gradients come from im2col,
+    # which multiplies exactly the (output, tap) pairs the convolution has.
+    bad_x = g.N > 0 and not np.isfinite(np.add.reduce(x, axis=None)) and not np.isfinite(x).all()
+    bad_w = g.N > 0 and not np.isfinite(w).all()
+    if bad_x or bad_w:
+        dx_i, dw_i, _ = _im2col()._im2col_backward(ctx, dy)
+        dx = dx_i if bad_w else dx
+        dw = dw_i if bad_x else dw
     return dx, dw, (db if s["has_bias"] else None)
 
 
