@@ -38,6 +38,10 @@ UPSTREAM = [
     ("TestNNDeviceTypeCPU", "test_LSTM_differentiable_backward_using_oneDNN_cpu_float32"),
     ("TestNNDeviceTypeCPU", "test_LSTM_differentiable_backward_using_oneDNN_cpu_bfloat16"),
     ("TestNNDeviceTypeCPU", "test_save_lstm_compatibility_cpu"),
+    ("TestNN", "test_RNN_nonlinearity"),
+    ("TestNN", "test_RNN_nonlinearity_passed_as_arg"),
+    ("TestNN", "test_rnn_weight_norm"),
+    ("TestNNDeviceTypeCPU", "test_variable_sequence_cpu_float32"),
 ]
 
 PATH = os.environ.get("FASTRNN_PYTORCH_TEST_NN", "")
