@@ -56,10 +56,14 @@ def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypat
     threads = fr.get_num_threads()
     fr.set_num_threads(2)
     try:
-        # 37 rows: the 8-row, 4-row and single-row tiles of the AVX-512 kernels; H=45: two
-        # full 16-unit blocks and a partial one, a partial 32-column panel
+        # 37 rows: 8-row tiles of the AVX-512 kernels and tiles of the last 5, 6, 4 rows;
+        # H=45: two full 16-unit blocks and a partial one, a partial 32-column panel
         for lengths in (None, np.array([6] * 20 + [3] * 10 + [1] * 7)):
             _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
+        # 15 rows ending one per step from the fifth on: 15, 14, ..., 10 active rows, the
+        # tiles of the last 7, 6, 5, 4, 3, 2 rows; and 9 rows (8 + 1)
+        _compare(op, dtype, 6, 15, 5, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=1)
+        _compare(op, dtype, 4, 9, 5, 45, None, seed=2)
     finally:
         fr.set_num_threads(threads)
 

@@ -80,6 +80,32 @@ cdef extern from *:
             *q_ = beta == 0.0f ? (acc) : (acc) + beta * *q_;              \
         } while (0)
 
+    /* R rows x 32 columns of C = A @ B + beta C over all of K, B read in place (ldb). */
+    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_small_tile(
+        int R, Py_ssize_t K, const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
+        float beta, float *C, Py_ssize_t ldc)
+    {
+        fr_v16 c[8][2];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
+        }
+        for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
+            fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                float ar = a[r * lda + k];
+                c[r][0] += b0 * ar;
+                c[r][1] += b1 * ar;
+            }
+        }
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            FR_ROW_UPDATE(C + r * ldc, c[r][0]);
+            FR_ROW_UPDATE(C + r * ldc + 16, c[r][1]);
+        }
+    }
+
     /* C (M x n) = A (M x K) @ B (K x n) + beta C, all row-major with leading dimensions. */
     __attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
         Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
@@ -127,33 +153,19 @@ cdef extern from *:
                     }
                 }
             }
-            i = M8;
-            for (; i + 4 <= M; i += 4) {
-                fr_v16 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};
-                fr_v16 c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
-                const float *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-                const float *b = B + j;
-                for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
-                    fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
-                    c00 += b0 * a0[k]; c01 += b1 * a0[k];
-                    c10 += b0 * a1[k]; c11 += b1 * a1[k];
-                    c20 += b0 * a2[k]; c21 += b1 * a2[k];
-                    c30 += b0 * a3[k]; c31 += b1 * a3[k];
-                }
-                float *c = C + i * ldc + j;
-                FR_ROW_UPDATE(c, c00); FR_ROW_UPDATE(c + 16, c01); c += ldc;
-                FR_ROW_UPDATE(c, c10); FR_ROW_UPDATE(c + 16, c11); c += ldc;
-                FR_ROW_UPDATE(c, c20); FR_ROW_UPDATE(c + 16, c21); c += ldc;
-                FR_ROW_UPDATE(c, c30); FR_ROW_UPDATE(c + 16, c31);
-            }
-            for (; i < M; i++) {
-                fr_v16 c0 = {0}, c1 = {0};
-                const float *a0 = A + i * lda, *b = B + j;
-                for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
-                    c0 += *(const fr_v16u *)b * a0[k];
-                    c1 += *(const fr_v16u *)(b + 16) * a0[k];
-                }
-                FR_ROW_UPDATE(C + i * ldc + j, c0); FR_ROW_UPDATE(C + i * ldc + j + 16, c1);
+            /* the last M % 8 rows in one tile of as many rows (each B row loaded once for
+               all of them, where single-row tiles would stream B once per row) */
+            const float *ar = A + M8 * lda, *br = B + j;
+            float *cr = C + M8 * ldc + j;
+            switch (M - M8) {
+            case 7: fr_small_tile(7, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 6: fr_small_tile(6, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 5: fr_small_tile(5, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 4: fr_small_tile(4, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 3: fr_small_tile(3, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 2: fr_small_tile(2, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            case 1: fr_small_tile(1, K, ar, lda, br, ldb, beta, cr, ldc); break;
+            default: break;
             }
         }
         for (; j + 16 <= n; j += 16) {
@@ -227,10 +239,20 @@ cdef extern from *:
                 Py_ssize_t i = 0;
                 for (; i + 8 <= M; i += 8)
                     fr_panel_tile(8, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
-                for (; i + 4 <= M; i += 4)
-                    fr_panel_tile(4, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
-                for (; i < M; i++)
-                    fr_panel_tile(1, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
+                /* the last M % 8 rows in one tile (a single-row tile per row would stream
+                   the panel chunk once per row) */
+                const float *ai = A + i * lda;
+                float *ci = Cp + i * ldc;
+                switch (M - i) {
+                case 7: fr_panel_tile(7, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 6: fr_panel_tile(6, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 5: fr_panel_tile(5, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 4: fr_panel_tile(4, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 3: fr_panel_tile(3, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 2: fr_panel_tile(2, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                case 1: fr_panel_tile(1, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
+                default: break;
+                }
             }
         }
     }
