@@ -64,6 +64,8 @@ def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypat
         # tiles of the last 7, 6, 5, 4, 3, 2 rows; and 9 rows (8 + 1)
         _compare(op, dtype, 6, 15, 5, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=1)
         _compare(op, dtype, 4, 9, 5, 45, None, seed=2)
+        # H=50: 18 columns past the last 32-column panel, two masked 16-column chunks
+        _compare(op, dtype, 4, 11, 3, 50, None, seed=3)
     finally:
         fr.set_num_threads(threads)
 

@@ -29,6 +29,9 @@ cdef extern from *:
     #include <math.h>
     #include <stdint.h>
     #include <string.h>
+    #if defined(__x86_64__)
+    #include <immintrin.h>
+    #endif
 
     /* An orphaned barrier: binds to the innermost enclosing parallel region, a no-op outside. */
     static inline void fr_barrier(void) {
@@ -106,6 +109,31 @@ cdef extern from *:
         }
     }
 
+    /* R rows x (the lanes of mask, <= 16) columns of C = A @ B + beta C over all of K: the
+       masked lanes are neither read nor written. */
+    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tail_tile(
+        int R, Py_ssize_t K, const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
+        __mmask16 mask, float beta, float *C, Py_ssize_t ldc)
+    {
+        __m512 c[8];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) c[r] = _mm512_setzero_ps();
+        for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
+            __m512 bv = _mm512_maskz_loadu_ps(mask, b);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++)
+                c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), bv, c[r]);
+        }
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m512 v = c[r];
+            if (beta != 0.0f)
+                v = _mm512_fmadd_ps(_mm512_set1_ps(beta),
+                                    _mm512_maskz_loadu_ps(mask, C + r * ldc), v);
+            _mm512_mask_storeu_ps(C + r * ldc, mask, v);
+        }
+    }
+
     /* C (M x n) = A (M x K) @ B (K x n) + beta C, all row-major with leading dimensions. */
     __attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
         Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
@@ -168,20 +196,25 @@ cdef extern from *:
             default: break;
             }
         }
-        for (; j + 16 <= n; j += 16) {
-            for (Py_ssize_t i = 0; i < M; i++) {
-                fr_v16 c0 = {0};
-                const float *a0 = A + i * lda, *b = B + j;
-                for (Py_ssize_t k = 0; k < K; k++, b += ldb) c0 += *(const fr_v16u *)b * a0[k];
-                FR_ROW_UPDATE(C + i * ldc + j, c0);
-            }
-        }
-        for (; j < n; j++) {
-            for (Py_ssize_t i = 0; i < M; i++) {
-                float acc = 0.0f;
-                for (Py_ssize_t k = 0; k < K; k++) acc += A[i * lda + k] * B[k * ldb + j];
-                float *c = C + i * ldc + j;
-                *c = beta == 0.0f ? acc : acc + beta * *c;
+        /* the last n % 32 columns, 16 at a time under a lane mask (e.g. the 8 columns past the
+           panels of H = 200), rows in tiles of 8 and one tile of the rest */
+        for (; j < n; j += 16) {
+            int w = n - j < 16 ? (int) (n - j) : 16;
+            __mmask16 mask = (__mmask16) ((1u << w) - 1u);
+            Py_ssize_t i = 0;
+            for (; i + 8 <= M; i += 8)
+                fr_tail_tile(8, K, A + i * lda, lda, B + j, ldb, mask, beta, C + i * ldc + j, ldc);
+            const float *ar = A + i * lda, *br = B + j;
+            float *cr = C + i * ldc + j;
+            switch (M - i) {
+            case 7: fr_tail_tile(7, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 6: fr_tail_tile(6, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 5: fr_tail_tile(5, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 4: fr_tail_tile(4, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 3: fr_tail_tile(3, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 2: fr_tail_tile(2, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            case 1: fr_tail_tile(1, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
+            default: break;
             }
         }
     }
