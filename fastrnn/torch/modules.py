@@ -282,6 +282,8 @@ def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Tensor]) -> 
     if torch._C._is_torch_function_mode_enabled():
         return False
     if torch.is_grad_enabled():
+        if module.weight_hh_l0.requires_grad:  # the usual training call: decided at once
+            return False
         params = [w for ws in map(module._weights, range(len(module._fr_weight_names)))
                   for w in ws if w is not None]
         if _needs_grad(x, *states, *params):
