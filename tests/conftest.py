@@ -25,7 +25,10 @@ KERNEL_BACKENDS = [
     pytest.param(
         "cuda",
         id="cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="cupy.is_available() is False")],
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not CUDA, reason="cupy.is_available() is False"),
+        ],
     ),
 ]
 

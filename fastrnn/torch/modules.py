@@ -19,7 +19,6 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.torch import _ops
-from fastrnn._threads import threads_in_this_thread
 from fastrnn.torch._arrays import array
 
 Tensor = torch.Tensor
