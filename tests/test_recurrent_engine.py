@@ -182,3 +182,23 @@ def test_reference_keeps_infinite_states_without_lengths():
         y, hT, cT, _ = module.lstm_forward(x, h0, c0, w_ih, w_hh, b)
         assert np.isfinite(y).all() and np.isfinite(hT).all(), module.__name__
         assert cT[0, 1] == np.inf and np.isfinite(np.delete(cT.ravel(), 1)).all(), module.__name__
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("fuse", [0, 1], ids=["projection_first", "projection_per_step"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch):
+    """The input projection as one GEMM before the time loop or step by step inside it
+    (FUSE_INPUT_MIN_ROWS), on the float32 AVX-512 path where the per-step form exists."""
+    if not engine.isa_supported(ISAS["avx512"]):
+        pytest.skip("this CPU does not run avx512")
+    monkeypatch.setattr(engine, "FUSE_INPUT_MIN_ROWS", fuse)
+    if split:
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    threads = fr.get_num_threads()
+    fr.set_num_threads(2)
+    try:
+        _compare(op, np.float32, 6, 15, 7, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=4)
+        _compare(op, np.float32, 5, 9, 33, 20, None, seed=5)
+    finally:
+        fr.set_num_threads(threads)

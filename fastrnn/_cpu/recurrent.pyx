@@ -93,6 +93,13 @@ from fastrnn._cpu._recurrent_cells cimport (
     fr_tanhf_portable,
 )
 
+# The input projection x W_ih^T computed step by step inside the time loop from packed panels
+# (float32, AVX-512, where the step GEMMs use panels) for batches of at least this many rows,
+# instead of one whole-sequence GEMM before it: each step's gates are then written just before
+# the step reads them. Measured (NOTES-cpu.md): 2-12% off the forward at N = 32, neutral at 20,
+# 3-12% slower at 16 (fewer row tiles share each panel chunk in L1). 0 turns it off.
+FUSE_INPUT_MIN_ROWS = 32
+
 # cell -> gate rows per hidden unit in the weights
 _GATES = {FR_LSTM: 4, FR_GRU: 3, FR_RNN_TANH: 1, FR_RNN_RELU: 1}
 
@@ -136,6 +143,7 @@ cdef struct Plan:
     bint proj           # LSTM with a projection
     bint use_t          # step GEMM from W_hh^T (forward)
     bint panels         # step GEMMs from packed panels (float32 fast only)
+    bint fuse_x         # the input projection inside the time loop, per step, from panels
     int nt              # threads in the time loop (1: serial time loop)
     int seq_threads     # threads for the whole-sequence GEMMs of a serial time loop
     Py_ssize_t T, N, D, H, P, R, bs
@@ -244,6 +252,8 @@ cdef void fwd_thread(
     floating* rs,             # OUT (R, H) r = o tanh(c) before the projection, or NULL
     floating* w_hh_t,         # scratch (P, GH) W_hh^T when use_t
     floating* panels,         # scratch (P * GH) its panels when pl.panels
+    floating* w_ih_t,         # scratch (D, GH) W_ih^T when fuse_x
+    floating* panels_x,       # scratch (D * GH) its panels when fuse_x
 ) noexcept nogil:
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, o0, o1, t, m, r0
@@ -258,8 +268,12 @@ cdef void fwd_thread(
         if floating is float:
             if pl.panels:
                 pack_panels(P, G * (u1 - u0), w_hh_t + G * u0, GH, panels + P * G * u0)
-    # L1 / G1 / R1: the input projection of all steps, this thread's gate columns, one GEMM.
-    if whole:  # else fwd_run has done it, split by rows
+            if pl.fuse_x:  # and of W_ih^T, for the per-step input projection
+                transpose_rows(w_ih, GH, pl.D, G * u0, G * u1, w_ih_t)
+                pack_panels(pl.D, G * (u1 - u0), w_ih_t + G * u0, GH, panels_x + pl.D * G * u0)
+    # L1 / G1 / R1: the input projection of all steps, this thread's gate columns, one GEMM
+    # (unless it runs inside the time loop).
+    if whole and not pl.fuse_x:  # else fwd_run has done it, split by rows
         mm(False, True, pl.R, G * (u1 - u0), pl.D, <floating> 1, x, pl.D, w_ih + G * u0 * pl.D,
            pl.D, <floating> 0, gates + G * u0, GH)
     for t in range(pl.T):
@@ -270,6 +284,11 @@ cdef void fwd_thread(
         g = gates + r0 * GH
         hp = hs + pl.hrow[t] * P
         hn = hs + pl.hrow[t + 1] * P
+        if pl.fuse_x:
+            # L1 / G1 / R1 of this step: written just before the step's own GEMM adds to it
+            # and its cell reads it, so the gates stay in cache
+            columns_product(pl, m, G * u0, G * u1, pl.D, x + r0 * pl.D, pl.D, w_ih_t, GH,
+                            panels_x, 0, g, GH)
         if pl.cell == FR_GRU:
             # G2: the recurrent projection kept apart (n multiplies it by r), G3-G4.
             step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 0, hw)
@@ -298,7 +317,7 @@ cdef void fwd_thread(
 # The buffers of one forward call, by slot (_forward fills them; NULL where a cell has none).
 cdef enum:
     F_X, F_W_IH, F_W_HH, F_B1, F_B2, F_W_IH_B, F_W_HH_B, F_B1_B, F_B2_B, F_W_HR, F_GATES, F_HW,
-    F_SV, F_HS, F_CS, F_RS, F_W_HH_T, F_PANELS, F_SLOTS
+    F_SV, F_HS, F_CS, F_RS, F_W_HH_T, F_PANELS, F_W_IH_T, F_PANELS_X, F_SLOTS
 
 
 cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
@@ -321,6 +340,8 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
     cdef floating* rs = <floating*> buf[F_RS]
     cdef floating* w_hh_t = <floating*> buf[F_W_HH_T]
     cdef floating* panels = <floating*> buf[F_PANELS]
+    cdef floating* w_ih_t = <floating*> buf[F_W_IH_T]
+    cdef floating* panels_x = <floating*> buf[F_PANELS_X]
     cdef int saved[8]
     cdef int p, team
     cdef int G = pl.G
@@ -336,10 +357,12 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             fwd_thread(pl, p, team, True, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs,
-                       cs, rs, w_hh_t, panels)
+                       cs, rs, w_hh_t, panels, w_ih_t, panels_x)
     else:
         # the input projection split by rows over the threads, then the time loop on one
-        if pl.seq_threads > 1:
+        if pl.fuse_x:
+            pass  # the time loop projects each step itself
+        elif pl.seq_threads > 1:
             with parallel(num_threads=pl.seq_threads):
                 p = omp_get_thread_num()
                 team = omp_get_num_threads()
@@ -347,7 +370,7 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
         else:
             project_rows(pl, 0, 1, x, w_ih_b, gates)
         fwd_thread(pl, 0, 1, False, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs, cs,
-                   rs, w_hh_t, panels)
+                   rs, w_hh_t, panels, w_ih_t, panels_x)
     fr_blas_restore(saved)
 
 
@@ -699,6 +722,7 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # from packed panels with the AVX-512 kernels
     pl.use_t = rows.N >= 4 and rows.T >= 4
     pl.panels = pl.use_t and pl.fast
+    pl.fuse_x = pl.panels and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
     a = rows.off
     pl.off = <const long long*> cnp.PyArray_DATA(a)
     a = rows.na
@@ -749,10 +773,13 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     cdef Py_ssize_t n_t = GH * P if pl.use_t else 0
     cdef Py_ssize_t n_p = n_t if pl.panels else 0
     cdef Py_ssize_t n_hw = N * GH if is_gru else 0
-    ws = take_scratch(dtype, n_t + n_p + n_hw)
+    cdef Py_ssize_t n_x = GH * D if pl.fuse_x else 0
+    ws = take_scratch(dtype, n_t + n_p + n_hw + 2 * n_x)
     w_hh_t = ws[:n_t]
     panels = ws[n_t : n_t + n_p]
     hw = ws[n_t + n_p : n_t + n_p + n_hw]
+    w_ih_t = ws[n_t + n_p + n_hw : n_t + n_p + n_hw + n_x]
+    panels_x = ws[n_t + n_p + n_hw + n_x : n_t + n_p + n_hw + 2 * n_x]
     if pl.bs < H:
         w_ih_b = np.empty((GH, D), dtype)
         w_hh_b = np.empty((GH, P), dtype)
@@ -763,6 +790,7 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     run_pass(&pl, False, dtype == np.float32, (
         X, w_ih, w_hh, b1, b2, w_ih_b, w_hh_b, b1_b, b2_b, w_hr, gates, hw if n_hw else None, sv,
         hs, cs, rs, w_hh_t if n_t else None, panels if n_p else None,
+        w_ih_t if n_x else None, panels_x if n_x else None,
     ))
     give_scratch(ws)
     y = rows.unpack(hs[N:], P, dtype)
