@@ -48,9 +48,15 @@ def use_backend(name: str) -> Iterator[None]:
         _state.forced = previous
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def backend_module(name: str) -> ModuleType:
     """Import (once) and return the module implementing backend ``name``."""
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def select(is_cupy: bool) -> str:

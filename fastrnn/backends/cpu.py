@@ -20,9 +20,16 @@ from fastrnn._cpu._fork import fork_safe
 name = "cpu"
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _kernels(module: str) -> ModuleType:
+    loaded = _LOADED.get(module)
+    if loaded is not None:
+        return loaded
     try:
-        return importlib.import_module(f"fastrnn._cpu.{module}")
+        loaded = _LOADED[module] = importlib.import_module(f"fastrnn._cpu.{module}")
+        return loaded
     except ImportError as exc:
         raise ImportError(
             f"fastrnn's CPU kernel module fastrnn._cpu.{module} is not built ({exc}); install "

@@ -22,10 +22,11 @@ def array(t: torch.Tensor | None) -> Any:
     is always C-contiguous: a negatively strided NumPy view must never reach DLPack."""
     if t is None:
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return t.numpy()
     import cupy
 

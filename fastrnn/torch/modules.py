@@ -276,13 +276,13 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Tensor]) -> bool:
     """Whether this call can run on prepared layers: CPU, no gradient recorded, no tracing."""
+    if torch.is_grad_enabled() and module.weight_hh_l0.requires_grad:
+        return False  # the usual training call, decided at once
     if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled():
         return False
     if torch.is_grad_enabled():
-        if module.weight_hh_l0.requires_grad:  # the usual training call: decided at once
-            return False
         params = [w for ws in map(module._weights, range(len(module._fr_weight_names)))
                   for w in ws if w is not None]
         if _needs_grad(x, *states, *params):
