@@ -29,7 +29,9 @@ How a call runs (everything from the first GEMM to the last inside one ``with no
 * GEMMs. The step GEMMs read the recurrent weights from panels packed once per call (float32,
   AVX-512) or go to single-threaded BLAS (pinned in C, see _recurrent_threads.py); the input
   projection of all steps (L1, G1, R1) and the weight/input gradients (LB5, GB5, RB4) are
-  whole-sequence GEMMs split over the threads.
+  whole-sequence GEMMs split over the threads, except that with panels and batches of
+  FUSE_INPUT_MIN_ROWS rows or more the input projection runs step by step inside the time
+  loop, from W_ih's panels, right before the step's own GEMM.
 
 Measurements behind these choices: benchmarks/NOTES-cpu.md.
 """
