@@ -171,7 +171,13 @@ SAMPLE_CHARS = 2000
 def sample_callables(use_torch: bool) -> dict[str, Callable[[], Any]]:
     """Each writes SAMPLE_CHARS characters with the default char-rnn model (random weights)."""
     from fastrnn import nn
-    from fastrnn.examples.char_rnn import MODEL_DEFAULTS, Vocabulary, build_model, sample
+    from fastrnn.examples.char_rnn import (
+        MODEL_DEFAULTS,
+        Vocabulary,
+        build_model,
+        sample,
+        stepped_sample,
+    )
     from fastrnn.nn.functional import softmax
 
     vocab = Vocabulary.from_text("".join(chr(c) for c in range(32, 127)) + "\n")
@@ -193,12 +199,10 @@ def sample_callables(use_torch: bool) -> dict[str, Callable[[], Any]]:
             logits, state = model(prime[:, None], None)
             stream = model.lstm.stream(1)
             stream.state = state
-            last, table = logits[-1, 0], model.embed.weight.data
-            w, b = model.head.weight.data, model.head.bias.data
-            x = np.empty((1, table.shape[1]), table.dtype)
-            for i in range(SAMPLE_CHARS):
-                x[0] = table[draw(last, u[i])]
-                last = w @ stream.step(x)[0] + b
+            return stepped_sample(
+                stream, model.embed.weight.data, model.head.weight.data,
+                model.head.bias.data, logits[-1, 0], 0.8, u,
+            )
 
     calls = {"sampler": kernel, "stepped": stepped}
     if use_torch:

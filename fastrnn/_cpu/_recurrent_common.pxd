@@ -83,17 +83,25 @@ cdef extern from *:
             *q_ = beta == 0.0f ? (acc) : (acc) + beta * *q_;              \
         } while (0)
 
-    /* R rows x 32 columns of C = A @ B + beta C over all of K, B read in place (ldb). */
-    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_small_tile(
-        int R, Py_ssize_t K, const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-        float beta, float *C, Py_ssize_t ldc)
+    /* R (<= 8) rows x 32 columns of C = A @ B + beta C, k in [k0, k1): B's rows ldb apart (in
+       place, or 32 in a packed panel); ``first``: the chunk starting at k = 0 (C is read for
+       beta), otherwise the accumulation continues from C. */
+    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tile(
+        int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t lda, const float *b,
+        Py_ssize_t ldb, int first, float beta, float *C, Py_ssize_t ldc)
     {
         fr_v16 c[8][2];
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
+            if (first) {
+                c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
+            } else {
+                c[r][0] = *(const fr_v16u *)(C + r * ldc);
+                c[r][1] = *(const fr_v16u *)(C + r * ldc + 16);
+            }
         }
-        for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
+        b += k0 * ldb;
+        for (Py_ssize_t k = k0; k < k1; k++, b += ldb) {
             fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
             #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
@@ -104,9 +112,49 @@ cdef extern from *:
         }
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            FR_ROW_UPDATE(C + r * ldc, c[r][0]);
-            FR_ROW_UPDATE(C + r * ldc + 16, c[r][1]);
+            if (first) {
+                FR_ROW_UPDATE(C + r * ldc, c[r][0]);
+                FR_ROW_UPDATE(C + r * ldc + 16, c[r][1]);
+            } else {
+                *(fr_v16u *)(C + r * ldc) = c[r][0];
+                *(fr_v16u *)(C + r * ldc + 16) = c[r][1];
+            }
         }
+    }
+
+    /* F(rows, args...) with ``rows`` in 1..7 a compile-time constant in each case (the tiles
+       unroll over their rows): the rows past the last full 8-row tile, in one tile (a
+       single-row tile per row would stream B once per row). */
+    #define FR_LAST_ROWS(rows, F, ...)                                                    \
+        switch (rows) {                                                                   \
+        case 7: F(7, __VA_ARGS__); break;                                                 \
+        case 6: F(6, __VA_ARGS__); break;                                                 \
+        case 5: F(5, __VA_ARGS__); break;                                                 \
+        case 4: F(4, __VA_ARGS__); break;                                                 \
+        case 3: F(3, __VA_ARGS__); break;                                                 \
+        case 2: F(2, __VA_ARGS__); break;                                                 \
+        case 1: F(1, __VA_ARGS__); break;                                                 \
+        default: break;                                                                   \
+        }
+
+    /* M rows x 32 columns of C, k in chunks of ``chunk`` (the chunk of B stays in L1 across
+       all the rows' tiles), 8 rows at a time then the rest; at least one chunk, so K = 0
+       still writes beta C. */
+    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tiles(
+        Py_ssize_t M, Py_ssize_t K, Py_ssize_t chunk, const float *A, Py_ssize_t lda,
+        const float *b, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
+    {
+        Py_ssize_t k0 = 0;
+        do {
+            Py_ssize_t k1 = K - k0 < chunk ? K : k0 + chunk;
+            int first = k0 == 0;
+            Py_ssize_t i = 0;
+            for (; i + 8 <= M; i += 8)
+                fr_tile(8, k0, k1, A + i * lda, lda, b, ldb, first, beta, C + i * ldc, ldc);
+            FR_LAST_ROWS(M - i, fr_tile, k0, k1, A + i * lda, lda, b, ldb, first, beta,
+                         C + i * ldc, ldc)
+            k0 = k1;
+        } while (k0 < K);
     }
 
     /* R rows x (the lanes of mask, <= 16) columns of C = A @ B + beta C over all of K: the
@@ -140,62 +188,11 @@ cdef extern from *:
         const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
     {
         Py_ssize_t j = 0;
-        for (; j + 32 <= n; j += 32) {
-            Py_ssize_t i = 0;
-            /* 8 rows at a time, 16 accumulators: each B row is loaded once per 8 rows; k in
-               chunks of 256 so a 32-column chunk of B (32 KB) stays in L1 across the rows. */
-            Py_ssize_t M8 = M - M % 8;
-            for (Py_ssize_t k0 = 0; k0 < K && M8 > 0; k0 += 256) {
-                Py_ssize_t k1 = K - k0 < 256 ? K : k0 + 256;
-                for (i = 0; i < M8; i += 8) {
-                    fr_v16 c[8][2];
-                    #pragma GCC unroll 8
-                    for (int r = 0; r < 8; r++) {
-                        if (k0 == 0) {
-                            c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
-                        } else {
-                            c[r][0] = *(const fr_v16u *)(C + (i + r) * ldc + j);
-                            c[r][1] = *(const fr_v16u *)(C + (i + r) * ldc + j + 16);
-                        }
-                    }
-                    const float *a = A + i * lda;
-                    const float *b = B + k0 * ldb + j;
-                    for (Py_ssize_t k = k0; k < k1; k++, b += ldb) {
-                        fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
-                        #pragma GCC unroll 8
-                        for (int r = 0; r < 8; r++) {
-                            float ar = a[r * lda + k];
-                            c[r][0] += b0 * ar;
-                            c[r][1] += b1 * ar;
-                        }
-                    }
-                    #pragma GCC unroll 8
-                    for (int r = 0; r < 8; r++) {
-                        if (k0 == 0) {
-                            FR_ROW_UPDATE(C + (i + r) * ldc + j, c[r][0]);
-                            FR_ROW_UPDATE(C + (i + r) * ldc + j + 16, c[r][1]);
-                        } else {
-                            *(fr_v16u *)(C + (i + r) * ldc + j) = c[r][0];
-                            *(fr_v16u *)(C + (i + r) * ldc + j + 16) = c[r][1];
-                        }
-                    }
-                }
-            }
-            /* the last M % 8 rows in one tile of as many rows (each B row loaded once for
-               all of them, where single-row tiles would stream B once per row) */
-            const float *ar = A + M8 * lda, *br = B + j;
-            float *cr = C + M8 * ldc + j;
-            switch (M - M8) {
-            case 7: fr_small_tile(7, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 6: fr_small_tile(6, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 5: fr_small_tile(5, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 4: fr_small_tile(4, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 3: fr_small_tile(3, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 2: fr_small_tile(2, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            case 1: fr_small_tile(1, K, ar, lda, br, ldb, beta, cr, ldc); break;
-            default: break;
-            }
-        }
+        /* 32 columns at a time: 8 rows x 32 columns in 16 accumulators, each B row loaded once
+           per 8 rows; k in chunks of 256 so a 32-column chunk of B (32 KB) stays in L1 across
+           the rows. */
+        for (; j + 32 <= n; j += 32)
+            fr_tiles(M, K, 256, A, lda, B + j, ldb, beta, C + j, ldc);
         /* the last n % 32 columns, 16 at a time under a lane mask (e.g. the 8 columns past the
            panels of H = 200), rows in tiles of 8 and one tile of the rest */
         for (; j < n; j += 16) {
@@ -204,55 +201,8 @@ cdef extern from *:
             Py_ssize_t i = 0;
             for (; i + 8 <= M; i += 8)
                 fr_tail_tile(8, K, A + i * lda, lda, B + j, ldb, mask, beta, C + i * ldc + j, ldc);
-            const float *ar = A + i * lda, *br = B + j;
-            float *cr = C + i * ldc + j;
-            switch (M - i) {
-            case 7: fr_tail_tile(7, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 6: fr_tail_tile(6, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 5: fr_tail_tile(5, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 4: fr_tail_tile(4, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 3: fr_tail_tile(3, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 2: fr_tail_tile(2, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            case 1: fr_tail_tile(1, K, ar, lda, br, ldb, mask, beta, cr, ldc); break;
-            default: break;
-            }
-        }
-    }
-
-    /* R rows x 32 columns of C over k in [k0, k1), B packed as rows of 32 (a panel). */
-    static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_panel_tile(
-        int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t lda, const float *b,
-        int first, float beta, float *C, Py_ssize_t ldc)
-    {
-        fr_v16 c[8][2];
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            if (first) {
-                c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
-            } else {
-                c[r][0] = *(const fr_v16u *)(C + r * ldc);
-                c[r][1] = *(const fr_v16u *)(C + r * ldc + 16);
-            }
-        }
-        b += k0 * 32;
-        for (Py_ssize_t k = k0; k < k1; k++, b += 32) {
-            fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
-            #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                float ar = a[r * lda + k];
-                c[r][0] += b0 * ar;
-                c[r][1] += b1 * ar;
-            }
-        }
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            if (first) {
-                FR_ROW_UPDATE(C + r * ldc, c[r][0]);
-                FR_ROW_UPDATE(C + r * ldc + 16, c[r][1]);
-            } else {
-                *(fr_v16u *)(C + r * ldc) = c[r][0];
-                *(fr_v16u *)(C + r * ldc + 16) = c[r][1];
-            }
+            FR_LAST_ROWS(M - i, fr_tail_tile, K, A + i * lda, lda, B + j, ldb, mask, beta,
+                         C + i * ldc + j, ldc)
         }
     }
 
@@ -263,31 +213,8 @@ cdef extern from *:
         Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
         const float *P, float beta, float *C, Py_ssize_t ldc)
     {
-        for (Py_ssize_t p = 0; p < np_; p++) {
-            const float *b = P + p * K * 32;
-            float *Cp = C + p * 32;
-            for (Py_ssize_t k0 = 0; k0 < K; k0 += 128) {
-                Py_ssize_t k1 = K - k0 < 128 ? K : k0 + 128;
-                int first = k0 == 0;
-                Py_ssize_t i = 0;
-                for (; i + 8 <= M; i += 8)
-                    fr_panel_tile(8, k0, k1, A + i * lda, lda, b, first, beta, Cp + i * ldc, ldc);
-                /* the last M % 8 rows in one tile (a single-row tile per row would stream
-                   the panel chunk once per row) */
-                const float *ai = A + i * lda;
-                float *ci = Cp + i * ldc;
-                switch (M - i) {
-                case 7: fr_panel_tile(7, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 6: fr_panel_tile(6, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 5: fr_panel_tile(5, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 4: fr_panel_tile(4, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 3: fr_panel_tile(3, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 2: fr_panel_tile(2, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                case 1: fr_panel_tile(1, k0, k1, ai, lda, b, first, beta, ci, ldc); break;
-                default: break;
-                }
-            }
-        }
+        for (Py_ssize_t p = 0; p < np_; p++)
+            fr_tiles(M, K, 128, A, lda, P + p * K * 32, 32, beta, C + p * 32, ldc);
     }
     static int fr_small_gemm_ok = 0;
     static void fr_small_gemm_init(void) {

@@ -361,15 +361,14 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
             fwd_thread(pl, p, team, True, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs,
                        cs, rs, w_hh_t, panels, w_ih_t, panels_x)
     else:
-        # the input projection split by rows over the threads, then the time loop on one
-        if pl.fuse_x:
-            pass  # the time loop projects each step itself
-        elif pl.seq_threads > 1:
+        # the input projection split by rows over the threads (unless the time loop projects
+        # each step itself), then the time loop on one
+        if not pl.fuse_x and pl.seq_threads > 1:
             with parallel(num_threads=pl.seq_threads):
                 p = omp_get_thread_num()
                 team = omp_get_num_threads()
                 project_rows(pl, p, team, x, w_ih_b, gates)
-        else:
+        elif not pl.fuse_x:
             project_rows(pl, 0, 1, x, w_ih_b, gates)
         fwd_thread(pl, 0, 1, False, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs, cs,
                    rs, w_hh_t, panels, w_ih_t, panels_x)

@@ -266,12 +266,9 @@ def sample(
 ) -> str:
     """``prime`` followed by ``length`` characters drawn one at a time from
     softmax(logits / temperature)."""
-    from fastrnn.nn.functional import softmax
-
     prime_ids = vocab.encode(prime, "--prime")
     was_training = model.training
     model.eval()
-    out: list[int] = []
     try:
         with nn.no_grad():
             # the prime in one call of the whole model, then one character at a time through a
@@ -289,18 +286,31 @@ def sample(
                 np.ascontiguousarray(table), np.ascontiguousarray(w_out), b_out,
                 np.ascontiguousarray(last), temperature, u,
             )
-            if ids is not None:
-                return prime + vocab.decode(ids.tolist())
-            x = np.empty((1, table.shape[1]), table.dtype)
-            for i in range(length):
-                p = softmax(last.astype(np.float64) / temperature)
-                nxt = int(min(np.searchsorted(np.cumsum(p), u[i] * p.sum()), len(p) - 1))
-                out.append(nxt)
-                x[0] = table[nxt]
-                last = w_out @ stream.step(x)[0] + b_out
+            if ids is None:
+                ids = stepped_sample(stream, table, w_out, b_out, last, temperature, u)
     finally:
         model.train(was_training)
-    return prime + vocab.decode(out)
+    return prime + vocab.decode(ids.tolist())
+
+
+def stepped_sample(
+    stream: Any, table: Any, w_out: Any, b_out: Any, last: Any, temperature: float, u: Any
+) -> np.ndarray:
+    """The sampling loop of :func:`sample` stepped from Python through ``stream`` (one draw per
+    uniform in ``u``, the first from the logits ``last``): where the one-call kernel does not
+    apply (CuPy arrays, projections), and the baseline `fastrnn bench --inference` times it
+    against."""
+    from fastrnn.nn.functional import softmax
+
+    out = []
+    x = table[:1].copy()
+    for i in range(len(u)):
+        p = softmax(last.astype(np.float64) / temperature)
+        nxt = int(min(np.searchsorted(np.cumsum(p), u[i] * p.sum()), len(p) - 1))
+        out.append(nxt)
+        x[0] = table[nxt]
+        last = w_out @ stream.step(x)[0] + b_out
+    return np.asarray(out, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
