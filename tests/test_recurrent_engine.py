@@ -37,12 +37,24 @@ def _compare(op, dtype, T, N, D, H, lengths, seed=0, final_grads=True):
     return ctx
 
 
+# How the time loop runs: on one thread, split by hidden units (a barrier per step), or by
+# sequences (each thread its own rows; every batch of at least 2 rows with SPLIT_ROWS_MIN 1).
+SPLITS = ["serial_loop", "split_by_units", "split_by_rows"]
+
+
+def _set_split(split, monkeypatch):
+    if split != "serial_loop":
+        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+        monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
+        monkeypatch.setattr(engine, "SPLIT_ROWS_MIN", 1 if split == "split_by_rows" else 0)
+
+
 # ------------------------------------------------------------------------------------------------
 # instruction-set variants
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("isa", list(ISAS))
@@ -51,15 +63,16 @@ def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypat
         pytest.skip(f"this CPU does not run {isa}")
     monkeypatch.setenv("FASTRNN_SIMD", isa)
     assert engine.simd_level() == ISAS[isa]
-    if split:
-        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    _set_split(split, monkeypatch)
     threads = fr.get_num_threads()
     fr.set_num_threads(2)
     try:
         # 37 rows: 8-row tiles of the AVX-512 kernels and tiles of the last 5, 6, 4 rows;
         # H=45: two full 16-unit blocks and a partial one, a partial 32-column panel
         for lengths in (None, np.array([6] * 20 + [3] * 10 + [1] * 7)):
-            _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
+            ctx = _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
+            assert ctx.saved["split"] == {"serial_loop": "serial", "split_by_units": "units",
+                                          "split_by_rows": "rows"}[split]
         # 15 rows ending one per step from the fifth on: 15, 14, ..., 10 active rows, the
         # tiles of the last 7, 6, 5, 4, 3, 2 rows; and 9 rows (8 + 1)
         _compare(op, dtype, 6, 15, 5, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=1)
@@ -97,13 +110,12 @@ LENGTH_CASES = {
 }
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", list(LENGTH_CASES))
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_lengths_match_reference(op, case, dtype, split, monkeypatch):
-    if split:
-        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    _set_split(split, monkeypatch)
     lengths = np.array(LENGTH_CASES[case])
     ctx = _compare(op, dtype, 7, len(lengths), 4, 21, lengths, seed=len(case))
     # the packed rows: exactly one per (sequence, step inside it); no padded position is computed
@@ -120,21 +132,57 @@ def test_lengths_without_final_gradients(op):
 # ------------------------------------------------------------------------------------------------
 
 
+def _activations(isa, x):
+    if not engine.isa_supported(ISAS[isa]):
+        pytest.skip(f"this CPU does not run {isa}")
+    return engine.sigmoid_tanh_float32(x, ISAS[isa])
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("x", [88.8, 100.0, 1e3, 1e30, np.inf])
-def test_float32_activations_saturate_exactly(x):
-    s_pos, t_pos = engine.sigmoid_tanh_float32(x)
-    s_neg, t_neg = engine.sigmoid_tanh_float32(-x)
-    assert (s_pos, s_neg, t_pos, t_neg) == (1.0, 0.0, 1.0, -1.0)
+def test_float32_activations_saturate_exactly(isa, x):
+    # 23 copies: one full 16-lane vector and a masked tail of 7 in the AVX-512 variant
+    s_pos, t_pos = _activations(isa, np.full(23, x))
+    s_neg, t_neg = _activations(isa, np.full(23, -x))
+    assert (s_pos == 1).all() and (s_neg == 0).all()
+    assert (t_pos == 1).all() and (t_neg == -1).all()
     # so the derivatives the backward passes use are exactly zero
-    assert s_neg * (1 - s_neg) == 0 and s_pos * (1 - s_pos) == 0
-    assert 1 - t_pos * t_pos == 0
+    assert (s_neg * (1 - s_neg) == 0).all() and (s_pos * (1 - s_pos) == 0).all()
+    assert (1 - t_pos * t_pos == 0).all()
 
 
-@pytest.mark.parametrize("x", [-87.0, -30.0, -1.0, 0.0, 0.5, 20.0, 87.0])
-def test_float32_activations_accurate_inside_the_range(x):
-    s, t = engine.sigmoid_tanh_float32(x)
-    assert s == pytest.approx(1 / (1 + np.exp(-x)), rel=1e-6, abs=1e-38)
-    assert t == pytest.approx(np.tanh(x), rel=1e-6, abs=2e-7)
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_float32_activations_accurate_inside_the_range(isa):
+    x = np.concatenate(
+        [np.linspace(-87.0, 87.0, 20001), [-87.0, -30.0, -1.0, 0.0, 0.5, 20.0, 87.0, -1e-30]]
+    ).astype(np.float32)
+    s, t = _activations(isa, x)
+    x64 = x.astype(np.float64)
+    s_ref = 1 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6, atol=1e-38)
+    np.testing.assert_allclose(t, np.tanh(x64), rtol=1e-6, atol=2e-7)
+    assert ((s >= 0) & (s <= 1)).all() and ((t >= -1) & (t <= 1)).all()
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_float32_activations_keep_nan(isa):
+    x = np.array([np.nan, 1.0, -np.nan] + [0.0] * 16 + [np.nan], np.float32)
+    s, t = _activations(isa, x)
+    np.testing.assert_array_equal(np.isnan(s), np.isnan(x))
+    np.testing.assert_array_equal(np.isnan(t), np.isnan(x))
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 33])
+def test_float32_activations_every_variant_agrees(n):
+    """Each length leaves a different masked tail; the variants agree to a few ulp."""
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 6
+    s0, t0 = engine.sigmoid_tanh_float32(x, 0)
+    for isa in (1, 2):
+        if engine.isa_supported(isa):
+            s, t = engine.sigmoid_tanh_float32(x, isa)
+            assert s.shape == t.shape == (n,)
+            np.testing.assert_allclose(s, s0, rtol=4e-7, atol=1e-38)
+            np.testing.assert_allclose(t, t0, rtol=4e-7, atol=2e-7)
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
@@ -184,7 +232,7 @@ def test_reference_keeps_infinite_states_without_lengths():
         assert cT[0, 1] == np.inf and np.isfinite(np.delete(cT.ravel(), 1)).all(), module.__name__
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["serial_loop", "split_loop"])
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("fuse", [0, 1], ids=["projection_first", "projection_per_step"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch):
@@ -193,8 +241,7 @@ def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch):
     if not engine.isa_supported(ISAS["avx512"]):
         pytest.skip("this CPU does not run avx512")
     monkeypatch.setattr(engine, "FUSE_INPUT_MIN_ROWS", fuse)
-    if split:
-        monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    _set_split(split, monkeypatch)
     threads = fr.get_num_threads()
     fr.set_num_threads(2)
     try:

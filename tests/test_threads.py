@@ -10,6 +10,7 @@ from tolerances import assert_close
 
 import fastrnn as fr
 from fastrnn._cpu import _recurrent_threads
+from fastrnn._cpu import recurrent as engine
 
 # Results agree to rounding: a thread computes whole gate columns / output rows of each GEMM, so
 # no sum is split across threads, but BLAS may pick other kernels for other slice sizes.
@@ -28,14 +29,17 @@ def _run(op, arrays, upstream, lengths):
     return outputs + op.backward(ctx, upstream)
 
 
-@pytest.mark.parametrize("mode", ["split_loop", "serial_loop"])
+@pytest.mark.parametrize("mode", ["split_by_units", "split_by_rows", "serial_loop"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_one_and_several_threads_agree(op, dtype, mode, monkeypatch, restore_threads):
     # Force either path even for these small shapes: the time loop split over the threads, or
     # the time loop on one thread with the whole-sequence GEMMs split over the threads.
-    if mode == "split_loop":
+    if mode != "serial_loop":
         monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+        # by sequences: 5 rows in groups of 2-3 (with lengths, balanced by their steps)
+        monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
+        monkeypatch.setattr(engine, "SPLIT_ROWS_MIN", 1 if mode == "split_by_rows" else 0)
     else:
         monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 1 << 62)
         monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
@@ -61,6 +65,31 @@ def test_one_and_several_threads_agree(op, dtype, mode, monkeypatch, restore_thr
         for n in (2, 3):
             for name, a, b in zip(op.outputs() + op.grads, results[1], results[n], strict=True):
                 np.testing.assert_allclose(b, a, err_msg=f"{name}, {n} threads", **AGREE[dtype])
+
+
+@pytest.mark.parametrize("order", ["units_then_rows", "rows_then_units"])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_backward_split_otherwise_than_forward(op, order, monkeypatch, restore_threads):
+    """The backward takes the forward's gate layout from the context whichever way it splits
+    its own time loop (here the split changes between the two calls)."""
+    monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
+    fr.set_num_threads(2)
+    rng = np.random.default_rng(9)
+    T, N, D, H = 5, 6, 4, 37  # 37 units: blocks of 32 + 5 when split by units
+    arrays = op.arrays(T, N, D, H, rng)
+    upstream = op.upstream_arrays(T, N, H, rng)
+    first, second = (0, 1) if order == "units_then_rows" else (1, 0)
+    for lengths in (None, np.array([5, 2, 5, 1, 3, 4])):
+        ref_out, ref_ctx = op.forward(arrays, lengths, module=REFERENCE)
+        ref_grads = op.backward(ref_ctx, upstream, module=REFERENCE)
+        monkeypatch.setattr(engine, "SPLIT_ROWS_MIN", first)
+        outputs, ctx = op.forward(arrays, lengths)
+        monkeypatch.setattr(engine, "SPLIT_ROWS_MIN", second)
+        grads = op.backward(ctx, upstream)
+        for name, got, want in zip(op.outputs() + op.grads, outputs + grads, ref_out + ref_grads,
+                                   strict=True):
+            np.testing.assert_allclose(got, want, err_msg=name, **AGREE[np.float64])
 
 
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)

@@ -17,12 +17,16 @@ enum { FR_LSTM = 0, FR_GRU = 1, FR_RNN_TANH = 2, FR_RNN_RELU = 3 };
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
 #define FR_HAVE_ISA_VARIANTS 1
+#include <immintrin.h>
 #else
 #define FR_HAVE_ISA_VARIANTS 0
 #endif
 
 #define FR_CAT2(a, b) a##_##b
 #define FR_CAT(a, b) FR_CAT2(a, b)
+
+/* FR_AVX512: the variant's activations use AVX-512 intrinsics (float32, x86-64-v4 only) */
+#define FR_AVX512 0
 
 /* float, portable */
 #define FR_T float
@@ -55,7 +59,11 @@ enum { FR_LSTM = 0, FR_GRU = 1, FR_RNN_TANH = 2, FR_RNN_RELU = 3 };
 #undef FR_TARGET
 #define FR_NAME(x) FR_CAT(fr_##x, f2)
 #define FR_TARGET __attribute__((target("arch=x86-64-v4")))
+#undef FR_AVX512
+#define FR_AVX512 1
 #include "_recurrent_cell_math.h"
+#undef FR_AVX512
+#define FR_AVX512 0
 #undef FR_NAME
 #undef FR_TARGET
 #undef FR_T
@@ -132,9 +140,10 @@ FR_DISPATCH(float, f)
 FR_DISPATCH(double, d)
 #undef FR_DISPATCH
 
-/* The float32 saturation of fr_exp, callable from tests: fr_sigmoid_f / fr_tanh_f of the
-   portable variant (the others share its source). */
-static float fr_sigmoidf_portable(float x) { return fr_sigmoid_f0(x); }
-static float fr_tanhf_portable(float x) { return fr_tanh_f0(x); }
+/* The float32 activations of variant `isa` over v[0..n), in place (sigmoid, or tanh when
+   `tanh_`): what the cells compute, callable from tests of their accuracy and saturation. */
+static void fr_activations_f(int isa, int tanh_, float *v, Py_ssize_t n) {
+    FR_PICK(isa, activations, f)(tanh_, v, n);
+}
 
 #endif

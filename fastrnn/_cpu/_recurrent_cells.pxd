@@ -21,5 +21,4 @@ cdef extern from "_recurrent_cells.h":
                        const double* cn, const double* hp, const double* dyt, double* dh,
                        double* dc, double* dax, double* dah, Py_ssize_t H, Py_ssize_t bs,
                        Py_ssize_t u0, Py_ssize_t u1) noexcept nogil
-    float fr_sigmoidf_portable(float x) noexcept nogil
-    float fr_tanhf_portable(float x) noexcept nogil
+    void fr_activations_f(int isa, int tanh_, float* v, Py_ssize_t n) noexcept nogil

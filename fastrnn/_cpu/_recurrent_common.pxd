@@ -3,17 +3,18 @@
 share: the GEMM kernels of the time loop, the blocked gate layout, work partitions, BLAS pinning.
 
 * The blocked gate layout. The weights' G gate rows (LSTM G=4 i,f,g,o; GRU G=3 r,z,n) are
-  permuted once per call so that hidden units come in blocks of BLOCK units and each block
-  holds all G gates of its units::
+  permuted once per call so that hidden units come in blocks of bs units and each block holds
+  all G gates of its units::
 
       natural row  k*H + j              (gate k, unit j)
-      blocked row  G*b*BLOCK + k*sz + u (j = b*BLOCK + u, sz = min(BLOCK, H - b*BLOCK))
+      blocked row  G*b*bs + k*sz + u    (j = b*bs + u, sz = min(bs, H - b*bs))
 
   A contiguous range of hidden units [u0, u1) starting on a block boundary owns the contiguous
   gate rows [G*u0, G*u1). So a thread can compute the recurrent GEMM of its own gate rows and
   then, with no barrier, the pointwise pass of its own units: one barrier per time step. The
-  layout does not depend on the number of threads (backward may use another count than
-  forward). G=1 (the Elman RNN) is the natural layout.
+  forward picks bs (recurrent.pyx, fill_plan: one block per thread, a multiple of BLOCK; H,
+  the natural layout, on one thread) and the backward reads the same bs from the context, so
+  it may run on another number of threads. G=1 (the Elman RNN) is the natural layout.
 * Work partitions: OpenMP thread p of nt owns the unit blocks [nb*p/nt, nb*(p+1)/nt).
 * BLAS thread pinning without the GIL: the kernels call BLAS from inside OpenMP regions, where
   BLAS must run single-threaded (nesting BLAS threads in OpenMP threads is slower than either).
@@ -101,6 +102,7 @@ cdef extern from *:
             }
         }
         b += k0 * ldb;
+        #pragma GCC unroll 4
         for (Py_ssize_t k = k0; k < k1; k++, b += ldb) {
             fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
             #pragma GCC unroll 8
@@ -302,8 +304,9 @@ cdef extern from "<string.h>" nogil:
     void* memcpy(void* dst, const void* src, size_t n)
     void* memset(void* dst, int c, size_t n)
 
-# Hidden units per block of the blocked gate layout: one AVX-512 vector of float32, so the
-# pointwise loops over a block's units vectorise, and small H still splits over 2 threads.
+# The blocked gate layout's unit blocks are a multiple of this: one AVX-512 vector of float32,
+# so the pointwise loops over a block's units vectorise, and small H still splits over 2
+# threads.
 cdef enum:
     BLOCK = 16
 

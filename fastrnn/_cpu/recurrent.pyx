@@ -90,9 +90,8 @@ from fastrnn._cpu._recurrent_cells cimport (
     fr_cell_bwd_f,
     fr_cell_fwd_d,
     fr_cell_fwd_f,
+    fr_activations_f,
     fr_isa_supported,
-    fr_sigmoidf_portable,
-    fr_tanhf_portable,
 )
 
 # The input projection x W_ih^T computed step by step inside the time loop from packed panels
@@ -101,6 +100,12 @@ from fastrnn._cpu._recurrent_cells cimport (
 # the step reads them. Measured (NOTES-cpu.md): 2-12% off the forward at N = 32, neutral at 20,
 # 3-12% slower at 16 (fewer row tiles share each panel chunk in L1). 0 turns it off.
 FUSE_INPUT_MIN_ROWS = 32
+
+# With at least this many sequences per thread the time loop is split by sequences (each thread
+# runs its own rows' steps, no barrier per step) instead of by hidden units (a barrier per step,
+# the h_t of every thread read by every thread). Measured: benchmarks/NOTES-cpu.md. 0 turns
+# it off.
+SPLIT_ROWS_MIN = 8
 
 # cell -> gate rows per hidden unit in the weights
 _GATES = {FR_LSTM: 4, FR_GRU: 3, FR_RNN_TANH: 1, FR_RNN_RELU: 1}
@@ -127,9 +132,17 @@ def isa_supported(int isa):
     return bool(fr_isa_supported(isa))
 
 
-def sigmoid_tanh_float32(float x):
-    """The float32 cells' (sigmoid(x), tanh(x)), for tests of their saturation."""
-    return fr_sigmoidf_portable(x), fr_tanhf_portable(x)
+def sigmoid_tanh_float32(x, int isa=0):
+    """The float32 cells' sigmoid(x) and tanh(x) for an array x, computed by the variant
+    ``isa`` (0 portable, 1 AVX2, 2 AVX-512; one this CPU runs): for tests of their accuracy and
+    saturation."""
+    if not fr_isa_supported(isa):
+        raise ValueError(f"isa: this CPU does not run variant {isa}")
+    cdef cnp.ndarray s = np.array(x, dtype=np.float32, order="C", ndmin=1)
+    cdef cnp.ndarray t = s.copy()
+    fr_activations_f(isa, 0, <float*> cnp.PyArray_DATA(s), s.size)
+    fr_activations_f(isa, 1, <float*> cnp.PyArray_DATA(t), t.size)
+    return s, t
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,12 +160,14 @@ cdef struct Plan:
     bint panels         # step GEMMs from packed panels (float32 fast only)
     bint fuse_x         # the input projection inside the time loop, per step, from panels
     int nt              # threads in the time loop (1: serial time loop)
+    bint by_rows        # the time loop split by sequences (each thread its own rows)
     int seq_threads     # threads for the whole-sequence GEMMs of a serial time loop
     Py_ssize_t T, N, D, H, P, R, bs
     const long long* off    # (T,) first packed row of step t
     const long long* na     # (T,) active rows of step t
     const long long* hrow   # (T+1,) first row in hs of the state before step t
     const long long* crow   # (T+1,) the same in cs
+    const long long* rsplit # (nt+1,) by_rows: group q owns the sorted rows [rsplit[q], rsplit[q+1])
 
 
 cdef inline void columns_product(
@@ -231,6 +246,23 @@ cdef inline void out_columns(
         unit_range(pl.P, BLOCK, nt, p, c0, c1)
     else:
         unit_range(pl.H, pl.bs, nt, p, c0, c1)
+
+
+cdef inline void panel_columns(
+    Py_ssize_t n, int nt, int p, Py_ssize_t* c0, Py_ssize_t* c1
+) noexcept nogil:
+    """Thread p's share of n columns, in whole 32-column panels (for packing them)."""
+    cdef Py_ssize_t a, b
+    split((n + 31) // 32, nt, p, &a, &b)
+    c0[0] = min(n, a * 32)
+    c1[0] = min(n, b * 32)
+
+
+cdef inline Py_ssize_t group_rows(const Plan* pl, Py_ssize_t q, Py_ssize_t t) noexcept nogil:
+    """by_rows: the active rows of group q at step t (the batch is sorted by length, so the
+    active rows of a step are its first na[t])."""
+    cdef Py_ssize_t n0 = pl.rsplit[q], n1 = pl.rsplit[q + 1]
+    return max(<Py_ssize_t> 0, min(n1, <Py_ssize_t> pl.na[t]) - n0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,6 +348,67 @@ cdef void fwd_thread(
         fr_barrier()
 
 
+cdef void fwd_rows_thread(
+    const Plan* pl, int p, int nt,
+    const floating* x, const floating* w_ih, const floating* w_hh, const floating* w_hr,
+    const floating* b1, const floating* b2, floating* gates, floating* hw, floating* sv,
+    floating* hs, floating* cs, floating* rs, floating* w_hh_t, floating* panels,
+    floating* w_ih_t, floating* panels_x,
+) noexcept nogil:
+    """Thread p's share of a forward split by sequences (pl.by_rows; arguments as fwd_thread):
+    the weights' transposes and panels (and the input projection) shared out by columns (rows),
+    one barrier, then each of the thread's row groups runs its whole time loop alone: its
+    sequences depend on nothing the other threads compute."""
+    cdef Py_ssize_t c0, c1, t, m, r0, q, n0
+    cdef Py_ssize_t H = pl.H, P = pl.P, D = pl.D, GH = pl.G * pl.H
+    cdef floating* g
+    cdef floating* hn
+    cdef const floating* hp
+    panel_columns(GH, nt, p, &c0, &c1)
+    if pl.use_t:
+        transpose_rows(w_hh, GH, P, c0, c1, w_hh_t)
+        if floating is float:
+            if pl.panels:
+                pack_panels(P, c1 - c0, w_hh_t + c0, GH, panels + P * c0)
+            if pl.fuse_x:
+                transpose_rows(w_ih, GH, D, c0, c1, w_ih_t)
+                pack_panels(D, c1 - c0, w_ih_t + c0, GH, panels_x + D * c0)
+    if not pl.fuse_x:  # L1 / G1 / R1 of all steps, split by rows
+        project_rows(pl, p, nt, x, w_ih, gates)
+    fr_barrier()
+    q = p
+    while q < pl.nt:
+        n0 = pl.rsplit[q]
+        for t in range(pl.T):
+            m = group_rows(pl, q, t)
+            if m == 0:
+                break
+            r0 = pl.off[t] + n0
+            g = gates + r0 * GH
+            hp = hs + (pl.hrow[t] + n0) * P
+            hn = hs + (pl.hrow[t + 1] + n0) * P
+            if pl.fuse_x:
+                columns_product(pl, m, 0, GH, D, x + r0 * D, D, w_ih_t, GH, panels_x, 0, g, GH)
+            if pl.cell == FR_GRU:
+                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 0, hw + n0 * GH)
+                cell_fwd(pl, m, g, hw + n0 * GH, b1, b2, hp, <floating*> NULL, hn,
+                         <floating*> NULL, sv + r0 * 4 * H if sv != NULL else <floating*> NULL,
+                         0, H)
+            elif pl.cell == FR_LSTM:
+                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 1, g)
+                cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp,
+                         cs + (pl.crow[t] + n0) * H, rs + r0 * H if pl.proj else hn,
+                         cs + (pl.crow[t + 1] + n0) * H, <floating*> NULL, 0, H)
+            else:
+                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 1, g)
+                cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, <floating*> NULL,
+                         hn, <floating*> NULL, <floating*> NULL, 0, H)
+            if pl.proj:  # L4p for these rows, every output column
+                mm(False, True, m, P, H, <floating> 1, rs + r0 * H, H, w_hr, H, <floating> 0, hn,
+                   P)
+        q += nt
+
+
 # The buffers of one forward call, by slot (_forward fills them; NULL where a cell has none).
 cdef enum:
     F_X, F_W_IH, F_W_HH, F_B1, F_B2, F_W_IH_B, F_W_HH_B, F_B1_B, F_B2_B, F_W_HR, F_GATES, F_HW,
@@ -354,7 +447,13 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
         to_blocked(b1, b1_b, G, pl.H, 1, pl.bs)
         if pl.cell == FR_GRU:
             to_blocked(b2, b2_b, G, pl.H, 1, pl.bs)
-    if pl.nt > 1:
+    if pl.by_rows:
+        with parallel(num_threads=pl.nt):
+            p = omp_get_thread_num()
+            team = omp_get_num_threads()
+            fwd_rows_thread(pl, p, team, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs,
+                            cs, rs, w_hh_t, panels, w_ih_t, panels_x)
+    elif pl.nt > 1:
         with parallel(num_threads=pl.nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
@@ -458,6 +557,67 @@ cdef void bwd_thread(
         fr_barrier()
         sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
                        dw_hr, scratch)
+
+
+cdef void bwd_rows_thread(
+    const Plan* pl, int p, int nt,
+    const floating* x, const floating* w_ih, const floating* w_hh, const floating* w_hr,
+    const floating* acts, const floating* hs, const floating* cs, const floating* rs,
+    const floating* hprev, const floating* dy, floating* dh, floating* dc, floating* dax,
+    floating* dah, floating* dht, floating* dr, floating* dx, floating* dw_ih, floating* dw_hh,
+    floating* db1, floating* db2, floating* dw_hr, floating* scratch, floating* panels,
+) noexcept nogil:
+    """Thread p's share of a backward split by sequences (pl.by_rows; arguments as
+    bwd_thread): W_hh's panels shared out, one barrier, each row group's time loop alone, one
+    barrier, the whole-sequence gradients."""
+    cdef Py_ssize_t c0, c1, t, m, r0, q, n0, i, c
+    cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
+    cdef const floating* a_t
+    cdef const floating* dy_t
+    cdef floating* dh_t
+    cdef floating* dh_q
+    cdef floating* dc_q
+    if floating is float:
+        if pl.panels:
+            panel_columns(P, nt, p, &c0, &c1)
+            pack_panels(GH, c1 - c0, w_hh + c0, P, panels + GH * c0)
+    fr_barrier()
+    q = p
+    while q < pl.nt:
+        n0 = pl.rsplit[q]
+        dh_q = dh + n0 * P
+        dc_q = dc + n0 * H if dc != NULL else <floating*> NULL
+        for t in range(pl.T - 1, -1, -1):
+            m = group_rows(pl, q, t)
+            if m == 0:
+                continue
+            r0 = pl.off[t] + n0
+            a_t = acts + r0 * (4 * H if pl.cell == FR_GRU else GH)
+            dy_t = dy + r0 * P
+            if pl.proj:
+                # LB1, LB1p for these rows: the gradient reaching h_t (kept for dW_hr), to r
+                dh_t = dht + r0 * P
+                for i in range(m):
+                    for c in range(P):
+                        dh_t[i * P + c] = dy_t[i * P + c] + dh_q[i * P + c]
+                mm(False, False, m, H, P, <floating> 1, dh_t, P, w_hr, H, <floating> 0,
+                   dr + n0 * H, H)
+                cell_bwd(pl, m, a_t, cs + (pl.crow[t] + n0) * H, cs + (pl.crow[t + 1] + n0) * H,
+                         <floating*> NULL, <floating*> NULL, dr + n0 * H, dc_q, dax + r0 * GH,
+                         dax + r0 * GH, 0, H)
+            else:
+                cell_bwd(pl, m, a_t,
+                         cs + (pl.crow[t] + n0) * H if pl.cell == FR_LSTM else <floating*> NULL,
+                         cs + (pl.crow[t + 1] + n0) * H if pl.cell == FR_LSTM
+                         else <floating*> NULL,
+                         hs + (pl.hrow[t] + n0) * P, dy_t, dh_q, dc_q, dax + r0 * GH,
+                         dah + r0 * GH, 0, H)
+            columns_product(pl, m, 0, P, GH, dah + r0 * GH, GH, w_hh, P, panels,
+                            0 if pl.proj else 1, dh_q, P)
+        q += nt
+    fr_barrier()
+    sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
+                   dw_hr, scratch)
 
 
 cdef void sequence_grads(
@@ -566,7 +726,14 @@ cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
     cdef int saved[8]
     cdef int p, team
     fr_blas_pin_one(saved)
-    if pl.nt > 1:
+    if pl.by_rows:
+        with parallel(num_threads=pl.nt):
+            p = omp_get_thread_num()
+            team = omp_get_num_threads()
+            bwd_rows_thread(pl, p, team, x, w_ih, w_hh, w_hr, acts, hs, cs, rs, hprev, dy, dh,
+                            dc, dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch,
+                            panels)
+    elif pl.nt > 1:
         with parallel(num_threads=pl.nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
@@ -638,6 +805,24 @@ class _Rows:
         self.ring = (np.arange(T + 1, dtype=np.int64) & 1) * N
         for a in (self.na, self.off, self.hrow, self.ring):
             a.flags.writeable = False
+
+    def row_split(self, nt):
+        """(nt + 1,) int64: the sorted rows of nt groups, contiguous, balanced by their steps
+        (without lengths: by count). Cached (the dense plans are shared between calls)."""
+        cache = self.__dict__.setdefault("_splits", {})
+        out = cache.get(nt)
+        if out is None:
+            if self.perm is None:
+                out = np.arange(nt + 1, dtype=np.int64) * self.N // nt
+            else:
+                steps = np.concatenate(([0], np.cumsum(self.last)))
+                total = steps[self.N]
+                out = np.searchsorted(steps, total * np.arange(nt + 1) / nt).astype(np.int64)
+                out[0], out[nt] = 0, self.N
+                out = np.maximum.accumulate(out)
+            out.flags.writeable = False
+            cache[nt] = out
+        return out
 
     def pack(self, a):
         """(T, N, F) -> (R, F)."""
@@ -716,9 +901,24 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     pl.H = H
     pl.P = P
     pl.R = rows.R
-    pl.nt = team_size(rows.N, H, G, P)
     pl.seq_threads = sequence_threads(rows.T, rows.N, D, H, G)
-    pl.bs = BLOCK if pl.nt > 1 else H
+    # Split by sequences when every thread gets SPLIT_ROWS_MIN of them and the call is worth
+    # a parallel region (no barrier per step, the natural layout); else by hidden units when a
+    # step's GEMM repays a barrier per step (team_size), in one block per thread (a multiple of
+    # BLOCK), so the cells run long loops.
+    pl.by_rows = (pl.seq_threads > 1 and SPLIT_ROWS_MIN > 0
+                  and rows.N >= SPLIT_ROWS_MIN * pl.seq_threads)
+    pl.nt = pl.seq_threads if pl.by_rows else team_size(rows.N, H, G, P)
+    pl.bs = H
+    pl.rsplit = NULL
+    if pl.by_rows:
+        a = rows.row_split(pl.nt)
+        pl.rsplit = <const long long*> cnp.PyArray_DATA(a)
+    elif pl.nt > 1:
+        pl.bs = ((H + pl.nt - 1) // pl.nt + BLOCK - 1) // BLOCK * BLOCK
+        if pl.bs >= H:  # a single block: nothing to split
+            pl.nt = 1
+            pl.bs = H
     # the step GEMM from W_hh^T when the batch and the sequence repay the transposition, and
     # from packed panels with the AVX-512 kernels
     pl.use_t = rows.N >= 4 and rows.T >= 4
@@ -813,6 +1013,7 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
         saved=dict(
             cell=cell, rows=rows, X=X, w_ih_b=w_ih_b, w_hh_b=w_hh_b, w_hr=w_hr,
             acts=sv if is_gru else gates, hs=hs, cs=cs, rs=rs, bs=pl.bs, H=H,
+            split="rows" if pl.by_rows else "units" if pl.nt > 1 else "serial",
         ),
     )
     return y, hT, cT, ctx
@@ -833,9 +1034,9 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t GH = G * H, R = rows.R
     cdef Plan pl
     fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow)
-    pl.bs = s["bs"]  # the forward's layout; bs == H runs the time loop serially
-    if pl.bs >= H:
-        pl.nt = 1
+    pl.bs = s["bs"]  # the forward's layout (the cells and the split by rows take any)
+    if pl.bs >= H and not pl.by_rows:
+        pl.nt = 1  # the natural layout is not split by units
     (dy,) = as_c_array(dtype, dy)
     dY = np.ascontiguousarray(rows.pack(dy))
     dh = np.zeros((N, P), dtype) if dhT is None else rows.sort(np.asarray(dhT, dtype))
