@@ -376,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ops", default="lstm,gru,rnn")
     p.add_argument("--strategies", action="store_true", help="also the per-step GEMM threading")
+    p.add_argument(
+        "--no-numpy",
+        action="store_true",
+        help="leave out the NumPy reference (its multi-threaded BLAS keeps spinning after each "
+        "call and disturbs the next samples of 2-thread runs)",
+    )
     args = p.parse_args(argv)
     sgemm = sgemm_gflops(args.threads)
     print(
@@ -389,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(head)
     nan = float("nan")
-    for row in table(tuple(args.ops.split(",")), args.threads, args.rounds):
+    impls = ("fastrnn", "torch") if args.no_numpy else ("fastrnn", "torch", "numpy")
+    for row in table(tuple(args.ops.split(",")), args.threads, args.rounds, impls):
         print(
             f"{row['op']:5} {','.join(map(str, row['shape'])):>16} {row['passes']:8} "
             f"{row['fastrnn_ms']:11.3f} {row['fastrnn_best_ms']:8.3f} "

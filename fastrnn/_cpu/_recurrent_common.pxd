@@ -84,12 +84,14 @@ cdef extern from *:
             *q_ = beta == 0.0f ? (acc) : (acc) + beta * *q_;              \
         } while (0)
 
-    /* R (<= 8) rows x 32 columns of C = A @ B + beta C, k in [k0, k1): B's rows ldb apart (in
-       place, or 32 in a packed panel); ``first``: the chunk starting at k = 0 (C is read for
-       beta), otherwise the accumulation continues from C. */
+    /* R (<= 8) rows x 32 columns of C = A @ B + beta C, k in [k0, k1): A[r][k] at
+       a[r * ars + k * aks] (row-major: ars = lda, aks = 1; A given as its transpose: ars = 1,
+       aks = its leading dimension), B's rows ldb apart (in place, or 32 in a packed panel);
+       ``first``: the chunk starting at k = 0 (C is read for beta), otherwise the accumulation
+       continues from C. */
     static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tile(
-        int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t lda, const float *b,
-        Py_ssize_t ldb, int first, float beta, float *C, Py_ssize_t ldc)
+        int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t ars, Py_ssize_t aks,
+        const float *b, Py_ssize_t ldb, int first, float beta, float *C, Py_ssize_t ldc)
     {
         fr_v16 c[8][2];
         #pragma GCC unroll 8
@@ -102,12 +104,13 @@ cdef extern from *:
             }
         }
         b += k0 * ldb;
+        a += k0 * aks;
         #pragma GCC unroll 4
-        for (Py_ssize_t k = k0; k < k1; k++, b += ldb) {
+        for (Py_ssize_t k = k0; k < k1; k++, b += ldb, a += aks) {
             fr_v16 b0 = *(const fr_v16u *)b, b1 = *(const fr_v16u *)(b + 16);
             #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                float ar = a[r * lda + k];
+                float ar = a[r * ars];
                 c[r][0] += b0 * ar;
                 c[r][1] += b1 * ar;
             }
@@ -143,8 +146,8 @@ cdef extern from *:
        all the rows' tiles), 8 rows at a time then the rest; at least one chunk, so K = 0
        still writes beta C. */
     static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tiles(
-        Py_ssize_t M, Py_ssize_t K, Py_ssize_t chunk, const float *A, Py_ssize_t lda,
-        const float *b, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
+        Py_ssize_t M, Py_ssize_t K, Py_ssize_t chunk, const float *A, Py_ssize_t ars,
+        Py_ssize_t aks, const float *b, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
     {
         Py_ssize_t k0 = 0;
         do {
@@ -152,8 +155,9 @@ cdef extern from *:
             int first = k0 == 0;
             Py_ssize_t i = 0;
             for (; i + 8 <= M; i += 8)
-                fr_tile(8, k0, k1, A + i * lda, lda, b, ldb, first, beta, C + i * ldc, ldc);
-            FR_LAST_ROWS(M - i, fr_tile, k0, k1, A + i * lda, lda, b, ldb, first, beta,
+                fr_tile(8, k0, k1, A + i * ars, ars, aks, b, ldb, first, beta, C + i * ldc,
+                        ldc);
+            FR_LAST_ROWS(M - i, fr_tile, k0, k1, A + i * ars, ars, aks, b, ldb, first, beta,
                          C + i * ldc, ldc)
             k0 = k1;
         } while (k0 < K);
@@ -162,17 +166,17 @@ cdef extern from *:
     /* R rows x (the lanes of mask, <= 16) columns of C = A @ B + beta C over all of K: the
        masked lanes are neither read nor written. */
     static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tail_tile(
-        int R, Py_ssize_t K, const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-        __mmask16 mask, float beta, float *C, Py_ssize_t ldc)
+        int R, Py_ssize_t K, const float *a, Py_ssize_t ars, Py_ssize_t aks, const float *b,
+        Py_ssize_t ldb, __mmask16 mask, float beta, float *C, Py_ssize_t ldc)
     {
         __m512 c[8];
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) c[r] = _mm512_setzero_ps();
-        for (Py_ssize_t k = 0; k < K; k++, b += ldb) {
+        for (Py_ssize_t k = 0; k < K; k++, b += ldb, a += aks) {
             __m512 bv = _mm512_maskz_loadu_ps(mask, b);
             #pragma GCC unroll 8
             for (int r = 0; r < R; r++)
-                c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), bv, c[r]);
+                c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * ars]), bv, c[r]);
         }
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
@@ -184,17 +188,19 @@ cdef extern from *:
         }
     }
 
-    /* C (M x n) = A (M x K) @ B (K x n) + beta C, all row-major with leading dimensions. */
-    __attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
-        Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
-        const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
+    /* C (M x n) = A (M x K) @ B (K x n) + beta C, A[r][k] at A[r * ars + k * aks] (see
+       fr_tile), B and C row-major with leading dimensions; k in chunks of ``chunk``. */
+    __attribute__((target("avx512f,fma"))) static void fr_sgemm_avx512(
+        Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars,
+        Py_ssize_t aks, const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc,
+        Py_ssize_t chunk)
     {
         Py_ssize_t j = 0;
         /* 32 columns at a time: 8 rows x 32 columns in 16 accumulators, each B row loaded once
-           per 8 rows; k in chunks of 256 so a 32-column chunk of B (32 KB) stays in L1 across
-           the rows. */
+           per 8 rows; k in chunks so a 32-column chunk of B (32 KB at 256) stays in L1
+           across the rows. */
         for (; j + 32 <= n; j += 32)
-            fr_tiles(M, K, 256, A, lda, B + j, ldb, beta, C + j, ldc);
+            fr_tiles(M, K, chunk, A, ars, aks, B + j, ldb, beta, C + j, ldc);
         /* the last n % 32 columns, 16 at a time under a lane mask (e.g. the 8 columns past the
            panels of H = 200), rows in tiles of 8 and one tile of the rest */
         for (; j < n; j += 16) {
@@ -202,10 +208,19 @@ cdef extern from *:
             __mmask16 mask = (__mmask16) ((1u << w) - 1u);
             Py_ssize_t i = 0;
             for (; i + 8 <= M; i += 8)
-                fr_tail_tile(8, K, A + i * lda, lda, B + j, ldb, mask, beta, C + i * ldc + j, ldc);
-            FR_LAST_ROWS(M - i, fr_tail_tile, K, A + i * lda, lda, B + j, ldb, mask, beta,
+                fr_tail_tile(8, K, A + i * ars, ars, aks, B + j, ldb, mask, beta,
+                             C + i * ldc + j, ldc);
+            FR_LAST_ROWS(M - i, fr_tail_tile, K, A + i * ars, ars, aks, B + j, ldb, mask, beta,
                          C + i * ldc + j, ldc)
         }
+    }
+
+    /* C (M x n) = A (M x K) @ B (K x n) + beta C, all row-major with leading dimensions. */
+    __attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
+        Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
+        const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
+    {
+        fr_sgemm_avx512(M, n, K, A, lda, 1, B, ldb, beta, C, ldc, 256);
     }
 
     /* C (M x 32 np) = A (M x K) @ B + beta C, B given as np packed panels (K x 32 each,
@@ -216,7 +231,7 @@ cdef extern from *:
         const float *P, float beta, float *C, Py_ssize_t ldc)
     {
         for (Py_ssize_t p = 0; p < np_; p++)
-            fr_tiles(M, K, 128, A, lda, P + p * K * 32, 32, beta, C + p * 32, ldc);
+            fr_tiles(M, K, 128, A, lda, 1, P + p * K * 32, 32, beta, C + p * 32, ldc);
     }
     static int fr_small_gemm_ok = 0;
     static void fr_small_gemm_init(void) {
@@ -230,6 +245,10 @@ cdef extern from *:
     static void fr_small_sgemm_avx512(
         Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
         const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc) {}
+    static void fr_sgemm_avx512(
+        Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars,
+        Py_ssize_t aks, const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc,
+        Py_ssize_t chunk) {}
     static void fr_panel_sgemm_avx512(
         Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
         const float *P, float beta, float *C, Py_ssize_t ldc) {}
@@ -248,6 +267,9 @@ cdef extern from *:
     void fr_small_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
                                Py_ssize_t lda, const float* B, Py_ssize_t ldb, float beta,
                                float* C, Py_ssize_t ldc) noexcept nogil
+    void fr_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                         Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
+                         float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
     void fr_panel_sgemm_avx512(Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float* A,
                                Py_ssize_t lda, const float* P, float beta, float* C,
                                Py_ssize_t ldc) noexcept nogil
