@@ -92,13 +92,16 @@ def _fastrnn_args(op: str, a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
 def fastrnn_runner(
     op: str, a: dict[str, np.ndarray], passes: str, lengths: np.ndarray | None = None
 ) -> Callable[[], Any]:
-    """One fastrnn call (forward with training=False, or forward+backward)."""
+    """One fastrnn call: ``passes`` "fwd" (training=False), "fwd-train" (the forward of a
+    training step, training=True, no backward) or "fwd+bwd"."""
     fwd = getattr(fr, f"{op}_forward")
     bwd = getattr(fr, f"{op}_backward")
     args = _fastrnn_args(op, a)
     dy = a["dy"]
     if passes == "fwd":
         return lambda: fwd(*args, lengths=lengths, training=False)
+    if passes == "fwd-train":
+        return lambda: fwd(*args, lengths=lengths)
 
     def run() -> Any:
         out = fwd(*args, lengths=lengths)
@@ -164,6 +167,9 @@ def torch_runner(
                 return call()
 
         return infer
+
+    if passes == "fwd-train":  # the forward of a training step: autograd records, no backward
+        return call
 
     def run() -> Any:
         y, _ = call()
@@ -370,6 +376,48 @@ def table(
     return rows
 
 
+def compare_splits(
+    shapes: list[tuple[int, int, int, int]] | None = None,
+    op: str = "lstm",
+    n_threads: int = 2,
+    rounds: int = 5,
+) -> list[dict[str, Any]]:
+    """The time loop split by hidden units vs by sequences (recurrent.SPLIT_ROWS_MIN 0 / its
+    default), torch alongside: ms, medians over ``rounds`` interleaved rounds of 5-call minima,
+    forward (training=True, nothing kept) and forward+backward."""
+    from fastrnn._cpu import recurrent as engine
+
+    shapes = shapes or [s for s in TRAINING_SHAPES if s[1] >= 16]
+    default = engine.SPLIT_ROWS_MIN
+    out = []
+    with threads(n_threads):
+        for T, N, D, H in shapes:
+            a = make_inputs(op, T, N, D, H)
+            fns = {}
+            for impl in ("fastrnn", "torch") if torch_available() else ("fastrnn",):
+                for passes in ("fwd-train", "fwd+bwd"):
+                    fns[(impl, passes)] = RUNNERS[impl](op, a, passes)
+            samples: dict[tuple[str, str], list[float]] = {}
+            try:
+                for _ in range(rounds):
+                    for mode, split in (("units", 0), ("rows", default), ("torch", None)):
+                        impl = "torch" if split is None else "fastrnn"
+                        if (impl, "fwd+bwd") not in fns:
+                            continue
+                        if split is not None:
+                            engine.SPLIT_ROWS_MIN = split
+                        for passes in ("fwd-train", "fwd+bwd"):
+                            t = min(time_call(fns[(impl, passes)], 5, warmup=1))
+                            samples.setdefault((mode, passes), []).append(t * 1e3)
+            finally:
+                engine.SPLIT_ROWS_MIN = default
+            row: dict[str, Any] = {"op": op, "shape": (T, N, D, H), "threads": n_threads}
+            for key, v in samples.items():
+                row[f"{key[0]} {key[1]}"] = statistics.median(v)
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastrnn._bench", description=__doc__)
     p.add_argument("--threads", type=int, default=2)
@@ -382,7 +430,26 @@ def main(argv: list[str] | None = None) -> None:
         help="leave out the NumPy reference (its multi-threaded BLAS keeps spinning after each "
         "call and disturbs the next samples of 2-thread runs)",
     )
+    p.add_argument(
+        "--splits",
+        action="store_true",
+        help="only the time loop split by hidden units vs by sequences (LSTM, N >= 16)",
+    )
     args = p.parse_args(argv)
+    if args.splits:
+        print(
+            f"threads {args.threads}; LSTM float32, ms: medians of {args.rounds} interleaved "
+            "rounds of 5-call minima; forward with training=True, and forward+backward"
+        )
+        print(f"{'T,N,D,H':>16} {'units fwd':>10} {'rows fwd':>9} {'torch fwd':>10} "
+              f"{'units f+b':>10} {'rows f+b':>9} {'torch f+b':>10}")
+        for r in compare_splits(n_threads=args.threads, rounds=args.rounds):
+            cells = [r.get(k, float("nan")) for k in (
+                "units fwd-train", "rows fwd-train", "torch fwd-train",
+                "units fwd+bwd", "rows fwd+bwd", "torch fwd+bwd")]  # fmt: skip
+            print(f"{','.join(map(str, r['shape'])):>16} " + " ".join(
+                f"{c:{w}.2f}" for c, w in zip(cells, (10, 9, 10, 10, 9, 10))))  # fmt: skip
+        return
     sgemm = sgemm_gflops(args.threads)
     print(
         f"threads {args.threads}; sgemm {sgemm:.0f} GFLOP/s (2048^3, NumPy's BLAS); float32; "

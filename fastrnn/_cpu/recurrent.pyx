@@ -20,12 +20,16 @@ How a call runs (everything from the first GEMM to the last inside one ``with no
 * States. ``hs`` holds h0 (N rows) then each step's new h (na[t] rows): the state a step reads
   is the first na[t] rows of the previous block, contiguous because the batch is sorted. c is
   kept the same way (a two-block ring when nothing is saved for backward).
-* Threads. With more than one thread in the time loop the weights' gate rows are permuted once
-  per call into the blocked layout (_recurrent_common.pxd), so OpenMP thread p owns hidden units
-  [u0, u1) and gate rows [G u0, G u1): it runs its columns of the step's recurrent GEMM, then
-  the pointwise pass of its units, then one barrier per step. A projection adds a barrier and a
-  GEMM h_t = r_t W_hr^T split by output columns. Small problems run the time loop on one thread
-  (MIN_PARALLEL_WORK) and split only the whole-sequence GEMMs.
+* Threads. A batch with at least SPLIT_ROWS_MIN sequences per thread is split by sequences:
+  each OpenMP thread runs the whole time loop of its own rows (contiguous in the sorted order,
+  balanced by their steps), with no barrier per step and nothing read from another thread's
+  steps; the weights' transposes and panels are shared out first, one barrier. Smaller batches
+  split by hidden units: the weights' gate rows are permuted once per call into the blocked
+  layout (_recurrent_common.pxd, one block per thread), so thread p owns hidden units [u0, u1)
+  and gate rows [G u0, G u1): it runs its columns of the step's recurrent GEMM, then the
+  pointwise pass of its units, then one barrier per step (a projection adds a barrier and a
+  GEMM h_t = r_t W_hr^T split by output columns). Small problems run the time loop on one
+  thread (MIN_PARALLEL_WORK) and split only the whole-sequence GEMMs.
 * GEMMs. The step GEMMs read the recurrent weights from panels packed once per call (float32,
   AVX-512) or go to single-threaded BLAS (pinned in C, see _recurrent_threads.py); the input
   projection of all steps (L1, G1, R1) and the weight/input gradients (LB5, GB5, RB4) are
