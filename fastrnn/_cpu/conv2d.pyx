@@ -30,6 +30,7 @@ import threading
 import numpy as np
 
 from fastrnn._cpu._openmp cimport omp_get_thread_num
+from fastrnn._cpu._sums cimport lanes_add, lanes_total, lanes_zero
 
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
@@ -432,19 +433,28 @@ def _direct_wgrad_run(
 
 
 def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
-    """CB1: db[f] = the sum of dy[:, f], in double, in a fixed order."""
+    """CB1: db[f] = the sum of dy[:, f], in double, in a fixed order (8 lanes: _sums.pxd)."""
     cdef Py_ssize_t N = dy.shape[0], F = dy.shape[1], L = dy.shape[2] * dy.shape[3]
-    cdef Py_ssize_t f, n, e
-    cdef double acc
-    cdef const floating* p
+    cdef Py_ssize_t f
+    if N == 0 or L == 0:
+        for f in range(F):
+            db[f] = 0
+        return
     with nogil:
         for f in prange(F, num_threads=nthreads, schedule="static"):
-            acc = 0
-            for n in range(N):
-                p = &dy[n, f, 0, 0]
-                for e in range(L):
-                    acc = acc + p[e]
-            db[f] = <floating> acc
+            db[f] = <floating> _channel_sum(&dy[0, 0, 0, 0], N, F, L, f)
+
+
+cdef double _channel_sum(
+    const floating* dy, Py_ssize_t N, Py_ssize_t F, Py_ssize_t L, Py_ssize_t f
+) noexcept nogil:
+    """The sum of channel f of dy (N, F, L) (its own lanes: one call per thread at a time)."""
+    cdef double acc[8]
+    cdef Py_ssize_t n
+    lanes_zero(acc)
+    for n in range(N):
+        lanes_add(acc, dy + (n * F + f) * L, L)
+    return lanes_total(acc)
 
 
 def _reduce_parts(

@@ -45,6 +45,7 @@ import numpy as np
 
 from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
+from fastrnn._cpu._sums cimport lanes_add, lanes_total, lanes_zero
 
 from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._threads import get_num_threads
@@ -284,15 +285,14 @@ cdef void _reduce_block(
 
 
 cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
-    """CB1 for one output channel, accumulated in double in a fixed order."""
-    cdef double s = 0
-    cdef Py_ssize_t n, e
-    cdef const floating* p
+    """CB1 for one output channel, accumulated in double in a fixed order (8 lanes:
+    _sums.pxd)."""
+    cdef double acc[8]
+    cdef Py_ssize_t n
+    lanes_zero(acc)
     for n in range(g.N):
-        p = dy + (n * g.F + f) * g.L
-        for e in range(g.L):
-            s += p[e]
-    return s
+        lanes_add(acc, dy + (n * g.F + f) * g.L, g.L)
+    return lanes_total(acc)
 
 
 cdef tuple _shape(const floating[:, :, :, ::1] a):
