@@ -83,6 +83,23 @@ def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypat
         fr.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("T", [1, 2, 3, 9])
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_short_sequences_and_uneven_groups(op, T, split, monkeypatch):
+    """Fewer than 4 steps (no transposed weights, no panels: the step GEMMs on BLAS), and 21 rows
+    in groups of 10 and 11 (with lengths: balanced by steps, so unequal counts)."""
+    _set_split(split, monkeypatch)
+    threads = fr.get_num_threads()
+    fr.set_num_threads(2)
+    try:
+        for lengths in (None, np.minimum(np.arange(21) % 5 + 1, T)):
+            for dtype in (np.float32, np.float64):
+                _compare(op, dtype, T, 21, 3, 19, lengths, seed=T)
+    finally:
+        fr.set_num_threads(threads)
+
+
 def test_simd_switch_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv("FASTRNN_SIMD", "sse9")
     with pytest.raises(ValueError, match="FASTRNN_SIMD"):
