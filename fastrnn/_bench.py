@@ -382,13 +382,15 @@ def compare_splits(
     n_threads: int = 2,
     rounds: int = 5,
 ) -> list[dict[str, Any]]:
-    """The time loop split by hidden units vs by sequences (recurrent.SPLIT_ROWS_MIN 0 / its
-    default), torch alongside: ms, medians over ``rounds`` interleaved rounds of 5-call minima,
-    forward (training=True, nothing kept) and forward+backward."""
+    """The time loop split by hidden units vs by sequences, forced either way
+    (recurrent.SPLIT_ROWS_MIN 0, or 1 with no limit on the weights), torch alongside: ms,
+    medians over ``rounds`` interleaved rounds of 5-call minima, forward (training=True,
+    nothing kept) and forward+backward."""
     from fastrnn._cpu import recurrent as engine
 
     shapes = shapes or [s for s in TRAINING_SHAPES if s[1] >= 16]
     default = engine.SPLIT_ROWS_MIN
+    default_bytes = engine.SPLIT_ROWS_WEIGHT_BYTES
     out = []
     with threads(n_threads):
         for T, N, D, H in shapes:
@@ -400,17 +402,19 @@ def compare_splits(
             samples: dict[tuple[str, str], list[float]] = {}
             try:
                 for _ in range(rounds):
-                    for mode, split in (("units", 0), ("rows", default), ("torch", None)):
+                    for mode, split in (("units", 0), ("rows", 1), ("torch", None)):
                         impl = "torch" if split is None else "fastrnn"
                         if (impl, "fwd+bwd") not in fns:
                             continue
                         if split is not None:
                             engine.SPLIT_ROWS_MIN = split
+                            engine.SPLIT_ROWS_WEIGHT_BYTES = 1 << 62
                         for passes in ("fwd-train", "fwd+bwd"):
                             t = min(time_call(fns[(impl, passes)], 5, warmup=1))
                             samples.setdefault((mode, passes), []).append(t * 1e3)
             finally:
                 engine.SPLIT_ROWS_MIN = default
+                engine.SPLIT_ROWS_WEIGHT_BYTES = default_bytes
             row: dict[str, Any] = {"op": op, "shape": (T, N, D, H), "threads": n_threads}
             for key, v in samples.items():
                 row[f"{key[0]} {key[1]}"] = statistics.median(v)
@@ -433,7 +437,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--splits",
         action="store_true",
-        help="only the time loop split by hidden units vs by sequences (LSTM, N >= 16)",
+        help="only the time loop split by hidden units vs by sequences (LSTM; the default shapes "
+        "with N >= 16, or --shapes)",
+    )
+    p.add_argument(
+        "--shapes",
+        default="",
+        help="with --splits: T,N,D,H;T,N,D,H;... instead of the default shapes",
     )
     args = p.parse_args(argv)
     if args.splits:
@@ -443,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"{'T,N,D,H':>16} {'units fwd':>10} {'rows fwd':>9} {'torch fwd':>10} "
               f"{'units f+b':>10} {'rows f+b':>9} {'torch f+b':>10}")
-        for r in compare_splits(n_threads=args.threads, rounds=args.rounds):
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+        for r in compare_splits(shapes or None, n_threads=args.threads, rounds=args.rounds):
             cells = [r.get(k, float("nan")) for k in (
                 "units fwd-train", "rows fwd-train", "torch fwd-train",
                 "units fwd+bwd", "rows fwd+bwd", "torch fwd+bwd")]  # fmt: skip

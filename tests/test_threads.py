@@ -92,6 +92,28 @@ def test_backward_split_otherwise_than_forward(op, order, monkeypatch, restore_t
             np.testing.assert_allclose(got, want, err_msg=name, **AGREE[np.float64])
 
 
+def test_split_by_rows_follows_the_weights_and_the_rows(monkeypatch, restore_threads):
+    """By sequences when each thread gets SPLIT_ROWS_MIN rows and the weights a step streams
+    fit SPLIT_ROWS_WEIGHT_BYTES, or each thread gets SPLIT_ROWS_MANY rows; else by units."""
+    monkeypatch.setattr(_recurrent_threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(_recurrent_threads, "MIN_SEQUENCE_PARALLEL_WORK", 0)
+    monkeypatch.setattr(engine, "SPLIT_ROWS_MIN", 4)
+    monkeypatch.setattr(engine, "SPLIT_ROWS_MANY", 8)
+    fr.set_num_threads(2)
+    rng = np.random.default_rng(3)
+    op = OPS[0]  # LSTM: W_hh^T of H = 32 is 32 x 128 float64, 32 KiB
+
+    def split(N, limit):
+        monkeypatch.setattr(engine, "SPLIT_ROWS_WEIGHT_BYTES", limit)
+        _, ctx = op.forward(op.arrays(3, N, 5, 32, rng), None)
+        return ctx.saved["split"]
+
+    assert split(8, 1 << 20) == "rows"  # 4 rows each, the weights fit
+    assert split(8, 1 << 10) == "units"  # 4 rows each, the weights do not fit
+    assert split(16, 1 << 10) == "rows"  # 8 rows each share every pass over the weights
+    assert split(6, 1 << 20) == "units"  # 3 rows each
+
+
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_more_threads_than_blocks(op, monkeypatch, restore_threads):
     """H=20 is two blocks of units (16 + 4): two of four threads own no units but still take part

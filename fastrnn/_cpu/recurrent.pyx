@@ -20,7 +20,7 @@ How a call runs (everything from the first GEMM to the last inside one ``with no
 * States. ``hs`` holds h0 (N rows) then each step's new h (na[t] rows): the state a step reads
   is the first na[t] rows of the previous block, contiguous because the batch is sorted. c is
   kept the same way (a two-block ring when nothing is saved for backward).
-* Threads. A batch with at least SPLIT_ROWS_MIN sequences per thread is split by sequences:
+* Threads. A batch with enough sequences per thread (SPLIT_ROWS_*) is split by sequences:
   each OpenMP thread runs the whole time loop of its own rows (contiguous in the sorted order,
   balanced by their steps), with no barrier per step and nothing read from another thread's
   steps; the weights' transposes and panels are shared out first, one barrier. Smaller batches
@@ -106,11 +106,16 @@ from fastrnn._cpu._recurrent_cells cimport (
 # 3-12% slower at 16 (fewer row tiles share each panel chunk in L1). 0 turns it off.
 FUSE_INPUT_MIN_ROWS = 32
 
-# With at least this many sequences per thread the time loop is split by sequences (each thread
-# runs its own rows' steps, no barrier per step) instead of by hidden units (a barrier per step,
-# the h_t of every thread read by every thread). Measured: benchmarks/NOTES-cpu.md. 0 turns
-# it off.
-SPLIT_ROWS_MIN = 8
+# The time loop is split by sequences (each thread runs its own rows' steps, no barrier per
+# step) instead of by hidden units (a barrier per step, the h_t of every thread read by every
+# thread) when every thread gets at least SPLIT_ROWS_MIN sequences, and either the weights each
+# step streams (W_hh^T, and W_ih^T when the input projection runs per step) fit in
+# SPLIT_ROWS_WEIGHT_BYTES (each thread streams all of them, from its own L2) or every thread
+# gets SPLIT_ROWS_MANY sequences to share each pass over them. Measured: benchmarks/NOTES-cpu.md.
+# SPLIT_ROWS_MIN = 0 turns it off.
+SPLIT_ROWS_MIN = 4
+SPLIT_ROWS_MANY = 16
+SPLIT_ROWS_WEIGHT_BYTES = 1 << 20
 
 # cell -> gate rows per hidden unit in the weights
 _GATES = {FR_LSTM: 4, FR_GRU: 3, FR_RNN_TANH: 1, FR_RNN_RELU: 1}
@@ -923,8 +928,12 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # a parallel region (no barrier per step, the natural layout); else by hidden units when a
     # step's GEMM repays a barrier per step (team_size), in one block per thread (a multiple of
     # BLOCK), so the cells run long loops.
+    per_step = P + (D if pl.fast and 0 < FUSE_INPUT_MIN_ROWS <= rows.N else 0)
+    weight_bytes = per_step * G * H * (4 if is_float else 8)
     pl.by_rows = (pl.seq_threads > 1 and SPLIT_ROWS_MIN > 0
-                  and rows.N >= SPLIT_ROWS_MIN * pl.seq_threads)
+                  and rows.N >= SPLIT_ROWS_MIN * pl.seq_threads
+                  and (weight_bytes <= SPLIT_ROWS_WEIGHT_BYTES
+                       or rows.N >= SPLIT_ROWS_MANY * pl.seq_threads))
     pl.nt = pl.seq_threads if pl.by_rows else team_size(rows.N, H, G, P)
     pl.bs = H
     pl.rsplit = NULL
