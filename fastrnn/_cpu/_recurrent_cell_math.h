@@ -127,67 +127,6 @@ static FR_TARGET __attribute__((unused)) void FR_NAME(activations)(int tanh_, FR
 /* LSTM L3-L4. g: (rows, 4H) pre-activations without bias in, activations i, f, g, o out;
    cp, cn: (rows, H) c_{t-1}, c_t; rn: (rows, H) r_t = o tanh(c_t) (h_t, or what the projection
    multiplies). */
-#if FR_IS_FLOAT && FR_AVX512
-/* v_act: add + mul / (1 + e^{k x}) for 16 lanes (sigmoid: -1, 1, 0; tanh: 2, -2, 1) */
-#define FR_V_ACT(x, k, mul, add) \
-    _mm512_fmadd_ps(FR_NAME(v_recip1pexp)((x), (k)), _mm512_set1_ps(mul), _mm512_set1_ps(add))
-/* LSTM L3-L4. g: (rows, 4H) pre-activations without bias in, activations i, f, g, o out;
-   cp, cn: (rows, H) c_{t-1}, c_t; rn: (rows, H) r_t = o tanh(c_t) (h_t, or what the projection
-   multiplies). */
-static FR_TARGET void FR_NAME(lstm_fwd)(
-    Py_ssize_t rows, FR_T *restrict g, const FR_T *restrict bias, const FR_T *restrict cp,
-    FR_T *restrict cn, FR_T *restrict rn, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
-    Py_ssize_t u1)
-{
-    /* The same steps as the portable form below, 16 units per iteration in registers (the
-       last ones of a block under a lane mask). */
-    for (Py_ssize_t n = 0; n < rows; n++) {
-        FR_T *restrict gr = g + n * 4 * H;
-        const FR_T *restrict cpr = cp + n * H;
-        FR_T *restrict cnr = cn + n * H;
-        FR_T *restrict rnr = rn + n * H;
-        for (Py_ssize_t j0 = u0; j0 < u1; j0 += bs) {
-            Py_ssize_t sz = FR_SZ(j0);
-            FR_T *restrict a = gr + 4 * j0;
-            const FR_T *restrict bb = bias + 4 * j0;
-            /* L3: gate nonlinearities (L1's bias added here), in place */
-            for (Py_ssize_t u = 0; u < sz; u += 16) {
-                __mmask16 m = sz - u >= 16 ? (__mmask16) 0xFFFF
-                                           : (__mmask16) ((1u << (sz - u)) - 1u);
-#define FR_GATE(q, k, mul, add)                                                        \
-                _mm512_mask_storeu_ps(                                                  \
-                    a + (q) * sz + u, m,                                                \
-                    FR_V_ACT(_mm512_add_ps(_mm512_maskz_loadu_ps(m, a + (q) * sz + u),  \
-                                           _mm512_maskz_loadu_ps(m, bb + (q) * sz + u)), \
-                             k, mul, add))
-                FR_GATE(0, -1.0f, 1.0f, 0.0f);
-                FR_GATE(1, -1.0f, 1.0f, 0.0f);
-                FR_GATE(2, 2.0f, -2.0f, 1.0f);
-                FR_GATE(3, -1.0f, 1.0f, 0.0f);
-#undef FR_GATE
-            }
-            /* L4: cell and hidden state (a second pass: its tanh waits for the gates) */
-            for (Py_ssize_t u = 0; u < sz; u += 16) {
-                __mmask16 m = sz - u >= 16 ? (__mmask16) 0xFFFF
-                                           : (__mmask16) ((1u << (sz - u)) - 1u);
-                __m512 i = _mm512_maskz_loadu_ps(m, a + u);
-                __m512 f = _mm512_maskz_loadu_ps(m, a + sz + u);
-                __m512 gg = _mm512_maskz_loadu_ps(m, a + 2 * sz + u);
-                __m512 o = _mm512_maskz_loadu_ps(m, a + 3 * sz + u);
-                __m512 c = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, cpr + j0 + u),
-                                           _mm512_mul_ps(i, gg));
-                _mm512_mask_storeu_ps(cnr + j0 + u, m, c);
-                _mm512_mask_storeu_ps(rnr + j0 + u, m,
-                                      _mm512_mul_ps(o, FR_V_ACT(c, 2.0f, -2.0f, 1.0f)));
-            }
-        }
-    }
-}
-#undef FR_V_ACT
-#else
-/* LSTM L3-L4. g: (rows, 4H) pre-activations without bias in, activations i, f, g, o out;
-   cp, cn: (rows, H) c_{t-1}, c_t; rn: (rows, H) r_t = o tanh(c_t) (h_t, or what the projection
-   multiplies). */
 static FR_TARGET void FR_NAME(lstm_fwd)(
     Py_ssize_t rows, FR_T *restrict g, const FR_T *restrict bias, const FR_T *restrict cp,
     FR_T *restrict cn, FR_T *restrict rn, Py_ssize_t H, Py_ssize_t bs, Py_ssize_t u0,
@@ -220,7 +159,6 @@ static FR_TARGET void FR_NAME(lstm_fwd)(
         }
     }
 }
-#endif
 
 /* LSTM LB1-LB4. acts: (rows, 4H) i, f, g, o; cp, cn: c_{t-1}, c_t; dyt: (rows, H) or NULL;
    dh: (rows, H) in: gradient reaching r_t (besides dyt), out: 0 (the GEMM adds da W_hh);
