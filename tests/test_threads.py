@@ -185,3 +185,22 @@ def test_step_gemm_probe_rejects_bad_arguments():
         step_gemm_seconds(4, 16, 4, "gpu", 2)
     with pytest.raises(ValueError, match="threads"):
         step_gemm_seconds(4, 16, 4, "omp", 0)
+
+
+def test_split_comparison_restores_the_switches(capsys):
+    """python -m fastrnn._bench --splits: both splits forced in turn, the engine's switches as
+    they were afterwards, every column printed."""
+    from fastrnn import _bench
+
+    before = (engine.SPLIT_ROWS_MIN, engine.SPLIT_ROWS_WEIGHT_BYTES)
+    rows = _bench.compare_splits([(3, 16, 4, 8)], n_threads=2, rounds=1)
+    assert (engine.SPLIT_ROWS_MIN, engine.SPLIT_ROWS_WEIGHT_BYTES) == before
+    (row,) = rows
+    for mode in ("units", "rows"):
+        for passes in ("fwd-train", "fwd+bwd"):
+            assert row[f"{mode} {passes}"] > 0
+    _bench.main(["--splits", "--threads", "2", "--rounds", "1", "--shapes", "3,16,4,8;2,8,3,5"])
+    out = capsys.readouterr().out
+    assert "3,16,4,8" in out and "2,8,3,5" in out
+    if _bench.torch_available():
+        assert "nan" not in out.split("\n", 2)[2]
