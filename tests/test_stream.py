@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastrnn import nn
+from fastrnn.examples.char_rnn import stepped_sample
 
 MODULES = [
     pytest.param(lambda **kw: nn.LSTM(5, 7, num_layers=3, **kw), id="lstm"),
@@ -91,21 +92,6 @@ def test_char_rnn_sampling_through_a_stream_matches_the_model():
     assert got == "abc" + vocab.decode(out)
 
 
-def _python_sampler(stream, table, w_out, b_out, last, temperature, u):
-    """The sampling loop written with NumPy and stream.step: what the kernel must equal."""
-    from fastrnn.nn.functional import softmax
-
-    out = []
-    x = np.empty((1, table.shape[1]), table.dtype)
-    for i in range(len(u)):
-        p = softmax(last.astype(np.float64) / temperature)
-        nxt = int(min(np.searchsorted(np.cumsum(p), u[i] * p.sum()), len(p) - 1))
-        out.append(nxt)
-        x[0] = table[nxt]
-        last = w_out @ stream.step(x)[0] + b_out
-    return out
-
-
 SAMPLED = [
     pytest.param(lambda D, H, dt: nn.LSTM(D, H, num_layers=2, dtype=dt), id="lstm"),
     pytest.param(lambda D, H, dt: nn.GRU(D, H, num_layers=3, dtype=dt), id="gru"),
@@ -137,7 +123,8 @@ def test_sampling_kernel_equals_the_stepped_loop(make, dtype, H, threads):
     start = start if m.mode == "LSTM" else h0.astype(dtype)
     a.state = start
     b.state = start
-    want = _python_sampler(a, table, w_out, b_out, last, 0.7, u)
+    # the sampling loop stepped from Python (NumPy draws, stream.step): what the kernel must equal
+    want = stepped_sample(a, table, w_out, b_out, last, 0.7, u).tolist()
     with threads_in_this_thread(threads):
         got = b._sample(table, w_out, b_out, last, 0.7, u)
     # the same draws; the states agree to rounding (the threads' column ranges may put a

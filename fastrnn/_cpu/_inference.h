@@ -57,6 +57,18 @@ static void* fr_weights_alloc(size_t bytes) {
 #define FR_JB 32
 
 /* Offset of element (k, j) of a (K, M) panel-packed matrix. */
+/* The sampler's gates per hidden unit, and thread tid's hidden units [u0, u1) of a layer of H
+   (nt chunks rounded up to `align` units; the last threads may get none). */
+static inline int fr_gen_gates(int cell) {
+    return cell == FR_LSTM ? 4 : cell == FR_GRU ? 3 : 1;
+}
+static inline void fr_gen_units(int H, int nt, int tid, int align, int *u0, int *u1) {
+    int chunk = (H + nt - 1) / nt;
+    chunk = (chunk + align - 1) / align * align;
+    *u0 = tid * chunk < H ? tid * chunk : H;
+    *u1 = *u0 + chunk < H ? *u0 + chunk : H;
+}
+
 static inline long fr_panel_at(long K, long M, long k, long j) {
     long p0 = j / FR_PW * FR_PW;
     long wd = M - p0 < FR_PW ? M - p0 : FR_PW;
@@ -319,11 +331,8 @@ static int fr_generate_##t(int isa, int nthreads, int L, fr_gen_layer_##t* layer
         if (!panel) { _Pragma("omp atomic write") failed = 1; }                              \
         for (int l = 0; panel && l < L; l++) {                                               \
             fr_gen_layer_##t* ly = &layers[l];                                               \
-            int G = ly->cell == FR_LSTM ? 4 : ly->cell == FR_GRU ? 3 : 1, H = ly->H;         \
-            int chunk = (H + nt - 1) / nt;                                                   \
-            chunk = (chunk + align - 1) / align * align;                                     \
-            int u0 = tid * chunk < H ? tid * chunk : H;                                      \
-            int u1 = u0 + chunk < H ? u0 + chunk : H;                                        \
+            int G = fr_gen_gates(ly->cell), H = ly->H, u0, u1;                               \
+            fr_gen_units(H, nt, tid, align, &u0, &u1);                                       \
             int sz = u1 - u0, K = ly->D + H;                                                 \
             if (sz == 0) continue;                                                           \
             int M = G * sz, D = ly->D;                                                       \
@@ -364,11 +373,8 @@ static int fr_generate_##t(int isa, int nthreads, int L, fr_gen_layer_##t* layer
             int K1 = E;                                                                      \
             for (int l = 0; l < L; l++) {                                                    \
                 fr_gen_layer_##t* ly = &layers[l];                                           \
-                int G = ly->cell == FR_LSTM ? 4 : ly->cell == FR_GRU ? 3 : 1, H = ly->H;     \
-                int chunk = (H + nt - 1) / nt;                                               \
-                chunk = (chunk + align - 1) / align * align;                                 \
-                int u0 = tid * chunk < H ? tid * chunk : H;                                  \
-                int u1 = u0 + chunk < H ? u0 + chunk : H;                                    \
+                int G = fr_gen_gates(ly->cell), H = ly->H, u0, u1;                           \
+                fr_gen_units(H, nt, tid, align, &u0, &u1);                                   \
                 int sz = u1 - u0, M = G * sz;                                                \
                 const T* hp = hb[2 * l + my_cur];                                            \
                 T* hn = hb[2 * l + 1 - my_cur];                                              \

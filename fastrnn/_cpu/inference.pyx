@@ -125,6 +125,21 @@ cdef void _sequence_loop(
                     c[n * H + j] = cn[n * H + j]
 
 
+cdef void _sequence(
+    floating kind, int isa, int cell, Py_ssize_t T, Py_ssize_t N, Py_ssize_t D, Py_ssize_t H,
+    const long* lengths, const void* x, const void* w_ih, void* gx, void* gh, const void* wt_h,
+    const void* b, const void* b_hh, void* y, void* h, void* c, void* hn, void* cn,
+) noexcept nogil:
+    """A small-batch sequence on buffers of the float type of ``kind``: x W_ih^T of every step
+    in one GEMM into gx, then the time loop (_sequence_loop)."""
+    cdef int G = 4 if cell == FR_LSTM else (3 if cell == FR_GRU else 1)
+    gemm(False, True, <int> (T * N), <int> (G * H), <int> D, <floating> 1, <const floating*> x,
+         <int> D, <const floating*> w_ih, <int> D, <floating> 0, <floating*> gx, <int> (G * H))
+    _sequence_loop(isa, cell, T, N, H, lengths, <floating*> gx, <floating*> gh,
+                   <const floating*> wt_h, <const floating*> b, <const floating*> b_hh,
+                   <floating*> y, <floating*> h, <floating*> c, <floating*> hn, <floating*> cn)
+
+
 import numpy as np
 
 cnp.import_array()
@@ -395,35 +410,27 @@ cdef class PreparedCell:
         h = np.array(h0, copy=True)
         c = np.array(c0, copy=True) if lstm else None
         hn, cn = np.empty((N, H), self.dtype), np.empty((N, H), self.dtype)
-        cdef cnp.ndarray xa = x, gxa = gx, gha = gh, wi = self.w_ih, wh = self.wt_h, bb = self.b
-        cdef cnp.ndarray ya = y, ha = h, hna = hn, cna = cn
+        cdef void* px = cnp.PyArray_DATA(<cnp.ndarray> x)
+        cdef void* pwi = cnp.PyArray_DATA(<cnp.ndarray> self.w_ih)
+        cdef void* pgx = cnp.PyArray_DATA(<cnp.ndarray> gx)
+        cdef void* pgh = cnp.PyArray_DATA(<cnp.ndarray> gh)
+        cdef void* pwh = cnp.PyArray_DATA(<cnp.ndarray> self.wt_h)
+        cdef void* pb = cnp.PyArray_DATA(<cnp.ndarray> self.b)
         cdef void* bh = NULL if self.b_hh is None else cnp.PyArray_DATA(<cnp.ndarray> self.b_hh)
+        cdef void* py = cnp.PyArray_DATA(<cnp.ndarray> y)
+        cdef void* ph = cnp.PyArray_DATA(<cnp.ndarray> h)
         cdef void* cp = NULL if c is None else cnp.PyArray_DATA(<cnp.ndarray> c)
+        cdef void* phn = cnp.PyArray_DATA(<cnp.ndarray> hn)
+        cdef void* pcn = cnp.PyArray_DATA(<cnp.ndarray> cn)
         cdef const long* lp = NULL if lens is None else <const long*> cnp.PyArray_DATA(lens)
         cdef int cell = self.cell, isa = self.isa
         with nogil:
             if self.is_double:
-                gemm(False, True, T * N, GH, D, <double> 1, <double*> cnp.PyArray_DATA(xa), D,
-                     <double*> cnp.PyArray_DATA(wi), D, <double> 0,
-                     <double*> cnp.PyArray_DATA(gxa), GH)
-                _sequence_loop[double](
-                    isa, cell, T, N, H, lp, <double*> cnp.PyArray_DATA(gxa),
-                    <double*> cnp.PyArray_DATA(gha), <double*> cnp.PyArray_DATA(wh),
-                    <double*> cnp.PyArray_DATA(bb), <double*> bh,
-                    <double*> cnp.PyArray_DATA(ya), <double*> cnp.PyArray_DATA(ha),
-                    <double*> cp, <double*> cnp.PyArray_DATA(hna),
-                    <double*> cnp.PyArray_DATA(cna))
+                _sequence(<double> 0, isa, cell, T, N, D, H, lp, px, pwi, pgx, pgh, pwh, pb, bh,
+                          py, ph, cp, phn, pcn)
             else:
-                gemm(False, True, T * N, GH, D, <float> 1, <float*> cnp.PyArray_DATA(xa), D,
-                     <float*> cnp.PyArray_DATA(wi), D, <float> 0,
-                     <float*> cnp.PyArray_DATA(gxa), GH)
-                _sequence_loop[float](
-                    isa, cell, T, N, H, lp, <float*> cnp.PyArray_DATA(gxa),
-                    <float*> cnp.PyArray_DATA(gha), <float*> cnp.PyArray_DATA(wh),
-                    <float*> cnp.PyArray_DATA(bb), <float*> bh,
-                    <float*> cnp.PyArray_DATA(ya), <float*> cnp.PyArray_DATA(ha),
-                    <float*> cp, <float*> cnp.PyArray_DATA(hna),
-                    <float*> cnp.PyArray_DATA(cna))
+                _sequence(<float> 0, isa, cell, T, N, D, H, lp, px, pwi, pgx, pgh, pwh, pb, bh,
+                          py, ph, cp, phn, pcn)
         return (y, h, c) if lstm else (y, h)
 
     def __reduce__(self):

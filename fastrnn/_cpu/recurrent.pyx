@@ -280,6 +280,43 @@ cdef inline Py_ssize_t group_rows(const Plan* pl, Py_ssize_t q, Py_ssize_t t) no
 # ------------------------------------------------------------------------------------------------
 
 
+cdef inline void fwd_step(
+    const Plan* pl, Py_ssize_t t, Py_ssize_t n0, Py_ssize_t m, Py_ssize_t u0, Py_ssize_t u1,
+    const floating* x, const floating* w_hh, const floating* b1, const floating* b2,
+    floating* gates, floating* hw, floating* sv, floating* hs, floating* cs, floating* rs,
+    const floating* w_hh_t, const floating* panels, const floating* w_ih_t,
+    const floating* panels_x,
+) noexcept nogil:
+    """Step t of the sorted rows [n0, n0 + m) and hidden units [u0, u1) (arguments as
+    fwd_thread): the gates' columns of those units, then their cell. With a projection r_t is
+    left in rs; the caller runs h_t = r_t W_hr^T."""
+    cdef Py_ssize_t G = pl.G, H = pl.H, P = pl.P, D = pl.D, GH = pl.G * pl.H
+    cdef Py_ssize_t r0 = pl.off[t] + n0
+    cdef floating* g = gates + r0 * GH
+    cdef const floating* hp = hs + (pl.hrow[t] + n0) * P
+    cdef floating* hn = hs + (pl.hrow[t + 1] + n0) * P
+    if pl.fuse_x:
+        # L1 / G1 / R1 of this step: written just before the step's own GEMM adds to it and its
+        # cell reads it, so the gates stay in cache
+        columns_product(pl, m, G * u0, G * u1, D, x + r0 * D, D, w_ih_t, GH, panels_x, 0, g, GH)
+    if pl.cell == FR_GRU:
+        # G2: the recurrent projection kept apart (n multiplies it by r), G3-G4.
+        step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 0, hw + n0 * GH)
+        cell_fwd(pl, m, g, hw + n0 * GH, b1, b2, hp, <floating*> NULL, hn, <floating*> NULL,
+                 sv + r0 * 4 * H if sv != NULL else <floating*> NULL, u0, u1)
+    elif pl.cell == FR_LSTM:
+        # L2: the recurrent projection added onto L1's, then L3-L4.
+        step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
+        cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, cs + (pl.crow[t] + n0) * H,
+                 rs + r0 * H if pl.proj else hn, cs + (pl.crow[t + 1] + n0) * H,
+                 <floating*> NULL, u0, u1)
+    else:
+        # R2: the recurrent projection added onto R1's, then R3.
+        step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
+        cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, <floating*> NULL, hn,
+                 <floating*> NULL, <floating*> NULL, u0, u1)
+
+
 cdef void fwd_thread(
     const Plan* pl, int p, int nt, bint whole,
     const floating* x,        # IN  (R, D) packed
@@ -302,9 +339,6 @@ cdef void fwd_thread(
     """Thread p's share of the forward pass (all of it when nt == 1)."""
     cdef Py_ssize_t u0, u1, o0, o1, t, m, r0
     cdef Py_ssize_t G = pl.G, H = pl.H, P = pl.P, GH = pl.G * pl.H
-    cdef floating* g
-    cdef floating* hn
-    cdef const floating* hp
     unit_range(H, pl.bs, nt, p, &u0, &u1)
     out_columns(pl, nt, p, &o0, &o1)
     if pl.use_t:  # this thread's gate columns of W_hh^T (only it reads them: no barrier)
@@ -324,36 +358,14 @@ cdef void fwd_thread(
         m = pl.na[t]
         if m == 0:
             break
-        r0 = pl.off[t]
-        g = gates + r0 * GH
-        hp = hs + pl.hrow[t] * P
-        hn = hs + pl.hrow[t + 1] * P
-        if pl.fuse_x:
-            # L1 / G1 / R1 of this step: written just before the step's own GEMM adds to it
-            # and its cell reads it, so the gates stay in cache
-            columns_product(pl, m, G * u0, G * u1, pl.D, x + r0 * pl.D, pl.D, w_ih_t, GH,
-                            panels_x, 0, g, GH)
-        if pl.cell == FR_GRU:
-            # G2: the recurrent projection kept apart (n multiplies it by r), G3-G4.
-            step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 0, hw)
-            cell_fwd(pl, m, g, hw, b1, b2, hp, <floating*> NULL, hn, <floating*> NULL,
-                     sv + r0 * 4 * H if sv != NULL else <floating*> NULL, u0, u1)
-        elif pl.cell == FR_LSTM:
-            # L2: the recurrent projection added onto L1's, then L3-L4.
-            step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
-            cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, cs + pl.crow[t] * H,
-                     rs + r0 * H if pl.proj else hn, cs + pl.crow[t + 1] * H, <floating*> NULL,
-                     u0, u1)
-        else:
-            # R2: the recurrent projection added onto R1's, then R3.
-            step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
-            cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, <floating*> NULL, hn,
-                     <floating*> NULL, <floating*> NULL, u0, u1)
+        fwd_step(pl, t, 0, m, u0, u1, x, w_hh, b1, b2, gates, hw, sv, hs, cs, rs, w_hh_t,
+                 panels, w_ih_t, panels_x)
         if pl.proj:
             # L4p: h_t = r_t W_hr^T needs every unit of r_t; this thread's output columns.
             fr_barrier()
+            r0 = pl.off[t]
             mm(False, True, m, o1 - o0, H, <floating> 1, rs + r0 * H, H, w_hr + o0 * H, H,
-               <floating> 0, hn + o0, P)
+               <floating> 0, hs + pl.hrow[t + 1] * P + o0, P)
         # Every thread's part of h_t is written before any thread's next step reads it.
         fr_barrier()
 
@@ -371,9 +383,6 @@ cdef void fwd_rows_thread(
     sequences depend on nothing the other threads compute."""
     cdef Py_ssize_t c0, c1, t, m, r0, q, n0
     cdef Py_ssize_t H = pl.H, P = pl.P, D = pl.D, GH = pl.G * pl.H
-    cdef floating* g
-    cdef floating* hn
-    cdef const floating* hp
     panel_columns(GH, nt, p, &c0, &c1)
     if pl.use_t:
         transpose_rows(w_hh, GH, P, c0, c1, w_hh_t)
@@ -393,29 +402,12 @@ cdef void fwd_rows_thread(
             m = group_rows(pl, q, t)
             if m == 0:
                 break
-            r0 = pl.off[t] + n0
-            g = gates + r0 * GH
-            hp = hs + (pl.hrow[t] + n0) * P
-            hn = hs + (pl.hrow[t + 1] + n0) * P
-            if pl.fuse_x:
-                columns_product(pl, m, 0, GH, D, x + r0 * D, D, w_ih_t, GH, panels_x, 0, g, GH)
-            if pl.cell == FR_GRU:
-                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 0, hw + n0 * GH)
-                cell_fwd(pl, m, g, hw + n0 * GH, b1, b2, hp, <floating*> NULL, hn,
-                         <floating*> NULL, sv + r0 * 4 * H if sv != NULL else <floating*> NULL,
-                         0, H)
-            elif pl.cell == FR_LSTM:
-                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 1, g)
-                cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp,
-                         cs + (pl.crow[t] + n0) * H, rs + r0 * H if pl.proj else hn,
-                         cs + (pl.crow[t + 1] + n0) * H, <floating*> NULL, 0, H)
-            else:
-                step_product(pl, m, 0, GH, hp, w_hh, w_hh_t, panels, 1, g)
-                cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, <floating*> NULL,
-                         hn, <floating*> NULL, <floating*> NULL, 0, H)
+            fwd_step(pl, t, n0, m, 0, H, x, w_hh, b1, b2, gates, hw, sv, hs, cs, rs, w_hh_t,
+                     panels, w_ih_t, panels_x)
             if pl.proj:  # L4p for these rows, every output column
-                mm(False, True, m, P, H, <floating> 1, rs + r0 * H, H, w_hr, H, <floating> 0, hn,
-                   P)
+                r0 = pl.off[t] + n0
+                mm(False, True, m, P, H, <floating> 1, rs + r0 * H, H, w_hr, H, <floating> 0,
+                   hs + (pl.hrow[t + 1] + n0) * P, P)
         q += nt
 
 
@@ -499,6 +491,53 @@ cdef inline void project_rows(
 # ------------------------------------------------------------------------------------------------
 
 
+cdef inline void bwd_step(
+    const Plan* pl, Py_ssize_t t, Py_ssize_t n0, Py_ssize_t m, Py_ssize_t u0, Py_ssize_t u1,
+    Py_ssize_t o0, Py_ssize_t o1, bint sync,
+    const floating* w_hh, const floating* w_hr, const floating* acts, const floating* hs,
+    const floating* cs, const floating* dy, floating* dh, floating* dc, floating* dax,
+    floating* dah, floating* dht, floating* dr, const floating* panels,
+) noexcept nogil:
+    """Step t backwards for the sorted rows [n0, n0 + m), hidden units [u0, u1) and state
+    columns [o0, o1) (arguments as bwd_thread); ``sync``: other threads hold the other units
+    and columns of these rows, so a barrier comes wherever a pass reads all of them."""
+    cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H, i, c
+    cdef Py_ssize_t r0 = pl.off[t] + n0
+    cdef const floating* a_t = acts + r0 * (4 * H if pl.cell == FR_GRU else GH)
+    cdef const floating* dy_t = dy + r0 * P
+    cdef floating* dh_q = dh + n0 * P
+    cdef floating* dc_q = dc + n0 * H if dc != NULL else <floating*> NULL
+    cdef floating* dh_t
+    if pl.proj:
+        # LB1: the gradient reaching h_t, these columns (kept for dW_hr) ...
+        dh_t = dht + r0 * P
+        for i in range(m):
+            for c in range(o0, o1):
+                dh_t[i * P + c] = dy_t[i * P + c] + dh_q[i * P + c]
+        if sync:
+            fr_barrier()
+        # LB1p: ... through h = r W_hr^T to r, these units.
+        mm(False, False, m, u1 - u0, P, <floating> 1, dh_t, P, w_hr + u0, H, <floating> 0,
+           dr + n0 * H + u0, H)
+        cell_bwd(pl, m, a_t, cs + (pl.crow[t] + n0) * H, cs + (pl.crow[t + 1] + n0) * H,
+                 <floating*> NULL, <floating*> NULL, dr + n0 * H, dc_q, dax + r0 * GH,
+                 dax + r0 * GH, u0, u1)
+    else:
+        # LB1-LB4 / GB1-GB4 / RB1-RB3
+        cell_bwd(pl, m, a_t,
+                 cs + (pl.crow[t] + n0) * H if pl.cell == FR_LSTM else <floating*> NULL,
+                 cs + (pl.crow[t + 1] + n0) * H if pl.cell == FR_LSTM else <floating*> NULL,
+                 hs + (pl.hrow[t] + n0) * P, dy_t, dh_q, dc_q, dax + r0 * GH, dah + r0 * GH,
+                 u0, u1)
+    if sync:
+        # All of this step's gate gradients are written before any thread's GEMM reads them.
+        fr_barrier()
+    # To the previous state: these columns of dh; the next pointwise pass over these rows reads
+    # only those (with a projection: the next LB1 reads them), so no second barrier.
+    columns_product(pl, m, o0, o1, GH, dah + r0 * GH, GH, w_hh, P, panels,
+                    0 if pl.proj else 1, dh_q, P)
+
+
 cdef void bwd_thread(
     const Plan* pl, int p, int nt, bint whole,
     const floating* x,        # IN  (R, D) packed
@@ -522,11 +561,8 @@ cdef void bwd_thread(
     floating* scratch,        # (GH, D + P + 2)
     floating* panels,         # scratch (GH * P) W_hh's columns in panels, or unused
 ) noexcept nogil:
-    cdef Py_ssize_t u0, u1, o0, o1, t, m, r0, i, c
+    cdef Py_ssize_t u0, u1, o0, o1, t, m
     cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
-    cdef const floating* a_t
-    cdef floating* dh_t
-    cdef const floating* dy_t
     unit_range(H, pl.bs, nt, p, &u0, &u1)
     out_columns(pl, nt, p, &o0, &o1)
     if floating is float:
@@ -536,33 +572,8 @@ cdef void bwd_thread(
         m = pl.na[t]
         if m == 0:
             continue
-        r0 = pl.off[t]
-        a_t = acts + r0 * (4 * H if pl.cell == FR_GRU else GH)
-        dy_t = dy + r0 * P
-        if pl.proj:
-            # LB1: the gradient reaching h_t, this thread's columns (kept for dW_hr) ...
-            dh_t = dht + r0 * P
-            for i in range(m):
-                for c in range(o0, o1):
-                    dh_t[i * P + c] = dy_t[i * P + c] + dh[i * P + c]
-            fr_barrier()
-            # LB1p: ... through h = r W_hr^T to r, this thread's units.
-            mm(False, False, m, u1 - u0, P, <floating> 1, dh_t, P, w_hr + u0, H, <floating> 0,
-               dr + u0, H)
-            cell_bwd(pl, m, a_t, cs + pl.crow[t] * H, cs + pl.crow[t + 1] * H,
-                     <floating*> NULL, <floating*> NULL, dr, dc, dax + r0 * GH, dax + r0 * GH,
-                     u0, u1)
-        else:
-            # LB1-LB4 / GB1-GB4 / RB1-RB3
-            cell_bwd(pl, m, a_t, cs + pl.crow[t] * H if pl.cell == FR_LSTM else <floating*> NULL,
-                     cs + pl.crow[t + 1] * H if pl.cell == FR_LSTM else <floating*> NULL,
-                     hs + pl.hrow[t] * P, dy_t, dh, dc, dax + r0 * GH, dah + r0 * GH, u0, u1)
-        # All of this step's gate gradients are written before any thread's GEMM reads them.
-        fr_barrier()
-        # To the previous state: this thread's columns of dh; its next pointwise pass reads only
-        # those (with a projection: the next LB1 reads them), so no second barrier.
-        columns_product(pl, m, o0, o1, GH, dah + r0 * GH, GH, w_hh, P, panels,
-                        0 if pl.proj else 1, dh, P)
+        bwd_step(pl, t, 0, m, u0, u1, o0, o1, True, w_hh, w_hr, acts, hs, cs, dy, dh, dc, dax,
+                 dah, dht, dr, panels)
     if whole:  # else bwd_run does it with its own threads
         fr_barrier()
         sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
@@ -580,13 +591,8 @@ cdef void bwd_rows_thread(
     """Thread p's share of a backward split by sequences (pl.by_rows; arguments as
     bwd_thread): W_hh's panels shared out, one barrier, each row group's time loop alone, one
     barrier, the whole-sequence gradients."""
-    cdef Py_ssize_t c0, c1, t, m, r0, q, n0, i, c
+    cdef Py_ssize_t c0, c1, t, m, q, n0
     cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
-    cdef const floating* a_t
-    cdef const floating* dy_t
-    cdef floating* dh_t
-    cdef floating* dh_q
-    cdef floating* dc_q
     if floating is float:
         if pl.panels:
             panel_columns(P, nt, p, &c0, &c1)
@@ -595,35 +601,12 @@ cdef void bwd_rows_thread(
     q = p
     while q < pl.nt:
         n0 = pl.rsplit[q]
-        dh_q = dh + n0 * P
-        dc_q = dc + n0 * H if dc != NULL else <floating*> NULL
         for t in range(pl.T - 1, -1, -1):
             m = group_rows(pl, q, t)
             if m == 0:
                 continue
-            r0 = pl.off[t] + n0
-            a_t = acts + r0 * (4 * H if pl.cell == FR_GRU else GH)
-            dy_t = dy + r0 * P
-            if pl.proj:
-                # LB1, LB1p for these rows: the gradient reaching h_t (kept for dW_hr), to r
-                dh_t = dht + r0 * P
-                for i in range(m):
-                    for c in range(P):
-                        dh_t[i * P + c] = dy_t[i * P + c] + dh_q[i * P + c]
-                mm(False, False, m, H, P, <floating> 1, dh_t, P, w_hr, H, <floating> 0,
-                   dr + n0 * H, H)
-                cell_bwd(pl, m, a_t, cs + (pl.crow[t] + n0) * H, cs + (pl.crow[t + 1] + n0) * H,
-                         <floating*> NULL, <floating*> NULL, dr + n0 * H, dc_q, dax + r0 * GH,
-                         dax + r0 * GH, 0, H)
-            else:
-                cell_bwd(pl, m, a_t,
-                         cs + (pl.crow[t] + n0) * H if pl.cell == FR_LSTM else <floating*> NULL,
-                         cs + (pl.crow[t + 1] + n0) * H if pl.cell == FR_LSTM
-                         else <floating*> NULL,
-                         hs + (pl.hrow[t] + n0) * P, dy_t, dh_q, dc_q, dax + r0 * GH,
-                         dah + r0 * GH, 0, H)
-            columns_product(pl, m, 0, P, GH, dah + r0 * GH, GH, w_hh, P, panels,
-                            0 if pl.proj else 1, dh_q, P)
+            bwd_step(pl, t, n0, m, 0, H, 0, P, False, w_hh, w_hr, acts, hs, cs, dy, dh, dc,
+                     dax, dah, dht, dr, panels)
         q += nt
     fr_barrier()
     sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
