@@ -86,7 +86,10 @@ def _untraced(args: Sequence[Any]) -> bool:
     and torch.export's tracing, fake and meta tensors) goes through the dispatcher."""
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack():
         return False
-    return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, Tensor))
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return False
+    return True
 
 
 def _call(op: Any, *args: Any) -> Any:
@@ -233,7 +236,7 @@ def lstm_backward(handle, x, w_ih, w_hh, w_hr, dy, dhT, dcT):
         grads = _fr.lstm_backward(
             fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT), array(dcT)
         )
-        grads = tuple(tensor(g) for g in grads)
+        grads = tuple(map(tensor, grads))
         return grads if w_hr is not None else (*grads, w_hh.new_empty(0))
 
 
@@ -313,7 +316,7 @@ def gru_backward(handle, x, w_ih, w_hh, dy, dhT):
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.gru_backward(fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT))
-        return tuple(tensor(g) for g in grads)
+        return tuple(map(tensor, grads))
 
 
 @_fake(gru_backward)
@@ -390,7 +393,7 @@ def rnn_backward(handle, x, w_ih, w_hh, dy, dhT):
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.rnn_backward(fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT))
-        return tuple(tensor(g) for g in grads)
+        return tuple(map(tensor, grads))
 
 
 @_fake(rnn_backward)
