@@ -9,8 +9,9 @@ The pytest-benchmark suite puts fastrnn, the reference and PyTorch of one shape 
 group, with GFLOP/s, threads, dtype and shape in ``extra_info``. The script form times fastrnn
 and PyTorch interleaved, shape by shape, several rounds, and prints median times, GFLOP/s and
 PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
-``--im2col`` adds fastrnn pinned to algorithm="im2col" (the kernels before the direct ones) to
-the same interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
+``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
+direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
+interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
 torch.nn's and fastrnn.torch's Conv2d/MaxPool2d.
 
 Threads: ``FASTRNN_BENCH_THREADS`` (pytest) or ``--threads`` (script), default
@@ -130,7 +131,7 @@ def conv_call(shape: tuple[int, ...], impl: str, passes: str) -> Callable[[], ob
         np.testing.assert_allclose(out.detach().numpy(), y, rtol=1e-3, atol=1e-3)
         return call
 
-    algorithm = "im2col" if impl == "im2col" else "auto"
+    algorithm = impl if impl in PINNED else "auto"
 
     def call():
         yy, ctx = fr.conv2d_forward(
@@ -258,12 +259,17 @@ def _median_ms(call: Callable[[], object], reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+PINNED = ("im2col", "direct")  # fastrnn pinned to one algorithm, as extra columns
+
+
 def table(
-    threads: int, repeat: int, with_reference: bool, pool: bool = True, im2col: bool = False
-) -> None:
+    threads: int, repeat: int, with_reference: bool, pool: bool = True, im2col: bool = False,
+    direct: bool = False,
+) -> None:  # fmt: skip
     set_threads(threads)
     impls = ["fastrnn", "torch"] + (["reference"] if with_reference else [])
-    impls += ["im2col"] if im2col else []
+    impls += (["im2col"] if im2col else []) + (["direct"] if direct else [])
+    pinned = [i for i in impls if i in PINNED]
     rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
     if pool:
         rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
@@ -271,8 +277,8 @@ def table(
     head = f"{'op':10} {'shape':34} {'pass':8}"
     for impl in impls:
         head += f" {impl + ' ms':>13} {'GF/s':>6}"
-    if im2col:
-        head += f" {'torch/im2col':>14}"
+    for i in pinned:
+        head += f" {'torch/' + i:>14}"
     print(head + f" {'torch/fastrnn':>14}")
     ratios: dict[str, list[float]] = {p: [] for p in PASSES}
     for op, shape, passes in rows:
@@ -280,7 +286,7 @@ def table(
             calls = {i: conv_call(shape, i, passes) for i in impls}
             flops = conv_flops(shape, passes)
             label = _conv_id(shape)
-        elif "im2col" in impls:  # pooling has no im2col column
+        elif pinned:  # pooling has no pinned columns
             continue
         else:
             calls = {i: pool_call(op[:3], shape, i, passes) for i in impls}
@@ -299,8 +305,8 @@ def table(
         ratio = ms["torch"] / ms["fastrnn"]
         if op == "conv2d":
             ratios[passes].append(ratio)
-        if "im2col" in impls:
-            line += f" {ms['torch'] / ms['im2col']:14.2f}"
+        for i in pinned:
+            line += f" {ms['torch'] / ms[i]:14.2f}"
         print(line + f" {ratio:14.2f}", flush=True)
     for p in PASSES:
         gm = float(np.exp(np.mean(np.log(ratios[p]))))
@@ -385,6 +391,12 @@ def main() -> None:
         help="also time fastrnn pinned to algorithm='im2col' (the im2col + GEMM kernels)",
     )
     parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="also time fastrnn pinned to algorithm='direct' (what 'auto' ran on 3x3 layers "
+        "before Winograd)",
+    )
+    parser.add_argument(
         "--mnist", action="store_true", help="only PyTorch's examples/mnist training step"
     )
     args = parser.parse_args()
@@ -393,7 +405,8 @@ def main() -> None:
     if args.mnist:
         mnist(args.threads, args.repeat)
         return
-    table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col)
+    table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col,
+          direct=args.direct)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -251,6 +251,8 @@ WINOGRAD_CASES = [
     (3, 32, 14, 14, 40, (3, 3), 1, 1, 1, 1, True),
     (2, 5, 8, 6, 7, (3, 3), 1, 0, 1, 1, True),  # no padding
     (1, 4, 5, 5, 8, (3, 3), 1, 2, 1, 1, True),  # padding 2
+    (2, 6, 9, 37, 5, (3, 3), 1, 1, 1, 1, True),  # rows of 19 tiles: a vector and a partial one
+    (1, 3, 4, 4, 2, (3, 3), 1, 3, 1, 1, True),  # padding 3: dx by the direct kernels
 ]
 
 
@@ -258,6 +260,8 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=_ids)
 @pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
 def test_cpu_winograd_every_path(pinned_isa, case, dtype, restore_threads):
+    """Winograd's forward, and its backward (dx by Winograd on dy for padding <= 2, dw by the
+    direct kernels), pinned to each instruction-set path, equal the reference."""
     x, w, b, kw = _data(case, dtype)
     ctx = _check_against_reference(x, w, b, dict(kw, algorithm="winograd"), dtype)
     assert ctx.saved["algorithm"] == "winograd"
@@ -273,6 +277,49 @@ def test_cpu_winograd_error_is_small():
     y, _ = fr.conv2d_forward(x, w, padding=1, algorithm="winograd", training=False)
     yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), padding=1)
     assert np.abs(y - yr).max() / np.abs(yr).max() < 2e-6
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_cpu_winograd_non_finite_values_reach_only_what_reads_them(value):
+    """Winograd's transforms combine a tile's 16 inputs, yet a NaN or infinity in x, w or dy
+    reaches exactly the outputs and gradients the reference's does (the transforms' zero
+    pattern keeps each output to its own 3x3 window: fastrnn/_cpu/conv2d.pyx)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2, 6, 7))
+    w = rng.standard_normal((3, 2, 3, 3))
+    for which, idx in [("x", (0, c, i, j)) for c in range(2) for i in range(6) for j in (0, 3)] + [
+        ("w", (1, 0, i, j)) for i in range(3) for j in range(3)
+    ] + [("dy", (0, 1, i, j)) for i in range(6) for j in (0, 6)]:  # fmt: skip
+        xx, ww = x.copy(), w.copy()
+        dy = rng.standard_normal((1, 3, 6, 7))
+        {"x": xx, "w": ww, "dy": dy}[which][idx] = value
+        y, ctx = fr.conv2d_forward(xx, ww, padding=1, algorithm="winograd")
+        dx, dw, _ = fr.conv2d_backward(ctx, dy)
+        yr, cr = ref.conv2d_forward(xx, ww, padding=1)
+        dxr, dwr, _ = ref.conv2d_backward(cr, dy)
+        for name, got, want in (("y", y, yr), ("dx", dx, dxr), ("dw", dw, dwr)):
+            np.testing.assert_array_equal(
+                np.isfinite(got), np.isfinite(want), err_msg=f"{name}, {value} in {which}{idx}"
+            )
+
+
+def test_auto_runs_winograd_on_wide_3x3_layers():
+    """"auto" picks Winograd for 3x3 stride-1 layers of at least 64 channels and filters (where
+    it measured faster) and the direct kernels below that; both equal the reference."""
+    from fastrnn._cpu import conv2d as kernel
+
+    rng = np.random.default_rng(4)
+    for C, F, want in [(64, 64, "winograd"), (64, 32, "direct"), (16, 64, "direct")]:
+        x = rng.standard_normal((1, C, 6, 5)).astype(np.float32)
+        w = (rng.standard_normal((F, C, 3, 3)) / (3 * np.sqrt(C))).astype(np.float32)
+        y, ctx = fr.conv2d_forward(x, w, padding=1)
+        assert ctx.saved["algorithm"] == want
+        yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), padding=1)
+        assert_close(y, yr, "conv", "forward", np.float32, name=f"y {C}->{F}")
+    x = rng.standard_normal((1, 64, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    assert kernel._choose(x.shape, w.shape, (1, 1), (3, 3), (1, 1), 1) == "direct"  # padding 3
+    assert kernel._choose(x.shape, w.shape, (2, 2), (1, 1), (1, 1), 1) == "direct"  # stride 2
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,10 @@ cdef extern from "conv_direct.h" nogil:
     int fr_isa_supported(int isa)
     int fr_isa_best()
     idx_t fr_dy_size(const fr_geom* g)
+    void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
+                                 float* u)
+    void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
+                                 double* u)
     void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
                                const float* u, const idx_t* off, const float* b, float* y,
                                float* xq, float* v, float* m, idx_t band, idx_t ldv)
@@ -547,6 +551,7 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
 
 
 def _direct_backward(ctx, dy):
+    """The direct kernels' gradients; after a Winograd forward, dx by Winograd too."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
@@ -557,13 +562,20 @@ def _direct_backward(ctx, dy):
     psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
     chunks = _chunks(g.N, psize * x.itemsize)
     parts = np.zeros((chunks, psize), dtype=x.dtype)
-    if g.N > 0:
+    ph, pw = geometry[1]
+    if g.N > 0 and s["algorithm"] == "winograd" and ph <= 2 and pw <= 2:
+        # dx of a 3x3 stride-1 convolution is the 3x3 stride-1 convolution of dy with the
+        # filters turned 180 degrees and channels and filters swapped, padded by 2 - p
+        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        dx = _winograd_forward(dy, wt, None, (1, 1), (2 - ph, 2 - pw), (1, 1), 1, False)[0]
+    elif g.N > 0:
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
         dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
         dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
+    if g.N > 0:
         _, _, woff = _direct_tables(g, w, False)
         (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
         bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
@@ -596,14 +608,16 @@ def _direct_backward(ctx, dy):
 WINOGRAD_BAND_BYTES = 1 << 20
 
 
-def _winograd_weights(w):
-    """U = G w G^T for every (filter, channel), as [4, 4, C, F]: the rows of G written out
-    (a small einsum would go through BLAS and wake its threads)."""
-    def rows(a):  # G @ a along axis 0 of a (3, ...) -> (4, ...)
-        return np.stack([a[0], (a[0] + a[1] + a[2]) * 0.5, (a[0] - a[1] + a[2]) * 0.5, a[2]])
-
-    wt = np.transpose(w, (2, 3, 1, 0))  # [KH, KW, C, F]
-    return rows(np.swapaxes(rows(wt), 0, 1)).swapaxes(0, 1)
+def _winograd_weights(const floating[:, :, :, ::1] w, floating[::1] u, int nthreads):
+    """U = G w G^T for every (filter, channel), packed for the products as [16, nfb, C, 6]
+    (fr_winograd_weights), the blocks of 6 filters shared out between the threads."""
+    cdef idx_t F = w.shape[0], C = w.shape[1], nfb = (F + 5) // 6, fb
+    with nogil, parallel(num_threads=nthreads):
+        for fb in prange(nfb, schedule="static"):
+            if floating is float:
+                fr_winograd_weights_f32(&w[0, 0, 0, 0], F, C, fb, fb + 1, &u[0])
+            else:
+                fr_winograd_weights_f64(&w[0, 0, 0, 0], F, C, fb, fb + 1, &u[0])
 
 
 def winograd_unsupported(tuple w_shape, stride, dilation, groups):
@@ -648,8 +662,13 @@ def _winograd_run(
 
 
 def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
-    """C1-C4 by Winograd F(2x2, 3x3); the backward runs the direct kernels (the gradients of
-    the same convolution)."""
+    """C1-C4 by Winograd F(2x2, 3x3); the backward runs dx by Winograd as well (on dy) and dw
+    by the direct kernels.
+
+    A NaN or infinity reaches exactly the outputs that read it, as in the direct convolution:
+    B^T puts a tile's input row 0 only into transformed row 0 and row 3 only into row 3, and
+    A^T reads transformed row 0 only for output row 0 and row 3 only for output row 1 (the same
+    for columns), so no output sees an input outside its 3x3 window (tests/test_conv2d.py)."""
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
@@ -659,14 +678,12 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
         nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), g.N)
         TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
         band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
-        ldv = _round(band * TW, 16)
+        ldv = _round(band * TW + 16, 16)  # the input transform writes a vector past a row
         nfb = (g.F + 5) // 6
-        up = np.zeros((16, g.C, nfb * 6), dtype=x.dtype)
-        up[:, :, :g.F] = _winograd_weights(w).reshape(16, g.C, g.F)
-        up = np.ascontiguousarray(up.reshape(16, g.C, nfb, 6).transpose(0, 2, 1, 3)).ravel()
         off = (np.arange(g.C) * ldv).astype(np.intp)
         row = gw.x_size + 16 * g.C * ldv + 16 * 6 * ldv
-        (bufs,) = _scratch(x.dtype, nt * row)
+        up, bufs = _scratch(x.dtype, 16 * nfb * g.C * 6, nt * row)
+        _winograd_weights(w, up, _threads(16 * 9 * g.F * g.C))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
                       band, ldv, nt, _isa())
@@ -680,9 +697,17 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
 ALGORITHMS = ("auto", "direct", "winograd", "im2col")
 
 
+# "auto" runs Winograd F(2x2, 3x3) on 3x3 / stride 1 / dilation 1 / ungrouped layers with at
+# least this many input channels and filters (padding at most 2, so that dx runs by Winograd
+# too), on the vector paths: there it measured faster than the direct kernels, forward and
+# forward+backward, at 1 and 2 threads; on 3 to 32 channels it did not (benchmarks/NOTES-conv.md)
+WINOGRAD_MIN_CHANNELS = 64
+
+
 def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> str:
     """The algorithm "auto" runs: GEMMs for pointwise convolutions (1x1, stride 1, no padding:
-    x itself is the column matrix), the direct kernels for everything else."""
+    x itself is the column matrix), Winograd on wide 3x3 stride-1 layers, the direct kernels
+    for everything else."""
     pointwise = (tuple(w_shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
                  and tuple(padding) == (0, 0))
     # The direct kernels copy each image into a zero-padded plane: where the padding dwarfs
@@ -692,6 +717,10 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
     padded = (H + 2 * padding[0]) * (W + 2 * padding[1])
     if padded > max(4 * H * W, 1 << 20):
         return "im2col"
+    if (winograd_unsupported(w_shape, stride, dilation, groups) is None
+            and min(w_shape[0], w_shape[1]) >= WINOGRAD_MIN_CHANNELS
+            and max(padding) <= 2 and _isa() != FR_ISA_PORTABLE):
+        return "winograd"
     return "im2col" if pointwise else "direct"
 
 

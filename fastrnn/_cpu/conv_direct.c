@@ -134,6 +134,10 @@ idx_t fr_dy_size(const fr_geom* g)
 }
 
 /* ---- per-item drivers ---- */
+/* The Winograd transforms' 64-byte vector helpers are always inlined, so no call passes a
+ * vector in registers: GCC's note that such calls differ between the target clones (reported
+ * at the end of the file, where the clones are emitted) does not apply. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define T float
 #define TS f32
 #include "conv_direct_driver.h"

@@ -58,6 +58,9 @@ void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float*
 void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
                         const idx_t* off, double* part);
 idx_t fr_dy_size(const fr_geom* g);
+void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1, float* u);
+void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
+                             double* u);
 void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
                            const float* u, const idx_t* off, const float* b, float* y,
                            float* xq, float* v, float* m, idx_t band, idx_t ldv);

@@ -72,10 +72,16 @@ void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
                         memcpy(row + lo, src, (hi - lo) * sizeof(T));
                         memset(row + hi, 0, (g->Wq - hi) * sizeof(T));
                     } else {
-                        for (idx_t v = 0; v < g->Wq; ++v) {
-                            const idx_t w = v * g->sw + b - g->pw;
-                            row[v] = (w >= 0 && w < g->W) ? src[w] : (T)0;
-                        }
+                        /* v * sw + b - pw in [0, W) for v in [lo, hi) */
+                        idx_t lo = (g->pw - b + g->sw - 1) / g->sw;
+                        idx_t hi = (g->W + g->pw - b + g->sw - 1) / g->sw;
+                        lo = lo < 0 ? 0 : lo > g->Wq ? g->Wq : lo;
+                        hi = hi > g->Wq ? g->Wq : hi < lo ? lo : hi;
+                        memset(row, 0, lo * sizeof(T));
+                        const T* s0 = src + b - g->pw;
+                        for (idx_t v = lo; v < hi; ++v)
+                            row[v] = s0[v * g->sw];
+                        memset(row + hi, 0, (g->Wq - hi) * sizeof(T));
                     }
                 }
                 q += plane;

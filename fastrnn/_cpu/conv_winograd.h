@@ -21,9 +21,30 @@
 #define WCAT(a, b) WCAT_(a, b)
 #define WN(n) WCAT(n, TS)
 
-/* Input transform of tile rows th0 .. th1 of all channels of one image.
- * xq : IN  the image's stride-2 phase planes (geometry gw: stride 2)
+/* 64-byte vectors (GCC vector extensions): one zmm, two ymm or four xmm registers, as each
+ * clone of the transforms compiles them. */
+typedef T WN(wvec) __attribute__((vector_size(64)));
+#define WV WN(wvec)
+#define WVW ((idx_t)(64 / sizeof(T)))
+
+static inline __attribute__((always_inline)) WV WN(wload)(const T* p)
+{
+    WV v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void WN(wstore)(T* p, WV v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* Input transform of tile rows th0 .. th1 of all channels of one image, a vector of tiles of
+ * one tile row at a time (a row of tiles is contiguous in the phase planes and in V).
+ * xq : IN  the image's stride-2 phase planes (geometry gw: stride 2), zero slack after them
  * v  : OUT [16][C][ldv], tile t = (th - th0) * TW + tw; columns past the band's tiles zeroed
+ *      (ldv >= the band's tiles + WVW: the last vector of a row writes past the row's end, into
+ *      the next row, which is written after it, or past the band's tiles)
  */
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void WN(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, idx_t th1,
@@ -31,6 +52,7 @@ void WN(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, 
 {
     const idx_t plane = gw->Hq * gw->Wq, Wq = gw->Wq, C = gw->C;
     const idx_t nt = (th1 - th0) * TW;
+    const idx_t xs = C * ldv;  /* stride between the 16 xi */
     for (idx_t c = 0; c < C; ++c) {
         const T* pc = xq + c * 4 * plane;  /* phases (a, b) at (2a + b) * plane */
         for (idx_t th = th0; th < th1; ++th) {
@@ -40,23 +62,21 @@ void WN(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, 
                     r[i][k] = pc + ((i & 1) * 2 + (k & 1)) * plane + (th + (i >> 1)) * Wq
                               + (k >> 1);
             T* out = v + c * ldv + (th - th0) * TW;
-            const idx_t xs = C * ldv;  /* stride between the 16 xi */
-#pragma GCC ivdep
-            for (idx_t tw = 0; tw < TW; ++tw) {
-                T t[4][4];
+            for (idx_t tw = 0; tw < TW; tw += WVW) {
+                WV t[4][4];
                 for (int k = 0; k < 4; ++k) {
-                    const T d0 = r[0][k][tw], d1 = r[1][k][tw], d2 = r[2][k][tw],
-                            d3 = r[3][k][tw];
+                    const WV d0 = WN(wload)(r[0][k] + tw), d1 = WN(wload)(r[1][k] + tw),
+                             d2 = WN(wload)(r[2][k] + tw), d3 = WN(wload)(r[3][k] + tw);
                     t[0][k] = d0 - d2;
                     t[1][k] = d1 + d2;
                     t[2][k] = d2 - d1;
                     t[3][k] = d1 - d3;
                 }
                 for (int i = 0; i < 4; ++i) {
-                    out[(i * 4 + 0) * xs + tw] = t[i][0] - t[i][2];
-                    out[(i * 4 + 1) * xs + tw] = t[i][1] + t[i][2];
-                    out[(i * 4 + 2) * xs + tw] = t[i][2] - t[i][1];
-                    out[(i * 4 + 3) * xs + tw] = t[i][1] - t[i][3];
+                    WN(wstore)(out + (i * 4 + 0) * xs + tw, t[i][0] - t[i][2]);
+                    WN(wstore)(out + (i * 4 + 1) * xs + tw, t[i][1] + t[i][2]);
+                    WN(wstore)(out + (i * 4 + 2) * xs + tw, t[i][2] - t[i][1]);
+                    WN(wstore)(out + (i * 4 + 3) * xs + tw, t[i][1] - t[i][3]);
                 }
             }
         }
@@ -65,41 +85,88 @@ void WN(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, 
     }
 }
 
-/* Output transform of nf filters for tile rows th0 .. th1, plus bias.
- * m : IN  [16][6][ldv] the products of one block of filters
+/* Weight transform U = G w G^T of filter blocks fb0 .. fb1, packed for the products:
+ * u[((xi * nfb + fb) * C + c) * 6 + j] = U[xi] of filter 6 fb + j and channel c (zero for
+ * filters past F), nfb = ceil(F / 6).
+ * w : IN  [F][C][3][3]
+ */
+void WN(fr_winograd_weights)(const T* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1, T* u)
+{
+    const idx_t nfb = (F + 5) / 6;
+    for (idx_t fb = fb0; fb < fb1; ++fb)
+        for (idx_t c = 0; c < C; ++c)
+            for (int j = 0; j < 6; ++j) {
+                const idx_t f = fb * 6 + j;
+                T U[16];
+                if (f < F) {
+                    const T* g = w + (f * C + c) * 9;
+                    T t[4][3];
+                    for (int k = 0; k < 3; ++k) {  /* t = G g */
+                        t[0][k] = g[k];
+                        t[1][k] = (g[k] + g[3 + k] + g[6 + k]) * (T)0.5;
+                        t[2][k] = (g[k] - g[3 + k] + g[6 + k]) * (T)0.5;
+                        t[3][k] = g[6 + k];
+                    }
+                    for (int i = 0; i < 4; ++i) {  /* U = t G^T */
+                        U[i * 4 + 0] = t[i][0];
+                        U[i * 4 + 1] = (t[i][0] + t[i][1] + t[i][2]) * (T)0.5;
+                        U[i * 4 + 2] = (t[i][0] - t[i][1] + t[i][2]) * (T)0.5;
+                        U[i * 4 + 3] = t[i][2];
+                    }
+                } else {
+                    memset(U, 0, sizeof U);
+                }
+                for (int xi = 0; xi < 16; ++xi)
+                    u[((xi * nfb + fb) * C + c) * 6 + j] = U[xi];
+            }
+}
+
+/* Output transform of nf filters for tile rows th0 .. th1, plus bias, a vector of tiles of one
+ * tile row at a time (its two output rows interleaved through a small buffer).
+ * m : IN  [16][6][ldv] the products of one block of filters (read a vector past each row)
  * y : OUT [F, OH, OW] the image's output; writes filters f0 .. f0 + nf of those rows
  */
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void WN(fr_winograd_output)(const fr_geom* g, const T* m, idx_t ldv, idx_t TW, idx_t th0,
                             idx_t th1, const T* b, T* y, idx_t f0, int nf)
 {
-    const idx_t xs = 6 * ldv;
+    const idx_t xs = 6 * ldv, OW = g->OW;
     for (int f = 0; f < nf; ++f) {
         const T bias = b ? b[f0 + f] : (T)0;
-        T* yf = y + (f0 + f) * g->OH * g->OW;
+        T* yf = y + (f0 + f) * g->OH * OW;
         for (idx_t th = th0; th < th1; ++th) {
             const T* mt = m + f * ldv + (th - th0) * TW;
             const idx_t oh = 2 * th;
-            T* y0 = yf + oh * g->OW;
-            T* y1 = oh + 1 < g->OH ? y0 + g->OW : NULL;
-            for (idx_t tw = 0; tw < TW; ++tw) {
-                T s[2][4];
+            const int rows = oh + 1 < g->OH ? 2 : 1;
+            for (idx_t tw = 0; tw < TW; tw += WVW) {
+                WV s[2][4];
                 for (int k = 0; k < 4; ++k) {
-                    const T m0 = mt[(0 + k) * xs + tw], m1 = mt[(4 + k) * xs + tw],
-                            m2 = mt[(8 + k) * xs + tw], m3 = mt[(12 + k) * xs + tw];
+                    const WV m0 = WN(wload)(mt + (0 + k) * xs + tw),
+                             m1 = WN(wload)(mt + (4 + k) * xs + tw),
+                             m2 = WN(wload)(mt + (8 + k) * xs + tw),
+                             m3 = WN(wload)(mt + (12 + k) * xs + tw);
                     s[0][k] = m0 + m1 + m2;
                     s[1][k] = m1 - m2 - m3;
                 }
                 const idx_t ow = 2 * tw;
-                const T a00 = s[0][0] + s[0][1] + s[0][2] + bias;
-                const T a01 = s[0][1] - s[0][2] - s[0][3] + bias;
-                const T a10 = s[1][0] + s[1][1] + s[1][2] + bias;
-                const T a11 = s[1][1] - s[1][2] - s[1][3] + bias;
-                y0[ow] = a00;
-                if (ow + 1 < g->OW) y0[ow + 1] = a01;
-                if (y1) {
-                    y1[ow] = a10;
-                    if (ow + 1 < g->OW) y1[ow + 1] = a11;
+                const idx_t n = OW - ow < 2 * WVW ? OW - ow : 2 * WVW;
+                for (int r = 0; r < rows; ++r) {
+                    const WV even = s[r][0] + s[r][1] + s[r][2] + bias;
+                    const WV odd = s[r][1] - s[r][2] - s[r][3] + bias;
+                    T e[WVW], o[WVW], both[2 * WVW];
+                    memcpy(e, &even, sizeof e);
+                    memcpy(o, &odd, sizeof o);
+                    for (idx_t i = 0; i < WVW; ++i) {
+                        both[2 * i] = e[i];
+                        both[2 * i + 1] = o[i];
+                    }
+                    T* dst = yf + (oh + r) * OW + ow;
+                    if (n == 2 * WVW) {  /* whole vectors: inlined, no library call */
+                        WN(wstore)(dst, WN(wload)(both));
+                        WN(wstore)(dst + WVW, WN(wload)(both + WVW));
+                    } else {
+                        memcpy(dst, both, n * sizeof(T));
+                    }
                 }
             }
         }
@@ -134,6 +201,8 @@ void WN(fr_winograd_image)(int isa, const fr_geom* g, const fr_geom* gw, const T
     }
 }
 
+#undef WV
+#undef WVW
 #undef WN
 #undef WCAT
 #undef WCAT_
