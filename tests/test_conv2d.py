@@ -454,6 +454,7 @@ THREAD_CASES = [
     (4, 6, 7, 7, 6, (1, 1), 1, 0, 1, 3, True),  # pointwise, grouped
     (1, 4, 12, 11, 5, (3, 2), 2, 1, 1, 1, True),  # one image: BLAS gets the threads
     (1, 2, 40, 41, 3, (3, 3), 1, 1, 1, 1, True),  # one image, several tiles in parallel
+    (3, 64, 6, 5, 64, (3, 3), 1, 1, 1, 1, True),  # "auto" runs Winograd: images in parallel
 ]
 
 
