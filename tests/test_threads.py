@@ -204,3 +204,31 @@ def test_split_comparison_restores_the_switches(capsys):
     assert "3,16,4,8" in out and "2,8,3,5" in out
     if _bench.torch_available():
         assert "nan" not in out.split("\n", 2)[2]
+
+
+def test_blas_pinned_before_scipy_is_loaded_still_pins_scipys_blas():
+    """The list of BLAS libraries is built once: entered before anything had loaded SciPy,
+    blas_threads must still pin SciPy's BLAS (the kernels' one), else it runs its own threads
+    inside the kernels' OpenMP regions. Checked in a fresh process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        from fastrnn._cpu import _blas_threads
+        assert "scipy.linalg" not in sys.modules
+        with _blas_threads.blas_threads(1):
+            pass
+        from threadpoolctl import threadpool_info
+        import scipy.linalg.cython_blas
+        loaded = [lib["filepath"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        found = len(_blas_threads.blas_thread_functions()) + len(
+            getattr(_blas_threads._found[1], "lib_controllers", []) or [])
+        print(len(loaded), found)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, found = map(int, out.stdout.split())
+    assert found == loaded >= 1
