@@ -49,12 +49,56 @@ static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, con
  * x  : IN  [C, H, W]
  * xq : OUT [g->x_size]
  */
+/* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
+ * r1[v] = src[2v + 1 - pw], zero outside the row (both in one pass: the even and odd elements
+ * of each pair of vectors, which the compiler deinterleaves with permutes). */
+static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0, T* r1)
+{
+    /* v in [lo, hi): both 2v - pw and 2v + 1 - pw inside [0, W) */
+    idx_t lo = (pw + 1) / 2, hi = (W + pw - 1) / 2;
+    lo = lo > Wq ? Wq : lo;
+    hi = hi > Wq ? Wq : hi < lo ? lo : hi;
+    for (idx_t v = 0; v < lo; ++v) {
+        const idx_t w0 = 2 * v - pw, w1 = w0 + 1;
+        r0[v] = (w0 >= 0 && w0 < W) ? src[w0] : (T)0;
+        r1[v] = (w1 >= 0 && w1 < W) ? src[w1] : (T)0;
+    }
+    const T* s = src - pw;
+    for (idx_t v = lo; v < hi; ++v) {
+        r0[v] = s[2 * v];
+        r1[v] = s[2 * v + 1];
+    }
+    for (idx_t v = hi; v < Wq; ++v) {
+        const idx_t w0 = 2 * v - pw, w1 = w0 + 1;
+        r0[v] = (w0 >= 0 && w0 < W) ? src[w0] : (T)0;
+        r1[v] = (w1 >= 0 && w1 < W) ? src[w1] : (T)0;
+    }
+}
+
 void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;
     T* q = xq;
     for (idx_t c = 0; c < g->C; ++c) {
         const T* xc = x + c * g->H * g->W;
+        if (g->sw == 2) {  /* both column phases of a row at once */
+            for (idx_t a = 0; a < g->sh; ++a) {
+                T* p0 = q + (a * 2) * plane;
+                for (idx_t u = 0; u < g->Hq; ++u) {
+                    T* r0 = p0 + u * g->Wq;
+                    T* r1 = r0 + plane;
+                    const idx_t h = u * g->sh + a - g->ph;
+                    if (h < 0 || h >= g->H) {
+                        memset(r0, 0, g->Wq * sizeof(T));
+                        memset(r1, 0, g->Wq * sizeof(T));
+                        continue;
+                    }
+                    DN(pack_row_stride2)(xc + h * g->W, g->W, g->pw, g->Wq, r0, r1);
+                }
+            }
+            q += g->sh * 2 * plane;
+            continue;
+        }
         for (idx_t a = 0; a < g->sh; ++a)
             for (idx_t b = 0; b < g->sw; ++b) {
                 for (idx_t u = 0; u < g->Hq; ++u) {
