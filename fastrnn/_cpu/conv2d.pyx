@@ -13,7 +13,8 @@ C-contiguous by fastrnn.backends.ops):
 Steps cite fastrnn/reference/conv2d.py (C1..C4 forward, CB1..CB5 backward).
 
 * "direct": our micro-kernels (conv_direct.c), below;
-* "winograd": F(2x2, 3x3) on the same micro-kernel (conv_winograd.h), below;
+* "winograd": F(2x2, 3x3) on the same micro-kernel (conv_winograd.h), below; its backward
+  computes dx by Winograd as well and dw by the direct kernels;
 * "im2col": column tiles + BLAS GEMM, in fastrnn/_cpu/conv2d_im2col.pyx, imported on first use:
   it needs SciPy's BLAS, whose import (scipy.linalg, 120-400 ms here) a first call of the
   other algorithms then does not pay.

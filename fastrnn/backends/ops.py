@@ -264,7 +264,7 @@ def conv2d_forward(
     x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; stride, padding, dilation: int or pair.
     algorithm: "auto" (the CPU backend picks), or pin one on the CPU: "direct" (register-blocked
     kernels), "winograd" (3x3 stride 1, dilation 1 only), "im2col" (columns + GEMM); the
-    backward runs the forward's algorithm. The reference ignores it; the CUDA backend runs
+    backward runs the forward's algorithm (after Winograd: dx by Winograd, dw direct). The reference ignores it; the CUDA backend runs
     im2col + GEMM only. N and C may be 0 (PyTorch's rule), H and W may not. Returns
     y (N,F,OH,OW), ctx (None when training=False).
     """
