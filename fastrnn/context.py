@@ -18,6 +18,9 @@ class Context:
               (e.g. {"dy": (T, N, H), "dhT": (N, H), "dcT": (N, H)}); the public backward
               validates against it
     saved   : backend-private arrays and values; only the backend that made it reads them
+    relu_output : conv2d's output when its forward applied ReLU (``activation="relu"``):
+              fastrnn.conv2d_backward keeps the gradient where it is positive, then runs the
+              backend's backward (None otherwise)
     """
 
     op: str
@@ -26,6 +29,7 @@ class Context:
     cupy: bool
     grad_shapes: dict[str, tuple[int, ...]]
     saved: dict[str, Any] = field(default_factory=dict)
+    relu_output: Any = None
 
     def __repr__(self) -> str:  # keep arrays out of reprs
         return (

@@ -723,3 +723,113 @@ def test_cpu_non_finite_input_reaches_only_what_the_convolution_reads(algorithm,
             msg = f"{name}, non-finite {which}[{i}, {j}]"
             np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=msg)
             np.testing.assert_array_equal(np.isinf(g), np.isinf(r), err_msg=msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# activation="relu": the fused epilogue
+# ------------------------------------------------------------------------------------------------
+
+RELU_CASES = [
+    # (N, C, H, W, F, kernel, stride, padding, algorithm)
+    (2, 3, 7, 9, 5, (3, 3), 1, 1, "direct"),
+    (2, 4, 8, 7, 6, (3, 3), 1, 1, "winograd"),
+    (1, 64, 6, 5, 64, (3, 3), 1, 1, "auto"),  # "auto" runs Winograd here
+    (2, 3, 9, 8, 4, (3, 3), 2, 1, "im2col"),
+    (3, 6, 5, 6, 4, (1, 1), 1, 0, "auto"),  # pointwise: im2col under "auto"
+    (2, 4, 6, 6, 3, (2, 3), 2, 0, "auto"),
+]
+
+
+def _relu_expected(x, w, b, dy, kw):
+    """The reference convolution, then ReLU (NumPy's maximum keeps NaN, as torch.relu), and the
+    gradients of both: the output gradient kept where the output is positive."""
+    f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    y, ctx = ref.conv2d_forward(*f64, **kw)
+    y = np.maximum(y, 0)
+    dx, dw, db = ref.conv2d_backward(ctx, np.where(y > 0, dy, 0).astype(np.float64))
+    return y, dx, dw, db
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", RELU_CASES, ids=lambda c: f"{c[-1]}-{c[0]}x{c[1]}x{c[2]}x{c[3]}")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["numpy"])
+def test_relu_activation_equals_conv_then_relu(backend, case, dtype):
+    """activation="relu" gives conv2d followed by ReLU, forward and backward, on every backend
+    and CPU algorithm (the CPU kernels apply it in their store)."""
+    N, C, H, W, F, k, stride, padding, algorithm = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = (rng.standard_normal((F, C, *k)) / np.sqrt(C * k[0] * k[1])).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    kw = dict(stride=stride, padding=padding)
+    algo = {"algorithm": algorithm} if backend == "cpu" else {}
+    arrays = "cpu" if backend == "numpy" else backend  # the reference backend takes NumPy arrays
+    with fr.use_backend("numpy" if backend == "numpy" else "auto"):
+        (y, dx, dw, db), ctx, dy = _run(arrays, x, w, b, dict(kw, activation="relu", **algo))
+        y2, ctx2 = fr.conv2d_forward(
+            *(to_backend(arrays, a) for a in (x, w, b)), training=False, activation="relu",
+            **kw, **algo,
+        )  # fmt: skip
+    assert ctx.relu_output is not None and (y >= 0).all()
+    assert ctx2 is None
+    np.testing.assert_array_equal(to_numpy(y2), y)
+    yr, dxr, dwr, dbr = _relu_expected(x, w, b, dy, kw)
+    assert_close(y, yr, "conv", "forward", dtype, name="y")
+    assert_close(dx, dxr, "conv", "backward", dtype, name="dx")
+    assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+    assert_close(db, dbr, "conv", "backward", dtype, name="db")
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "winograd", "im2col"])
+def test_relu_activation_keeps_nan_and_blocks_its_gradient(algorithm):
+    """A NaN reaching an output stays NaN through the ReLU (torch.relu), and the gradient is
+    zero there, as for every non-positive output."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 2, 6, 6))
+    x[0, 1, 2, 3] = np.nan
+    w = rng.standard_normal((3, 2, 3, 3))
+    y, ctx = fr.conv2d_forward(x, w, padding=1, algorithm=algorithm, activation="relu")
+    yr, _, _, _ = _relu_expected(x, w, None, np.zeros_like(y), dict(padding=1))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(yr))
+    assert np.isnan(y).any()
+    dy = rng.standard_normal(y.shape)
+    dy[np.isnan(y)] = np.nan  # a NaN gradient where the output is NaN is blocked too
+    _, dw, _ = fr.conv2d_backward(ctx, dy)
+    keep = np.where(y > 0, dy, 0)
+    assert not np.isnan(keep).any()
+    _, cr = ref.conv2d_forward(np.nan_to_num(x), w, padding=1)
+    _, dwr, _ = ref.conv2d_backward(cr, keep)
+    # x's NaN reaches dw wherever it is multiplied, in both; elsewhere they agree
+    finite = np.isfinite(dw)
+    assert finite.any()
+    np.testing.assert_allclose(dw[finite], dwr[finite], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["sigmoid", "ReLU", "", True, 1])
+def test_bad_activation(bad):
+    x, w, b = _good()
+    with pytest.raises(ValueError, match="activation"):
+        fr.conv2d_forward(x, w[:, :2].repeat(2, axis=1), b, padding=1, activation=bad)
+    with pytest.raises(ValueError, match="activation"):
+        Conv2d(4, 6, 3, activation=bad)
+
+
+def test_layer_activation_is_conv_then_relu():
+    """fastrnn.nn.Conv2d(activation="relu") equals Conv2d followed by nn.ReLU: outputs, input
+    gradient and parameter gradients."""
+    from fastrnn.nn import ReLU, Sequential
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 4, 9, 8))
+    fused = Conv2d(4, 6, 3, padding=1, dtype=np.float64, activation="relu")
+    conv = Conv2d(4, 6, 3, padding=1, dtype=np.float64)
+    conv.load_state_dict(fused.state_dict())
+    plain = Sequential(conv, ReLU())
+    y1, y2 = fused(x), plain(x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-13, atol=1e-13)
+    dy = rng.standard_normal(y1.shape)
+    dx1, dx2 = fused.backward(dy), plain.backward(dy)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-13, atol=1e-13)
+    for (n, p1), (_, p2) in zip(fused.named_parameters(), conv.named_parameters(), strict=True):
+        np.testing.assert_allclose(p1.grad, p2.grad, rtol=1e-13, atol=1e-13, err_msg=n)
+    assert "activation='relu'" in repr(fused) and "activation" not in repr(conv)

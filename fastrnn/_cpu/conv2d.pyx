@@ -95,6 +95,7 @@ cdef extern from "conv_direct.h" nogil:
         idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg
         idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r, Fg_r, wgt
         idx_t x_slack, x_size, d_slack, d_size
+        idx_t act
     int FR_ISA_PORTABLE, FR_ISA_AVX2, FR_ISA_AVX512
     int fr_isa_supported(int isa)
     int fr_isa_best()
@@ -200,6 +201,7 @@ cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
     g.x_size = g.C * g.sh * g.sw * g.Hq * g.Wq + g.x_slack
     g.d_slack = g.Wd + 128
     g.d_size = g.F * g.Hd * g.Wd + g.d_slack
+    g.act = 0
     return g
 
 
@@ -276,14 +278,15 @@ def _direct_forward_run(
     floating[:, ::1] xq,              # scratch [B, x_size]: the planes of a batch of B images
     floating[:, ::1] tiles,           # scratch [threads, 6 * Pf_r]
     const idx_t[::1] off,             # IN  [Kg]
-    tuple w_shape, tuple geometry, int nthreads, int isa,
+    tuple w_shape, tuple geometry, int nthreads, int isa, int act,
 ):
-    """C1-C4. With at least BATCH_PER_THREAD images per thread, each image is one work item: a
+    """C1-C4 (act 1: then ReLU, in the same store). With at least BATCH_PER_THREAD images per thread, each image is one work item: a
     thread packs its planes into its own row of xq and runs every block of filters on them (one
     parallel region, no barrier but the last: a thread descheduled on a busy machine holds up
     nobody). With fewer, B images at a time: their planes are packed in parallel, then the
     (image, group, block of 6 filters) items run in parallel."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    g.act = act
     cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef int tid, nf
@@ -536,7 +539,7 @@ def _context(x, w, b, y, geometry, str algorithm):
     )
 
 
-def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
+def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int act=0):
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
@@ -547,7 +550,7 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training):
         xq, tiles = _scratch(x.dtype, B * g.x_size, nt * 6 * g.Pf_r)
         xq, tiles = xq.reshape(B, g.x_size), tiles.reshape(nt, 6 * g.Pf_r)
         bias = np.empty(0, dtype=x.dtype) if b is None else b
-        _direct_forward_run(x, wp, bias, y, xq, tiles, off, w.shape, geometry, nt, _isa())
+        _direct_forward_run(x, wp, bias, y, xq, tiles, off, w.shape, geometry, nt, _isa(), act)
     return y, (_context(x, w, b, y, geometry, "direct") if training else None)
 
 
@@ -641,10 +644,12 @@ def _winograd_run(
     floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
     floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
     const idx_t[::1] off,             # IN  [C] c * ldv
-    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa,
+    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa, int act,
 ):
-    """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads)."""
+    """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads);
+    act 1: ReLU in the output transform's store."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    g.act = act
     cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
@@ -662,7 +667,7 @@ def _winograd_run(
                                       &bufs[tid, mo], band, ldv)
 
 
-def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
+def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int act=0):
     """C1-C4 by Winograd F(2x2, 3x3); the backward runs dx by Winograd as well (on dy) and dw
     by the direct kernels.
 
@@ -687,7 +692,7 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training):
         _winograd_weights(w, up, _threads(16 * 9 * g.F * g.C))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
-                      band, ldv, nt, _isa())
+                      band, ldv, nt, _isa(), act)
     return y, (_context(x, w, b, y, geometry, "winograd") if training else None)
 
 
@@ -725,9 +730,13 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
     return "im2col" if pointwise else "direct"
 
 
-def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
+def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm,
+                             activation=None):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
-    ``algorithm`` (validated by fastrnn.backends.ops)."""
+    ``algorithm`` (validated by fastrnn.backends.ops). ``activation`` "relu": y = max(y, 0)
+    (NaN kept), in the kernels' store for the direct and Winograd algorithms, after the GEMM
+    for im2col (whose store is BLAS's)."""
+    cdef int act = activation == "relu"
     if x.shape[2] < 1 or x.shape[3] < 1:
         # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
         # kernel module (no input behind any output)
@@ -739,14 +748,17 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
     if algorithm == "auto":
         algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
     if algorithm == "direct":
-        return _direct_forward(x, w, b, stride, padding, dilation, groups, training)
-    if algorithm == "im2col":
-        return _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training)
+        return _direct_forward(x, w, b, stride, padding, dilation, groups, training, act)
     if algorithm == "winograd":
         why = winograd_unsupported(tuple(w.shape), stride, dilation, groups)
         if why is not None:
             raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
-        return _winograd_forward(x, w, b, stride, padding, dilation, groups, training)
+        return _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act)
+    if algorithm == "im2col":
+        y, ctx = _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training)
+        if act:
+            np.maximum(y, 0, out=y)
+        return y, ctx
     raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
 
 

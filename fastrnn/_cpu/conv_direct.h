@@ -27,6 +27,7 @@ typedef struct fr_geom {
     idx_t sh, sw, ph, pw, dh, dw, G, Cg, Fg;
     idx_t Hq, Wq, Pf_r, QH, QW, Hd, Wd, Pd_r, Kg, Kg_r, Fg_r, wgt;
     idx_t x_slack, x_size, d_slack, d_size;
+    idx_t act;  /* forward epilogue: 1 applies ReLU after the bias (max(v, 0), NaN kept) */
 } fr_geom;
 
 int fr_isa_supported(int isa);   /* 1 when this CPU (and build) runs that instruction set */

@@ -206,9 +206,19 @@ void DN(fr_forward_block)(int isa, const fr_geom* g, const T* xq, const idx_t* o
         const T bias = b ? b[f0 + f] : (T)0;
         const T* src = tile + f * g->Pf_r;
         T* dst = y + (f0 + f) * g->OH * g->OW;
-        for (idx_t oh = 0; oh < g->OH; ++oh)
-            for (idx_t ow = 0; ow < g->OW; ++ow)
-                dst[oh * g->OW + ow] = src[oh * g->Wq + ow] + bias;
+        for (idx_t oh = 0; oh < g->OH; ++oh) {
+            T* d = dst + oh * g->OW;
+            const T* s = src + oh * g->Wq;
+            if (g->act) {  /* ReLU in the store: v < 0 ? 0 : v keeps a NaN, as torch.relu */
+                for (idx_t ow = 0; ow < g->OW; ++ow) {
+                    const T v = s[ow] + bias;
+                    d[ow] = v < 0 ? (T)0 : v;
+                }
+            } else {
+                for (idx_t ow = 0; ow < g->OW; ++ow)
+                    d[ow] = s[ow] + bias;
+            }
+        }
     }
 }
 

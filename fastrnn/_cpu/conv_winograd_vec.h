@@ -106,6 +106,9 @@ void WX(fr_winograd_output)(const fr_geom* g, const T* m, idx_t ldv, idx_t TW, i
                         both[2 * i] = e[i];
                         both[2 * i + 1] = o[i];
                     }
+                    if (g->act)  /* ReLU in the store, NaN kept (conv_direct.h) */
+                        for (idx_t i = 0; i < 2 * WVW; ++i)
+                            both[i] = both[i] < 0 ? (T)0 : both[i];
                     T* dst = yf + (oh + r) * OW + ow;
                     if (n == 2 * WVW) {  /* whole vectors: inlined, no library call */
                         WX(wstore)(dst, WX(wload)(both));

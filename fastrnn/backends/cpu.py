@@ -82,12 +82,15 @@ _MODULE_OF = {
 
 
 @fork_safe
-def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm):
+def conv2d_forward_algorithm(
+    x, w, b, stride, padding, dilation, groups, training, algorithm, activation=None
+):
     """conv2d_forward (the interface's arguments) by a chosen algorithm: "auto", "direct",
-    "winograd" or "im2col" (validated by fastrnn.backends.ops). Beyond the interface: only the
-    CPU backend has several algorithms."""
+    "winograd" or "im2col" (validated by fastrnn.backends.ops), with ``activation`` None or
+    "relu" applied in the kernels' store. Beyond the interface: only the CPU backend has
+    several algorithms and fuses the activation."""
     return _kernels("conv2d").conv2d_forward_algorithm(
-        x, w, b, stride, padding, dilation, groups, training, algorithm
+        x, w, b, stride, padding, dilation, groups, training, algorithm, activation
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from fastrnn.backends import backend_module, select
 from fastrnn.backends.base import Context
 from fastrnn.backends.validation import (
@@ -245,6 +247,7 @@ def _window_geometry(
 
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd", "im2col")
+CONV_ACTIVATIONS = (None, "relu")
 
 
 def conv2d_forward(
@@ -258,15 +261,20 @@ def conv2d_forward(
     groups=1,
     training=True,
     algorithm="auto",
+    activation=None,
 ):
     """2-D cross-correlation (PyTorch's conv2d), NCHW.
 
     x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; stride, padding, dilation: int or pair.
     algorithm: "auto" (the CPU backend picks), or pin one on the CPU: "direct" (register-blocked
     kernels), "winograd" (3x3 stride 1, dilation 1 only), "im2col" (columns + GEMM); the
-    backward runs the forward's algorithm (after Winograd: dx by Winograd, dw direct). The reference ignores it; the CUDA backend runs
-    im2col + GEMM only. N and C may be 0 (PyTorch's rule), H and W may not. Returns
-    y (N,F,OH,OW), ctx (None when training=False).
+    backward runs the forward's algorithm (after Winograd: dx by Winograd, dw direct). The
+    reference ignores it; the CUDA backend runs im2col + GEMM only.
+    activation: None, or "relu": y = max(conv + b, 0) as torch.relu (a NaN stays NaN), applied
+    in the CPU kernels' store (direct and Winograd; after the GEMM for im2col; after the
+    convolution on the other backends); conv2d_backward then passes the gradient where y > 0.
+    N and C may be 0 (PyTorch's rule), H and W may not. Returns y (N,F,OH,OW), ctx (None when
+    training=False).
     """
     is_cupy, dtype = check_arrays(dict(x=x, w=w, b=b), allow_none=("b",))
     check_image("x", x)
@@ -298,26 +306,48 @@ def conv2d_forward(
     training = check_bool("training", training)
     if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
+    if not (activation is None or (isinstance(activation, str) and activation == "relu")):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
     backend = select(is_cupy)
     if backend == "numpy":  # the reference's im2col columns (C2)
         check_size("w", "the reference's columns", (N, C, KH, KW, OH, OW), x)
     be = backend_module(backend)
     x, w, b = map(contiguous, (x, w, b))
     if be.name == "cpu":
-        return be.conv2d_forward_algorithm(
-            x, w, b, stride, padding, dilation, groups, training, algorithm
+        y, ctx = be.conv2d_forward_algorithm(
+            x, w, b, stride, padding, dilation, groups, training, algorithm, activation
         )
-    if be.name == "cuda" and algorithm not in ("auto", "im2col"):
-        raise ValueError(
-            f"algorithm: {algorithm!r} runs on the CPU only; the CUDA backend has im2col + GEMM"
-        )
-    return be.conv2d_forward(x, w, b, stride, padding, dilation, groups, training)
+    else:
+        if be.name == "cuda" and algorithm not in ("auto", "im2col"):
+            raise ValueError(
+                f"algorithm: {algorithm!r} runs on the CPU only; the CUDA backend has im2col + "
+                "GEMM"
+            )
+        y, ctx = be.conv2d_forward(x, w, b, stride, padding, dilation, groups, training)
+        if activation == "relu":
+            y = _xp(y).maximum(y, 0, out=y)
+    if activation == "relu" and ctx is not None:
+        ctx.relu_output = y
+    return y, ctx
+
+
+def _xp(a: Any) -> Any:
+    """The array module of ``a`` (numpy or cupy)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
 
 
 def conv2d_backward(ctx, dy):
-    """Returns dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None when the forward had no bias."""
+    """Returns dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None when the forward had no bias.
+    After a forward with activation="relu" the gradient passes only where its output was
+    positive (torch.relu's backward: zero elsewhere, even for a NaN gradient)."""
     check_context(ctx, "conv2d")
     (dy,) = _grads(ctx, dict(dy=dy))
+    if ctx.relu_output is not None:
+        dy = _xp(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
     return backend_module(ctx.backend).conv2d_backward(ctx, dy)
 
 

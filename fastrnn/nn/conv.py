@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fastrnn.backends.ops import CONV_ALGORITHMS, conv2d_backward, conv2d_forward
+from fastrnn.backends.ops import CONV_ACTIVATIONS, CONV_ALGORITHMS, conv2d_backward, conv2d_forward
 from fastrnn.backends.validation import pair
 from fastrnn.nn import init
 from fastrnn.nn._check import check_input, positive_int
@@ -20,7 +20,9 @@ class Conv2d(Module):
     weight (out_channels, in_channels/groups, KH, KW) and bias (out_channels,), both
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels/groups * KH * KW (torch's
     kaiming_uniform_(a=sqrt(5)) and bias init). ``algorithm`` pins the CPU algorithm
-    ("auto", "direct", "winograd", "im2col"; see fastrnn.conv2d_forward).
+    ("auto", "direct", "winograd", "im2col"; see fastrnn.conv2d_forward). ``activation="relu"``
+    makes the layer Conv2d followed by ReLU in one pass: the CPU kernels apply the ReLU as they
+    store the output, and the backward passes the gradient where the output is positive.
     """
 
     def __init__(
@@ -35,11 +37,15 @@ class Conv2d(Module):
         bias: bool = True,
         dtype: Any = np.float32,
         algorithm: str = "auto",
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
+        if not (activation is None or (isinstance(activation, str) and activation == "relu")):
+            raise ValueError(f"activation: expected one of {CONV_ACTIVATIONS}, got {activation!r}")
         self.algorithm = algorithm
+        self.activation = activation
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = pair("kernel_size", kernel_size, 1)
@@ -68,6 +74,7 @@ class Conv2d(Module):
         s += f", dilation={self.dilation}" if self.dilation != (1, 1) else ""
         s += f", groups={self.groups}" if self.groups != 1 else ""
         s += f", algorithm={self.algorithm!r}" if self.algorithm != "auto" else ""
+        s += f", activation={self.activation!r}" if self.activation is not None else ""
         return s + ("" if self.bias is not None else ", bias=False")
 
     def forward(self, x: Any) -> Any:
@@ -87,6 +94,7 @@ class Conv2d(Module):
             groups=self.groups,
             training=training,
             algorithm=self.algorithm,
+            activation=self.activation,
         )
         self._cache = ctx
         return y
