@@ -383,7 +383,8 @@ def main() -> None:
                       ("eager", "compiled"), args.threads, args.reps, SHAPES)  # fmt: skip
     if args.floor:
         compare_table("minimal autograd.Function vs bare kernels, fwd+bwd", floor_calls,
-                      ("bare kernel", "minimal Function"), args.threads, args.reps, SHAPES)  # fmt: skip
+                      ("bare kernel", "minimal Function"), args.threads, args.reps,
+                      SHAPES)  # fmt: skip
     if args.jax:
         compare_table("fastrnn.jax jit(grad) vs bare kernels, fwd+bwd", jax_calls,
                       ("bare kernel", "fastrnn.jax"), args.threads, args.reps, SHAPES)  # fmt: skip

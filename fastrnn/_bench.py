@@ -458,8 +458,9 @@ def main(argv: list[str] | None = None) -> None:
             cells = [r.get(k, float("nan")) for k in (
                 "units fwd-train", "rows fwd-train", "torch fwd-train",
                 "units fwd+bwd", "rows fwd+bwd", "torch fwd+bwd")]  # fmt: skip
+            widths = (10, 9, 10, 10, 9, 10)
             print(f"{','.join(map(str, r['shape'])):>16} " + " ".join(
-                f"{c:{w}.2f}" for c, w in zip(cells, (10, 9, 10, 10, 9, 10))))  # fmt: skip
+                f"{c:{w}.2f}" for c, w in zip(cells, widths, strict=True)))  # fmt: skip
         return
     sgemm = sgemm_gflops(args.threads)
     print(

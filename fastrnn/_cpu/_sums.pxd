@@ -31,3 +31,15 @@ cdef inline void lanes_add(double* acc, const real* p, Py_ssize_t n) noexcept no
 
 cdef inline double lanes_total(const double* acc) noexcept nogil:
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+
+
+cdef inline double channel_sum(
+    const real* a, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c
+) noexcept nogil:
+    """The sum of channel c of a (N, C, L), in this fixed order (the conv bias gradient)."""
+    cdef double acc[8]
+    cdef Py_ssize_t n
+    lanes_zero(acc)
+    for n in range(N):
+        lanes_add(acc, a + (n * C + c) * L, L)
+    return lanes_total(acc)

@@ -31,7 +31,7 @@ import threading
 import numpy as np
 
 from fastrnn._cpu._openmp cimport omp_get_thread_num
-from fastrnn._cpu._sums cimport lanes_add, lanes_total, lanes_zero
+from fastrnn._cpu._sums cimport channel_sum
 
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
@@ -280,11 +280,12 @@ def _direct_forward_run(
     const idx_t[::1] off,             # IN  [Kg]
     tuple w_shape, tuple geometry, int nthreads, int isa, int act,
 ):
-    """C1-C4 (act 1: then ReLU, in the same store). With at least BATCH_PER_THREAD images per thread, each image is one work item: a
-    thread packs its planes into its own row of xq and runs every block of filters on them (one
-    parallel region, no barrier but the last: a thread descheduled on a busy machine holds up
-    nobody). With fewer, B images at a time: their planes are packed in parallel, then the
-    (image, group, block of 6 filters) items run in parallel."""
+    """C1-C4 (act 1: then ReLU, in the same store). With at least BATCH_PER_THREAD images per
+    thread, each image is one work item: a thread packs its planes into its own row of xq and
+    runs every block of filters on them (one parallel region, no barrier but the last: a thread
+    descheduled on a busy machine holds up nobody). With fewer, B images at a time: their
+    planes are packed in parallel, then the (image, group, block of 6 filters) items run in
+    parallel."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     g.act = act
     cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
@@ -450,19 +451,7 @@ def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
         return
     with nogil:
         for f in prange(F, num_threads=nthreads, schedule="static"):
-            db[f] = <floating> _channel_sum(&dy[0, 0, 0, 0], N, F, L, f)
-
-
-cdef double _channel_sum(
-    const floating* dy, Py_ssize_t N, Py_ssize_t F, Py_ssize_t L, Py_ssize_t f
-) noexcept nogil:
-    """The sum of channel f of dy (N, F, L) (its own lanes: one call per thread at a time)."""
-    cdef double acc[8]
-    cdef Py_ssize_t n
-    lanes_zero(acc)
-    for n in range(N):
-        lanes_add(acc, dy + (n * F + f) * L, L)
-    return lanes_total(acc)
+            db[f] = <floating> channel_sum(&dy[0, 0, 0, 0], N, F, L, f)
 
 
 def _reduce_parts(

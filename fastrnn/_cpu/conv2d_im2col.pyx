@@ -45,7 +45,7 @@ import numpy as np
 
 from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
-from fastrnn._cpu._sums cimport lanes_add, lanes_total, lanes_zero
+from fastrnn._cpu._sums cimport channel_sum
 
 from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._threads import get_num_threads
@@ -284,17 +284,6 @@ cdef void _reduce_block(
             dst[f * g.K + k] = acc
 
 
-cdef double _channel_sum(const floating* dy, Py_ssize_t f, const Geom* g) noexcept nogil:
-    """CB1 for one output channel, accumulated in double in a fixed order (8 lanes:
-    _sums.pxd)."""
-    cdef double acc[8]
-    cdef Py_ssize_t n
-    lanes_zero(acc)
-    for n in range(g.N):
-        lanes_add(acc, dy + (n * g.F + f) * g.L, g.L)
-    return lanes_total(acc)
-
-
 cdef tuple _shape(const floating[:, :, :, ::1] a):
     return (a.shape[0], a.shape[1], a.shape[2], a.shape[3])
 
@@ -389,7 +378,7 @@ def _backward(
             _reduce_block(partp, P, dwp, e, &g)
         if db.shape[0] > 0:  # CB1
             for f in prange(g.F, num_threads=nthreads, schedule="static"):
-                db[f] = <floating> _channel_sum(dyp, f, &g)
+                db[f] = <floating> channel_sum(dyp, g.N, g.F, g.L, f)
 
 
 # Below this many multiply-adds a call runs on one thread: the parallel region and the BLAS

@@ -43,15 +43,8 @@ static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, con
     DCAT(wgrad, DCAT(TS, portable))(nf, dy, lddy, x, off, P, dw, ldw);
 }
 
-/* Input planes of one image (step C1 of fastrnn/reference/conv2d.py, split by stride phase):
- *   xq[((c * sh + a) * sw + b) * Hq * Wq + u * Wq + v] = xpad[c, u * sh + a, v * sw + b]
- * (xpad: x zero-padded by (ph, pw)), followed by g->x_slack zeros.
- * x  : IN  [C, H, W]
- * xq : OUT [g->x_size]
- */
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
- * r1[v] = src[2v + 1 - pw], zero outside the row (both in one pass: the even and odd elements
- * of each pair of vectors, which the compiler deinterleaves with permutes). */
+ * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row. */
 static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0, T* r1)
 {
     /* v in [lo, hi): both 2v - pw and 2v + 1 - pw inside [0, W) */
@@ -75,6 +68,12 @@ static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r
     }
 }
 
+/* Input planes of one image (step C1 of fastrnn/reference/conv2d.py, split by stride phase):
+ *   xq[((c * sh + a) * sw + b) * Hq * Wq + u * Wq + v] = xpad[c, u * sh + a, v * sw + b]
+ * (xpad: x zero-padded by (ph, pw)), followed by g->x_slack zeros.
+ * x  : IN  [C, H, W]
+ * xq : OUT [g->x_size]
+ */
 void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;

@@ -13,8 +13,8 @@
  *                                                           with tap c at offset c * ldv)
  *   y tile      = A^T M A + b        A^T = [1 1 1 0; 0 1 -1 -1]
  *
- * U = G w G^T (G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]) is computed once per call by the
- * caller. 16 multiplies per tile, channel and filter instead of 36.
+ * U = G w G^T (G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]) is computed once per call, by
+ * fr_winograd_weights below. 16 multiplies per tile, channel and filter instead of 36.
  */
 
 #define WCAT_(a, b) a##_##b

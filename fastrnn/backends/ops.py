@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from fastrnn.backends import backend_module, select
 from fastrnn.backends.base import Context
 from fastrnn.backends.validation import (
+    array_module,
     check_arrays,
     check_bool,
     check_context,
@@ -250,6 +249,12 @@ CONV_ALGORITHMS = ("auto", "direct", "winograd", "im2col")
 CONV_ACTIVATIONS = (None, "relu")
 
 
+def check_activation(activation: Any) -> None:
+    """conv2d's ``activation``: None or "relu" (ValueError otherwise)."""
+    if not (activation is None or (isinstance(activation, str) and activation == "relu")):
+        raise ValueError(f"activation: expected one of {CONV_ACTIVATIONS}, got {activation!r}")
+
+
 def conv2d_forward(
     x,
     w,
@@ -306,8 +311,7 @@ def conv2d_forward(
     training = check_bool("training", training)
     if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
-    if not (activation is None or (isinstance(activation, str) and activation == "relu")):
-        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    check_activation(activation)
     backend = select(is_cupy)
     if backend == "numpy":  # the reference's im2col columns (C2)
         check_size("w", "the reference's columns", (N, C, KH, KW, OH, OW), x)
@@ -325,19 +329,10 @@ def conv2d_forward(
             )
         y, ctx = be.conv2d_forward(x, w, b, stride, padding, dilation, groups, training)
         if activation == "relu":
-            y = _xp(y).maximum(y, 0, out=y)
+            y = array_module(y).maximum(y, 0, out=y)
     if activation == "relu" and ctx is not None:
         ctx.relu_output = y
     return y, ctx
-
-
-def _xp(a: Any) -> Any:
-    """The array module of ``a`` (numpy or cupy)."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
 
 
 def conv2d_backward(ctx, dy):
@@ -347,7 +342,7 @@ def conv2d_backward(ctx, dy):
     check_context(ctx, "conv2d")
     (dy,) = _grads(ctx, dict(dy=dy))
     if ctx.relu_output is not None:
-        dy = _xp(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
+        dy = array_module(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
     return backend_module(ctx.backend).conv2d_backward(ctx, dy)
 
 

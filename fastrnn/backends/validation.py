@@ -39,6 +39,15 @@ def is_cupy_array(a: Any) -> bool:
     return type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "__cuda_array_interface__")
 
 
+def array_module(a: Any) -> Any:
+    """``numpy`` or ``cupy``: the module that owns array ``a``."""
+    if is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np
+
+
 def check_arrays(named: dict[str, Any], allow_none: tuple[str, ...] = ()) -> tuple[bool, np.dtype]:
     """Check that every named argument is a NumPy or CuPy float array, all of one kind and dtype.
 

@@ -13,16 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fastrnn.backends.validation import is_cupy_array
-
-
-def array_module(a: Any) -> Any:
-    """``numpy`` or ``cupy``: the module that owns array ``a``."""
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
+from fastrnn.backends.validation import array_module, is_cupy_array  # noqa: F401
 
 
 def module_named(target: Any) -> Any:

@@ -6,7 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from fastrnn.backends.ops import CONV_ACTIVATIONS, CONV_ALGORITHMS, conv2d_backward, conv2d_forward
+from fastrnn.backends.ops import (
+    CONV_ALGORITHMS,
+    check_activation,
+    conv2d_backward,
+    conv2d_forward,
+)
 from fastrnn.backends.validation import pair
 from fastrnn.nn import init
 from fastrnn.nn._check import check_input, positive_int
@@ -42,8 +47,7 @@ class Conv2d(Module):
         super().__init__()
         if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
-        if not (activation is None or (isinstance(activation, str) and activation == "relu")):
-            raise ValueError(f"activation: expected one of {CONV_ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.algorithm = algorithm
         self.activation = activation
         self.in_channels = positive_int("in_channels", in_channels)
