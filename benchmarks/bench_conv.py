@@ -9,6 +9,8 @@ The pytest-benchmark suite puts fastrnn, the reference and PyTorch of one shape 
 group, with GFLOP/s, threads, dtype and shape in ``extra_info``. The script form times fastrnn
 and PyTorch interleaved, shape by shape, several rounds, and prints median times, GFLOP/s and
 PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
+The table gives fastrnn's % of the sgemm rate measured at the start of the same run.
+``--relu`` times conv2d + ReLU forward instead (fused, separate, torch).
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
 interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
@@ -42,6 +44,7 @@ import pytest
 
 import fastrnn as fr
 from fastrnn import reference as ref
+from fastrnn._bench import sgemm_gflops
 
 try:
     import torch
@@ -270,13 +273,16 @@ def table(
     impls = ["fastrnn", "torch"] + (["reference"] if with_reference else [])
     impls += (["im2col"] if im2col else []) + (["direct"] if direct else [])
     pinned = [i for i in impls if i in PINNED]
+    sgemm = sgemm_gflops(threads)
     rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
     if pool:
         rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
-    print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians)")
+    print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians); "
+          f"sgemm {sgemm:.0f} GFLOP/s in this run (2048^3, NumPy's BLAS)")  # fmt: skip
     head = f"{'op':10} {'shape':34} {'pass':8}"
     for impl in impls:
         head += f" {impl + ' ms':>13} {'GF/s':>6}"
+        head += f" {'%sgemm':>6}" if impl == "fastrnn" else ""
     for i in pinned:
         head += f" {'torch/' + i:>14}"
     print(head + f" {'torch/fastrnn':>14}")
@@ -302,6 +308,8 @@ def table(
         line = f"{op:10} {label:34} {passes:8}"
         for i in impls:
             line += f" {ms[i]:13.3f} {flops / ms[i] / 1e6:6.1f}"
+            if i == "fastrnn":
+                line += f" {100 * flops / ms[i] / 1e6 / sgemm:6.0f}"
         ratio = ms["torch"] / ms["fastrnn"]
         if op == "conv2d":
             ratios[passes].append(ratio)
@@ -311,6 +319,56 @@ def table(
     for p in PASSES:
         gm = float(np.exp(np.mean(np.log(ratios[p]))))
         print(f"conv2d {p}: geometric mean of torch/fastrnn over the grid = {gm:.2f}")
+
+
+def relu_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    """conv2d + ReLU forward (no gradients) three ways, checked to agree: fastrnn with the ReLU
+    in the kernels' store (``activation="relu"``), fastrnn's convolution then ``np.maximum`` (a
+    new array, as a separate ReLU layer makes), torch's conv2d then ``torch.relu``."""
+    N, C, H, W, F, k, s, p, _ = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(DTYPE)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(DTYPE)
+    b = rng.standard_normal(F).astype(DTYPE)
+    kw = dict(stride=s, padding=p, training=False)
+    xt, wt, bt = map(torch.from_numpy, (x, w, b))
+
+    def fused():
+        return fr.conv2d_forward(x, w, b, activation="relu", **kw)[0]
+
+    def separate():
+        return np.maximum(fr.conv2d_forward(x, w, b, **kw)[0], 0)
+
+    def theirs():
+        with torch.no_grad():
+            return torch.relu(tnf.conv2d(xt, wt, bt, stride=s, padding=p))
+
+    np.testing.assert_allclose(fused(), theirs().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(fused(), separate())
+    return {"fused": fused, "separate": separate, "torch": theirs}
+
+
+def relu_table(threads: int, repeat: int) -> None:
+    """relu_calls on the grid's ungrouped layers, interleaved, medians."""
+    set_threads(threads)
+    sgemm = sgemm_gflops(threads)
+    print(f"conv2d + ReLU forward: threads={threads} dtype={np.dtype(DTYPE).name} "
+          f"repeat={repeat}; sgemm {sgemm:.0f} GFLOP/s in this run")  # fmt: skip
+    print(f"{'shape':34} {'fused ms':>9} {'%sgemm':>6} {'conv,relu ms':>12} {'torch ms':>9} "
+          f"{'conv,relu/fused':>15} {'torch/fused':>11}")  # fmt: skip
+    for shape in CONV_SHAPES:
+        if shape[-1] != 1:  # grouped
+            continue
+        calls = relu_calls(shape)
+        med: dict[str, list[float]] = {i: [] for i in calls}
+        for _ in range(repeat):
+            for i, call in calls.items():
+                med[i].append(_median_ms(call, 5))
+        ms = {i: statistics.median(v) for i, v in med.items()}
+        gf = conv_flops(shape, "fwd") / ms["fused"] / 1e6
+        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {100 * gf / sgemm:6.0f} "
+              f"{ms['separate']:12.3f} {ms['torch']:9.3f} {ms['separate'] / ms['fused']:15.2f} "
+              f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,11 +457,18 @@ def main() -> None:
     parser.add_argument(
         "--mnist", action="store_true", help="only PyTorch's examples/mnist training step"
     )
+    parser.add_argument(
+        "--relu", action="store_true",
+        help="only conv2d + ReLU forward: fused (activation='relu') vs separate vs torch",
+    )  # fmt: skip
     args = parser.parse_args()
     if torch is None:
         raise SystemExit("the table compares with PyTorch: install torch")
     if args.mnist:
         mnist(args.threads, args.repeat)
+        return
+    if args.relu:
+        relu_table(args.threads, args.repeat)
         return
     table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col,
           direct=args.direct)  # fmt: skip
