@@ -229,8 +229,12 @@ def _check_against_reference(x, w, b, kw, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
 @pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
-def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads):
-    """The direct kernels, pinned to each instruction-set path, equal the reference."""
+def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads, monkeypatch):
+    """The direct kernels, pinned to each instruction-set path, equal the reference (their
+    gradient kernels too, also where short columns would send the backward to im2col)."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "IM2COL_BACKWARD_MAX_K", 0)
     x, w, b, kw = _data(case, dtype)
     ctx = _check_against_reference(x, w, b, dict(kw, algorithm="direct"), dtype)
     assert ctx.saved["algorithm"] == "direct"
@@ -833,3 +837,86 @@ def test_layer_activation_is_conv_then_relu():
     for (n, p1), (_, p2) in zip(fused.named_parameters(), conv.named_parameters(), strict=True):
         np.testing.assert_allclose(p1.grad, p2.grad, rtol=1e-13, atol=1e-13, err_msg=n)
     assert "activation='relu'" in repr(fused) and "activation" not in repr(conv)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients without dx (fastrnn.torch's first layers), and short columns' backward by im2col
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "direct", "winograd", "im2col"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], (3, 1, 9, 8, 5, (3, 3), 1, 1, 1, 1, True),
+                                  (2, 64, 6, 7, 64, (3, 3), 1, 1, 1, 1, True)], ids=_ids)
+def test_cpu_gradients_without_input_grad(case, algorithm):
+    """input_grad=False: dx is None, dw and db are bitwise those of the full backward."""
+    from fastrnn.backends.ops import conv2d_gradients
+
+    x, w, b, kw = _data(case)
+    if algorithm == "winograd" and (w.shape[2:] != (3, 3) or kw.get("groups", 1) != 1
+                                    or kw.get("stride", 1) != 1 or kw.get("dilation", 1) != 1):
+        pytest.skip("not a Winograd geometry")
+    y, ctx = fr.conv2d_forward(x, w, b, algorithm=algorithm, **kw)
+    dy = np.random.default_rng(5).standard_normal(y.shape)
+    dx, dw, db = fr.conv2d_backward(ctx, dy)
+    none, dw2, db2 = conv2d_gradients(ctx, dy, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+    if b is None:
+        assert db2 is None
+    else:
+        np.testing.assert_array_equal(db2, db)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_gradients_without_input_grad_every_backend(backend):
+    from fastrnn.backends.ops import conv2d_gradients
+
+    x, w, b, kw = _data(CASES[3])
+    y, ctx = fr.conv2d_forward(*(to_backend(backend, a) for a in (x, w, b)), **kw)
+    dy = to_backend(backend, np.random.default_rng(5).standard_normal(y.shape))
+    _, dw, db = fr.conv2d_backward(ctx, dy)
+    none, dw2, db2 = conv2d_gradients(ctx, dy, input_grad=False)
+    assert none is None
+    np.testing.assert_allclose(to_numpy(dw2), to_numpy(dw), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(db2), to_numpy(db), rtol=1e-12, atol=1e-12)
+    with pytest.raises((TypeError, ValueError), match="input_grad"):
+        conv2d_gradients(ctx, dy, input_grad="no")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (4, 1, 12, 11, 8, (3, 3), 1, 1, 1, 1, True),  # 9 taps: a first layer on grey images
+        (3, 3, 10, 9, 5, (3, 3), 2, 1, 1, 1, False),  # 27: RGB, stride 2
+        (2, 1, 9, 9, 4, (5, 5), 1, 2, 1, 1, True),  # 25
+        (2, 4, 8, 8, 6, (3, 3), 1, 0, 1, 1, True),  # 36: the largest that goes to im2col
+        (2, 5, 8, 8, 6, (3, 3), 1, 0, 1, 1, True),  # 45: stays direct
+        (2, 4, 8, 8, 4, (3, 3), 1, 1, 1, 2, True),  # grouped: stays direct
+    ],
+    ids=_ids,
+)
+def test_cpu_short_columns_backward(case, dtype, monkeypatch):
+    """A direct forward with short columns takes its gradients from im2col's backward: equal
+    to an im2col forward's backward bitwise, and to the direct kernels' within tolerance."""
+    from fastrnn._cpu import conv2d as kernel
+
+    x, w, b, kw = _data(case, dtype)
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="direct"), dtype)
+    dy = np.random.default_rng(5).standard_normal(fr.conv2d_forward(x, w, b, **kw)[0].shape)
+    dy = dy.astype(dtype)
+    routed = fr.conv2d_backward(ctx, dy)
+    _, ctx_i = fr.conv2d_forward(x, w, b, algorithm="im2col", **kw)
+    by_im2col = fr.conv2d_backward(ctx_i, dy)
+    monkeypatch.setattr(kernel, "IM2COL_BACKWARD_MAX_K", 0)
+    direct = fr.conv2d_backward(ctx, dy)
+    short = w.shape[1] * w.shape[2] * w.shape[3] <= 36 and kw.get("groups", 1) == 1
+    for got, im2col_grad, direct_grad in zip(routed, by_im2col, direct, strict=True):
+        if got is None:
+            continue
+        if short:
+            np.testing.assert_array_equal(got, im2col_grad)
+        else:
+            np.testing.assert_array_equal(got, direct_grad)
+        np.testing.assert_allclose(got, direct_grad, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                                   atol=1e-4 if dtype == np.float32 else 1e-10)

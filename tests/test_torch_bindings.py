@@ -415,6 +415,46 @@ def test_conv2d_matches_torch(case, dtype):
         assert_close(p.grad, q.grad, "conv", "backward", dtype, n)
 
 
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=["float32", "float64"])
+def test_conv2d_input_without_grad_skips_dx(dtype, monkeypatch):
+    """An input that needs no gradient (a first layer): the backward asks the kernels for dw
+    and db only, as torch's output_mask does, and the weights' gradients equal torch.nn's."""
+    from fastrnn.torch import _ops
+
+    asked = []
+    real = _ops.conv2d_gradients
+
+    def spy(ctx, dy, *, input_grad):
+        asked.append(input_grad)
+        return real(ctx, dy, input_grad=input_grad)
+
+    monkeypatch.setattr(_ops, "conv2d_gradients", spy)
+    torch.manual_seed(0)
+    a = ft.Conv2d(1, 5, 3, dtype=dtype)
+    b = nn.Conv2d(1, 5, 3, dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    for needs in (False, True):
+        x = torch.randn(3, 1, 9, 8, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(needs), x.clone().requires_grad_(needs)
+        w = torch.randn(3, 5, 7, 6, dtype=dtype)
+        (a(xa) * w).sum().backward()
+        (b(xb) * w).sum().backward()
+        assert asked[-1] is needs
+        assert (xa.grad is None) == (not needs)
+        if needs:
+            assert_close(xa.grad, xb.grad, "conv", "backward", dtype, "dx")
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            assert_close(p.grad, q.grad, "conv", "backward", dtype, n)
+            p.grad = q.grad = None
+    handle = _ops.conv2d(torch.randn(2, 1, 5, 5, dtype=dtype), a.weight.detach(), None,
+                         [1, 1], [0, 0], [1, 1], 1, True)[1]
+    dx, dw, db = torch.ops.fastrnn.conv2d_backward(
+        handle, torch.randn(2, 1, 5, 5, dtype=dtype), a.weight.detach(), False,
+        torch.randn(2, 5, 3, 3, dtype=dtype), False,
+    )  # fmt: skip
+    assert dx.numel() == 0 and dw.shape == a.weight.shape and db.numel() == 0
+
+
 def test_conv2d_unbatched_and_noncontiguous_input():
     dtype = torch.float64
     torch.manual_seed(0)

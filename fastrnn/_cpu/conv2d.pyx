@@ -543,25 +543,28 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int ac
     return y, (_context(x, w, b, y, geometry, "direct") if training else None)
 
 
-def _direct_backward(ctx, dy):
-    """The direct kernels' gradients; after a Winograd forward, dx by Winograd too."""
+def _direct_backward(ctx, dy, bint input_grad=True):
+    """The direct kernels' gradients; after a Winograd forward, dx by Winograd too. Without
+    ``input_grad`` dx is not computed (None)."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
     isa = _isa()
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if input_grad else None
     db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
     psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
     chunks = _chunks(g.N, psize * x.itemsize)
     parts = np.zeros((chunks, psize), dtype=x.dtype)
     ph, pw = geometry[1]
-    if g.N > 0 and s["algorithm"] == "winograd" and ph <= 2 and pw <= 2:
+    if not input_grad or g.N == 0:
+        pass
+    elif s["algorithm"] == "winograd" and ph <= 2 and pw <= 2:
         # dx of a 3x3 stride-1 convolution is the 3x3 stride-1 convolution of dy with the
         # filters turned 180 degrees and channels and filters swapped, padded by 2 - p
         wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         dx = _winograd_forward(dy, wt, None, (1, 1), (2 - ph, 2 - pw), (1, 1), 1, False)[0]
-    elif g.N > 0:
+    else:
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
         dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
@@ -585,9 +588,9 @@ def _direct_backward(ctx, dy):
     # into dw (from x) or dx (from w). With such values those gradients come from im2col,
     # which multiplies exactly the (output, tap) pairs the convolution has.
     bad_x = g.N > 0 and not np.isfinite(np.add.reduce(x, axis=None)) and not np.isfinite(x).all()
-    bad_w = g.N > 0 and not np.isfinite(w).all()
+    bad_w = g.N > 0 and input_grad and not np.isfinite(w).all()
     if bad_x or bad_w:
-        dx_i, dw_i, _ = _im2col()._im2col_backward(ctx, dy)
+        dx_i, dw_i, _ = _im2col()._im2col_backward(ctx, dy, input_grad)
         dx = dx_i if bad_w else dx
         dw = dw_i if bad_x else dw
     return dx, dw, (db if s["has_bias"] else None)
@@ -756,9 +759,24 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     return conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, "auto")
 
 
-def conv2d_backward(ctx, dy):
-    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None; by the
-    forward's algorithm."""
-    if ctx.saved.get("algorithm") in ("direct", "winograd"):
-        return _direct_backward(ctx, dy)
-    return _im2col()._im2col_backward(ctx, dy)
+# The gradients of a direct forward come from im2col's backward when the columns are this short
+# (C/groups * KH * KW, one group): a network's first layers (1 or 3 channels). There the GEMMs of
+# im2col beat the direct kernels' gradient passes, whose register tiles run on a handful of input
+# channels: 1.1-2.8x forward+backward over 18 layers of 1-4 channels (3x3, 5x5, stride 1 and 2,
+# 1 and 2 threads), 0.9-1.2x at 8 channels (benchmarks/NOTES-conv.md). 0 turns it off.
+IM2COL_BACKWARD_MAX_K = 36
+
+
+def conv2d_backward(ctx, dy, input_grad=True):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W) (None without ``input_grad``), dw (F,C/groups,KH,KW),
+    db (F,) or None; by the forward's algorithm, except short columns (IM2COL_BACKWARD_MAX_K)."""
+    s = ctx.saved
+    algorithm = s.get("algorithm")
+    if algorithm == "direct":
+        w, geometry = s["w"], s["geometry"]
+        if (geometry[3] == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= IM2COL_BACKWARD_MAX_K
+                and dy.shape[2] * dy.shape[3] < 2**31):
+            return _im2col()._im2col_backward(ctx, dy, input_grad)
+    if algorithm in ("direct", "winograd"):
+        return _direct_backward(ctx, dy, input_grad)
+    return _im2col()._im2col_backward(ctx, dy, input_grad)

@@ -221,7 +221,7 @@ cdef void _backward_image(
     const floating* x,     # IN  [C, H, W]
     const floating* w,     # IN  [G, Fg, K]
     const floating* dy,    # IN  [F, L]
-    floating* dx,          # OUT [C, H, W]
+    floating* dx,          # OUT [C, H, W], or NULL: dw only
     floating* dw_part,     # INOUT [G, K, Fg] this thread's partial sum of dw, transposed per group
     floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
     const Geom* g,
@@ -233,12 +233,15 @@ cdef void _backward_image(
             gemm(False, True, <int> g.K, <int> g.Fg, <int> g.L, <floating> 1,
                  x + grp * g.K * g.L, <int> g.L, dy + grp * g.Fg * g.L, <int> g.L,
                  <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
+            if dx == NULL:
+                continue
             # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
             gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
                  <floating> 0, dx + grp * g.K * g.L, <int> g.L)
         return
-    memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
+    if dx != NULL:
+        memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
     r0 = 0
     while r0 < g.OH:
         r1 = min(r0 + g.tile_rows, g.OH)
@@ -248,6 +251,9 @@ cdef void _backward_image(
             gemm(False, True, <int> g.K, <int> g.Fg, <int> T, <floating> 1,
                  buf + grp * g.K * T, <int> T, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
                  <floating> 1, dw_part + grp * g.K * g.Fg, <int> g.Fg)
+        if dx == NULL:
+            r0 = r1
+            continue
         for grp in range(g.G):  # CB3 into the (now free) column buffer
             gemm(True, False, <int> g.K, <int> T, <int> g.Fg, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L + r0 * g.OW, <int> g.L,
@@ -333,7 +339,7 @@ def _backward(
     const floating[:, :, :, ::1] x,   # IN
     const floating[:, :, :, ::1] w,   # IN
     const floating[:, :, :, ::1] dy,  # IN
-    floating[:, :, :, ::1] dx,        # OUT
+    floating[:, :, :, ::1] dx,        # OUT, or None: dw (and db) only
     floating[:, :, :, ::1] dw,        # OUT
     floating[::1] db,                 # OUT (length 0 when there is no bias)
     floating[:, ::1] parts,           # scratch [chunks, F*K], zeroed by the caller
@@ -346,7 +352,7 @@ def _backward(
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &w[0, 0, 0, 0]
     cdef const floating* dyp = &dy[0, 0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0, 0] if dx is not None else NULL
     cdef floating* dwp = &dw[0, 0, 0, 0]
     cdef floating* partp = &parts[0, 0]
     cdef floating* bufp = &bufs[0, 0]
@@ -362,14 +368,14 @@ def _backward(
                 tid = omp_get_thread_num()
                 for c in prange(P, schedule="dynamic"):
                     for n in range(c * g.N // P, (c + 1) * g.N // P):
-                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                        _backward_image(xp + n * xs, wp, dyp + n * ys, (dxp + n * xs if dxp != NULL else dxp),
                                         partp + c * ps, bufp + tid * cs, &g)
     else:
         with blas:
             with nogil:
                 for c in range(P):
                     for n in range(c * g.N // P, (c + 1) * g.N // P):
-                        _backward_image(xp + n * xs, wp, dyp + n * ys, dxp + n * xs,
+                        _backward_image(xp + n * xs, wp, dyp + n * ys, (dxp + n * xs if dxp != NULL else dxp),
                                         partp + c * ps, bufp, &g)
     with nogil:
         # CB2 across chunks: the partials summed in chunk order and transposed back.
@@ -475,14 +481,15 @@ def _im2col_forward(x, w, b, stride, padding, dilation, groups, training):
     return y, ctx
 
 
-def _im2col_backward(ctx, dy):
-    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
+def _im2col_backward(ctx, dy, input_grad=True):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W) (None without ``input_grad``), dw (F,C/groups,KH,KW),
+    db (F,) or None."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
     chunks = _chunks(x.shape[0], w.nbytes)
     F, L = w.shape[0], dy.shape[2] * dy.shape[3]
     nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if input_grad else None
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
     parts = np.zeros((chunks, w.size), dtype=x.dtype)

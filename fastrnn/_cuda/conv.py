@@ -298,8 +298,9 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
     return y, ctx
 
 
-def conv2d_backward(ctx, dy):
-    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None."""
+def conv2d_backward(ctx, dy, input_grad=True):
+    """dy (N,F,OH,OW) -> dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None. dx is computed
+    whatever ``input_grad`` says (the CUDA kernels compute it with dw)."""
     rt = runtime()
     xp = rt.xp
     s = ctx.saved

@@ -59,8 +59,9 @@ class Backend:
         """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None; pairs -> y (N,F,OH,OW), ctx"""
         raise NotImplementedError
 
-    def conv2d_backward(self, ctx, dy):
-        """dy (N,F,OH,OW) -> dx, dw, db (db None when the forward had no bias)"""
+    def conv2d_backward(self, ctx, dy, input_grad=True):
+        """dy (N,F,OH,OW) -> dx, dw, db (db None when the forward had no bias); without
+        ``input_grad`` a backend may skip dx and return None for it"""
         raise NotImplementedError
 
     def max_pool2d_forward(self, x, kernel_size, stride, padding, training):

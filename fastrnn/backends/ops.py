@@ -339,11 +339,20 @@ def conv2d_backward(ctx, dy):
     """Returns dx (N,C,H,W), dw (F,C/groups,KH,KW), db (F,) or None when the forward had no bias.
     After a forward with activation="relu" the gradient passes only where its output was
     positive (torch.relu's backward: zero elsewhere, even for a NaN gradient)."""
+    return conv2d_gradients(ctx, dy, input_grad=True)
+
+
+def conv2d_gradients(ctx, dy, *, input_grad):
+    """conv2d_backward for callers that know whether dx is needed (fastrnn.torch: the input's
+    requires_grad, as torch's output_mask): ``input_grad=False`` returns dx as None and the
+    CPU kernels skip its work (a network's first layer: about half of its backward)."""
     check_context(ctx, "conv2d")
     (dy,) = _grads(ctx, dict(dy=dy))
+    input_grad = check_bool("input_grad", input_grad)
     if ctx.relu_output is not None:
         dy = array_module(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
-    return backend_module(ctx.backend).conv2d_backward(ctx, dy)
+    dx, dw, db = backend_module(ctx.backend).conv2d_backward(ctx, dy, input_grad)
+    return (dx if input_grad else None), dw, db
 
 
 def _pool_args(x, kernel_size, stride, padding):

@@ -23,7 +23,8 @@ Schemas (T steps, N batch, D input features, H hidden units; time-major, PyTorch
     fastrnn::rnn_backward(handle, x, w_ih, w_hh, dy?, dhT?) -> (dx, dh0, dw_ih, dw_hh, db)
     fastrnn::conv2d(x, w, b?, int[2] stride, int[2] padding, int[2] dilation, int groups,
                     training) -> (y, handle)
-    fastrnn::conv2d_backward(handle, x, w, bool has_bias, dy) -> (dx, dw, db)  # db (0,) if no bias
+    fastrnn::conv2d_backward(handle, x, w, bool has_bias, dy, bool input_grad=True)
+                             -> (dx, dw, db)  # db (0,) if no bias, dx (0,) without input_grad
     fastrnn::max_pool2d / avg_pool2d(x, int[2] kernel_size, int[2] stride, int[2] padding,
                                      training) -> (y, handle)
     fastrnn::max_pool2d_backward / avg_pool2d_backward(handle, x, dy) -> dx
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 
 import fastrnn as _fr
+from fastrnn.backends.ops import conv2d_gradients
 from fastrnn.torch import _second_order
 from fastrnn.torch._arrays import array, kernel_call, tensor, zeros_like_array
 from fastrnn.torch._contexts import context, handle
@@ -469,19 +471,24 @@ def _(x, w, b, stride, padding, dilation, groups, training):
 
 
 @_define(
-    "(Tensor handle, Tensor x, Tensor w, bool has_bias, Tensor dy) -> (Tensor, Tensor, Tensor)"
+    "(Tensor handle, Tensor x, Tensor w, bool has_bias, Tensor dy, bool input_grad=True) "
+    "-> (Tensor, Tensor, Tensor)"
 )
-def conv2d_backward(handle, x, w, has_bias, dy):
+def conv2d_backward(handle, x, w, has_bias, dy, input_grad=True):
     fr_ctx = context(handle, "conv2d")
     with kernel_call(x):
-        dx, dw, db = _fr.conv2d_backward(fr_ctx, array(dy))
+        # Without input_grad (x needs no gradient: a network's first layer) dx is not computed,
+        # as torch's convolution_backward output_mask.
+        dx, dw, db = conv2d_gradients(fr_ctx, array(dy), input_grad=input_grad)
         db_t = tensor(db) if db is not None else w.new_empty(0)
-        return tensor(dx), tensor(dw), db_t
+        dx_t = tensor(dx) if dx is not None else x.new_empty(0)
+        return dx_t, tensor(dw), db_t
 
 
 @_fake(conv2d_backward)
-def _(handle, x, w, has_bias, dy):
-    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
+def _(handle, x, w, has_bias, dy, input_grad=True):
+    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    return dx, torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
 
 
 class _Conv2dFunction(torch.autograd.Function):
@@ -503,8 +510,10 @@ class _Conv2dFunction(torch.autograd.Function):
             return (None, None, *grads, None, None, None, None, None)
         if dy is None:
             return (None,) * 10
-        dx, dw, db = _call(conv2d_backward, h, x, w, b is not None, dy)
-        return None, None, dx, dw, (db if b is not None else None), None, None, None, None, None
+        need_dx = ctx.needs_input_grad[2]
+        dx, dw, db = _call(conv2d_backward, h, x, w, b is not None, dy, need_dx)
+        return (None, None, dx if need_dx else None, dw, (db if b is not None else None), None,
+                None, None, None, None)
 
 
 _register_autograd(conv2d, _Conv2dFunction)
