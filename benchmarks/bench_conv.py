@@ -412,9 +412,11 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
     x = torch.randn(batch, 1, 28, 28)
     t = torch.randint(0, 10, (batch,))
     steps = {}
-    for name, layers in (("torch", torch.nn), ("fastrnn", frt)):
+    for name, layers in (("torch", torch.nn), ("fastrnn", frt), ("fused", frt)):
         torch.manual_seed(1)
         net = mnist_net(layers)
+        if name == "fused":  # conv1 + ReLU and conv2 + ReLU as single operators
+            net = frt.fuse(net)
         opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
 
         def step(net=net, opt=opt):
@@ -433,7 +435,8 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
     print(
         f"mnist training step, batch {batch}, threads={threads}: torch {ms['torch']:.2f} ms, "
         f"fastrnn.torch Conv2d/MaxPool2d {ms['fastrnn']:.2f} ms, "
-        f"torch/fastrnn {ms['torch'] / ms['fastrnn']:.2f}"
+        f"torch/fastrnn {ms['torch'] / ms['fastrnn']:.2f}; with fastrnn.torch.fuse "
+        f"{ms['fused']:.2f} ms, torch/fused {ms['torch'] / ms['fused']:.2f}"
     )
 
 

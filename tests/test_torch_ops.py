@@ -47,6 +47,8 @@ def _op_cases():
                                 None, "relu", True)),
         ("conv2d", _ops.conv2d, (img, _leaf(3, 2, 3, 2), _leaf(3), [2, 1], [1, 0], [1, 2], 1,
                                  True)),
+        ("conv2d_relu", _ops.conv2d, (img, _leaf(3, 2, 3, 3), _leaf(3), [1, 1], [1, 1],
+                                      [1, 1], 1, True, "relu")),
         ("conv2d_grouped_no_bias", _ops.conv2d, (img, _leaf(2, 1, 2, 2), None, [1, 1],
                                                  [0, 0], [1, 1], 2, True)),
         ("max_pool2d", _ops.max_pool2d, (img, [3, 2], [2, 1], [1, 0], True)),
@@ -316,6 +318,7 @@ MODULES = {
     "gru": lambda: ft.GRU(4, 3, batch_first=True),
     "rnn": lambda: ft.RNN(4, 3, nonlinearity="relu"),
     "conv2d": lambda: ft.Conv2d(2, 3, 3, padding=1),
+    "conv2d_relu": lambda: ft.Conv2d(2, 3, 3, padding=1, activation="relu"),
     "max_pool2d": lambda: ft.MaxPool2d(2),
     "avg_pool2d": lambda: ft.AvgPool2d(3, stride=2, padding=1),
 }

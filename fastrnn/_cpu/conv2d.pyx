@@ -780,3 +780,54 @@ def conv2d_backward(ctx, dy, input_grad=True):
     if algorithm in ("direct", "winograd"):
         return _direct_backward(ctx, dy, input_grad)
     return _im2col()._im2col_backward(ctx, dy, input_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused ReLU's backward
+# ------------------------------------------------------------------------------------------------
+
+# Elements per OpenMP chunk of relu_backward (below four chunks, one thread)
+cdef enum:
+    RELU_CHUNK = 1 << 15
+
+
+cdef inline void _relu_mask_run(const floating* y, const floating* dy, floating* out,
+                                Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating d
+    for i in range(n):  # both loads unconditional: a vectorised select, no branch
+        d = dy[i]
+        out[i] = d if y[i] > 0 else 0
+
+
+cdef void _relu_mask(const floating* y, const floating* dy, floating* out, Py_ssize_t n,
+                     int nthreads) noexcept nogil:
+    cdef Py_ssize_t c, i0
+    cdef Py_ssize_t chunks = (n + RELU_CHUNK - 1) // RELU_CHUNK
+    for c in prange(chunks, num_threads=nthreads, schedule="static"):
+        i0 = c * RELU_CHUNK
+        _relu_mask_run(y + i0, dy + i0, out + i0, min(n - i0, <Py_ssize_t> RELU_CHUNK))
+
+
+def relu_backward(y, dy):
+    """The gradient through a fused ReLU: dy where the output y is positive, else 0 (torch's
+    threshold_backward: 0 even where dy is NaN). NumPy's where with a scalar takes ~8 ns an
+    element on a random mask; this ~0.5."""
+    y = np.ascontiguousarray(y)
+    dy = np.ascontiguousarray(dy, dtype=y.dtype)
+    out = np.empty_like(y)
+    cdef Py_ssize_t n = y.size
+    cdef int nt = get_num_threads() if n >= 4 * RELU_CHUNK else 1
+    cdef float[::1] yf, df, of
+    cdef double[::1] yd, dd, od
+    if n == 0:
+        return out
+    if y.dtype == np.float32:
+        yf, df, of = y.reshape(-1), dy.reshape(-1), out.reshape(-1)
+        with nogil:
+            _relu_mask(&yf[0], &df[0], &of[0], n, nt)
+    else:
+        yd, dd, od = y.reshape(-1), dy.reshape(-1), out.reshape(-1)
+        with nogil:
+            _relu_mask(&yd[0], &dd[0], &od[0], n, nt)
+    return out

@@ -94,6 +94,12 @@ def conv2d_forward_algorithm(
     )
 
 
+@fork_safe
+def relu_backward(y, dy):
+    """dy where y > 0, else 0: the gradient through conv2d's fused ReLU (beyond the interface)."""
+    return _kernels("conv2d").relu_backward(y, dy)
+
+
 def __getattr__(attr: str) -> Any:
     op, _, direction = attr.rpartition("_")
     if direction not in ("forward", "backward") or op not in _MODULE_OF:

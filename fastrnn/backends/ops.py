@@ -349,7 +349,11 @@ def conv2d_gradients(ctx, dy, *, input_grad):
     check_context(ctx, "conv2d")
     (dy,) = _grads(ctx, dict(dy=dy))
     input_grad = check_bool("input_grad", input_grad)
-    if ctx.relu_output is not None:
+    if ctx.relu_output is None:
+        pass
+    elif ctx.backend == "cpu":
+        dy = backend_module("cpu").relu_backward(ctx.relu_output, dy)
+    else:
         dy = array_module(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
     dx, dw, db = backend_module(ctx.backend).conv2d_backward(ctx, dy, input_grad)
     return (dx if input_grad else None), dw, db

@@ -31,6 +31,10 @@ modules raises a RuntimeError that says to use torch.compile, torch.export or to
 The functional forms (``lstm``, ``gru``, ``rnn``, ``conv2d``, ``max_pool2d``, ``avg_pool2d``)
 take one layer's tensors, time-major, and are differentiable.
 
+``fuse(model)`` returns the model as a ``torch.fx.GraphModule`` in which each fastrnn.torch
+``Conv2d`` whose output goes only to a ReLU applies the ReLU in its kernel's store (like
+``torch.ao.quantization.fuse_fx`` for Conv2d + ReLU): same results and gradients.
+
 Importing this module registers the operators and adds the module classes to
 ``torch.serialization``'s safe globals, so ``torch.load(..., weights_only=True)`` loads pickled
 models made of them. torch is an optional dependency (``pip install fastrnn[torch]``).
@@ -43,6 +47,7 @@ from typing import Any
 import torch
 
 from fastrnn.torch import _ops
+from fastrnn.torch._fuse import fuse
 from fastrnn.torch.modules import GRU, LSTM, RNN, AvgPool2d, Conv2d, MaxPool2d
 
 __all__ = [
@@ -58,6 +63,7 @@ __all__ = [
     "conv2d",
     "max_pool2d",
     "avg_pool2d",
+    "fuse",
 ]
 
 Tensor = torch.Tensor
@@ -118,10 +124,13 @@ def _pair(v: Any) -> list[int]:
 
 def conv2d(
     x: Tensor, w: Tensor, b: Tensor | None = None, stride: Any = 1, padding: Any = 0,
-    dilation: Any = 1, groups: int = 1,
+    dilation: Any = 1, groups: int = 1, *, activation: str | None = None,
 ) -> Tensor:  # fmt: skip
     """2-D cross-correlation (NCHW), like ``torch.nn.functional.conv2d`` with int or pair
-    ``stride``/``padding``/``dilation``."""
+    ``stride``/``padding``/``dilation``; ``activation="relu"`` applies ReLU in the kernel's
+    store (``torch.relu`` of the convolution, fused)."""
+    if activation is not None and activation != "relu":
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
     y, _ = _ops.call(
         _ops.conv2d,
         x,
@@ -132,6 +141,7 @@ def conv2d(
         _pair(dilation),
         groups,
         _training(x, w, b),
+        activation,
     )
     return y
 

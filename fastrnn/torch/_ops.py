@@ -22,7 +22,7 @@ Schemas (T steps, N batch, D input features, H hidden units; time-major, PyTorch
                  -> (y, hT, handle)
     fastrnn::rnn_backward(handle, x, w_ih, w_hh, dy?, dhT?) -> (dx, dh0, dw_ih, dw_hh, db)
     fastrnn::conv2d(x, w, b?, int[2] stride, int[2] padding, int[2] dilation, int groups,
-                    training) -> (y, handle)
+                    training, str? activation=None) -> (y, handle)  # activation "relu": fused
     fastrnn::conv2d_backward(handle, x, w, bool has_bias, dy, bool input_grad=True)
                              -> (dx, dw, db)  # db (0,) if no bias, dx (0,) without input_grad
     fastrnn::max_pool2d / avg_pool2d(x, int[2] kernel_size, int[2] stride, int[2] padding,
@@ -453,19 +453,19 @@ def conv2d_output_size(
 
 @_define(
     "(Tensor x, Tensor w, Tensor? b, int[2] stride, int[2] padding, int[2] dilation, "
-    "int groups, bool training) -> (Tensor, Tensor)"
+    "int groups, bool training, str? activation=None) -> (Tensor, Tensor)"
 )
-def conv2d(x, w, b, stride, padding, dilation, groups, training):
+def conv2d(x, w, b, stride, padding, dilation, groups, training, activation=None):
     with kernel_call(x):
         y, fr_ctx = _fr.conv2d_forward(
             array(x), array(w), array(b), stride=tuple(stride), padding=tuple(padding),
-            dilation=tuple(dilation), groups=groups, training=training,
+            dilation=tuple(dilation), groups=groups, training=training, activation=activation,
         )  # fmt: skip
         return tensor(y), handle(fr_ctx)
 
 
 @_fake(conv2d)
-def _(x, w, b, stride, padding, dilation, groups, training):
+def _(x, w, b, stride, padding, dilation, groups, training, activation=None):
     OH, OW = conv2d_output_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
     return x.new_empty(x.shape[0], w.shape[0], OH, OW), _handle_fake()
 
@@ -493,10 +493,11 @@ def _(handle, x, w, has_bias, dy, input_grad=True):
 
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, op, keyset, x, w, b, stride, padding, dilation, groups, training):
-        args = (x, w, b, stride, padding, dilation, groups, training)
+    def forward(ctx, op, keyset, x, w, b, stride, padding, dilation, groups, training,
+                activation=None):
+        args = (x, w, b, stride, padding, dilation, groups, training, activation)
         outputs = _forward_below_autograd(ctx, op, keyset, args)
-        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, activation)
         ctx.save_for_backward(x, w, b, outputs[1])
         return outputs
 
@@ -507,13 +508,13 @@ class _Conv2dFunction(torch.autograd.Function):
             grads = _second_order.grads(
                 _second_order.conv2d, (x, w, b), ctx.geometry, ctx.needs_input_grad[2:5], (dy,)
             )
-            return (None, None, *grads, None, None, None, None, None)
+            return (None, None, *grads, None, None, None, None, None, None)
         if dy is None:
-            return (None,) * 10
+            return (None,) * 11
         need_dx = ctx.needs_input_grad[2]
         dx, dw, db = _call(conv2d_backward, h, x, w, b is not None, dy, need_dx)
         return (None, None, dx if need_dx else None, dw, (db if b is not None else None), None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 _register_autograd(conv2d, _Conv2dFunction)

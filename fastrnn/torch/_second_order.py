@@ -119,8 +119,9 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity):
     return y, h
 
 
-def conv2d(x, w, b, stride, padding, dilation, groups):
-    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+def conv2d(x, w, b, stride, padding, dilation, groups, activation=None):
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return torch.relu(y) if activation == "relu" else y
 
 
 def pool2d(x, kind, kernel_size, stride, padding):

@@ -488,11 +488,21 @@ def _check_image(input: Any, what: str) -> None:
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` on fastrnn's kernels: same arguments, parameters, outputs and errors;
     ``padding`` may be an int, a pair, ``"valid"`` or ``"same"``; ``padding_mode`` must be
-    ``"zeros"``."""
+    ``"zeros"``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    One argument more, keyword-only: ``activation="relu"`` applies ReLU in the kernel's store
+    (the same result and gradients as ``torch.relu(conv(x))``, one pass over the output less
+    each way); :func:`fastrnn.torch.fuse` sets it where a model applies ReLU right after the
+    convolution. The state_dict is torch.nn.Conv2d's either way."""
+
+    activation: str | None = None  # also for modules pickled before it existed
+
+    def __init__(self, *args: Any, activation: str | None = None, **kwargs: Any) -> None:
         _check_dtype_argument(kwargs)
+        if activation is not None and activation != "relu":
+            raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
         super().__init__(*args, **kwargs)
+        self.activation = activation
         if self.padding_mode != "zeros":
             raise ValueError(
                 "padding_mode: fastrnn.torch.Conv2d pads with zeros only, got "
@@ -503,6 +513,10 @@ class Conv2d(nn.Conv2d):
 
     def __prepare_scriptable__(self) -> Any:
         raise RuntimeError(_NOT_SCRIPTABLE.format(name=type(self).__name__))
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.activation is None else f"{s}, activation={self.activation!r}"
 
     def _padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Symmetric (h, w) padding for the kernel; for ``"same"`` with an odd total padding,
@@ -557,7 +571,7 @@ class Conv2d(nn.Conv2d):
         y, _ = _ops.call(
             _ops.conv2d,
             x, weight, bias, list(self.stride), list(padding), list(self.dilation), self.groups,
-            _needs_grad(x, weight, bias),
+            _needs_grad(x, weight, bias), self.activation,
         )  # fmt: skip
         return y.squeeze(0) if unbatched else y
 

@@ -1,0 +1,90 @@
+"""``fuse(model)``: Conv2d followed by ReLU as one fastrnn operator.
+
+A model written against torch.nn applies ReLU as a separate module or function call, so a
+convolution module never sees the ReLU after it. ``fuse`` traces the model with ``torch.fx``
+(fastrnn.torch's modules kept as single calls), finds each fastrnn.torch ``Conv2d`` whose output
+feeds nothing but a ReLU (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``Tensor.relu``, in place or
+not), sets that convolution's ``activation="relu"`` and removes the ReLU: the kernel applies it
+in its store, and its backward passes the gradient where the output is positive, exactly as
+``torch.relu``'s does.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from fastrnn.torch import modules
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_LEAVES = (modules.Conv2d, modules.MaxPool2d, modules.AvgPool2d, modules.LSTM, modules.GRU,
+           modules.RNN)  # fmt: skip
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with fastrnn.torch's modules as leaves (one call_module node each)."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualified_name)
+
+
+def _is_relu(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.ReLU
+    return False
+
+
+def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
+    """``model`` as a ``torch.fx.GraphModule`` in which every fastrnn.torch ``Conv2d`` followed
+    only by a ReLU applies it in its kernel (``activation="relu"``) and the ReLU is gone.
+
+    Fused are convolutions called once in the model, whose output goes to one ReLU and nowhere
+    else, and that have no activation yet. Results and gradients are those of the model
+    (the same operations, in the same order); its state_dict keeps the same names.
+
+    ``inplace=False`` (the default) fuses a deep copy, so the model is unchanged and the fused
+    one has its own parameters: build the optimizer on the fused model. ``inplace=True``
+    shares the model's modules and parameters, and sets ``activation`` on its convolutions
+    (calling the model itself still gives the same results: ReLU applied twice is ReLU once).
+
+    The model must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor
+    values); everything torch.fx accepts works, including models holding other torch.nn or
+    fastrnn.torch modules, which stay as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    root = model if inplace else copy.deepcopy(model)
+    graph = _Tracer().trace(root)
+    calls: dict[Any, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        conv = root.get_submodule(node.target)
+        if not isinstance(conv, modules.Conv2d) or conv.activation is not None:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or not _is_relu(users[0], root):
+            continue
+        relu = users[0]
+        if relu.args[0] is not node or len(relu.args) > 1 or set(relu.kwargs) - {"inplace"}:
+            continue  # the convolution's output must be the ReLU's only argument
+        conv.activation = "relu"
+        relu.replace_all_uses_with(node)
+        graph.erase_node(relu)
+    graph.lint()
+    fused = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    fused.train(model.training)
+    return fused
