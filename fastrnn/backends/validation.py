@@ -241,11 +241,16 @@ def max_array_bytes(like: Any) -> int:
         except Exception:  # no device query available: the address-space bound alone
             pass
         return limit
-    try:
-        limit = min(limit, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        pass
-    return limit
+    global _host_bytes
+    if _host_bytes is None:  # two system calls: asked once per process (every call checks)
+        try:
+            _host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            _host_bytes = limit
+    return min(limit, _host_bytes)
+
+
+_host_bytes: int | None = None
 
 
 def check_size(name: str, what: str, shape: tuple[int, ...], like: Any) -> None:

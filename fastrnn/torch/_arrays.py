@@ -62,7 +62,7 @@ def kernel_call(t: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     CPU: fastrnn's kernels use ``torch.get_num_threads()`` threads, for this Python thread only
     (nothing global of fastrnn or torch changes). CUDA: the kernels run on ``t``'s device and
     on PyTorch's current stream there, so no synchronisation is needed in either direction."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return threads_in_this_thread(max(1, torch.get_num_threads()))
     return _on_cuda_device(t)
 

@@ -43,14 +43,15 @@ def handle(context: Any) -> torch.Tensor:
     and the handle holds the serial 0)."""
     if context is None:
         return torch.zeros(1, dtype=torch.int64)
-    owner = np.empty(1, dtype=np.int64).view(_Owner)
-    owner[0] = 1
+    owner = _Owner(1, np.int64)
+    owner.fill(1)
     owner.fr_context = context
-    pointer = owner.ctypes.data
+    t = torch.from_numpy(owner)
+    pointer = t.data_ptr()  # (cheaper than owner.ctypes.data)
     ref = weakref.ref(owner, lambda r, p=pointer: _forget(p, r))
     with _lock:
         _owners[pointer] = ref
-    return torch.from_numpy(owner)
+    return t
 
 
 def context(h: torch.Tensor, op: str) -> Any:
