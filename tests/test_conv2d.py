@@ -181,6 +181,10 @@ DIRECT_CASES = CASES + [
     (1, 3, 20, 17, 8, (5, 5), 2, 2, 1, 1, True),  # 5x5 stride 2
     (3, 6, 9, 8, 40, (3, 3), 1, 1, 1, 2, True),  # groups of 20 filters: filters in lanes
     (2, 5, 7, 6, 33, (2, 3), (2, 1), 1, (1, 2), 1, False),  # 33 filters: a partial vector
+    # depthwise at stride 1 (dx by the forward kernels): multiplier 2, non-square dilated
+    (2, 4, 7, 8, 8, (3, 3), 1, 1, 1, 4, True),
+    (2, 5, 9, 7, 5, (5, 3), 1, (2, 1), (1, 2), 5, True),
+    (1, 3, 6, 6, 3, (3, 3), 1, 3, 1, 3, False),  # padding 3 > K - 1: the gradient kernels
 ]
 
 
@@ -700,24 +704,43 @@ def test_empty_batch_with_dimensions_past_64_bits_refused(backend):
         fr.conv2d_forward(x, w, padding=2**31, stride=2**40)
 
 
+@pytest.mark.parametrize("short_columns", ["im2col", "direct"])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        # stride 3 and dilation 2: input positions no output reads
+        ((1, 1, 6, 8), (2, 1, 4, 1), dict(stride=3, padding=1, dilation=2)),
+        # depthwise at stride 1: dx by the forward kernels on the turned filters
+        ((1, 2, 5, 6), (2, 1, 3, 3), dict(padding=1, groups=2)),
+    ],
+    ids=["strided", "depthwise"],
+)
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("algorithm", ["direct", "im2col", "auto"])
-def test_cpu_non_finite_input_reaches_only_what_the_convolution_reads(algorithm, value):
+def test_cpu_non_finite_input_reaches_only_what_the_convolution_reads(
+    algorithm, value, geometry, short_columns, monkeypatch
+):
     """A NaN or infinity at any position of x or w: y, dx and dw are non-finite exactly where
     the reference's are (stride 3 and dilation 2 leave input positions no output reads, whose
-    value must not reach dw through a zero output gradient, nor a weight's reach dx there)."""
+    value must not reach dw through a zero output gradient, nor a weight's reach dx there).
+    ``short_columns="direct"`` keeps these small layers' gradients on the direct kernels."""
+    from fastrnn._cpu import conv2d as kernel
+
+    if short_columns == "direct":
+        monkeypatch.setattr(kernel, "IM2COL_BACKWARD_MAX_K", 0)
+    x_shape, w_shape, kw = geometry
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 1, 6, 8))
-    w = rng.standard_normal((2, 1, 4, 1))
-    kw = dict(stride=3, padding=1, dilation=2)
-    for which, i, j in [("x", i, j) for i in range(6) for j in range(8)] + [
-        ("w", f, t) for f in range(2) for t in range(4)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    for which, idx in [("x", i) for i in np.ndindex(*x_shape)] + [
+        ("w", i) for i in np.ndindex(*w_shape)
     ]:
+        i, j = idx[-2:]
         xx, ww = x.copy(), w.copy()
         if which == "x":
-            xx[0, 0, i, j] = value
+            xx[idx] = value
         else:
-            ww[i, 0, j, 0] = value
+            ww[idx] = value
         y, ctx = fr.conv2d_forward(xx, ww, None, algorithm=algorithm, **kw)
         dy = np.ones_like(y)
         got = (y, *fr.conv2d_backward(ctx, dy)[:2])

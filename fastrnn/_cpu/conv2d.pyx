@@ -31,7 +31,6 @@ import threading
 import numpy as np
 
 from fastrnn._cpu._openmp cimport omp_get_thread_num
-from fastrnn._cpu._sums cimport channel_sum
 
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
@@ -110,6 +109,8 @@ cdef extern from "conv_direct.h" nogil:
     void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
                                const double* u, const idx_t* off, const double* b, double* y,
                                double* xq, double* v, double* m, idx_t band, idx_t ldv)
+    double fr_sum8_f32(int isa, const float* a, idx_t n)
+    double fr_sum8_f64(int isa, const double* a, idx_t n)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
     void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
     void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
@@ -419,16 +420,32 @@ def _direct_wgrad_run(
     floating[:, ::1] parts,           # OUT [chunks, F * Kg_r] partial sums, zeroed by the caller
     floating[:, ::1] bufs,            # scratch [threads, x_size + fr_dy_size]
     const idx_t[:, ::1] woff,         # IN  [G, Kg_r]
+    double[::1] xsums,                # OUT [N] the sum of each image's x
+    double[:, ::1] bsums,             # OUT [N, F] the sum of each image's dy[f], or (0, 0)
     tuple w_shape, tuple geometry, int nthreads, int isa,
 ):
-    """CB2: chunk c sums the weight gradients of its images, in order, into parts[c]."""
+    """CB2: chunk c sums the weight gradients of its images, in order, into parts[c]. Each
+    image's x (a finiteness probe) and dy per filter (CB1) are summed just before they are
+    packed, while they come into the cache anyway: no pass of their own over x and dy."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
-    cdef idx_t P = parts.shape[0], c, n
+    cdef idx_t P = parts.shape[0], c, n, f
+    cdef idx_t L = g.OH * g.OW
+    cdef bint bias = bsums.shape[0] > 0
     cdef int tid
     with nogil, parallel(num_threads=nthreads):
         tid = omp_get_thread_num()
         for c in prange(P, schedule="dynamic"):
             for n in range(c * g.N // P, (c + 1) * g.N // P):
+                if floating is float:
+                    xsums[n] = fr_sum8_f32(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
+                    if bias:
+                        for f in range(g.F):
+                            bsums[n, f] = fr_sum8_f32(isa, &dy[n, f, 0, 0], L)
+                else:
+                    xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
+                    if bias:
+                        for f in range(g.F):
+                            bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
                 if floating is float:
                     fr_pack_input_f32(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
                     fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
@@ -439,19 +456,6 @@ def _direct_wgrad_run(
                     fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
                     fr_wgrad_image_f64(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
                                        &woff[0, 0], &parts[c, 0])
-
-
-def _bias_grad(const floating[:, :, :, ::1] dy, floating[::1] db, int nthreads):
-    """CB1: db[f] = the sum of dy[:, f], in double, in a fixed order (8 lanes: _sums.pxd)."""
-    cdef Py_ssize_t N = dy.shape[0], F = dy.shape[1], L = dy.shape[2] * dy.shape[3]
-    cdef Py_ssize_t f
-    if N == 0 or L == 0:
-        for f in range(F):
-            db[f] = 0
-        return
-    with nogil:
-        for f in prange(F, num_threads=nthreads, schedule="static"):
-            db[f] = <floating> channel_sum(&dy[0, 0, 0, 0], N, F, L, f)
 
 
 def _reduce_parts(
@@ -551,12 +555,14 @@ def _direct_backward(ctx, dy, bint input_grad=True):
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
     isa = _isa()
-    dx = np.empty_like(x) if input_grad else None
+    dx = np.empty_like(x) if input_grad and g.N == 0 else None
     db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
     psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
     chunks = _chunks(g.N, psize * x.itemsize)
     parts = np.zeros((chunks, psize), dtype=x.dtype)
     ph, pw = geometry[1]
+    dh, dw_ = geometry[2]
+    KH, KW = w.shape[2], w.shape[3]
     if not input_grad or g.N == 0:
         pass
     elif s["algorithm"] == "winograd" and ph <= 2 and pw <= 2:
@@ -564,20 +570,32 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         # filters turned 180 degrees and channels and filters swapped, padded by 2 - p
         wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         dx = _winograd_forward(dy, wt, None, (1, 1), (2 - ph, 2 - pw), (1, 1), 1, False)[0]
+    elif (g.G > 1 and g.Cg == 1 and tuple(geometry[0]) == (1, 1)
+          and ph <= dh * (KH - 1) and pw <= dw_ * (KW - 1)):
+        # Depthwise at stride 1: the same identity, group by group (a group's one input channel
+        # and its Fg filters swap roles): the forward kernels' depthwise convolution of dy with
+        # the turned filters, padded by d (K - 1) - p. 1.4-2.6x the gradient kernels' dx, which
+        # run one channel per item (benchmarks/NOTES-conv.md).
+        wt = np.ascontiguousarray(w.reshape(g.G, g.Fg, KH, KW)[:, :, ::-1, ::-1])
+        dx = _direct_forward(dy, wt, None, (1, 1), (dh * (KH - 1) - ph, dw_ * (KW - 1) - pw),
+                             (dh, dw_), g.G, False)[0]
     else:
+        dx = np.empty_like(x)
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
         dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
         dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
+    xsums = np.zeros(g.N)
     if g.N > 0:
         _, _, woff = _direct_tables(g, w, False)
         (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
         bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
-        _direct_wgrad_run(x, dy, parts, bufs, woff, w.shape, geometry, nt, isa)
-        if s["has_bias"]:
-            _bias_grad(dy, db, nt)
+        bsums = np.empty((g.N if s["has_bias"] else 0, g.F if s["has_bias"] else 0))
+        _direct_wgrad_run(x, dy, parts, bufs, woff, xsums, bsums, w.shape, geometry, nt, isa)
+        if s["has_bias"]:  # CB1, the images' sums added in image order
+            db[:] = np.add.reduce(bsums, axis=0)
     elif s["has_bias"]:
         db[:] = 0
     # CB2 across chunks, in chunk order, and back to w's layout
@@ -587,7 +605,7 @@ def _direct_backward(ctx, dy, bint input_grad=True):
     # where no output is: 0 * NaN would put a NaN (or an infinity) that no output ever saw
     # into dw (from x) or dx (from w). With such values those gradients come from im2col,
     # which multiplies exactly the (output, tap) pairs the convolution has.
-    bad_x = g.N > 0 and not np.isfinite(np.add.reduce(x, axis=None)) and not np.isfinite(x).all()
+    bad_x = g.N > 0 and not np.isfinite(xsums.sum()) and not np.isfinite(x).all()
     bad_w = g.N > 0 and input_grad and not np.isfinite(w).all()
     if bad_x or bad_w:
         dx_i, dw_i, _ = _im2col()._im2col_backward(ctx, dy, input_grad)

@@ -36,6 +36,8 @@ int fr_wgrad_rf(int isa);        /* filters per weight-gradient block (lanes red
 int fr_wgradt_nt(int isa);       /* taps per weight-gradient block (filters in lanes) */
 int fr_wgradt_nf(int isa, int dsize); /* filters per such block, dsize = sizeof(T) */
 
+double fr_sum8_f32(int isa, const float* a, idx_t n);
+double fr_sum8_f64(int isa, const double* a, idx_t n);
 void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq);
 void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq);
 void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf);

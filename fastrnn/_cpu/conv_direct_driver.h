@@ -43,6 +43,17 @@ static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, con
     DCAT(wgrad, DCAT(TS, portable))(nf, dy, lddy, x, off, P, dw, ldw);
 }
 
+/* a[0 .. n) summed in double, in a fixed order (see sum8 in conv_direct_kernels.h) */
+double DN(fr_sum8)(int isa, const T* a, idx_t n)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) return DCAT(sum8, DCAT(TS, avx512))(a, n);
+    if (isa == FR_ISA_AVX2) return DCAT(sum8, DCAT(TS, avx2))(a, n);
+#endif
+    (void)isa;
+    return DCAT(sum8, DCAT(TS, portable))(a, n);
+}
+
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
  * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row. */
 static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0, T* r1)

@@ -228,6 +228,21 @@ static TARGET void NAME(wgradt)(const T* restrict dyt, idx_t lddt, const T* rest
         }
 }
 
+/* The sum of a[0 .. n) in double over 8 interleaved lanes, lane k summing a[k], a[k + 8], ...
+ * in order (fastrnn/_cpu/_sums.pxd's order): the same result on every instruction set, here
+ * vectorised (one widening conversion and one add per 8 elements under AVX-512). */
+static TARGET double NAME(sum8)(const T* restrict a, idx_t n)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    idx_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; ++k)
+            acc[k] += (double)a[j + k];
+    for (int k = 0; j + k < n; ++k)
+        acc[k] += (double)a[j + k];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 #undef V
 #undef NAME
 #undef CAT
