@@ -710,10 +710,11 @@ def test_empty_batch_with_dimensions_past_64_bits_refused(backend):
     [
         # stride 3 and dilation 2: input positions no output reads
         ((1, 1, 6, 8), (2, 1, 4, 1), dict(stride=3, padding=1, dilation=2)),
-        # depthwise at stride 1: dx by the forward kernels on the turned filters
+        # stride 1: dx by the forward kernels on the turned filters
         ((1, 2, 5, 6), (2, 1, 3, 3), dict(padding=1, groups=2)),
+        ((1, 2, 5, 6), (3, 2, 3, 2), dict(padding=(1, 0))),
     ],
-    ids=["strided", "depthwise"],
+    ids=["strided", "depthwise", "stride1"],
 )
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("algorithm", ["direct", "im2col", "auto"])
