@@ -228,3 +228,9 @@ def test_relu_backward_kernel(n, dtype):
     got = kernel.relu_backward(y.reshape(-1, 1), dy.reshape(-1, 1))
     assert got.dtype == dtype and got.shape == (n, 1)
     np.testing.assert_array_equal(got.ravel(), np.where(y > 0, dy, 0))
+    # into the per-thread buffer: the same values; the next call reuses the buffer
+    first = kernel.relu_backward(y, dy, reuse=True)
+    np.testing.assert_array_equal(first, np.where(y > 0, dy, 0))
+    second = kernel.relu_backward(-y, dy, reuse=True)
+    np.testing.assert_array_equal(second, np.where(-y > 0, dy, 0))
+    assert n == 0 or np.shares_memory(first, second)

@@ -828,13 +828,25 @@ cdef void _relu_mask(const floating* y, const floating* dy, floating* out, Py_ss
         _relu_mask_run(y + i0, dy + i0, out + i0, min(n - i0, <Py_ssize_t> RELU_CHUNK))
 
 
-def relu_backward(y, dy):
+_relu_local = threading.local()
+
+
+def relu_backward(y, dy, bint reuse=False):
     """The gradient through a fused ReLU: dy where the output y is positive, else 0 (torch's
     threshold_backward: 0 even where dy is NaN). NumPy's where with a scalar takes ~8 ns an
-    element on a random mask; this ~0.5."""
+    element on a random mask; this ~0.5.
+
+    ``reuse``: the result is a view of a buffer kept per Python thread and overwritten by the
+    next such call (conv2d's backward, which only reads it): no fresh pages per call."""
     y = np.ascontiguousarray(y)
     dy = np.ascontiguousarray(dy, dtype=y.dtype)
-    out = np.empty_like(y)
+    if reuse:
+        buf = getattr(_relu_local, "buf", None)
+        if buf is None or buf.nbytes < y.nbytes:
+            buf = _relu_local.buf = np.empty(y.nbytes, np.uint8)
+        out = buf[:y.nbytes].view(y.dtype).reshape(y.shape)
+    else:
+        out = np.empty_like(y)
     cdef Py_ssize_t n = y.size
     cdef int nt = get_num_threads() if n >= 4 * RELU_CHUNK else 1
     cdef float[::1] yf, df, of

@@ -95,9 +95,10 @@ def conv2d_forward_algorithm(
 
 
 @fork_safe
-def relu_backward(y, dy):
-    """dy where y > 0, else 0: the gradient through conv2d's fused ReLU (beyond the interface)."""
-    return _kernels("conv2d").relu_backward(y, dy)
+def relu_backward(y, dy, reuse=False):
+    """dy where y > 0, else 0: the gradient through conv2d's fused ReLU (beyond the interface);
+    ``reuse``: into a per-thread buffer that the next such call overwrites."""
+    return _kernels("conv2d").relu_backward(y, dy, reuse)
 
 
 def __getattr__(attr: str) -> Any:

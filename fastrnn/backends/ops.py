@@ -352,7 +352,8 @@ def conv2d_gradients(ctx, dy, *, input_grad):
     if ctx.relu_output is None:
         pass
     elif ctx.backend == "cpu":
-        dy = backend_module("cpu").relu_backward(ctx.relu_output, dy)
+        # (a per-thread buffer: the backward below only reads it)
+        dy = backend_module("cpu").relu_backward(ctx.relu_output, dy, reuse=True)
     else:
         dy = array_module(dy).where(ctx.relu_output > 0, dy, 0).astype(dy.dtype, copy=False)
     dx, dw, db = backend_module(ctx.backend).conv2d_backward(ctx, dy, input_grad)
