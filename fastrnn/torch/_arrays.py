@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastrnn._threads import threads_in_this_thread
+from fastrnn._threads import get_num_threads, threads_in_this_thread
+
+_SAME_THREADS = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def array(t: torch.Tensor | None) -> Any:
@@ -63,7 +65,10 @@ def kernel_call(t: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     (nothing global of fastrnn or torch changes). CUDA: the kernels run on ``t``'s device and
     on PyTorch's current stream there, so no synchronisation is needed in either direction."""
     if not t.is_cuda:
-        return threads_in_this_thread(max(1, torch.get_num_threads()))
+        n = max(1, torch.get_num_threads())
+        if n == get_num_threads():  # already what the kernels would use: nothing to scope
+            return _SAME_THREADS
+        return threads_in_this_thread(n)
     return _on_cuda_device(t)
 
 
