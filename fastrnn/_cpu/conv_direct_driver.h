@@ -54,9 +54,21 @@ double DN(fr_sum8)(int isa, const T* a, idx_t n)
     return DCAT(sum8, DCAT(TS, portable))(a, n);
 }
 
+static void DN(split_phases)(int isa, const T* s, idx_t n, T* r0, T* r1)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(split_phases, DCAT(TS, avx512))(s, n, r0, r1); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(split_phases, DCAT(TS, avx2))(s, n, r0, r1); return; }
+#endif
+    (void)isa;
+    DCAT(split_phases, DCAT(TS, portable))(s, n, r0, r1);
+}
+
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
- * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row. */
-static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0, T* r1)
+ * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row (the inside
+ * on the best vector instruction set: a copy, the same on any). */
+static void DN(pack_row_stride2)(int isa, const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0,
+                                 T* r1)
 {
     /* v in [lo, hi): both 2v - pw and 2v + 1 - pw inside [0, W) */
     idx_t lo = (pw + 1) / 2, hi = (W + pw - 1) / 2;
@@ -68,10 +80,7 @@ static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r
         r1[v] = (w1 >= 0 && w1 < W) ? src[w1] : (T)0;
     }
     const T* s = src - pw;
-    for (idx_t v = lo; v < hi; ++v) {
-        r0[v] = s[2 * v];
-        r1[v] = s[2 * v + 1];
-    }
+    DN(split_phases)(isa, s + 2 * lo, hi - lo, r0 + lo, r1 + lo);
     for (idx_t v = hi; v < Wq; ++v) {
         const idx_t w0 = 2 * v - pw, w1 = w0 + 1;
         r0[v] = (w0 >= 0 && w0 < W) ? src[w0] : (T)0;
@@ -88,6 +97,7 @@ static void DN(pack_row_stride2)(const T* src, idx_t W, idx_t pw, idx_t Wq, T* r
 void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;
+    const int isa = g->sw == 2 ? fr_isa_best() : FR_ISA_PORTABLE;
     T* q = xq;
     for (idx_t c = 0; c < g->C; ++c) {
         const T* xc = x + c * g->H * g->W;
@@ -103,7 +113,7 @@ void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
                         memset(r1, 0, g->Wq * sizeof(T));
                         continue;
                     }
-                    DN(pack_row_stride2)(xc + h * g->W, g->W, g->pw, g->Wq, r0, r1);
+                    DN(pack_row_stride2)(isa, xc + h * g->W, g->W, g->pw, g->Wq, r0, r1);
                 }
             }
             q += g->sh * 2 * plane;

@@ -243,6 +243,17 @@ static TARGET double NAME(sum8)(const T* restrict a, idx_t n)
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+/* r0[v] = s[2 v], r1[v] = s[2 v + 1] for v < n: the two column phases of a row at stride 2,
+ * vectorised under the target (even/odd permutes of pairs of vectors). */
+static TARGET void NAME(split_phases)(const T* restrict s, idx_t n, T* restrict r0,
+                                      T* restrict r1)
+{
+    for (idx_t v = 0; v < n; ++v) {
+        r0[v] = s[2 * v];
+        r1[v] = s[2 * v + 1];
+    }
+}
+
 #undef V
 #undef NAME
 #undef CAT
