@@ -425,3 +425,29 @@ def test_empty_batch_with_dimensions_past_64_bits_refused(backend, kind):
     fwd, _ = PUBLIC[kind]
     with fr.use_backend(backend), pytest.raises(ValueError, match="^padding: "):
         fwd(np.zeros((0, 1, 1, 1), np.float32), 2**33, 1, 2**32)
+
+
+def test_cpu_pooling_and_direct_convolution_do_not_load_scipy():
+    """The first pooling or direct-convolution call of a process pays no SciPy import
+    (scipy.linalg took 0.2-0.4 s here): those modules call no BLAS. Checked in a fresh
+    process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import fastrnn as fr
+        x = np.ones((1, 2, 6, 6), np.float32)
+        y, ctx = fr.max_pool2d_forward(x, 2)
+        fr.max_pool2d_backward(ctx, np.ones_like(y))
+        y, ctx = fr.avg_pool2d_forward(x, 3, 1, 1)
+        fr.avg_pool2d_backward(ctx, np.ones_like(y))
+        fr.conv2d_forward(x, np.ones((3, 2, 3, 3), np.float32), padding=1, training=False)
+        print("scipy.linalg" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

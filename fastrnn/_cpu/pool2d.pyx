@@ -25,10 +25,14 @@ from libc.string cimport memset
 
 import numpy as np
 
-from fastrnn._cpu._blas cimport floating
-
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
+
+# (its own fused type: cimporting _blas.pxd for it would load SciPy's BLAS, ~0.2-0.4 s on the
+# first pooling call of a process, for a module that calls no BLAS)
+ctypedef fused floating:
+    float
+    double
 
 
 cdef struct PoolGeom:
