@@ -9,7 +9,8 @@ The pytest-benchmark suite puts fastrnn, the reference and PyTorch of one shape 
 group, with GFLOP/s, threads, dtype and shape in ``extra_info``. The script form times fastrnn
 and PyTorch interleaved, shape by shape, several rounds, and prints median times, GFLOP/s and
 PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
-The table gives fastrnn's % of the sgemm rate measured at the start of the same run.
+The table gives fastrnn's % of the sgemm rate measured at the start of the same run, and each
+side's fastest single call (min) with their ratio, which one-off spikes cannot spoil.
 ``--relu`` times conv2d + ReLU forward instead (fused, separate, torch).
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
@@ -253,13 +254,17 @@ def test_pool2d(benchmark, shape, kind, passes, impl):
 # ------------------------------------------------------------------------------------------------
 
 
-def _median_ms(call: Callable[[], object], reps: int) -> float:
+def _times_ms(call: Callable[[], object], reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _median_ms(call: Callable[[], object], reps: int) -> float:
+    return statistics.median(_times_ms(call, reps))
 
 
 PINNED = ("im2col", "direct")  # fastrnn pinned to one algorithm, as extra columns
@@ -277,7 +282,8 @@ def table(
     rows = [("conv2d", s, p) for s in CONV_SHAPES for p in PASSES]
     if pool:
         rows += [(f"{k}_pool2d", s, p) for s in POOL_SHAPES for k in ("max", "avg") for p in PASSES]
-    print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians); "
+    print(f"threads={threads} dtype={np.dtype(DTYPE).name} repeat={repeat} (median of medians; "
+          "min: the fastest single call, which one-off spikes cannot spoil); "
           f"sgemm {sgemm:.0f} GFLOP/s in this run (2048^3, NumPy's BLAS)")  # fmt: skip
     head = f"{'op':10} {'shape':34} {'pass':8}"
     for impl in impls:
@@ -285,8 +291,9 @@ def table(
         head += f" {'%sgemm':>6}" if impl == "fastrnn" else ""
     for i in pinned:
         head += f" {'torch/' + i:>14}"
-    print(head + f" {'torch/fastrnn':>14}")
+    print(head + f" {'torch/fastrnn':>14} {'min: fastrnn':>12} {'torch':>9} {'ratio':>6}")
     ratios: dict[str, list[float]] = {p: [] for p in PASSES}
+    min_ratios: dict[str, list[float]] = {p: [] for p in PASSES}
     for op, shape, passes in rows:
         if op == "conv2d":
             calls = {i: conv_call(shape, i, passes) for i in impls}
@@ -301,9 +308,12 @@ def table(
         for call in calls.values():
             call()
         med: dict[str, list[float]] = {i: [] for i in impls}
+        low: dict[str, float] = {i: float("inf") for i in impls}
         for _ in range(repeat):  # interleaved, so load changes hit every implementation
             for i in impls:
-                med[i].append(_median_ms(calls[i], 1 if i == "reference" else 5))
+                times = _times_ms(calls[i], 1 if i == "reference" else 5)
+                med[i].append(statistics.median(times))
+                low[i] = min(low[i], *times)
         ms = {i: statistics.median(v) for i, v in med.items()}
         line = f"{op:10} {label:34} {passes:8}"
         for i in impls:
@@ -313,12 +323,16 @@ def table(
         ratio = ms["torch"] / ms["fastrnn"]
         if op == "conv2d":
             ratios[passes].append(ratio)
+            min_ratios[passes].append(low["torch"] / low["fastrnn"])
         for i in pinned:
             line += f" {ms['torch'] / ms[i]:14.2f}"
-        print(line + f" {ratio:14.2f}", flush=True)
+        line += f" {ratio:14.2f} {low['fastrnn']:12.3f} {low['torch']:9.3f}"
+        print(line + f" {low['torch'] / low['fastrnn']:6.2f}", flush=True)
     for p in PASSES:
         gm = float(np.exp(np.mean(np.log(ratios[p]))))
-        print(f"conv2d {p}: geometric mean of torch/fastrnn over the grid = {gm:.2f}")
+        gm_min = float(np.exp(np.mean(np.log(min_ratios[p]))))
+        print(f"conv2d {p}: geometric mean of torch/fastrnn over the grid = {gm:.2f} "
+              f"(of the minima: {gm_min:.2f})")  # fmt: skip
 
 
 def relu_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
