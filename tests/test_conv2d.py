@@ -759,7 +759,9 @@ def test_cpu_non_finite_input_reaches_only_what_the_convolution_reads(
 
 RELU_CASES = [
     # (N, C, H, W, F, kernel, stride, padding, algorithm)
-    (2, 3, 7, 9, 5, (3, 3), 1, 1, "direct"),
+    (2, 3, 7, 9, 5, (3, 3), 1, 1, "direct"),  # 27 taps: the backward by im2col
+    (2, 6, 7, 9, 5, (3, 3), 1, 1, "direct"),  # 54 taps: the direct kernels' backward
+    (2, 6, 9, 8, 5, (3, 3), 2, 1, "direct"),  # stride 2: the gradient kernels' dx
     (2, 4, 8, 7, 6, (3, 3), 1, 1, "winograd"),
     (1, 64, 6, 5, 64, (3, 3), 1, 1, "auto"),  # "auto" runs Winograd here
     (2, 3, 9, 8, 4, (3, 3), 2, 1, "im2col"),

@@ -35,7 +35,8 @@ def assert_close(actual, desired, op, direction, dtype, name=""):
 @pytest.mark.parametrize(
     "args, kwargs",
     [
-        ((3, 5, 3), dict(padding=1)),  # direct kernels
+        ((6, 5, 3), dict(padding=1)),  # direct kernels, dx by the forward kernels
+        ((6, 5, 3), dict(stride=2, padding=1)),  # direct kernels, dx by the gradient kernels
         ((1, 4, 5), dict(padding=2)),  # short columns: im2col's backward
         ((4, 6, 3), dict(stride=2, groups=2)),
         ((64, 64, 3), dict(padding=1, bias=False)),  # Winograd
