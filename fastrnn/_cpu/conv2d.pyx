@@ -441,17 +441,15 @@ def _direct_wgrad_run(
                     if bias:
                         for f in range(g.F):
                             bsums[n, f] = fr_sum8_f32(isa, &dy[n, f, 0, 0], L)
-                else:
-                    xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
-                    if bias:
-                        for f in range(g.F):
-                            bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
-                if floating is float:
                     fr_pack_input_f32(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
                     fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
                     fr_wgrad_image_f32(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
                                        &woff[0, 0], &parts[c, 0])
                 else:
+                    xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
+                    if bias:
+                        for f in range(g.F):
+                            bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
                     fr_pack_input_f64(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
                     fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
                     fr_wgrad_image_f64(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
@@ -502,16 +500,17 @@ BATCH_PER_THREAD = 2
 _scratch_local = threading.local()
 
 
-def _scratch(dtype, *sizes):
-    """Scratch arrays of these many elements, carved from one buffer per Python thread that is
-    kept between calls: fresh pages for tens of MB of scratch per call cost more than the
-    kernels on small layers (the kernel zeroes every new page). Never returned to a caller."""
+def _scratch(dtype, *sizes, str key="buf"):
+    """Scratch arrays of these many elements, carved from one buffer per Python thread (and
+    ``key``: buffers in use at the same time need different keys) that is kept between calls:
+    fresh pages for tens of MB of scratch per call cost more than the kernels on small layers
+    (the kernel zeroes every new page)."""
     itemsize = np.dtype(dtype).itemsize
     need = sum(_round(n, 16) for n in sizes) * itemsize + 64
-    buf = getattr(_scratch_local, "buf", None)
+    buf = getattr(_scratch_local, key, None)
     if buf is None or buf.size < need:
         buf = np.empty(need, dtype=np.uint8)
-        _scratch_local.buf = buf
+        setattr(_scratch_local, key, buf)
     start = (-buf.ctypes.data) % 64  # 64-byte aligned
     out = []
     for n in sizes:
@@ -565,21 +564,19 @@ def _direct_backward(ctx, dy, bint input_grad=True):
     KH, KW = w.shape[2], w.shape[3]
     if not input_grad or g.N == 0:
         pass
-    elif s["algorithm"] == "winograd" and ph <= 2 and pw <= 2:
-        # dx of a 3x3 stride-1 convolution is the 3x3 stride-1 convolution of dy with the
-        # filters turned 180 degrees and channels and filters swapped, padded by 2 - p
-        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        dx = _winograd_forward(dy, wt, None, (1, 1), (2 - ph, 2 - pw), (1, 1), 1, False)[0]
     elif tuple(geometry[0]) == (1, 1) and ph <= dh * (KH - 1) and pw <= dw_ * (KW - 1):
-        # The same identity for any kernel, dilation and groups at stride 1: dx is the forward
-        # kernels' convolution of dy with each group's filters turned 180 degrees and their
-        # channels and filters swapped, padded by d (K - 1) - p. Faster than the gradient
-        # kernels on every layer measured: 1.00-1.20x (groups = 1), 1.4-2.6x depthwise (which
-        # they run one channel per item); benchmarks/NOTES-conv.md.
+        # At stride 1, dx is the convolution of dy with each group's filters turned 180 degrees
+        # and their channels and filters swapped, padded by d (K - 1) - p: by Winograd after a
+        # Winograd forward (3x3, d = 1, so p <= 2), else by the forward kernels. Faster than the
+        # gradient kernels on every layer measured: 1.00-1.20x (groups = 1), 1.4-2.6x depthwise
+        # (which they run one channel per item); benchmarks/NOTES-conv.md.
         wt = w.reshape(g.G, g.Fg, g.Cg, KH, KW).transpose(0, 2, 1, 3, 4)
         wt = np.ascontiguousarray(wt.reshape(g.C, g.Fg, KH, KW)[:, :, ::-1, ::-1])
-        dx = _direct_forward(dy, wt, None, (1, 1), (dh * (KH - 1) - ph, dw_ * (KW - 1) - pw),
-                             (dh, dw_), g.G, False)[0]
+        pad = (dh * (KH - 1) - ph, dw_ * (KW - 1) - pw)
+        if s["algorithm"] == "winograd":
+            dx = _winograd_forward(dy, wt, None, (1, 1), pad, (1, 1), 1, False)[0]
+        else:
+            dx = _direct_forward(dy, wt, None, (1, 1), pad, (dh, dw_), g.G, False)[0]
     else:
         dx = np.empty_like(x)
         off, wp, starts = _dgrad_tables(g, w)
@@ -828,9 +825,6 @@ cdef void _relu_mask(const floating* y, const floating* dy, floating* out, Py_ss
         _relu_mask_run(y + i0, dy + i0, out + i0, min(n - i0, <Py_ssize_t> RELU_CHUNK))
 
 
-_relu_local = threading.local()
-
-
 def relu_backward(y, dy, bint reuse=False):
     """The gradient through a fused ReLU: dy where the output y is positive, else 0 (torch's
     threshold_backward: 0 even where dy is NaN). NumPy's where with a scalar takes ~8 ns an
@@ -840,11 +834,8 @@ def relu_backward(y, dy, bint reuse=False):
     next such call (conv2d's backward, which only reads it): no fresh pages per call."""
     y = np.ascontiguousarray(y)
     dy = np.ascontiguousarray(dy, dtype=y.dtype)
-    if reuse:
-        buf = getattr(_relu_local, "buf", None)
-        if buf is None or buf.nbytes < y.nbytes:
-            buf = _relu_local.buf = np.empty(y.nbytes, np.uint8)
-        out = buf[:y.nbytes].view(y.dtype).reshape(y.shape)
+    if reuse:  # (its own key: the backward's scratch is in use while this is read)
+        out = _scratch(y.dtype, y.size, key="relu")[0].reshape(y.shape)
     else:
         out = np.empty_like(y)
     cdef Py_ssize_t n = y.size

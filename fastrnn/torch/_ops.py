@@ -63,7 +63,7 @@ _lib = torch.library.Library("fastrnn", "DEF")
 
 _IMPLS: dict[str, Any] = {}  # operator name -> its Python implementation
 Parameter = torch.nn.Parameter
-_PLAIN = (Tensor, Parameter)
+_PLAIN = (Tensor, Parameter)  # plain tensor types (fastrnn/torch/modules.py reads it too)
 
 
 def _define(schema: str) -> Any:
@@ -89,10 +89,23 @@ def _untraced(args: Sequence[Any]) -> bool:
     and torch.export's tracing, fake and meta tensors) goes through the dispatcher."""
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack():
         return False
+    return _scan(args, False) >= 0
+
+
+def _scan(args: Sequence[Any], grad: bool) -> int:
+    """One pass over an operator's arguments: -1 when one is a tensor subclass or a meta tensor
+    (it must go through the dispatcher), else 1 when ``grad`` and one requires grad, else 0."""
+    needs = 0
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
-            return False
-    return True
+        kind = type(a)
+        if kind is Tensor or kind is Parameter:
+            if a.is_meta:
+                return -1
+            if grad and a.requires_grad:
+                needs = 1
+        elif isinstance(a, Tensor):
+            return -1
+    return needs
 
 
 def _call(op: Any, *args: Any) -> Any:
@@ -143,18 +156,10 @@ def call(op: Any, *args: Any) -> Any:
         return op(*args)
     # _untraced's test of the arguments and whether any needs a gradient, in one pass (this
     # runs on every layer call: ~4 us of Python on small shapes)
-    grad = torch.is_grad_enabled()
-    needs = False
-    for a in args:
-        kind = type(a)
-        if kind is Tensor or kind is Parameter:
-            if a.is_meta:
-                return op(*args)
-            if grad and a.requires_grad:
-                needs = True
-        elif isinstance(a, Tensor):
-            return op(*args)
-    if needs:
+    found = _scan(args, torch.is_grad_enabled())
+    if found < 0:
+        return op(*args)
+    if found:
         return _FUNCTIONS[op._opname].apply(op, None, *args)
     return _IMPLS[op._opname](*args)
 
