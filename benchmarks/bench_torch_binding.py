@@ -29,6 +29,9 @@ Comparisons per shape (T, N, D, H), float32, time-major, one layer:
 * ``floor`` (``--floor``): the bare kernels vs the least a binding can be (``_Floor``: an
   autograd.Function on NumPy views, nothing else), the share of the overhead no binding code
   can remove (benchmarks/NOTES-torch.md, "The binding's cost").
+* ``old binding`` (``--old-binding REV``): ``fastrnn.torch.LSTM`` forward + backward against
+  the same module of the binding at git commit REV (4b59a68: the autograd.Function binding
+  that the torch.library operators replaced), on today's kernels: what the operators cost.
 * ``jax`` (``--jax``): ``jax.jit(jax.grad(...))`` of ``fastrnn.jax.lstm`` (forward + backward
   through ``jax.pure_callback``) vs the bare kernels on NumPy arrays, same ``dy``.
 
@@ -186,6 +189,55 @@ def floor_calls(shape) -> dict[str, Callable[[], object]]:
         return y
 
     return {"bare kernel": calls["bare kernel"], "minimal Function": floor}
+
+
+def _binding_at(rev: str):
+    """``fastrnn/torch.py`` as it was at commit ``rev`` (4b59a68: the autograd.Function binding
+    that the torch.library operators replaced), imported under a name of its own, on today's
+    kernels. Needs the repository's git history."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{rev}:fastrnn/torch.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "fastrnn_binding_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("fastrnn_binding_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def old_binding_calls(shape, rev: str) -> dict[str, Callable[[], object]]:
+    """Forward + ``y.backward(dy)`` of the LSTM of the binding at ``rev`` and of today's, same
+    weights and input (which requires grad, as a stacked layer's), checked to agree."""
+    T, N, D, H = shape
+    old = _binding_at(rev)
+    ours = _twins(shape)[0]
+    theirs = old.LSTM(D, H, dtype=DTYPE)
+    theirs.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, N, D, generator=g, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(T, N, H, generator=g, dtype=DTYPE)
+    calls = {}
+    for name, model in ((f"binding at {rev}", theirs), ("fastrnn.torch", ours)):
+        params = list(model.parameters())
+
+        def call(model=model, params=params):
+            for p in params:
+                p.grad = None
+            x.grad = None
+            y, _ = model(x)
+            y.backward(dy)
+            return x.grad
+
+        calls[name] = call
+    a, b = (c() for c in calls.values())
+    torch.testing.assert_close(a, b)
+    return calls
 
 
 def compile_calls(shape) -> tuple[dict[str, Callable[[], float]], float]:
@@ -374,6 +426,8 @@ def main() -> None:
     parser.add_argument("--jax", action="store_true", help="also: fastrnn.jax vs bare kernels")
     parser.add_argument("--floor", action="store_true",
                         help="also: a minimal autograd.Function vs bare kernels")  # fmt: skip
+    parser.add_argument("--old-binding", metavar="REV",
+                        help="also: fastrnn.torch.LSTM vs the binding at commit REV (e.g. 4b59a68)")
     parser.add_argument("--only", action="store_true", help="skip the default table")
     args = parser.parse_args()
     if not args.only:
@@ -385,6 +439,11 @@ def main() -> None:
         compare_table("minimal autograd.Function vs bare kernels, fwd+bwd", floor_calls,
                       ("bare kernel", "minimal Function"), args.threads, args.reps,
                       SHAPES)  # fmt: skip
+    if args.old_binding:
+        rev = args.old_binding
+        compare_table(f"fastrnn.torch.LSTM vs the binding at {rev}, fwd+bwd",
+                      lambda shape: old_binding_calls(shape, rev),
+                      (f"binding at {rev}", "fastrnn.torch"), args.threads, args.reps, SHAPES)
     if args.jax:
         compare_table("fastrnn.jax jit(grad) vs bare kernels, fwd+bwd", jax_calls,
                       ("bare kernel", "fastrnn.jax"), args.threads, args.reps, SHAPES)  # fmt: skip

@@ -199,20 +199,52 @@ def test_meta_tensors_give_shapes():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_context_lives_as_long_as_the_graph():
-    gc.collect()
-    before = _contexts.live_handles()
+def test_context_lives_as_long_as_the_graph(monkeypatch):
+    """A module's eager call keeps each forward's context on its autograd node: alive while
+    backward may need it (a retained graph), freed with the graph."""
+    import weakref
+
+    contexts = []
+    raw = _ops._RAW["gru"]
+
+    def recording(*args):
+        *outputs, fr_ctx = raw(*args)
+        if fr_ctx is not None:
+            contexts.append(weakref.ref(fr_ctx))
+        return (*outputs, fr_ctx)
+
+    monkeypatch.setitem(_ops._RAW, "gru", recording)
     m = ft.GRU(4, 3, num_layers=2)
     y, _ = m(torch.randn(5, 2, 4))
-    assert _contexts.live_handles() == before + 2  # one per layer
+    assert len(contexts) == 2  # one per layer
     y.sum().backward(retain_graph=True)
-    assert _contexts.live_handles() == before + 2  # kept: the graph was retained
+    assert all(r() is not None for r in contexts)  # kept: the graph was retained
+    y.sum().backward()
+    del y
+    gc.collect()
+    assert all(r() is None for r in contexts)
+    with torch.no_grad():
+        m(torch.randn(5, 2, 4))
+    assert len(contexts) == 2  # inference saves nothing
+
+
+def test_handle_lives_as_long_as_the_graph():
+    """The dispatched operator (what torch.compile and export call) hands its context over as
+    a handle tensor, which lives as long as the graph that holds it."""
+    gc.collect()
+    before = _contexts.live_handles()
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    w_ih, w_hh = torch.randn(9, 4), torch.randn(9, 3)
+    y = torch.ops.fastrnn.gru(x, torch.zeros(2, 3), w_ih, w_hh, None, None, None, True)[0]
+    assert _contexts.live_handles() == before + 1
+    y.sum().backward(retain_graph=True)
+    assert _contexts.live_handles() == before + 1  # kept: the graph was retained
     y.sum().backward()
     del y
     gc.collect()
     assert _contexts.live_handles() == before
-    with torch.no_grad():
-        m(torch.randn(5, 2, 4))
+    torch.ops.fastrnn.gru(x.detach(), torch.zeros(2, 3), w_ih, w_hh, None, None, None, False)
+    gc.collect()
     assert _contexts.live_handles() == before  # inference saves nothing
 
 

@@ -50,7 +50,7 @@ import fastrnn as _fr
 from fastrnn.backends.ops import conv2d_gradients
 from fastrnn.torch import _second_order
 from fastrnn.torch._arrays import array, kernel_call, tensor, zeros_like_array
-from fastrnn.torch._contexts import context, handle
+from fastrnn.torch._contexts import context, handle, keeper, not_saved
 
 Tensor = torch.Tensor
 
@@ -61,21 +61,39 @@ Tensor = torch.Tensor
 _lib = torch.library.Library("fastrnn", "DEF")
 
 
-_IMPLS: dict[str, Any] = {}  # operator name -> its Python implementation
+_IMPLS: dict[str, Any] = {}  # operator name -> its registered implementation (handles)
+_RAW: dict[str, Any] = {}  # operator name -> the same on fastrnn contexts (see _define)
 Parameter = torch.nn.Parameter
 _PLAIN = (Tensor, Parameter)  # plain tensor types (fastrnn/torch/modules.py reads it too)
 
 
 def _define(schema: str) -> Any:
-    """Decorator: define ``fastrnn::<function name><schema>`` with the decorated function as
-    its implementation on every device (the function picks NumPy or CuPy arrays); returns the
-    OpOverload. The fake implementation is registered separately (``_fake``)."""
+    """Decorator: define ``fastrnn::<function name><schema>``; returns the OpOverload.
 
-    def register(impl: Any) -> Any:
-        name = impl.__name__
+    The decorated function works on fastrnn contexts: a forward returns its context as its
+    last output, a backward (schema ``(Tensor handle, ...)``) takes one as its first argument.
+    The registered implementation (every device: the function picks NumPy or CuPy arrays)
+    trades those for handle tensors (fastrnn/torch/_contexts.py). The modules' eager calls
+    (:func:`call`) keep the context on the autograd node instead and need no handle. The
+    fake implementation is registered separately (``_fake``)."""
+
+    def register(raw: Any) -> Any:
+        name = raw.__name__
+        if schema.startswith("(Tensor handle"):
+            forward_name = name.removesuffix("_backward")
+
+            def impl(h: Tensor, *args: Any) -> Any:
+                return raw(context(h, forward_name), *args)
+        else:
+
+            def impl(*args: Any) -> Any:
+                *outputs, fr_ctx = raw(*args)
+                return (*outputs, handle(fr_ctx))
+
         _lib.define(name + schema)
         _lib.impl(name, impl, "CompositeExplicitAutograd")
         _IMPLS[name] = impl
+        _RAW[name] = raw
         return getattr(torch.ops.fastrnn, name).default
 
     return register
@@ -108,11 +126,18 @@ def _scan(args: Sequence[Any], grad: bool) -> int:
     return needs
 
 
-def _call(op: Any, *args: Any) -> Any:
-    """``op(*args)`` for a backward operator, directly when :func:`_untraced`."""
+def _backward(ctx: Any, op: Any, h: Tensor, *args: Any) -> Any:
+    """Backward operator ``op`` for the forward whose saved handle or keeper is ``h``: on the
+    context that ``ctx.fr_ref`` finds when the forward came from :func:`call`; otherwise on
+    the handle, directly when :func:`_untraced`, through the dispatcher when something traces."""
+    if ctx.fr_ref is not None:
+        fr_ctx = ctx.fr_ref()
+        if fr_ctx is None:
+            raise not_saved(op._opname.removesuffix("_backward"))
+        return _RAW[op._opname](fr_ctx, *args)
     if _untraced(args):
-        return _IMPLS[op._opname](*args)
-    return op(*args)
+        return _IMPLS[op._opname](h, *args)
+    return op(h, *args)
 
 
 def _fake(op: Any) -> Any:
@@ -144,8 +169,10 @@ def call(op: Any, *args: Any) -> Any:
     torch.jit.trace nor a TorchFunctionMode is active) this runs what the dispatcher would run
     (the operator's autograd Function, or its implementation when no gradient is needed)
     without the round trip through the dispatcher to a Python autograd kernel, which costs
-    ~30 us per call (measured: benchmarks/bench_torch_binding.py at (1, 1, 8, 8)). Everything
-    that traces (Dynamo constant-folds ``is_compiling``) sees the operator itself."""
+    ~30 us per call (measured: benchmarks/bench_torch_binding.py at (1, 1, 8, 8)). On that
+    path the handle output is None: the forward's context stays on the autograd node, or is
+    dropped when no gradient is needed. Everything that traces (Dynamo constant-folds
+    ``is_compiling``) sees the operator itself, handle included."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
@@ -161,7 +188,8 @@ def call(op: Any, *args: Any) -> Any:
         return op(*args)
     if found:
         return _FUNCTIONS[op._opname].apply(op, None, *args)
-    return _IMPLS[op._opname](*args)
+    *outputs, _ = _RAW[op._opname](*args)
+    return (*outputs, None)
 
 
 def _host_lengths(lengths: Tensor | None) -> Any:
@@ -206,17 +234,29 @@ def _split_bias_grad(db: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> tu
     return db_ih, db_hh
 
 
-def _forward_below_autograd(ctx: Any, op: Any, keyset: Any, args: tuple) -> tuple:
-    """The operator below autograd: redispatched with ``keyset`` (from its autograd kernel), or
-    its implementation (``keyset`` None: from :func:`call`, or when nothing traces)."""
-    if keyset is None or _untraced(args):
+def _forward_below_autograd(ctx: Any, op: Any, keyset: Any, args: tuple) -> tuple[tuple, Any]:
+    """The operator below autograd: its outputs, and the tensor that keeps its context for
+    backward (to be saved with ``ctx.save_for_backward``, so that autograd frees the context
+    with the graph's saved tensors).
+
+    From :func:`call` (``keyset`` None): the implementation on contexts, None in the handle's
+    place and a keeper (fastrnn/torch/_contexts.py) saved instead, with a weak reference to
+    the context on ``ctx``: no handle to register and to look up again (~5 us per call on
+    small shapes). From the autograd kernel: redispatched with ``keyset``, or the
+    implementation when nothing traces; the handle is kept."""
+    ctx.set_materialize_grads(False)
+    if keyset is None:
+        *outputs, fr_ctx = _RAW[op._opname](*args)
+        kept, ctx.fr_ref = keeper(fr_ctx)
+        return (*outputs, None), kept
+    if _untraced(args):
         outputs = _IMPLS[op._opname](*args)
     else:
         with torch._C._AutoDispatchBelowAutograd():
             outputs = op.redispatch(keyset, *args)
-    ctx.set_materialize_grads(False)
+    ctx.fr_ref = None
     ctx.mark_non_differentiable(outputs[-1])
-    return outputs
+    return outputs, outputs[-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +276,7 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
             array(x), array(h0), array(c0), array(w_ih), w_hh_a, b, w_hr=array(w_hr),
             lengths=_host_lengths(lengths), training=training,
         )  # fmt: skip
-        return tensor(y), tensor(hT), tensor(cT), handle(fr_ctx)
+        return tensor(y), tensor(hT), tensor(cT), fr_ctx
 
 
 @_fake(lstm)
@@ -250,9 +290,8 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
     "(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? dy, Tensor? dhT,"
     " Tensor? dcT) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-def lstm_backward(handle, x, w_ih, w_hh, w_hr, dy, dhT, dcT):
+def lstm_backward(fr_ctx, x, w_ih, w_hh, w_hr, dy, dhT, dcT):
     """dw_hr is a (0,) tensor when the forward had no projection (outputs cannot be None)."""
-    fr_ctx = context(handle, "lstm")
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.lstm_backward(
@@ -276,8 +315,8 @@ class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, keyset, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training):
         args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, training)
-        outputs = _forward_below_autograd(ctx, op, keyset, args)
-        ctx.save_for_backward(*args[:-1], outputs[3])
+        outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
+        ctx.save_for_backward(*args[:-1], kept)
         return outputs
 
     @staticmethod
@@ -291,8 +330,8 @@ class _LSTMFunction(torch.autograd.Function):
             return (None, None, *grads, None, None)
         if dy is None and dhT is None and dcT is None:
             return (None,) * 12
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _call(
-            lstm_backward, h, x, w_ih, w_hh, w_hr, dy, dhT, dcT
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _backward(
+            ctx, lstm_backward, h, x, w_ih, w_hh, w_hr, dy, dhT, dcT
         )
         db_ih, db_hh = _split_bias_grad(db, b_ih, b_hh)
         dw_hr = dw_hr if w_hr is not None else None
@@ -321,7 +360,7 @@ def gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
             array(x), array(h0), array(w_ih), w_hh_a, b_ih_a, b_hh_a,
             lengths=_host_lengths(lengths), training=training,
         )  # fmt: skip
-        return tensor(y), tensor(hT), handle(fr_ctx)
+        return tensor(y), tensor(hT), fr_ctx
 
 
 @_fake(gru)
@@ -333,8 +372,7 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
     "(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? dy, Tensor? dhT) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-def gru_backward(handle, x, w_ih, w_hh, dy, dhT):
-    fr_ctx = context(handle, "gru")
+def gru_backward(fr_ctx, x, w_ih, w_hh, dy, dhT):
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.gru_backward(fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT))
@@ -354,8 +392,8 @@ class _GRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, keyset, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
         args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training)
-        outputs = _forward_below_autograd(ctx, op, keyset, args)
-        ctx.save_for_backward(*args[:-1], outputs[2])
+        outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
+        ctx.save_for_backward(*args[:-1], kept)
         return outputs
 
     @staticmethod
@@ -369,7 +407,8 @@ class _GRUFunction(torch.autograd.Function):
             return (None, None, *grads, None, None)
         if dy is None and dhT is None:
             return (None,) * 10
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = _call(gru_backward, h, x, w_ih, w_hh, dy, dhT)
+        grads = _backward(ctx, gru_backward, h, x, w_ih, w_hh, dy, dhT)
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = grads
         return (
             None, None, dx, dh0, dw_ih, dw_hh,
             db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None,
@@ -396,7 +435,7 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, training):
             array(x), array(h0), array(w_ih), w_hh_a, b, nonlinearity=nonlinearity,
             lengths=_host_lengths(lengths), training=training,
         )  # fmt: skip
-        return tensor(y), tensor(hT), handle(fr_ctx)
+        return tensor(y), tensor(hT), fr_ctx
 
 
 @_fake(rnn)
@@ -410,8 +449,7 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, training):
     "(Tensor handle, Tensor x, Tensor w_ih, Tensor w_hh, Tensor? dy, Tensor? dhT) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-def rnn_backward(handle, x, w_ih, w_hh, dy, dhT):
-    fr_ctx = context(handle, "rnn")
+def rnn_backward(fr_ctx, x, w_ih, w_hh, dy, dhT):
     with kernel_call(x):
         like = array(w_hh)
         grads = _fr.rnn_backward(fr_ctx, _grad_or_zeros(dy, fr_ctx, "dy", like), array(dhT))
@@ -431,9 +469,9 @@ class _RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, keyset, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, training):
         args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity, training)
-        outputs = _forward_below_autograd(ctx, op, keyset, args)
+        outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
         ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(*args[:7], outputs[2])
+        ctx.save_for_backward(*args[:7], kept)
         return outputs
 
     @staticmethod
@@ -447,7 +485,7 @@ class _RNNFunction(torch.autograd.Function):
             return (None, None, *grads, None, None, None)
         if dy is None and dhT is None:
             return (None,) * 11
-        dx, dh0, dw_ih, dw_hh, db = _call(rnn_backward, h, x, w_ih, w_hh, dy, dhT)
+        dx, dh0, dw_ih, dw_hh, db = _backward(ctx, rnn_backward, h, x, w_ih, w_hh, dy, dhT)
         db_ih, db_hh = _split_bias_grad(db, b_ih, b_hh)
         return (None, None, dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None)
 
@@ -481,7 +519,7 @@ def conv2d(x, w, b, stride, padding, dilation, groups, training, activation=None
             array(x), array(w), array(b), stride=tuple(stride), padding=tuple(padding),
             dilation=tuple(dilation), groups=groups, training=training, activation=activation,
         )  # fmt: skip
-        return tensor(y), handle(fr_ctx)
+        return tensor(y), fr_ctx
 
 
 @_fake(conv2d)
@@ -494,8 +532,7 @@ def _(x, w, b, stride, padding, dilation, groups, training, activation=None):
     "(Tensor handle, Tensor x, Tensor w, bool has_bias, Tensor dy, bool input_grad=True) "
     "-> (Tensor, Tensor, Tensor)"
 )
-def conv2d_backward(handle, x, w, has_bias, dy, input_grad=True):
-    fr_ctx = context(handle, "conv2d")
+def conv2d_backward(fr_ctx, x, w, has_bias, dy, input_grad=True):
     with kernel_call(x):
         # Without input_grad (x needs no gradient: a network's first layer) dx is not computed,
         # as torch's convolution_backward output_mask.
@@ -516,9 +553,9 @@ class _Conv2dFunction(torch.autograd.Function):
     def forward(ctx, op, keyset, x, w, b, stride, padding, dilation, groups, training,
                 activation=None):
         args = (x, w, b, stride, padding, dilation, groups, training, activation)
-        outputs = _forward_below_autograd(ctx, op, keyset, args)
+        outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
         ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, activation)
-        ctx.save_for_backward(x, w, b, outputs[1])
+        ctx.save_for_backward(x, w, b, kept)
         return outputs
 
     @staticmethod
@@ -532,7 +569,7 @@ class _Conv2dFunction(torch.autograd.Function):
         if dy is None:
             return (None,) * 11
         need_dx = ctx.needs_input_grad[2]
-        dx, dw, db = _call(conv2d_backward, h, x, w, b is not None, dy, need_dx)
+        dx, dw, db = _backward(ctx, conv2d_backward, h, x, w, b is not None, dy, need_dx)
         return (None, None, dx if need_dx else None, dw, (db if b is not None else None), None,
                 None, None, None, None, None)
 
@@ -556,11 +593,10 @@ def _pool_forward(kind: str, x, kernel_size, stride, padding, training):
         y, fr_ctx = forward(
             array(x), tuple(kernel_size), tuple(stride), tuple(padding), training=training
         )
-        return tensor(y), handle(fr_ctx)
+        return tensor(y), fr_ctx
 
 
-def _pool_backward(kind: str, handle, x, dy):
-    fr_ctx = context(handle, f"{kind}_pool2d")
+def _pool_backward(kind: str, fr_ctx, x, dy):
     backward = _fr.max_pool2d_backward if kind == "max" else _fr.avg_pool2d_backward
     with kernel_call(x):
         return tensor(backward(fr_ctx, array(dy)))
@@ -582,13 +618,13 @@ def avg_pool2d(x, kernel_size, stride, padding, training):
 
 
 @_define("(Tensor handle, Tensor x, Tensor dy) -> Tensor")
-def max_pool2d_backward(handle, x, dy):
-    return _pool_backward("max", handle, x, dy)
+def max_pool2d_backward(fr_ctx, x, dy):
+    return _pool_backward("max", fr_ctx, x, dy)
 
 
 @_define("(Tensor handle, Tensor x, Tensor dy) -> Tensor")
-def avg_pool2d_backward(handle, x, dy):
-    return _pool_backward("avg", handle, x, dy)
+def avg_pool2d_backward(fr_ctx, x, dy):
+    return _pool_backward("avg", fr_ctx, x, dy)
 
 
 for _op in (max_pool2d, avg_pool2d):
@@ -601,10 +637,10 @@ class _Pool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, keyset, x, kernel_size, stride, padding, training):
         args = (x, kernel_size, stride, padding, training)
-        outputs = _forward_below_autograd(ctx, op, keyset, args)
+        outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
         ctx.kind = "max" if op is max_pool2d else "avg"
         ctx.geometry = (ctx.kind, tuple(kernel_size), tuple(stride), tuple(padding))
-        ctx.save_for_backward(x, outputs[1])
+        ctx.save_for_backward(x, kept)
         return outputs
 
     @staticmethod
@@ -618,7 +654,7 @@ class _Pool2dFunction(torch.autograd.Function):
         if dy is None:
             return (None,) * 7
         backward = max_pool2d_backward if ctx.kind == "max" else avg_pool2d_backward
-        return None, None, _call(backward, h, x, dy), None, None, None, None
+        return None, None, _backward(ctx, backward, h, x, dy), None, None, None, None
 
 
 _register_autograd(max_pool2d, _Pool2dFunction)

@@ -179,19 +179,20 @@ class _Recurrent:
             x = check_input.transpose(0, 1) if self.batch_first else check_input
         hx = self._hx(hx, is_batched)
         N = x.shape[1]
-        dirs = 2 if self.bidirectional else 1
         if hx is None:
-            shape = (self.num_layers * dirs, N, self.hidden_size)
-            zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
-            if self._n_states == 2 and self.proj_size > 0:
-                h_shape = (self.num_layers * dirs, N, self.proj_size)
-                hx = (torch.zeros(h_shape, dtype=x.dtype, device=x.device), zeros)
-            else:
-                hx = (zeros, zeros) if self._n_states == 2 else zeros
-        if not self._shapes_as_expected(check_input, hx, batch_sizes):
-            self.check_forward_args(check_input, hx, batch_sizes)  # torch.nn's checks and errors
-        states = list(hx) if self._n_states == 2 else [hx]
-        self._check_kernel_args(x, states)
+            # zero initial states: per state, a list of every layer's (N, H) zeros (what
+            # _layers indexes), one tensor (only read) instead of slices of a stacked one
+            states = self._zeros(N, x)
+            if not self._shapes_as_expected(check_input, None, batch_sizes):
+                stacked = [torch.stack(s) for s in states]  # torch.nn's checks of the input
+                self.check_forward_args(check_input, tuple(stacked) if len(stacked) == 2
+                                        else stacked[0], batch_sizes)  # fmt: skip
+            self._check_kernel_args(x, [])
+        else:
+            states = list(hx) if self._n_states == 2 else [hx]
+            if not self._shapes_as_expected(check_input, hx, batch_sizes):
+                self.check_forward_args(check_input, hx, batch_sizes)  # torch.nn's checks, errors
+            self._check_kernel_args(x, states)
         if lengths is not None and not packed:
             lengths = _lengths_tensor(lengths, N)
 
@@ -213,6 +214,18 @@ class _Recurrent:
             output = output.transpose(0, 1)
         return output, (tuple(finals) if self._n_states == 2 else finals[0])
 
+    def _zeros(self, N: int, x: Tensor) -> list[list[Tensor]]:
+        """Zero initial states as ``[h_layers, c_layers]`` (LSTM) or ``[h_layers]``: lists of
+        (N, H) tensors, one per layer and direction, all views of one zeros tensor."""
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        zeros = torch.zeros((N, self.hidden_size), dtype=x.dtype, device=x.device)
+        if self._n_states == 1:
+            return [[zeros] * layers]
+        if self.proj_size > 0:
+            h = torch.zeros((N, self.proj_size), dtype=x.dtype, device=x.device)
+            return [[h] * layers, [zeros] * layers]
+        return [[zeros] * layers, [zeros] * layers]
+
     def _shapes_as_expected(self, input: Tensor, hx: Any, batch_sizes: Any) -> bool:
         """The usual call, in a few attribute reads: a 3-D input of input_size features in the
         weights' dtype and states of exactly the expected shapes, so torch.nn's
@@ -222,6 +235,8 @@ class _Recurrent:
             return False
         if input.dtype != self.weight_ih_l0.dtype:
             return False
+        if hx is None:
+            return True  # zero states made to measure
         n = input.shape[0] if self.batch_first else input.shape[1]
         layers = self.num_layers * (2 if self.bidirectional else 1)
         if self._n_states == 2:
