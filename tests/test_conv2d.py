@@ -810,6 +810,53 @@ def test_relu_activation_equals_conv_then_relu(backend, case, dtype):
     assert_close(db, dbr, "conv", "backward", dtype, name="db")
 
 
+# Pointwise float32 forwards on fastrnn's AVX-512 tiles (conv2d_im2col.pyx): column counts
+# around the 32-column panels and the masked 16-lane tails, groups, images wider than one tile.
+POINTWISE_TILE_CASES = [  # N, C, H, W, F, groups, bias
+    (2, 5, 16, 8, 7, 1, True),  # 128 columns: the narrowest tile the kernels take
+    (3, 9, 14, 14, 10, 1, False),  # 196: six panels and a masked tail of 4
+    (1, 6, 17, 9, 12, 3, True),  # 153, grouped
+    (2, 4, 23, 23, 5, 1, True),  # 529: tiles of whole output rows
+    (2, 300, 12, 12, 9, 1, True),  # 144, 300 input channels: two chunks of the sum
+    (2, 3, 5, 7, 4, 1, True),  # 35: BLAS (narrower than the tiles take)
+]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "blas"])
+@pytest.mark.parametrize("case", POINTWISE_TILE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cpu_pointwise_tiles_equal_the_reference(case, tiles, relu, restore_threads):
+    """The tiles and BLAS both give the reference's forward (and NaN stays NaN through the
+    fused ReLU), at 1 and 2 threads, which agree bitwise."""
+    from fastrnn._cpu import conv2d_im2col as kernel
+
+    N, C, H, W, F, groups, bias = case
+    rng = np.random.default_rng(sum(case[:5]))
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    x[0, 0, 1, 2] = np.nan
+    w = rng.standard_normal((F, C // groups, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32) if bias else None
+    activation = "relu" if relu else None
+    previous = kernel.set_pointwise_tiles(tiles)
+    try:
+        ys = []
+        for threads in (1, 2):
+            fr.set_num_threads(threads)
+            y, _ = fr.conv2d_forward(x, w, b, groups=groups, algorithm="im2col",
+                                     activation=activation, training=False)  # fmt: skip
+            ys.append(y)
+    finally:
+        kernel.set_pointwise_tiles(previous)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    yr = _relu_expected(x, w, b, np.zeros((N, F, H, W)), dict(groups=groups))[0] if relu else (
+        ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                           None if b is None else b.astype(np.float64), groups=groups)[0])
+    np.testing.assert_array_equal(np.isnan(ys[0]), np.isnan(yr))
+    assert np.isnan(yr).any()
+    finite = ~np.isnan(yr)
+    assert_close(ys[0][finite], yr[finite], "conv", "forward", np.float32, name="y")
+
+
 @pytest.mark.parametrize("algorithm", ["direct", "winograd", "im2col"])
 def test_relu_activation_keeps_nan_and_blocks_its_gradient(algorithm):
     """A NaN reaching an output stays NaN through the ReLU (torch.relu), and the gradient is

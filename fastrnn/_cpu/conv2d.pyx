@@ -742,8 +742,8 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
                              activation=None):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
     ``algorithm`` (validated by fastrnn.backends.ops). ``activation`` "relu": y = max(y, 0)
-    (NaN kept), in the kernels' store for the direct and Winograd algorithms, after the GEMM
-    for im2col (whose store is BLAS's)."""
+    (NaN kept), in the kernels' store for the direct and Winograd algorithms, on each column
+    tile right after its GEMM for im2col."""
     cdef int act = activation == "relu"
     if x.shape[2] < 1 or x.shape[3] < 1:
         # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
@@ -763,10 +763,8 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
             raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
         return _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act)
     if algorithm == "im2col":
-        y, ctx = _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training)
-        if act:
-            np.maximum(y, 0, out=y)
-        return y, ctx
+        return _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training,
+                                         act)
     raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
 
 

@@ -47,12 +47,30 @@ from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 from fastrnn._cpu._sums cimport channel_sum
 
+cdef extern from "_small_gemm.h":
+    int fr_small_gemm_ok
+    void fr_small_gemm_init() noexcept nogil
+    void fr_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                         Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
+                         float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
+
 from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
 
+fr_small_gemm_init()
+
 cdef Py_ssize_t TILE_COLUMNS = 512
+# Pointwise float32 forwards multiply on fastrnn's AVX-512 register tiles (_small_gemm.h, B = x
+# read in place) instead of BLAS, whose packing of both operands dominates these small GEMMs
+# (one thread, (32,256,14x14)->64: 115 against 85 GFLOP/s; benchmarks/NOTES-conv.md). False
+# (set_pointwise_tiles) pins BLAS, for tests.
+cdef bint POINTWISE_TILES = True
+# ... on tiles of at least this many columns: narrower ones waste much of their masked last
+# vectors ((16,512,7x7)->512, 49 columns: 0.92-0.97x BLAS's speed)
+cdef enum:
+    POINTWISE_TILES_MIN_COLUMNS = 128
 cdef enum:
     KBLOCK = 16  # rows of a dw partial transposed together (_reduce_block)
 
@@ -194,6 +212,8 @@ cdef void _forward_tile(
     Py_ssize_t r0,         # IN  first output row of the tile
     Py_ssize_t r1,         # IN  end of the tile's output rows
     const Geom* g,
+    bint tiles,            # IN  float32 pointwise: the GEMMs on fastrnn's AVX-512 tiles
+    bint relu,             # IN  y = max(y, 0) on the tile (NaN kept)
 ) noexcept nogil:
     """C1-C4 for output rows r0..r1 of one image. Tiles write disjoint parts of y."""
     cdef floating beta = 0
@@ -201,6 +221,7 @@ cdef void _forward_tile(
     cdef Py_ssize_t T = (r1 - r0) * g.OW
     cdef Py_ssize_t ld = T
     cdef const floating* cols = buf
+    cdef floating* yr
     if b != NULL:  # C4, as the GEMM's starting value (beta = 1)
         for f in range(g.F):
             for e in range(T):
@@ -212,9 +233,19 @@ cdef void _forward_tile(
     else:
         _im2col(x, buf, r0, r1, g)  # C1, C2
     for grp in range(g.G):  # C3
-        gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
-             w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * ld, <int> ld,
-             beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
+        if floating is float and tiles and T >= POINTWISE_TILES_MIN_COLUMNS:
+            fr_sgemm_avx512(g.Fg, T, g.K, w + grp * g.Fg * g.K, g.K, 1, cols + grp * g.K * ld,
+                            ld, beta, y + grp * g.Fg * g.L + r0 * g.OW, g.L, 256)
+        else:
+            gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
+                 w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * ld, <int> ld,
+                 beta, y + grp * g.Fg * g.L + r0 * g.OW, <int> g.L)
+    if relu:  # the fused activation while the tile is in cache
+        for f in range(g.F):
+            yr = y + f * g.L + r0 * g.OW
+            for e in range(T):
+                if yr[e] < 0:
+                    yr[e] = 0
 
 
 cdef void _backward_image(
@@ -302,6 +333,8 @@ def _forward(
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
     blas,                             # context manager setting the BLAS threads (see _plan)
+    bint use_tiles=False,             # float32 pointwise GEMMs on fastrnn's tiles
+    bint relu=False,                  # the fused ReLU
 ):
     cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
                             groups)
@@ -324,7 +357,7 @@ def _forward(
                     n = item // tiles
                     r0 = (item - n * tiles) * g.tile_rows
                     _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp + tid * cs,
-                                  r0, min(r0 + g.tile_rows, g.OH), &g)
+                                  r0, min(r0 + g.tile_rows, g.OH), &g, use_tiles, relu)
     else:
         with blas:
             with nogil:
@@ -332,7 +365,7 @@ def _forward(
                     n = item // tiles
                     r0 = (item - n * tiles) * g.tile_rows
                     _forward_tile(xp + n * xs, wp, bp, yp + n * ys, bufp,
-                                  r0, min(r0 + g.tile_rows, g.OH), &g)
+                                  r0, min(r0 + g.tile_rows, g.OH), &g, use_tiles, relu)
 
 
 def _backward(
@@ -346,6 +379,8 @@ def _backward(
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
     blas,                             # context manager setting the BLAS threads (see _plan)
+    bint use_tiles=False,             # float32 pointwise GEMMs on fastrnn's tiles
+    bint relu=False,                  # the fused ReLU
 ):
     cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
                             groups)
@@ -457,16 +492,20 @@ cdef _check_sizes(tuple x_shape, tuple w_shape, padding, const Geom* g):
         )
 
 
-def _im2col_forward(x, w, b, stride, padding, dilation, groups, training):
-    """im2col + GEMM: x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx."""
+def _im2col_forward(x, w, b, stride, padding, dilation, groups, training, relu=False):
+    """im2col + GEMM: x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx;
+    ``relu``: y = max(y, 0) (NaN kept), tile by tile."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     _check_sizes(x.shape, w.shape, padding, &g)
     nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
+    # the tiles run on the calling thread: not where the items run serially with BLAS threads
+    tiles = (POINTWISE_TILES and fr_small_gemm_ok != 0 and g.pointwise
+             and x.dtype == np.float32 and (nbuf > 1 or nt == 1))
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
     bias = np.empty(0, dtype=x.dtype) if b is None else b
-    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt, blas)
+    _forward(x, w, bias, y, bufs, stride, padding, dilation, groups, nt, blas, tiles, relu)
     ctx = None
     if training:
         ctx = Context(
@@ -496,6 +535,16 @@ def _im2col_backward(ctx, dy, input_grad=True):
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
     _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt, blas)
     return dx, dw, (db if s["has_bias"] else None)
+
+
+def set_pointwise_tiles(bint on) -> bool:
+    """Whether float32 pointwise forwards use fastrnn's AVX-512 tiles (where the CPU has
+    AVX-512) or BLAS; returns the previous setting. For tests: both must give the reference's
+    result."""
+    global POINTWISE_TILES
+    previous = POINTWISE_TILES
+    POINTWISE_TILES = on
+    return previous
 
 
 def _set_tile_columns(Py_ssize_t n) -> int:
