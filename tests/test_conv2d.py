@@ -857,6 +857,34 @@ def test_cpu_pointwise_tiles_equal_the_reference(case, tiles, relu, restore_thre
     assert_close(ys[0][finite], yr[finite], "conv", "forward", np.float32, name="y")
 
 
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "blas"])
+@pytest.mark.parametrize("case", POINTWISE_TILE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cpu_pointwise_tiles_backward(case, tiles):
+    """The input gradient of a pointwise float32 layer (on the tiles, or BLAS) and its weight
+    and bias gradients equal the reference's."""
+    from fastrnn._cpu import conv2d_im2col as kernel
+
+    N, C, H, W, F, groups, bias = case
+    rng = np.random.default_rng(sum(case[:5]) + 1)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((F, C // groups, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(F).astype(np.float32) if bias else None
+    dy = rng.standard_normal((N, F, H, W)).astype(np.float32)
+    previous = kernel.set_pointwise_tiles(tiles)
+    try:
+        _, ctx = fr.conv2d_forward(x, w, b, groups=groups, algorithm="im2col")
+        dx, dw, db = fr.conv2d_backward(ctx, dy)
+    finally:
+        kernel.set_pointwise_tiles(previous)
+    f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    _, cr = ref.conv2d_forward(*f64, groups=groups)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, dy.astype(np.float64))
+    assert_close(dx, dxr, "conv", "backward", np.float32, name="dx")
+    assert_close(dw, dwr, "conv", "backward", np.float32, name="dw")
+    if bias:
+        assert_close(db, dbr, "conv", "backward", np.float32, name="db")
+
+
 @pytest.mark.parametrize("algorithm", ["direct", "winograd", "im2col"])
 def test_relu_activation_keeps_nan_and_blocks_its_gradient(algorithm):
     """A NaN reaching an output stays NaN through the ReLU (torch.relu), and the gradient is

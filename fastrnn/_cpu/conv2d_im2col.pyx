@@ -256,6 +256,7 @@ cdef void _backward_image(
     floating* dw_part,     # INOUT [G, K, Fg] this thread's partial sum of dw, transposed per group
     floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
     const Geom* g,
+    bint tiles,            # IN  float32 pointwise: dx's GEMM on fastrnn's AVX-512 tiles
 ) noexcept nogil:
     cdef Py_ssize_t grp, r0, r1, T
     if g.pointwise:
@@ -267,9 +268,13 @@ cdef void _backward_image(
             if dx == NULL:
                 continue
             # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
-            gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
-                 w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
-                 <floating> 0, dx + grp * g.K * g.L, <int> g.L)
+            if floating is float and tiles and g.L >= POINTWISE_TILES_MIN_COLUMNS:
+                fr_sgemm_avx512(g.K, g.L, g.Fg, w + grp * g.Fg * g.K, 1, g.K,
+                                dy + grp * g.Fg * g.L, g.L, 0, dx + grp * g.K * g.L, g.L, 256)
+            else:
+                gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
+                     w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
+                     <floating> 0, dx + grp * g.K * g.L, <int> g.L)
         return
     if dx != NULL:
         memset(dx, 0, g.C * g.H * g.W * sizeof(floating))
@@ -379,8 +384,7 @@ def _backward(
     floating[:, ::1] bufs,            # scratch, one row per thread
     stride, padding, dilation, int groups, int nthreads,
     blas,                             # context manager setting the BLAS threads (see _plan)
-    bint use_tiles=False,             # float32 pointwise GEMMs on fastrnn's tiles
-    bint relu=False,                  # the fused ReLU
+    bint use_tiles=False,             # float32 pointwise dx GEMMs on fastrnn's tiles
 ):
     cdef Geom g = _geometry(_shape(x), _shape(w), stride, padding, dilation,
                             groups)
@@ -404,14 +408,14 @@ def _backward(
                 for c in prange(P, schedule="dynamic"):
                     for n in range(c * g.N // P, (c + 1) * g.N // P):
                         _backward_image(xp + n * xs, wp, dyp + n * ys, (dxp + n * xs if dxp != NULL else dxp),
-                                        partp + c * ps, bufp + tid * cs, &g)
+                                        partp + c * ps, bufp + tid * cs, &g, use_tiles)
     else:
         with blas:
             with nogil:
                 for c in range(P):
                     for n in range(c * g.N // P, (c + 1) * g.N // P):
                         _backward_image(xp + n * xs, wp, dyp + n * ys, (dxp + n * xs if dxp != NULL else dxp),
-                                        partp + c * ps, bufp, &g)
+                                        partp + c * ps, bufp, &g, use_tiles)
     with nogil:
         # CB2 across chunks: the partials summed in chunk order and transposed back.
         for e in prange(g.G * ((g.K + KBLOCK - 1) // KBLOCK), num_threads=nthreads,
@@ -528,12 +532,16 @@ def _im2col_backward(ctx, dy, input_grad=True):
     chunks = _chunks(x.shape[0], w.nbytes)
     F, L = w.shape[0], dy.shape[2] * dy.shape[3]
     nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
+    pointwise = w.shape[2] == w.shape[3] == 1 and tuple(geometry[0]) == (1, 1) and tuple(
+        geometry[1]) == (0, 0)
+    tiles = (POINTWISE_TILES and fr_small_gemm_ok != 0 and pointwise
+             and x.dtype == np.float32 and (nbuf > 1 or nt == 1))
     dx = np.empty_like(x) if input_grad else None
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
     parts = np.zeros((chunks, w.size), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape, geometry)), dtype=x.dtype)
-    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt, blas)
+    _backward(x, w, dy, dx, dw, db, parts, bufs, *geometry, nt, blas, tiles)
     return dx, dw, (db if s["has_bias"] else None)
 
 
