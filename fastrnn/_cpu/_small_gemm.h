@@ -129,7 +129,7 @@ static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tail
 
 /* C (M x n) = A (M x K) @ B (K x n) + beta C, A[r][k] at A[r * ars + k * aks] (see
    fr_tile), B and C row-major with leading dimensions; k in chunks of ``chunk``. */
-__attribute__((target("avx512f,fma"))) static void fr_sgemm_avx512(
+__attribute__((target("avx512f,fma"), unused)) static void fr_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars,
     Py_ssize_t aks, const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc,
     Py_ssize_t chunk)
@@ -155,7 +155,7 @@ __attribute__((target("avx512f,fma"))) static void fr_sgemm_avx512(
 }
 
 /* C (M x n) = A (M x K) @ B (K x n) + beta C, all row-major with leading dimensions. */
-__attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
+__attribute__((target("avx512f,fma"), unused)) static void fr_small_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
     const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
 {
@@ -165,7 +165,7 @@ __attribute__((target("avx512f,fma"))) static void fr_small_sgemm_avx512(
 /* C (M x 32 np) = A (M x K) @ B + beta C, B given as np packed panels (K x 32 each,
    contiguous: fr_pack_panels). k in chunks of 128, so a panel chunk (16 KB, contiguous: no
    cache-set conflicts of a large row stride) stays in L1 across all M rows. */
-__attribute__((target("avx512f,fma"))) static void fr_panel_sgemm_avx512(
+__attribute__((target("avx512f,fma"), unused)) static void fr_panel_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
     const float *P, float beta, float *C, Py_ssize_t ldc)
 {
@@ -181,20 +181,20 @@ static void fr_small_gemm_init(void) {
 #define FR_HAVE_SMALL_GEMM 0
 static int fr_small_gemm_ok = 0;
 static void fr_small_gemm_init(void) {}
-static void fr_small_sgemm_avx512(
+__attribute__((unused)) static void fr_small_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t lda,
     const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc) {}
-static void fr_sgemm_avx512(
+__attribute__((unused)) static void fr_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars,
     Py_ssize_t aks, const float *B, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc,
     Py_ssize_t chunk) {}
-static void fr_panel_sgemm_avx512(
+__attribute__((unused)) static void fr_panel_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
     const float *P, float beta, float *C, Py_ssize_t ldc) {}
 #endif
 
 /* Columns [0, 32 np) of B (K rows, leading dimension ldb) as np panels of K x 32. */
-static void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float *B, Py_ssize_t ldb,
+__attribute__((unused)) static void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float *B, Py_ssize_t ldb,
                            float *P) {
     for (Py_ssize_t p = 0; p < np_; p++)
         for (Py_ssize_t k = 0; k < K; k++)

@@ -54,6 +54,16 @@ double DN(fr_sum8)(int isa, const T* a, idx_t n)
     return DCAT(sum8, DCAT(TS, portable))(a, n);
 }
 
+static void DN(store_row)(int isa, const T* s, idx_t n, T bias, int act, T* d)
+{
+#if FR_X86
+    if (isa == FR_ISA_AVX512) { DCAT(store_row, DCAT(TS, avx512))(s, n, bias, act, d); return; }
+    if (isa == FR_ISA_AVX2) { DCAT(store_row, DCAT(TS, avx2))(s, n, bias, act, d); return; }
+#endif
+    (void)isa;
+    DCAT(store_row, DCAT(TS, portable))(s, n, bias, act, d);
+}
+
 static void DN(split_phases)(int isa, const T* s, idx_t n, T* r0, T* r1)
 {
 #if FR_X86
@@ -226,19 +236,9 @@ void DN(fr_forward_block)(int isa, const fr_geom* g, const T* xq, const idx_t* o
         const T bias = b ? b[f0 + f] : (T)0;
         const T* src = tile + f * g->Pf_r;
         T* dst = y + (f0 + f) * g->OH * g->OW;
-        for (idx_t oh = 0; oh < g->OH; ++oh) {
-            T* d = dst + oh * g->OW;
-            const T* s = src + oh * g->Wq;
-            if (g->act) {  /* ReLU in the store: v < 0 ? 0 : v keeps a NaN, as torch.relu */
-                for (idx_t ow = 0; ow < g->OW; ++ow) {
-                    const T v = s[ow] + bias;
-                    d[ow] = v < 0 ? (T)0 : v;
-                }
-            } else {
-                for (idx_t ow = 0; ow < g->OW; ++ow)
-                    d[ow] = s[ow] + bias;
-            }
-        }
+        /* (ReLU in the store: v < 0 ? 0 : v keeps a NaN, as torch.relu) */
+        for (idx_t oh = 0; oh < g->OH; ++oh)
+            DN(store_row)(isa, src + oh * g->Wq, g->OW, bias, g->act, dst + oh * g->OW);
     }
 }
 

@@ -243,6 +243,21 @@ static TARGET double NAME(sum8)(const T* restrict a, idx_t n)
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+/* d[i] = s[i] + bias for i < n, or with ``act`` max(that, 0) keeping NaN (v < 0 ? 0 : v, as
+ * torch.relu): a kernel tile's row into the output, vectorised under the target. */
+static TARGET void NAME(store_row)(const T* restrict s, idx_t n, T bias, int act, T* restrict d)
+{
+    if (act) {
+        for (idx_t i = 0; i < n; ++i) {
+            const T v = s[i] + bias;
+            d[i] = v < 0 ? (T)0 : v;
+        }
+    } else {
+        for (idx_t i = 0; i < n; ++i)
+            d[i] = s[i] + bias;
+    }
+}
+
 /* r0[v] = s[2 v], r1[v] = s[2 v + 1] for v < n: the two column phases of a row at stride 2,
  * vectorised under the target (even/odd permutes of pairs of vectors). */
 static TARGET void NAME(split_phases)(const T* restrict s, idx_t n, T* restrict r0,
