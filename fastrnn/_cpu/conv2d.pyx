@@ -54,10 +54,23 @@ MIN_PARALLEL_MACS = 1 << 21
 MAX_CHUNKS = 8
 # ... and the partials together stay below this many bytes.
 MAX_PARTIAL_BYTES = 64 << 20
+# Past MIN_CHUNKS (enough to share out evenly over 2 or 4 threads), only as many chunks as keep
+# their partials within PARTIAL_BYTES, in a power of two: each partial is zeroed, accumulated
+# image by image and summed, memory traffic that wide weights pay per chunk (a (256,256,3,3)
+# partial is 2.4 MB, more than a core's L2). 8 -> 4 chunks: backward of (16,256,14x14)->256
+# 1.05-1.11x, (32,64,56x56)->128 stride 2 1.00-1.09x; benchmarks/NOTES-conv.md.
+MIN_CHUNKS = 4
+PARTIAL_BYTES = 2 << 20
 
 
 def _chunks(Py_ssize_t N, Py_ssize_t weight_bytes) -> int:
-    return int(max(1, min(N, MAX_CHUNKS, MAX_PARTIAL_BYTES // max(weight_bytes, 1))))
+    """Chunks of a backward pass's images (each with its own dw partial): a function of the
+    sizes only, never of the thread count, so results are the same with any number of
+    threads."""
+    cdef Py_ssize_t fit = max(1, PARTIAL_BYTES // max(weight_bytes, 1))
+    fit = 1 << (fit.bit_length() - 1)  # a power of two: even shares over 2, 4, 8 threads
+    return int(max(1, min(N, MAX_CHUNKS, MAX_PARTIAL_BYTES // max(weight_bytes, 1),
+                          max(MIN_CHUNKS, fit))))
 
 
 def _im2col():
