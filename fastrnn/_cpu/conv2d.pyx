@@ -222,11 +222,15 @@ cdef fr_geom _direct_geometry(tuple x_shape, tuple w_shape, tuple geometry):
 def _direct_tables(fr_geom g, w, bint pack=True):
     """Forward tap offsets [Kg], packed forward weights [G, ceil(Fg/6), Kg, 6] (None unless
     ``pack``), and the weight gradient's padded offsets [G, Kg_r]."""
-    c, i, j = np.meshgrid(np.arange(g.Cg), np.arange(g.KH), np.arange(g.KW), indexing="ij")
-    c, i, j = c.ravel(), i.ravel(), j.ravel()
-    plane = g.Hq * g.Wq
-    phase = (c * g.sh + (i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw
-    off = (phase * plane + (i * g.dh // g.sh) * g.Wq + (j * g.dw // g.sw)).astype(np.intp)
+    cdef idx_t plane = g.Hq * g.Wq, c, i, j, t = 0
+    off = np.empty(g.Kg, dtype=np.intp)
+    cdef idx_t[::1] o = off
+    for c in range(g.Cg):  # taps in (c, i, j) order; every operand is non-negative
+        for i in range(g.KH):
+            for j in range(g.KW):
+                o[t] = (((c * g.sh + (i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw) * plane
+                        + (i * g.dh // g.sh) * g.Wq + (j * g.dw // g.sw))
+                t += 1
     nfb = (g.Fg + 5) // 6
     wp = None
     if pack:
