@@ -452,6 +452,12 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
         f"torch/fastrnn {ms['torch'] / ms['fastrnn']:.2f}; with fastrnn.torch.fuse "
         f"{ms['fused']:.2f} ms, torch/fused {ms['torch'] / ms['fused']:.2f}"
     )
+    # the same ratios round by round (the three steps of a round meet the same load): their
+    # median and range, robust to the machine's speed drifting between rounds
+    for k in ("fastrnn", "fused"):
+        r = sorted(a / b for a, b in zip(times["torch"], times[k], strict=True))
+        print(f"  torch/{k} per round ({repeat} rounds): median {statistics.median(r):.2f}, "
+              f"range {r[0]:.2f}-{r[-1]:.2f}")  # fmt: skip
 
 
 def main() -> None:
