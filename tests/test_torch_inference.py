@@ -97,6 +97,26 @@ def test_updates_invalidate_prepared_weights(ours, theirs, kw):
             torch.testing.assert_close(clone(x)[0], m(x)[0])
 
 
+@pytest.mark.parametrize("ours,theirs,kw", CASES)
+def test_frozen_parameters_with_gradients_enabled(ours, theirs, kw):
+    """Parameters that need no gradient, gradients enabled, no initial state (the forward's
+    own zero states): the prepared layers when the input needs no gradient either, autograd
+    when it does; torch.nn's results both ways."""
+    m, t = _pair(ours, theirs, kw)
+    m.requires_grad_(False)
+    t.requires_grad_(False)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    for p, q in zip(_flat(m(x)), _flat(t(x)), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    assert m in modules._PREPARED
+    xg = x.clone().requires_grad_()
+    a, b = m(xg)[0], t(xg)[0]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    (ga,) = torch.autograd.grad(a.sum(), xg)
+    (gb,) = torch.autograd.grad(b.sum(), xg)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
 def test_training_calls_do_not_use_prepared_layers():
     m = ft.LSTM(5, 7)
     x = torch.randn(3, 2, 5)

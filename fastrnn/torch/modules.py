@@ -216,7 +216,7 @@ class _Recurrent:
 
     def _zeros(self, N: int, x: Tensor) -> list[list[Tensor]]:
         """Zero initial states as ``[h_layers, c_layers]`` (LSTM) or ``[h_layers]``: lists of
-        (N, H) tensors, one per layer and direction, all views of one zeros tensor."""
+        (N, H) tensors, one per layer and direction, all the same zeros tensor (only read)."""
         layers = self.num_layers * (2 if self.bidirectional else 1)
         zeros = torch.zeros((N, self.hidden_size), dtype=x.dtype, device=x.device)
         if self._n_states == 1:
@@ -312,14 +312,17 @@ class _Recurrent:
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Tensor]) -> bool:
-    """Whether this call can run on prepared layers: CPU, no gradient recorded, no tracing."""
+def _prepared_inference(module: _Recurrent, x: Tensor, states: list[Any]) -> bool:
+    """Whether this call can run on prepared layers: CPU, no gradient recorded, no tracing.
+    ``states``: the caller's (layers, N, H) state tensors, or the forward's own zero states
+    (lists of per-layer tensors: plain, never requiring grad, so not checked)."""
     if torch.is_grad_enabled() and module.weight_hh_l0.requires_grad:
         return False  # the usual training call, decided at once
     if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled():
         return False
+    states = [s for s in states if isinstance(s, Tensor)]
     if torch.is_grad_enabled():
         params = [w for ws in map(module._weights, range(len(module._fr_weight_names)))
                   for w in ws if w is not None]
