@@ -496,15 +496,21 @@ cdef _check_sizes(tuple x_shape, tuple w_shape, padding, const Geom* g):
         )
 
 
+cdef bint _pointwise_tiles(const Geom* g, dtype, nt, nbuf):
+    """Whether this call's pointwise GEMMs run on the AVX-512 tiles: float32 on a CPU that has
+    them, and not where the items run one after another with BLAS threads (the tiles run on
+    the calling thread alone)."""
+    return (POINTWISE_TILES and fr_small_gemm_ok != 0 and g.pointwise and dtype == np.float32
+            and (nbuf > 1 or nt == 1))
+
+
 def _im2col_forward(x, w, b, stride, padding, dilation, groups, training, relu=False):
     """im2col + GEMM: x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx;
     ``relu``: y = max(y, 0) (NaN kept), tile by tile."""
     cdef Geom g = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     _check_sizes(x.shape, w.shape, padding, &g)
     nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
-    # the tiles run on the calling thread: not where the items run serially with BLAS threads
-    tiles = (POINTWISE_TILES and fr_small_gemm_ok != 0 and g.pointwise
-             and x.dtype == np.float32 and (nbuf > 1 or nt == 1))
+    tiles = _pointwise_tiles(&g, x.dtype, nt, nbuf)
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
@@ -532,10 +538,8 @@ def _im2col_backward(ctx, dy, input_grad=True):
     chunks = _chunks(x.shape[0], w.nbytes)
     F, L = w.shape[0], dy.shape[2] * dy.shape[3]
     nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
-    pointwise = w.shape[2] == w.shape[3] == 1 and tuple(geometry[0]) == (1, 1) and tuple(
-        geometry[1]) == (0, 0)
-    tiles = (POINTWISE_TILES and fr_small_gemm_ok != 0 and pointwise
-             and x.dtype == np.float32 and (nbuf > 1 or nt == 1))
+    cdef Geom g = _geometry(x.shape, w.shape, geometry[0], geometry[1], geometry[2], geometry[3])
+    tiles = _pointwise_tiles(&g, x.dtype, nt, nbuf)
     dx = np.empty_like(x) if input_grad else None
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)

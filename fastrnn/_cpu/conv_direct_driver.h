@@ -10,68 +10,48 @@
 #define DCAT(a, b) DCAT_(a, b)
 #define DN(n) DCAT(n, TS)
 
+/* The instruction set's variant of kernel ``fn`` (conv_direct_kernels.h, built once per
+ * instruction set with the same signature): FR_PICK(isa, fwd)(args...). */
+#if FR_X86
+#define FR_PICK(isa, fn)                                                                       \
+    ((isa) == FR_ISA_AVX512 ? DCAT(fn, DCAT(TS, avx512))                                      \
+     : (isa) == FR_ISA_AVX2 ? DCAT(fn, DCAT(TS, avx2)) : DCAT(fn, DCAT(TS, portable)))
+#else
+#define FR_PICK(isa, fn) ((void)(isa), DCAT(fn, DCAT(TS, portable)))
+#endif
+
 static void DN(kfwd)(int isa, int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y,
                      idx_t ldy, idx_t P)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) { DCAT(fwd, DCAT(TS, avx512))(nf, x, off, K, w, y, ldy, P); return; }
-    if (isa == FR_ISA_AVX2) { DCAT(fwd, DCAT(TS, avx2))(nf, x, off, K, w, y, ldy, P); return; }
-#endif
-    (void)isa;
-    DCAT(fwd, DCAT(TS, portable))(nf, x, off, K, w, y, ldy, P);
+    FR_PICK(isa, fwd)(nf, x, off, K, w, y, ldy, P);
 }
 
 static void DN(kwgradt)(int isa, const T* dyt, idx_t lddt, const T* x, const idx_t* off, idx_t P,
                         T* part, idx_t ldp)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) { DCAT(wgradt, DCAT(TS, avx512))(dyt, lddt, x, off, P, part, ldp); return; }
-    if (isa == FR_ISA_AVX2) { DCAT(wgradt, DCAT(TS, avx2))(dyt, lddt, x, off, P, part, ldp); return; }
-#endif
-    (void)isa;
-    DCAT(wgradt, DCAT(TS, portable))(dyt, lddt, x, off, P, part, ldp);
+    FR_PICK(isa, wgradt)(dyt, lddt, x, off, P, part, ldp);
 }
 
 static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, const idx_t* off,
                        idx_t P, T* dw, idx_t ldw)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) { DCAT(wgrad, DCAT(TS, avx512))(nf, dy, lddy, x, off, P, dw, ldw); return; }
-    if (isa == FR_ISA_AVX2) { DCAT(wgrad, DCAT(TS, avx2))(nf, dy, lddy, x, off, P, dw, ldw); return; }
-#endif
-    (void)isa;
-    DCAT(wgrad, DCAT(TS, portable))(nf, dy, lddy, x, off, P, dw, ldw);
+    FR_PICK(isa, wgrad)(nf, dy, lddy, x, off, P, dw, ldw);
 }
 
 /* a[0 .. n) summed in double, in a fixed order (see sum8 in conv_direct_kernels.h) */
 double DN(fr_sum8)(int isa, const T* a, idx_t n)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) return DCAT(sum8, DCAT(TS, avx512))(a, n);
-    if (isa == FR_ISA_AVX2) return DCAT(sum8, DCAT(TS, avx2))(a, n);
-#endif
-    (void)isa;
-    return DCAT(sum8, DCAT(TS, portable))(a, n);
+    return FR_PICK(isa, sum8)(a, n);
 }
 
 static void DN(store_row)(int isa, const T* s, idx_t n, T bias, int act, T* d)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) { DCAT(store_row, DCAT(TS, avx512))(s, n, bias, act, d); return; }
-    if (isa == FR_ISA_AVX2) { DCAT(store_row, DCAT(TS, avx2))(s, n, bias, act, d); return; }
-#endif
-    (void)isa;
-    DCAT(store_row, DCAT(TS, portable))(s, n, bias, act, d);
+    FR_PICK(isa, store_row)(s, n, bias, act, d);
 }
 
 static void DN(split_phases)(int isa, const T* s, idx_t n, T* r0, T* r1)
 {
-#if FR_X86
-    if (isa == FR_ISA_AVX512) { DCAT(split_phases, DCAT(TS, avx512))(s, n, r0, r1); return; }
-    if (isa == FR_ISA_AVX2) { DCAT(split_phases, DCAT(TS, avx2))(s, n, r0, r1); return; }
-#endif
-    (void)isa;
-    DCAT(split_phases, DCAT(TS, portable))(s, n, r0, r1);
+    FR_PICK(isa, split_phases)(s, n, r0, r1);
 }
 
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
@@ -318,6 +298,7 @@ void DN(fr_wgrad_image)(int isa, const fr_geom* g, const T* xq, const T* dyf, co
 
 #include "conv_winograd.h"
 
+#undef FR_PICK
 #undef DN
 #undef DCAT
 #undef DCAT_
