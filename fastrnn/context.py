@@ -21,6 +21,9 @@ class Context:
     relu_output : conv2d's output when its forward applied ReLU (``activation="relu"``):
               fastrnn.conv2d_backward keeps the gradient where it is positive, then runs the
               backend's backward (None otherwise)
+    pool    : the max pooling's context when conv2d_forward pooled its output after the
+              convolution (``max_pool=...``, not on the CPU, which keeps it in ``saved``):
+              fastrnn.conv2d_backward runs its backward first (None otherwise)
     """
 
     op: str
@@ -30,6 +33,7 @@ class Context:
     grad_shapes: dict[str, tuple[int, ...]]
     saved: dict[str, Any] = field(default_factory=dict)
     relu_output: Any = None
+    pool: Any = None
 
     def __repr__(self) -> str:  # keep arrays out of reprs
         return (

@@ -941,6 +941,157 @@ def test_layer_activation_is_conv_then_relu():
 
 
 # ------------------------------------------------------------------------------------------------
+# max_pool=...: the convolution pooling its own output
+# ------------------------------------------------------------------------------------------------
+
+MAX_POOL_CASES = [
+    # (N, C, H, W, F, kernel, stride, padding, algorithm, max_pool)
+    (5, 6, 8, 9, 7, (3, 3), 1, 1, "direct", 2),  # pooled in the direct schedule, odd plane
+    (4, 3, 9, 8, 5, (3, 3), 1, 0, "direct", dict(kernel_size=3, stride=2, padding=1)),  # overlap
+    (4, 5, 9, 10, 6, (3, 3), 2, 1, "direct", (2, 3)),  # stride-2 conv, non-square windows
+    (1, 6, 7, 9, 5, (3, 3), 1, 1, "direct", 2),  # one image: pooled after the convolution
+    (4, 4, 8, 7, 6, (3, 3), 1, 1, "winograd", dict(kernel_size=2, stride=1)),
+    (4, 3, 9, 8, 4, (3, 3), 2, 1, "im2col", 3),
+    (4, 6, 6, 6, 4, (1, 1), 1, 0, "auto", dict(kernel_size=(1, 2), stride=(1, 2))),  # pointwise
+]
+
+
+def _pool_kwargs(max_pool) -> dict:
+    return dict(max_pool) if isinstance(max_pool, dict) else dict(kernel_size=max_pool)
+
+
+def _pool_expected(x, w, b, dy, kw, relu, max_pool):
+    """The reference convolution, ReLU, max pooling, and their gradients (float64)."""
+    f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    y, ctx = ref.conv2d_forward(*f64, **kw)
+    if relu:
+        y = np.maximum(y, 0)
+    yp, pctx = ref.max_pool2d_forward(y, **_pool_kwargs(max_pool))
+    dyc = ref.max_pool2d_backward(pctx, dy.astype(np.float64))
+    if relu:
+        dyc = np.where(y > 0, dyc, 0)
+    return (yp, *ref.conv2d_backward(ctx, dyc))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", MAX_POOL_CASES, ids=lambda c: f"{c[-2]}-{c[0]}x{c[1]}x{c[2]}")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["numpy"])
+def test_max_pool_equals_conv_then_pool(backend, case, dtype, relu, restore_threads):
+    """max_pool=... gives conv2d (+ ReLU) followed by max_pool2d, forward and backward, on every
+    backend and CPU algorithm; on the CPU bitwise the same as the two calls."""
+    N, C, H, W, F, k, stride, padding, algorithm, max_pool = case
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = (rng.standard_normal((F, C, *k)) / np.sqrt(C * k[0] * k[1])).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    kw = dict(stride=stride, padding=padding)
+    act = dict(activation="relu") if relu else {}
+    algo = {"algorithm": algorithm} if backend == "cpu" else {}
+    arrays = "cpu" if backend == "numpy" else backend  # the reference backend takes NumPy arrays
+    fr.set_num_threads(2)
+    with fr.use_backend("numpy" if backend == "numpy" else "auto"):
+        kw_all = dict(kw, max_pool=max_pool, **act, **algo)
+        (y, dx, dw, db), ctx, dy = _run(arrays, x, w, b, kw_all)
+        y2, ctx2 = fr.conv2d_forward(*(to_backend(arrays, a) for a in (x, w, b)), training=False,
+                                     max_pool=max_pool, **kw, **act, **algo)  # fmt: skip
+    assert ctx2 is None
+    np.testing.assert_array_equal(to_numpy(y2), y)
+    yr, dxr, dwr, dbr = _pool_expected(x, w, b, dy, kw, relu, max_pool)
+    assert y.shape == yr.shape and y.dtype == dtype
+    assert_close(y, yr, "conv", "forward", dtype, name="y")
+    assert_close(dx, dxr, "conv", "backward", dtype, name="dx")
+    assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+    assert_close(db, dbr, "conv", "backward", dtype, name="db")
+    if backend == "cpu":  # the fused CPU call against its own two calls
+        yc, cc = fr.conv2d_forward(x, w, b, **kw, **act, **algo)
+        yp, pc = fr.max_pool2d_forward(yc, **_pool_kwargs(max_pool))
+        np.testing.assert_array_equal(y, yp)
+        dyc = fr.max_pool2d_backward(pc, dy)
+        for got, want in zip((dx, dw, db), fr.conv2d_backward(cc, dyc), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_max_pool_runs_in_the_direct_schedule(restore_threads, monkeypatch):
+    """With two images per thread the direct kernels pool (y is never made), at 1 and 2
+    threads alike (bitwise); a NaN output is pooled as max_pool2d pools it (NaN wins) and its
+    gradient is blocked by the ReLU."""
+    from fastrnn._cpu import conv2d as kernel
+
+    calls = []
+    pooled = kernel._direct_forward_pooled
+
+    def spy(*args):
+        out = pooled(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernel, "_direct_forward_pooled", spy)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((6, 4, 10, 9)).astype(np.float32)
+    x[2, 1, 4, 4] = np.nan
+    w = rng.standard_normal((9, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(9).astype(np.float32)
+    dy = rng.standard_normal((6, 9, 5, 4)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        fr.set_num_threads(threads)
+        y, ctx = fr.conv2d_forward(x, w, b, padding=1, activation="relu", max_pool=2,
+                                   algorithm="direct")  # fmt: skip
+        results.append((y, *fr.conv2d_backward(ctx, dy)))
+    assert calls == [True, True]
+    for a, c in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, c)
+    y, dx, dw, db = results[0]
+    yc, cc = fr.conv2d_forward(x, w, b, padding=1, activation="relu", algorithm="direct")
+    yp, pc = fr.max_pool2d_forward(yc, 2)
+    np.testing.assert_array_equal(y, yp)
+    assert np.isnan(y).any()
+    for got, want in zip((dx, dw, db), fr.conv2d_backward(cc, fr.max_pool2d_backward(pc, dy)),
+                         strict=True):  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_max_pool_empty_batch(backend):
+    x = np.zeros((0, 3, 6, 6))
+    w = np.ones((2, 3, 3, 3))
+    y, ctx = fr.conv2d_forward(*(to_backend(backend, a) for a in (x, w)), padding=1, max_pool=2)
+    assert y.shape == (0, 2, 3, 3)
+    dx, dw, db = map(to_numpy, fr.conv2d_backward(ctx, y))
+    assert dx.shape == x.shape and db is None
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        ("2", TypeError, "max_pool"),
+        (2.0, TypeError, "max_pool"),
+        (True, TypeError, "max_pool"),
+        (0, ValueError, "max_pool"),
+        ((2, 2, 2), TypeError, "max_pool"),
+        (dict(size=2), ValueError, "max_pool"),
+        (dict(kernel_size=2, stride=0), ValueError, r"max_pool\['stride'\]"),
+        (dict(kernel_size=2, padding=2), ValueError, "max_pool: padding"),
+        (dict(kernel_size=7), ValueError, "larger than the convolution.s 6x6 output"),
+    ],
+)
+def test_bad_max_pool(bad, exc, match):
+    x, w, b = _good()
+    with pytest.raises(exc, match=match):
+        fr.conv2d_forward(x, w[:, :2].repeat(2, axis=1), b, padding=1, max_pool=bad)
+
+
+def test_max_pool_gradient_shape_is_checked():
+    x, w, b = _good()
+    w = w[:, :2].repeat(2, axis=1)
+    y, ctx = fr.conv2d_forward(x, w, b, padding=1, max_pool=2)
+    with pytest.raises(ValueError, match="dy"):
+        fr.conv2d_backward(ctx, np.zeros((*y.shape[:2], 7, 7), dtype=y.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
 # gradients without dx (fastrnn.torch's first layers), and short columns' backward by im2col
 # ------------------------------------------------------------------------------------------------
 

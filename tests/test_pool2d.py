@@ -199,6 +199,33 @@ def test_kernel_max_special_values(backend):
     assert_close(dx, ref.max_pool2d_backward(cr, dy), "pool", "backward", np.float64, name="dx")
 
 
+@pytest.mark.parametrize("W", [2, 3, 8, 9, 17, 24])
+def test_cpu_max_2x2_float32_path(W):
+    """2x2 windows at stride 2 on float32 run their own vector loop (four outputs per step and
+    a scalar tail): the same values and positions as the general loop (float64) on ties, NaN
+    (also two in one window, and first in its window), -inf and odd planes, in training and
+    inference."""
+    rng = np.random.default_rng(W)
+    x = rng.integers(-2, 3, size=(2, 3, 7, W)).astype(np.float64)  # many ties
+    x[0, 0, 0, 0] = x[0, 0, 1, 1] = np.nan
+    x[0, 1, 2:4, :] = -np.inf
+    x[1, 2, 3, W - 1] = np.nan
+    x[1, 0, :2, :2] = np.inf
+    y64, c64 = fr.max_pool2d_forward(x, 2)
+    y32, c32 = fr.max_pool2d_forward(x.astype(np.float32), 2)
+    np.testing.assert_array_equal(y32, y64.astype(np.float32))
+    np.testing.assert_array_equal(c32.saved["arg"], c64.saved["arg"])
+    yi, _ = fr.max_pool2d_forward(x.astype(np.float32), 2, training=False)
+    np.testing.assert_array_equal(yi, y32)
+    yr, cr = ref.max_pool2d_forward(x, 2)
+    np.testing.assert_array_equal(y64, yr)
+    dy = rng.standard_normal(y32.shape)
+    np.testing.assert_array_equal(
+        fr.max_pool2d_backward(c32, dy.astype(np.float32)),
+        ref.max_pool2d_backward(cr, dy).astype(np.float32),
+    )
+
+
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_inference(backend, kind):

@@ -31,6 +31,7 @@ import threading
 import numpy as np
 
 from fastrnn._cpu._openmp cimport omp_get_thread_num
+from fastrnn._cpu._pool_plane cimport PoolGeom, max_argmax_plane, pool_geometry
 
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
@@ -292,24 +293,40 @@ def _direct_forward_run(
     const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
     const floating[:, :, :, ::1] wp,  # IN  [G, nfb, Kg, 6] packed weights
     const floating[::1] b,            # IN  [F] (length 0: no bias)
-    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW] (pooling: unused)
     floating[:, ::1] xq,              # scratch [B, x_size]: the planes of a batch of B images
     floating[:, ::1] tiles,           # scratch [threads, 6 * Pf_r]
     const idx_t[::1] off,             # IN  [Kg]
     tuple w_shape, tuple geometry, int nthreads, int isa, int act,
+    pool=None,                        # (kernel_size, stride, padding): max pool each image
+    floating[:, ::1] ybuf=None,       # scratch [threads, F * OH * OW] (pooling)
+    floating[:, :, :, ::1] pooled=None,  # OUT [N, F, POH, POW] (pooling)
+    int[:, :, :, ::1] parg=None,      # OUT [N, F, POH, POW] positions of the maxima (pooling)
 ):
     """C1-C4 (act 1: then ReLU, in the same store). With at least BATCH_PER_THREAD images per
     thread, each image is one work item: a thread packs its planes into its own row of xq and
     runs every block of filters on them (one parallel region, no barrier but the last: a thread
     descheduled on a busy machine holds up nobody). With fewer, B images at a time: their
     planes are packed in parallel, then the (image, group, block of 6 filters) items run in
-    parallel."""
+    parallel.
+
+    ``pool`` (the per-image schedule only): each image's output goes to the thread's ``ybuf``
+    instead of y, and is max pooled from there while in cache, into ``pooled`` and ``parg``
+    (the maxima's positions in their planes, as max_pool2d_forward saves them): y is never
+    written, nor read back by a pooling pass."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     g.act = act
-    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
+    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb, f
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef int tid, nf
-    if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
+    cdef bint pooling = pool is not None
+    cdef PoolGeom pg
+    cdef floating* yn
+    cdef idx_t plane = g.OH * g.OW, pplane = 0
+    if pooling:
+        pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
+        pplane = pg.OH * pg.OW
+    if pooling or (g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads):
         with nogil, parallel(num_threads=nthreads):
             tid = omp_get_thread_num()
             for n in prange(g.N, schedule="dynamic"):
@@ -317,18 +334,23 @@ def _direct_forward_run(
                     fr_pack_input_f32(&g, &x[n, 0, 0, 0], &xq[tid, 0])
                 else:
                     fr_pack_input_f64(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                yn = &ybuf[tid, 0] if pooling else &y[n, 0, 0, 0]
                 for r in range(g.G * nfb):
                     grp = r // nfb
                     fb = r - grp * nfb
                     nf = <int> min(6, g.Fg - fb * 6)
                     if floating is float:
                         fr_forward_block_f32(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
-                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             bp, yn, grp, grp * g.Fg + fb * 6, nf,
                                              &tiles[tid, 0])
                     else:
                         fr_forward_block_f64(isa, &g, &xq[tid, 0], &off[0], &wp[grp, fb, 0, 0],
-                                             bp, &y[n, 0, 0, 0], grp, grp * g.Fg + fb * 6, nf,
+                                             bp, yn, grp, grp * g.Fg + fb * 6, nf,
                                              &tiles[tid, 0])
+                if pooling:
+                    for f in range(g.F):
+                        max_argmax_plane(yn + f * plane, &pooled[n, f, 0, 0], &parg[n, f, 0, 0],
+                                         &pg)
         return
     for n0 in range(0, g.N, B):
         nb = min(B, g.N - n0)
@@ -563,6 +585,38 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int ac
     return y, (_context(x, w, b, y, geometry, "direct") if training else None)
 
 
+def _direct_forward_pooled(x, w, b, stride, padding, dilation, groups, training, int act, pool):
+    """max_pool2d(conv2d(x) [ReLU]) by the direct kernels, each image pooled by the thread that
+    convolved it (pool: kernel_size, stride, padding pairs) -> pooled, ctx; None when the
+    layer has too few images per thread for that schedule."""
+    geometry = (stride, padding, dilation, groups)
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
+    if g.N < BATCH_PER_THREAD * nt:
+        return None
+    cdef PoolGeom pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
+    off, wp, _ = _direct_tables(g, w)
+    pooled = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=x.dtype)
+    arg = np.empty(pooled.shape, dtype=np.int32)
+    xq, tiles, ybuf = _scratch(x.dtype, nt * g.x_size, nt * 6 * g.Pf_r, nt * g.F * g.OH * g.OW)
+    bias = np.empty(0, dtype=x.dtype) if b is None else b
+    _direct_forward_run(x, wp, bias, pooled[:0], xq.reshape(nt, g.x_size),
+                        tiles.reshape(nt, 6 * g.Pf_r), off, w.shape, geometry, nt, _isa(), act,
+                        pool, ybuf.reshape(nt, g.F * g.OH * g.OW), pooled, arg)  # fmt: skip
+    if not training:
+        return pooled, None
+    ctx = _context(x, w, b, pooled, geometry, "direct")
+    _save_pool(ctx, (g.N, g.F, g.OH, g.OW), arg, pooled, act)
+    return pooled, ctx
+
+
+def _save_pool(ctx, tuple shape, arg, pooled, int act):
+    """What the backward needs of the pooling after a convolution: the maxima's positions, the
+    pooled output (its sign is the ReLU's mask) and the convolution's output shape."""
+    ctx.saved["pool"] = dict(arg=arg, y=pooled if act else None, shape=shape)
+    ctx.grad_shapes = {"dy": pooled.shape}
+
+
 def _direct_backward(ctx, dy, bint input_grad=True):
     """The direct kernels' gradients; after a Winograd forward, dx by Winograd too. Without
     ``input_grad`` dx is not computed (None)."""
@@ -756,11 +810,14 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
 
 
 def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training, algorithm,
-                             activation=None):
+                             activation=None, pool=None):
     """x (N,C,H,W); w (F,C/groups,KH,KW); b (F,) or None -> y (N,F,OH,OW), ctx, computed by
     ``algorithm`` (validated by fastrnn.backends.ops). ``activation`` "relu": y = max(y, 0)
     (NaN kept), in the kernels' store for the direct and Winograd algorithms, on each column
-    tile right after its GEMM for im2col."""
+    tile right after its GEMM for im2col. ``pool`` (kernel_size, stride, padding pairs,
+    validated): y max pooled, inside the direct kernels' schedule where it runs (each image
+    pooled while in cache; y never written), else by max_pool2d after the convolution; the
+    backward then takes the pooled output's gradient."""
     cdef int act = activation == "relu"
     if x.shape[2] < 1 or x.shape[3] < 1:
         # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
@@ -772,6 +829,18 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
         algorithm = "im2col"
     if algorithm == "auto":
         algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
+    if pool is not None:
+        if algorithm == "direct" and not _plane_too_large(x, w, stride, padding, dilation):
+            out = _direct_forward_pooled(x, w, b, stride, padding, dilation, groups, training,
+                                         act, pool)
+            if out is not None:
+                return out
+        y, ctx = conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training,
+                                          algorithm, activation)
+        pooled, pctx = _pool2d().max_pool2d_forward(y, *pool, training)
+        if ctx is not None:
+            _save_pool(ctx, y.shape, pctx.saved["arg"], pooled, act)
+        return pooled, ctx
     if algorithm == "direct":
         return _direct_forward(x, w, b, stride, padding, dilation, groups, training, act)
     if algorithm == "winograd":
@@ -783,6 +852,20 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
         return _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training,
                                          act)
     raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
+
+
+def _plane_too_large(x, w, stride, padding, dilation) -> bool:
+    """An output plane past int32 positions (max pooling saves 32-bit positions): the pooling
+    runs separately, and max_pool2d_forward refuses it with its own message."""
+    OH, OW = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1)
+              // stride[i] + 1 for i in range(2)]
+    return OH * OW > np.iinfo(np.int32).max
+
+
+def _pool2d():
+    from fastrnn._cpu import pool2d
+
+    return pool2d
 
 
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, training):
@@ -802,6 +885,13 @@ def conv2d_backward(ctx, dy, input_grad=True):
     """dy (N,F,OH,OW) -> dx (N,C,H,W) (None without ``input_grad``), dw (F,C/groups,KH,KW),
     db (F,) or None; by the forward's algorithm, except short columns (IM2COL_BACKWARD_MAX_K)."""
     s = ctx.saved
+    pool = s.get("pool")
+    if pool is not None:
+        # the pooling's backward (with the ReLU's folded in) into a per-thread buffer: the
+        # convolution's backward below only reads it
+        (dyc,) = _scratch(dy.dtype, int(np.prod(pool["shape"])), key="pool")
+        dy = _pool2d().max_pool2d_relu_backward(pool["arg"], pool["y"], dy,
+                                                dyc.reshape(pool["shape"]))
     algorithm = s.get("algorithm")
     if algorithm == "direct":
         w, geometry = s["w"], s["geometry"]

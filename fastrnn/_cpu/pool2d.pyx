@@ -13,7 +13,7 @@ x is made (P1): each window is clipped to the real input instead, which is the s
 max (padding never wins) and for the average (padding adds zeros; the divisor stays KH*KW).
 
 Max pooling saves, for backward, the flat position (int32) of each maximum in its plane, found
-in the same branch-free pass as the values (_max_argmax_plane); inference computes the values
+in the same branch-free pass as the values (max_argmax_plane, _pool_plane.pxd); inference computes the values
 alone (_max_plane).
 
 Each plane is independent in both directions (backward scatters only into its own plane of dx),
@@ -29,55 +29,19 @@ import numpy as np
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
-# (its own fused type: cimporting _blas.pxd for it would load SciPy's BLAS, ~0.2-0.4 s on the
-# first pooling call of a process, for a module that calls no BLAS)
-ctypedef fused floating:
-    float
-    double
-
-
-cdef struct PoolGeom:
-    Py_ssize_t H, W, OH, OW, KH, KW, sh, sw, ph, pw
+from fastrnn._cpu._pool_plane cimport (
+    PoolGeom,
+    max_argmax_plane,
+    max_scatter_plane,
+    pool_geometry,
+    pool_valid,
+    pool_window,
+    real as floating,
+)
 
 
 cdef PoolGeom _geometry(tuple x_shape, kernel_size, stride, padding):
-    cdef PoolGeom g
-    _, _, g.H, g.W = x_shape
-    g.KH, g.KW = kernel_size
-    g.sh, g.sw = stride
-    g.ph, g.pw = padding
-    g.OH = (g.H + 2 * g.ph - g.KH) // g.sh + 1
-    g.OW = (g.W + 2 * g.pw - g.KW) // g.sw + 1
-    return g
-
-
-cdef inline void _window(
-    Py_ssize_t o, Py_ssize_t s, Py_ssize_t p, Py_ssize_t k, Py_ssize_t n,
-    Py_ssize_t* lo, Py_ssize_t* hi,
-) noexcept nogil:
-    """The real input rows (or columns) [lo, hi) of output o's window (P2 clipped to x)."""
-    cdef Py_ssize_t a = o * s - p
-    cdef Py_ssize_t b = a + k
-    lo[0] = a if a > 0 else 0
-    hi[0] = b if b < n else n
-
-
-cdef inline void _valid(
-    Py_ssize_t off, Py_ssize_t s, Py_ssize_t n_in, Py_ssize_t n_out,
-    Py_ssize_t* lo, Py_ssize_t* hi,
-) noexcept nogil:
-    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1."""
-    cdef Py_ssize_t a = 0, b = 0
-    if off < 0:
-        a = (-off + s - 1) // s
-    if n_in - 1 - off >= 0:
-        b = (n_in - 1 - off) // s + 1
-    if b > n_out:
-        b = n_out
-    if a > b:
-        a = b
-    lo[0] = a
-    hi[0] = b
+    return pool_geometry(x_shape[2], x_shape[3], kernel_size, stride, padding)
 
 
 cdef void _max_plane(
@@ -95,7 +59,7 @@ cdef void _max_plane(
     cdef const floating* xrow
     cdef floating v, m
     for oh in range(g.OH):
-        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        pool_window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
         yrow = y + oh * g.OW
         for ow in range(g.OW):
             yrow[ow] = -INFINITY
@@ -103,49 +67,11 @@ cdef void _max_plane(
             xrow = x + ih * g.W
             for j in range(g.KW):
                 offw = j - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                pool_valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 for ow in range(ow0, ow1):
                     v = xrow[ow * g.sw + offw]
                     m = yrow[ow]
                     yrow[ow] = v if ((v > m) | (v != v)) else m
-
-
-cdef void _max_argmax_plane(
-    const floating* x,     # IN  [H, W]
-    floating* y,           # OUT [OH, OW]
-    int* arg,              # OUT [OH, OW] flat index into x of each maximum
-    const PoolGeom* g,
-) noexcept nogil:
-    """P3, values and positions in one pass (training): a tap replaces the running maximum
-    when it is larger, or NaN over a number, so the first maximum in row-major order (the first
-    NaN) keeps its position, and an all -inf window keeps its first real tap. The same values
-    as _max_plane, branch-free over a row of outputs (1.35-1.55x the two passes it replaces:
-    benchmarks/NOTES-conv.md)."""
-    cdef Py_ssize_t oh, ow, h0, h1, ih, j, offw, ow0, ow1, w0
-    cdef floating* yrow
-    cdef int* arow
-    cdef const floating* xrow
-    cdef floating v, m
-    cdef bint up
-    for oh in range(g.OH):
-        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
-        yrow = y + oh * g.OW
-        arow = arg + oh * g.OW
-        for ow in range(g.OW):
-            yrow[ow] = -INFINITY
-            w0 = ow * g.sw - g.pw
-            arow[ow] = <int> (h0 * g.W + (w0 if w0 > 0 else 0))
-        for ih in range(h0, h1):
-            xrow = x + ih * g.W
-            for j in range(g.KW):
-                offw = j - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
-                for ow in range(ow0, ow1):
-                    v = xrow[ow * g.sw + offw]
-                    m = yrow[ow]
-                    up = (v > m) | ((v != v) & (m == m))
-                    yrow[ow] = v if up else m
-                    arow[ow] = <int> (ih * g.W + ow * g.sw + offw) if up else arow[ow]
 
 
 cdef void _avg_plane(
@@ -158,9 +84,9 @@ cdef void _avg_plane(
     cdef double s
     cdef double area = <double> (g.KH * g.KW)
     for oh in range(g.OH):
-        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        pool_window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
         for ow in range(g.OW):
-            _window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
+            pool_window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
             s = 0
             for ih in range(h0, h1):
                 for iw in range(w0, w1):
@@ -179,9 +105,9 @@ cdef void _avg_plane_backward(
     cdef floating area = <floating> (g.KH * g.KW)
     memset(dx, 0, g.H * g.W * sizeof(floating))
     for oh in range(g.OH):
-        _window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
+        pool_window(oh, g.sh, g.ph, g.KH, g.H, &h0, &h1)
         for ow in range(g.OW):
-            _window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
+            pool_window(ow, g.sw, g.pw, g.KW, g.W, &w0, &w1)
             share = dy[oh * g.OW + ow] / area
             for ih in range(h0, h1):
                 for iw in range(w0, w1):
@@ -204,7 +130,7 @@ def _max_forward(
     with nogil:
         for p in prange(planes, num_threads=nthreads, schedule="static"):
             if ap != NULL:
-                _max_argmax_plane(xp + p * xs, yp + p * ys, ap + p * ys, &g)
+                max_argmax_plane(xp + p * xs, yp + p * ys, ap + p * ys, &g)
             else:
                 _max_plane(xp + p * xs, yp + p * ys, &g)
 
@@ -214,18 +140,19 @@ def _max_backward(
     const int[:, :, :, ::1] arg,      # IN
     floating[:, :, :, ::1] dx,        # OUT
     int nthreads,
+    const floating[:, :, :, ::1] y=None,  # IN, the pooled output: a ReLU's backward folded in
 ):
-    cdef Py_ssize_t planes = dx.shape[0] * dx.shape[1], p, o
+    cdef Py_ssize_t planes = dx.shape[0] * dx.shape[1], p
     cdef Py_ssize_t xs = dx.shape[2] * dx.shape[3], ys = dy.shape[2] * dy.shape[3]
     cdef const floating* dyp = &dy[0, 0, 0, 0]
     cdef const int* ap = &arg[0, 0, 0, 0]
+    cdef const floating* yp = &y[0, 0, 0, 0] if y is not None else NULL
     cdef floating* dxp = &dx[0, 0, 0, 0]
     with nogil:
         for p in prange(planes, num_threads=nthreads, schedule="static"):
-            # PB1 + PB3: each output's gradient to its maximum (never a padded position)
             memset(dxp + p * xs, 0, xs * sizeof(floating))
-            for o in range(ys):
-                dxp[p * xs + ap[p * ys + o]] += dyp[p * ys + o]
+            max_scatter_plane(dyp + p * ys, ap + p * ys, yp + p * ys if yp != NULL else NULL,
+                              dxp + p * xs, ys)
 
 
 def _avg_forward(
@@ -293,7 +220,11 @@ def max_pool2d_forward(x, kernel_size, stride, padding, training):
             f"x: max pooling saves 32-bit positions; an image plane of {x.shape[2]}x{x.shape[3]} "
             "elements is too large for the CPU kernel"
         )
-    arg = np.empty(y.shape if training else (0, 0, 0, 0), dtype=np.int32)
+    # (2x2 windows at stride 2 on float32 find values and positions on SSE2 faster than the
+    # general loop finds the values alone: inference runs them too, the positions unused)
+    fast = x.dtype == np.float32 and tuple(kernel_size) == (2, 2) and tuple(stride) == (2, 2)
+    fast = fast and tuple(padding) == (0, 0)
+    arg = np.empty(y.shape if training or fast else (0, 0, 0, 0), dtype=np.int32)
     _max_forward(x, y, arg, kernel_size, stride, padding, _threads(x.size, y.size))
     return y, (_context("max_pool2d", x, y, arg=arg) if training else None)
 
@@ -302,6 +233,15 @@ def max_pool2d_backward(ctx, dy):
     """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
     dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
     _max_backward(dy, ctx.saved["arg"], dx, _threads(dx.size, dy.size))
+    return dx
+
+
+def max_pool2d_relu_backward(arg, y, dy, dx):
+    """The gradient of max_pool2d(relu(v)) with respect to v, into ``dx`` (N,C,H,W): dy
+    (N,C,OH,OW) at each window's maximum (``arg``, as a training forward saves it) where the
+    pooled output ``y`` is positive, zero elsewhere. ``y`` None: no ReLU, max pooling's backward
+    alone."""
+    _max_backward(dy, arg, dx, _threads(dx.size, dy.size), y)
     return dx
 
 

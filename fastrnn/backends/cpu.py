@@ -83,14 +83,15 @@ _MODULE_OF = {
 
 @fork_safe
 def conv2d_forward_algorithm(
-    x, w, b, stride, padding, dilation, groups, training, algorithm, activation=None
+    x, w, b, stride, padding, dilation, groups, training, algorithm, activation=None, pool=None
 ):
     """conv2d_forward (the interface's arguments) by a chosen algorithm: "auto", "direct",
     "winograd" or "im2col" (validated by fastrnn.backends.ops), with ``activation`` None or
-    "relu" applied in the kernels' store. Beyond the interface: only the CPU backend has
-    several algorithms and fuses the activation."""
+    "relu" applied in the kernels' store, and ``pool`` None or max pooling's (kernel_size,
+    stride, padding) applied to the output. Beyond the interface: only the CPU backend has
+    several algorithms and fuses the activation and the pooling."""
     return _kernels("conv2d").conv2d_forward_algorithm(
-        x, w, b, stride, padding, dilation, groups, training, algorithm, activation
+        x, w, b, stride, padding, dilation, groups, training, algorithm, activation, pool
     )
 
 

@@ -267,6 +267,7 @@ def conv2d_forward(
     training=True,
     algorithm="auto",
     activation=None,
+    max_pool=None,
 ):
     """2-D cross-correlation (PyTorch's conv2d), NCHW.
 
@@ -278,6 +279,11 @@ def conv2d_forward(
     activation: None, or "relu": y = max(conv + b, 0) as torch.relu (a NaN stays NaN), applied
     in the CPU kernels' store (direct and Winograd; after the GEMM for im2col; after the
     convolution on the other backends); conv2d_backward then passes the gradient where y > 0.
+    max_pool: None, or max pooling of the (activated) output, as max_pool2d_forward: a kernel
+    size (int or pair; stride = kernel size, no padding) or a dict with kernel_size and
+    optionally stride and padding. y is then the pooled output and conv2d_backward takes its
+    gradient. The CPU's direct kernels pool each image while it is in cache (the convolution's
+    output is never written); elsewhere max_pool2d runs after the convolution.
     N and C may be 0 (PyTorch's rule), H and W may not. Returns y (N,F,OH,OW), ctx (None when
     training=False).
     """
@@ -312,6 +318,7 @@ def conv2d_forward(
     if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
     check_activation(activation)
+    pool = _conv_max_pool(max_pool, (N, F, OH, OW))
     backend = select(is_cupy)
     if backend == "numpy":  # the reference's im2col columns (C2)
         check_size("w", "the reference's columns", (N, C, KH, KW, OH, OW), x)
@@ -319,8 +326,10 @@ def conv2d_forward(
     x, w, b = map(contiguous, (x, w, b))
     if be.name == "cpu":
         y, ctx = be.conv2d_forward_algorithm(
-            x, w, b, stride, padding, dilation, groups, training, algorithm, activation
+            x, w, b, stride, padding, dilation, groups, training, algorithm, activation, pool
         )
+        if pool is not None:  # the kernels pooled y, and fold the ReLU into the pooling's backward
+            return y, ctx
     else:
         if be.name == "cuda" and algorithm not in ("auto", "im2col"):
             raise ValueError(
@@ -332,7 +341,48 @@ def conv2d_forward(
             y = array_module(y).maximum(y, 0, out=y)
     if activation == "relu" and ctx is not None:
         ctx.relu_output = y
+    if pool is not None:
+        y, pool_ctx = be.max_pool2d_forward(y, *pool, training)
+        if ctx is not None:
+            ctx.pool, ctx.grad_shapes = pool_ctx, {"dy": y.shape}
     return y, ctx
+
+
+def _conv_max_pool(max_pool, out_shape):
+    """conv2d_forward's ``max_pool`` -> None or (kernel_size, stride, padding) pairs, checked as
+    max_pool2d_forward checks them against the convolution's output (N, F, OH, OW)."""
+    if max_pool is None:
+        return None
+    if isinstance(max_pool, dict):
+        unknown = set(max_pool) - {"kernel_size", "stride", "padding"}
+        if unknown or "kernel_size" not in max_pool:
+            raise ValueError(
+                "max_pool: expected a kernel size or a dict with 'kernel_size' and optionally "
+                f"'stride' and 'padding', got keys {sorted(max_pool)}"
+            )
+        kernel_size, stride, padding = (
+            max_pool["kernel_size"], max_pool.get("stride"), max_pool.get("padding", 0)
+        )  # fmt: skip
+    else:
+        kernel_size, stride, padding = max_pool, None, 0
+    name = "max_pool" if not isinstance(max_pool, dict) else "max_pool['kernel_size']"
+    kernel_size = pair(name, kernel_size, 1)
+    stride = kernel_size if stride is None else pair("max_pool['stride']", stride, 1)
+    padding = pair("max_pool['padding']", padding, 0)
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(
+            f"max_pool: padding must be at most half the kernel size {kernel_size}, got "
+            f"{padding}"
+        )
+    OH, OW = out_shape[2:]
+    POH = (OH + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    POW = (OW + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    if POH < 1 or POW < 1:
+        raise ValueError(
+            f"max_pool: kernel size {kernel_size} (padding {padding}) is larger than the "
+            f"convolution's {OH}x{OW} output"
+        )
+    return kernel_size, stride, padding
 
 
 def conv2d_backward(ctx, dy):
@@ -349,6 +399,8 @@ def conv2d_gradients(ctx, dy, *, input_grad):
     check_context(ctx, "conv2d")
     (dy,) = _grads(ctx, dict(dy=dy))
     input_grad = check_bool("input_grad", input_grad)
+    if ctx.pool is not None:  # conv2d_forward(max_pool=...) pooled after the convolution
+        dy = backend_module(ctx.backend).max_pool2d_backward(ctx.pool, dy)
     if ctx.relu_output is None:
         pass
     elif ctx.backend == "cpu":
