@@ -1091,6 +1091,31 @@ def test_max_pool_gradient_shape_is_checked():
         fr.conv2d_backward(ctx, np.zeros((*y.shape[:2], 7, 7), dtype=y.dtype))
 
 
+@pytest.mark.parametrize("max_pool", [2, dict(kernel_size=3, stride=2, padding=1)])
+def test_layer_max_pool_is_conv_relu_pool(max_pool):
+    """fastrnn.nn.Conv2d(activation="relu", max_pool=...) equals Conv2d, ReLU, MaxPool2d:
+    outputs, input gradient and parameter gradients."""
+    from fastrnn.nn import MaxPool2d, ReLU, Sequential
+
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((5, 4, 9, 8))
+    fused = Conv2d(4, 6, 3, padding=1, dtype=np.float64, activation="relu", max_pool=max_pool)
+    conv = Conv2d(4, 6, 3, padding=1, dtype=np.float64)
+    conv.load_state_dict(fused.state_dict())
+    plain = Sequential(conv, ReLU(), MaxPool2d(**_pool_kwargs(max_pool)))
+    y1, y2 = fused(x), plain(x)
+    np.testing.assert_array_equal(y1, y2)
+    dy = rng.standard_normal(y1.shape)
+    np.testing.assert_allclose(fused.backward(dy), plain.backward(dy), rtol=1e-13, atol=1e-13)
+    for (n, p1), (_, p2) in zip(fused.named_parameters(), conv.named_parameters(), strict=True):
+        np.testing.assert_allclose(p1.grad, p2.grad, rtol=1e-13, atol=1e-13, err_msg=n)
+    assert f"max_pool={max_pool!r}" in repr(fused)
+    with pytest.raises(ValueError, match="max_pool"):
+        Conv2d(4, 6, 3, max_pool=dict(kernel_size=2, padding=2))
+    with pytest.raises(ValueError, match="max_pool"):
+        Conv2d(4, 6, 3, dtype=np.float64, max_pool=20)(x)
+
+
 # ------------------------------------------------------------------------------------------------
 # gradients without dx (fastrnn.torch's first layers), and short columns' backward by im2col
 # ------------------------------------------------------------------------------------------------

@@ -202,6 +202,96 @@ def test_fuse_keeps_train_and_eval_mode_and_compiles():
     torch._dynamo.reset()
 
 
+class _PoolNet(nn.Module):
+    """Convolutions followed by max pooling, and the cases fuse must leave unpooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = ft.Conv2d(2, 6, 3, padding=1)  # -> ReLU -> ft.MaxPool2d(2)
+        self.p1 = ft.MaxPool2d(2)
+        self.c2 = ft.Conv2d(6, 5, 3, padding=1)  # -> nn.MaxPool2d(3, 2, 1), no ReLU
+        self.p2 = nn.MaxPool2d(3, 2, 1)
+        self.c3 = ft.Conv2d(5, 5, 1)  # -> pooled and also added: not pooled in the conv
+        self.c4 = ft.Conv2d(5, 4, 3, padding=1)  # -> nn.MaxPool2d(ceil_mode=True): not pooled
+        self.p4 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        x = self.p1(torch.relu(self.c1(x)))
+        x = self.p2(self.c2(x))
+        y = self.c3(x)
+        x = F.max_pool2d(y, 1) + y
+        return self.p4(self.c4(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 6], ids=["pooled-after", "pooled-in-schedule"])
+def test_fuse_pools_in_the_convolution(dtype, batch):
+    """Conv2d (+ ReLU) + MaxPool2d becomes one conv2d_max_pool call, with the model's results
+    and gradients; the modules and the state_dict stay as they are."""
+    torch.manual_seed(0)
+    model = _PoolNet().to(dtype)
+    fused = ft.fuse(model)
+    calls = [n for n in fused.graph.nodes if n.target is ft.modules.conv2d_max_pool]
+    assert [n.args[0].target for n in calls] == ["c1", "c2"]
+    assert not any(n.op == "call_module" and n.target in ("p1", "p2") for n in fused.graph.nodes)
+    assert fused.c1.activation == "relu" and fused.c2.activation is None
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(batch, 2, 12, 11, dtype=dtype)
+    dy = torch.randn(batch, 4, 2, 2, dtype=dtype)
+    y0, dx0, g0 = _grads(model, x, dy)
+    y1, dx1, g1 = _grads(fused, x, dy)
+    assert_close(y1, y0, "conv", "forward", dtype, "output")
+    assert_close(dx1, dx0, "conv", "backward", dtype, "dx")
+    for n, g in g0.items():
+        assert_close(g1[n], g, "conv", "backward", dtype, n)
+    # in place: the model's own modules, still the same model when called directly
+    inplace = ft.fuse(model, inplace=True)
+    assert inplace.c1 is model.c1
+    torch.testing.assert_close(model(x), y0)
+    torch.testing.assert_close(inplace(x), y1)
+
+
+@pytest.mark.parametrize("relu", [None, "relu"])
+@pytest.mark.parametrize(
+    "max_pool, window",
+    [(2, (2, 2, 0)), ((2, 3), ((2, 3), (2, 3), 0)),
+     (dict(kernel_size=3, stride=2, padding=1), (3, 2, 1))],
+)  # fmt: skip
+def test_conv2d_max_pool_functional(max_pool, window, relu):
+    """ft.conv2d(..., max_pool=...) equals F.max_pool2d of the convolution, values and first
+    and second order gradients (create_graph differentiates torch's ops)."""
+    torch.manual_seed(1)
+    x = torch.randn(5, 3, 10, 9, dtype=F64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=F64, requires_grad=True)
+    b = torch.randn(4, dtype=F64, requires_grad=True)
+    y = ft.conv2d(x, w, b, padding=1, activation=relu, max_pool=max_pool)
+    c = F.conv2d(x, w, b, padding=1)
+    ref = F.max_pool2d(torch.relu(c) if relu else c, *window)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    gr = torch.autograd.grad(ref, (x, w, b), dy, create_graph=True)
+    for a, e in zip(g, gr, strict=True):
+        torch.testing.assert_close(a, e)
+    gg = torch.autograd.grad(g[1].sum(), (x, w))
+    ggr = torch.autograd.grad(gr[1].sum(), (x, w))
+    for a, e in zip(gg, ggr, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_conv2d_max_pool_errors():
+    conv = ft.Conv2d(2, 3, 3)
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        ft.modules.conv2d_max_pool(conv, x, 4)
+    with pytest.raises(RuntimeError, match="pad should be at most half"):
+        ft.modules.conv2d_max_pool(conv, x, 2, 1, 2)
+    with pytest.raises(TypeError, match="conv"):
+        ft.modules.conv2d_max_pool(nn.Conv2d(2, 3, 3), x, 2)
+    with pytest.raises(ValueError, match="max_pool"):
+        ft.conv2d(x, conv.weight, max_pool=dict(size=2))
+
+
 def test_fuse_refuses_what_is_not_a_module():
     with pytest.raises(TypeError, match="model"):
         ft.fuse(lambda x: x)

@@ -51,6 +51,13 @@ def _op_cases():
                                       [1, 1], 1, True, "relu")),
         ("conv2d_grouped_no_bias", _ops.conv2d, (img, _leaf(2, 1, 2, 2), None, [1, 1],
                                                  [0, 0], [1, 1], 2, True)),
+        # three images: the direct kernels pool them in their schedule (one thread at this size)
+        ("conv2d_relu_max_pool", _ops.conv2d, (_leaf(3, 2, 6, 5), _leaf(3, 2, 3, 3), _leaf(3),
+                                               [1, 1], [1, 1], [1, 1], 1, True, "relu",
+                                               [2, 2, 2, 2, 0, 0])),
+        ("conv2d_max_pool_overlapping", _ops.conv2d, (img, _leaf(3, 2, 2, 2), None, [1, 1],
+                                                      [1, 0], [1, 1], 1, True, None,
+                                                      [3, 2, 2, 1, 1, 0])),
         ("max_pool2d", _ops.max_pool2d, (img, [3, 2], [2, 1], [1, 0], True)),
         ("avg_pool2d", _ops.avg_pool2d, (img, [2, 2], [2, 2], [1, 1], True)),
     ]  # fmt: skip

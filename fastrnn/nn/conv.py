@@ -8,6 +8,7 @@ import numpy as np
 
 from fastrnn.backends.ops import (
     CONV_ALGORITHMS,
+    _conv_max_pool,
     check_activation,
     conv2d_backward,
     conv2d_forward,
@@ -28,6 +29,9 @@ class Conv2d(Module):
     ("auto", "direct", "winograd", "im2col"; see fastrnn.conv2d_forward). ``activation="relu"``
     makes the layer Conv2d followed by ReLU in one pass: the CPU kernels apply the ReLU as they
     store the output, and the backward passes the gradient where the output is positive.
+    ``max_pool`` (a kernel size, or a dict with kernel_size and optionally stride and padding,
+    as fastrnn.conv2d_forward's) makes it Conv2d [+ ReLU] followed by MaxPool2d: the CPU's
+    direct kernels pool each image while it is in cache and never write the unpooled output.
     """
 
     def __init__(
@@ -43,11 +47,14 @@ class Conv2d(Module):
         dtype: Any = np.float32,
         algorithm: str = "auto",
         activation: str | None = None,
+        max_pool: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
         check_activation(activation)
+        _conv_max_pool(max_pool, (1, 1, 1 << 30, 1 << 30))  # types and padding (size: forward)
+        self.max_pool = max_pool
         self.algorithm = algorithm
         self.activation = activation
         self.in_channels = positive_int("in_channels", in_channels)
@@ -79,6 +86,7 @@ class Conv2d(Module):
         s += f", groups={self.groups}" if self.groups != 1 else ""
         s += f", algorithm={self.algorithm!r}" if self.algorithm != "auto" else ""
         s += f", activation={self.activation!r}" if self.activation is not None else ""
+        s += f", max_pool={self.max_pool!r}" if self.max_pool is not None else ""
         return s + ("" if self.bias is not None else ", bias=False")
 
     def forward(self, x: Any) -> Any:
@@ -99,6 +107,7 @@ class Conv2d(Module):
             training=training,
             algorithm=self.algorithm,
             activation=self.activation,
+            max_pool=self.max_pool,
         )
         self._cache = ctx
         return y

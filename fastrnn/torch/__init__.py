@@ -124,13 +124,27 @@ def _pair(v: Any) -> list[int]:
 
 def conv2d(
     x: Tensor, w: Tensor, b: Tensor | None = None, stride: Any = 1, padding: Any = 0,
-    dilation: Any = 1, groups: int = 1, *, activation: str | None = None,
+    dilation: Any = 1, groups: int = 1, *, activation: str | None = None, max_pool: Any = None,
 ) -> Tensor:  # fmt: skip
     """2-D cross-correlation (NCHW), like ``torch.nn.functional.conv2d`` with int or pair
     ``stride``/``padding``/``dilation``; ``activation="relu"`` applies ReLU in the kernel's
-    store (``torch.relu`` of the convolution, fused)."""
+    store (``torch.relu`` of the convolution, fused); ``max_pool`` (a kernel size, int or pair,
+    or a dict with kernel_size and optionally stride and padding) max pools the result in the
+    same operator (``F.max_pool2d`` of it, with PyTorch's defaults)."""
     if activation is not None and activation != "relu":
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    pool: list[int] = []
+    if max_pool is not None:
+        window = max_pool if isinstance(max_pool, dict) else dict(kernel_size=max_pool)
+        if set(window) - {"kernel_size", "stride", "padding"} or "kernel_size" not in window:
+            raise ValueError(
+                "max_pool: expected a kernel size or a dict with 'kernel_size' and optionally "
+                f"'stride' and 'padding', got {max_pool!r}"
+            )
+        kernel_size = _pair(window["kernel_size"])
+        pool_stride = window.get("stride")
+        pool = [*kernel_size, *(kernel_size if pool_stride is None else _pair(pool_stride)),
+                *_pair(window.get("padding", 0))]  # fmt: skip
     y, _ = _ops.call(
         _ops.conv2d,
         x,
@@ -142,6 +156,7 @@ def conv2d(
         groups,
         _training(x, w, b),
         activation,
+        pool,
     )
     return y
 

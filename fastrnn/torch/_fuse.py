@@ -1,4 +1,4 @@
-"""``fuse(model)``: Conv2d followed by ReLU as one fastrnn operator.
+"""``fuse(model)``: Conv2d followed by ReLU, and by max pooling, as one fastrnn operator.
 
 A model written against torch.nn applies ReLU as a separate module or function call, so a
 convolution module never sees the ReLU after it. ``fuse`` traces the model with ``torch.fx``
@@ -6,7 +6,10 @@ convolution module never sees the ReLU after it. ``fuse`` traces the model with 
 feeds nothing but a ReLU (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``Tensor.relu``, in place or
 not), sets that convolution's ``activation="relu"`` and removes the ReLU: the kernel applies it
 in its store, and its backward passes the gradient where the output is positive, exactly as
-``torch.relu``'s does.
+``torch.relu``'s does. A convolution (ReLU fused or not) whose output feeds nothing but a max
+pooling module (``fastrnn.torch.MaxPool2d`` or ``torch.nn.MaxPool2d`` that fastrnn can run)
+becomes one call of :func:`fastrnn.torch.modules.conv2d_max_pool`: the CPU's direct kernels pool
+each image while it is in cache.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualified_name)
 
 
+def _max_pool_window(node: fx.Node, source: fx.Node, root: nn.Module) -> dict | None:
+    """kernel_size, stride and padding of a max pooling module called on ``source`` alone,
+    when fastrnn's pooling computes it (dilation 1, no indices, floor mode); else None."""
+    if node.op != "call_module" or node.args != (source,) or node.kwargs:
+        return None
+    pool = root.get_submodule(node.target)
+    if type(pool) not in (modules.MaxPool2d, nn.MaxPool2d):
+        return None
+    if pool.return_indices or pool.ceil_mode or modules._pair(pool.dilation) != (1, 1):
+        return None
+    kernel_size = modules._pair(pool.kernel_size)
+    stride = kernel_size if pool.stride is None else modules._pair(pool.stride)
+    return dict(kernel_size=kernel_size, stride=stride, padding=modules._pair(pool.padding))
+
+
 def _is_relu(node: fx.Node, root: nn.Module) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
@@ -45,11 +63,16 @@ def _is_relu(node: fx.Node, root: nn.Module) -> bool:
 
 def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
     """``model`` as a ``torch.fx.GraphModule`` in which every fastrnn.torch ``Conv2d`` followed
-    only by a ReLU applies it in its kernel (``activation="relu"``) and the ReLU is gone.
+    only by a ReLU applies it in its kernel (``activation="relu"``) and the ReLU is gone, and
+    every one then followed only by max pooling pools in the same operator.
 
-    Fused are convolutions called once in the model, whose output goes to one ReLU and nowhere
-    else, and that have no activation yet. Results and gradients are those of the model
-    (the same operations, in the same order); its state_dict keeps the same names.
+    Fused with their ReLU are convolutions called once in the model, whose output goes to one
+    ReLU and nowhere else, and that have no activation yet. Fused with their pooling are
+    convolution calls whose output goes to one ``MaxPool2d`` module call (fastrnn.torch's, or
+    torch.nn's with dilation 1, no indices, floor mode) and nowhere else; the modules stay
+    where they are, and the convolution's module does not change. Results and gradients are
+    those of the model (the same operations, in the same order); its state_dict keeps the same
+    names.
 
     ``inplace=False`` (the default) fuses a deep copy, so the model is unchanged and the fused
     one has its own parameters: build the optimizer on the fused model. ``inplace=True``
@@ -84,6 +107,25 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
         conv.activation = "relu"
         relu.replace_all_uses_with(node)
         graph.erase_node(relu)
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        conv = root.get_submodule(node.target)
+        users = list(node.users)
+        if not isinstance(conv, modules.Conv2d) or len(users) != 1 or node.kwargs:
+            continue
+        if len(node.args) != 1:
+            continue
+        window = _max_pool_window(users[0], node, root)
+        if window is None:
+            continue
+        pool = users[0]
+        with graph.inserting_before(pool):
+            module = graph.get_attr(node.target)
+            fused = graph.call_function(modules.conv2d_max_pool, (module, *node.args), window)
+        pool.replace_all_uses_with(fused)
+        graph.erase_node(pool)
+        graph.erase_node(node)
     graph.lint()
     fused = fx.GraphModule(root, graph, class_name=type(model).__name__)
     fused.train(model.training)

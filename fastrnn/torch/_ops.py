@@ -22,7 +22,8 @@ Schemas (T steps, N batch, D input features, H hidden units; time-major, PyTorch
                  -> (y, hT, handle)
     fastrnn::rnn_backward(handle, x, w_ih, w_hh, dy?, dhT?) -> (dx, dh0, dw_ih, dw_hh, db)
     fastrnn::conv2d(x, w, b?, int[2] stride, int[2] padding, int[2] dilation, int groups,
-                    training, str? activation=None) -> (y, handle)  # activation "relu": fused
+                    training, str? activation=None, int[] max_pool=[]) -> (y, handle)
+                    # activation "relu": fused; max_pool (kh, kw, sh, sw, ph, pw): y pooled
     fastrnn::conv2d_backward(handle, x, w, bool has_bias, dy, bool input_grad=True)
                              -> (dx, dw, db)  # db (0,) if no bias, dx (0,) without input_grad
     fastrnn::max_pool2d / avg_pool2d(x, int[2] kernel_size, int[2] stride, int[2] padding,
@@ -509,22 +510,33 @@ def conv2d_output_size(
     )
 
 
+def _max_pool(max_pool: Sequence[int]) -> dict | None:
+    """conv2d's ``max_pool`` list (kh, kw, sh, sw, ph, pw), or empty -> fastrnn's argument."""
+    if not max_pool:
+        return None
+    mp = [int(v) for v in max_pool]
+    return dict(kernel_size=tuple(mp[0:2]), stride=tuple(mp[2:4]), padding=tuple(mp[4:6]))
+
+
 @_define(
     "(Tensor x, Tensor w, Tensor? b, int[2] stride, int[2] padding, int[2] dilation, "
-    "int groups, bool training, str? activation=None) -> (Tensor, Tensor)"
+    "int groups, bool training, str? activation=None, int[] max_pool=[]) -> (Tensor, Tensor)"
 )
-def conv2d(x, w, b, stride, padding, dilation, groups, training, activation=None):
+def conv2d(x, w, b, stride, padding, dilation, groups, training, activation=None, max_pool=()):
     with kernel_call(x):
         y, fr_ctx = _fr.conv2d_forward(
             array(x), array(w), array(b), stride=tuple(stride), padding=tuple(padding),
             dilation=tuple(dilation), groups=groups, training=training, activation=activation,
+            max_pool=_max_pool(max_pool),
         )  # fmt: skip
         return tensor(y), fr_ctx
 
 
 @_fake(conv2d)
-def _(x, w, b, stride, padding, dilation, groups, training, activation=None):
+def _(x, w, b, stride, padding, dilation, groups, training, activation=None, max_pool=()):
     OH, OW = conv2d_output_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    if max_pool:
+        OH, OW = conv2d_output_size((OH, OW), max_pool[0:2], max_pool[2:4], max_pool[4:6], (1, 1))
     return x.new_empty(x.shape[0], w.shape[0], OH, OW), _handle_fake()
 
 
@@ -551,10 +563,11 @@ def _(handle, x, w, has_bias, dy, input_grad=True):
 class _Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, keyset, x, w, b, stride, padding, dilation, groups, training,
-                activation=None):
-        args = (x, w, b, stride, padding, dilation, groups, training, activation)
+                activation=None, max_pool=()):
+        args = (x, w, b, stride, padding, dilation, groups, training, activation, max_pool)
         outputs, kept = _forward_below_autograd(ctx, op, keyset, args)
-        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, activation)
+        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, activation,
+                        tuple(max_pool))  # fmt: skip
         ctx.save_for_backward(x, w, b, kept)
         return outputs
 
@@ -565,13 +578,13 @@ class _Conv2dFunction(torch.autograd.Function):
             grads = _second_order.grads(
                 _second_order.conv2d, (x, w, b), ctx.geometry, ctx.needs_input_grad[2:5], (dy,)
             )
-            return (None, None, *grads, None, None, None, None, None, None)
+            return (None, None, *grads, None, None, None, None, None, None, None)
         if dy is None:
-            return (None,) * 11
+            return (None,) * 12
         need_dx = ctx.needs_input_grad[2]
         dx, dw, db = _backward(ctx, conv2d_backward, h, x, w, b is not None, dy, need_dx)
         return (None, None, dx if need_dx else None, dw, (db if b is not None else None), None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 _register_autograd(conv2d, _Conv2dFunction)

@@ -119,9 +119,12 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, nonlinearity):
     return y, h
 
 
-def conv2d(x, w, b, stride, padding, dilation, groups, activation=None):
+def conv2d(x, w, b, stride, padding, dilation, groups, activation=None, max_pool=()):
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return torch.relu(y) if activation == "relu" else y
+    y = torch.relu(y) if activation == "relu" else y
+    if max_pool:
+        y = F.max_pool2d(y, max_pool[0:2], max_pool[2:4], max_pool[4:6])
+    return y
 
 
 def pool2d(x, kind, kernel_size, stride, padding):

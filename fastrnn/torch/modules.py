@@ -10,6 +10,7 @@ direction. Everything here is plain torch code that torch.compile traces without
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -578,7 +579,12 @@ class Conv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _conv_forward(
+        self, input: Tensor, weight: Tensor, bias: Tensor | None,
+        max_pool: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The convolution (and activation); with ``max_pool`` (kernel_size, stride, padding
+        pairs) max pooled by the same operator (see :func:`conv2d_max_pool`)."""
         _check_image(input, "conv2d")
         if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
             raise RuntimeError(
@@ -607,14 +613,33 @@ class Conv2d(nn.Conv2d):
                 f"{x.shape[3] + 2 * padding[1]}). Kernel size: {tuple(weight.shape[2:])} "
                 "(dilated). Kernel size can't be greater than actual input size"
             )
+        pool: list[int] = []
+        if max_pool is not None:
+            kernel_size, stride, pool_padding = max_pool
+            _check_pool_window(x.shape[1], out, kernel_size, stride, pool_padding)
+            pool = [*kernel_size, *stride, *pool_padding]
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         y, _ = _ops.call(
             _ops.conv2d,
             x, weight, bias, list(self.stride), list(padding), list(self.dilation), self.groups,
-            _needs_grad(x, weight, bias), self.activation,
+            _needs_grad(x, weight, bias), self.activation, pool,
         )  # fmt: skip
         return y.squeeze(0) if unbatched else y
+
+
+def conv2d_max_pool(conv: Conv2d, input: Tensor, kernel_size: Any, stride: Any = None,
+                    padding: Any = 0) -> Tensor:  # fmt: skip
+    """``max_pool2d(conv(input), kernel_size, stride, padding)`` as one fastrnn operator: on the
+    CPU the direct kernels pool each image while it is in cache, and the backward scatters the
+    pooled gradient (the ReLU's mask folded in, with ``conv.activation="relu"``). The same
+    results and gradients as the two calls. :func:`fastrnn.torch.fuse` calls it where a model
+    pools a convolution's output."""
+    if not isinstance(conv, Conv2d):
+        raise TypeError(f"conv: expected a fastrnn.torch.Conv2d, got {type(conv).__name__}")
+    kernel_size = _pair(kernel_size)
+    window = (kernel_size, kernel_size if stride is None else _pair(stride), _pair(padding))
+    return conv._conv_forward(input, conv.weight, conv.bias, max_pool=window)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -626,6 +651,24 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
+def _check_pool_window(
+    C: int, size: Sequence[int], kernel_size: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> None:  # fmt: skip
+    """torch's errors for a pooling window that does not fit C planes of ``size`` (H, W)."""
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise RuntimeError(
+            f"pad should be at most half of effective kernel size, but got pad={padding}, "
+            f"kernel_size={kernel_size}"
+        )
+    out = _ops.conv2d_output_size(size, kernel_size, stride, padding, (1, 1))
+    if out[0] < 1 or out[1] < 1:
+        raise RuntimeError(
+            f"Given input size: ({C}x{size[0]}x{size[1]}). Calculated output "
+            f"size: ({C}x{out[0]}x{out[1]}). Output size is too small"
+        )
+
+
 def _pool(module: nn.Module, kind: str, input: Any) -> Tensor:
     _check_image(input, f"{kind}_pool2d")
     unbatched = input.dim() == 3
@@ -633,17 +676,7 @@ def _pool(module: nn.Module, kind: str, input: Any) -> Tensor:
     kernel_size = _pair(module.kernel_size)
     stride = kernel_size if module.stride is None else _pair(module.stride)
     padding = _pair(module.padding)
-    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
-        raise RuntimeError(
-            f"pad should be at most half of effective kernel size, but got pad={padding}, "
-            f"kernel_size={kernel_size}"
-        )
-    out = _ops.conv2d_output_size(x.shape[2:], kernel_size, stride, padding, (1, 1))
-    if out[0] < 1 or out[1] < 1:
-        raise RuntimeError(
-            f"Given input size: ({x.shape[1]}x{x.shape[2]}x{x.shape[3]}). Calculated output "
-            f"size: ({x.shape[1]}x{out[0]}x{out[1]}). Output size is too small"
-        )
+    _check_pool_window(x.shape[1], x.shape[2:], kernel_size, stride, padding)
     op = _ops.max_pool2d if kind == "max" else _ops.avg_pool2d
     y, _ = _ops.call(op, x, list(kernel_size), list(stride), list(padding), _needs_grad(x))
     return y.squeeze(0) if unbatched else y
