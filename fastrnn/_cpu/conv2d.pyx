@@ -504,19 +504,22 @@ def _reduce_parts(
 ):
     """dw[g, f, t] = sum over chunks c, in order, of the partial's (g, f, t) entry."""
     cdef Py_ssize_t P = parts.shape[0], G = dw.shape[0], Fg = dw.shape[1], Kg = dw.shape[2]
-    cdef Py_ssize_t row, grp, f, t, c, e
+    cdef Py_ssize_t row, grp, f, t, c, e, nb, t0, t1
     cdef floating acc
     with nogil:
-        if Fg_r > 0:  # [G, Kg_r, Fg_r]: one (group, tap) row per iteration, read along f
-            for row in prange(G * Kg, num_threads=nthreads, schedule="static"):
-                grp = row // Kg
-                t = row - grp * Kg
+        if Fg_r > 0:  # [G, Kg_r, Fg_r]: blocks of 16 taps, so that dw is written by lines
+            nb = (Kg + 15) // 16
+            for row in prange(G * nb, num_threads=nthreads, schedule="static"):
+                grp = row // nb
+                t0 = (row - grp * nb) * 16
+                t1 = min(t0 + 16, Kg)
                 for f in range(Fg):
-                    e = (grp * Kg_r + t) * Fg_r + f
-                    acc = parts[0, e]
-                    for c in range(1, P):
-                        acc = acc + parts[c, e]
-                    dw[grp, f, t] = acc
+                    for t in range(t0, t1):
+                        e = (grp * Kg_r + t) * Fg_r + f
+                        acc = parts[0, e]
+                        for c in range(1, P):
+                            acc = acc + parts[c, e]
+                        dw[grp, f, t] = acc
         else:  # [F, Kg_r]: one filter per iteration, read along t
             for row in prange(G * Fg, num_threads=nthreads, schedule="static"):
                 grp = row // Fg
