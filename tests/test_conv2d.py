@@ -1012,21 +1012,26 @@ def test_max_pool_equals_conv_then_pool(backend, case, dtype, relu, restore_thre
             np.testing.assert_array_equal(got, want)
 
 
-def test_cpu_max_pool_runs_in_the_direct_schedule(restore_threads, monkeypatch):
-    """With two images per thread the direct kernels pool (y is never made), at 1 and 2
-    threads alike (bitwise); a NaN output is pooled as max_pool2d pools it (NaN wins) and its
-    gradient is blocked by the ReLU."""
+@pytest.mark.parametrize("algorithm", ["direct", "winograd"])
+def test_cpu_max_pool_runs_in_the_kernels_schedule(algorithm, restore_threads, monkeypatch):
+    """With two images per thread the direct kernels pool (y is never made), and Winograd
+    pools image by image, at 1 and 2 threads alike (bitwise); a NaN output is pooled as
+    max_pool2d pools it (NaN wins) and its gradient is blocked by the ReLU."""
     from fastrnn._cpu import conv2d as kernel
 
     calls = []
-    pooled = kernel._direct_forward_pooled
+    name = "_direct_forward_pooled" if algorithm == "direct" else "_winograd_forward"
+    original = getattr(kernel, name)
 
     def spy(*args):
-        out = pooled(*args)
-        calls.append(out is not None)
+        out = original(*args)
+        if algorithm == "direct":
+            calls.append(out is not None)
+        elif len(args) > 9:  # (not the backward's dx by Winograd)
+            calls.append(args[9] is not None)
         return out
 
-    monkeypatch.setattr(kernel, "_direct_forward_pooled", spy)
+    monkeypatch.setattr(kernel, name, spy)
     rng = np.random.default_rng(12)
     x = rng.standard_normal((6, 4, 10, 9)).astype(np.float32)
     x[2, 1, 4, 4] = np.nan
@@ -1037,13 +1042,13 @@ def test_cpu_max_pool_runs_in_the_direct_schedule(restore_threads, monkeypatch):
     for threads in (1, 2):
         fr.set_num_threads(threads)
         y, ctx = fr.conv2d_forward(x, w, b, padding=1, activation="relu", max_pool=2,
-                                   algorithm="direct")  # fmt: skip
+                                   algorithm=algorithm)  # fmt: skip
         results.append((y, *fr.conv2d_backward(ctx, dy)))
     assert calls == [True, True]
     for a, c in zip(*results, strict=True):
         np.testing.assert_array_equal(a, c)
     y, dx, dw, db = results[0]
-    yc, cc = fr.conv2d_forward(x, w, b, padding=1, activation="relu", algorithm="direct")
+    yc, cc = fr.conv2d_forward(x, w, b, padding=1, activation="relu", algorithm=algorithm)
     yp, pc = fr.max_pool2d_forward(yc, 2)
     np.testing.assert_array_equal(y, yp)
     assert np.isnan(y).any()

@@ -289,6 +289,15 @@ def _dgrad_tables(fr_geom g, w):
     return off, wp, np.array(starts, dtype=np.intp).reshape(-1, 3)
 
 
+cdef inline void _pool_image(const floating* yn, idx_t F, idx_t plane, floating* pooled,
+                             int* parg, const PoolGeom* pg) noexcept nogil:
+    """Max pool one image's F output planes (in the thread's buffer) into its pooled planes and
+    their maxima's positions."""
+    cdef idx_t f, pplane = pg.OH * pg.OW
+    for f in range(F):
+        max_argmax_plane(yn + f * plane, pooled + f * pplane, parg + f * pplane, pg)
+
+
 def _direct_forward_run(
     const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
     const floating[:, :, :, ::1] wp,  # IN  [G, nfb, Kg, 6] packed weights
@@ -316,16 +325,15 @@ def _direct_forward_run(
     written, nor read back by a pooling pass."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     g.act = act
-    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb, f
+    cdef idx_t nfb = wp.shape[1], B = xq.shape[0], n0, nb, item, n, r, grp, fb
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef int tid, nf
     cdef bint pooling = pool is not None
     cdef PoolGeom pg
     cdef floating* yn
-    cdef idx_t plane = g.OH * g.OW, pplane = 0
+    cdef idx_t plane = g.OH * g.OW
     if pooling:
         pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
-        pplane = pg.OH * pg.OW
     if pooling or (g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads):
         with nogil, parallel(num_threads=nthreads):
             tid = omp_get_thread_num()
@@ -348,9 +356,7 @@ def _direct_forward_run(
                                              bp, yn, grp, grp * g.Fg + fb * 6, nf,
                                              &tiles[tid, 0])
                 if pooling:
-                    for f in range(g.F):
-                        max_argmax_plane(yn + f * plane, &pooled[n, f, 0, 0], &parg[n, f, 0, 0],
-                                         &pg)
+                    _pool_image(yn, g.F, plane, &pooled[n, 0, 0, 0], &parg[n, 0, 0, 0], &pg)
         return
     for n0 in range(0, g.N, B):
         nb = min(B, g.N - n0)
@@ -723,35 +729,48 @@ def _winograd_run(
     const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
     const floating[::1] u,            # IN  [16, nfb, C, 6] packed transformed weights
     const floating[::1] b,            # IN  [F] (length 0: no bias)
-    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW]
+    floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW] (pooling: unused)
     floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
     const idx_t[::1] off,             # IN  [C] c * ldv
     tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa, int act,
+    pool=None,                        # (kernel_size, stride, padding): max pool each image
+    floating[:, ::1] ybuf=None,       # scratch [threads, F * OH * OW] (pooling)
+    floating[:, :, :, ::1] pooled=None,  # OUT [N, F, POH, POW] (pooling)
+    int[:, :, :, ::1] parg=None,      # OUT [N, F, POH, POW] positions of the maxima (pooling)
 ):
     """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads);
-    act 1: ReLU in the output transform's store."""
+    act 1: ReLU in the output transform's store. ``pool``: each image's output goes to the
+    thread's ``ybuf`` and is max pooled from there, as in _direct_forward_run."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     g.act = act
     cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
     cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
     cdef int tid
+    cdef bint pooling = pool is not None
+    cdef PoolGeom pg
+    cdef floating* yn
+    if pooling:
+        pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
     with nogil, parallel(num_threads=nthreads):
         tid = omp_get_thread_num()
         for n in prange(g.N, schedule="dynamic"):
+            yn = &ybuf[tid, 0] if pooling else &y[n, 0, 0, 0]
             if floating is float:
-                fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
-                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
-                                      &bufs[tid, mo], band, ldv)
+                fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
+                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv)
             else:
-                fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp,
-                                      &y[n, 0, 0, 0], &bufs[tid, 0], &bufs[tid, vo],
-                                      &bufs[tid, mo], band, ldv)
+                fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
+                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv)
+            if pooling:
+                _pool_image(yn, g.F, g.OH * g.OW, &pooled[n, 0, 0, 0], &parg[n, 0, 0, 0], &pg)
 
 
-def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int act=0):
+def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int act=0,
+                      pool=None):
     """C1-C4 by Winograd F(2x2, 3x3); the backward runs dx by Winograd as well (on dy) and dw
-    by the direct kernels.
+    by the direct kernels. ``pool`` (kernel_size, stride, padding pairs): returns the max
+    pooled output instead, each image pooled by the thread that convolved it.
 
     A NaN or infinity reaches exactly the outputs that read it, as in the direct convolution:
     B^T puts a tile's input row 0 only into transformed row 0 and row 3 only into row 3, and
@@ -761,21 +780,37 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
                                        ((2, 2), padding, (1, 1), 1))
-    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    cdef PoolGeom pg
+    nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), max(g.N, 1))
+    if pool is None:
+        y = out = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+        pooled = arg = ybuf = None
+    else:
+        pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
+        pooled = out = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=x.dtype)
+        arg = np.empty(pooled.shape, dtype=np.int32)
+        y = pooled[:0]
     if g.N > 0:
-        nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), g.N)
         TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
         band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
         ldv = _round(band * TW + 16, 16)  # the input transform writes a vector past a row
         nfb = (g.F + 5) // 6
         off = (np.arange(g.C) * ldv).astype(np.intp)
         row = gw.x_size + 16 * g.C * ldv + 16 * 6 * ldv
-        up, bufs = _scratch(x.dtype, 16 * nfb * g.C * 6, nt * row)
+        up, bufs, ybuf = _scratch(x.dtype, 16 * nfb * g.C * 6, nt * row,
+                                  nt * g.F * g.OH * g.OW if pool is not None else 0)
         _winograd_weights(w, up, _threads(16 * 9 * g.F * g.C))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
-                      band, ldv, nt, _isa(), act)
-    return y, (_context(x, w, b, y, geometry, "winograd") if training else None)
+                      band, ldv, nt, _isa(), act, pool,
+                      None if pool is None else ybuf.reshape(nt, g.F * g.OH * g.OW), pooled,
+                      arg)  # fmt: skip
+    if not training:
+        return out, None
+    ctx = _context(x, w, b, out, geometry, "winograd")
+    if pool is not None:
+        _save_pool(ctx, (g.N, g.F, g.OH, g.OW), arg, pooled, act)
+    return out, ctx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -819,8 +854,9 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
     (NaN kept), in the kernels' store for the direct and Winograd algorithms, on each column
     tile right after its GEMM for im2col. ``pool`` (kernel_size, stride, padding pairs,
     validated): y max pooled, inside the direct kernels' schedule where it runs (each image
-    pooled while in cache; y never written), else by max_pool2d after the convolution; the
-    backward then takes the pooled output's gradient."""
+    pooled while in cache; y never written), and inside Winograd's (one image per work
+    item), else by max_pool2d after the convolution; the backward then takes the pooled
+    output's gradient."""
     cdef int act = activation == "relu"
     if x.shape[2] < 1 or x.shape[3] < 1:
         # fastrnn.backends.ops refuses empty planes first; this guards direct calls of the
@@ -838,6 +874,11 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
                                          act, pool)
             if out is not None:
                 return out
+        if (algorithm == "winograd" and x.shape[0] > 0
+                and winograd_unsupported(tuple(w.shape), stride, dilation, groups) is None
+                and not _plane_too_large(x, w, stride, padding, dilation)):
+            return _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act,
+                                     pool)
         y, ctx = conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training,
                                           algorithm, activation)
         pooled, pctx = _pool2d().max_pool2d_forward(y, *pool, training)
