@@ -11,7 +11,8 @@ and PyTorch interleaved, shape by shape, several rounds, and prints median times
 PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted in issue notes.
 The table gives fastrnn's % of the sgemm rate measured at the start of the same run, and each
 side's fastest single call (min) with their ratio, which one-off spikes cannot spoil.
-``--relu`` times conv2d + ReLU forward instead (fused, separate, torch).
+``--relu`` times conv2d + ReLU forward instead (fused, separate, torch); ``--relu-pool`` conv2d +
+ReLU + 2x2 max pooling forward+backward (one call with ``max_pool=2``, two layers, torch).
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
 interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
@@ -385,6 +386,68 @@ def relu_table(threads: int, repeat: int) -> None:
               f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
 
 
+def relu_pool_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    """conv2d + ReLU + 2x2 max pooling, a training forward and its backward, three ways,
+    checked to agree: fastrnn in one call (``activation="relu", max_pool=2``), fastrnn's
+    convolution with the ReLU fused then max_pool2d (two layers), torch's conv2d, relu and
+    max_pool2d under autograd."""
+    N, C, H, W, F, k, s, p, _ = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(DTYPE)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(DTYPE)
+    b = rng.standard_normal(F).astype(DTYPE)
+    kw = dict(stride=s, padding=p)
+    y0, _ = fr.conv2d_forward(x, w, b, activation="relu", max_pool=2, **kw)
+    dy = rng.standard_normal(y0.shape).astype(DTYPE)
+    xt = torch.from_numpy(x).requires_grad_()
+    wt, bt = (torch.from_numpy(a).requires_grad_() for a in (w, b))
+    dyt = torch.from_numpy(dy)
+
+    def fused():
+        y, ctx = fr.conv2d_forward(x, w, b, activation="relu", max_pool=2, **kw)
+        return y, fr.conv2d_backward(ctx, dy)
+
+    def separate():
+        yc, ctx = fr.conv2d_forward(x, w, b, activation="relu", **kw)
+        y, pctx = fr.max_pool2d_forward(yc, 2)
+        return y, fr.conv2d_backward(ctx, fr.max_pool2d_backward(pctx, dy))
+
+    def theirs():
+        y = tnf.max_pool2d(torch.relu(tnf.conv2d(xt, wt, bt, stride=s, padding=p)), 2)
+        return y, torch.autograd.grad(y, (xt, wt, bt), dyt)
+
+    (ya, ga), (yb, gb), (yt, gt) = fused(), separate(), theirs()
+    np.testing.assert_array_equal(ya, yb)
+    for a, c in zip(ga, gb, strict=True):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_allclose(ya, yt.detach().numpy(), rtol=1e-3, atol=1e-3)
+    # db: the sum of dy wherever a window's maximum is positive, whichever tap it is (near-ties
+    # may pick another tap than torch's, which moves dx and dw entries, not db)
+    assert np.linalg.norm(ga[2] - gt[2].numpy()) <= 1e-3 * np.linalg.norm(gt[2].numpy())
+    return {"fused": fused, "separate": separate, "torch": theirs}
+
+
+def relu_pool_table(threads: int, repeat: int) -> None:
+    """relu_pool_calls on the grid's ungrouped layers, interleaved, medians."""
+    set_threads(threads)
+    print(f"conv2d + ReLU + 2x2 max pool, forward+backward: threads={threads} "
+          f"dtype={np.dtype(DTYPE).name} repeat={repeat}")  # fmt: skip
+    print(f"{'shape':34} {'fused ms':>9} {'conv+relu,pool ms':>17} {'torch ms':>9} "
+          f"{'separate/fused':>14} {'torch/fused':>11}")  # fmt: skip
+    for shape in CONV_SHAPES:
+        if shape[-1] != 1:  # grouped
+            continue
+        calls = relu_pool_calls(shape)
+        med: dict[str, list[float]] = {i: [] for i in calls}
+        for _ in range(repeat):
+            for i, call in calls.items():
+                med[i].append(_median_ms(call, 5))
+        ms = {i: statistics.median(v) for i, v in med.items()}
+        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {ms['separate']:17.3f} "
+              f"{ms['torch']:9.3f} {ms['separate'] / ms['fused']:14.2f} "
+              f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # PyTorch's examples/mnist network, with torch.nn's or fastrnn.torch's Conv2d and MaxPool2d
 # ------------------------------------------------------------------------------------------------
@@ -484,6 +547,11 @@ def main() -> None:
         "--relu", action="store_true",
         help="only conv2d + ReLU forward: fused (activation='relu') vs separate vs torch",
     )  # fmt: skip
+    parser.add_argument(
+        "--relu-pool", action="store_true",
+        help="only conv2d + ReLU + 2x2 max pool, forward+backward: one call (max_pool=2) vs "
+        "two layers vs torch",
+    )  # fmt: skip
     args = parser.parse_args()
     if torch is None:
         raise SystemExit("the table compares with PyTorch: install torch")
@@ -492,6 +560,9 @@ def main() -> None:
         return
     if args.relu:
         relu_table(args.threads, args.repeat)
+        return
+    if args.relu_pool:
+        relu_pool_table(args.threads, args.repeat)
         return
     table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col,
           direct=args.direct)  # fmt: skip
