@@ -1,7 +1,8 @@
 # cython: language_level=3
 """Max pooling of one image plane, shared by pool2d.pyx (max_pool2d) and conv2d.pyx (the
 convolution that pools its own output, conv2d_forward(max_pool=...)): one definition, so both
-pick the same maximum and save the same position for the backward.
+pick the same maximum and save the same position for the backward. Also the windows' bounds
+(pool_window, valid_outputs), which conv2d_im2col.pyx's column tiles use too.
 
 Steps cite fastrnn/reference/pool2d.py (P2, P3). Windows are clipped to the real input (no
 padded copy): padding never wins a max."""
@@ -46,11 +47,12 @@ cdef inline void pool_window(
     hi[0] = b if b < n else n
 
 
-cdef inline void pool_valid(
+cdef inline void valid_outputs(
     Py_ssize_t off, Py_ssize_t s, Py_ssize_t n_in, Py_ssize_t n_out,
     Py_ssize_t* lo, Py_ssize_t* hi,
 ) noexcept nogil:
-    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1."""
+    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1; the rest read padding
+    (also the column tiles' bounds in conv2d_im2col.pyx)."""
     cdef Py_ssize_t a = 0, b = 0
     if off < 0:
         a = (-off + s - 1) // s
@@ -97,7 +99,7 @@ cdef inline void max_argmax_plane(
             xrow = x + ih * g.W
             for j in range(g.KW):
                 offw = j - g.pw
-                pool_valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                valid_outputs(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 for ow in range(ow0, ow1):
                     v = xrow[ow * g.sw + offw]
                     m = yrow[ow]

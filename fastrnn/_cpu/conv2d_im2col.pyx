@@ -45,6 +45,7 @@ import numpy as np
 
 from fastrnn._cpu._blas cimport floating, gemm
 from fastrnn._cpu._openmp cimport omp_get_thread_num
+from fastrnn._cpu._pool_plane cimport valid_outputs
 from fastrnn._cpu._sums cimport channel_sum
 
 cdef extern from "_small_gemm.h":
@@ -106,28 +107,6 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     return g
 
 
-cdef inline void _valid(
-    Py_ssize_t off,        # IN  input index of output 0 (kernel tap offset minus padding)
-    Py_ssize_t s,          # IN  stride
-    Py_ssize_t n_in,       # IN  input size
-    Py_ssize_t n_out,      # IN  output size
-    Py_ssize_t* lo,        # OUT
-    Py_ssize_t* hi,        # OUT
-) noexcept nogil:
-    """Outputs o in [lo, hi) read input o*s + off inside 0 .. n_in - 1; the rest read padding."""
-    cdef Py_ssize_t a = 0, b = 0
-    if off < 0:
-        a = (-off + s - 1) // s
-    if n_in - 1 - off >= 0:
-        b = (n_in - 1 - off) // s + 1
-    if b > n_out:
-        b = n_out
-    if a > b:
-        a = b
-    lo[0] = a
-    hi[0] = b
-
-
 cdef void _im2col(
     const floating* x,     # IN  [C, H, W] one image
     floating* cols,        # OUT [C*KH*KW, (oh1 - oh0) * OW]: the columns of output rows oh0..oh1
@@ -146,12 +125,12 @@ cdef void _im2col(
     for c in range(g.C):
         for i in range(g.KH):
             offh = i * g.dh - g.ph
-            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            valid_outputs(offh, g.sh, g.H, g.OH, &oh0, &oh1)
             oh0 = min(max(oh0, r0), r1)
             oh1 = max(min(oh1, r1), oh0)
             for j in range(g.KW):
                 offw = j * g.dw - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                valid_outputs(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 out = cols + ((c * g.KH + i) * g.KW + j) * T - r0 * g.OW  # indexed by oh
                 if oh0 > r0:
                     memset(out + r0 * g.OW, 0, (oh0 - r0) * g.OW * sizeof(floating))
@@ -186,12 +165,12 @@ cdef void _col2im(
     for c in range(g.C):
         for i in range(g.KH):
             offh = i * g.dh - g.ph
-            _valid(offh, g.sh, g.H, g.OH, &oh0, &oh1)
+            valid_outputs(offh, g.sh, g.H, g.OH, &oh0, &oh1)
             oh0 = min(max(oh0, r0), r1)
             oh1 = max(min(oh1, r1), oh0)
             for j in range(g.KW):
                 offw = j * g.dw - g.pw
-                _valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                valid_outputs(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 for oh in range(oh0, oh1):
                     row = cols + ((c * g.KH + i) * g.KW + j) * T + (oh - r0) * g.OW
                     dst = dx + (c * g.H + oh * g.sh + offh) * g.W + offw

@@ -34,7 +34,7 @@ from fastrnn._cpu._pool_plane cimport (
     max_argmax_plane,
     max_scatter_plane,
     pool_geometry,
-    pool_valid,
+    valid_outputs,
     pool_window,
     real as floating,
 )
@@ -67,7 +67,7 @@ cdef void _max_plane(
             xrow = x + ih * g.W
             for j in range(g.KW):
                 offw = j - g.pw
-                pool_valid(offw, g.sw, g.W, g.OW, &ow0, &ow1)
+                valid_outputs(offw, g.sw, g.W, g.OW, &ow0, &ow1)
                 for ow in range(ow0, ow1):
                     v = xrow[ow * g.sw + offw]
                     m = yrow[ow]
