@@ -1,6 +1,7 @@
 """Fuzzing every public op against DESIGN.md's contract, on the CPU kernels and the reference.
 
-Each case draws one call of one op (LSTM, GRU, RNN tanh/relu, conv2d, max/avg pooling; forward,
+Each case draws one call of one op (LSTM, GRU, RNN tanh/relu, conv2d (also pooling its output),
+max/avg pooling; forward,
 then backward when it ran in training mode) on one backend ("cpu", or the reference through
 ``fastrnn.use_backend("numpy")``): random shapes with zero sizes, random stride, padding,
 dilation, groups and lengths (huge and negative ones too), NaN and Inf values, and at most one
@@ -35,7 +36,7 @@ from fastrnn import reference as ref
 from fastrnn.backends.validation import MAX_EXTENT, max_array_bytes
 
 # Cases per test function; the sum is the fuzz cases of one run (checked at the end).
-EXAMPLES = {"recurrent": 2500, "conv2d": 2000, "pool2d": 2000}
+EXAMPLES = {"recurrent": 2500, "conv2d": 2000, "conv2d_max_pool": 600, "pool2d": 2000}
 MIN_CASES = 2000
 
 FUZZ = settings(
@@ -662,6 +663,78 @@ def test_fuzz_conv2d(data):
         return
     want = ref.conv2d_backward(cr, f64(bcall.passed["dy"] if bcall.kind == MAYBE else up["dy"]))
     compare(grads, want, "conv", "backward", used, ["dx", "dw", "db"])
+
+
+@fuzz("conv2d_max_pool")
+@given(data=st.data())
+def test_fuzz_conv2d_max_pool(data, monkeypatch):
+    """conv2d_forward(max_pool=...) with and without ReLU, every CPU algorithm, 1 or 2 threads
+    (the kernels' own pooling schedules included, parallel even on these small layers): the
+    values of the reference's conv, ReLU and max pooling, and exactly the CPU's two calls
+    (conv2d_forward, max_pool2d_forward, then their backwards), NaN and Inf included. A bad
+    window raises ValueError/TypeError naming max_pool."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "MIN_PARALLEL_MACS", 0)
+    draw = data.draw
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    N, C, F = draw(st.integers(0, 7)), draw(st.integers(1, 5)), draw(st.integers(1, 7))
+    H, W = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    algorithm = draw(st.sampled_from(["auto", "direct", "im2col", "winograd"]))
+    k = 3 if algorithm == "winograd" else draw(st.integers(1, 3))
+    stride = 1 if algorithm == "winograd" else draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 1))
+    activation = draw(st.sampled_from([None, "relu"]))
+    pk = draw(st.integers(1, 4))
+    ps = draw(st.sampled_from([None, 1, 2, 3]))
+    pp = draw(st.integers(0, 2))
+    bad_type = draw(st.integers(0, 19)) == 0
+    max_pool = True if bad_type else dict(kernel_size=pk, stride=ps, padding=pp)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    arrays = {
+        "x": rng.standard_normal((N, C, H, W)).astype(dtype),
+        "w": (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(dtype),
+        "b": rng.standard_normal(F).astype(dtype) if draw(st.booleans()) else None,
+    }
+    special = special_values(draw, rng, arrays)
+    fr.set_num_threads(draw(st.sampled_from([1, 2])))
+    _count("conv2d_max_pool")
+    OH, OW = ((n + 2 * padding - k) // stride + 1 for n in (H, W))
+    kw = dict(stride=stride, padding=padding, algorithm=algorithm, activation=activation)
+    if OH < 1 or OW < 1:
+        return
+    if bad_type:
+        with pytest.raises(TypeError, match="^max_pool"):
+            fr.conv2d_forward(**arrays, max_pool=max_pool, **kw)
+        return
+    POH, POW = ((n + 2 * pp - pk) // (ps or pk) + 1 for n in (OH, OW))
+    if pp > pk // 2 or POH < 1 or POW < 1:
+        with pytest.raises(ValueError, match="^max_pool"):
+            fr.conv2d_forward(**arrays, max_pool=max_pool, **kw)
+        return
+    training = draw(st.sampled_from([True, True, False]))
+    y, ctx = fr.conv2d_forward(**arrays, max_pool=max_pool, training=training, **kw)
+    yc, cc = fr.conv2d_forward(**arrays, **kw)
+    window = dict(kernel_size=pk, stride=ps, padding=pp)
+    yp, pc = fr.max_pool2d_forward(yc, **window)
+    np.testing.assert_array_equal(y, yp)
+    if not special:
+        yr, _ = ref.conv2d_forward(*(f64(arrays[n]) for n in ("x", "w", "b")),
+                                   stride=stride, padding=padding)  # fmt: skip
+        yr = np.maximum(yr, 0) if activation else yr
+        compare([y], [ref.max_pool2d_forward(yr, **window)[0]], "conv", "forward",
+                np.dtype(dtype), ["y"])  # fmt: skip
+    if not training:
+        assert ctx is None
+        return
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    got = fr.conv2d_backward(ctx, dy)
+    want = fr.conv2d_backward(cc, fr.max_pool2d_backward(pc, dy))
+    for name, g, e in zip(("dx", "dw", "db"), got, want, strict=True):
+        if e is None:
+            assert g is None, name
+        else:
+            np.testing.assert_array_equal(g, e, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------
