@@ -455,9 +455,9 @@ def test_empty_batch_with_dimensions_past_64_bits_refused(backend, kind):
 
 
 def test_cpu_pooling_and_direct_convolution_do_not_load_scipy():
-    """The first pooling or direct-convolution call of a process pays no SciPy import
-    (scipy.linalg took 0.2-0.4 s here): those modules call no BLAS. Checked in a fresh
-    process."""
+    """The first pooling, direct-convolution or float32 pointwise (on the AVX-512 tiles) call
+    of a process pays no SciPy import (scipy.linalg took 0.2-0.4 s here): those paths call no
+    BLAS. The first call that needs a GEMM loads it. Checked in a fresh process."""
     import subprocess
     import sys
     import textwrap
@@ -473,8 +473,21 @@ def test_cpu_pooling_and_direct_convolution_do_not_load_scipy():
         y, ctx = fr.avg_pool2d_forward(x, 3, 1, 1)
         fr.avg_pool2d_backward(ctx, np.ones_like(y))
         fr.conv2d_forward(x, np.ones((3, 2, 3, 3), np.float32), padding=1, training=False)
+        # a float32 pointwise forward whose tiles all take fastrnn's AVX-512 GEMM (16x16 = 256
+        # columns per image) needs no BLAS either, where the CPU has AVX-512
+        from fastrnn._cpu import conv2d as direct
+        xp = np.ones((2, 8, 16, 16), np.float32)
+        y, _ = fr.conv2d_forward(xp, np.ones((4, 8, 1, 1), np.float32), training=False)
+        assert (y == 8).all()
+        tiles = direct.isa_supported("avx512")
+        print("scipy.linalg" in sys.modules, tiles)
+        # then the first call that needs a GEMM loads it, and computes
+        y, ctx = fr.conv2d_forward(xp.astype(np.float64), np.ones((4, 8, 1, 1)))
+        dx, dw, _ = fr.conv2d_backward(ctx, np.ones_like(y))
+        assert (y == 8).all() and (dx == 4).all() and (dw == 512).all()
         print("scipy.linalg" in sys.modules)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    first, tiles, after = out.stdout.split()
+    assert first == ("False" if tiles == "True" else first) and after == "True"

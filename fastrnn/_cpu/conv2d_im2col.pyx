@@ -43,7 +43,9 @@ import contextlib
 
 import numpy as np
 
-from fastrnn._cpu._blas cimport floating, gemm
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
+from fastrnn._cpu._gemm cimport dgemm_fn, floating, gemm_with, sgemm_fn
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 from fastrnn._cpu._pool_plane cimport valid_outputs
 from fastrnn._cpu._sums cimport channel_sum
@@ -105,6 +107,31 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     # im2col, the GEMMs and col2im.
     g.tile_rows = max(1, min(g.OH, TILE_COLUMNS // g.OW)) if g.OW > 0 else 1
     return g
+
+
+# SciPy's GEMMs, loaded by _load_blas() before the first call that runs one (importing
+# scipy.linalg takes 0.2-0.4 s: a float32 pointwise forward on the tiles never pays it)
+cdef sgemm_fn _sgemm = NULL
+cdef dgemm_fn _dgemm = NULL
+
+
+def _load_blas() -> None:
+    """Take SciPy's sgemm and dgemm from scipy.linalg.cython_blas (once per process)."""
+    global _sgemm, _dgemm
+    if _sgemm != NULL:
+        return
+    from scipy.linalg import cython_blas
+
+    capi = cython_blas.__pyx_capi__
+    _dgemm = <dgemm_fn> PyCapsule_GetPointer(capi["dgemm"], PyCapsule_GetName(capi["dgemm"]))
+    _sgemm = <sgemm_fn> PyCapsule_GetPointer(capi["sgemm"], PyCapsule_GetName(capi["sgemm"]))
+
+
+cdef inline void gemm(
+    bint trans_a, bint trans_b, int m, int n, int k, floating alpha, const floating* a,
+    int lda, const floating* b, int ldb, floating beta, floating* c, int ldc,
+) noexcept nogil:
+    gemm_with(_sgemm, _dgemm, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void _im2col(
@@ -490,6 +517,11 @@ def _im2col_forward(x, w, b, stride, padding, dilation, groups, training, relu=F
     _check_sizes(x.shape, w.shape, padding, &g)
     nt, nbuf, blas = _plan(g.N * g.F * g.L * g.K, g.N * ((g.OH + g.tile_rows - 1) // g.tile_rows))
     tiles = _pointwise_tiles(&g, x.dtype, nt, nbuf)
+    last_rows = g.OH - (g.OH - 1) // g.tile_rows * g.tile_rows
+    if tiles and min(g.tile_rows, last_rows) * g.OW >= POINTWISE_TILES_MIN_COLUMNS:
+        blas = contextlib.nullcontext()  # every GEMM on the tiles: no BLAS to load or pin
+    else:
+        _load_blas()
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
@@ -519,6 +551,7 @@ def _im2col_backward(ctx, dy, input_grad=True):
     nt, nbuf, blas = _plan(x.shape[0] * F * L * (w.size // F), chunks)
     cdef Geom g = _geometry(x.shape, w.shape, geometry[0], geometry[1], geometry[2], geometry[3])
     tiles = _pointwise_tiles(&g, x.dtype, nt, nbuf)
+    _load_blas()  # (dw is always BLAS's)
     dx = np.empty_like(x) if input_grad else None
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
