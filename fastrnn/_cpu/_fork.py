@@ -15,8 +15,11 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (imported when a forked child first needs it: concurrent.futures pulls in
+    # logging, ~3-5 ms that every process would otherwise pay on its first kernel call)
+    from concurrent.futures import ThreadPoolExecutor
 
 _kernels_ran = False
 _stale_thread: int | None = None  # in a forked child: the thread that forked
@@ -43,6 +46,8 @@ def fork_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
         if _stale_thread is None or threading.get_ident() != _stale_thread:
             return fn(*args, **kwargs)
         if _worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             _worker = ThreadPoolExecutor(1, thread_name_prefix="fastrnn-after-fork")
         return _worker.submit(fn, *args, **kwargs).result()
 
