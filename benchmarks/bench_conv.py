@@ -12,7 +12,8 @@ PyTorch's time over fastrnn's (above 1: fastrnn is faster) -- the table quoted i
 The table gives fastrnn's % of the sgemm rate measured at the start of the same run, and each
 side's fastest single call (min) with their ratio, which one-off spikes cannot spoil.
 ``--relu`` times conv2d + ReLU forward instead (fused, separate, torch); ``--relu-pool`` conv2d +
-ReLU + 2x2 max pooling forward+backward (one call with ``max_pool=2``, two layers, torch).
+ReLU + 2x2 max pooling forward+backward (one call with ``max_pool=2``, two layers, torch);
+``--first-call`` each kind of layer's first forward in fresh processes against a warm call.
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
 interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
@@ -448,6 +449,54 @@ def relu_pool_table(threads: int, repeat: int) -> None:
               f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
 
 
+# The first conv2d_forward of a fresh process, per kind of layer (issue 17: within 10 ms of a
+# warm call plus the kernel's own time)
+FIRST_CALL_LAYERS = {
+    "pointwise (16,32,16x16)->32 1x1": ((16, 32, 16, 16), (32, 32, 1, 1), {}),
+    "direct (16,32,16x16)->32 3x3": ((16, 32, 16, 16), (32, 32, 3, 3), {"padding": 1}),
+    "winograd (16,64,16x16)->64 3x3": ((16, 64, 16, 16), (64, 64, 3, 3), {"padding": 1}),
+    "conv+relu+pool (16,32,16x16)->32": (
+        (16, 32, 16, 16), (32, 32, 3, 3), {"padding": 1, "activation": "relu", "max_pool": 2}
+    ),
+}
+
+_FIRST_CALL = """
+import sys, time, numpy as np
+import fastrnn as fr
+fr.set_num_threads({threads})
+rng = np.random.default_rng(0)
+x = rng.random({x}, dtype=np.float32)
+w = rng.random({w}, dtype=np.float32)
+t0 = time.perf_counter(); fr.conv2d_forward(x, w, training=False, **{kw}); t1 = time.perf_counter()
+ts = []
+for _ in range(30):
+    a = time.perf_counter(); fr.conv2d_forward(x, w, training=False, **{kw})
+    ts.append(time.perf_counter() - a)
+print(1e3 * (t1 - t0), 1e3 * sorted(ts)[15], "scipy.linalg" in sys.modules)
+"""
+
+
+def first_calls(threads: int, processes: int = 5) -> None:
+    """Each layer's first forward in ``processes`` fresh processes, against its warm median."""
+    import subprocess
+    import sys
+
+    print(f"first conv2d_forward of a fresh process (after import fastrnn), training=False, "
+          f"threads={threads}, {processes} processes per layer")  # fmt: skip
+    for name, (x, w, kw) in FIRST_CALL_LAYERS.items():
+        code = _FIRST_CALL.format(threads=threads, x=x, w=w, kw=kw)
+        firsts, warms, scipy = [], [], set()
+        for _ in range(processes):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.split()  # fmt: skip
+            firsts.append(float(out[0]))
+            warms.append(float(out[1]))
+            scipy.add(out[2])
+        print(f"{name:34} first {min(firsts):6.1f}-{max(firsts):6.1f} ms "
+              f"(median {statistics.median(firsts):5.1f}), warm {statistics.median(warms):7.3f} "
+              f"ms, scipy.linalg loaded: {'/'.join(sorted(scipy))}", flush=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # PyTorch's examples/mnist network, with torch.nn's or fastrnn.torch's Conv2d and MaxPool2d
 # ------------------------------------------------------------------------------------------------
@@ -548,6 +597,10 @@ def main() -> None:
         help="only conv2d + ReLU forward: fused (activation='relu') vs separate vs torch",
     )  # fmt: skip
     parser.add_argument(
+        "--first-call", action="store_true",
+        help="only each kind of layer's first forward in fresh processes, against a warm call",
+    )
+    parser.add_argument(
         "--relu-pool", action="store_true",
         help="only conv2d + ReLU + 2x2 max pool, forward+backward: one call (max_pool=2) vs "
         "two layers vs torch",
@@ -563,6 +616,9 @@ def main() -> None:
         return
     if args.relu_pool:
         relu_pool_table(args.threads, args.repeat)
+        return
+    if args.first_call:
+        first_calls(args.threads, max(args.repeat, 3))
         return
     table(args.threads, args.repeat, args.reference, pool=not args.no_pool, im2col=args.im2col,
           direct=args.direct)  # fmt: skip
