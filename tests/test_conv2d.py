@@ -885,6 +885,39 @@ def test_cpu_pointwise_tiles_backward(case, tiles):
         assert_close(db, dbr, "conv", "backward", np.float32, name="db")
 
 
+@pytest.mark.parametrize("taps", [1, 7, 128])
+def test_cpu_forward_taps_in_chunks_are_the_same_sums(taps, restore_threads):
+    """The forward kernel's taps in chunks (each adding to what the one before stored) give
+    the one-pass sums to the last bit: direct (stride 1 and 2, groups), Winograd, and the
+    backward's dx by the forward kernels, float32 and float64, NaN included."""
+    from fastrnn._cpu import conv2d as kernel
+
+    rng = np.random.default_rng(taps)
+    cases = [((3, 20, 11, 10), (7, 20, 3, 3), dict(padding=1), "direct"),
+             ((2, 16, 13, 12), (9, 16, 3, 3), dict(stride=2, padding=1), "direct"),
+             ((2, 12, 9, 9), (9, 4, 3, 2), dict(groups=3, padding=(1, 0)), "direct"),
+             ((2, 20, 10, 9), (6, 20, 3, 3), dict(padding=1), "winograd")]  # fmt: skip
+    for dtype in (np.float32, np.float64):
+        for xs, ws, kw, algorithm in cases:
+            x = rng.standard_normal(xs).astype(dtype)
+            x[0, 1, 2, 3] = np.nan
+            w = rng.standard_normal(ws).astype(dtype)
+            dy = None
+            results = []
+            for t in (0, taps):
+                previous = kernel.set_forward_taps(t)
+                try:
+                    y, ctx = fr.conv2d_forward(x, w, algorithm=algorithm, **kw)
+                    dy = rng.standard_normal(y.shape).astype(dtype) if dy is None else dy
+                    results.append((y, *fr.conv2d_backward(ctx, dy)))
+                finally:
+                    kernel.set_forward_taps(previous)
+            for a, b in zip(*results, strict=True):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="^n: "):
+        kernel.set_forward_taps(-1)
+
+
 @pytest.mark.parametrize("algorithm", ["direct", "winograd", "im2col"])
 def test_relu_activation_keeps_nan_and_blocks_its_gradient(algorithm):
     """A NaN reaching an output stays NaN through the ReLU (torch.relu), and the gradient is

@@ -112,6 +112,7 @@ cdef extern from "conv_direct.h" nogil:
     int FR_ISA_PORTABLE, FR_ISA_AVX2, FR_ISA_AVX512
     int fr_isa_supported(int isa)
     int fr_isa_best()
+    idx_t fr_set_fwd_taps(idx_t n)
     idx_t fr_dy_size(const fr_geom* g)
     void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
                                  float* u)
@@ -151,6 +152,22 @@ cdef extern from "conv_direct.h" nogil:
 
 ISA_NAMES = {"portable": FR_ISA_PORTABLE, "avx2": FR_ISA_AVX2, "avx512": FR_ISA_AVX512}
 _forced_isa = None
+
+
+# Taps per pass of the forward kernel: the input rows a block of positions reads for 128 taps
+# stay in L1, where all channels' rows of a wide layer do not (stride 2 reads four phase planes
+# per channel): (32,64,56x56)->128 stride 2, 1.065-1.084x at 1 and 2 threads; the other layers
+# measured within noise of one pass (benchmarks/NOTES-conv.md)
+FORWARD_TAPS = 128
+fr_set_fwd_taps(FORWARD_TAPS)
+
+
+def set_forward_taps(Py_ssize_t n) -> int:
+    """Taps per pass of the forward kernel over an item's positions (0: all taps in one pass);
+    returns the previous value. The sums are the same either way, to the last bit."""
+    if n < 0:
+        raise ValueError(f"n: expected a count of taps >= 0, got {n}")
+    return fr_set_fwd_taps(n)
 
 
 def isa_supported(str name) -> bool:

@@ -133,6 +133,18 @@ idx_t fr_dy_size(const fr_geom* g)
     return g->wgt ? g->G * g->OH * g->Wq * g->Fg_r : g->F * g->Pf_r;
 }
 
+/* Taps per pass of the forward kernel over an item's positions (0: all in one pass); see
+ * kfwd in conv_direct_driver.h. Set by conv2d.pyx when it loads (FORWARD_TAPS; tests and
+ * benchmarks may change it). */
+idx_t fr_fwd_taps = 0;
+
+idx_t fr_set_fwd_taps(idx_t n)
+{
+    const idx_t previous = fr_fwd_taps;
+    fr_fwd_taps = n;
+    return previous;
+}
+
 /* ---- per-item drivers ---- */
 /* The Winograd transforms' 64-byte vector helpers are always inlined, so no call passes a
  * vector in registers: GCC's note that such calls differ between the target clones (reported

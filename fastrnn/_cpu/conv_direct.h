@@ -30,6 +30,8 @@ typedef struct fr_geom {
     idx_t act;  /* forward epilogue: 1 applies ReLU after the bias (max(v, 0), NaN kept) */
 } fr_geom;
 
+extern idx_t fr_fwd_taps;          /* taps per pass of the forward kernel (0: all) */
+idx_t fr_set_fwd_taps(idx_t n);    /* sets it, returns the previous value */
 int fr_isa_supported(int isa);   /* 1 when this CPU (and build) runs that instruction set */
 int fr_isa_best(void);           /* the best supported one */
 int fr_wgrad_rf(int isa);        /* filters per weight-gradient block (lanes reduced) */

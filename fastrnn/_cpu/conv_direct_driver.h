@@ -20,10 +20,20 @@
 #define FR_PICK(isa, fn) ((void)(isa), DCAT(fn, DCAT(TS, portable)))
 #endif
 
+/* The forward kernel over K taps in chunks of fr_fwd_taps: each chunk sweeps all P positions
+ * and adds to what the chunk before stored, so that the input rows one block of positions
+ * reads for a chunk (its channels' taps) stay in L1 instead of all channels' at once. The
+ * same sums, in the same order, as one pass over all K taps. */
 static void DN(kfwd)(int isa, int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y,
                      idx_t ldy, idx_t P)
 {
-    FR_PICK(isa, fwd)(nf, x, off, K, w, y, ldy, P);
+    const idx_t kc = fr_fwd_taps > 0 ? fr_fwd_taps : K;
+    idx_t k0 = 0;
+    do {
+        const idx_t kn = K - k0 < kc ? K - k0 : kc;
+        FR_PICK(isa, fwd)(nf, x, off + k0, kn, w + k0 * 6, y, ldy, P, k0 > 0);
+        k0 += kn;
+    } while (k0 < K);
 }
 
 static void DN(kwgradt)(int isa, const T* dyt, idx_t lddt, const T* x, const idx_t* off, idx_t P,

@@ -42,20 +42,22 @@ static inline __attribute__((always_inline)) TARGET void NAME(store)(T* p, V v)
 }
 
 /* y[f * ldy + p] = sum over t < K of w[t * FWD_RF + f] * x[off[t] + p]
- *   for f < NF and p0 <= p < p1, p1 - p0 a multiple of RV * VW.
+ *   for f < NF and p0 <= p < p1, p1 - p0 a multiple of RV * VW; with ``add``, y's values plus
+ *   that sum, the taps added one by one after them (so that a sum over K taps done in chunks,
+ *   each chunk adding to what the one before stored, is the same sum to the last bit).
  * x   : IN  pitched planes (readable at off[t] + p for every such p)
  * w   : IN  [K][FWD_RF] one block of packed weights (filters past NF are ignored)
  * y   : OUT [NF][ldy]
  */
 static inline __attribute__((always_inline)) TARGET void NAME(fwd_body)(
     const int NF, const int RV, const T* restrict x, const idx_t* restrict off, idx_t K,
-    const T* restrict w, T* restrict y, idx_t ldy, idx_t p0, idx_t p1)
+    const T* restrict w, T* restrict y, idx_t ldy, idx_t p0, idx_t p1, int add)
 {
     for (idx_t p = p0; p < p1; p += RV * VW) {
         V acc[FWD_RF][FWD_RV];
         for (int f = 0; f < NF; ++f)
             for (int r = 0; r < RV; ++r)
-                acc[f][r] = (V){0};
+                acc[f][r] = add ? NAME(load)(y + f * ldy + p + r * VW) : (V){0};
         const T* xp = x + p;
         for (idx_t t = 0; t < K; ++t) {
             const T* xt = xp + off[t];
@@ -80,26 +82,26 @@ static inline __attribute__((always_inline)) TARGET void NAME(fwd_body)(
 #if FWD_RV == 4
 #define FWD_TAIL(nf)                                                                          \
     switch (rv) {                                                                             \
-    case 1: NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW); break;              \
-    case 2: NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW); break;          \
-    case 3: NAME(fwd_body)(nf, 3, x, off, K, w, y, ldy, full, full + 3 * VW); break;          \
-    case 4: NAME(fwd_body)(nf, 4, x, off, K, w, y, ldy, full, full + 4 * VW); break;          \
+    case 1: NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW, add); break;              \
+    case 2: NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW, add); break;          \
+    case 3: NAME(fwd_body)(nf, 3, x, off, K, w, y, ldy, full, full + 3 * VW, add); break;          \
+    case 4: NAME(fwd_body)(nf, 4, x, off, K, w, y, ldy, full, full + 4 * VW, add); break;          \
     default: break;                                                                           \
     }
 #else
 #define FWD_TAIL(nf)                                                                          \
     if (rv == 1)                                                                              \
-        NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW);                         \
+        NAME(fwd_body)(nf, 1, x, off, K, w, y, ldy, full, full + VW, add);                    \
     else if (rv == 2)                                                                         \
-        NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW);
+        NAME(fwd_body)(nf, 2, x, off, K, w, y, ldy, full, full + 2 * VW, add);
 #endif
 #define FWD_NF(nf)                                                                            \
     static TARGET void CAT(NAME(fwd), nf)(const T* x, const idx_t* off, idx_t K, const T* w,  \
-                                          T* y, idx_t ldy, idx_t P)                           \
+                                          T* y, idx_t ldy, idx_t P, int add)                  \
     {                                                                                         \
         const idx_t full = P / (FWD_RV * VW) * (FWD_RV * VW);                                 \
         const idx_t rv = (P - full + VW - 1) / VW;                                            \
-        NAME(fwd_body)(nf, FWD_RV, x, off, K, w, y, ldy, 0, full);                            \
+        NAME(fwd_body)(nf, FWD_RV, x, off, K, w, y, ldy, 0, full, add);                       \
         FWD_TAIL(nf)                                                                          \
     }
 FWD_NF(1)
@@ -112,15 +114,15 @@ FWD_NF(6)
 #undef FWD_TAIL
 
 static void NAME(fwd)(int nf, const T* x, const idx_t* off, idx_t K, const T* w, T* y, idx_t ldy,
-                      idx_t P)
+                      idx_t P, int add)
 {
     switch (nf) {
-    case 1: CAT(NAME(fwd), 1)(x, off, K, w, y, ldy, P); break;
-    case 2: CAT(NAME(fwd), 2)(x, off, K, w, y, ldy, P); break;
-    case 3: CAT(NAME(fwd), 3)(x, off, K, w, y, ldy, P); break;
-    case 4: CAT(NAME(fwd), 4)(x, off, K, w, y, ldy, P); break;
-    case 5: CAT(NAME(fwd), 5)(x, off, K, w, y, ldy, P); break;
-    default: CAT(NAME(fwd), 6)(x, off, K, w, y, ldy, P); break;
+    case 1: CAT(NAME(fwd), 1)(x, off, K, w, y, ldy, P, add); break;
+    case 2: CAT(NAME(fwd), 2)(x, off, K, w, y, ldy, P, add); break;
+    case 3: CAT(NAME(fwd), 3)(x, off, K, w, y, ldy, P, add); break;
+    case 4: CAT(NAME(fwd), 4)(x, off, K, w, y, ldy, P, add); break;
+    case 5: CAT(NAME(fwd), 5)(x, off, K, w, y, ldy, P, add); break;
+    default: CAT(NAME(fwd), 6)(x, off, K, w, y, ldy, P, add); break;
     }
 }
 
