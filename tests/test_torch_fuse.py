@@ -251,6 +251,43 @@ def test_fuse_pools_in_the_convolution(dtype, batch):
     torch.testing.assert_close(inplace(x), y1)
 
 
+class _FunctionalPoolNet(nn.Module):
+    """PyTorch's examples/mnist writes its pooling as F.max_pool2d: the functional forms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = ft.Conv2d(2, 6, 3, padding=1)  # -> F.relu -> F.max_pool2d(x, 2)
+        self.c2 = ft.Conv2d(6, 5, 3, padding=1)  # -> torch.max_pool2d(x, 3, 2, 1)
+        self.c3 = ft.Conv2d(5, 4, 1)  # -> F.max_pool2d(ceil_mode=True): not pooled in the conv
+        self.c4 = ft.Conv2d(4, 4, 1)  # -> F.max_pool2d(return_indices=True): not pooled
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = torch.max_pool2d(self.c2(x), 3, 2, 1)
+        x = F.max_pool2d(self.c3(x), kernel_size=2, ceil_mode=True)
+        y, _ = F.max_pool2d(self.c4(x), 1, return_indices=True)
+        return y
+
+
+@pytest.mark.parametrize("batch", [1, 6], ids=["pooled-after", "pooled-in-schedule"])
+def test_fuse_pools_functional_max_pool(batch):
+    torch.manual_seed(2)
+    model = _FunctionalPoolNet().to(F64)
+    fused = ft.fuse(model)
+    calls = [n for n in fused.graph.nodes if n.target is ft.modules.conv2d_max_pool]
+    assert [n.args[0].target for n in calls] == ["c1", "c2"]
+    assert calls[1].kwargs == dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    x = torch.randn(batch, 2, 13, 11, dtype=F64)
+    y0 = model(x)
+    dy = torch.randn_like(y0)
+    y0, dx0, g0 = _grads(model, x, dy)
+    y1, dx1, g1 = _grads(fused, x, dy)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(dx1, dx0)
+    for n, g in g0.items():
+        torch.testing.assert_close(g1[n], g, msg=n)
+
+
 @pytest.mark.parametrize("relu", [None, "relu"])
 @pytest.mark.parametrize(
     "max_pool, window",

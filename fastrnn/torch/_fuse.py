@@ -7,14 +7,16 @@ feeds nothing but a ReLU (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``Tensor.relu
 not), sets that convolution's ``activation="relu"`` and removes the ReLU: the kernel applies it
 in its store, and its backward passes the gradient where the output is positive, exactly as
 ``torch.relu``'s does. A convolution (ReLU fused or not) whose output feeds nothing but a max
-pooling module (``fastrnn.torch.MaxPool2d`` or ``torch.nn.MaxPool2d`` that fastrnn can run)
-becomes one call of :func:`fastrnn.torch.modules.conv2d_max_pool`: the CPU's direct kernels pool
-each image while it is in cache.
+pooling (a ``fastrnn.torch.MaxPool2d`` or ``torch.nn.MaxPool2d`` module, ``F.max_pool2d`` or
+``torch.max_pool2d``, that fastrnn can run) becomes one call of
+:func:`fastrnn.torch.modules.conv2d_max_pool`: the CPU's kernels pool each image while it is
+in cache.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -36,19 +38,54 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualified_name)
 
 
+def _max_pool_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                        return_indices=False):  # fmt: skip
+    """F.max_pool2d's and torch.max_pool2d's arguments (their stride's default: the kernel)."""
+
+
+_MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+
+
+def _window(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
+            return_indices: Any) -> dict | None:  # fmt: skip
+    """The window fastrnn's max pooling computes, or None (dilated, indices, ceil mode, or an
+    argument that is not a constant int or pair)."""
+    values = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    if any(isinstance(v, fx.Node) for v in values) or ceil_mode or return_indices:
+        return None
+    try:
+        if modules._pair(dilation) != (1, 1):
+            return None
+        kernel = modules._pair(kernel_size)
+        stride = kernel if stride is None or stride == [] or stride == () else stride
+        return dict(kernel_size=kernel, stride=modules._pair(stride),
+                    padding=modules._pair(padding))  # fmt: skip
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def _max_pool_window(node: fx.Node, source: fx.Node, root: nn.Module) -> dict | None:
-    """kernel_size, stride and padding of a max pooling module called on ``source`` alone,
-    when fastrnn's pooling computes it (dilation 1, no indices, floor mode); else None."""
+    """kernel_size, stride and padding of a max pooling of ``source`` alone (a MaxPool2d module
+    call, F.max_pool2d or torch.max_pool2d), when fastrnn's pooling computes it (dilation 1, no
+    indices, floor mode); else None."""
+    if node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS:
+        try:
+            bound = inspect.signature(_max_pool_signature).bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["input"] is not source:
+            return None
+        return _window(a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                       a["ceil_mode"], a["return_indices"])  # fmt: skip
     if node.op != "call_module" or node.args != (source,) or node.kwargs:
         return None
     pool = root.get_submodule(node.target)
     if type(pool) not in (modules.MaxPool2d, nn.MaxPool2d):
         return None
-    if pool.return_indices or pool.ceil_mode or modules._pair(pool.dilation) != (1, 1):
-        return None
-    kernel_size = modules._pair(pool.kernel_size)
-    stride = kernel_size if pool.stride is None else modules._pair(pool.stride)
-    return dict(kernel_size=kernel_size, stride=stride, padding=modules._pair(pool.padding))
+    return _window(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                   pool.return_indices)  # fmt: skip
 
 
 def _is_relu(node: fx.Node, root: nn.Module) -> bool:
@@ -68,9 +105,10 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
 
     Fused with their ReLU are convolutions called once in the model, whose output goes to one
     ReLU and nowhere else, and that have no activation yet. Fused with their pooling are
-    convolution calls whose output goes to one ``MaxPool2d`` module call (fastrnn.torch's, or
-    torch.nn's with dilation 1, no indices, floor mode) and nowhere else; the modules stay
-    where they are, and the convolution's module does not change. Results and gradients are
+    convolution calls whose output goes to one max pooling and nowhere else: a ``MaxPool2d``
+    module (fastrnn.torch's or torch.nn's), ``F.max_pool2d`` or ``torch.max_pool2d``, with
+    dilation 1, no indices and floor mode; the modules stay where they are, and the
+    convolution's module does not change. Results and gradients are
     those of the model (the same operations, in the same order); its state_dict keeps the same
     names.
 
