@@ -13,7 +13,8 @@ The table gives fastrnn's % of the sgemm rate measured at the start of the same 
 side's fastest single call (min) with their ratio, which one-off spikes cannot spoil.
 ``--relu`` times conv2d + ReLU forward instead (fused, separate, torch); ``--relu-pool`` conv2d +
 ReLU + 2x2 max pooling forward+backward (one call with ``max_pool=2``, two layers, torch);
-``--first-call`` each kind of layer's first forward in fresh processes against a warm call.
+``--first-call`` each kind of layer's first forward in fresh processes against a warm call;
+``--mnist-example PATH`` PyTorch's examples/mnist ``Net`` read from that example's main.py.
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
 interleaved rounds; ``--mnist`` times PyTorch's examples/mnist training step with
@@ -572,6 +573,69 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
               f"range {r[0]:.2f}-{r[-1]:.2f}")  # fmt: skip
 
 
+def mnist_example(path: str, threads: int, repeat: int, batch: int = 64) -> None:
+    """PyTorch's own examples/mnist ``Net``, its class source read from ``path`` (that example's
+    main.py, which this repository does not carry): once with torch.nn's Conv2d, once with
+    fastrnn.torch's Conv2d and ``fastrnn.torch.fuse``, the same weights. Checks the outputs and
+    gradients agree, then times training steps (nll_loss, Adadelta) interleaved."""
+    import types
+
+    import fastrnn.torch as frt
+
+    text = open(path).read()
+    start = text.index("class Net(nn.Module):")
+    end = text.find("\n\n\n", start)  # the class ends at the first two blank lines
+    source = text[start:end if end > 0 else len(text)]
+    set_threads(threads)
+
+    def make(conv):
+        nn = types.SimpleNamespace(**{k: getattr(torch.nn, k) for k in dir(torch.nn)
+                                      if not k.startswith("_")})  # fmt: skip
+        nn.Conv2d = conv
+        namespace = {"nn": nn, "F": tnf, "torch": torch}
+        exec(source, namespace)  # the example's class as written
+        return namespace["Net"]()
+
+    torch.manual_seed(1)
+    theirs, ours = make(torch.nn.Conv2d), make(frt.Conv2d)
+    ours.load_state_dict(theirs.state_dict())
+    fused = frt.fuse(ours)
+    pooled = sum(n.target is frt.modules.conv2d_max_pool for n in fused.graph.nodes)
+    x = torch.randn(batch, 1, 28, 28)
+    t = torch.randint(0, 10, (batch,))
+    torch.manual_seed(3)
+    loss_t = tnf.nll_loss(theirs(x), t)
+    loss_t.backward()
+    torch.manual_seed(3)
+    loss_f = tnf.nll_loss(fused(x), t)
+    loss_f.backward()
+    grad = max(float((a.grad - b.grad).abs().max())
+               for a, b in zip(theirs.parameters(), fused.parameters(), strict=True))  # fmt: skip
+    print(f"examples/mnist Net from {path}: {pooled} convolution(s) pooling in the kernel; loss "
+          f"difference {float((loss_t - loss_f).detach()):.2e}, largest gradient difference "
+          f"{grad:.2e}")
+    steps = {}
+    for name, net in (("torch", theirs), ("fused", fused)):
+        opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
+
+        def step(net=net, opt=opt):
+            opt.zero_grad()
+            tnf.nll_loss(net(x), t).backward()
+            opt.step()
+
+        step()
+        steps[name] = step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeat):
+        for k, f in steps.items():
+            times[k].append(_median_ms(f, 5))
+    r = sorted(a / b for a, b in zip(times["torch"], times["fused"], strict=True))
+    print(f"training step, batch {batch}, threads={threads}: torch "
+          f"{statistics.median(times['torch']):.2f} ms, fastrnn.torch + fuse "
+          f"{statistics.median(times['fused']):.2f} ms; torch/fastrnn per round "
+          f"({repeat} rounds): median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=fr.get_num_threads())
@@ -597,6 +661,11 @@ def main() -> None:
         help="only conv2d + ReLU forward: fused (activation='relu') vs separate vs torch",
     )  # fmt: skip
     parser.add_argument(
+        "--mnist-example", metavar="MAIN_PY",
+        help="only PyTorch's examples/mnist Net as written in that main.py, torch.nn's Conv2d vs "
+        "fastrnn.torch's + fuse",
+    )
+    parser.add_argument(
         "--first-call", action="store_true",
         help="only each kind of layer's first forward in fresh processes, against a warm call",
     )
@@ -610,6 +679,9 @@ def main() -> None:
         raise SystemExit("the table compares with PyTorch: install torch")
     if args.mnist:
         mnist(args.threads, args.repeat)
+        return
+    if args.mnist_example:
+        mnist_example(args.mnist_example, args.threads, args.repeat)
         return
     if args.relu:
         relu_table(args.threads, args.repeat)
