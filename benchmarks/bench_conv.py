@@ -42,6 +42,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -270,6 +271,22 @@ def _median_ms(call: Callable[[], object], reps: int) -> float:
     return statistics.median(_times_ms(call, reps))
 
 
+def _rounds(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Each call's 5-call median in each of ``repeat`` rounds, the calls interleaved round by
+    round (so that load changes hit every one of them)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeat):
+        for k, call in calls.items():
+            times[k].append(_median_ms(call, 5))
+    return times
+
+
+def _round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """a's time over b's round by round, sorted (robust to the machine's speed drifting
+    between rounds)."""
+    return sorted(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
 PINNED = ("im2col", "direct")  # fastrnn pinned to one algorithm, as extra columns
 
 
@@ -377,11 +394,7 @@ def relu_table(threads: int, repeat: int) -> None:
         if shape[-1] != 1:  # grouped
             continue
         calls = relu_calls(shape)
-        med: dict[str, list[float]] = {i: [] for i in calls}
-        for _ in range(repeat):
-            for i, call in calls.items():
-                med[i].append(_median_ms(call, 5))
-        ms = {i: statistics.median(v) for i, v in med.items()}
+        ms = {i: statistics.median(v) for i, v in _rounds(calls, repeat).items()}
         gf = conv_flops(shape, "fwd") / ms["fused"] / 1e6
         print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {100 * gf / sgemm:6.0f} "
               f"{ms['separate']:12.3f} {ms['torch']:9.3f} {ms['separate'] / ms['fused']:15.2f} "
@@ -432,20 +445,20 @@ def relu_pool_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
 def relu_pool_table(threads: int, repeat: int) -> None:
     """relu_pool_calls on the grid's ungrouped layers, interleaved, medians."""
     set_threads(threads)
+    sgemm = sgemm_gflops(threads)
     print(f"conv2d + ReLU + 2x2 max pool, forward+backward: threads={threads} "
-          f"dtype={np.dtype(DTYPE).name} repeat={repeat}")  # fmt: skip
-    print(f"{'shape':34} {'fused ms':>9} {'conv+relu,pool ms':>17} {'torch ms':>9} "
-          f"{'separate/fused':>14} {'torch/fused':>11}")  # fmt: skip
+          f"dtype={np.dtype(DTYPE).name} repeat={repeat}; sgemm {sgemm:.0f} GFLOP/s in this "
+          "run (%sgemm: the convolution's forward+backward FLOPs over the fused call's time)")
+    print(f"{'shape':34} {'fused ms':>9} {'%sgemm':>6} {'conv+relu,pool ms':>17} "
+          f"{'torch ms':>9} {'separate/fused':>14} {'torch/fused':>11}")  # fmt: skip
     for shape in CONV_SHAPES:
         if shape[-1] != 1:  # grouped
             continue
         calls = relu_pool_calls(shape)
-        med: dict[str, list[float]] = {i: [] for i in calls}
-        for _ in range(repeat):
-            for i, call in calls.items():
-                med[i].append(_median_ms(call, 5))
-        ms = {i: statistics.median(v) for i, v in med.items()}
-        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {ms['separate']:17.3f} "
+        ms = {i: statistics.median(v) for i, v in _rounds(calls, repeat).items()}
+        gf = conv_flops(shape, "fwd+bwd") / ms["fused"] / 1e6
+        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {100 * gf / sgemm:6.0f} "
+              f"{ms['separate']:17.3f} "
               f"{ms['torch']:9.3f} {ms['separate'] / ms['fused']:14.2f} "
               f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
 
@@ -529,6 +542,23 @@ def mnist_net(layers) -> object:
     return Net()
 
 
+def _training_steps(nets: dict[str, Any], x: Any, t: Any) -> dict[str, Callable[[], None]]:
+    """examples/mnist's training step (zero_grad, NLL loss, backward, Adadelta at lr 1) for
+    each network, each run once (its first call's costs out of the timings)."""
+    steps = {}
+    for name, net in nets.items():
+        opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
+
+        def step(net=net, opt=opt):
+            opt.zero_grad()
+            tnf.nll_loss(net(x), t).backward()
+            opt.step()
+
+        step()
+        steps[name] = step
+    return steps
+
+
 def mnist(threads: int, repeat: int, batch: int = 64) -> None:
     """Training steps (forward, NLL loss, backward, Adadelta step as in examples/mnist) of the
     two networks, interleaved; prints medians and torch's time over fastrnn's."""
@@ -538,26 +568,14 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
     torch.manual_seed(0)
     x = torch.randn(batch, 1, 28, 28)
     t = torch.randint(0, 10, (batch,))
-    steps = {}
+    nets = {}
     for name, layers in (("torch", torch.nn), ("fastrnn", frt), ("fused", frt)):
         torch.manual_seed(1)
         net = mnist_net(layers)
-        if name == "fused":  # conv1 + ReLU and conv2 + ReLU as single operators
-            net = frt.fuse(net)
-        opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
-
-        def step(net=net, opt=opt):
-            opt.zero_grad()
-            loss = tnf.nll_loss(net(x), t)
-            loss.backward()
-            opt.step()
-
-        step()
-        steps[name] = step
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeat):
-        for k, f in steps.items():
-            times[k].append(_median_ms(f, 5))
+        # conv1 + ReLU, and conv2 + ReLU + max pooling, as single operators
+        nets[name] = frt.fuse(net) if name == "fused" else net
+    steps = _training_steps(nets, x, t)
+    times = _rounds(steps, repeat)
     ms = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"mnist training step, batch {batch}, threads={threads}: torch {ms['torch']:.2f} ms, "
@@ -568,7 +586,7 @@ def mnist(threads: int, repeat: int, batch: int = 64) -> None:
     # the same ratios round by round (the three steps of a round meet the same load): their
     # median and range, robust to the machine's speed drifting between rounds
     for k in ("fastrnn", "fused"):
-        r = sorted(a / b for a, b in zip(times["torch"], times[k], strict=True))
+        r = _round_ratios(times, "torch", k)
         print(f"  torch/{k} per round ({repeat} rounds): median {statistics.median(r):.2f}, "
               f"range {r[0]:.2f}-{r[-1]:.2f}")  # fmt: skip
 
@@ -614,22 +632,9 @@ def mnist_example(path: str, threads: int, repeat: int, batch: int = 64) -> None
     print(f"examples/mnist Net from {path}: {pooled} convolution(s) pooling in the kernel; loss "
           f"difference {float((loss_t - loss_f).detach()):.2e}, largest gradient difference "
           f"{grad:.2e}")
-    steps = {}
-    for name, net in (("torch", theirs), ("fused", fused)):
-        opt = torch.optim.Adadelta(net.parameters(), lr=1.0)
-
-        def step(net=net, opt=opt):
-            opt.zero_grad()
-            tnf.nll_loss(net(x), t).backward()
-            opt.step()
-
-        step()
-        steps[name] = step
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeat):
-        for k, f in steps.items():
-            times[k].append(_median_ms(f, 5))
-    r = sorted(a / b for a, b in zip(times["torch"], times["fused"], strict=True))
+    steps = _training_steps({"torch": theirs, "fused": fused}, x, t)
+    times = _rounds(steps, repeat)
+    r = _round_ratios(times, "torch", "fused")
     print(f"training step, batch {batch}, threads={threads}: torch "
           f"{statistics.median(times['torch']):.2f} ms, fastrnn.torch + fuse "
           f"{statistics.median(times['fused']):.2f} ms; torch/fastrnn per round "

@@ -618,12 +618,10 @@ def _direct_forward_pooled(x, w, b, stride, padding, dilation, groups, training,
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
-    if g.N < BATCH_PER_THREAD * nt:
+    if g.N < BATCH_PER_THREAD * nt or g.OH * g.OW > INT32_MAX:
         return None
-    cdef PoolGeom pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
     off, wp, _ = _direct_tables(g, w)
-    pooled = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=x.dtype)
-    arg = np.empty(pooled.shape, dtype=np.int32)
+    pooled, arg = _pool_outputs(g, pool, x.dtype)
     xq, tiles, ybuf = _scratch(x.dtype, nt * g.x_size, nt * 6 * g.Pf_r, nt * g.F * g.OH * g.OW)
     bias = np.empty(0, dtype=x.dtype) if b is None else b
     _direct_forward_run(x, wp, bias, pooled[:0], xq.reshape(nt, g.x_size),
@@ -634,6 +632,18 @@ def _direct_forward_pooled(x, w, b, stride, padding, dilation, groups, training,
     ctx = _context(x, w, b, pooled, geometry, "direct")
     _save_pool(ctx, (g.N, g.F, g.OH, g.OW), arg, pooled, act)
     return pooled, ctx
+
+
+# Max pooling saves 32-bit positions in a plane: a convolution whose output planes are larger
+# pools after it, where max_pool2d_forward refuses them with its own message
+INT32_MAX = 2**31 - 1
+
+
+def _pool_outputs(fr_geom g, pool, dtype):
+    """The pooled output of g's output planes, and its maxima's positions (empty)."""
+    cdef PoolGeom pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
+    pooled = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=dtype)
+    return pooled, np.empty(pooled.shape, dtype=np.int32)
 
 
 def _save_pool(ctx, tuple shape, arg, pooled, int act):
@@ -787,7 +797,8 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
                       pool=None):
     """C1-C4 by Winograd F(2x2, 3x3); the backward runs dx by Winograd as well (on dy) and dw
     by the direct kernels. ``pool`` (kernel_size, stride, padding pairs): returns the max
-    pooled output instead, each image pooled by the thread that convolved it.
+    pooled output instead, each image pooled by the thread that convolved it (None for an
+    empty batch or planes past int32 positions: the caller pools after the convolution).
 
     A NaN or infinity reaches exactly the outputs that read it, as in the direct convolution:
     B^T puts a tile's input row 0 only into transformed row 0 and row 3 only into row 3, and
@@ -797,16 +808,15 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
                                        ((2, 2), padding, (1, 1), 1))
-    cdef PoolGeom pg
     nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), max(g.N, 1))
     if pool is None:
         y = out = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
         pooled = arg = ybuf = None
+    elif g.N == 0 or g.OH * g.OW > INT32_MAX:
+        return None  # (pooled after the convolution)
     else:
-        pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
-        pooled = out = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=x.dtype)
-        arg = np.empty(pooled.shape, dtype=np.int32)
-        y = pooled[:0]
+        pooled, arg = _pool_outputs(g, pool, x.dtype)
+        out, y = pooled, pooled[:0]
     if g.N > 0:
         TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
         band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
@@ -885,17 +895,20 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
         algorithm = "im2col"
     if algorithm == "auto":
         algorithm = _choose(x.shape, w.shape, stride, padding, dilation, groups)
+    if algorithm == "winograd":
+        why = winograd_unsupported(tuple(w.shape), stride, dilation, groups)
+        if why is not None:
+            raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
     if pool is not None:
-        if algorithm == "direct" and not _plane_too_large(x, w, stride, padding, dilation):
+        out = None
+        if algorithm == "direct":
             out = _direct_forward_pooled(x, w, b, stride, padding, dilation, groups, training,
                                          act, pool)
-            if out is not None:
-                return out
-        if (algorithm == "winograd" and x.shape[0] > 0
-                and winograd_unsupported(tuple(w.shape), stride, dilation, groups) is None
-                and not _plane_too_large(x, w, stride, padding, dilation)):
-            return _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act,
-                                     pool)
+        elif algorithm == "winograd":
+            out = _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act,
+                                    pool)
+        if out is not None:
+            return out
         y, ctx = conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, training,
                                           algorithm, activation)
         pooled, pctx = _pool2d().max_pool2d_forward(y, *pool, training)
@@ -905,22 +918,11 @@ def conv2d_forward_algorithm(x, w, b, stride, padding, dilation, groups, trainin
     if algorithm == "direct":
         return _direct_forward(x, w, b, stride, padding, dilation, groups, training, act)
     if algorithm == "winograd":
-        why = winograd_unsupported(tuple(w.shape), stride, dilation, groups)
-        if why is not None:
-            raise ValueError(f"algorithm: 'winograd' cannot run this convolution: {why}")
         return _winograd_forward(x, w, b, stride, padding, dilation, groups, training, act)
     if algorithm == "im2col":
         return _im2col()._im2col_forward(x, w, b, stride, padding, dilation, groups, training,
                                          act)
     raise ValueError(f"algorithm: unknown algorithm {algorithm!r}")
-
-
-def _plane_too_large(x, w, stride, padding, dilation) -> bool:
-    """An output plane past int32 positions (max pooling saves 32-bit positions): the pooling
-    runs separately, and max_pool2d_forward refuses it with its own message."""
-    OH, OW = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1)
-              // stride[i] + 1 for i in range(2)]
-    return OH * OW > np.iinfo(np.int32).max
 
 
 def _pool2d():

@@ -348,9 +348,11 @@ def conv2d_forward(
     return y, ctx
 
 
-def _conv_max_pool(max_pool, out_shape):
-    """conv2d_forward's ``max_pool`` -> None or (kernel_size, stride, padding) pairs, checked as
-    max_pool2d_forward checks them against the convolution's output (N, F, OH, OW)."""
+def max_pool_window(max_pool):
+    """conv2d_forward's ``max_pool`` -> None or its (kernel_size, stride, padding) pairs: a
+    kernel size (int or pair; stride = kernel size, no padding) or a dict with kernel_size and
+    optionally stride and padding, padding at most half the kernel (TypeError/ValueError
+    naming max_pool otherwise). Also the layers' check of their own ``max_pool``."""
     if max_pool is None:
         return None
     if isinstance(max_pool, dict):
@@ -374,6 +376,16 @@ def _conv_max_pool(max_pool, out_shape):
             f"max_pool: padding must be at most half the kernel size {kernel_size}, got "
             f"{padding}"
         )
+    return kernel_size, stride, padding
+
+
+def _conv_max_pool(max_pool, out_shape):
+    """max_pool_window, checked as max_pool2d_forward checks a window against the
+    convolution's output (N, F, OH, OW)."""
+    window = max_pool_window(max_pool)
+    if window is None:
+        return None
+    kernel_size, stride, padding = window
     OH, OW = out_shape[2:]
     POH = (OH + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     POW = (OW + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
@@ -382,7 +394,7 @@ def _conv_max_pool(max_pool, out_shape):
             f"max_pool: kernel size {kernel_size} (padding {padding}) is larger than the "
             f"convolution's {OH}x{OW} output"
         )
-    return kernel_size, stride, padding
+    return window
 
 
 def conv2d_backward(ctx, dy):

@@ -8,10 +8,10 @@ import numpy as np
 
 from fastrnn.backends.ops import (
     CONV_ALGORITHMS,
-    _conv_max_pool,
     check_activation,
     conv2d_backward,
     conv2d_forward,
+    max_pool_window,
 )
 from fastrnn.backends.validation import pair
 from fastrnn.nn import init
@@ -53,7 +53,7 @@ class Conv2d(Module):
         if not isinstance(algorithm, str) or algorithm not in CONV_ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {CONV_ALGORITHMS}, got {algorithm!r}")
         check_activation(activation)
-        _conv_max_pool(max_pool, (1, 1, 1 << 30, 1 << 30))  # types and padding (size: forward)
+        max_pool_window(max_pool)  # (its size against the output: in forward)
         self.max_pool = max_pool
         self.algorithm = algorithm
         self.activation = activation

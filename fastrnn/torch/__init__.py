@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from fastrnn.backends.ops import max_pool_window
 from fastrnn.torch import _ops
 from fastrnn.torch._fuse import fuse
 from fastrnn.torch.modules import GRU, LSTM, RNN, AvgPool2d, Conv2d, MaxPool2d
@@ -133,18 +134,8 @@ def conv2d(
     same operator (``F.max_pool2d`` of it, with PyTorch's defaults)."""
     if activation is not None and activation != "relu":
         raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    pool: list[int] = []
-    if max_pool is not None:
-        window = max_pool if isinstance(max_pool, dict) else dict(kernel_size=max_pool)
-        if set(window) - {"kernel_size", "stride", "padding"} or "kernel_size" not in window:
-            raise ValueError(
-                "max_pool: expected a kernel size or a dict with 'kernel_size' and optionally "
-                f"'stride' and 'padding', got {max_pool!r}"
-            )
-        kernel_size = _pair(window["kernel_size"])
-        pool_stride = window.get("stride")
-        pool = [*kernel_size, *(kernel_size if pool_stride is None else _pair(pool_stride)),
-                *_pair(window.get("padding", 0))]  # fmt: skip
+    window = max_pool_window(max_pool)
+    pool = [] if window is None else [v for p in window for v in p]
     y, _ = _ops.call(
         _ops.conv2d,
         x,

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from fastrnn.backends.ops import max_pool_window
 from fastrnn.torch import modules
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
@@ -48,20 +49,20 @@ _MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
 
 def _window(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
             return_indices: Any) -> dict | None:  # fmt: skip
-    """The window fastrnn's max pooling computes, or None (dilated, indices, ceil mode, or an
-    argument that is not a constant int or pair)."""
+    """The window fastrnn's max pooling computes (max_pool_window's checks), or None (dilated,
+    indices, ceil mode, or an argument that is not a constant int or pair)."""
     values = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if any(isinstance(v, fx.Node) for v in values) or ceil_mode or return_indices:
         return None
+    if stride == [] or stride == ():  # torch.max_pool2d's default: the kernel size
+        stride = None
     try:
         if modules._pair(dilation) != (1, 1):
             return None
-        kernel = modules._pair(kernel_size)
-        stride = kernel if stride is None or stride == [] or stride == () else stride
-        return dict(kernel_size=kernel, stride=modules._pair(stride),
-                    padding=modules._pair(padding))  # fmt: skip
+        window = max_pool_window(dict(kernel_size=kernel_size, stride=stride, padding=padding))
     except (TypeError, ValueError, IndexError):
         return None
+    return dict(zip(("kernel_size", "stride", "padding"), window, strict=True))
 
 
 def _max_pool_window(node: fx.Node, source: fx.Node, root: nn.Module) -> dict | None:
