@@ -312,22 +312,35 @@ def test_cpu_winograd_non_finite_values_reach_only_what_reads_them(value):
 
 
 def test_auto_runs_winograd_on_wide_3x3_layers():
-    """"auto" picks Winograd for 3x3 stride-1 layers of at least 64 channels and filters (where
-    it measured faster) and the direct kernels below that; both equal the reference."""
+    """"auto" picks Winograd for 3x3 stride-1 layers of at least 32 channels and filters whose
+    outputs are at least 16 wide (12 from 64 channels and filters on), where it measured faster,
+    and the direct kernels otherwise; both equal the reference."""
     from fastrnn._cpu import conv2d as kernel
 
     rng = np.random.default_rng(4)
-    for C, F, want in [(64, 64, "winograd"), (64, 32, "direct"), (16, 64, "direct")]:
-        x = rng.standard_normal((1, C, 6, 5)).astype(np.float32)
+    for C, F, W, want in [
+        (64, 64, 12, "winograd"),
+        (64, 64, 11, "direct"),
+        (32, 64, 16, "winograd"),
+        (64, 32, 16, "winograd"),
+        (32, 32, 15, "direct"),
+        (16, 64, 16, "direct"),
+        (64, 16, 16, "direct"),
+    ]:
+        x = rng.standard_normal((1, C, 3, W)).astype(np.float32)
         w = (rng.standard_normal((F, C, 3, 3)) / (3 * np.sqrt(C))).astype(np.float32)
         y, ctx = fr.conv2d_forward(x, w, padding=1)
-        assert ctx.saved["algorithm"] == want
+        assert ctx.saved["algorithm"] == want, (C, F, W)
         yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), padding=1)
         assert_close(y, yr, "conv", "forward", np.float32, name=f"y {C}->{F}")
-    x = rng.standard_normal((1, 64, 6, 5)).astype(np.float32)
+    x = rng.standard_normal((1, 64, 6, 16)).astype(np.float32)
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    assert kernel._choose(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1) == "winograd"
     assert kernel._choose(x.shape, w.shape, (1, 1), (3, 3), (1, 1), 1) == "direct"  # padding 3
     assert kernel._choose(x.shape, w.shape, (2, 2), (1, 1), (1, 1), 1) == "direct"  # stride 2
+    # the width counted is the output's: 14 wide unpadded gives 12 outputs
+    assert kernel._choose((1, 64, 6, 14), w.shape, (1, 1), (0, 0), (1, 1), 1) == "winograd"
+    assert kernel._choose((1, 64, 6, 13), w.shape, (1, 1), (0, 0), (1, 1), 1) == "direct"
 
 
 @pytest.mark.parametrize(

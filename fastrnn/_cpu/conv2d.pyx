@@ -120,10 +120,12 @@ cdef extern from "conv_direct.h" nogil:
                                  double* u)
     void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
                                const float* u, const idx_t* off, const float* b, float* y,
-                               float* xq, float* v, float* m, idx_t band, idx_t ldv)
+                               float* xq, float* v, float* m, idx_t band, idx_t ldv,
+                               idx_t vs)
     void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
                                const double* u, const idx_t* off, const double* b, double* y,
-                               double* xq, double* v, double* m, idx_t band, idx_t ldv)
+                               double* xq, double* v, double* m, idx_t band, idx_t ldv,
+                               idx_t vs)
     double fr_sum8_f32(int isa, const float* a, idx_t n)
     double fr_sum8_f64(int isa, const double* a, idx_t n)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
@@ -727,6 +729,14 @@ def _direct_backward(ctx, dy, bint input_grad=True):
 WINOGRAD_BAND_BYTES = 1 << 20
 
 
+def _winograd_vstride(idx_t C, idx_t ldv, itemsize):
+    """Elements between the transformed input's 16 matrices V[xi] (each C rows of ldv): C * ldv
+    and 256 bytes more, so that the input transform's 16 store streams (and the products' reads
+    of V[xi] across xi) fall in different L1 sets. C * ldv alone is a multiple of 4 KiB whenever
+    C is a multiple of 64 (ldv is one of 16), putting all 16 in one set."""
+    return C * ldv + 256 // itemsize
+
+
 def _winograd_weights(const floating[:, :, :, ::1] w, floating[::1] u, int nthreads):
     """U = G w G^T for every (filter, channel), packed for the products as [16, nfb, C, 6]
     (fr_winograd_weights), the blocks of 6 filters shared out between the threads."""
@@ -759,8 +769,8 @@ def _winograd_run(
     floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW] (pooling: unused)
     floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
     const idx_t[::1] off,             # IN  [C] c * ldv
-    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, int nthreads, int isa, int act,
-    pool=None,                        # (kernel_size, stride, padding): max pool each image
+    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, idx_t vs, int nthreads, int isa,
+    int act, pool=None,                        # (kernel_size, stride, padding): max pool each image
     floating[:, ::1] ybuf=None,       # scratch [threads, F * OH * OW] (pooling)
     floating[:, :, :, ::1] pooled=None,  # OUT [N, F, POH, POW] (pooling)
     int[:, :, :, ::1] parg=None,      # OUT [N, F, POH, POW] positions of the maxima (pooling)
@@ -772,7 +782,7 @@ def _winograd_run(
     g.act = act
     cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
-    cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * g.C * ldv
+    cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * vs
     cdef int tid
     cdef bint pooling = pool is not None
     cdef PoolGeom pg
@@ -785,10 +795,12 @@ def _winograd_run(
             yn = &ybuf[tid, 0] if pooling else &y[n, 0, 0, 0]
             if floating is float:
                 fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
-                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv)
+                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv,
+                                      vs)
             else:
                 fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
-                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv)
+                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv,
+                                      vs)
             if pooling:
                 _pool_image(yn, g.F, g.OH * g.OW, &pooled[n, 0, 0, 0], &parg[n, 0, 0, 0], &pg)
 
@@ -822,14 +834,15 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
         band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
         ldv = _round(band * TW + 16, 16)  # the input transform writes a vector past a row
         nfb = (g.F + 5) // 6
+        vs = _winograd_vstride(g.C, ldv, x.itemsize)
         off = (np.arange(g.C) * ldv).astype(np.intp)
-        row = gw.x_size + 16 * g.C * ldv + 16 * 6 * ldv
+        row = gw.x_size + 16 * vs + 16 * 6 * ldv
         up, bufs, ybuf = _scratch(x.dtype, 16 * nfb * g.C * 6, nt * row,
                                   nt * g.F * g.OH * g.OW if pool is not None else 0)
         _winograd_weights(w, up, _threads(16 * 9 * g.F * g.C))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
-                      band, ldv, nt, _isa(), act, pool,
+                      band, ldv, vs, nt, _isa(), act, pool,
                       None if pool is None else ybuf.reshape(nt, g.F * g.OH * g.OW), pooled,
                       arg)  # fmt: skip
     if not training:
@@ -848,10 +861,14 @@ ALGORITHMS = ("auto", "direct", "winograd", "im2col")
 
 
 # "auto" runs Winograd F(2x2, 3x3) on 3x3 / stride 1 / dilation 1 / ungrouped layers with at
-# least this many input channels and filters (padding at most 2, so that dx runs by Winograd
-# too), on the vector paths: there it measured faster than the direct kernels, forward and
-# forward+backward, at 1 and 2 threads; on 3 to 32 channels it did not (benchmarks/NOTES-conv.md)
-WINOGRAD_MIN_CHANNELS = 64
+# least WINOGRAD_MIN_CHANNELS input channels and filters and outputs at least WINOGRAD_MIN_WIDTH
+# wide (WINOGRAD_MIN_WIDTH_WIDE from 64 channels and filters on), padding at most 2 (so that dx
+# runs by Winograd too), on the vector paths: there it measured faster than the direct kernels,
+# forward and forward+backward, at 1 and 2 threads; on 16 channels, or on narrow images (fewer
+# tiles than a 64-position block of the products holds), it did not (benchmarks/NOTES-conv.md)
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_WIDTH = 16
+WINOGRAD_MIN_WIDTH_WIDE = 12
 
 
 def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> str:
@@ -867,8 +884,11 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
     padded = (H + 2 * padding[0]) * (W + 2 * padding[1])
     if padded > max(4 * H * W, 1 << 20):
         return "im2col"
+    channels = min(w_shape[0], w_shape[1])
     if (winograd_unsupported(w_shape, stride, dilation, groups) is None
-            and min(w_shape[0], w_shape[1]) >= WINOGRAD_MIN_CHANNELS
+            and channels >= WINOGRAD_MIN_CHANNELS
+            and W + 2 * padding[1] - 2 >= (WINOGRAD_MIN_WIDTH_WIDE if channels >= 64
+                                           else WINOGRAD_MIN_WIDTH)
             and max(padding) <= 2 and _isa() != FR_ISA_PORTABLE):
         return "winograd"
     return "im2col" if pointwise else "direct"

@@ -68,9 +68,11 @@ void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t
                              double* u);
 void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
                            const float* u, const idx_t* off, const float* b, float* y,
-                           float* xq, float* v, float* m, idx_t band, idx_t ldv);
+                           float* xq, float* v, float* m, idx_t band, idx_t ldv,
+                           idx_t vs);
 void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
                            const double* u, const idx_t* off, const double* b, double* y,
-                           double* xq, double* v, double* m, idx_t band, idx_t ldv);   /* elements of one image's packed output gradients */
+                           double* xq, double* v, double* m, idx_t band, idx_t ldv,
+                           idx_t vs);
 
 #endif

@@ -72,12 +72,12 @@ void WN(fr_winograd_weights)(const T* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
 
 /* Input transform of tile rows th0 .. th1 (conv_winograd_vec.h) */
 static void WN(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0,
-                                  idx_t th1, T* v, idx_t ldv)
+                                  idx_t th1, T* v, idx_t ldv, idx_t vs)
 {
     if (TW * (idx_t)sizeof(T) <= 32)
-        WCAT(WN(fr_winograd_input), v32)(gw, xq, TW, th0, th1, v, ldv);
+        WCAT(WN(fr_winograd_input), v32)(gw, xq, TW, th0, th1, v, ldv, vs);
     else
-        WCAT(WN(fr_winograd_input), v64)(gw, xq, TW, th0, th1, v, ldv);
+        WCAT(WN(fr_winograd_input), v64)(gw, xq, TW, th0, th1, v, ldv, vs);
 }
 
 /* Output transform of nf filters for tile rows th0 .. th1 (conv_winograd_vec.h) */
@@ -93,13 +93,14 @@ static void WN(fr_winograd_output)(const fr_geom* g, const T* m, idx_t ldv, idx_
 /* One image: bands of tile rows; per band the input transform, then per block of 6 filters
  * the 16 products and the output transform.
  * g    : the convolution's geometry; gw : the same input with stride 2 (phase planes)
- * xq   : scratch [gw->x_size]; v : scratch [16][C][ldv]; m : scratch [16][6][ldv]
+ * xq   : scratch [gw->x_size]; v : scratch [16][vs], V[xi][c] at xi * vs + c * ldv;
+ *        m : scratch [16][6][ldv]
  * u    : IN  [16][nfb][C][6] packed transformed weights
  * off  : IN  [C] offsets c * ldv
  */
 void WN(fr_winograd_image)(int isa, const fr_geom* g, const fr_geom* gw, const T* x, const T* u,
                            const idx_t* off, const T* b, T* y, T* xq, T* v, T* m, idx_t band,
-                           idx_t ldv)
+                           idx_t ldv, idx_t vs)
 {
     const idx_t TH = (g->OH + 1) / 2, TW = (g->OW + 1) / 2, C = g->C;
     const idx_t nfb = (g->F + 5) / 6;
@@ -107,11 +108,11 @@ void WN(fr_winograd_image)(int isa, const fr_geom* g, const fr_geom* gw, const T
     for (idx_t th0 = 0; th0 < TH; th0 += band) {
         const idx_t th1 = th0 + band < TH ? th0 + band : TH;
         const idx_t nt = (th1 - th0) * TW;
-        WN(fr_winograd_input)(gw, xq, TW, th0, th1, v, ldv);
+        WN(fr_winograd_input)(gw, xq, TW, th0, th1, v, ldv, vs);
         for (idx_t fb = 0; fb < nfb; ++fb) {
             const int nf = g->F - fb * 6 < 6 ? (int)(g->F - fb * 6) : 6;
             for (int xi = 0; xi < 16; ++xi)
-                DN(kfwd)(isa, nf, v + xi * C * ldv, off, C, u + (xi * nfb + fb) * C * 6,
+                DN(kfwd)(isa, nf, v + xi * vs, off, C, u + (xi * nfb + fb) * C * 6,
                          m + xi * 6 * ldv, ldv, nt);
             WN(fr_winograd_output)(g, m, ldv, TW, th0, th1, b, y, fb * 6, nf);
         }
