@@ -113,6 +113,9 @@ void WX(fr_winograd_output)(const fr_geom* g, const T* m, idx_t ldv, idx_t TW, i
                     if (n == 2 * WVW) {  /* whole vectors: inlined, no library call */
                         WX(wstore)(dst, WX(wload)(both));
                         WX(wstore)(dst + WVW, WX(wload)(both + WVW));
+                    } else if (n >= WVW) {  /* the row's tail: two vectors that overlap */
+                        WX(wstore)(dst, WX(wload)(both));
+                        WX(wstore)(dst + n - WVW, WX(wload)(both + n - WVW));
                     } else {
                         memcpy(dst, both, n * sizeof(T));
                     }
