@@ -37,9 +37,9 @@ static void DN(kfwd)(int isa, int nf, const T* x, const idx_t* off, idx_t K, con
 }
 
 static void DN(kwgradt)(int isa, const T* dyt, idx_t lddt, const T* x, const idx_t* off, idx_t P,
-                        T* part, idx_t ldp)
+                        idx_t wq, idx_t ow, T* part, idx_t ldp)
 {
-    FR_PICK(isa, wgradt)(dyt, lddt, x, off, P, part, ldp);
+    FR_PICK(isa, wgradt)(dyt, lddt, x, off, P, wq, ow, part, ldp);
 }
 
 static void DN(kwgrad)(int isa, int nf, const T* dy, idx_t lddy, const T* x, const idx_t* off,
@@ -289,7 +289,7 @@ void DN(fr_wgrad_image)(int isa, const fr_geom* g, const T* xq, const T* dyf, co
             for (idx_t t0 = 0; t0 < g->Kg_r; t0 += nt)
                 for (idx_t f0 = 0; f0 < g->Fg; f0 += nf)
                     DN(kwgradt)(isa, dg + f0, g->Fg_r, xg, off + grp * g->Kg_r + t0, P,
-                                pg + t0 * g->Fg_r + f0, g->Fg_r);
+                                g->Wq, g->OW, pg + t0 * g->Fg_r + f0, g->Fg_r);
         }
         return;
     }

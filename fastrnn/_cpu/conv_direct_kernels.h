@@ -194,8 +194,10 @@ static void NAME(wgrad)(int nf, const T* dy, idx_t lddy, const T* x, const idx_t
     }
 }
 
-/* part[t * ldp + f] += sum over p < P of dyt[p * lddt + f] * x[off[t] + p]
- *   for f < WT_NV * VW (whole vectors of filters) and t < WT_NT.
+/* part[t * ldp + f] += sum over the positions p < P of dyt[p * lddt + f] * x[off[t] + p]
+ *   for f < WT_NV * VW (whole vectors of filters) and t < WT_NT, where the positions are the
+ *   first ``ow`` of every row of ``wq`` (the pitch's columns past the output, whose dyt is
+ *   zero, are skipped: 2 of every 16 positions of a 14-wide padded layer).
  * The filters run along the vectors, so nothing is reduced across lanes: the weight gradient
  * of channels that fill vectors (Fg >= 16), whatever the number of positions.
  * dyt  : IN  [P][lddt] output gradients with the filters contiguous, zero where no output
@@ -204,7 +206,8 @@ static void NAME(wgrad)(int nf, const T* dy, idx_t lddy, const T* x, const idx_t
  * part : INOUT [WT_NT][ldp]
  */
 static TARGET void NAME(wgradt)(const T* restrict dyt, idx_t lddt, const T* restrict x,
-                                const idx_t* restrict off, idx_t P, T* restrict part, idx_t ldp)
+                                const idx_t* restrict off, idx_t P, idx_t wq, idx_t ow,
+                                T* restrict part, idx_t ldp)
 {
     V acc[WT_NV][WT_NT];
     const T* xt[WT_NT];
@@ -213,14 +216,17 @@ static TARGET void NAME(wgradt)(const T* restrict dyt, idx_t lddt, const T* rest
     for (int v = 0; v < WT_NV; ++v)
         for (int t = 0; t < WT_NT; ++t)
             acc[v][t] = (V){0};
-    for (idx_t p = 0; p < P; ++p) {
-        V d[WT_NV];
-        for (int v = 0; v < WT_NV; ++v)
-            d[v] = NAME(load)(dyt + p * lddt + v * VW);
-        for (int t = 0; t < WT_NT; ++t) {
-            const T s = xt[t][p];
+    for (idx_t p0 = 0; p0 < P; p0 += wq) {
+        const idx_t p1 = p0 + (P - p0 < ow ? P - p0 : ow);
+        for (idx_t p = p0; p < p1; ++p) {
+            V d[WT_NV];
             for (int v = 0; v < WT_NV; ++v)
-                acc[v][t] += s * d[v];
+                d[v] = NAME(load)(dyt + p * lddt + v * VW);
+            for (int t = 0; t < WT_NT; ++t) {
+                const T s = xt[t][p];
+                for (int v = 0; v < WT_NV; ++v)
+                    acc[v][t] += s * d[v];
+            }
         }
     }
     for (int t = 0; t < WT_NT; ++t)
