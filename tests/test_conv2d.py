@@ -275,6 +275,44 @@ def test_cpu_winograd_every_path(pinned_isa, case, dtype, restore_threads):
     assert ctx.saved["algorithm"] == "winograd"
 
 
+@pytest.mark.parametrize("band_bytes", [1 << 20, 3000, 40000], ids=["default", "tiny", "small"])
+@pytest.mark.parametrize("n, hw", [(1, 14), (3, 7), (7, 14), (16, 5), (5, (9, 12))])
+def test_cpu_winograd_bands_across_images(n, hw, band_bytes, restore_threads, monkeypatch):
+    """Winograd's bands of tile rows run on from one image into the next (and, with a small
+    band budget, end inside images at every row): forward, pooled forward and backward equal
+    the reference, and 1 and 2 threads agree to the last bit."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "WINOGRAD_BAND_BYTES", band_bytes)
+    H, W = (hw, hw) if isinstance(hw, int) else hw
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n, 8, H, W)).astype(np.float32)
+    w = (rng.standard_normal((13, 8, 3, 3)) / 9).astype(np.float32)
+    b = rng.standard_normal(13).astype(np.float32)
+    TH, TW = (H + 1) // 2, (W + 1) // 2
+    band, ipi = kernel._winograd_plan(n, 8, TH, TW, 4, 2)
+    assert band >= 1 and ipi >= 1
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    yr, cr = ref.conv2d_forward(x64, w64, b64, padding=1)
+    dy = rng.standard_normal(yr.shape)
+    dxr, dwr, dbr = ref.conv2d_backward(cr, dy)
+    ypr, _ = ref.max_pool2d_forward(np.maximum(yr, 0), 2)
+    got = {}
+    for threads in (1, 2):
+        fr.set_num_threads(threads)
+        y, ctx = fr.conv2d_forward(x, w, b, padding=1, algorithm="winograd")
+        grads = fr.conv2d_backward(ctx, dy.astype(np.float32))
+        yp, _ = fr.conv2d_forward(x, w, b, padding=1, algorithm="winograd", activation="relu",
+                                  max_pool=2, training=False)
+        got[threads] = (y, yp) + tuple(grads)
+        assert_close(y, yr, "conv", "forward", np.float32, name="y")
+        assert_close(yp, ypr, "conv", "forward", np.float32, name="pooled")
+        for name, g_, want in zip(("dx", "dw", "db"), grads, (dxr, dwr, dbr), strict=True):
+            assert_close(g_, want, "conv", "backward", np.float32, name=name)
+    for a1, a2 in zip(got[1], got[2], strict=True):
+        np.testing.assert_array_equal(a1, a2)
+
+
 def test_cpu_winograd_error_is_small():
     """F(2x2, 3x3)'s float32 error on a 64-channel layer stays far inside the forward tolerance
     (rtol 1e-4): measured relative to the largest output, about 3e-7 (benchmarks/NOTES-conv.md),

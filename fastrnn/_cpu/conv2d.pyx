@@ -118,14 +118,14 @@ cdef extern from "conv_direct.h" nogil:
                                  float* u)
     void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
                                  double* u)
-    void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
-                               const float* u, const idx_t* off, const float* b, float* y,
-                               float* xq, float* v, float* m, idx_t band, idx_t ldv,
-                               idx_t vs)
-    void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
-                               const double* u, const idx_t* off, const double* b, double* y,
-                               double* xq, double* v, double* m, idx_t band, idx_t ldv,
-                               idx_t vs)
+    idx_t fr_winograd_band_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
+                               idx_t r0, idx_t r1, idx_t packed, const float* u,
+                               const idx_t* off, const float* b, float* y, idx_t ring,
+                               float* xq, float* v, float* m, idx_t ldv, idx_t vs)
+    idx_t fr_winograd_band_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
+                               idx_t r0, idx_t r1, idx_t packed, const double* u,
+                               const idx_t* off, const double* b, double* y, idx_t ring,
+                               double* xq, double* v, double* m, idx_t ldv, idx_t vs)
     double fr_sum8_f32(int isa, const float* a, idx_t n)
     double fr_sum8_f64(int isa, const double* a, idx_t n)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
@@ -769,40 +769,74 @@ def _winograd_run(
     floating[:, :, :, ::1] y,         # OUT [N, F, OH, OW] (pooling: unused)
     floating[:, ::1] bufs,            # scratch, one row per thread: planes, V, M
     const idx_t[::1] off,             # IN  [C] c * ldv
-    tuple w_shape, tuple geometry, idx_t band, idx_t ldv, idx_t vs, int nthreads, int isa,
-    int act, pool=None,                        # (kernel_size, stride, padding): max pool each image
-    floating[:, ::1] ybuf=None,       # scratch [threads, F * OH * OW] (pooling)
+    tuple w_shape, tuple geometry, idx_t band, idx_t ipi, idx_t ldv, idx_t vs, int nthreads,
+    int isa, int act,
+    pool=None,                        # (kernel_size, stride, padding): max pool each image
+    floating[:, ::1] ybuf=None,       # scratch [threads, ring * F * OH * OW] (pooling)
     floating[:, :, :, ::1] pooled=None,  # OUT [N, F, POH, POW] (pooling)
     int[:, :, :, ::1] parg=None,      # OUT [N, F, POH, POW] positions of the maxima (pooling)
 ):
-    """One image per work item; gw: the input's stride-2 phase planes (the tiles' reads);
-    act 1: ReLU in the output transform's store. ``pool``: each image's output goes to the
-    thread's ``ybuf`` and is max pooled from there, as in _direct_forward_run."""
+    """Work items of ``ipi`` whole images, their tile rows in bands of ``band`` rows that run on
+    from one image into the next (fr_winograd_band); gw: the input's stride-2 phase planes (the
+    tiles' reads); act 1: ReLU in the output transform's store. ``pool``: the images' outputs
+    go to a ring of image buffers in the thread's ``ybuf``, each max pooled from there right
+    after the band that completes it, as in _direct_forward_run."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     g.act = act
     cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
     cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
-    cdef idx_t n, vo = gw.x_size, mo = gw.x_size + 16 * vs
+    cdef idx_t vo = gw.x_size, mo = gw.x_size + 16 * vs
+    cdef idx_t TH = (g.OH + 1) // 2, ysz = g.F * g.OH * g.OW, items = (g.N + ipi - 1) // ipi
+    cdef idx_t it, r, r1, end, done, packed, ring = 0
     cdef int tid
     cdef bint pooling = pool is not None
     cdef PoolGeom pg
-    cdef floating* yn
+    cdef floating* yb
     if pooling:
         pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
+        ring = ybuf.shape[1] // ysz
     with nogil, parallel(num_threads=nthreads):
         tid = omp_get_thread_num()
-        for n in prange(g.N, schedule="dynamic"):
-            yn = &ybuf[tid, 0] if pooling else &y[n, 0, 0, 0]
-            if floating is float:
-                fr_winograd_image_f32(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
-                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv,
-                                      vs)
-            else:
-                fr_winograd_image_f64(isa, &g, &gw, &x[n, 0, 0, 0], &u[0], &off[0], bp, yn,
-                                      &bufs[tid, 0], &bufs[tid, vo], &bufs[tid, mo], band, ldv,
-                                      vs)
-            if pooling:
-                _pool_image(yn, g.F, g.OH * g.OW, &pooled[n, 0, 0, 0], &parg[n, 0, 0, 0], &pg)
+        for it in prange(items, schedule="dynamic"):
+            packed = -1
+            r = it * ipi * TH
+            end = min(g.N, (it + 1) * ipi) * TH
+            done = it * ipi  # the next image to pool
+            while r < end:
+                r1 = min(r + band, end)
+                yb = &ybuf[tid, 0] if pooling else &y[0, 0, 0, 0]
+                if floating is float:
+                    packed = fr_winograd_band_f32(isa, &g, &gw, &x[0, 0, 0, 0], r, r1, packed,
+                                                  &u[0], &off[0], bp, yb, ring, &bufs[tid, 0],
+                                                  &bufs[tid, vo], &bufs[tid, mo], ldv, vs)
+                else:
+                    packed = fr_winograd_band_f64(isa, &g, &gw, &x[0, 0, 0, 0], r, r1, packed,
+                                                  &u[0], &off[0], bp, yb, ring, &bufs[tid, 0],
+                                                  &bufs[tid, vo], &bufs[tid, mo], ldv, vs)
+                if pooling:
+                    while (done + 1) * TH <= r1:
+                        _pool_image(yb + (done % ring) * ysz, g.F, g.OH * g.OW,
+                                    &pooled[done, 0, 0, 0], &parg[done, 0, 0, 0], &pg)
+                        done = done + 1
+                r = r1
+
+
+def _winograd_plan(idx_t N, idx_t C, idx_t TH, idx_t TW, itemsize, int nthreads):
+    """(band, images per work item) of the Winograd schedule. A band's transformed input stays
+    within about WINOGRAD_BAND_BYTES; of the band heights from half that size up, the one whose
+    tiles fill the products' 16-position vectors best (49 tiles of a 14x14 output alone fill 4
+    vectors, 63 tiles of 9 such rows fill 4 all but one position). Items of several small
+    images, so that bands run on from one image into the next, two items per thread or more."""
+    cdef idx_t most = max(1, WINOGRAD_BAND_BYTES // (16 * C * TW * itemsize))
+    cdef idx_t band = most, b, n
+    best = None
+    for b in range(max(1, most // 2), most + 1):
+        n = b * TW
+        fill = n / (((n + 15) // 16) * 16)
+        if best is None or fill >= best - 1e-9:
+            best, band = fill, b
+    ipi = max(1, min(-(-N // (2 * nthreads)), -(-4 * band // TH)))
+    return band, ipi
 
 
 def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int act=0,
@@ -831,20 +865,21 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
         out, y = pooled, pooled[:0]
     if g.N > 0:
         TH, TW = (g.OH + 1) // 2, (g.OW + 1) // 2
-        band = int(max(1, min(TH, WINOGRAD_BAND_BYTES // (16 * g.C * TW * x.itemsize))))
+        band, ipi = _winograd_plan(g.N, g.C, TH, TW, x.itemsize, nt)
         ldv = _round(band * TW + 16, 16)  # the input transform writes a vector past a row
         nfb = (g.F + 5) // 6
         vs = _winograd_vstride(g.C, ldv, x.itemsize)
         off = (np.arange(g.C) * ldv).astype(np.intp)
         row = gw.x_size + 16 * vs + 16 * 6 * ldv
+        ring = band // TH + 2  # images one band touches, at most
+        ysz = ring * g.F * g.OH * g.OW
         up, bufs, ybuf = _scratch(x.dtype, 16 * nfb * g.C * 6, nt * row,
-                                  nt * g.F * g.OH * g.OW if pool is not None else 0)
+                                  nt * ysz if pool is not None else 0)
         _winograd_weights(w, up, _threads(16 * 9 * g.F * g.C))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
         _winograd_run(x, up, bias, y, bufs.reshape(nt, row), off, tuple(w.shape), geometry,
-                      band, ldv, vs, nt, _isa(), act, pool,
-                      None if pool is None else ybuf.reshape(nt, g.F * g.OH * g.OW), pooled,
-                      arg)  # fmt: skip
+                      band, ipi, ldv, vs, nt, _isa(), act, pool,
+                      None if pool is None else ybuf.reshape(nt, ysz), pooled, arg)
     if not training:
         return out, None
     ctx = _context(x, w, b, out, geometry, "winograd")

@@ -66,13 +66,13 @@ idx_t fr_dy_size(const fr_geom* g);
 void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1, float* u);
 void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
                              double* u);
-void fr_winograd_image_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
-                           const float* u, const idx_t* off, const float* b, float* y,
-                           float* xq, float* v, float* m, idx_t band, idx_t ldv,
-                           idx_t vs);
-void fr_winograd_image_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
-                           const double* u, const idx_t* off, const double* b, double* y,
-                           double* xq, double* v, double* m, idx_t band, idx_t ldv,
-                           idx_t vs);
+idx_t fr_winograd_band_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* x,
+                           idx_t r0, idx_t r1, idx_t packed, const float* u, const idx_t* off,
+                           const float* b, float* y, idx_t ring, float* xq, float* v, float* m,
+                           idx_t ldv, idx_t vs);
+idx_t fr_winograd_band_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* x,
+                           idx_t r0, idx_t r1, idx_t packed, const double* u,
+                           const idx_t* off, const double* b, double* y, idx_t ring,
+                           double* xq, double* v, double* m, idx_t ldv, idx_t vs);
 
 #endif

@@ -90,33 +90,55 @@ static void WN(fr_winograd_output)(const fr_geom* g, const T* m, idx_t ldv, idx_
         WCAT(WN(fr_winograd_output), v64)(g, m, ldv, TW, th0, th1, b, y, f0, nf);
 }
 
-/* One image: bands of tile rows; per band the input transform, then per block of 6 filters
- * the 16 products and the output transform.
+/* One band: tile rows r0 .. r1 of a batch's images taken as one sequence (image i's tile row
+ * th is row i * TH + th), so that a band may end inside one image and go on into the next:
+ * the products then run over as many tiles as fill their blocks of positions, whatever the
+ * tiles per image (a 14x14 output has 49, a quarter of a 64-position block left empty when
+ * each image runs alone). Per band the input transform of each image's rows, then per block of
+ * 6 filters the 16 products over all the band's tiles and each image's output transform.
  * g    : the convolution's geometry; gw : the same input with stride 2 (phase planes)
- * xq   : scratch [gw->x_size]; v : scratch [16][vs], V[xi][c] at xi * vs + c * ldv;
- *        m : scratch [16][6][ldv]
+ * x    : IN  the batch's images [*, C, H, W] (image i at x + i * C * H * W)
+ * y    : OUT image i's output at y + (ring ? i % ring : i) * F * OH * OW
+ * xq   : scratch [gw->x_size], the phase planes of image ``packed`` (-1: none) on entry
+ * v    : scratch [16][vs], V[xi][c] at xi * vs + c * ldv; m : scratch [16][6][ldv]
  * u    : IN  [16][nfb][C][6] packed transformed weights
  * off  : IN  [C] offsets c * ldv
+ * Returns the image whose planes xq holds on exit.
  */
-void WN(fr_winograd_image)(int isa, const fr_geom* g, const fr_geom* gw, const T* x, const T* u,
-                           const idx_t* off, const T* b, T* y, T* xq, T* v, T* m, idx_t band,
-                           idx_t ldv, idx_t vs)
+idx_t WN(fr_winograd_band)(int isa, const fr_geom* g, const fr_geom* gw, const T* x,
+                           idx_t r0, idx_t r1, idx_t packed, const T* u, const idx_t* off,
+                           const T* b, T* y, idx_t ring, T* xq, T* v, T* m, idx_t ldv, idx_t vs)
 {
     const idx_t TH = (g->OH + 1) / 2, TW = (g->OW + 1) / 2, C = g->C;
-    const idx_t nfb = (g->F + 5) / 6;
-    WN(fr_pack_input)(gw, x, xq);
-    for (idx_t th0 = 0; th0 < TH; th0 += band) {
-        const idx_t th1 = th0 + band < TH ? th0 + band : TH;
-        const idx_t nt = (th1 - th0) * TW;
-        WN(fr_winograd_input)(gw, xq, TW, th0, th1, v, ldv, vs);
-        for (idx_t fb = 0; fb < nfb; ++fb) {
-            const int nf = g->F - fb * 6 < 6 ? (int)(g->F - fb * 6) : 6;
-            for (int xi = 0; xi < 16; ++xi)
-                DN(kfwd)(isa, nf, v + xi * vs, off, C, u + (xi * nfb + fb) * C * 6,
-                         m + xi * 6 * ldv, ldv, nt);
-            WN(fr_winograd_output)(g, m, ldv, TW, th0, th1, b, y, fb * 6, nf);
+    const idx_t nfb = (g->F + 5) / 6, nt = (r1 - r0) * TW;
+    const idx_t xsz = C * g->H * g->W, ysz = g->F * g->OH * g->OW;
+    for (idx_t r = r0; r < r1;) {  /* each image's rows of the band */
+        const idx_t i = r / TH, th0 = r - i * TH;
+        const idx_t th1 = (i + 1) * TH < r1 ? TH : r1 - i * TH;
+        if (i != packed) {
+            WN(fr_pack_input)(gw, x + i * xsz, xq);
+            packed = i;
+        }
+        WN(fr_winograd_input)(gw, xq, TW, th0, th1, v + (r - r0) * TW, ldv, vs);
+        r += th1 - th0;
+    }
+    for (int xi = 0; xi < 16; ++xi)  /* (after the transforms: their last vectors overrun) */
+        for (idx_t c = 0; c < C; ++c)
+            memset(v + xi * vs + c * ldv + nt, 0, (ldv - nt) * sizeof(T));
+    for (idx_t fb = 0; fb < nfb; ++fb) {
+        const int nf = g->F - fb * 6 < 6 ? (int)(g->F - fb * 6) : 6;
+        for (int xi = 0; xi < 16; ++xi)
+            DN(kfwd)(isa, nf, v + xi * vs, off, C, u + (xi * nfb + fb) * C * 6,
+                     m + xi * 6 * ldv, ldv, nt);
+        for (idx_t r = r0; r < r1;) {
+            const idx_t i = r / TH, th0 = r - i * TH;
+            const idx_t th1 = (i + 1) * TH < r1 ? TH : r1 - i * TH;
+            WN(fr_winograd_output)(g, m + (r - r0) * TW, ldv, TW, th0, th1, b,
+                                   y + (ring ? i % ring : i) * ysz, fb * 6, nf);
+            r += th1 - th0;
         }
     }
+    return packed;
 }
 
 #undef WN

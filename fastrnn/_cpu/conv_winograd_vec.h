@@ -24,16 +24,15 @@ static inline __attribute__((always_inline)) void WX(wstore)(T* p, WV v)
 /* Input transform of tile rows th0 .. th1 of all channels of one image, a vector of tiles of
  * one tile row at a time (a row of tiles is contiguous in the phase planes and in V).
  * xq : IN  the image's stride-2 phase planes (geometry gw: stride 2), zero slack after them
- * v  : OUT V[xi][c] at xi * vs + c * ldv, tile t = (th - th0) * TW + tw; columns past the band's tiles zeroed
- *      (ldv >= the band's tiles + WVW: the last vector of a row writes past the row's end, into
- *      the next row, which is written after it, or past the band's tiles)
+ * v  : OUT V[xi][c] at xi * vs + c * ldv, tile t = (th - th0) * TW + tw (ldv >= the band's
+ *      tiles + WVW: the last vector of a row writes past the row's end, into the next row,
+ *      which is written after it, or past the band's tiles, which the caller zeroes after)
  */
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void WX(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, idx_t th1,
                            T* v, idx_t ldv, idx_t vs)
 {
     const idx_t plane = gw->Hq * gw->Wq, Wq = gw->Wq, C = gw->C;
-    const idx_t nt = (th1 - th0) * TW;
     const idx_t xs = vs;  /* stride between the 16 xi */
     for (idx_t c = 0; c < C; ++c) {
         const T* pc = xq + c * 4 * plane;  /* phases (a, b) at (2a + b) * plane */
@@ -62,8 +61,6 @@ void WX(fr_winograd_input)(const fr_geom* gw, const T* xq, idx_t TW, idx_t th0, 
                 }
             }
         }
-        for (int xi = 0; xi < 16; ++xi)
-            memset(v + xi * vs + c * ldv + nt, 0, (ldv - nt) * sizeof(T));
     }
 }
 
