@@ -313,6 +313,73 @@ def test_cpu_winograd_bands_across_images(n, hw, band_bytes, restore_threads, mo
         np.testing.assert_array_equal(a1, a2)
 
 
+# (N, C, H, W, F, padding, bias): the Winograd weight gradient's cases (at least 16 filters)
+WINOGRAD_WGRAD_CASES = [
+    (1, 3, 5, 5, 16, 1, True),  # one image, one tile row of three
+    (2, 17, 7, 9, 33, 1, True),  # odd sizes, channels past a block of taps, filters past 32
+    (3, 8, 6, 6, 20, 0, False),  # no padding
+    (2, 13, 9, 4, 40, 2, True),  # padding 2, narrow images
+    (21, 5, 5, 7, 16, 1, True),  # bands of several images, several chunks
+    (3, 24, 15, 17, 64, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", WINOGRAD_WGRAD_CASES, ids=str)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_winograd_weight_gradient(pinned_isa, case, dtype, restore_threads, monkeypatch):
+    """After a Winograd forward with at least 16 filters, dw is Winograd's too (dU per xi
+    summed over the tiles, then G^T dU G), on each instruction-set path: it equals the
+    reference and the direct kernels' dw within the tolerance, db is the bias gradient, and 1
+    and 2 threads agree to the last bit."""
+    from fastrnn._cpu import conv2d as kernel
+
+    calls = []
+    real = kernel._winograd_wgrad
+    monkeypatch.setattr(kernel, "_winograd_wgrad", lambda *a: calls.append(1) or real(*a))
+    N, C, H, W, F, p, bias = case
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = (rng.standard_normal((F, C, 3, 3)) / (3 * np.sqrt(C))).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if bias else None
+    yr, cr = ref.conv2d_forward(*(None if a is None else a.astype(np.float64) for a in (x, w, b)),
+                                padding=p)
+    dy = rng.standard_normal(yr.shape)
+    _, dwr, dbr = ref.conv2d_backward(cr, dy)
+    got = {}
+    for threads in (1, 2):
+        fr.set_num_threads(threads)
+        y, ctx = fr.conv2d_forward(x, w, b, padding=p, algorithm="winograd")
+        dx, dw, db = fr.conv2d_backward(ctx, dy.astype(dtype))
+        got[threads] = (dx, dw) if db is None else (dx, dw, db)
+        assert_close(dw, dwr, "conv", "backward", dtype, name="dw")
+        assert (db is None) == (b is None)
+        if b is not None:
+            assert_close(db, dbr, "conv", "backward", dtype, name="db")
+    assert len(calls) == 2
+    for a1, a2 in zip(got[1], got[2], strict=True):
+        np.testing.assert_array_equal(a1, a2)
+    monkeypatch.setattr(kernel, "WINOGRAD_WGRAD", False)
+    _, dw_direct, _ = fr.conv2d_backward(ctx, dy.astype(dtype))
+    assert len(calls) == 2
+    assert_close(got[2][1], dw_direct, "conv", "backward", dtype, name="dw vs direct")
+
+
+def test_cpu_winograd_weight_gradient_few_filters_runs_direct(monkeypatch):
+    """Below 16 filters (the filters-in-lanes kernel's case) dw stays with the direct
+    kernels after a Winograd forward."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "_winograd_wgrad", lambda *a: pytest.fail("Winograd dw ran"))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 6, 6))
+    w = rng.standard_normal((15, 4, 3, 3))
+    y, ctx = fr.conv2d_forward(x, w, padding=1, algorithm="winograd")
+    _, dw, _ = fr.conv2d_backward(ctx, np.ones_like(y))
+    _, dwr, _ = ref.conv2d_backward(ref.conv2d_forward(x, w, padding=1)[1], np.ones_like(y))
+    assert_close(dw, dwr, "conv", "backward", np.float64, name="dw")
+
+
 def test_cpu_winograd_error_is_small():
     """F(2x2, 3x3)'s float32 error on a 64-channel layer stays far inside the forward tolerance
     (rtol 1e-4): measured relative to the largest output, about 3e-7 (benchmarks/NOTES-conv.md),

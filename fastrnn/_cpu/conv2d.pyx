@@ -24,6 +24,7 @@ N threads give bitwise the same results.
 """
 
 from cython.parallel cimport parallel, prange
+from libc.string cimport memset
 
 import importlib
 import threading
@@ -126,6 +127,21 @@ cdef extern from "conv_direct.h" nogil:
                                idx_t r0, idx_t r1, idx_t packed, const double* u,
                                const idx_t* off, const double* b, double* y, idx_t ring,
                                double* xq, double* v, double* m, idx_t ldv, idx_t vs)
+    void fr_winograd_wgrad_band_f32(int isa, const fr_geom* g, const fr_geom* gw,
+                                    const float* xq, const float* dyf, idx_t dsz, idx_t nimg,
+                                    const idx_t* off, idx_t Cr, float* part, float* v, idx_t ldv,
+                                    float* d)
+    void fr_winograd_wgrad_band_f64(int isa, const fr_geom* g, const fr_geom* gw,
+                                    const double* xq, const double* dyf, idx_t dsz, idx_t nimg,
+                                    const idx_t* off, idx_t Cr, double* part, double* v,
+                                    idx_t ldv, double* d)
+    void fr_winograd_wgrad_finish_f32(const float* parts, idx_t chunks, idx_t psize, idx_t F,
+                                      idx_t C, idx_t Cr, idx_t Fr, idx_t c0, idx_t c1,
+                                      float* dw)
+    void fr_winograd_wgrad_finish_f64(const double* parts, idx_t chunks, idx_t psize, idx_t F,
+                                      idx_t C, idx_t Cr, idx_t Fr, idx_t c0, idx_t c1,
+                                      double* dw)
+    int fr_wgradt_nt(int isa)
     double fr_sum8_f32(int isa, const float* a, idx_t n)
     double fr_sum8_f64(int isa, const double* a, idx_t n)
     void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
@@ -656,8 +672,9 @@ def _save_pool(ctx, tuple shape, arg, pooled, int act):
 
 
 def _direct_backward(ctx, dy, bint input_grad=True):
-    """The direct kernels' gradients; after a Winograd forward, dx by Winograd too. Without
-    ``input_grad`` dx is not computed (None)."""
+    """The direct kernels' gradients; after a Winograd forward, dx and dw by Winograd too (dw:
+    with at least 16 filters, the filters-in-lanes kernel's case). Without ``input_grad`` dx
+    is not computed (None)."""
     s = ctx.saved
     x, w, geometry = s["x"], s["w"], s["geometry"]
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
@@ -665,9 +682,7 @@ def _direct_backward(ctx, dy, bint input_grad=True):
     isa = _isa()
     dx = np.empty_like(x) if input_grad and g.N == 0 else None
     db = np.empty(g.F if s["has_bias"] else 0, dtype=x.dtype)
-    psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
-    chunks = _chunks(g.N, psize * x.itemsize)
-    parts = np.zeros((chunks, psize), dtype=x.dtype)
+    winograd_dw = g.N > 0 and s["algorithm"] == "winograd" and WINOGRAD_WGRAD and g.wgt
     ph, pw = geometry[1]
     dh, dw_ = geometry[2]
     KH, KW = w.shape[2], w.shape[3]
@@ -695,19 +710,27 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
     xsums = np.zeros(g.N)
-    if g.N > 0:
-        _, _, woff = _direct_tables(g, w, False)
-        (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
-        bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
-        bsums = np.empty((g.N if s["has_bias"] else 0, g.F if s["has_bias"] else 0))
-        _direct_wgrad_run(x, dy, parts, bufs, woff, xsums, bsums, w.shape, geometry, nt, isa)
-        if s["has_bias"]:  # CB1, the images' sums added in image order
-            db[:] = np.add.reduce(bsums, axis=0)
-    elif s["has_bias"]:
-        db[:] = 0
-    # CB2 across chunks, in chunk order, and back to w's layout
-    dw = np.empty_like(w)
-    _reduce_parts(parts, dw.reshape(g.G, g.Fg, g.Kg), g.Kg_r, g.Fg_r if g.wgt else 0, nt)
+    if winograd_dw:
+        dw, dbw, xsums = _winograd_wgrad(x, dy, w, geometry, s["has_bias"], nt)
+        if s["has_bias"]:
+            db[:] = dbw
+    else:
+        psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
+        parts = np.zeros((_chunks(g.N, psize * x.itemsize), psize), dtype=x.dtype)
+        if g.N > 0:
+            _, _, woff = _direct_tables(g, w, False)
+            (bufs,) = _scratch(x.dtype, nt * (g.x_size + fr_dy_size(&g)))
+            bufs = bufs.reshape(nt, g.x_size + fr_dy_size(&g))
+            bsums = np.empty((g.N if s["has_bias"] else 0, g.F if s["has_bias"] else 0))
+            _direct_wgrad_run(x, dy, parts, bufs, woff, xsums, bsums, w.shape, geometry, nt,
+                              isa)
+            if s["has_bias"]:  # CB1, the images' sums added in image order
+                db[:] = np.add.reduce(bsums, axis=0)
+        elif s["has_bias"]:
+            db[:] = 0
+        # CB2 across chunks, in chunk order, and back to w's layout
+        dw = np.empty_like(w)
+        _reduce_parts(parts, dw.reshape(g.G, g.Fg, g.Kg), g.Kg_r, g.Fg_r if g.wgt else 0, nt)
     # The gradient kernels multiply by the output gradient spread over the input grid, zero
     # where no output is: 0 * NaN would put a NaN (or an infinity) that no output ever saw
     # into dw (from x) or dx (from w). With such values those gradients come from im2col,
@@ -727,6 +750,9 @@ def _direct_backward(ctx, dy, bint input_grad=True):
 
 # Transformed input kept per band of tile rows, about this many bytes (stays in L2)
 WINOGRAD_BAND_BYTES = 1 << 20
+# The backward of a Winograd forward computes dw by Winograd too (False: the direct kernels;
+# for tests and benchmarks)
+WINOGRAD_WGRAD = True
 
 
 def _winograd_vstride(idx_t C, idx_t ldv, itemsize):
@@ -837,6 +863,118 @@ def _winograd_plan(idx_t N, idx_t C, idx_t TH, idx_t TW, itemsize, int nthreads)
             best, band = fill, b
     ipi = max(1, min(-(-N // (2 * nthreads)), -(-4 * band // TH)))
     return band, ipi
+
+
+# Tiles per band of the Winograd weight gradient (images are added to a band up to this many
+# tiles, within WINOGRAD_WGRAD_BYTES of packed input and output gradient)
+WINOGRAD_WGRAD_TILES = 400
+WINOGRAD_WGRAD_BYTES = 4 << 20
+
+
+def _winograd_wgrad_run(
+    const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
+    const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
+    floating[:, ::1] parts,           # OUT [chunks, 16 * Cr * Fg_r] (each chunk zeroes its own)
+    floating[:, ::1] bufs,            # scratch [threads, k * (x_size + dsz) + V + dM]
+    const idx_t[::1] off,             # IN  [Cr]
+    double[::1] xsums,                # OUT [N] the sum of each image's x
+    double[:, ::1] bsums,             # OUT [N, F] the sum of each image's dy[f], or (0, 0)
+    tuple w_shape, tuple geometry, idx_t k, idx_t ldv, int nthreads, int isa,
+):
+    """CB2 by Winograd: chunk c adds the dU of its images, k at a time, into parts[c]
+    (fr_winograd_wgrad_band); the sums as in _direct_wgrad_run."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
+    cdef idx_t P = parts.shape[0], c, n, n0, n1, i, f, nb
+    cdef idx_t L = g.OH * g.OW, dsz = fr_dy_size(&g), Cr = off.shape[0]
+    cdef idx_t xo = 0, do = k * gw.x_size, vo = do + k * dsz, mo = vo + (g.C + 1) * ldv
+    cdef bint bias = bsums.shape[0] > 0
+    cdef int tid
+    with nogil, parallel(num_threads=nthreads):
+        tid = omp_get_thread_num()
+        for c in prange(P, schedule="dynamic"):
+            n1 = (c + 1) * g.N // P
+            n0 = c * g.N // P
+            memset(&parts[c, 0], 0, parts.shape[1] * sizeof(floating))
+            while n0 < n1:
+                nb = min(k, n1 - n0)
+                for i in range(nb):
+                    n = n0 + i
+                    if floating is float:
+                        xsums[n] = fr_sum8_f32(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
+                        if bias:
+                            for f in range(g.F):
+                                bsums[n, f] = fr_sum8_f32(isa, &dy[n, f, 0, 0], L)
+                        fr_pack_input_f32(&gw, &x[n, 0, 0, 0], &bufs[tid, xo + i * gw.x_size])
+                        fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0],
+                                                     &bufs[tid, do + i * dsz])
+                    else:
+                        xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
+                        if bias:
+                            for f in range(g.F):
+                                bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
+                        fr_pack_input_f64(&gw, &x[n, 0, 0, 0], &bufs[tid, xo + i * gw.x_size])
+                        fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0],
+                                                     &bufs[tid, do + i * dsz])
+                if floating is float:
+                    fr_winograd_wgrad_band_f32(isa, &g, &gw, &bufs[tid, xo], &bufs[tid, do], dsz,
+                                               nb, &off[0], Cr, &parts[c, 0], &bufs[tid, vo],
+                                               ldv, &bufs[tid, mo])
+                else:
+                    fr_winograd_wgrad_band_f64(isa, &g, &gw, &bufs[tid, xo], &bufs[tid, do], dsz,
+                                               nb, &off[0], Cr, &parts[c, 0], &bufs[tid, vo],
+                                               ldv, &bufs[tid, mo])
+                n0 = n0 + nb
+
+
+def _winograd_wgrad_finish(const floating[:, ::1] parts, floating[:, :, :, ::1] dw, idx_t Cr,
+                           idx_t Fr, int nthreads):
+    """dw = G^T dU G, dU the chunks' partials summed in chunk order, channels shared out."""
+    cdef idx_t F = dw.shape[0], C = dw.shape[1], c
+    with nogil, parallel(num_threads=nthreads):
+        for c in prange(C, schedule="static"):
+            if floating is float:
+                fr_winograd_wgrad_finish_f32(&parts[0, 0], parts.shape[0], parts.shape[1], F, C,
+                                             Cr, Fr, c, c + 1, &dw[0, 0, 0, 0])
+            else:
+                fr_winograd_wgrad_finish_f64(&parts[0, 0], parts.shape[0], parts.shape[1], F, C,
+                                             Cr, Fr, c, c + 1, &dw[0, 0, 0, 0])
+
+
+def _winograd_wgrad(x, dy, w, geometry, bint has_bias, int nt):
+    """dw (and the sums: db, the finiteness probe xsums) by Winograd, for the backward of a
+    Winograd forward."""
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    cdef fr_geom gw = _direct_geometry(tuple(x.shape), tuple(w.shape),
+                                       ((2, 2), geometry[1], (1, 1), 1))
+    isa = _isa()
+    Cr = _round(g.C, fr_wgradt_nt(isa))
+    Fr = g.Fg_r
+    psize = 16 * Cr * Fr
+    # each band reads and writes its chunk's whole partial: wide layers take fewer, longer
+    # chunks (a (256, 256) layer's partial is 4.3 MB)
+    chunks = _chunks(g.N, psize * x.itemsize)
+    if psize * x.itemsize > PARTIAL_BYTES:
+        chunks = min(chunks, 2)
+    ti = ((g.OH + 1) // 2) * gw.Wq
+    dsz = fr_dy_size(&g)
+    per = (gw.x_size + dsz) * x.itemsize
+    k = int(max(1, min(-(-WINOGRAD_WGRAD_TILES // ti), WINOGRAD_WGRAD_BYTES // per,
+                       -(-g.N // chunks))))
+    ldv = _round(k * ti, 16)
+    row = k * (gw.x_size + dsz) + (g.C + 1) * ldv + k * ti * Fr
+    (bufs,) = _scratch(x.dtype, nt * row)
+    (parts,) = _scratch(x.dtype, chunks * psize, key="wgrad")
+    parts = parts.reshape(chunks, psize)
+    off = np.minimum(np.arange(Cr), g.C).astype(np.intp) * ldv
+    xsums = np.zeros(g.N)
+    bsums = np.empty((g.N if has_bias else 0, g.F if has_bias else 0))
+    _winograd_wgrad_run(x, dy, parts, bufs.reshape(nt, row), off, xsums, bsums, tuple(w.shape),
+                        geometry, k, ldv, nt, isa)
+    dw = np.empty_like(w)
+    _winograd_wgrad_finish(parts, dw, Cr, Fr, nt)
+    db = np.add.reduce(bsums, axis=0) if has_bias else None
+    return dw, db, xsums
 
 
 def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int act=0,

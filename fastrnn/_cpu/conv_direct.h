@@ -74,5 +74,15 @@ idx_t fr_winograd_band_f64(int isa, const fr_geom* g, const fr_geom* gw, const d
                            idx_t r0, idx_t r1, idx_t packed, const double* u,
                            const idx_t* off, const double* b, double* y, idx_t ring,
                            double* xq, double* v, double* m, idx_t ldv, idx_t vs);
+void fr_winograd_wgrad_band_f32(int isa, const fr_geom* g, const fr_geom* gw, const float* xq,
+                                const float* dyf, idx_t dsz, idx_t nimg, const idx_t* off,
+                                idx_t Cr, float* part, float* v, idx_t ldv, float* d);
+void fr_winograd_wgrad_band_f64(int isa, const fr_geom* g, const fr_geom* gw, const double* xq,
+                                const double* dyf, idx_t dsz, idx_t nimg, const idx_t* off,
+                                idx_t Cr, double* part, double* v, idx_t ldv, double* d);
+void fr_winograd_wgrad_finish_f32(const float* parts, idx_t chunks, idx_t psize, idx_t F,
+                                  idx_t C, idx_t Cr, idx_t Fr, idx_t c0, idx_t c1, float* dw);
+void fr_winograd_wgrad_finish_f64(const double* parts, idx_t chunks, idx_t psize, idx_t F,
+                                  idx_t C, idx_t Cr, idx_t Fr, idx_t c0, idx_t c1, double* dw);
 
 #endif

@@ -141,6 +141,181 @@ idx_t WN(fr_winograd_band)(int isa, const fr_geom* g, const fr_geom* gw, const T
     return packed;
 }
 
+/* ---- the weight gradient by Winograd ----
+ * With M = U V per xi (the forward above) and y = A^T M A, the gradients are dM = A dy A^T per
+ * output tile and filter, dU[xi][c][f] = sum over tiles of V[xi][c][t] dM[xi][t][f], and
+ * dw = G^T dU G per (filter, channel): 16 products of (C x tiles) by (tiles x F) instead of the
+ * direct convolution's 9 taps per output position. Each xi is transformed on its own, straight
+ * into the blocks its product reads (V[xi] and dM[xi] of a band of tiles stay in L2), so the
+ * transformed data never goes to memory. */
+
+/* Rows (or columns) of a 4x4 input tile in row xi of B^T: B^T = [1 0 -1 0; 0 1 1 0;
+ * 0 -1 1 0; 0 1 0 -1], its row i is  tile[i0] + sign * tile[i1] */
+static const int WN(wb_first)[4] = {0, 1, 2, 1};
+static const int WN(wb_second)[4] = {2, 2, 1, 3};
+static const int WN(wb_sign)[4] = {-1, 1, -1, -1};
+
+/* V[xi][c][th * Wq + tw] of one image's tiles (Wq the phase planes' width, at least TW: the
+ * columns tw >= TW are not tiles and are not read back), from its stride-2 phase planes. Each
+ * entry is two rows and two columns of the tile: four planes' values, signed; for a channel
+ * they are four contiguous runs of TH * Wq values of the planes, one vector loop. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void WN(fr_winograd_input_xi)(const fr_geom* gw, const T* xq, idx_t TH, int xi, T* v,
+                                     idx_t ldv)
+{
+    const idx_t plane = gw->Hq * gw->Wq, Wq = gw->Wq, C = gw->C, n = TH * Wq;
+    const int i = xi >> 2, j = xi & 3;
+    const int r0 = WN(wb_first)[i], r1 = WN(wb_second)[i];
+    const int k0 = WN(wb_first)[j], k1 = WN(wb_second)[j];
+    const T si = (T)WN(wb_sign)[i], sj = (T)WN(wb_sign)[j];
+#define WQ_(r, k) (pc + (((r) & 1) * 2 + ((k) & 1)) * plane + ((r) >> 1) * Wq + ((k) >> 1))
+    for (idx_t c = 0; c < C; ++c) {
+        const T* pc = xq + c * 4 * plane;
+        const T* restrict a = WQ_(r0, k0);
+        const T* restrict b = WQ_(r0, k1);
+        const T* restrict e = WQ_(r1, k0);
+        const T* restrict f = WQ_(r1, k1);
+        T* restrict out = v + c * ldv;
+        for (idx_t q = 0; q < n; ++q)
+            out[q] = (a[q] + sj * b[q]) + si * (e[q] + sj * f[q]);
+    }
+#undef WQ_
+}
+
+/* dM[xi][th * Wq + tw][f] of one image's tiles (Wq the phase planes' width; rows of d for
+ * tw >= TW are left alone): A^T = [1 1 1 0; 0 1 -1 -1], so dM = A dy A^T has
+ * entry (i, j) = sum over r, s < 2 of A^T[r][i] A^T[s][j] dy[2 th + r][2 tw + s]; dy from dyf
+ * (fr_pack_dy_forward_pitch: filters contiguous, rows of Wq positions, zero past OW), rows
+ * past OH are zero. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void WN(fr_winograd_dy_xi)(const fr_geom* g, const T* dyf, idx_t TH, idx_t TW, idx_t Wp,
+                                  int xi, T* d, idx_t ldd)
+{
+    static const T at[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+    const int i = xi >> 2, j = xi & 3;
+    const idx_t Fr = g->Fg_r, Wq = g->Wq;
+    for (idx_t th = 0; th < TH; ++th)
+        for (idx_t tw = 0; tw < TW; ++tw) {
+            T* restrict out = d + (th * Wp + tw) * ldd;
+            T cf[4];
+            const T* src[4];
+            int n = 0;
+            for (int r = 0; r < 2; ++r) {
+                if (at[i][r] == 0 || 2 * th + r >= g->OH)
+                    continue;
+                for (int s_ = 0; s_ < 2; ++s_) {
+                    if (at[j][s_] == 0)
+                        continue;
+                    cf[n] = at[i][r] * at[j][s_];
+                    src[n] = dyf + ((2 * th + r) * Wq + 2 * tw + s_) * Fr;
+                    ++n;
+                }
+            }
+            if (n == 0) {
+                memset(out, 0, Fr * sizeof(T));
+            } else if (n == 1) {
+                const T* restrict p0 = src[0];
+                const T c0 = cf[0];
+                for (idx_t f = 0; f < Fr; ++f)
+                    out[f] = c0 * p0[f];
+            } else if (n == 2) {
+                const T* restrict p0 = src[0];
+                const T* restrict p1 = src[1];
+                const T c0 = cf[0], c1 = cf[1];
+                for (idx_t f = 0; f < Fr; ++f)
+                    out[f] = c0 * p0[f] + c1 * p1[f];
+            } else {
+                const T* restrict p0 = src[0];
+                const T* restrict p1 = src[1];
+                const T* restrict p2 = src[2];
+                const T* restrict p3 = src[3];
+                const T c0 = cf[0], c1 = cf[1], c2 = cf[2], c3 = cf[3];
+                for (idx_t f = 0; f < Fr; ++f)
+                    out[f] = (c0 * p0[f] + c1 * p1[f]) + (c2 * p2[f] + c3 * p3[f]);
+            }
+        }
+}
+
+/* One band of ``nimg`` images into a chunk's partial dU: for each xi, V[xi] and dM[xi] of all
+ * the band's tiles, then their product added into part[xi] (the filters-in-lanes kernel, the
+ * channels as its taps, skipping the positions past TW of every row of Wq).
+ * xq   : IN  the images' stride-2 phase planes, gw->x_size apart
+ * dyf  : IN  the images' output gradients (fr_pack_dy_forward_pitch), dsz apart
+ * off  : IN  [Cr] c * ldv for c < C, C * ldv (a zero row) past C; Cr a multiple of the
+ *        kernel's taps per block
+ * part : INOUT [16][Cr][Fg_r]
+ * v    : scratch [(C + 1) * ldv], ldv >= nimg * TH * Wq; d : scratch [nimg * TH * Wq][Fg_r]
+ */
+void WN(fr_winograd_wgrad_band)(int isa, const fr_geom* g, const fr_geom* gw, const T* xq,
+                                const T* dyf, idx_t dsz, idx_t nimg, const idx_t* off,
+                                idx_t Cr, T* part, T* v, idx_t ldv, T* d)
+{
+    const idx_t TH = (g->OH + 1) / 2, TW = (g->OW + 1) / 2, Wp = gw->Wq;
+    const idx_t ti = TH * Wp, P = nimg * ti;
+    const idx_t Fr = g->Fg_r, C = g->C;
+    const int nt = fr_wgradt_nt(isa), nf = fr_wgradt_nf(isa, (int)sizeof(T));
+    memset(v + C * ldv, 0, ldv * sizeof(T));
+    for (int xi = 0; xi < 16; ++xi) {
+        for (idx_t n = 0; n < nimg; ++n) {
+            WN(fr_winograd_input_xi)(gw, xq + n * gw->x_size, TH, xi, v + n * ti, ldv);
+            WN(fr_winograd_dy_xi)(g, dyf + n * dsz, TH, TW, Wp, xi, d + n * ti * Fr, Fr);
+        }
+        T* px = part + xi * Cr * Fr;
+        for (idx_t t0 = 0; t0 < Cr; t0 += nt)
+            for (idx_t f0 = 0; f0 < g->F; f0 += nf)
+                DN(kwgradt)(isa, d + f0, Fr, v, off + t0, P, Wp, TW, px + t0 * Fr + f0, Fr);
+    }
+}
+
+/* dw[f][c] = G^T dU[.][c][f] G (3x3 from 4x4), dU the sum over chunks, in chunk order, of
+ * parts[k][xi][c][f], for channels c0 .. c1; 64 filters at a time along the vectors.
+ * G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], so row a of G^T X is
+ * X0 + (X1 + X2) / 2, (X1 - X2) / 2, (X1 + X2) / 2 + X3 (X the rows of X; columns alike).
+ * dw : OUT [F][C][3][3] */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void WN(fr_winograd_wgrad_finish)(const T* parts, idx_t chunks, idx_t psize, idx_t F, idx_t C,
+                                  idx_t Cr, idx_t Fr, idx_t c0, idx_t c1, T* dw)
+{
+    enum { FB = 64 };
+    T du[16][FB], t[3][4][FB], o[9][FB];
+    const T h = (T)0.5;
+    for (idx_t c = c0; c < c1; ++c)
+        for (idx_t f0 = 0; f0 < F; f0 += FB) {
+            const idx_t nb = F - f0 < FB ? F - f0 : FB;
+            for (int xi = 0; xi < 16; ++xi) {
+                const T* restrict p = parts + (xi * Cr + c) * Fr + f0;
+                T* restrict q = du[xi];
+                for (idx_t f = 0; f < nb; ++f)
+                    q[f] = p[f];
+                for (idx_t k = 1; k < chunks; ++k) {
+                    const T* restrict pk = p + k * psize;
+                    for (idx_t f = 0; f < nb; ++f)
+                        q[f] = q[f] + pk[f];
+                }
+            }
+            for (int j = 0; j < 4; ++j)  /* t = G^T dU: rows of dU are du[i * 4 + j] */
+                for (idx_t f = 0; f < nb; ++f) {
+                    const T x0 = du[j][f], x1 = du[4 + j][f], x2 = du[8 + j][f],
+                            x3 = du[12 + j][f];
+                    t[0][j][f] = x0 + (x1 + x2) * h;
+                    t[1][j][f] = (x1 - x2) * h;
+                    t[2][j][f] = (x1 + x2) * h + x3;
+                }
+            for (int a = 0; a < 3; ++a)  /* o = t G */
+                for (idx_t f = 0; f < nb; ++f) {
+                    const T x0 = t[a][0][f], x1 = t[a][1][f], x2 = t[a][2][f], x3 = t[a][3][f];
+                    o[a * 3 + 0][f] = x0 + (x1 + x2) * h;
+                    o[a * 3 + 1][f] = (x1 - x2) * h;
+                    o[a * 3 + 2][f] = (x1 + x2) * h + x3;
+                }
+            for (idx_t f = 0; f < nb; ++f) {
+                T* out = dw + ((f0 + f) * C + c) * 9;
+                for (int e = 0; e < 9; ++e)
+                    out[e] = o[e][f];
+            }
+        }
+}
+
 #undef WN
 #undef WCAT
 #undef WCAT_
