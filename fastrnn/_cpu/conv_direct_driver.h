@@ -54,9 +54,10 @@ double DN(fr_sum8)(int isa, const T* a, idx_t n)
     return FR_PICK(isa, sum8)(a, n);
 }
 
-static void DN(store_row)(int isa, const T* s, idx_t n, T bias, int act, T* d)
+static void DN(store_rows)(int isa, const T* s, idx_t sp, idx_t n, idx_t rows, T bias, int act,
+                           T* d, idx_t dp)
 {
-    FR_PICK(isa, store_row)(s, n, bias, act, d);
+    FR_PICK(isa, store_rows)(s, sp, n, rows, bias, act, d, dp);
 }
 
 static void DN(split_phases)(int isa, const T* s, idx_t n, T* r0, T* r1)
@@ -227,8 +228,7 @@ void DN(fr_forward_block)(int isa, const fr_geom* g, const T* xq, const idx_t* o
         const T* src = tile + f * g->Pf_r;
         T* dst = y + (f0 + f) * g->OH * g->OW;
         /* (ReLU in the store: v < 0 ? 0 : v keeps a NaN, as torch.relu) */
-        for (idx_t oh = 0; oh < g->OH; ++oh)
-            DN(store_row)(isa, src + oh * g->Wq, g->OW, bias, g->act, dst + oh * g->OW);
+        DN(store_rows)(isa, src, g->Wq, g->OW, g->OH, bias, (int)g->act, dst, g->OW);
     }
 }
 

@@ -251,18 +251,24 @@ static TARGET double NAME(sum8)(const T* restrict a, idx_t n)
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-/* d[i] = s[i] + bias for i < n, or with ``act`` max(that, 0) keeping NaN (v < 0 ? 0 : v, as
- * torch.relu): a kernel tile's row into the output, vectorised under the target. */
-static TARGET void NAME(store_row)(const T* restrict s, idx_t n, T bias, int act, T* restrict d)
+/* d[r * dp + i] = s[r * sp + i] + bias for i < n and r < rows, or with ``act`` max(that, 0)
+ * keeping NaN (v < 0 ? 0 : v, as torch.relu): a kernel tile's rows into an output plane, one
+ * call per plane, vectorised under the target. */
+static TARGET void NAME(store_rows)(const T* restrict s, idx_t sp, idx_t n, idx_t rows, T bias,
+                                    int act, T* restrict d, idx_t dp)
 {
-    if (act) {
-        for (idx_t i = 0; i < n; ++i) {
-            const T v = s[i] + bias;
-            d[i] = v < 0 ? (T)0 : v;
+    for (idx_t r = 0; r < rows; ++r) {
+        const T* restrict sr = s + r * sp;
+        T* restrict dr = d + r * dp;
+        if (act) {
+            for (idx_t i = 0; i < n; ++i) {
+                const T v = sr[i] + bias;
+                dr[i] = v < 0 ? (T)0 : v;
+            }
+        } else {
+            for (idx_t i = 0; i < n; ++i)
+                dr[i] = sr[i] + bias;
         }
-    } else {
-        for (idx_t i = 0; i < n; ++i)
-            d[i] = s[i] + bias;
     }
 }
 
