@@ -494,6 +494,29 @@ def _direct_dgrad_run(
                                        ab // g.sw, ab % g.sw, &tiles[tid, 0])
 
 
+cdef inline void _sum_and_pack(int isa, const fr_geom* gx, const fr_geom* g,
+                               const floating* xn, const floating* dyn, double* xsum,
+                               double* bsum, floating* xq, floating* dyf) noexcept nogil:
+    """One image's sums (x: the finiteness probe; dy per filter into bsum unless NULL: CB1),
+    taken just before its x is packed as gx's planes and its dy for the weight gradient, while
+    they come into the cache anyway."""
+    cdef idx_t f, L = g.OH * g.OW
+    if floating is float:
+        xsum[0] = fr_sum8_f32(isa, xn, g.C * g.H * g.W)
+        if bsum != NULL:
+            for f in range(g.F):
+                bsum[f] = fr_sum8_f32(isa, dyn + f * L, L)
+        fr_pack_input_f32(gx, xn, xq)
+        fr_pack_dy_forward_pitch_f32(g, dyn, dyf)
+    else:
+        xsum[0] = fr_sum8_f64(isa, xn, g.C * g.H * g.W)
+        if bsum != NULL:
+            for f in range(g.F):
+                bsum[f] = fr_sum8_f64(isa, dyn + f * L, L)
+        fr_pack_input_f64(gx, xn, xq)
+        fr_pack_dy_forward_pitch_f64(g, dyn, dyf)
+
+
 def _direct_wgrad_run(
     const floating[:, :, :, ::1] x,   # IN  [N, C, H, W]
     const floating[:, :, :, ::1] dy,  # IN  [N, F, OH, OW]
@@ -508,30 +531,20 @@ def _direct_wgrad_run(
     image's x (a finiteness probe) and dy per filter (CB1) are summed just before they are
     packed, while they come into the cache anyway: no pass of their own over x and dy."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
-    cdef idx_t P = parts.shape[0], c, n, f
-    cdef idx_t L = g.OH * g.OW
+    cdef idx_t P = parts.shape[0], c, n
     cdef bint bias = bsums.shape[0] > 0
     cdef int tid
     with nogil, parallel(num_threads=nthreads):
         tid = omp_get_thread_num()
         for c in prange(P, schedule="dynamic"):
             for n in range(c * g.N // P, (c + 1) * g.N // P):
+                _sum_and_pack(isa, &g, &g, &x[n, 0, 0, 0], &dy[n, 0, 0, 0], &xsums[n],
+                              &bsums[n, 0] if bias else NULL, &bufs[tid, 0],
+                              &bufs[tid, g.x_size])
                 if floating is float:
-                    xsums[n] = fr_sum8_f32(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
-                    if bias:
-                        for f in range(g.F):
-                            bsums[n, f] = fr_sum8_f32(isa, &dy[n, f, 0, 0], L)
-                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
-                    fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
                     fr_wgrad_image_f32(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
                                        &woff[0, 0], &parts[c, 0])
                 else:
-                    xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
-                    if bias:
-                        for f in range(g.F):
-                            bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
-                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &bufs[tid, 0])
-                    fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0], &bufs[tid, g.x_size])
                     fr_wgrad_image_f64(isa, &g, &bufs[tid, 0], &bufs[tid, g.x_size],
                                        &woff[0, 0], &parts[c, 0])
 
@@ -885,8 +898,8 @@ def _winograd_wgrad_run(
     (fr_winograd_wgrad_band); the sums as in _direct_wgrad_run."""
     cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
     cdef fr_geom gw = _direct_geometry(_shape(x), w_shape, ((2, 2), geometry[1], (1, 1), 1))
-    cdef idx_t P = parts.shape[0], c, n, n0, n1, i, f, nb
-    cdef idx_t L = g.OH * g.OW, dsz = fr_dy_size(&g), Cr = off.shape[0]
+    cdef idx_t P = parts.shape[0], c, n, n0, n1, i, nb
+    cdef idx_t dsz = fr_dy_size(&g), Cr = off.shape[0]
     cdef idx_t xo = 0, do = k * gw.x_size, vo = do + k * dsz, mo = vo + (g.C + 1) * ldv
     cdef bint bias = bsums.shape[0] > 0
     cdef int tid
@@ -900,22 +913,9 @@ def _winograd_wgrad_run(
                 nb = min(k, n1 - n0)
                 for i in range(nb):
                     n = n0 + i
-                    if floating is float:
-                        xsums[n] = fr_sum8_f32(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
-                        if bias:
-                            for f in range(g.F):
-                                bsums[n, f] = fr_sum8_f32(isa, &dy[n, f, 0, 0], L)
-                        fr_pack_input_f32(&gw, &x[n, 0, 0, 0], &bufs[tid, xo + i * gw.x_size])
-                        fr_pack_dy_forward_pitch_f32(&g, &dy[n, 0, 0, 0],
-                                                     &bufs[tid, do + i * dsz])
-                    else:
-                        xsums[n] = fr_sum8_f64(isa, &x[n, 0, 0, 0], g.C * g.H * g.W)
-                        if bias:
-                            for f in range(g.F):
-                                bsums[n, f] = fr_sum8_f64(isa, &dy[n, f, 0, 0], L)
-                        fr_pack_input_f64(&gw, &x[n, 0, 0, 0], &bufs[tid, xo + i * gw.x_size])
-                        fr_pack_dy_forward_pitch_f64(&g, &dy[n, 0, 0, 0],
-                                                     &bufs[tid, do + i * dsz])
+                    _sum_and_pack(isa, &gw, &g, &x[n, 0, 0, 0], &dy[n, 0, 0, 0], &xsums[n],
+                                  &bsums[n, 0] if bias else NULL, &bufs[tid, xo + i * gw.x_size],
+                                  &bufs[tid, do + i * dsz])
                 if floating is float:
                     fr_winograd_wgrad_band_f32(isa, &g, &gw, &bufs[tid, xo], &bufs[tid, do], dsz,
                                                nb, &off[0], Cr, &parts[c, 0], &bufs[tid, vo],
