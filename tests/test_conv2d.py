@@ -417,9 +417,9 @@ def test_cpu_winograd_non_finite_values_reach_only_what_reads_them(value):
 
 
 def test_auto_runs_winograd_on_wide_3x3_layers():
-    """"auto" picks Winograd for 3x3 stride-1 layers of at least 32 channels and filters whose
-    outputs are at least 16 wide (12 from 64 channels and filters on), where it measured faster,
-    and the direct kernels otherwise; both equal the reference."""
+    """"auto" picks Winograd for 3x3 stride-1 layers of at least 32 channels, 48 filters and 96
+    of the two, whose outputs are at least 16 wide (12 from 64 channels and filters on), where
+    it measured faster, and the direct kernels otherwise; both equal the reference."""
     from fastrnn._cpu import conv2d as kernel
 
     rng = np.random.default_rng(4)
@@ -427,8 +427,11 @@ def test_auto_runs_winograd_on_wide_3x3_layers():
         (64, 64, 12, "winograd"),
         (64, 64, 11, "direct"),
         (32, 64, 16, "winograd"),
-        (64, 32, 16, "winograd"),
-        (32, 32, 15, "direct"),
+        (48, 48, 16, "winograd"),
+        (32, 64, 15, "direct"),
+        (64, 32, 16, "direct"),
+        (32, 32, 16, "direct"),
+        (40, 48, 16, "direct"),
         (16, 64, 16, "direct"),
         (64, 16, 16, "direct"),
     ]:

@@ -1034,12 +1034,16 @@ ALGORITHMS = ("auto", "direct", "winograd", "im2col")
 
 
 # "auto" runs Winograd F(2x2, 3x3) on 3x3 / stride 1 / dilation 1 / ungrouped layers with at
-# least WINOGRAD_MIN_CHANNELS input channels and filters and outputs at least WINOGRAD_MIN_WIDTH
-# wide (WINOGRAD_MIN_WIDTH_WIDE from 64 channels and filters on), padding at most 2 (so that dx
-# runs by Winograd too), on the vector paths: there it measured faster than the direct kernels,
-# forward and forward+backward, at 1 and 2 threads; on 16 channels, or on narrow images (fewer
-# tiles than a 64-position block of the products holds), it did not (benchmarks/NOTES-conv.md)
+# least WINOGRAD_MIN_CHANNELS input channels, WINOGRAD_MIN_FILTERS filters and
+# WINOGRAD_MIN_SUM of the two, outputs at least WINOGRAD_MIN_WIDTH wide (WINOGRAD_MIN_WIDTH_WIDE
+# from 64 channels and filters on), padding at most 2 (so that dx runs by Winograd too), on the
+# vector paths: there it measured faster than the direct kernels, forward and forward+backward,
+# at 1 and 2 threads; on 16 channels, 32 channels with 32 filters (its backward by Winograd),
+# or narrow images (fewer tiles than a 64-position block of the products holds), it did not
+# (benchmarks/NOTES-conv.md)
 WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_FILTERS = 48
+WINOGRAD_MIN_SUM = 96
 WINOGRAD_MIN_WIDTH = 16
 WINOGRAD_MIN_WIDTH_WIDE = 12
 
@@ -1057,10 +1061,11 @@ def _choose(tuple x_shape, tuple w_shape, stride, padding, dilation, groups) -> 
     padded = (H + 2 * padding[0]) * (W + 2 * padding[1])
     if padded > max(4 * H * W, 1 << 20):
         return "im2col"
-    channels = min(w_shape[0], w_shape[1])
+    F, C = w_shape[0], w_shape[1]
     if (winograd_unsupported(w_shape, stride, dilation, groups) is None
-            and channels >= WINOGRAD_MIN_CHANNELS
-            and W + 2 * padding[1] - 2 >= (WINOGRAD_MIN_WIDTH_WIDE if channels >= 64
+            and C >= WINOGRAD_MIN_CHANNELS and F >= WINOGRAD_MIN_FILTERS
+            and C + F >= WINOGRAD_MIN_SUM
+            and W + 2 * padding[1] - 2 >= (WINOGRAD_MIN_WIDTH_WIDE if min(C, F) >= 64
                                            else WINOGRAD_MIN_WIDTH)
             and max(padding) <= 2 and _isa() != FR_ISA_PORTABLE):
         return "winograd"
