@@ -382,6 +382,16 @@ def relu_calls(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
     return {"fused": fused, "separate": separate, "torch": theirs}
 
 
+def _fused_rows(calls_of, pass_: str, sgemm: float, repeat: int):
+    """(shape, median ms per call, the fused call's % of sgemm) for the grid's ungrouped
+    layers, the calls of ``calls_of(shape)`` interleaved; FLOPs of the convolution's pass."""
+    for shape in CONV_SHAPES:
+        if shape[-1] != 1:  # grouped
+            continue
+        ms = {i: statistics.median(v) for i, v in _rounds(calls_of(shape), repeat).items()}
+        yield shape, ms, 100 * conv_flops(shape, pass_) / ms["fused"] / 1e6 / sgemm
+
+
 def relu_table(threads: int, repeat: int) -> None:
     """relu_calls on the grid's ungrouped layers, interleaved, medians."""
     set_threads(threads)
@@ -390,13 +400,8 @@ def relu_table(threads: int, repeat: int) -> None:
           f"repeat={repeat}; sgemm {sgemm:.0f} GFLOP/s in this run")  # fmt: skip
     print(f"{'shape':34} {'fused ms':>9} {'%sgemm':>6} {'conv,relu ms':>12} {'torch ms':>9} "
           f"{'conv,relu/fused':>15} {'torch/fused':>11}")  # fmt: skip
-    for shape in CONV_SHAPES:
-        if shape[-1] != 1:  # grouped
-            continue
-        calls = relu_calls(shape)
-        ms = {i: statistics.median(v) for i, v in _rounds(calls, repeat).items()}
-        gf = conv_flops(shape, "fwd") / ms["fused"] / 1e6
-        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {100 * gf / sgemm:6.0f} "
+    for shape, ms, pct in _fused_rows(relu_calls, "fwd", sgemm, repeat):
+        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {pct:6.0f} "
               f"{ms['separate']:12.3f} {ms['torch']:9.3f} {ms['separate'] / ms['fused']:15.2f} "
               f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip
 
@@ -451,13 +456,8 @@ def relu_pool_table(threads: int, repeat: int) -> None:
           "run (%sgemm: the convolution's forward+backward FLOPs over the fused call's time)")
     print(f"{'shape':34} {'fused ms':>9} {'%sgemm':>6} {'conv+relu,pool ms':>17} "
           f"{'torch ms':>9} {'separate/fused':>14} {'torch/fused':>11}")  # fmt: skip
-    for shape in CONV_SHAPES:
-        if shape[-1] != 1:  # grouped
-            continue
-        calls = relu_pool_calls(shape)
-        ms = {i: statistics.median(v) for i, v in _rounds(calls, repeat).items()}
-        gf = conv_flops(shape, "fwd+bwd") / ms["fused"] / 1e6
-        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {100 * gf / sgemm:6.0f} "
+    for shape, ms, pct in _fused_rows(relu_pool_calls, "fwd+bwd", sgemm, repeat):
+        print(f"{_conv_id(shape):34} {ms['fused']:9.3f} {pct:6.0f} "
               f"{ms['separate']:17.3f} "
               f"{ms['torch']:9.3f} {ms['separate'] / ms['fused']:14.2f} "
               f"{ms['torch'] / ms['fused']:11.2f}", flush=True)  # fmt: skip

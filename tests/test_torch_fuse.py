@@ -143,6 +143,18 @@ def _grads(model, x, dy):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_results(model, fused, x, dy, dtype):
+    """The fused model's output, input gradient and parameter gradients are the model's;
+    returns both outputs."""
+    y0, dx0, g0 = _grads(model, x, dy)
+    y1, dx1, g1 = _grads(fused, x, dy)
+    assert_close(y1, y0, "conv", "forward", dtype, "output")
+    assert_close(dx1, dx0, "conv", "backward", dtype, "dx")
+    for n, g in g0.items():
+        assert_close(g1[n], g, "conv", "backward", dtype, n)
+    return y0, y1
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_fuse_gives_the_models_results_and_gradients(dtype):
     torch.manual_seed(0)
@@ -162,12 +174,7 @@ def test_fuse_gives_the_models_results_and_gradients(dtype):
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 1, 8, 8, dtype=dtype)
     dy = torch.randn(2, 4, 4, 4, dtype=dtype)
-    y0, dx0, g0 = _grads(model, x, dy)
-    y1, dx1, g1 = _grads(fused, x, dy)
-    assert_close(y1, y0, "conv", "forward", dtype, "output")
-    assert_close(dx1, dx0, "conv", "backward", dtype, "dx")
-    for n, g in g0.items():
-        assert_close(g1[n], g, "conv", "backward", dtype, n)
+    _assert_same_results(model, fused, x, dy, dtype)
 
 
 def test_fuse_inplace_shares_the_parameters():
@@ -238,12 +245,7 @@ def test_fuse_pools_in_the_convolution(dtype, batch):
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(batch, 2, 12, 11, dtype=dtype)
     dy = torch.randn(batch, 4, 2, 2, dtype=dtype)
-    y0, dx0, g0 = _grads(model, x, dy)
-    y1, dx1, g1 = _grads(fused, x, dy)
-    assert_close(y1, y0, "conv", "forward", dtype, "output")
-    assert_close(dx1, dx0, "conv", "backward", dtype, "dx")
-    for n, g in g0.items():
-        assert_close(g1[n], g, "conv", "backward", dtype, n)
+    y0, y1 = _assert_same_results(model, fused, x, dy, dtype)
     # in place: the model's own modules, still the same model when called directly
     inplace = ft.fuse(model, inplace=True)
     assert inplace.c1 is model.c1

@@ -722,12 +722,12 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
-    xsums = np.zeros(g.N)
     if winograd_dw:
         dw, dbw, xsums = _winograd_wgrad(x, dy, w, geometry, s["has_bias"], nt)
         if s["has_bias"]:
             db[:] = dbw
     else:
+        xsums = np.zeros(g.N)
         psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r
         parts = np.zeros((_chunks(g.N, psize * x.itemsize), psize), dtype=x.dtype)
         if g.N > 0:
