@@ -279,20 +279,17 @@ def _fastrnn_char_parts(seed: int = 0) -> Callable[[np.ndarray, np.ndarray], dic
 
     def step(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         clock = _Clock()
-        h = emb(x)
-        clock.lap("embedding fwd")
+        h = x  # the first layer looks its input projection up (embedding=, as CharRNN does)
         for i, m in enumerate(layers):
-            h, states[i] = m(h, states[i])
-            clock.lap(f"lstm l{i} fwd")
+            h, states[i] = m(h, states[i], embedding=emb if i == 0 else None)
+            clock.lap("embedding+lstm l0 fwd" if i == 0 else f"lstm l{i} fwd")
         T, N, H = h.shape
         loss, dh = head.cross_entropy(h.reshape(T * N, H), y.reshape(-1))
         clock.lap("linear+loss fwd+bwd")
         dh = dh.reshape(T, N, H)
         for i in reversed(range(len(layers))):
             dh = layers[i].backward(dh)
-            clock.lap(f"lstm l{i} bwd")
-        emb.backward(dh)
-        clock.lap("embedding bwd")
+            clock.lap("embedding+lstm l0 bwd" if i == 0 else f"lstm l{i} bwd")
         optim.clip_grad_norm_(params, c["clip"])
         clock.lap("clip")
         opt.step()

@@ -36,19 +36,13 @@ def test_run_measures_every_implementation_and_part(tiny: None) -> None:
         assert all(len(s) == 2 for s in r["samples_ms"].values())  # one sample per round
     assert set(char["page_faults_per_step"]) == set(char["per_second"])
     parts = char["parts_ms"]
-    for part in (
-        "embedding fwd",
-        "lstm l0 fwd",
-        "lstm l1 fwd",
-        "lstm l0 bwd",
-        "lstm l1 bwd",
-        "embedding bwd",
-        "clip",
-        "optimizer",
-        "other",
-    ):
+    for part in ("lstm l1 fwd", "lstm l1 bwd", "clip", "optimizer", "other"):
         assert part in parts["fastrnn"] and part in parts["torch"], part
-    assert "linear+loss fwd+bwd" in parts["fastrnn"]
+    # fastrnn's first layer looks its input projection up (embedding=); its head and loss fuse
+    assert {"embedding+lstm l0 fwd", "embedding+lstm l0 bwd", "linear+loss fwd+bwd"} <= set(
+        parts["fastrnn"]
+    )
+    assert {"embedding fwd", "lstm l0 fwd", "lstm l0 bwd", "embedding bwd"} <= set(parts["torch"])
     assert {"linear fwd", "loss fwd+bwd", "linear bwd"} <= set(parts["torch"])
     assert set(word["parts_ms"]["fastrnn"]) == set(word["parts_ms"]["torch"])
     table = bt.format_result(result)

@@ -41,6 +41,7 @@ Measurements behind these choices: benchmarks/NOTES-cpu.md.
 """
 
 cimport numpy as cnp
+from libc.string cimport memcpy
 import numpy as np
 from cython.parallel cimport parallel
 
@@ -169,6 +170,7 @@ cdef struct Plan:
     bint use_t          # step GEMM from W_hh^T (forward)
     bint panels         # step GEMMs from packed panels (float32 fast only)
     bint fuse_x         # the input projection inside the time loop, per step, from panels
+    bint lookup         # the input is token ids: the input projection is a row of a table
     int nt              # threads in the time loop (1: serial time loop)
     bint by_rows        # the time loop split by sequences (each thread its own rows)
     int seq_threads     # threads for the whole-sequence GEMMs of a serial time loop
@@ -178,6 +180,12 @@ cdef struct Plan:
     const long long* hrow   # (T+1,) first row in hs of the state before step t
     const long long* crow   # (T+1,) the same in cs
     const long long* rsplit # (nt+1,) by_rows: group q owns the sorted rows [rsplit[q], rsplit[q+1])
+    # lookup: packed row r's input projection is row tok[r] of table = E W_ih^T (V, GH); the
+    # backward sums the rows' gate gradients by token into dtab (V, GH)
+    Py_ssize_t V
+    const long long* tok    # (R,) token of each packed row
+    void* table             # (V, GH) forward, filled by fwd_run
+    void* dtab              # (V, GH) backward scratch
 
 
 cdef inline void columns_product(
@@ -295,7 +303,15 @@ cdef inline void fwd_step(
     cdef floating* g = gates + r0 * GH
     cdef const floating* hp = hs + (pl.hrow[t] + n0) * P
     cdef floating* hn = hs + (pl.hrow[t + 1] + n0) * P
-    if pl.fuse_x:
+    cdef const floating* tab
+    cdef Py_ssize_t i
+    if pl.lookup:
+        # L1 / G1 / R1 of token inputs: each row's projection is its token's row of the table
+        tab = <const floating*> pl.table
+        for i in range(m):
+            memcpy(g + i * GH + G * u0, tab + pl.tok[r0 + i] * GH + G * u0,
+                   G * (u1 - u0) * sizeof(floating))
+    elif pl.fuse_x:
         # L1 / G1 / R1 of this step: written just before the step's own GEMM adds to it and its
         # cell reads it, so the gates stay in cache
         columns_product(pl, m, G * u0, G * u1, D, x + r0 * D, D, w_ih_t, GH, panels_x, 0, g, GH)
@@ -351,7 +367,7 @@ cdef void fwd_thread(
                 pack_panels(pl.D, G * (u1 - u0), w_ih_t + G * u0, GH, panels_x + pl.D * G * u0)
     # L1 / G1 / R1: the input projection of all steps, this thread's gate columns, one GEMM
     # (unless it runs inside the time loop).
-    if whole and not pl.fuse_x:  # else fwd_run has done it, split by rows
+    if whole and not pl.fuse_x and not pl.lookup:  # else fwd_run has done it, split by rows
         mm(False, True, pl.R, G * (u1 - u0), pl.D, <floating> 1, x, pl.D, w_ih + G * u0 * pl.D,
            pl.D, <floating> 0, gates + G * u0, GH)
     for t in range(pl.T):
@@ -392,7 +408,7 @@ cdef void fwd_rows_thread(
             if pl.fuse_x:
                 transpose_rows(w_ih, GH, D, c0, c1, w_ih_t)
                 pack_panels(D, c1 - c0, w_ih_t + c0, GH, panels_x + D * c0)
-    if not pl.fuse_x:  # L1 / G1 / R1 of all steps, split by rows
+    if not pl.fuse_x and not pl.lookup:  # L1 / G1 / R1 of all steps, split by rows
         project_rows(pl, p, nt, x, w_ih, gates)
     fr_barrier()
     q = p
@@ -449,6 +465,9 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
         to_blocked(b1, b1_b, G, pl.H, 1, pl.bs)
         if pl.cell == FR_GRU:
             to_blocked(b2, b2_b, G, pl.H, 1, pl.bs)
+    if pl.lookup:  # the table of every token's input projection: E W_ih^T (in w_ih_b's layout)
+        mm(False, True, pl.V, G * pl.H, pl.D, <floating> 1, x, pl.D, w_ih_b, pl.D, <floating> 0,
+           <floating*> pl.table, G * pl.H)
     if pl.by_rows:
         with parallel(num_threads=pl.nt):
             p = omp_get_thread_num()
@@ -464,12 +483,14 @@ cdef void fwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
     else:
         # the input projection split by rows over the threads (unless the time loop projects
         # each step itself), then the time loop on one
-        if not pl.fuse_x and pl.seq_threads > 1:
+        if pl.fuse_x or pl.lookup:
+            pass  # the time loop projects (or looks up) each step itself
+        elif pl.seq_threads > 1:
             with parallel(num_threads=pl.seq_threads):
                 p = omp_get_thread_num()
                 team = omp_get_num_threads()
                 project_rows(pl, p, team, x, w_ih_b, gates)
-        elif not pl.fuse_x:
+        else:
             project_rows(pl, 0, 1, x, w_ih_b, gates)
         fwd_thread(pl, 0, 1, False, x, w_ih_b, w_hh_b, w_hr, b1_b, b2_b, gates, hw, sv, hs, cs,
                    rs, w_hh_t, panels, w_ih_t, panels_x)
@@ -631,15 +652,22 @@ cdef void sequence_grads(
     floating* scratch,        # (GH, D + P + 2) for a blocked layout
 ) noexcept nogil:
     """LB5 / GB5 / RB4: input, weight and bias gradients as whole-sequence GEMMs over the R
-    packed rows, thread p's share. Single-threaded BLAS each."""
-    cdef Py_ssize_t r0, r1, c, GH = pl.G * pl.H, D = pl.D, P = pl.P, R = pl.R
+    packed rows, thread p's share. Single-threaded BLAS each. With token inputs (pl.lookup, x
+    is then the embedding E (V, D)): the rows' input gate gradients summed by token into dtab,
+    dW_ih = dtab^T E, and no dx (bwd_run computes the embedding's gradient from dtab)."""
+    cdef Py_ssize_t r0, r1, c, r, v, GH = pl.G * pl.H, D = pl.D, P = pl.P, R = pl.R
     cdef floating* sw_ih
     cdef floating* sw_hh
     cdef floating* sb1
     cdef floating* sb2
+    cdef floating* dt = <floating*> pl.dtab
+    cdef floating* row
+    cdef const floating* src
     cdef bint natural = pl.G == 1 or pl.bs >= pl.H
     split(R, nt, p, &r0, &r1)
-    if floating is float and pl.fast and D <= SEQ_TILES_MAX_D:
+    if pl.lookup:
+        pass
+    elif floating is float and pl.fast and D <= SEQ_TILES_MAX_D:
         # narrow inputs: our AVX-512 tiles, without OpenBLAS's packing of the operands
         fr_sgemm_avx512(r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, 0, dx + r0 * D, D, 256)
     else:
@@ -655,8 +683,22 @@ cdef void sequence_grads(
         sb2 = sb1 + GH
     # (the weight gradients read dax / dah transposed: our tiles, without packing, ran at
     # 100-130 GFLOP/s there against OpenBLAS's 150 with its packing)
-    mm(True, False, r1 - r0, D, R, <floating> 1, dax + r0, GH, x, D, <floating> 0,
-       sw_ih + r0 * D, D)
+    if pl.lookup:
+        # this thread's columns of dtab: every row's gate gradients added to its token's row
+        for v in range(pl.V):
+            row = dt + v * GH
+            for c in range(r0, r1):
+                row[c] = 0
+        for r in range(R):
+            row = dt + pl.tok[r] * GH
+            src = dax + r * GH
+            for c in range(r0, r1):
+                row[c] += src[c]
+        mm(True, False, r1 - r0, D, pl.V, <floating> 1, dt + r0, GH, x, D, <floating> 0,
+           sw_ih + r0 * D, D)
+    else:
+        mm(True, False, r1 - r0, D, R, <floating> 1, dax + r0, GH, x, D, <floating> 0,
+           sw_ih + r0 * D, D)
     mm(True, False, r1 - r0, P, R, <floating> 1, dah + r0, GH, hprev, P, <floating> 0,
        sw_hh + r0 * P, P)
     column_sums(dax, R, GH, r0, r1, sb1)
@@ -756,6 +798,9 @@ cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
         else:
             sequence_grads(pl, 0, 1, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1,
                            db2, dw_hr, scratch)
+    if pl.lookup:  # the embedding's gradient dE = dtab W_ih (dx is E's shape here)
+        mm(False, False, pl.V, pl.D, pl.G * pl.H, <floating> 1, <floating*> pl.dtab,
+           pl.G * pl.H, w_ih, pl.D, <floating> 0, dx, pl.D)
     fr_blas_restore(saved)
 
 
@@ -933,6 +978,11 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     pl.use_t = rows.N >= 4 and rows.T >= 4
     pl.panels = pl.use_t and pl.fast
     pl.fuse_x = pl.panels and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
+    pl.lookup = False
+    pl.V = 0
+    pl.tok = NULL
+    pl.table = NULL
+    pl.dtab = NULL
     a = rows.off
     pl.off = <const long long*> cnp.PyArray_DATA(a)
     a = rows.na
@@ -944,14 +994,26 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     return 0
 
 
-def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
+def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training, tokens=None):
+    """One forward call. With ``tokens`` (T, N) integers, x is an embedding table E (V, D)
+    and the input at (t, n) is E[tokens[t, n]]: the input projection is a lookup into
+    E W_ih^T, and backward returns E's gradient (V, D) in place of dx."""
     dtype = x.dtype
     cdef bint is_lstm = cell == FR_LSTM, is_gru = cell == FR_GRU
     cdef bint proj = w_hr is not None
+    cdef bint lookup = tokens is not None
     x, h0, c0, w_ih, w_hh, b1, b2, w_hr = as_c_array(dtype, x, h0, c0, w_ih, w_hh, b1, b2, w_hr)
     if lengths is not None:
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    cdef Py_ssize_t T = x.shape[0], N = x.shape[1], D = x.shape[2]
+    cdef Py_ssize_t T, N, D, V = 0
+    if lookup:
+        tokens = np.asarray(tokens)
+        V, D = x.shape[0], x.shape[1]
+        T, N = tokens.shape[0], tokens.shape[1]
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise ValueError(f"tokens: every token must be in 0..{V - 1}")
+    else:
+        T, N, D = x.shape[0], x.shape[1], x.shape[2]
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = w_ih.shape[0], H = GH // G, P = w_hh.shape[1]
     cdef bint train = bool(training)
@@ -961,7 +1023,16 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     crow = rows.hrow if train else rows.ring
     cdef Plan pl
     fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow)
-    X = rows.pack(x)
+    cdef cnp.ndarray tok = None
+    if lookup:
+        X = x
+        tok = np.ascontiguousarray(rows.pack(tokens[:, :, None])[:, 0], dtype=np.int64)
+        pl.lookup = True
+        pl.fuse_x = False
+        pl.V = V
+        pl.tok = <const long long*> cnp.PyArray_DATA(tok)
+    else:
+        X = rows.pack(x)
     # What backward reads shares one buffer from the saved pool when training (reused across
     # calls, so its pages are not faulted in and zeroed every call).
     cdef Py_ssize_t n_g = R * GH, n_h = (N + R) * P
@@ -984,7 +1055,10 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
     cdef Py_ssize_t n_p = n_t if pl.panels else 0
     cdef Py_ssize_t n_hw = N * GH if is_gru else 0
     cdef Py_ssize_t n_x = GH * D if pl.fuse_x else 0
-    ws = take_scratch(dtype, n_t + n_p + n_hw + 2 * n_x)
+    cdef Py_ssize_t n_tab = V * GH
+    ws = take_scratch(dtype, n_t + n_p + n_hw + 2 * n_x + n_tab)
+    if lookup:
+        pl.table = data(ws[n_t + n_p + n_hw + 2 * n_x :])
     w_hh_t = ws[:n_t]
     panels = ws[n_t : n_t + n_p]
     hw = ws[n_t + n_p : n_t + n_p + n_hw]
@@ -1021,7 +1095,7 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training):
         grad_shapes=grad_shapes,
         saved=dict(
             cell=cell, rows=rows, X=X, w_ih_b=w_ih_b, w_hh_b=w_hh_b, w_hr=w_hr,
-            acts=sv if is_gru else gates, hs=hs, cs=cs, rs=rs, bs=pl.bs, H=H,
+            acts=sv if is_gru else gates, hs=hs, cs=cs, rs=rs, bs=pl.bs, H=H, tok=tok,
             split="rows" if pl.by_rows else "units" if pl.nt > 1 else "serial",
         ),
     )
@@ -1041,8 +1115,16 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t T = rows.T, N = rows.N, D = X.shape[1], H = s["H"], P = hs.shape[1]
     cdef int G = _GATES[cell]
     cdef Py_ssize_t GH = G * H, R = rows.R
+    cdef cnp.ndarray tok = s["tok"]
+    cdef bint lookup = tok is not None
+    cdef Py_ssize_t V = X.shape[0] if lookup else 0
     cdef Plan pl
     fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow)
+    if lookup:
+        pl.lookup = True
+        pl.fuse_x = False
+        pl.V = V
+        pl.tok = <const long long*> cnp.PyArray_DATA(tok)
     pl.bs = s["bs"]  # the forward's layout (the cells and the split by rows take any)
     if pl.bs >= H and not pl.by_rows:
         pl.nt = 1  # the natural layout is not split by units
@@ -1056,17 +1138,21 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t n_da = R * GH, n_dah = R * GH if is_gru else 0
     cdef Py_ssize_t n_dht = R * P if proj else 0, n_dr = N * H if proj else 0
     cdef Py_ssize_t n_s = GH * (D + P + 2), n_p = GH * P if pl.panels else 0
-    cdef Py_ssize_t n_dx = R * D if rows.perm is not None else 0
-    ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx)
+    cdef Py_ssize_t n_dx = R * D if rows.perm is not None and not lookup else 0
+    cdef Py_ssize_t n_tab = V * GH
+    ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx + n_tab)
     parts = []  # consecutive pieces of ws (slices: np.split costs ~13 us a call here)
     cdef Py_ssize_t at = 0
-    for n in (n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx):
+    for n in (n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx, n_tab):
         parts.append(ws[at : at + n])
         at += n
-    dax, dah, dht, dr, scratch, panels, dX = parts
+    dax, dah, dht, dr, scratch, panels, dX, dtab = parts
     if not is_gru:
         dah = dax  # one gradient for the input and the recurrent pre-activations
-    if rows.perm is None:
+    if lookup:
+        pl.dtab = data(dtab)
+        dx = dX = np.empty((V, D), dtype)  # the embedding's gradient
+    elif rows.perm is None:
         dx = np.empty((T, N, D), dtype)
         dX = dx
     dw_ih = np.empty((GH, D), dtype)
@@ -1079,7 +1165,7 @@ def _backward(ctx, dy, dhT, dcT):
         dht if proj else None, dr if proj else None, dX, dw_ih, dw_hh, db1, db2, dw_hr, scratch,
         panels if n_p else None,
     ))
-    if rows.perm is not None:
+    if rows.perm is not None and not lookup:
         dx = rows.unpack(dX[: R * D].reshape(R, D), D, dtype)
     give_scratch(ws)
     dh0 = rows.unsort(dh)
@@ -1092,9 +1178,13 @@ def _backward(ctx, dy, dhT, dcT):
 # ------------------------------------------------------------------------------------------------
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None):
+# Each forward also takes ``tokens=`` (T, N) integers, x then being an embedding table (V, D)
+# (see _forward): fastrnn.nn's layers fold an Embedding into the first layer this way.
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b, lengths, training, w_hr=None, tokens=None):
     """LSTM forward (L1-L5, L4p with w_hr) -> y (T,N,P), hT (N,P), cT (N,H), ctx."""
-    return _forward(FR_LSTM, x, h0, c0, w_ih, w_hh, b, None, w_hr, lengths, training)
+    return _forward(FR_LSTM, x, h0, c0, w_ih, w_hh, b, None, w_hr, lengths, training, tokens)
 
 
 def lstm_backward(ctx, dy, dhT, dcT):
@@ -1105,9 +1195,10 @@ def lstm_backward(ctx, dy, dhT, dcT):
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training):
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, training, tokens=None):
     """GRU forward (G1-G5) -> y (T,N,H), hT (N,H), ctx."""
-    y, hT, _, ctx = _forward(FR_GRU, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, training)
+    y, hT, _, ctx = _forward(FR_GRU, x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, training,
+                             tokens)
     return y, hT, ctx
 
 
@@ -1117,12 +1208,13 @@ def gru_backward(ctx, dy, dhT):
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training):
+def rnn_forward(x, h0, w_ih, w_hh, b, nonlinearity, lengths, training, tokens=None):
     """Elman RNN forward (R1-R4) -> y (T,N,H), hT (N,H), ctx."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
     cell = FR_RNN_TANH if nonlinearity == "tanh" else FR_RNN_RELU
-    y, hT, _, ctx = _forward(cell, x, h0, None, w_ih, w_hh, b, None, None, lengths, training)
+    y, hT, _, ctx = _forward(cell, x, h0, None, w_ih, w_hh, b, None, None, lengths, training,
+                             tokens)
     return y, hT, ctx
 
 

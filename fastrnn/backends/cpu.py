@@ -71,6 +71,15 @@ def rnn_backward(ctx, dy, dhT):
     return _kernels("recurrent").rnn_backward(ctx, dy, dhT)
 
 
+@fork_safe
+def lookup_forward(op, tokens, table, *args):
+    """``op``'s forward ("lstm", "gru" or "rnn"; ``args``: its arguments after x) with token
+    inputs: the input at (t, n) is ``table[tokens[t, n]]`` and the first GEMM a lookup into
+    ``table W_ih^T``; its backward returns the table's gradient in dx's place. Not part of the
+    backend interface: fastrnn.nn's recurrent layers call it for ``embedding=``."""
+    return getattr(_kernels("recurrent"), f"{op}_forward")(table, *args, tokens=tokens)
+
+
 # -- convolution and pooling ----------------------------------------------------------------------
 
 # op name -> extension module in fastrnn/_cpu

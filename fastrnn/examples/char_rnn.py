@@ -153,7 +153,10 @@ class CharRNN(nn.Module):
 
     ``forward(ids (T, N) int, state) -> (logits (T, N, V), state)``; ``backward(dlogits)``
     accumulates every parameter's gradient (the state carried in from the previous batch gets
-    no gradient: truncated backpropagation through time).
+    no gradient: truncated backpropagation through time). The LSTM takes the ids with
+    ``embedding=``: on the CPU it looks its first layer's input projection up per character
+    (one row of ``embed.weight W_ih^T`` per character of the vocabulary) instead of multiplying
+    every embedded character by W_ih.
     """
 
     def __init__(
@@ -166,8 +169,7 @@ class CharRNN(nn.Module):
         self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, ids: Any, state: Any = None) -> tuple[Any, Any]:
-        e = self.embed(ids)
-        y, state = self.lstm(e, state)
+        y, state = self.lstm(ids, state, embedding=self.embed)
         T, N, H = y.shape
         # the head sees a 2-D (T*N, H) matrix: one GEMM (NumPy's matmul of a 3-D array with a
         # transposed 2-D one can take a slow non-BLAS loop)
@@ -177,17 +179,17 @@ class CharRNN(nn.Module):
     def backward(self, dlogits: Any) -> None:
         T, N, V = dlogits.shape
         dy = self.drop.backward(self.head.backward(dlogits.reshape(T * N, V)).reshape(T, N, -1))
-        self.embed.backward(self.lstm.backward(dy))
+        self.lstm.backward(dy)  # the embedding's gradient too
 
     def loss_backward(self, ids: Any, targets: Any, state: Any = None) -> tuple[float, Any]:
         """Training forward and backward at once: the mean cross-entropy of predicting
         ``targets`` (T, N), with every parameter's gradient accumulated, and the state to carry.
         The head and the loss run fused (``nn.Linear.cross_entropy``): same numbers as
         ``forward`` + ``softmax_cross_entropy`` + ``backward``, without the logits."""
-        y, state = self.lstm(self.embed(ids), state)
+        y, state = self.lstm(ids, state, embedding=self.embed)
         T, N, H = y.shape
         loss, dy = self.head.cross_entropy(self.drop(y).reshape(T * N, H), targets.reshape(-1))
-        self.embed.backward(self.lstm.backward(self.drop.backward(dy.reshape(T, N, H))))
+        self.lstm.backward(self.drop.backward(dy.reshape(T, N, H)))
         return loss, state
 
 

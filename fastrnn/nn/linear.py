@@ -125,8 +125,14 @@ class Embedding(Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
     def forward(self, indices: Any) -> Any:
-        w = self.weight.data
-        xp = array_module(w)
+        indices = self.check_indices(indices)
+        self._cache = indices if grad_enabled() else None
+        return self.weight.data[indices]
+
+    def check_indices(self, indices: Any) -> Any:
+        """``indices`` as an integer array of the weight's array module, each checked to be in
+        0..num_embeddings-1 (TypeError / ValueError naming them otherwise)."""
+        xp = array_module(self.weight.data)
         if isinstance(indices, (list, tuple)):
             indices = np.asarray(indices)
         if not (isinstance(indices, np.ndarray) or is_cupy_array(indices)):
@@ -141,8 +147,17 @@ class Embedding(Module):
                 f"Embedding: indices: every index must be in 0..{self.num_embeddings - 1}, got "
                 f"min {int(indices.min())} max {int(indices.max())}"
             )
-        self._cache = indices if grad_enabled() else None
-        return w[indices]
+        return indices
+
+    def accumulate_table_grad(self, g: Any) -> None:
+        """Add ``g`` (num_embeddings, embedding_dim), a gradient of the whole table computed
+        elsewhere (a recurrent layer that folded this lookup into its first layer), to
+        weight.grad: the padding row gets none, and nothing is added without requires_grad."""
+        if not self.weight.requires_grad:
+            return
+        if self.padding_idx is not None:
+            g[self.padding_idx] = 0
+        self.weight.accumulate(g)
 
     def backward(self, dy: Any) -> None:
         indices = self._saved()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fastrnn.backends import backend_module, select
 from fastrnn.backends.ops import (
     gru_backward,
     gru_forward,
@@ -203,14 +204,22 @@ class _RNNBase(Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, x: Any, state: Any = None, lengths: Any = None) -> Any:
+    def forward(
+        self, x: Any, state: Any = None, lengths: Any = None, *, embedding: Any = None
+    ) -> Any:
         """Run all layers and directions.
 
         x : (T, N, input_size), or (N, T, input_size) when batch_first, or (T, input_size)
-            unbatched
+            unbatched; with ``embedding``, integer indices of shape (T, N), (N, T) or (T,)
         state : None (zeros), or h0 / (h0, c0) for LSTM, each (num_layers*dirs, N, H)
             ((num_layers*dirs, H) unbatched)
         lengths : None or integers of shape (N,), each in 1..T (PyTorch's packed sequences)
+        embedding : None, or an ``nn.Embedding`` of ``input_size`` features whose indices ``x``
+            holds: the same results as ``self(embedding(x), ...)``. On the CPU backend, when
+            the table has fewer rows than ``x`` has indices, the lookup is folded into the first
+            layer: its input projection becomes a row of ``embedding.weight W_ih^T`` per
+            index, so that GEMM (and its two backward GEMMs) shrink to the table's rows.
+            ``backward`` then accumulates ``embedding.weight.grad`` too and returns None as dx.
 
         Returns ``y, h_n`` (``y, (h_n, c_n)`` for LSTM); y is (T, N, dirs*P) (batch-first
         when ``batch_first``), h_n (num_layers*dirs, N, P), c_n (num_layers*dirs, N, H), where
@@ -218,14 +227,19 @@ class _RNNBase(Module):
         """
         name = type(self).__name__
         like = self.weight_ih_l0.data
-        check_input(name, "x", x, like, (2, 3))
-        xp = array_module(x)
-        unbatched = x.ndim == 2
+        folded = looked_up = None
+        if embedding is not None:
+            x, folded, looked_up = self._embed(embedding, x, like)
+        if folded is None:
+            check_input(name, "x", x, like, (2, 3))
+        xp = array_module(like)
+        unbatched = x.ndim == (1 if folded is not None else 2)
         if unbatched:
-            x = x[:, None, :]
+            x = x[:, None]
         elif self.batch_first:
-            x = x.transpose(1, 0, 2)
-        T, N, D = x.shape
+            x = x.swapaxes(0, 1)
+        T, N = x.shape[:2]
+        D = self.input_size if folded is not None else x.shape[2]
         if D != self.input_size:
             raise ValueError(f"{name}: x: expected {self.input_size} input features, got {D}")
         if T < 1:
@@ -255,7 +269,16 @@ class _RNNBase(Module):
                 xin = layer_in if d == 0 else reverse(layer_in)
                 hk = zeros_h if h0 is None else h0[k]
                 y, hT, cT, ctx = self._run(
-                    xp, xin, hk, None if c0 is None else c0[k], zeros, layer, d, lengths, training
+                    xp,
+                    xin,
+                    hk,
+                    None if c0 is None else c0[k],
+                    zeros,
+                    layer,
+                    d,
+                    lengths,
+                    training,
+                    folded if layer == 0 else None,
                 )
                 outs.append(y if d == 0 else reverse(y))
                 lctx.append(ctx)
@@ -271,7 +294,15 @@ class _RNNBase(Module):
             layer_in = y
 
         self._cache = (
-            dict(ctxs=ctxs, masks=masks, reverse=reverse, shape=(T, N, D), unbatched=unbatched)
+            dict(
+                ctxs=ctxs,
+                masks=masks,
+                reverse=reverse,
+                shape=(T, N, D),
+                unbatched=unbatched,
+                folded=folded,
+                looked_up=looked_up,
+            )
             if training
             else None
         )
@@ -286,48 +317,72 @@ class _RNNBase(Module):
             return y, (h_n, c_n[:, 0, :] if unbatched else c_n)
         return y, h_n
 
-    def _run(self, xp, x, h0, c0, zeros, layer, d, lengths, training):
+    def _embed(self, embedding: Any, ids: Any, like: Any) -> tuple[Any, Any, Any]:
+        """forward's ``embedding``: checked -> (x, folded, looked_up): the indices and the
+        module when the CPU backend folds the lookup into the first layer, else the looked-up
+        vectors and the module (whose own backward then runs)."""
+        from fastrnn.nn.linear import Embedding
+
+        name = type(self).__name__
+        if not isinstance(embedding, Embedding):
+            raise TypeError(
+                f"{name}: embedding: expected a fastrnn.nn.Embedding, got "
+                f"{type(embedding).__name__}"
+            )
+        if embedding.embedding_dim != self.input_size:
+            raise ValueError(
+                f"{name}: embedding: expected {self.input_size} features (input_size), got "
+                f"{embedding.embedding_dim}"
+            )
+        table = embedding.weight.data
+        if table.dtype != like.dtype or array_module(table) is not array_module(like):
+            raise TypeError(
+                f"{name}: embedding: its weight ({type(table).__name__} {table.dtype}) must "
+                f"match the layer's ({type(like).__name__} {like.dtype})"
+            )
+        ids = embedding.check_indices(ids)
+        if ids.ndim not in (1, 2):
+            raise ValueError(f"{name}: x: expected indices of 1 or 2 dimensions, got {ids.ndim}")
+        if (
+            isinstance(ids, np.ndarray)
+            and select(False) == "cpu"
+            and ids.size > embedding.num_embeddings
+        ):
+            return ids, embedding, None
+        return embedding(ids), None, embedding
+
+    def _run(self, xp, x, h0, c0, zeros, layer, d, lengths, training, folded=None):
+        """One layer and direction -> y, hT, cT (None unless LSTM), ctx. ``folded``: an
+        Embedding whose indices x holds (layer 0 on the CPU backend): the engine looks the input
+        projection up (fastrnn/_cpu/recurrent.pyx)."""
         w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
         G, H = _GATES[self.mode], self.hidden_size
-        if self.mode == "LSTM":
-            b = b_ih.data + b_hh.data if b_ih is not None else xp.zeros(G * H, w_ih.data.dtype)
-            return lstm_forward(
-                x,
-                h0,
-                zeros if c0 is None else c0,
-                w_ih.data,
-                w_hh.data,
-                b,
-                w_hr=None if w_hr is None else w_hr.data,
-                lengths=lengths,
-                training=training,
+        zb = xp.zeros(G * H, w_ih.data.dtype) if b_ih is None else None  # bias=False
+        if self.mode == "GRU":  # the GRU keeps its two biases apart; the others take the sum
+            op, fn = "gru", gru_forward
+            args = (h0, w_ih.data, w_hh.data)
+            args += (zb if b_ih is None else b_ih.data, zb if b_hh is None else b_hh.data)
+        else:
+            b = zb if b_ih is None else b_ih.data + b_hh.data
+            if self.mode == "LSTM":
+                op, fn = "lstm", lstm_forward
+                args = (h0, zeros if c0 is None else c0, w_ih.data, w_hh.data, b)
+            else:
+                op, fn = "rnn", rnn_forward
+                args = (h0, w_ih.data, w_hh.data, b)
+        kw: dict[str, Any] = {}
+        if op == "rnn":
+            kw["nonlinearity"] = "tanh" if self.mode == "RNN_TANH" else "relu"
+        kw.update(lengths=lengths, training=training)
+        if op == "lstm":
+            kw["w_hr"] = None if w_hr is None else w_hr.data
+        if folded is not None:  # the backend's positional order: nonlinearity, lengths, ...
+            out = backend_module("cpu").lookup_forward(
+                op, x, folded.weight.data, *args, *kw.values()
             )
-        if self.mode == "GRU":
-            zb = xp.zeros(G * H, w_ih.data.dtype)
-            y, hT, ctx = gru_forward(
-                x,
-                h0,
-                w_ih.data,
-                w_hh.data,
-                zb if b_ih is None else b_ih.data,
-                zb if b_hh is None else b_hh.data,
-                lengths=lengths,
-                training=training,
-            )
-            return y, hT, None, ctx
-        b = b_ih.data + b_hh.data if b_ih is not None else xp.zeros(G * H, w_ih.data.dtype)
-        nonlinearity = "tanh" if self.mode == "RNN_TANH" else "relu"
-        y, hT, ctx = rnn_forward(
-            x,
-            h0,
-            w_ih.data,
-            w_hh.data,
-            b,
-            nonlinearity=nonlinearity,
-            lengths=lengths,
-            training=training,
-        )
-        return y, hT, None, ctx
+        else:
+            out = fn(x, *args, **kw)
+        return out if op == "lstm" else (out[0], out[1], None, out[2])
 
     # -- backward --------------------------------------------------------------------------------
 
@@ -339,7 +394,8 @@ class _RNNBase(Module):
         return_state_grad : also return the gradient of the initial state
 
         Accumulates every parameter's ``.grad`` and returns dx (shaped like x), or
-        ``(dx, dh0)`` / ``(dx, (dh0, dc0))`` with ``return_state_grad``.
+        ``(dx, dh0)`` / ``(dx, (dh0, dc0))`` with ``return_state_grad``. After a forward with
+        ``embedding``, the embedding's weight gradient is accumulated too and dx is None.
         """
         cache = self._saved()
         name = type(self).__name__
@@ -370,6 +426,7 @@ class _RNNBase(Module):
         if unbatched:
             dh_n, dc_n = (None if s is None else s[:, None, :] for s in (dh_n, dc_n))
         reverse = cache["reverse"]
+        folded = cache["folded"]
         dh0 = [None] * (L * dirs)
         dc0 = [None] * (L * dirs)
         g = dy
@@ -403,16 +460,24 @@ class _RNNBase(Module):
                 if b_ih is not None:
                     b_ih.accumulate(db_ih)
                     b_hh.accumulate(db_hh)
+                if layer == 0 and folded is not None:
+                    folded.accumulate_table_grad(dxd)  # the embedding's gradient (V, D)
+                    continue
                 if d == 1:
                     dxd = reverse(dxd)
                 dx = dxd if dx is None else dx + dxd
             g = dx
-        if unbatched:
+        if g is None:  # the first layer looked its input up (the embedding has its gradient)
+            dx = None
+        elif unbatched:
             dx = g[:, 0, :]
         elif self.batch_first:
             dx = xp.ascontiguousarray(g.transpose(1, 0, 2))
         else:
             dx = g
+        if cache["looked_up"] is not None:
+            cache["looked_up"].backward(dx)
+            dx = None
         if not return_state_grad:
             return dx
         dh = xp.stack(dh0)
