@@ -18,6 +18,7 @@ enum { FR_LSTM = 0, FR_GRU = 1, FR_RNN_TANH = 2, FR_RNN_RELU = 3 };
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
 #define FR_HAVE_ISA_VARIANTS 1
 #include <immintrin.h>
+#include "_vexp.h"
 #else
 #define FR_HAVE_ISA_VARIANTS 0
 #endif

@@ -64,28 +64,14 @@ cdef extern from *:
 
     /* _ce_rows for float32 (see there) with AVX-512 intrinsics: this module is built for the
        baseline ISA, where GCC runs the exp loop 4 lanes wide (and left it scalar when asked to
-       clone the function for AVX-512). exp(x) = 2^n p(r) as in fastrnn_expf, the scaling by
-       scalef (0 where it underflows); sums and maxima over 16 lanes. */
+       clone the function for AVX-512). exp as in fastrnn_expf (_vexp.h, 0 where it
+       underflows); sums and maxima over 16 lanes. */
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
     #include <immintrin.h>
     #include <math.h>
     #include <stdint.h>
+    #include "_vexp.h"
     #define FR_HAVE_CE_AVX512 1
-    static inline __attribute__((always_inline, target("avx512f"))) __m512 fr_v_exp(__m512 x) {
-        x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-        __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-        p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-        return _mm512_scalef_ps(p, n);
-    }
     static __attribute__((target("avx512f"))) double fastrnn_ce_rows_avx512(
         const float *z, const float *bias, const int64_t *t, Py_ssize_t rows, Py_ssize_t C,
         float count, float *d, float *db)
@@ -109,8 +95,9 @@ cdef extern from *:
             __m512 vm = _mm512_set1_ps(m);
             for (Py_ssize_t j = 0; j < C; j += 16) {
                 __mmask16 k = C - j >= 16 ? 0xffff : (__mmask16) ((1u << (C - j)) - 1u);
-                __m512 e = _mm512_maskz_mov_ps(
-                    k, fr_v_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, dr + j), vm)));
+                __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dr + j), vm);
+                x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  /* <= 0: m is the maximum */
+                __m512 e = _mm512_maskz_mov_ps(k, fr_v16_exp(x));
                 _mm512_mask_storeu_ps(dr + j, k, e);
                 acc = _mm512_add_ps(acc, e);
             }
