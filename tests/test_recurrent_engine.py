@@ -266,3 +266,25 @@ def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch):
         _compare(op, np.float32, 5, 9, 33, 20, None, seed=5)
     finally:
         fr.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_whole_sequence_gradients_across_blocks(op, split, monkeypatch):
+    """The backward's whole-sequence GEMMs (dx, dW_ih, dW_hh over all packed rows) on the
+    float32 AVX-512 kernels (SEQUENCE_GEMMS_OWN): 260 and 197 rows (k blocks of 96 and a
+    remainder), D = 80 and H = 48 (full 32-column panels and a 16-column half past them), gate
+    rows in blocks of 48 and a remainder; and D = 70 (BLAS: columns past the halves)."""
+    if not engine.isa_supported(ISAS["avx512"]):
+        pytest.skip("this CPU does not run avx512")
+    monkeypatch.setattr(engine, "SEQUENCE_GEMMS_OWN", True)
+    _set_split(split, monkeypatch)
+    threads = fr.get_num_threads()
+    fr.set_num_threads(2)
+    try:
+        lengths = np.array([20] * 5 + [17, 15, 12] * 2 + [3, 1])
+        for D, H in ((80, 48), (64, 32), (70, 48)):
+            _compare(op, np.float32, 20, 13, D, H, None, seed=6)
+            _compare(op, np.float32, 20, 13, D, H, lengths, seed=7)
+    finally:
+        fr.set_num_threads(threads)

@@ -172,6 +172,77 @@ __attribute__((target("avx512f,fma"), unused)) static void fr_panel_sgemm_avx512
     for (Py_ssize_t p = 0; p < np_; p++)
         fr_tiles(M, K, 128, A, lda, 1, P + p * K * 32, 32, beta, C + p * 32, ldc);
 }
+
+/* The whole-sequence GEMMs of the recurrent backward (weight gradients dW = dA^T X over all R
+   packed rows, input gradients dX = dA W): C (M x n) = A (M x K) @ B (K x n), A[r][k] at
+   A[r * ars + k * aks] (read in place, transposed or not), B's full 32-column panels from P
+   (fr_pack_panels of B, K rows), the last n % 32 columns from B itself; C is overwritten.
+   ``rows_outer``: 48-row blocks of C, each over all of K (B's panels stay in L2: dX);
+   else k in blocks of 96 outermost (C stays in L2, each block's A lines -- a transposed A
+   reads 8 floats of each of 96 rows -- and 12 KB panel chunk in L1: dW). The caller keeps
+   what stays in L2 small (fr_seq_fits). */
+static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_seq_block(
+    Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t np_, Py_ssize_t K,
+    const float *A, Py_ssize_t ars, Py_ssize_t aks, const float *P, float *C, Py_ssize_t ldc)
+{
+    int first = k0 == 0;
+    for (Py_ssize_t p = 0; p < np_; p++) {
+        const float *b = P + p * K * 32;
+        float *c = C + p * 32;
+        Py_ssize_t i = i0;
+        for (; i + 8 <= i1; i += 8)
+            fr_tile(8, k0, k1, A + i * ars, ars, aks, b, 32, first, 0.0f, c + i * ldc, ldc);
+        FR_LAST_ROWS(i1 - i, fr_tile, k0, k1, A + i * ars, ars, aks, b, 32, first, 0.0f,
+                     c + i * ldc, ldc)
+    }
+}
+static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_seq_tiles(
+    Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars, Py_ssize_t aks,
+    const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc, int rows_outer)
+{
+    Py_ssize_t np_ = n / 32, nf = np_ * 32;
+    if (M <= 0 || n <= 0)
+        return;
+    if (rows_outer) {
+        for (Py_ssize_t i0 = 0; i0 < M; i0 += 48) {
+            Py_ssize_t i1 = M - i0 < 48 ? M : i0 + 48, k0 = 0;
+            do {
+                Py_ssize_t k1 = K - k0 < 96 ? K : k0 + 96;
+                fr_seq_block(i0, i1, k0, k1, np_, K, A, ars, aks, P, C, ldc);
+                k0 = k1;
+            } while (k0 < K);
+        }
+    } else {
+        Py_ssize_t k0 = 0;
+        do {
+            Py_ssize_t k1 = K - k0 < 96 ? K : k0 + 96;
+            for (Py_ssize_t i0 = 0; i0 < M; i0 += 48)
+                fr_seq_block(i0, M - i0 < 48 ? M : i0 + 48, k0, k1, np_, K, A, ars, aks, P, C,
+                             ldc);
+            k0 = k1;
+        } while (k0 < K);
+    }
+    if (n > nf)  /* the last columns over all of K, from B in place */
+        fr_sgemm_avx512(M, n - nf, K, A, ars, aks, B + nf, ldb, 0.0f, C + nf, ldc, 256);
+}
+/* Whether fr_seq_sgemm_avx512 keeps its L2-resident operand (dX: B's panels, K x n; dW: C,
+   M x n) within 1 MB, with n in whole 16-column halves of panels; other problems go to BLAS
+   (its blocking handles large ones; a few columns past the panels ran 2-3% slower here). */
+static inline int fr_seq_fits(Py_ssize_t rows, Py_ssize_t n) {
+    return n % 16 == 0 && (double) rows * (double) n * sizeof(float) <= (double) (1 << 20);
+}
+/* (compiled once per layout of A, so that the tiles' A addresses are constant offsets) */
+__attribute__((target("avx512f,fma"), unused)) static void fr_seq_sgemm_avx512(
+    Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars, Py_ssize_t aks,
+    const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc)
+{
+    if (ars == 1)  /* A given as its transpose: a weight gradient, C in L2 */
+        fr_seq_tiles(M, n, K, A, 1, aks, B, ldb, P, C, ldc, 0);
+    else if (aks == 1)  /* A row-major: an input gradient, B's panels in L2 */
+        fr_seq_tiles(M, n, K, A, ars, 1, B, ldb, P, C, ldc, 1);
+    else
+        fr_seq_tiles(M, n, K, A, ars, aks, B, ldb, P, C, ldc, 1);
+}
 static int fr_small_gemm_ok = 0;
 static void fr_small_gemm_init(void) {
     __builtin_cpu_init();
@@ -191,6 +262,10 @@ __attribute__((unused)) static void fr_sgemm_avx512(
 __attribute__((unused)) static void fr_panel_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
     const float *P, float beta, float *C, Py_ssize_t ldc) {}
+__attribute__((unused)) static void fr_seq_sgemm_avx512(
+    Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars, Py_ssize_t aks,
+    const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc) {}
+static inline int fr_seq_fits(Py_ssize_t rows, Py_ssize_t n) { return 0; }
 #endif
 
 /* Columns [0, 32 np) of B (K rows, leading dimension ldb) as np panels of K x 32. */

@@ -53,7 +53,8 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
-    fr_sgemm_avx512,
+    fr_seq_fits,
+    fr_seq_sgemm_avx512,
     fr_small_gemm_init,
     fr_small_gemm_ok,
     from_blocked,
@@ -115,6 +116,9 @@ FUSE_INPUT_MIN_ROWS = 32
 # gets SPLIT_ROWS_MANY sequences to share each pass over them. Measured: benchmarks/NOTES-cpu.md.
 # SPLIT_ROWS_MIN = 0 turns it off.
 SPLIT_ROWS_MIN = 4
+# The backward's whole-sequence GEMMs (dx, dW_ih, dW_hh) on fastrnn's AVX-512 kernels
+# (fr_seq_sgemm_avx512) where their operands fit (fr_seq_fits), else on BLAS; False: BLAS.
+SEQUENCE_GEMMS_OWN = True
 SPLIT_ROWS_MANY = 16
 SPLIT_ROWS_WEIGHT_BYTES = 1 << 20
 
@@ -171,6 +175,7 @@ cdef struct Plan:
     bint panels         # step GEMMs from packed panels (float32 fast only)
     bint fuse_x         # the input projection inside the time loop, per step, from panels
     bint lookup         # the input is token ids: the input projection is a row of a table
+    bint seq_own        # the backward's whole-sequence GEMMs on our kernels (float32 fast)
     int nt              # threads in the time loop (1: serial time loop)
     bint by_rows        # the time loop split by sequences (each thread its own rows)
     int seq_threads     # threads for the whole-sequence GEMMs of a serial time loop
@@ -581,6 +586,7 @@ cdef void bwd_thread(
     floating* dw_hr,
     floating* scratch,        # (GH, D + P + 2)
     floating* panels,         # scratch (GH * P) W_hh's columns in panels, or unused
+    floating* seqpan,         # scratch for sequence_grads' panels, or unused
 ) noexcept nogil:
     cdef Py_ssize_t u0, u1, o0, o1, t, m
     cdef Py_ssize_t H = pl.H, P = pl.P, GH = pl.G * pl.H
@@ -598,7 +604,7 @@ cdef void bwd_thread(
     if whole:  # else bwd_run does it with its own threads
         fr_barrier()
         sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
-                       dw_hr, scratch)
+                       dw_hr, scratch, seqpan)
 
 
 cdef void bwd_rows_thread(
@@ -608,6 +614,7 @@ cdef void bwd_rows_thread(
     const floating* hprev, const floating* dy, floating* dh, floating* dc, floating* dax,
     floating* dah, floating* dht, floating* dr, floating* dx, floating* dw_ih, floating* dw_hh,
     floating* db1, floating* db2, floating* dw_hr, floating* scratch, floating* panels,
+    floating* seqpan,
 ) noexcept nogil:
     """Thread p's share of a backward split by sequences (pl.by_rows; arguments as
     bwd_thread): W_hh's panels shared out, one barrier, each row group's time loop alone, one
@@ -631,7 +638,7 @@ cdef void bwd_rows_thread(
         q += nt
     fr_barrier()
     sequence_grads(pl, p, nt, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1, db2,
-                   dw_hr, scratch)
+                   dw_hr, scratch, seqpan)
 
 
 cdef void sequence_grads(
@@ -650,6 +657,7 @@ cdef void sequence_grads(
     floating* db2,            # OUT (GH,) natural: column sums of dah (GRU), else NULL
     floating* dw_hr,          # OUT (P, H) projection only
     floating* scratch,        # (GH, D + P + 2) for a blocked layout
+    floating* seqpan,         # (float32 AVX-512) panels of x, hprev and W_ih: seq_panel_sizes
 ) noexcept nogil:
     """LB5 / GB5 / RB4: input, weight and bias gradients as whole-sequence GEMMs over the R
     packed rows, thread p's share. Single-threaded BLAS each. With token inputs (pl.lookup, x
@@ -664,12 +672,28 @@ cdef void sequence_grads(
     cdef floating* row
     cdef const floating* src
     cdef bint natural = pl.G == 1 or pl.bs >= pl.H
+    # our AVX-512 kernels for the GEMMs (the weights' shapes small enough, fr_seq_fits)
+    cdef bint own_x = floating is float and pl.seq_own and fr_seq_fits(GH, D)
+    cdef bint own_h = floating is float and pl.seq_own and fr_seq_fits(GH, P)
+    cdef floating* xpan = seqpan
+    cdef floating* hpan = seqpan + R * (D // 32 * 32)
+    cdef floating* wpan = hpan + R * (P // 32 * 32)
+    if own_x or own_h:
+        # this thread's share of the panels of x (unless looked up), hprev and W_ih, then
+        # every thread reads all of them
+        if own_x and not pl.lookup:
+            panel_columns(D, nt, p, &r0, &r1)
+            pack_panels(R, r1 - r0, <float*> x + r0, D, <float*> xpan + R * r0)
+            pack_panels(GH, r1 - r0, <float*> w_ih + r0, D, <float*> wpan + GH * r0)
+        if own_h:
+            panel_columns(P, nt, p, &r0, &r1)
+            pack_panels(R, r1 - r0, <float*> hprev + r0, P, <float*> hpan + R * r0)
+        fr_barrier()
     split(R, nt, p, &r0, &r1)
     if pl.lookup:
         pass
-    elif floating is float and pl.fast and D <= SEQ_TILES_MAX_D:
-        # narrow inputs: our AVX-512 tiles, without OpenBLAS's packing of the operands
-        fr_sgemm_avx512(r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, 0, dx + r0 * D, D, 256)
+    elif floating is float and own_x:
+        fr_seq_sgemm_avx512(r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, wpan, dx + r0 * D, D)
     else:
         mm(False, False, r1 - r0, D, GH, <floating> 1, dax + r0 * GH, GH, w_ih, D, <floating> 0,
            dx + r0 * D, D)
@@ -681,8 +705,7 @@ cdef void sequence_grads(
         sw_hh = scratch + GH * D
         sb1 = scratch + GH * (D + P)
         sb2 = sb1 + GH
-    # (the weight gradients read dax / dah transposed: our tiles, without packing, ran at
-    # 100-130 GFLOP/s there against OpenBLAS's 150 with its packing)
+    # (the weight gradients read dax / dah transposed, in place; x and hprev from panels)
     if pl.lookup:
         # this thread's columns of dtab: every row's gate gradients added to its token's row
         for v in range(pl.V):
@@ -696,11 +719,16 @@ cdef void sequence_grads(
                 row[c] += src[c]
         mm(True, False, r1 - r0, D, pl.V, <floating> 1, dt + r0, GH, x, D, <floating> 0,
            sw_ih + r0 * D, D)
+    elif floating is float and own_x:
+        fr_seq_sgemm_avx512(r1 - r0, D, R, dax + r0, 1, GH, x, D, xpan, sw_ih + r0 * D, D)
     else:
         mm(True, False, r1 - r0, D, R, <floating> 1, dax + r0, GH, x, D, <floating> 0,
            sw_ih + r0 * D, D)
-    mm(True, False, r1 - r0, P, R, <floating> 1, dah + r0, GH, hprev, P, <floating> 0,
-       sw_hh + r0 * P, P)
+    if floating is float and own_h:
+        fr_seq_sgemm_avx512(r1 - r0, P, R, dah + r0, 1, GH, hprev, P, hpan, sw_hh + r0 * P, P)
+    else:
+        mm(True, False, r1 - r0, P, R, <floating> 1, dah + r0, GH, hprev, P, <floating> 0,
+           sw_hh + r0 * P, P)
     column_sums(dax, R, GH, r0, r1, sb1)
     if db2 != NULL:
         column_sums(dah, R, GH, r0, r1, sb2)
@@ -718,10 +746,10 @@ cdef void sequence_grads(
            dw_hr + r0 * pl.H, pl.H)
 
 
-# dx = dax W_ih of inputs up to this wide runs on our AVX-512 tiles (1 thread, R 1024-2048, GH
-# 768: 146-155 GFLOP/s against OpenBLAS's 126 at D = 64, equal at 192, 136 vs 147 at 256)
-cdef enum:
-    SEQ_TILES_MAX_D = 128
+def seq_panel_sizes(Py_ssize_t R, Py_ssize_t D, Py_ssize_t P, Py_ssize_t GH):
+    """Elements of sequence_grads' ``seqpan``: the panels of x (R, D), hprev (R, P), W_ih
+    (GH, D)."""
+    return R * (D // 32 * 32) + R * (P // 32 * 32) + GH * (D // 32 * 32)
 
 
 cdef inline void column_sums(
@@ -741,7 +769,7 @@ cdef inline void column_sums(
 cdef enum:
     B_X, B_W_IH, B_W_HH, B_W_HR, B_ACTS, B_HS, B_CS, B_RS, B_HPREV, B_DY, B_DH, B_DC, B_DAX,
     B_DAH, B_DHT, B_DR, B_DX, B_DW_IH, B_DW_HH, B_DB1, B_DB2, B_DW_HR, B_SCRATCH, B_PANELS,
-    B_SLOTS
+    B_SEQPAN, B_SLOTS
 
 
 cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
@@ -770,6 +798,7 @@ cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
     cdef floating* dw_hr = <floating*> buf[B_DW_HR]
     cdef floating* scratch = <floating*> buf[B_SCRATCH]
     cdef floating* panels = <floating*> buf[B_PANELS]
+    cdef floating* seqpan = <floating*> buf[B_SEQPAN]
     cdef int saved[8]
     cdef int p, team
     fr_blas_pin_one(saved)
@@ -779,25 +808,26 @@ cdef void bwd_run(const Plan* pl, void** buf, floating kind) noexcept nogil:
             team = omp_get_num_threads()
             bwd_rows_thread(pl, p, team, x, w_ih, w_hh, w_hr, acts, hs, cs, rs, hprev, dy, dh,
                             dc, dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch,
-                            panels)
+                            panels, seqpan)
     elif pl.nt > 1:
         with parallel(num_threads=pl.nt):
             p = omp_get_thread_num()
             team = omp_get_num_threads()
             bwd_thread(pl, p, team, True, x, w_ih, w_hh, w_hr, acts, hs, cs, rs, hprev, dy, dh,
-                       dc, dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch, panels)
+                       dc, dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch, panels,
+                       seqpan)
     else:
         bwd_thread(pl, 0, 1, False, x, w_ih, w_hh, w_hr, acts, hs, cs, rs, hprev, dy, dh, dc,
-                   dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch, panels)
+                   dax, dah, dht, dr, dx, dw_ih, dw_hh, db1, db2, dw_hr, scratch, panels, seqpan)
         if pl.seq_threads > 1:
             with parallel(num_threads=pl.seq_threads):
                 p = omp_get_thread_num()
                 team = omp_get_num_threads()
                 sequence_grads(pl, p, team, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh,
-                               db1, db2, dw_hr, scratch)
+                               db1, db2, dw_hr, scratch, seqpan)
         else:
             sequence_grads(pl, 0, 1, dax, dah, x, hprev, w_ih, dht, rs, dx, dw_ih, dw_hh, db1,
-                           db2, dw_hr, scratch)
+                           db2, dw_hr, scratch, seqpan)
     if pl.lookup:  # the embedding's gradient dE = dtab W_ih (dx is E's shape here)
         mm(False, False, pl.V, pl.D, pl.G * pl.H, <floating> 1, <floating*> pl.dtab,
            pl.G * pl.H, w_ih, pl.D, <floating> 0, dx, pl.D)
@@ -979,6 +1009,7 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     pl.panels = pl.use_t and pl.fast
     pl.fuse_x = pl.panels and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
     pl.lookup = False
+    pl.seq_own = pl.fast and SEQUENCE_GEMMS_OWN
     pl.V = 0
     pl.tok = NULL
     pl.table = NULL
@@ -1140,13 +1171,14 @@ def _backward(ctx, dy, dhT, dcT):
     cdef Py_ssize_t n_s = GH * (D + P + 2), n_p = GH * P if pl.panels else 0
     cdef Py_ssize_t n_dx = R * D if rows.perm is not None and not lookup else 0
     cdef Py_ssize_t n_tab = V * GH
-    ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx + n_tab)
+    cdef Py_ssize_t n_sp = seq_panel_sizes(R, D, P, GH) if pl.seq_own else 0
+    ws = take_scratch(dtype, n_da + n_dah + n_dht + n_dr + n_s + n_p + n_dx + n_tab + n_sp)
     parts = []  # consecutive pieces of ws (slices: np.split costs ~13 us a call here)
     cdef Py_ssize_t at = 0
-    for n in (n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx, n_tab):
+    for n in (n_da, n_dah, n_dht, n_dr, n_s, n_p, n_dx, n_tab, n_sp):
         parts.append(ws[at : at + n])
         at += n
-    dax, dah, dht, dr, scratch, panels, dX, dtab = parts
+    dax, dah, dht, dr, scratch, panels, dX, dtab, seqpan = parts
     if not is_gru:
         dah = dax  # one gradient for the input and the recurrent pre-activations
     if lookup:
@@ -1163,7 +1195,7 @@ def _backward(ctx, dy, dhT, dcT):
     run_pass(&pl, True, dtype == np.float32, (
         X, w_ih_b, w_hh_b, w_hr, acts, hs, cs, rs, hprev, dY, dh, dc, dax, dah,
         dht if proj else None, dr if proj else None, dX, dw_ih, dw_hh, db1, db2, dw_hr, scratch,
-        panels if n_p else None,
+        panels if n_p else None, seqpan if n_sp else None,
     ))
     if rows.perm is not None and not lookup:
         dx = rows.unpack(dX[: R * D].reshape(R, D), D, dtype)
