@@ -27,15 +27,20 @@ typedef float fr_v16u __attribute__((vector_size(64), aligned(4)));
    a[r * ars + k * aks] (row-major: ars = lda, aks = 1; A given as its transpose: ars = 1,
    aks = its leading dimension), B's rows ldb apart (in place, or 32 in a packed panel);
    ``first``: the chunk starting at k = 0 (C is read for beta), otherwise the accumulation
-   continues from C. */
+   continues from C. ``init`` (NULL: zeros): the first chunk starts row r from the 32 floats
+   at init + tok[r] * ldi instead (a row of a table, per row of C; beta must be 0). */
 static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tile(
     int R, Py_ssize_t k0, Py_ssize_t k1, const float *a, Py_ssize_t ars, Py_ssize_t aks,
-    const float *b, Py_ssize_t ldb, int first, float beta, float *C, Py_ssize_t ldc)
+    const float *b, Py_ssize_t ldb, int first, float beta, float *C, Py_ssize_t ldc,
+    const float *init, const long long *tok, Py_ssize_t ldi)
 {
     fr_v16 c[8][2];
     #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        if (first) {
+        if (first && init != NULL) {
+            c[r][0] = *(const fr_v16u *)(init + tok[r] * ldi);
+            c[r][1] = *(const fr_v16u *)(init + tok[r] * ldi + 16);
+        } else if (first) {
             c[r][0] = (fr_v16){0}; c[r][1] = (fr_v16){0};
         } else {
             c[r][0] = *(const fr_v16u *)(C + r * ldc);
@@ -86,7 +91,8 @@ static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tile
    still writes beta C. */
 static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tiles(
     Py_ssize_t M, Py_ssize_t K, Py_ssize_t chunk, const float *A, Py_ssize_t ars,
-    Py_ssize_t aks, const float *b, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc)
+    Py_ssize_t aks, const float *b, Py_ssize_t ldb, float beta, float *C, Py_ssize_t ldc,
+    const float *init, const long long *tok, Py_ssize_t ldi)
 {
     Py_ssize_t k0 = 0;
     do {
@@ -95,9 +101,9 @@ static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_tile
         Py_ssize_t i = 0;
         for (; i + 8 <= M; i += 8)
             fr_tile(8, k0, k1, A + i * ars, ars, aks, b, ldb, first, beta, C + i * ldc,
-                    ldc);
+                    ldc, init, init ? tok + i : tok, ldi);
         FR_LAST_ROWS(M - i, fr_tile, k0, k1, A + i * ars, ars, aks, b, ldb, first, beta,
-                     C + i * ldc, ldc)
+                     C + i * ldc, ldc, init, init ? tok + i : tok, ldi)
         k0 = k1;
     } while (k0 < K);
 }
@@ -139,7 +145,7 @@ __attribute__((target("avx512f,fma"), unused)) static void fr_sgemm_avx512(
        per 8 rows; k in chunks so a 32-column chunk of B (32 KB at 256) stays in L1
        across the rows. */
     for (; j + 32 <= n; j += 32)
-        fr_tiles(M, K, chunk, A, ars, aks, B + j, ldb, beta, C + j, ldc);
+        fr_tiles(M, K, chunk, A, ars, aks, B + j, ldb, beta, C + j, ldc, NULL, NULL, 0);
     /* the last n % 32 columns, 16 at a time under a lane mask (e.g. the 8 columns past the
        panels of H = 200), rows in tiles of 8 and one tile of the rest */
     for (; j < n; j += 16) {
@@ -170,7 +176,21 @@ __attribute__((target("avx512f,fma"), unused)) static void fr_panel_sgemm_avx512
     const float *P, float beta, float *C, Py_ssize_t ldc)
 {
     for (Py_ssize_t p = 0; p < np_; p++)
-        fr_tiles(M, K, 128, A, lda, 1, P + p * K * 32, 32, beta, C + p * 32, ldc);
+        fr_tiles(M, K, 128, A, lda, 1, P + p * K * 32, 32, beta, C + p * 32, ldc, NULL, NULL,
+                 0);
+}
+/* The same with each row of C started from a row of a table instead of beta C: C[r] =
+   init[tok[r]] (columns as C's) + A[r] @ B. The recurrent step of token inputs: the input
+   projection of row r is row tok[r] of E W_ih^T (recurrent.pyx, lookup), added here instead
+   of copied into C first. */
+__attribute__((target("avx512f,fma"), unused)) static void fr_panel_sgemm_rows_avx512(
+    Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
+    const float *P, const float *init, const long long *tok, Py_ssize_t ldi, float *C,
+    Py_ssize_t ldc)
+{
+    for (Py_ssize_t p = 0; p < np_; p++)
+        fr_tiles(M, K, 128, A, lda, 1, P + p * K * 32, 32, 0.0f, C + p * 32, ldc,
+                 init + p * 32, tok, ldi);
 }
 
 /* The whole-sequence GEMMs of the recurrent backward (weight gradients dW = dA^T X over all R
@@ -191,9 +211,10 @@ static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_seq_
         float *c = C + p * 32;
         Py_ssize_t i = i0;
         for (; i + 8 <= i1; i += 8)
-            fr_tile(8, k0, k1, A + i * ars, ars, aks, b, 32, first, 0.0f, c + i * ldc, ldc);
+            fr_tile(8, k0, k1, A + i * ars, ars, aks, b, 32, first, 0.0f, c + i * ldc, ldc,
+                    NULL, NULL, 0);
         FR_LAST_ROWS(i1 - i, fr_tile, k0, k1, A + i * ars, ars, aks, b, 32, first, 0.0f,
-                     c + i * ldc, ldc)
+                     c + i * ldc, ldc, NULL, NULL, 0)
     }
 }
 static inline __attribute__((always_inline, target("avx512f,fma"))) void fr_seq_tiles(
@@ -265,6 +286,10 @@ __attribute__((unused)) static void fr_panel_sgemm_avx512(
 __attribute__((unused)) static void fr_seq_sgemm_avx512(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars, Py_ssize_t aks,
     const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc) {}
+__attribute__((unused)) static void fr_panel_sgemm_rows_avx512(
+    Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float *A, Py_ssize_t lda,
+    const float *P, const float *init, const long long *tok, Py_ssize_t ldi, float *C,
+    Py_ssize_t ldc) {}
 static inline int fr_seq_fits(Py_ssize_t rows, Py_ssize_t n) { return 0; }
 #endif
 

@@ -53,6 +53,7 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
+    fr_panel_sgemm_rows_avx512,
     fr_seq_fits,
     fr_seq_sgemm_avx512,
     fr_small_gemm_init,
@@ -310,12 +311,20 @@ cdef inline void fwd_step(
     cdef floating* hn = hs + (pl.hrow[t + 1] + n0) * P
     cdef const floating* tab
     cdef Py_ssize_t i
+    cdef bint looked_up = False  # L1 and L2 of an LSTM / RNN step in one GEMM
     if pl.lookup:
-        # L1 / G1 / R1 of token inputs: each row's projection is its token's row of the table
+        # L1 / G1 / R1 of token inputs: each row's projection is its token's row of the table,
+        # the start of the step's GEMM where the columns are whole panels, else copied first
         tab = <const floating*> pl.table
-        for i in range(m):
-            memcpy(g + i * GH + G * u0, tab + pl.tok[r0 + i] * GH + G * u0,
-                   G * (u1 - u0) * sizeof(floating))
+        if (floating is float and pl.panels and pl.cell != FR_GRU and (G * u0) % 32 == 0
+                and (G * (u1 - u0)) % 32 == 0):
+            fr_panel_sgemm_rows_avx512(m, G * (u1 - u0) // 32, P, hp, P, panels + P * G * u0,
+                                       tab + G * u0, pl.tok + r0, GH, g + G * u0, GH)
+            looked_up = True
+        else:
+            for i in range(m):
+                memcpy(g + i * GH + G * u0, tab + pl.tok[r0 + i] * GH + G * u0,
+                       G * (u1 - u0) * sizeof(floating))
     elif pl.fuse_x:
         # L1 / G1 / R1 of this step: written just before the step's own GEMM adds to it and its
         # cell reads it, so the gates stay in cache
@@ -327,13 +336,15 @@ cdef inline void fwd_step(
                  sv + r0 * 4 * H if sv != NULL else <floating*> NULL, u0, u1)
     elif pl.cell == FR_LSTM:
         # L2: the recurrent projection added onto L1's, then L3-L4.
-        step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
+        if not looked_up:
+            step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
         cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, cs + (pl.crow[t] + n0) * H,
                  rs + r0 * H if pl.proj else hn, cs + (pl.crow[t + 1] + n0) * H,
                  <floating*> NULL, u0, u1)
     else:
         # R2: the recurrent projection added onto R1's, then R3.
-        step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
+        if not looked_up:
+            step_product(pl, m, G * u0, G * u1, hp, w_hh, w_hh_t, panels, 1, g)
         cell_fwd(pl, m, g, <floating*> NULL, b1, <floating*> NULL, hp, <floating*> NULL, hn,
                  <floating*> NULL, <floating*> NULL, u0, u1)
 
