@@ -244,6 +244,51 @@ def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads, monkeyp
     assert ctx.saved["algorithm"] == "direct"
 
 
+# depthwise at stride 1 and dilation 1 (fr_depthwise_planes): rows shorter than a vector,
+# rows of 4 vectors and a tail, rectangular and 1x1 and 7x7 filters, padding 0..3 per side
+DEPTHWISE_CASES = [
+    (2, 3, 7, 5, 3, (3, 3), 1, 1, 1, 3, True),
+    (1, 16, 56, 56, 16, (3, 3), 1, 1, 1, 16, True),
+    (3, 5, 17, 70, 5, (5, 5), 1, 2, 1, 5, False),
+    (2, 4, 9, 9, 4, (3, 5), 1, (0, 2), 1, 4, True),
+    (1, 2, 3, 2, 2, (3, 3), 1, 1, 1, 2, True),
+    (2, 3, 20, 33, 3, (1, 1), 1, 0, 1, 3, True),
+    (1, 7, 8, 8, 7, (7, 7), 1, 3, 1, 7, False),
+]
+
+
+@pytest.mark.parametrize("act", [0, 1], ids=["linear", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_depthwise_planes(pinned_isa, case, dtype, act, restore_threads, monkeypatch):
+    """The depthwise forward plane by plane equals the direct kernels' blocks and the
+    reference (with ReLU in the same pass, on 1 and 2 threads), and its context runs the
+    direct backward."""
+    from fastrnn._cpu import conv2d as kernel
+
+    x, w, b, kw = _data(case, dtype)
+
+    def pair(v):
+        return tuple(v) if isinstance(v, tuple) else (v, v)
+
+    args = (pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"]), kw["groups"], False)
+    for threads in (1, 2):
+        fr.set_num_threads(threads)
+        monkeypatch.setattr(kernel, "DEPTHWISE_PLANES", False)
+        blocks, _ = kernel._direct_forward(x, w, b, *args, act)
+        monkeypatch.setattr(kernel, "DEPTHWISE_PLANES", True)
+        got, _ = kernel._direct_forward(x, w, b, *args, act)
+        assert_close(got, blocks, "conv", "forward", dtype, name=f"y on {threads} threads")
+    yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                               None if b is None else b.astype(np.float64), **kw)
+    if act:
+        yr = np.maximum(yr, 0)
+    assert_close(got, yr, "conv", "forward", dtype, name="y vs reference")
+    ctx = _check_against_reference(x, w, b, dict(kw, algorithm="direct"), dtype)
+    assert ctx.saved["algorithm"] == "direct"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=_ids)
 def test_cpu_im2col(case, dtype):

@@ -115,6 +115,12 @@ cdef extern from "conv_direct.h" nogil:
     int fr_isa_best()
     idx_t fr_set_fwd_taps(idx_t n)
     idx_t fr_dy_size(const fr_geom* g)
+    void fr_depthwise_planes_f32(int isa, const fr_geom* g, const float* x, const float* w,
+                                 const float* b, float* y, idx_t q0, idx_t q1, float* pad,
+                                 idx_t Wp)
+    void fr_depthwise_planes_f64(int isa, const fr_geom* g, const double* x, const double* w,
+                                 const double* b, double* y, idx_t q0, idx_t q1, double* pad,
+                                 idx_t Wp)
     void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
                                  float* u)
     void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
@@ -627,12 +633,52 @@ def _context(x, w, b, y, geometry, str algorithm):
     )
 
 
+def _depthwise(fr_geom g) -> bool:
+    """The depthwise forward's case: one channel per filter and per group, stride 1, dilation
+    1 (DEPTHWISE_PLANES)."""
+    return (DEPTHWISE_PLANES and g.Cg == 1 and g.Fg == 1 and g.sh == 1 and g.sw == 1
+            and g.dh == 1 and g.dw == 1)
+
+
+# A depthwise layer's forward plane by plane (fr_depthwise_planes: the padded plane in L1, one
+# pass writing y) instead of the direct kernels' blocks of 6 filters over packed planes and a
+# tile copied out: (32,64,56x56) 3x3, 1 thread: see NOTES-conv.md. False: the direct kernels.
+DEPTHWISE_PLANES = True
+
+
+def _depthwise_forward_run(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+                           const floating[::1] b, floating[:, :, :, ::1] y,
+                           floating[:, ::1] pads, tuple geometry, int nthreads, int isa,
+                           int act):
+    """Depthwise C1-C4 (+ ReLU): the N C planes in nthreads contiguous shares, each thread
+    with its own padded plane (``pads`` row)."""
+    cdef fr_geom g = _direct_geometry(_shape(x), _shape(w), geometry)
+    g.act = act
+    cdef const floating* bp = &b[0] if b.shape[0] > 0 else NULL
+    cdef idx_t Q = g.N * g.C, Wp = g.W + 2 * g.pw, t, q0, q1
+    with nogil:
+        for t in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+            q0 = Q * t // nthreads
+            q1 = Q * (t + 1) // nthreads
+            if floating is float:
+                fr_depthwise_planes_f32(isa, &g, &x[0, 0, 0, 0], &w[0, 0, 0, 0], bp,
+                                        &y[0, 0, 0, 0], q0, q1, &pads[t, 0], Wp)
+            else:
+                fr_depthwise_planes_f64(isa, &g, &x[0, 0, 0, 0], &w[0, 0, 0, 0], bp,
+                                        &y[0, 0, 0, 0], q0, q1, &pads[t, 0], Wp)
+
+
 def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int act=0):
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
-    off, wp, _ = _direct_tables(g, w)
     y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    if g.N > 0 and g.OH > 0 and g.OW > 0 and _depthwise(g):
+        (pads,) = _scratch(x.dtype, nt * ((g.H + 2 * g.ph) * (g.W + 2 * g.pw) + g.KW + 64))
+        bias = np.empty(0, dtype=x.dtype) if b is None else b
+        _depthwise_forward_run(x, w, bias, y, pads.reshape(nt, -1), geometry, nt, _isa(), act)
+        return y, (_context(x, w, b, y, geometry, "direct") if training else None)
+    off, wp, _ = _direct_tables(g, w)
     if g.N > 0:
         B = min(g.N, BATCH_PER_THREAD * nt)
         xq, tiles = _scratch(x.dtype, B * g.x_size, nt * 6 * g.Pf_r)

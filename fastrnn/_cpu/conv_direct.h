@@ -62,6 +62,12 @@ void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float*
                         const idx_t* off, float* part);
 void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
                         const idx_t* off, double* part);
+void fr_depthwise_planes_f32(int isa, const fr_geom* g, const float* x, const float* w,
+                             const float* b, float* y, idx_t q0, idx_t q1, float* pad,
+                             idx_t Wp);
+void fr_depthwise_planes_f64(int isa, const fr_geom* g, const double* x, const double* w,
+                             const double* b, double* y, idx_t q0, idx_t q1, double* pad,
+                             idx_t Wp);
 idx_t fr_dy_size(const fr_geom* g);
 void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1, float* u);
 void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,

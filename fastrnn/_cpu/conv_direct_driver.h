@@ -95,6 +95,26 @@ static void DN(pack_row_stride2)(int isa, const T* src, idx_t W, idx_t pw, idx_t
  * x  : IN  [C, H, W]
  * xq : OUT [g->x_size]
  */
+/* Depthwise forward (G = C = F, stride 1, dilation 1) of the planes q0 <= q < q1 of x (plane q
+ * is image q / C, channel q % C; y's planes in the same order): each plane is copied into
+ * ``pad``, the zero-padded plane of Wp columns (its borders zeroed here once, never written),
+ * and convolved from there by dw_plane; bias and ReLU (g->act) in the same pass.
+ * pad : scratch, (H + 2 ph) Wp + KW + 64 elements (vectors read past the last row). */
+void DN(fr_depthwise_planes)(int isa, const fr_geom* g, const T* x, const T* w, const T* b,
+                             T* y, idx_t q0, idx_t q1, T* pad, idx_t Wp)
+{
+    const idx_t H = g->H, W = g->W, taps = g->KH * g->KW;
+    memset(pad, 0, ((H + 2 * g->ph) * Wp + g->KW + 64) * sizeof(T));
+    for (idx_t q = q0; q < q1; ++q) {
+        const idx_t c = q % g->C;
+        const T* xp = x + q * H * W;
+        for (idx_t h = 0; h < H; ++h)
+            memcpy(pad + (h + g->ph) * Wp + g->pw, xp + h * W, W * sizeof(T));
+        FR_PICK(isa, dw_plane)(pad, Wp, w + c * taps, g->KH, g->KW, b ? b[c] : (T)0,
+                               (int)g->act, y + q * g->OH * g->OW, g->OH, g->OW);
+    }
+}
+
 void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;

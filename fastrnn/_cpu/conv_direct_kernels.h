@@ -283,6 +283,62 @@ static TARGET void NAME(split_phases)(const T* restrict s, idx_t n, T* restrict 
     }
 }
 
+/* Depthwise forward of one plane (one filter per channel) at stride 1 and dilation 1:
+ *   y[oh OW + ow] = b + sum over kh < KH, kw < KW of w[kh KW + kw] pad[(oh + kh) Wp + ow + kw]
+ * then ReLU with ``act`` (v < 0 -> 0, NaN kept).
+ * pad : IN  the zero-padded plane, OH + KH - 1 rows of Wp columns, readable VW elements past
+ *       the last row (vectors past a row's last output read padding or the next row: unused)
+ * w   : IN  [KH KW] the channel's filter
+ * y   : OUT [OH][OW]
+ * Positions in the vector lanes, four vectors of a row at a time, the taps outermost per
+ * vector: the plane sits in L1 and every tap is one unaligned load and one FMA. */
+static TARGET void NAME(dw_plane)(const T* restrict pad, idx_t Wp, const T* restrict w,
+                                  idx_t KH, idx_t KW, T b, int act, T* restrict y, idx_t OH,
+                                  idx_t OW)
+{
+    for (idx_t oh = 0; oh < OH; ++oh) {
+        T* restrict yr = y + oh * OW;
+        const T* restrict top = pad + oh * Wp;
+        idx_t ow = 0;
+        for (; ow + 4 * VW <= OW; ow += 4 * VW) {
+            V a0 = (V){0} + b, a1 = a0, a2 = a0, a3 = a0;
+            for (idx_t kh = 0; kh < KH; ++kh) {
+                const T* r = top + kh * Wp + ow;
+                for (idx_t kw = 0; kw < KW; ++kw) {
+                    const V wv = (V){0} + w[kh * KW + kw];
+                    a0 += wv * NAME(load)(r + kw);
+                    a1 += wv * NAME(load)(r + kw + VW);
+                    a2 += wv * NAME(load)(r + kw + 2 * VW);
+                    a3 += wv * NAME(load)(r + kw + 3 * VW);
+                }
+            }
+            NAME(store)(yr + ow, a0);
+            NAME(store)(yr + ow + VW, a1);
+            NAME(store)(yr + ow + 2 * VW, a2);
+            NAME(store)(yr + ow + 3 * VW, a3);
+        }
+        for (; ow < OW; ow += VW) {
+            V a0 = (V){0} + b;
+            for (idx_t kh = 0; kh < KH; ++kh) {
+                const T* r = top + kh * Wp + ow;
+                for (idx_t kw = 0; kw < KW; ++kw)
+                    a0 += ((V){0} + w[kh * KW + kw]) * NAME(load)(r + kw);
+            }
+            if (ow + VW <= OW) {
+                NAME(store)(yr + ow, a0);
+            } else {
+                T tail[VW];
+                NAME(store)(tail, a0);
+                for (idx_t i = 0; i < OW - ow; ++i)
+                    yr[ow + i] = tail[i];
+            }
+        }
+        if (act)
+            for (idx_t i = 0; i < OW; ++i)
+                yr[i] = yr[i] < 0 ? (T)0 : yr[i];
+    }
+}
+
 #undef V
 #undef NAME
 #undef CAT
