@@ -121,6 +121,12 @@ cdef extern from "conv_direct.h" nogil:
     void fr_depthwise_planes_f64(int isa, const fr_geom* g, const double* x, const double* w,
                                  const double* b, double* y, idx_t q0, idx_t q1, double* pad,
                                  idx_t Wp)
+    void fr_depthwise_wgrad_f32(int isa, const fr_geom* g, const float* x, const float* dy,
+                                float* dw, float* db, idx_t c0, idx_t c1, float* pad, idx_t Wp,
+                                float* dyp, idx_t OWp, float* acc)
+    void fr_depthwise_wgrad_f64(int isa, const fr_geom* g, const double* x, const double* dy,
+                                double* dw, double* db, idx_t c0, idx_t c1, double* pad,
+                                idx_t Wp, double* dyp, idx_t OWp, double* acc)
     void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
                                  float* u)
     void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,
@@ -668,6 +674,43 @@ def _depthwise_forward_run(const floating[:, :, :, ::1] x, const floating[:, :, 
                                         &y[0, 0, 0, 0], q0, q1, &pads[t, 0], Wp)
 
 
+def _depthwise_wgrad_run(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
+                         floating[:, :, :, ::1] dw, floating[::1] db, floating[:, ::1] bufs,
+                         tuple w_shape, tuple geometry, int nthreads, int isa):
+    """Depthwise CB1-CB2 (fr_depthwise_wgrad): the channels in nthreads contiguous shares, each
+    thread with its own padded plane, dy plane and accumulators (``bufs`` row)."""
+    cdef fr_geom g = _direct_geometry(_shape(x), w_shape, geometry)
+    cdef idx_t OWp = _round(g.OW, 16), Wp = OWp + g.KW - 1
+    cdef idx_t npad = (g.H + 2 * g.ph) * Wp + 64, ndy = g.OH * OWp, t, c0, c1
+    cdef floating* dbp = &db[0] if db.shape[0] > 0 else NULL
+    with nogil:
+        for t in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+            c0 = g.C * t // nthreads
+            c1 = g.C * (t + 1) // nthreads
+            if floating is float:
+                fr_depthwise_wgrad_f32(isa, &g, &x[0, 0, 0, 0], &dy[0, 0, 0, 0],
+                                       &dw[0, 0, 0, 0], dbp, c0, c1, &bufs[t, 0], Wp,
+                                       &bufs[t, npad], OWp, &bufs[t, npad + ndy])
+            else:
+                fr_depthwise_wgrad_f64(isa, &g, &x[0, 0, 0, 0], &dy[0, 0, 0, 0],
+                                       &dw[0, 0, 0, 0], dbp, c0, c1, &bufs[t, 0], Wp,
+                                       &bufs[t, npad], OWp, &bufs[t, npad + ndy])
+
+
+def _depthwise_wgrad(x, dy, w, geometry, bint has_bias, int nt, int isa):
+    """dw, db (empty without bias) of a depthwise layer at stride 1 and dilation 1."""
+    cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
+    cdef idx_t OWp = _round(g.OW, 16), Wp = OWp + g.KW - 1
+    size = (g.H + 2 * g.ph) * Wp + 64 + g.OH * OWp + (g.KH * g.KW + 1) * 16
+    nt = max(1, min(nt, g.C))
+    (bufs,) = _scratch(x.dtype, nt * size, key="depthwise")
+    dw = np.empty_like(w)
+    db = np.empty(g.F if has_bias else 0, dtype=x.dtype)
+    _depthwise_wgrad_run(x, np.ascontiguousarray(dy), dw, db, bufs.reshape(nt, size),
+                         tuple(w.shape), geometry, nt, isa)
+    return dw, db
+
+
 def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int act=0):
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
@@ -772,6 +815,10 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         dw, dbw, xsums = _winograd_wgrad(x, dy, w, geometry, s["has_bias"], nt)
         if s["has_bias"]:
             db[:] = dbw
+    elif g.N > 0 and g.OH > 0 and g.OW > 0 and _depthwise(g):
+        dw, db = _depthwise_wgrad(x, dy, w, geometry, s["has_bias"], nt, isa)
+        # a NaN or infinity of x reaches dw only by making it non-finite (the check below)
+        xsums = np.array([dw.sum(dtype=np.float64)])
     else:
         xsums = np.zeros(g.N)
         psize = g.G * g.Kg_r * g.Fg_r if g.wgt else g.F * g.Kg_r

@@ -68,6 +68,12 @@ void fr_depthwise_planes_f32(int isa, const fr_geom* g, const float* x, const fl
 void fr_depthwise_planes_f64(int isa, const fr_geom* g, const double* x, const double* w,
                              const double* b, double* y, idx_t q0, idx_t q1, double* pad,
                              idx_t Wp);
+void fr_depthwise_wgrad_f32(int isa, const fr_geom* g, const float* x, const float* dy,
+                            float* dw, float* db, idx_t c0, idx_t c1, float* pad, idx_t Wp,
+                            float* dyp, idx_t OWp, float* acc);
+void fr_depthwise_wgrad_f64(int isa, const fr_geom* g, const double* x, const double* dy,
+                            double* dw, double* db, idx_t c0, idx_t c1, double* pad, idx_t Wp,
+                            double* dyp, idx_t OWp, double* acc);
 idx_t fr_dy_size(const fr_geom* g);
 void fr_winograd_weights_f32(const float* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1, float* u);
 void fr_winograd_weights_f64(const double* w, idx_t F, idx_t C, idx_t fb0, idx_t fb1,

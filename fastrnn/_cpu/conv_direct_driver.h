@@ -115,6 +115,49 @@ void DN(fr_depthwise_planes)(int isa, const fr_geom* g, const T* x, const T* w, 
     }
 }
 
+/* Depthwise weight (and bias) gradient, stride 1, dilation 1, of the channels c0 <= c < c1:
+ * dw[c][t] = sum over images and outputs of dy[n, c, oh, ow] x_pad[n, c, oh + kh, ow + kw],
+ * db[c] = sum of dy[n, c] (db may be NULL). Each channel's images in order, on one thread:
+ * the same sums on any number of threads. The vectors past a row's OW outputs multiply zeros
+ * of dy's copy by inputs that no output reads: a NaN or infinity in x reaches dw that way, so
+ * the caller checks dw's finiteness and recomputes where x is not finite.
+ * pad : scratch, (H + 2 ph) Wp + 64 elements, Wp = OWp + KW - 1; dyp: OH OWp (OWp a multiple
+ * of 16); acc: (KH KW + 1) 16 elements. */
+void DN(fr_depthwise_wgrad)(int isa, const fr_geom* g, const T* x, const T* dy, T* dw, T* db,
+                            idx_t c0, idx_t c1, T* pad, idx_t Wp, T* dyp, idx_t OWp, T* acc)
+{
+    const idx_t H = g->H, W = g->W, OH = g->OH, OW = g->OW, C = g->C, taps = g->KH * g->KW;
+#if FR_X86  /* the lanes of the kernel FR_PICK chooses */
+    const idx_t vw = isa == FR_ISA_AVX512 ? 64 / (idx_t)sizeof(T)
+                     : isa == FR_ISA_AVX2 ? 32 / (idx_t)sizeof(T) : 16 / (idx_t)sizeof(T);
+#else
+    const idx_t vw = 16 / (idx_t)sizeof(T);
+#endif
+    memset(pad, 0, ((H + 2 * g->ph) * Wp + 64) * sizeof(T));
+    memset(dyp, 0, OH * OWp * sizeof(T));
+    for (idx_t c = c0; c < c1; ++c) {
+        memset(acc, 0, (taps + 1) * vw * sizeof(T));
+        for (idx_t n = 0; n < g->N; ++n) {
+            const T* xp = x + (n * C + c) * H * W;
+            const T* dp = dy + (n * C + c) * OH * OW;
+            for (idx_t h = 0; h < H; ++h)
+                memcpy(pad + (h + g->ph) * Wp + g->pw, xp + h * W, W * sizeof(T));
+            for (idx_t oh = 0; oh < OH; ++oh)
+                memcpy(dyp + oh * OWp, dp + oh * OW, OW * sizeof(T));
+            FR_PICK(isa, dw_wgrad_plane)(pad, Wp, dyp, OH, OWp, g->KH, g->KW, acc);
+        }
+        for (idx_t t = 0; t <= taps; ++t) {
+            double s = 0;
+            for (idx_t l = 0; l < vw; ++l)
+                s += acc[t * vw + l];
+            if (t < taps)
+                dw[c * taps + t] = (T)s;
+            else if (db)
+                db[c] = (T)s;
+        }
+    }
+}
+
 void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;

@@ -339,6 +339,40 @@ static TARGET void NAME(dw_plane)(const T* restrict pad, idx_t Wp, const T* rest
     }
 }
 
+/* Depthwise weight gradient of one plane at stride 1 and dilation 1, added to acc:
+ *   acc[t] (VW lanes, summed by the caller) += dyp[oh OWp + ow] pad[(oh + kh) Wp + ow + kw]
+ *   for every tap t = kh KW + kw and output (oh, ow); acc[KH KW] += dyp (the bias gradient)
+ * pad : IN  the zero-padded input plane, Wp >= OWp + KW - 1 columns (reads stay in a row)
+ * dyp : IN  [OH][OWp] the output gradient, zero in the columns past OW
+ * Taps outermost: each tap's accumulator stays in registers over the plane (in L1). */
+static TARGET void NAME(dw_wgrad_plane)(const T* restrict pad, idx_t Wp, const T* restrict dyp,
+                                        idx_t OH, idx_t OWp, idx_t KH, idx_t KW,
+                                        T* restrict acc)
+{
+    for (idx_t kh = 0; kh < KH; ++kh)
+        for (idx_t kw = 0; kw < KW; ++kw) {
+            V a0 = (V){0}, a1 = (V){0};
+            for (idx_t oh = 0; oh < OH; ++oh) {
+                const T* d = dyp + oh * OWp;
+                const T* r = pad + (oh + kh) * Wp + kw;
+                idx_t ow = 0;
+                for (; ow + 2 * VW <= OWp; ow += 2 * VW) {
+                    a0 += NAME(load)(d + ow) * NAME(load)(r + ow);
+                    a1 += NAME(load)(d + ow + VW) * NAME(load)(r + ow + VW);
+                }
+                for (; ow < OWp; ow += VW)
+                    a0 += NAME(load)(d + ow) * NAME(load)(r + ow);
+            }
+            T* q = acc + (kh * KW + kw) * VW;
+            NAME(store)(q, NAME(load)(q) + a0 + a1);
+        }
+    V s0 = (V){0};
+    for (idx_t i = 0; i < OH * OWp; i += VW)
+        s0 += NAME(load)(dyp + i);
+    T* q = acc + KH * KW * VW;
+    NAME(store)(q, NAME(load)(q) + s0);
+}
+
 #undef V
 #undef NAME
 #undef CAT
