@@ -33,9 +33,10 @@ How a call runs (everything from the first GEMM to the last inside one ``with no
 * GEMMs. The step GEMMs read the recurrent weights from panels packed once per call (float32,
   AVX-512) or go to single-threaded BLAS (pinned in C, see _recurrent_threads.py); the input
   projection of all steps (L1, G1, R1) and the weight/input gradients (LB5, GB5, RB4) are
-  whole-sequence GEMMs split over the threads, except that with panels and batches of
-  FUSE_INPUT_MIN_ROWS rows or more the input projection runs step by step inside the time
-  loop, from W_ih's panels, right before the step's own GEMM.
+  whole-sequence GEMMs split over the threads, except that with panels, batches of
+  FUSE_INPUT_MIN_ROWS rows or more and weights that stay in L2 (FUSE_INPUT_MAX_BYTES) the
+  input projection runs step by step inside the time loop, from W_ih's panels, right before
+  the step's own GEMM. Token inputs (lookup) start each step's GEMM from a table row instead.
 
 Measurements behind these choices: benchmarks/NOTES-cpu.md.
 """
@@ -108,6 +109,11 @@ from fastrnn._cpu._recurrent_cells cimport (
 # the step reads them. Measured (NOTES-cpu.md): 2-12% off the forward at N = 32, neutral at 20,
 # 3-12% slower at 16 (fewer row tiles share each panel chunk in L1). 0 turns it off.
 FUSE_INPUT_MIN_ROWS = 32
+# ... and only while the weights each step streams, W_ih and W_hh (their panels), take at most
+# this many bytes: beyond it they no longer stay in L2 from one step to the next, and the
+# projection first is faster (2 threads, forward, first/fuse: 1.1 MB 1.00-1.02, 1.5 MB
+# 0.95-0.99, 2 MB 0.87-0.91, 8 MB 0.91-0.96; NOTES-cpu.md).
+FUSE_INPUT_MAX_BYTES = 5 << 18
 
 # The time loop is split by sequences (each thread runs its own rows' steps, no barrier per
 # step) instead of by hidden units (a barrier per step, the h_t of every thread read by every
@@ -997,7 +1003,9 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # a parallel region (no barrier per step, the natural layout); else by hidden units when a
     # step's GEMM repays a barrier per step (team_size), in one block per thread (a multiple of
     # BLOCK), so the cells run long loops.
-    per_step = P + (D if pl.fast and 0 < FUSE_INPUT_MIN_ROWS <= rows.N else 0)
+    fuse = (pl.fast and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
+            and (D + P) * G * H * (4 if is_float else 8) <= FUSE_INPUT_MAX_BYTES)
+    per_step = P + (D if fuse else 0)
     weight_bytes = per_step * G * H * (4 if is_float else 8)
     pl.by_rows = (pl.seq_threads > 1 and SPLIT_ROWS_MIN > 0
                   and rows.N >= SPLIT_ROWS_MIN * pl.seq_threads
@@ -1018,7 +1026,7 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # from packed panels with the AVX-512 kernels
     pl.use_t = rows.N >= 4 and rows.T >= 4
     pl.panels = pl.use_t and pl.fast
-    pl.fuse_x = pl.panels and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
+    pl.fuse_x = pl.panels and fuse
     pl.lookup = False
     pl.seq_own = pl.fast and SEQUENCE_GEMMS_OWN
     pl.V = 0
