@@ -71,7 +71,10 @@ cdef extern from *:
     #include <math.h>
     #include <stdint.h>
     #include "_vexp.h"
-    #define FR_HAVE_CE_AVX512 1
+    /* the lanes of a row's vector at column j: all 16, or the C - j left */
+    static inline __mmask16 fr_ce_lanes(Py_ssize_t left) {
+        return left >= 16 ? (__mmask16) 0xffff : (__mmask16) ((1u << left) - 1u);
+    }
     static __attribute__((target("avx512f"))) double fastrnn_ce_rows_avx512(
         const float *z, const float *bias, const int64_t *t, Py_ssize_t rows, Py_ssize_t C,
         float count, float *d, float *db)
@@ -84,7 +87,7 @@ cdef extern from *:
             int64_t tr = t[r];
             __m512 mx = _mm512_set1_ps(-INFINITY), acc = _mm512_setzero_ps();
             for (Py_ssize_t j = 0; j < C; j += 16) {
-                __mmask16 k = C - j >= 16 ? 0xffff : (__mmask16) ((1u << (C - j)) - 1u);
+                __mmask16 k = fr_ce_lanes(C - j);
                 __m512 v = _mm512_maskz_loadu_ps(k, zr + j);
                 if (bias != NULL) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + j));
                 _mm512_mask_storeu_ps(dr + j, k, v);
@@ -94,7 +97,7 @@ cdef extern from *:
             float zt = dr[tr] - m;
             __m512 vm = _mm512_set1_ps(m);
             for (Py_ssize_t j = 0; j < C; j += 16) {
-                __mmask16 k = C - j >= 16 ? 0xffff : (__mmask16) ((1u << (C - j)) - 1u);
+                __mmask16 k = fr_ce_lanes(C - j);
                 __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dr + j), vm);
                 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  /* <= 0: m is the maximum */
                 __m512 e = _mm512_maskz_mov_ps(k, fr_v16_exp(x));
@@ -105,7 +108,7 @@ cdef extern from *:
             total += (double) (logf(s) - zt);
             __m512 sc = _mm512_set1_ps(inv_count / s);
             for (Py_ssize_t j = 0; j < C; j += 16) {
-                __mmask16 k = C - j >= 16 ? 0xffff : (__mmask16) ((1u << (C - j)) - 1u);
+                __mmask16 k = fr_ce_lanes(C - j);
                 __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, dr + j), sc);
                 _mm512_mask_storeu_ps(dr + j, k, v);
                 if (db != NULL)
@@ -122,7 +125,6 @@ cdef extern from *:
         return __builtin_cpu_supports("avx512f");
     }
     #else
-    #define FR_HAVE_CE_AVX512 0
     static double fastrnn_ce_rows_avx512(
         const float *z, const float *bias, const int64_t *t, Py_ssize_t rows, Py_ssize_t C,
         float count, float *d, float *db) { return 0.0; }

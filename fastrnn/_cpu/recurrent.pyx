@@ -677,7 +677,8 @@ cdef void sequence_grads(
     floating* seqpan,         # (float32 AVX-512) panels of x, hprev and W_ih: seq_panel_sizes
 ) noexcept nogil:
     """LB5 / GB5 / RB4: input, weight and bias gradients as whole-sequence GEMMs over the R
-    packed rows, thread p's share. Single-threaded BLAS each. With token inputs (pl.lookup, x
+    packed rows, thread p's share: fastrnn's kernels where they apply (pl.seq_own, fr_seq_fits),
+    else single-threaded BLAS. With token inputs (pl.lookup, x
     is then the embedding E (V, D)): the rows' input gate gradients summed by token into dtab,
     dW_ih = dtab^T E, and no dx (bwd_run computes the embedding's gradient from dtab)."""
     cdef Py_ssize_t r0, r1, c, r, v, GH = pl.G * pl.H, D = pl.D, P = pl.P, R = pl.R
@@ -982,8 +983,10 @@ cdef int run_pass(const Plan* pl, bint backward, bint is_float, tuple arrays) ex
 
 
 cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, Py_ssize_t P,
-                   bint proj, bint is_float, object crow) except -1:
-    """The plan of one call (raises for a FASTRNN_SIMD this CPU does not run)."""
+                   bint proj, bint is_float, object crow, Py_ssize_t V=0,
+                   cnp.ndarray tok=None) except -1:
+    """The plan of one call (raises for a FASTRNN_SIMD this CPU does not run); ``tok``: the
+    packed rows' tokens of a call with token inputs (V table rows), else None."""
     cdef int G = _GATES[cell]
     cdef int isa = simd_level()
     cdef cnp.ndarray a
@@ -1003,10 +1006,11 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # a parallel region (no barrier per step, the natural layout); else by hidden units when a
     # step's GEMM repays a barrier per step (team_size), in one block per thread (a multiple of
     # BLOCK), so the cells run long loops.
+    itemsize = 4 if is_float else 8
     fuse = (pl.fast and 0 < FUSE_INPUT_MIN_ROWS <= rows.N
-            and (D + P) * G * H * (4 if is_float else 8) <= FUSE_INPUT_MAX_BYTES)
+            and (D + P) * G * H * itemsize <= FUSE_INPUT_MAX_BYTES)
     per_step = P + (D if fuse else 0)
-    weight_bytes = per_step * G * H * (4 if is_float else 8)
+    weight_bytes = per_step * G * H * itemsize
     pl.by_rows = (pl.seq_threads > 1 and SPLIT_ROWS_MIN > 0
                   and rows.N >= SPLIT_ROWS_MIN * pl.seq_threads
                   and (weight_bytes <= SPLIT_ROWS_WEIGHT_BYTES
@@ -1026,11 +1030,11 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     # from packed panels with the AVX-512 kernels
     pl.use_t = rows.N >= 4 and rows.T >= 4
     pl.panels = pl.use_t and pl.fast
-    pl.fuse_x = pl.panels and fuse
-    pl.lookup = False
+    pl.lookup = tok is not None
+    pl.fuse_x = pl.panels and fuse and not pl.lookup
     pl.seq_own = pl.fast and SEQUENCE_GEMMS_OWN
-    pl.V = 0
-    pl.tok = NULL
+    pl.V = V
+    pl.tok = <const long long*> cnp.PyArray_DATA(tok) if pl.lookup else NULL
     pl.table = NULL
     pl.dtab = NULL
     a = rows.off
@@ -1072,17 +1076,13 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training, t
     # c: every step's block when training, else a ring of two blocks
     crow = rows.hrow if train else rows.ring
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow)
     cdef cnp.ndarray tok = None
     if lookup:
         X = x
         tok = np.ascontiguousarray(rows.pack(tokens[:, :, None])[:, 0], dtype=np.int64)
-        pl.lookup = True
-        pl.fuse_x = False
-        pl.V = V
-        pl.tok = <const long long*> cnp.PyArray_DATA(tok)
     else:
         X = rows.pack(x)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow, V, tok)
     # What backward reads shares one buffer from the saved pool when training (reused across
     # calls, so its pages are not faulted in and zeroed every call).
     cdef Py_ssize_t n_g = R * GH, n_h = (N + R) * P
@@ -1169,12 +1169,7 @@ def _backward(ctx, dy, dhT, dcT):
     cdef bint lookup = tok is not None
     cdef Py_ssize_t V = X.shape[0] if lookup else 0
     cdef Plan pl
-    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow)
-    if lookup:
-        pl.lookup = True
-        pl.fuse_x = False
-        pl.V = V
-        pl.tok = <const long long*> cnp.PyArray_DATA(tok)
+    fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, rows.hrow, V, tok)
     pl.bs = s["bs"]  # the forward's layout (the cells and the split by rows take any)
     if pl.bs >= H and not pl.by_rows:
         pl.nt = 1  # the natural layout is not split by units

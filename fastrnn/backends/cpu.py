@@ -72,12 +72,13 @@ def rnn_backward(ctx, dy, dhT):
 
 
 @fork_safe
-def lookup_forward(op, tokens, table, *args):
-    """``op``'s forward ("lstm", "gru" or "rnn"; ``args``: its arguments after x) with token
+def lookup_forward(op, tokens, table, *args, **kwargs):
+    """``op``'s forward ("lstm", "gru" or "rnn"; ``args``, ``kwargs``: its arguments after x,
+    by the names of fastrnn/_cpu/recurrent.pyx's forwards) with token
     inputs: the input at (t, n) is ``table[tokens[t, n]]`` and the first GEMM a lookup into
     ``table W_ih^T``; its backward returns the table's gradient in dx's place. Not part of the
     backend interface: fastrnn.nn's recurrent layers call it for ``embedding=``."""
-    return getattr(_kernels("recurrent"), f"{op}_forward")(table, *args, tokens=tokens)
+    return getattr(_kernels("recurrent"), f"{op}_forward")(table, *args, tokens=tokens, **kwargs)
 
 
 # -- convolution and pooling ----------------------------------------------------------------------

@@ -376,10 +376,8 @@ class _RNNBase(Module):
         kw.update(lengths=lengths, training=training)
         if op == "lstm":
             kw["w_hr"] = None if w_hr is None else w_hr.data
-        if folded is not None:  # the backend's positional order: nonlinearity, lengths, ...
-            out = backend_module("cpu").lookup_forward(
-                op, x, folded.weight.data, *args, *kw.values()
-            )
+        if folded is not None:
+            out = backend_module("cpu").lookup_forward(op, x, folded.weight.data, *args, **kw)
         else:
             out = fn(x, *args, **kw)
         return out if op == "lstm" else (out[0], out[1], None, out[2])
