@@ -244,6 +244,43 @@ def test_cpu_direct_every_path(pinned_isa, case, dtype, restore_threads, monkeyp
     assert ctx.saved["algorithm"] == "direct"
 
 
+# column stride 2: odd and even widths and padding parities, a 1x1 kernel (one column phase
+# without taps), dilation, groups, more than one block of 6 input channels
+PAIR_CASES = [
+    (3, 20, 12, 9, 14, (3, 3), 2, 1, 1, 1, True),
+    (2, 7, 11, 13, 5, (3, 3), 2, 0, 1, 1, False),
+    (2, 13, 9, 10, 8, (1, 1), 2, 0, 1, 1, True),
+    (1, 8, 10, 11, 6, (5, 5), (1, 2), 2, 1, 2, True),
+    (5, 6, 9, 8, 4, (3, 2), (2, 2), (1, 1), (2, 1), 2, False),
+    (4, 3, 8, 17, 16, (2, 4), (3, 2), (0, 3), 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", PAIR_CASES, ids=_ids)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_dgrad_column_phase_pairs(pinned_isa, case, dtype, threads, restore_threads,
+                                      monkeypatch):
+    """At column stride 2 the input gradient runs both column phases per item and writes whole
+    rows (fr_dgrad_pair): the same dx, bit for bit, as one item per phase, on every
+    instruction-set path, for the per-image and the batched schedule; and the reference's."""
+    from fastrnn._cpu import conv2d as kernel
+
+    monkeypatch.setattr(kernel, "IM2COL_BACKWARD_MAX_K", 0)
+    fr.set_num_threads(threads)
+    x, w, b, kw = _data(case, dtype)
+    kw = dict(kw, algorithm="direct")
+    _check_against_reference(x, w, b, kw, dtype)
+    y, ctx = fr.conv2d_forward(x, w, b, **kw)
+    dy = np.random.default_rng(5).standard_normal(y.shape).astype(dtype)
+    monkeypatch.setattr(kernel, "DGRAD_PAIRS", False)
+    dx_phases = fr.conv2d_backward(ctx, dy)[0]
+    monkeypatch.setattr(kernel, "DGRAD_PAIRS", True)
+    dx_pairs = fr.conv2d_backward(ctx, dy)[0]
+    assert np.array_equal(dx_pairs, dx_phases)
+
+
 # depthwise at stride 1 and dilation 1 (fr_depthwise_planes): rows shorter than a vector,
 # rows of 4 vectors and a tail, rectangular and 1x1 and 7x7 filters, padding 0..3 per side
 DEPTHWISE_CASES = [

@@ -174,6 +174,14 @@ cdef extern from "conv_direct.h" nogil:
     void fr_dgrad_block_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off,
                             idx_t K, const double* wblk, double* dx, idx_t grp, idx_t c0,
                             int nc, idx_t a, idx_t b, double* tile)
+    void fr_dgrad_pair_f32(int isa, const fr_geom* g, const float* dyq, const idx_t* off0,
+                           idx_t K0, const float* wblk0, const idx_t* off1, idx_t K1,
+                           const float* wblk1, float* dx, idx_t grp, idx_t c0, int nc,
+                           idx_t a, float* tile)
+    void fr_dgrad_pair_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off0,
+                           idx_t K0, const double* wblk0, const idx_t* off1, idx_t K1,
+                           const double* wblk1, double* dx, idx_t grp, idx_t c0, int nc,
+                           idx_t a, double* tile)
     void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float* dyf,
                             const idx_t* off, float* part)
     void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,
@@ -436,18 +444,21 @@ def _direct_dgrad_run(
     const floating[::1] wp,           # IN  every phase's packed weights (_dgrad_tables)
     floating[:, :, :, ::1] dx,        # OUT [N, C, H, W]
     floating[:, ::1] dyq,             # scratch [B, d_size]: the planes of a batch of B images
-    floating[:, ::1] tiles,           # scratch [threads, 6 * Pd_r]
+    floating[:, ::1] tiles,           # scratch [threads, 6 * Pd_r], 12 * Pd_r when paired
     const idx_t[::1] off,             # IN  every phase's tap offsets
     const idx_t[:, ::1] starts,       # IN  [phases, 3] first tap, first weight, tap count
     tuple x_shape, tuple w_shape, tuple geometry, int nthreads, int isa,
 ):
     """CB3-CB5: dx by one correlation per stride phase; work split as in _direct_forward_run
     (whole images per item, or B images at a time with items: phase, image, group, block of 6
-    input channels)."""
+    input channels). At column stride 2 (DGRAD_PAIRS) an item runs both column phases
+    of its row phase and writes whole dx rows (fr_dgrad_pair)."""
     cdef fr_geom g = _direct_geometry(x_shape, w_shape, geometry)
     cdef idx_t ncb = (g.Cg + 5) // 6, B = dyq.shape[0], n0, nb, per
-    cdef idx_t item, ab, n, r, grp, cb, K
-    cdef int tid, nc
+    cdef idx_t item, n, r, phases
+    cdef int tid
+    cdef bint paired = DGRAD_PAIRS and g.sw == 2
+    phases = g.sh if paired else g.sh * g.sw
     if g.N >= BATCH_PER_THREAD * nthreads and B >= nthreads:
         with nogil, parallel(num_threads=nthreads):
             tid = omp_get_thread_num()
@@ -456,23 +467,9 @@ def _direct_dgrad_run(
                     fr_pack_dy_planes_f32(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
                 else:
                     fr_pack_dy_planes_f64(&g, &dy[n, 0, 0, 0], &dyq[tid, 0])
-                for item in range(g.sh * g.sw * g.G * ncb):
-                    ab = item // (g.G * ncb)
-                    r = item - ab * g.G * ncb
-                    grp = r // ncb
-                    cb = r - grp * ncb
-                    K = starts[ab, 2]
-                    nc = <int> min(6, g.Cg - cb * 6)
-                    if floating is float:
-                        fr_dgrad_block_f32(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
-                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
-                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
-                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
-                    else:
-                        fr_dgrad_block_f64(isa, &g, &dyq[tid, 0], &off[starts[ab, 0]], K,
-                                           &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
-                                           &dx[n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
-                                           ab // g.sw, ab % g.sw, &tiles[tid, 0])
+                for item in range(phases * g.G * ncb):
+                    _dgrad_item(isa, &g, paired, item, ncb, &dyq[tid, 0], &wp[0], &off[0],
+                                &starts[0, 0], &dx[n, 0, 0, 0], &tiles[tid, 0])
         return
     for n0 in range(0, g.N, B):
         nb = min(B, g.N - n0)
@@ -485,25 +482,54 @@ def _direct_dgrad_run(
                     fr_pack_dy_planes_f64(&g, &dy[n0 + n, 0, 0, 0], &dyq[n, 0])
         with nogil, parallel(num_threads=nthreads):
             tid = omp_get_thread_num()
-            for item in prange(g.sh * g.sw * per, schedule="dynamic"):
-                ab = item // per
-                r = item - ab * per
-                n = r // (g.G * ncb)
-                r = r - n * g.G * ncb
-                grp = r // ncb
-                cb = r - grp * ncb
-                K = starts[ab, 2]
-                nc = <int> min(6, g.Cg - cb * 6)
-                if floating is float:
-                    fr_dgrad_block_f32(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
-                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
-                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
-                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
-                else:
-                    fr_dgrad_block_f64(isa, &g, &dyq[n, 0], &off[starts[ab, 0]], K,
-                                       &wp[starts[ab, 1] + (grp * ncb + cb) * K * 6],
-                                       &dx[n0 + n, 0, 0, 0], grp, grp * g.Cg + cb * 6, nc,
-                                       ab // g.sw, ab % g.sw, &tiles[tid, 0])
+            for item in prange(phases * per, schedule="dynamic"):
+                # item = (phase, image, group, block): the image's own item number inside
+                r = item // per
+                n = (item - r * per) // (g.G * ncb)
+                _dgrad_item(isa, &g, paired, r * g.G * ncb + (item - r * per) % (g.G * ncb),
+                            ncb, &dyq[n, 0], &wp[0], &off[0], &starts[0, 0],
+                            &dx[n0 + n, 0, 0, 0], &tiles[tid, 0])
+
+
+# The input gradient at column stride 2 runs both column phases per item and writes whole dx
+# rows (fr_dgrad_pair) instead of each phase's every other column by a scalar loop (8% of the
+# (32,64,56x56)->128 stride-2 backward's samples); False: one item per phase (tests).
+DGRAD_PAIRS = True
+
+
+cdef inline void _dgrad_item(int isa, const fr_geom* g, bint paired, idx_t item, idx_t ncb,
+                             const floating* dyq, const floating* wp, const idx_t* off,
+                             const idx_t* starts, floating* dx, floating* tile) noexcept nogil:
+    """Item ``item`` = (phase, group, block of 6 input channels) of one image's dx; the phase
+    is (a, b), or with ``paired`` the row phase a (both column phases: ab = 2 a and 2 a + 1).
+    starts: [phases][3] (_dgrad_tables)."""
+    cdef idx_t ab = item // (g.G * ncb)
+    cdef idx_t r = item - ab * g.G * ncb
+    cdef idx_t grp = r // ncb
+    cdef idx_t cb = r - grp * ncb
+    cdef idx_t blk = grp * ncb + cb
+    cdef int nc = <int> min(6, g.Cg - cb * 6)
+    cdef const idx_t* s0
+    cdef const idx_t* s1
+    if paired:
+        s0 = starts + 3 * (2 * ab)
+        s1 = s0 + 3
+        if floating is float:
+            fr_dgrad_pair_f32(isa, g, dyq, off + s0[0], s0[2], wp + s0[1] + blk * s0[2] * 6,
+                              off + s1[0], s1[2], wp + s1[1] + blk * s1[2] * 6, dx, grp,
+                              grp * g.Cg + cb * 6, nc, ab, tile)
+        else:
+            fr_dgrad_pair_f64(isa, g, dyq, off + s0[0], s0[2], wp + s0[1] + blk * s0[2] * 6,
+                              off + s1[0], s1[2], wp + s1[1] + blk * s1[2] * 6, dx, grp,
+                              grp * g.Cg + cb * 6, nc, ab, tile)
+        return
+    s0 = starts + 3 * ab
+    if floating is float:
+        fr_dgrad_block_f32(isa, g, dyq, off + s0[0], s0[2], wp + s0[1] + blk * s0[2] * 6, dx,
+                           grp, grp * g.Cg + cb * 6, nc, ab // g.sw, ab % g.sw, tile)
+    else:
+        fr_dgrad_block_f64(isa, g, dyq, off + s0[0], s0[2], wp + s0[1] + blk * s0[2] * 6, dx,
+                           grp, grp * g.Cg + cb * 6, nc, ab // g.sw, ab % g.sw, tile)
 
 
 cdef inline void _sum_and_pack(int isa, const fr_geom* gx, const fr_geom* g,
@@ -807,8 +833,9 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         dx = np.empty_like(x)
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
-        dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * 6 * g.Pd_r)
-        dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, 6 * g.Pd_r)
+        tile = (12 if DGRAD_PAIRS and g.sw == 2 else 6) * g.Pd_r
+        dyq, tiles = _scratch(x.dtype, B * g.d_size, nt * tile)
+        dyq, tiles = dyq.reshape(B, g.d_size), tiles.reshape(nt, tile)
         _direct_dgrad_run(dy, wp, dx, dyq, tiles, off, starts, x.shape, w.shape, geometry, nt,
                           isa)
     if winograd_dw:

@@ -58,6 +58,14 @@ void fr_dgrad_block_f32(int isa, const fr_geom* g, const float* dyq, const idx_t
 void fr_dgrad_block_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off, idx_t K,
                         const double* wblk, double* dx, idx_t grp, idx_t c0, int nc, idx_t a,
                         idx_t b, double* tile);
+void fr_dgrad_pair_f32(int isa, const fr_geom* g, const float* dyq, const idx_t* off0,
+                       idx_t K0, const float* wblk0, const idx_t* off1, idx_t K1,
+                       const float* wblk1, float* dx, idx_t grp, idx_t c0, int nc, idx_t a,
+                       float* tile);
+void fr_dgrad_pair_f64(int isa, const fr_geom* g, const double* dyq, const idx_t* off0,
+                       idx_t K0, const double* wblk0, const idx_t* off1, idx_t K1,
+                       const double* wblk1, double* dx, idx_t grp, idx_t c0, int nc, idx_t a,
+                       double* tile);
 void fr_wgrad_image_f32(int isa, const fr_geom* g, const float* xq, const float* dyf,
                         const idx_t* off, float* part);
 void fr_wgrad_image_f64(int isa, const fr_geom* g, const double* xq, const double* dyf,

@@ -65,6 +65,11 @@ static void DN(split_phases)(int isa, const T* s, idx_t n, T* r0, T* r1)
     FR_PICK(isa, split_phases)(s, n, r0, r1);
 }
 
+static void DN(merge_phases)(int isa, const T* p, const T* q, idx_t n, T* d)
+{
+    FR_PICK(isa, merge_phases)(p, q, n, d);
+}
+
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
  * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row (the inside
  * on the best vector instruction set: a copy, the same on any). */
@@ -326,6 +331,52 @@ void DN(fr_dgrad_block)(int isa, const fr_geom* g, const T* dyq, const idx_t* of
                 if (w >= g->W) break;
                 dst[h * g->W + w] = K > 0 ? src[u * g->Wd + v] : (T)0;
             }
+        }
+    }
+}
+
+/* Input-gradient item at column stride 2: both column phases (b = 0, 1) of row phase a,
+ * channels c0 .. c0 + nc of one image. Each phase is the correlation fr_dgrad_block runs
+ * (off_b, K_b, wblk_b; K_b may be 0: that phase is zero), into its own tile; then each dx row
+ * is written once, its even and odd columns interleaved by one vector pass (merge_phases)
+ * instead of two strided scalar passes.
+ * tile : scratch [2][6, Pd_r] */
+void DN(fr_dgrad_pair)(int isa, const fr_geom* g, const T* dyq, const idx_t* off0, idx_t K0,
+                       const T* wblk0, const idx_t* off1, idx_t K1, const T* wblk1, T* dx,
+                       idx_t grp, idx_t c0, int nc, idx_t a, T* tile)
+{
+    idx_t u0 = 0, u1 = g->Hq;
+    while (u0 * g->sh + a - g->ph < 0) ++u0;
+    while (u1 > u0 && (u1 - 1) * g->sh + a - g->ph >= g->H) --u1;
+    if (u1 <= u0)
+        return;
+    const idx_t n = (u1 - u0) * g->Wd, W = g->W;
+    const T* dg = dyq + grp * g->Fg * g->Hd * g->Wd + u0 * g->Wd;
+    T* tl[2] = {tile, tile + 6 * g->Pd_r};
+    const idx_t* offs[2] = {off0, off1};
+    const idx_t K[2] = {K0, K1};
+    const T* wb[2] = {wblk0, wblk1};
+    for (int b = 0; b < 2; ++b) {
+        if (K[b] > 0)
+            DN(kfwd)(isa, nc, dg, offs[b], K[b], wb[b], tl[b], g->Pd_r, n);
+        else
+            for (int c = 0; c < nc; ++c)
+                memset(tl[b] + c * g->Pd_r, 0, n * sizeof(T));
+    }
+    /* dx column w = 2 m + j comes from phase (w + pw) % 2 at v = (w + pw) / 2: with e the
+     * parity of pw, even columns from phase e at v = m + (pw - e) / 2, odd ones from phase
+     * 1 - e at v = m + (pw + e) / 2 */
+    const idx_t e = g->pw & 1, ve = (g->pw - e) / 2, vo = (g->pw + e) / 2;
+    for (int c = 0; c < nc; ++c) {
+        const T* te = tl[e] + c * g->Pd_r;
+        const T* to = tl[1 - e] + c * g->Pd_r;
+        T* dst = dx + (c0 + c) * g->H * W;
+        for (idx_t u = u0; u < u1; ++u) {
+            const idx_t h = u * g->sh + a - g->ph, r = (u - u0) * g->Wd;
+            T* drow = dst + h * W;
+            DN(merge_phases)(isa, te + r + ve, to + r + vo, W / 2, drow);
+            if (W & 1)
+                drow[W - 1] = te[r + ve + W / 2];
         }
     }
 }

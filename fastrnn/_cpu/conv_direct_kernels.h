@@ -283,6 +283,17 @@ static TARGET void NAME(split_phases)(const T* restrict s, idx_t n, T* restrict 
     }
 }
 
+/* d[2 m] = p[m], d[2 m + 1] = q[m] for m < n: a row's two column phases at stride 2 put
+ * back together (the inverse of split_phases), vectorised under the target. */
+static TARGET void NAME(merge_phases)(const T* restrict p, const T* restrict q, idx_t n,
+                                      T* restrict d)
+{
+    for (idx_t m = 0; m < n; ++m) {
+        d[2 * m] = p[m];
+        d[2 * m + 1] = q[m];
+    }
+}
+
 /* Depthwise forward of one plane (one filter per channel) at stride 1 and dilation 1:
  *   y[oh OW + ow] = b + sum over kh < KH, kw < KW of w[kh KW + kw] pad[(oh + kh) Wp + ow + kw]
  * then ReLU with ``act`` (v < 0 -> 0, NaN kept).
