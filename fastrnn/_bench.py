@@ -346,11 +346,16 @@ def table(
             a = make_inputs(op, T, N, D, H)
             lengths = bench_lengths(T, N) if with_lengths else None
             fns = {i: RUNNERS[i](op, a, passes, lengths) for i in impls}
+            order = list(impls)
+            if with_lengths and "fastrnn" in impls:
+                # the same call without lengths in the same rounds: the saving from one run
+                fns["fastrnn_dense"] = RUNNERS["fastrnn"](op, a, passes, None)
+                order.append("fastrnn_dense")
             big = T * N * H * H > 5e7
             # the reference is slow on big shapes: fewer samples
-            samples: dict[str, list[float]] = {i: [] for i in impls}
+            samples: dict[str, list[float]] = {i: [] for i in order}
             for r in range(rounds):
-                for i in impls:
+                for i in order:
                     if i == "numpy" and big and r >= 1:
                         continue
                     samples[i] += time_call(
@@ -372,6 +377,13 @@ def table(
             if "torch" in impls:
                 row["torch/fastrnn"] = row["torch_ms"] / row["fastrnn_ms"]
                 row["torch/fastrnn best"] = row["torch_best_ms"] / row["fastrnn_best_ms"]
+            if "fastrnn_dense" in samples:
+                # the saving of lengths=: the median of the per-round ratios (time without
+                # lengths over time with), robust to the machine's speed drifting between rounds
+                row["fastrnn_dense_ms"] = statistics.median(samples["fastrnn_dense"]) * 1e3
+                row["lengths saving"] = statistics.median(
+                    d / w for d, w in zip(samples["fastrnn_dense"], samples["fastrnn"], strict=True)
+                )
             rows.append(row)
     return rows
 
@@ -485,6 +497,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{row.get('numpy_ms', nan):9.2f}",
             flush=True,
         )
+        if "lengths saving" in row:
+            print(
+                f"{'':5} {'':>16} the same call without lengths {row['fastrnn_dense_ms']:.3f} ms "
+                f"in the same rounds: lengths= {row['lengths saving']:.2f}x faster",
+                flush=True,
+            )
     if args.strategies:
         print("\nper-step recurrent GEMM, us per step (serial | BLAS threads | OpenMP columns)")
         for r in compare_strategies(n_threads=args.threads, rounds=args.rounds):
