@@ -217,6 +217,20 @@ def threads(n: int) -> Iterator[None]:
             torch.set_num_threads(torch_before)
 
 
+# Seconds to wait after timing the NumPy reference on more than one thread before timing
+# anything else: OpenBLAS's threads keep spinning (busy, not yielding) for about 0.1 s after a
+# call, and the kernels' OpenMP threads timed inside that window share their cores. Measured
+# (LSTM T50 N16 D128 H128 forward, 2 threads): 0.9-1.1 ms a call alone, 5-15 ms a call for
+# about 0.1 s after NumPy matmuls on 2 threads, 1 ms again with OPENBLAS_NUM_THREADS=1.
+BLAS_SPIN_SECONDS = 0.2
+
+
+def let_blas_settle(n_threads: int) -> None:
+    """After NumPy's BLAS ran on ``n_threads``: wait until its threads have stopped spinning."""
+    if n_threads > 1:
+        time.sleep(BLAS_SPIN_SECONDS)
+
+
 def time_call(
     fn: Callable[[], Any], repeat: int = 5, warmup: int = 1, min_seconds: float = 0.0
 ) -> list[float]:
@@ -364,6 +378,8 @@ def table(
                         warmup=1 if r == 0 else 0,
                         min_seconds=0.05 if T * N < 64 else 0.0,
                     )
+                    if i == "numpy":
+                        let_blas_settle(n_threads)
             flops = recurrent_flops(op, T, N, D, H, passes)
             row: dict[str, Any] = {"op": op, "shape": (T, N, D, H), "passes": passes}
             if with_lengths:  # the work done: sum(lengths) of the T N sequence steps

@@ -70,7 +70,8 @@ class Case:
         if self.op in _GATES:
             return f"T{s['T']} N{s['N']} D{s['D']} H{s['H']}"
         if self.op == "conv2d":
-            return f"{s['N']}x{s['C']}x{s['H']}x{s['W']} F{s['F']} k{s['K']} s{s['S']} p{s['P']}"
+            g = f" g{s['G']}" if s.get("G", 1) > 1 else ""
+            return f"{s['N']}x{s['C']}x{s['H']}x{s['W']} F{s['F']} k{s['K']} s{s['S']} p{s['P']}{g}"
         return f"{s['N']}x{s['C']}x{s['H']}x{s['W']} k{s['K']} s{s['S']} p{s['P']}"
 
     def out_hw(self) -> tuple[int, int]:
@@ -86,7 +87,7 @@ class Case:
             return fwd if passes == "fwd" else 3.0 * fwd
         oh, ow = self.out_hw()
         if self.op == "conv2d":
-            fwd = 2.0 * s["N"] * s["F"] * oh * ow * s["C"] * s["K"] * s["K"]
+            fwd = 2.0 * s["N"] * s["F"] * oh * ow * s["C"] // s.get("G", 1) * s["K"] * s["K"]
             return fwd if passes == "fwd" else 3.0 * fwd
         fwd = float(s["N"] * s["C"] * oh * ow * s["K"] * s["K"])
         return fwd if passes == "fwd" else fwd + s["N"] * s["C"] * oh * ow
@@ -100,8 +101,10 @@ def _rec(op: str, T: int, N: int, D: int, H: int) -> Case:
     return Case(op, {"T": T, "N": N, "D": D, "H": H})
 
 
-def _conv(N: int, C: int, H: int, F: int, K: int, S: int = 1, P: int = 0) -> Case:
-    return Case("conv2d", {"N": N, "C": C, "H": H, "W": H, "F": F, "K": K, "S": S, "P": P})
+def _conv(N: int, C: int, H: int, F: int, K: int, S: int = 1, P: int = 0, G: int = 1) -> Case:
+    return Case(
+        "conv2d", {"N": N, "C": C, "H": H, "W": H, "F": F, "K": K, "S": S, "P": P, "G": G}
+    )
 
 
 def _pool(op: str, N: int, C: int, H: int, K: int, S: int, P: int = 0) -> Case:
@@ -131,11 +134,16 @@ def grid(quick: bool) -> list[Case]:
         _rec("lstm", 35, 20, 200, 200),  # PyTorch's word-language-model example
         _rec("lstm", 64, 32, 192, 192),  # fastrnn's char-rnn layer
         *(_rec(op, *s) for op in ("gru", "rnn") for s in rec[1:]),
+        # the layers of issue 17's table (benchmarks/bench_conv.py), then a wider 1x1
         _conv(64, 3, 32, 32, 3, 1, 1),
+        _conv(64, 1, 28, 16, 5, 1, 2),
+        _conv(32, 256, 14, 64, 1, 1, 0),
         _conv(64, 32, 32, 64, 3, 1, 1),
         _conv(32, 64, 56, 64, 3, 1, 1),
+        _conv(32, 64, 56, 128, 3, 2, 1),
         _conv(8, 128, 28, 128, 3, 1, 1),
-        _conv(64, 1, 28, 16, 5, 1, 2),
+        _conv(16, 256, 14, 256, 3, 1, 1),
+        _conv(32, 64, 56, 64, 3, 1, 1, G=64),
         _conv(32, 64, 28, 128, 1, 1, 0),
         _pool("max_pool2d", 64, 32, 32, 2, 2),
         _pool("max_pool2d", 32, 64, 56, 3, 2, 1),
@@ -178,10 +186,11 @@ def make_inputs(case: Case, dtype: Any, seed: int = 0) -> dict[str, np.ndarray]:
         return arrays
     oh, ow = case.out_hw()
     if case.op == "conv2d":
-        fan_in = s["C"] * s["K"] * s["K"]
+        cg = s["C"] // s.get("G", 1)
+        fan_in = cg * s["K"] * s["K"]
         return {
             "x": rand(s["N"], s["C"], s["H"], s["W"]),
-            "w": rand(s["F"], s["C"], s["K"], s["K"], scale=1.0 / math.sqrt(fan_in)),
+            "w": rand(s["F"], cg, s["K"], s["K"], scale=1.0 / math.sqrt(fan_in)),
             "b": rand(s["F"], scale=0.1),
             "dy": rand(s["N"], s["F"], oh, ow),
         }
@@ -231,7 +240,8 @@ def _fastrnn_runner(case: Case, a: dict[str, Any], passes: str) -> Callable[[], 
 
         def run() -> Any:
             y, ctx = fr.conv2d_forward(
-                a["x"], a["w"], a["b"], stride=s["S"], padding=s["P"], training=train
+                a["x"], a["w"], a["b"], stride=s["S"], padding=s["P"], groups=s.get("G", 1),
+                training=train,
             )
             if train:
                 fr.conv2d_backward(ctx, a["dy"])
@@ -284,7 +294,9 @@ def _torch_runner(
         w, b = t("w", grad=True), t("b", grad=True)
 
         def forward() -> Any:
-            return torch.nn.functional.conv2d(x, w, b, stride=s["S"], padding=s["P"])
+            return torch.nn.functional.conv2d(
+                x, w, b, stride=s["S"], padding=s["P"], groups=s.get("G", 1)
+            )
     else:
         fn = getattr(torch.nn.functional, case.op)
 
@@ -307,11 +319,27 @@ def _torch_runner(
 # ------------------------------------------------------------------------------------------------
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_call(
-    fn: Callable[[], Any], sync: Callable[[], None], min_time: float, max_repeats: int = 100
+    fn: Callable[[], Any],
+    sync: Callable[[], None],
+    min_time: float,
+    max_repeats: int = 100,
+    faults: list[float] | None = None,
 ) -> float:
     """Median seconds of ``fn`` over repeats lasting ``min_time`` in all (at least 3 repeats
     unless one call takes a second), after warm-up calls: one, or two when a call is quick.
+    ``faults``: gets the timed calls' minor page faults per call appended (fresh pages the
+    library's allocations touched: a cost of the call, but one that depends on the allocator's
+    state; PyTorch's wide convolutions took 8,000-31,000 a call back to back).
 
     The second warm-up matters: after a pause, the first calls of a library pay for waking its
     thread pool and one-off costs such as GPU kernel compilation (PyTorch's 2-thread LSTM
@@ -329,11 +357,14 @@ def time_call(
         warm = once()
     min_repeats = 1 if warm >= 1.0 else 3
     times: list[float] = []
+    f0 = minor_faults()
     start = time.perf_counter()
     while len(times) < min_repeats or (
         time.perf_counter() - start < min_time and len(times) < max_repeats
     ):
         times.append(once())
+    if faults is not None:
+        faults.append((minor_faults() - f0) / len(times))
     return statistics.median(times)
 
 
@@ -385,6 +416,7 @@ class Row:
     gflops: float | None = None
     pct_sgemm: float | None = None
     torch_ratio: float | None = None  # torch ms / this ms on the same device
+    faults: float | None = None  # minor page faults per timed call (CPU rows)
     check: str = "-"  # "ok", "MISMATCH (err)", or why it did not run
     dims: dict[str, int] = field(default_factory=dict)
 
@@ -485,10 +517,18 @@ def _bench_case(
         ref_run = _fastrnn_runner(case, arrays, passes)
         want = ref_run()
         ref_seconds = time_call(ref_run, lambda: None, min_time)
+    # NumPy's BLAS threads spin for a while after its calls; what is timed next would share
+    # their cores (fastrnn's 2-thread LSTM calls ran 5-15x slower in that window)
+    from fastrnn._bench import let_blas_settle
+
+    let_blas_settle(fr.get_num_threads())
     tol = 2e-3 if arrays["x"].dtype == np.float32 else 1e-9
 
-    def row(impl: str, device: str, seconds: float | None, check: str) -> Row:
+    def row(
+        impl: str, device: str, seconds: float | None, check: str, faults: float | None = None
+    ) -> Row:
         r = Row(case.op, case.label, passes, impl, device, check=check, dims=dict(case.shape))
+        r.faults = faults if device == "cpu" else None
         if seconds is not None:
             r.ms = seconds * 1e3
             r.gflops = flops / seconds / 1e9
@@ -503,12 +543,13 @@ def _bench_case(
             run = make()
             err = _max_rel_err(run(), want)
             check = "ok" if err <= tol else f"MISMATCH ({err:.1e})"
-            seconds = time_call(run, sync, min_time)
+            faults: list[float] = []
+            seconds = time_call(run, sync, min_time, faults=faults)
         except ImportError as exc:
             return row(impl, device, None, f"not built ({_first_line(exc)[:60]})")
         except Exception as exc:  # one failing backend must not stop the table
             return row(impl, device, None, f"failed: {type(exc).__name__}: {_first_line(exc)}")
-        return row(impl, device, seconds, check)
+        return row(impl, device, seconds, check, faults[0])
 
     out = [
         measure("fastrnn", "cpu", lambda: _fastrnn_runner(case, arrays, passes), lambda: None),
@@ -589,7 +630,7 @@ def format_table(result: dict[str, Any]) -> str:
     has_gpu = any("fastrnn-cuda" in g or "torch-cuda" in g for g in groups.values())
     cols = ["op", "shape", "pass", "fastrnn ms", "GFLOP/s", "% sgemm", "numpy ms"]
     if has_torch:
-        cols += ["torch ms", "torch/fastrnn"]
+        cols += ["torch ms", "torch/fastrnn", "faults fr/torch"]
     if has_gpu:
         cols += ["cuda ms", "cuda GFLOP/s", "torch-cuda ms", "torch-cuda/cuda"]
     cols.append("check")
@@ -606,9 +647,11 @@ def format_table(result: dict[str, Any]) -> str:
             _cell(g.get("numpy", {}).get("ms"), ".3f"),
         ]
         if has_torch:
+            th = g.get("torch", {})
             line += [
-                _cell(g.get("torch", {}).get("ms"), ".3f"),
+                _cell(th.get("ms"), ".3f"),
                 _cell(fr_row.get("torch_ratio"), ".2f"),
+                f"{_cell(fr_row.get('faults'), '.0f')}/{_cell(th.get('faults'), '.0f')}",
             ]
         if has_gpu:
             cu = g.get("fastrnn-cuda", {})
@@ -645,8 +688,9 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         "ms: median wall time; fwd is training=False, fwd+bwd is a training forward plus "
         "backward; GFLOP/s counts GEMM work (fwd+bwd = 3 x fwd; pooling: 1 op per window "
-        "element); torch/fastrnn > 1 means fastrnn is faster; check: every output compared "
-        "with the NumPy reference before timing.",
+        "element); torch/fastrnn > 1 means fastrnn is faster; faults: minor page faults per "
+        "call (fresh pages; their cost is in the ms, and varies with the allocator's state); "
+        "check: every output compared with the NumPy reference before timing.",
     ]
     return "\n".join(lines)
 
