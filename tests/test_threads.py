@@ -206,6 +206,48 @@ def test_split_comparison_restores_the_switches(capsys):
         assert "nan" not in out.split("\n", 2)[2]
 
 
+def test_scipy_blas_without_the_scipy_linalg_package():
+    """The recurrent, training and inference kernels take SciPy's sgemm / dgemm from
+    scipy.linalg.cython_blas loaded from its file, without running scipy/linalg/__init__.py
+    (which cost the first recurrent call of a process 160-260 ms); a later ``import
+    scipy.linalg`` still binds the same module as scipy.linalg.cython_blas. Checked in a fresh
+    process: float64 calls (every GEMM on BLAS) against the reference."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import fastrnn as fr
+        from fastrnn import nn
+        rng = np.random.default_rng(0)
+        x, h0 = rng.standard_normal((6, 3, 5)), rng.standard_normal((3, 4))
+        w_ih, w_hh, b = (rng.standard_normal(s) for s in ((16, 5), (16, 4), (16,)))
+        y, _, _, ctx = fr.lstm_forward(x, h0, h0, w_ih, w_hh, b)
+        grads = fr.lstm_backward(ctx, np.ones_like(y))
+        with fr.use_backend("numpy"):
+            yr, _, _, cr = fr.lstm_forward(x, h0, h0, w_ih, w_hh, b)
+            gr = fr.lstm_backward(cr, np.ones_like(yr))
+        assert np.allclose(y, yr, rtol=1e-12, atol=1e-12)
+        assert all(np.allclose(a, c, rtol=1e-10, atol=1e-12) for a, c in zip(grads, gr))
+        head = nn.Linear(4, 7, dtype=np.float64)  # the fused linear + cross-entropy kernel
+        loss, dx = head.cross_entropy(y.reshape(-1, 4), rng.integers(0, 7, 18))
+        assert np.isfinite(loss) and dx.shape == (18, 4)
+        run = fr.lstm_inference(w_ih, w_hh, b)  # the prepared-inference kernels
+        h, c = run.step(x[0], h0, h0)
+        assert np.allclose(h, yr[0], rtol=1e-12, atol=1e-12)
+        print("scipy.linalg" in sys.modules)
+        import scipy.linalg
+        from fastrnn._cpu import _scipy_blas
+        print(scipy.linalg.cython_blas is _scipy_blas.module())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_blas_pinned_before_scipy_is_loaded_still_pins_scipys_blas():
     """The list of BLAS libraries is built once: entered before anything had loaded SciPy,
     blas_threads must still pin SciPy's BLAS (the kernels' one), else it runs its own threads

@@ -41,16 +41,19 @@ _found: tuple[list[tuple[int, int]], Any] | None = None
 def blas_controller() -> Any:
     """The process's BLAS thread controller, built on first use.
 
-    It loads SciPy's BLAS first (``scipy.linalg.cython_blas``, the library the kernels call), so
-    that it is in the list however the first caller got here: the list is built once, and a
-    BLAS loaded after it would run unpinned, with its own threads, inside the kernels' OpenMP
-    regions (a pointwise conv2d at 2 threads ran 13x slower after ``blas_threads`` had first
-    been entered before SciPy was loaded).
+    It loads SciPy's BLAS first (``scipy.linalg.cython_blas``, the library the kernels call,
+    through fastrnn/_cpu/_scipy_blas.py), so that it is in the list however the first caller got
+    here: the list is built once, and a BLAS loaded after it would run unpinned, with its own
+    threads, inside the kernels' OpenMP regions (a pointwise conv2d at 2 threads ran 13x slower
+    after ``blas_threads`` had first been entered before SciPy was loaded).
     """
     global _controller
     if _controller is None:
-        import scipy.linalg.cython_blas  # noqa: F401
         from threadpoolctl import ThreadpoolController
+
+        from fastrnn._cpu import _scipy_blas
+
+        _scipy_blas.module()
 
         _controller = ThreadpoolController().select(user_api="blas")
     return _controller

@@ -22,6 +22,7 @@ import numpy as np
 from cython.parallel cimport parallel
 
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
+from fastrnn._cpu._blas cimport load_scipy_blas
 from fastrnn._cpu._recurrent_common cimport (
     fr_barrier,
     fr_blas_pin,
@@ -40,6 +41,7 @@ from fastrnn._cpu._recurrent_threads import blas_thread_functions
 
 cnp.import_array()
 fr_small_gemm_init()
+load_scipy_blas()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 

@@ -24,7 +24,9 @@ from libc.string cimport memset
 
 import numpy as np
 
-from fastrnn._cpu._blas cimport floating, gemm
+from fastrnn._cpu._blas cimport floating, gemm, load_scipy_blas
+
+load_scipy_blas()  # SciPy's sgemm / dgemm for gemm (fastrnn/_cpu/_blas.pxd)
 
 cdef enum:
     _CHUNK = 1 << 14  # elements per chunk of a multi-tensor op (64 KB of float32)

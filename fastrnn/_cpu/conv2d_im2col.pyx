@@ -109,8 +109,9 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     return g
 
 
-# SciPy's GEMMs, loaded by _load_blas() before the first call that runs one (importing
-# scipy.linalg takes 0.2-0.4 s: a float32 pointwise forward on the tiles never pays it)
+# SciPy's GEMMs, loaded by _load_blas() before the first call that runs one (a float32
+# pointwise forward on the tiles never does; fastrnn/_cpu/_scipy_blas.py loads SciPy's BLAS
+# without the scipy.linalg package)
 cdef sgemm_fn _sgemm = NULL
 cdef dgemm_fn _dgemm = NULL
 
@@ -120,9 +121,9 @@ def _load_blas() -> None:
     global _sgemm, _dgemm
     if _sgemm != NULL:
         return
-    from scipy.linalg import cython_blas
+    from fastrnn._cpu._scipy_blas import capi as scipy_capi
 
-    capi = cython_blas.__pyx_capi__
+    capi = scipy_capi()
     _dgemm = <dgemm_fn> PyCapsule_GetPointer(capi["dgemm"], PyCapsule_GetName(capi["dgemm"]))
     _sgemm = <sgemm_fn> PyCapsule_GetPointer(capi["sgemm"], PyCapsule_GetName(capi["sgemm"]))
 

@@ -22,7 +22,7 @@ fastrnn's threads (_inference.h), with the values of the stepped loop.
 cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 
-from fastrnn._cpu._blas cimport floating, gemm
+from fastrnn._cpu._blas cimport floating, gemm, load_scipy_blas
 from fastrnn._cpu._recurrent_cells cimport (
     FR_GRU,
     FR_LSTM,
@@ -141,6 +141,8 @@ cdef void _sequence(
 
 
 import numpy as np
+
+load_scipy_blas()  # SciPy's sgemm / dgemm for gemm (fastrnn/_cpu/_blas.pxd)
 
 cnp.import_array()
 

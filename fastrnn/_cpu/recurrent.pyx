@@ -46,7 +46,7 @@ from libc.string cimport memcpy
 import numpy as np
 from cython.parallel cimport parallel
 
-from fastrnn._cpu._blas cimport floating
+from fastrnn._cpu._blas cimport floating, load_scipy_blas
 from fastrnn._cpu._openmp cimport omp_get_num_threads, omp_get_thread_num
 from fastrnn._cpu._recurrent_common cimport (
     BLOCK,
@@ -87,6 +87,7 @@ from fastrnn.context import Context
 
 cnp.import_array()
 fr_small_gemm_init()
+load_scipy_blas()
 for _set_fn, _get_fn in blas_thread_functions():
     fr_blas_register(_set_fn, _get_fn)
 
