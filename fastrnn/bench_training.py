@@ -50,7 +50,9 @@ WORD = dict(
 def threads(n: int) -> Iterator[None]:
     """fastrnn, PyTorch and every BLAS on ``n`` threads (set explicitly: PyTorch and fastrnn
     share libgomp, so one library's setting moves the other's default)."""
-    import scipy.linalg  # noqa: F401  (loaded first, so that the limit below covers its BLAS)
+    from fastrnn._cpu import _scipy_blas
+
+    _scipy_blas.module()  # SciPy's BLAS (the kernels' one) loaded, so it is limited too
     import torch
     from threadpoolctl import threadpool_limits
 

@@ -383,7 +383,9 @@ def _training_threads(n: int | None) -> Iterator[ThreadChoice]:
         choice = ThreadChoice(cpus, f"auto: {cpus} CPUs", auto=cpus > 1)
     fastrnn.set_num_threads(choice.n)
     try:
-        import scipy.linalg  # noqa: F401  (SciPy's BLAS, which the kernels call, is pinned too)
+        from fastrnn._cpu import _scipy_blas
+
+        _scipy_blas.module()  # SciPy's BLAS (the kernels' one) loaded, so it is limited too
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):

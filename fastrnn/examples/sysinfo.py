@@ -64,7 +64,10 @@ def blas_info() -> list[dict[str, Any]]:
     """The BLAS/OpenMP libraries loaded in this process (NumPy's, SciPy's, ...) and their
     threads, from threadpoolctl."""
     import numpy  # noqa: F401  (loads NumPy's BLAS)
-    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, the one the kernels call)
+
+    from fastrnn._cpu import _scipy_blas
+
+    _scipy_blas.module()  # loads SciPy's BLAS, the one the kernels call
 
     try:
         from threadpoolctl import threadpool_info
