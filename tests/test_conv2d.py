@@ -281,6 +281,26 @@ def test_cpu_dgrad_column_phase_pairs(pinned_isa, case, dtype, threads, restore_
     assert np.array_equal(dx_pairs, dx_phases)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("pinned_isa", _direct_isas(), indirect=True)
+def test_cpu_stride2_rows_of_every_width(pinned_isa, dtype, restore_threads):
+    """The stride-2 pack splits each input row into its two column phases by whole vectors, an
+    overlapping last vector, half vectors for short rows, and single elements: every row
+    width from 1 to 70 (and padding 0, 1, 2), against the reference."""
+    rng = np.random.default_rng(3)
+    for W in range(1, 71):
+        for p in (0, 1, 2):
+            x = rng.standard_normal((1, 2, 3, W)).astype(dtype)
+            w = rng.standard_normal((3, 2, 1, 3)).astype(dtype)
+            if W + 2 * p < 3:
+                continue
+            y, _ = fr.conv2d_forward(x, w, None, stride=2, padding=(0, p), algorithm="direct",
+                                     training=False)
+            yr, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None,
+                                       stride=2, padding=(0, p), training=False)
+            assert_close(y, yr, "conv", "forward", dtype, name=f"y (W {W}, padding {p})")
+
+
 # depthwise at stride 1 and dilation 1 (fr_depthwise_planes): rows shorter than a vector,
 # rows of 4 vectors and a tail, rectangular and 1x1 and 7x7 filters, padding 0..3 per side
 DEPTHWISE_CASES = [

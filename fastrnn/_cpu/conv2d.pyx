@@ -156,8 +156,8 @@ cdef extern from "conv_direct.h" nogil:
     int fr_wgradt_nt(int isa)
     double fr_sum8_f32(int isa, const float* a, idx_t n)
     double fr_sum8_f64(int isa, const double* a, idx_t n)
-    void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq)
-    void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq)
+    void fr_pack_input_f32(int isa, const fr_geom* g, const float* x, float* xq)
+    void fr_pack_input_f64(int isa, const fr_geom* g, const double* x, double* xq)
     void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf)
     void fr_pack_dy_forward_pitch_f64(const fr_geom* g, const double* dy, double* dyf)
     void fr_pack_dy_planes_f32(const fr_geom* g, const float* dy, float* dyq)
@@ -394,9 +394,9 @@ def _direct_forward_run(
             tid = omp_get_thread_num()
             for n in prange(g.N, schedule="dynamic"):
                 if floating is float:
-                    fr_pack_input_f32(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                    fr_pack_input_f32(isa, &g, &x[n, 0, 0, 0], &xq[tid, 0])
                 else:
-                    fr_pack_input_f64(&g, &x[n, 0, 0, 0], &xq[tid, 0])
+                    fr_pack_input_f64(isa, &g, &x[n, 0, 0, 0], &xq[tid, 0])
                 yn = &ybuf[tid, 0] if pooling else &y[n, 0, 0, 0]
                 for r in range(g.G * nfb):
                     grp = r // nfb
@@ -418,9 +418,9 @@ def _direct_forward_run(
         with nogil, parallel(num_threads=nthreads):
             for n in prange(nb, schedule="static"):
                 if floating is float:
-                    fr_pack_input_f32(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+                    fr_pack_input_f32(isa, &g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
                 else:
-                    fr_pack_input_f64(&g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
+                    fr_pack_input_f64(isa, &g, &x[n0 + n, 0, 0, 0], &xq[n, 0])
         with nogil, parallel(num_threads=nthreads):
             tid = omp_get_thread_num()
             for item in prange(nb * g.G * nfb, schedule="dynamic"):
@@ -544,14 +544,14 @@ cdef inline void _sum_and_pack(int isa, const fr_geom* gx, const fr_geom* g,
         if bsum != NULL:
             for f in range(g.F):
                 bsum[f] = fr_sum8_f32(isa, dyn + f * L, L)
-        fr_pack_input_f32(gx, xn, xq)
+        fr_pack_input_f32(isa, gx, xn, xq)
         fr_pack_dy_forward_pitch_f32(g, dyn, dyf)
     else:
         xsum[0] = fr_sum8_f64(isa, xn, g.C * g.H * g.W)
         if bsum != NULL:
             for f in range(g.F):
                 bsum[f] = fr_sum8_f64(isa, dyn + f * L, L)
-        fr_pack_input_f64(gx, xn, xq)
+        fr_pack_input_f64(isa, gx, xn, xq)
         fr_pack_dy_forward_pitch_f64(g, dyn, dyf)
 
 

@@ -23,14 +23,18 @@
 #define WT_NV 2
 #define WT_NT 12
 #define T float
+#define TI int
 #define SUF f32_avx512
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #define T double
+#define TI long long
 #define SUF f64_avx512
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #undef TARGET
 #undef VB
@@ -46,14 +50,18 @@
 #define WT_NV 2
 #define WT_NT 6
 #define T float
+#define TI int
 #define SUF f32_avx2
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #define T double
+#define TI long long
 #define SUF f64_avx2
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #undef TARGET
 #undef VB
@@ -70,14 +78,18 @@
 #define WT_NV 2
 #define WT_NT 6
 #define T float
+#define TI int
 #define SUF f32_portable
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #define T double
+#define TI long long
 #define SUF f64_portable
 #include "conv_direct_kernels.h"
 #undef T
+#undef TI
 #undef SUF
 #undef TARGET
 #undef VB

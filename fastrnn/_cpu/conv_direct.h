@@ -40,8 +40,8 @@ int fr_wgradt_nf(int isa, int dsize); /* filters per such block, dsize = sizeof(
 
 double fr_sum8_f32(int isa, const float* a, idx_t n);
 double fr_sum8_f64(int isa, const double* a, idx_t n);
-void fr_pack_input_f32(const fr_geom* g, const float* x, float* xq);
-void fr_pack_input_f64(const fr_geom* g, const double* x, double* xq);
+void fr_pack_input_f32(int isa, const fr_geom* g, const float* x, float* xq);
+void fr_pack_input_f64(int isa, const fr_geom* g, const double* x, double* xq);
 void fr_pack_dy_forward_pitch_f32(const fr_geom* g, const float* dy, float* dyf);
 void fr_pack_dy_forward_pitch_f64(const fr_geom* g, const double* dy, double* dyf);
 void fr_pack_dy_planes_f32(const fr_geom* g, const float* dy, float* dyq);

@@ -94,12 +94,6 @@ static void DN(pack_row_stride2)(int isa, const T* src, idx_t W, idx_t pw, idx_t
     }
 }
 
-/* Input planes of one image (step C1 of fastrnn/reference/conv2d.py, split by stride phase):
- *   xq[((c * sh + a) * sw + b) * Hq * Wq + u * Wq + v] = xpad[c, u * sh + a, v * sw + b]
- * (xpad: x zero-padded by (ph, pw)), followed by g->x_slack zeros.
- * x  : IN  [C, H, W]
- * xq : OUT [g->x_size]
- */
 /* Depthwise forward (G = C = F, stride 1, dilation 1) of the planes q0 <= q < q1 of x (plane q
  * is image q / C, channel q % C; y's planes in the same order): each plane is copied into
  * ``pad``, the zero-padded plane of Wp columns (its borders zeroed here once, never written),
@@ -163,10 +157,16 @@ void DN(fr_depthwise_wgrad)(int isa, const fr_geom* g, const T* x, const T* dy, 
     }
 }
 
-void DN(fr_pack_input)(const fr_geom* g, const T* x, T* xq)
+/* Input planes of one image (step C1 of fastrnn/reference/conv2d.py, split by stride phase):
+ *   xq[((c * sh + a) * sw + b) * Hq * Wq + u * Wq + v] = xpad[c, u * sh + a, v * sw + b]
+ * (xpad: x zero-padded by (ph, pw)), followed by g->x_slack zeros. At column stride 2 each
+ * row's two phases are split on instruction set ``isa`` (the kernels' one).
+ * x  : IN  [C, H, W]
+ * xq : OUT [g->x_size]
+ */
+void DN(fr_pack_input)(int isa, const fr_geom* g, const T* x, T* xq)
 {
     const idx_t plane = g->Hq * g->Wq;
-    const int isa = g->sw == 2 ? fr_isa_best() : FR_ISA_PORTABLE;
     T* q = xq;
     for (idx_t c = 0; c < g->C; ++c) {
         const T* xc = x + c * g->H * g->W;

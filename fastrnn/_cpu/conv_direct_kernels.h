@@ -272,16 +272,56 @@ static TARGET void NAME(store_rows)(const T* restrict s, idx_t sp, idx_t n, idx_
     }
 }
 
-/* r0[v] = s[2 v], r1[v] = s[2 v + 1] for v < n: the two column phases of a row at stride 2,
- * vectorised under the target (even/odd permutes of pairs of vectors). */
+/* The even and odd lanes of two vectors a, b (lanes a0 .. a{L-1} b0 .. b{L-1}), for the
+ * stride-2 split below: one two-source permute each. */
+#define SPLIT_BODY(VT, TI, L, v)                                                              \
+    do {                                                                                      \
+        typedef TI idx_v_ __attribute__((vector_size(sizeof(VT))));                           \
+        idx_v_ ev_, od_;                                                                      \
+        for (int l_ = 0; l_ < (L); ++l_) {                                                    \
+            ev_[l_] = 2 * l_;                                                                 \
+            od_[l_] = 2 * l_ + 1;                                                             \
+        }                                                                                     \
+        VT a_, b_;                                                                            \
+        __builtin_memcpy(&a_, s + 2 * (v), sizeof a_);                                        \
+        __builtin_memcpy(&b_, s + 2 * (v) + (L), sizeof b_);                                  \
+        VT e_ = __builtin_shuffle(a_, b_, ev_), o_ = __builtin_shuffle(a_, b_, od_);          \
+        __builtin_memcpy(r0 + (v), &e_, sizeof e_);                                           \
+        __builtin_memcpy(r1 + (v), &o_, sizeof o_);                                           \
+    } while (0)
+
+/* r0[v] = s[2 v], r1[v] = s[2 v + 1] for v < n: the two column phases of a row at stride 2.
+ * Whole vectors, then one more ending at n that overlaps the last (it rewrites the same
+ * values); rows shorter than a vector in half vectors the same way (a 32-wide input row's
+ * 15 or 16 columns per phase ran a scalar loop under AVX-512 before); the rest one by one. */
 static TARGET void NAME(split_phases)(const T* restrict s, idx_t n, T* restrict r0,
                                       T* restrict r1)
 {
-    for (idx_t v = 0; v < n; ++v) {
+    idx_t v = 0;
+#if VB >= 32
+    typedef T NAME(half) __attribute__((vector_size(VB / 2)));
+    const idx_t hw = VW / 2;
+    if (n >= VW) {
+        for (; v + VW <= n; v += VW)
+            SPLIT_BODY(V, TI, VW, v);
+        if (v < n)
+            SPLIT_BODY(V, TI, VW, n - VW);
+        return;
+    }
+    if (n >= hw) {
+        for (; v + hw <= n; v += hw)
+            SPLIT_BODY(NAME(half), TI, hw, v);
+        if (v < n)
+            SPLIT_BODY(NAME(half), TI, hw, n - hw);
+        return;
+    }
+#endif
+    for (; v < n; ++v) {
         r0[v] = s[2 * v];
         r1[v] = s[2 * v + 1];
     }
 }
+#undef SPLIT_BODY
 
 /* d[2 m] = p[m], d[2 m + 1] = q[m] for m < n: a row's two column phases at stride 2 put
  * back together (the inverse of split_phases), vectorised under the target. */

@@ -116,7 +116,7 @@ idx_t WN(fr_winograd_band)(int isa, const fr_geom* g, const fr_geom* gw, const T
         const idx_t i = r / TH, th0 = r - i * TH;
         const idx_t th1 = (i + 1) * TH < r1 ? TH : r1 - i * TH;
         if (i != packed) {
-            WN(fr_pack_input)(gw, x + i * xsz, xq);
+            WN(fr_pack_input)(isa, gw, x + i * xsz, xq);
             packed = i;
         }
         WN(fr_winograd_input)(gw, xq, TW, th0, th1, v + (r - r0) * TW, ldv, vs);
