@@ -50,6 +50,7 @@ import pytest
 import fastrnn as fr
 from fastrnn import reference as ref
 from fastrnn._bench import sgemm_gflops
+from fastrnn.bench import minor_faults
 
 try:
     import torch
@@ -311,7 +312,8 @@ def table(
         head += f" {'%sgemm':>6}" if impl == "fastrnn" else ""
     for i in pinned:
         head += f" {'torch/' + i:>14}"
-    print(head + f" {'torch/fastrnn':>14} {'min: fastrnn':>12} {'torch':>9} {'ratio':>6}")
+    print(head + f" {'torch/fastrnn':>14} {'min: fastrnn':>12} {'torch':>9} {'ratio':>6}"
+          f" {'faults fr/torch':>16}")  # fmt: skip
     ratios: dict[str, list[float]] = {p: [] for p in PASSES}
     min_ratios: dict[str, list[float]] = {p: [] for p in PASSES}
     for op, shape, passes in rows:
@@ -329,9 +331,12 @@ def table(
             call()
         med: dict[str, list[float]] = {i: [] for i in impls}
         low: dict[str, float] = {i: float("inf") for i in impls}
+        faults: dict[str, list[float]] = {i: [] for i in impls}
         for _ in range(repeat):  # interleaved, so load changes hit every implementation
             for i in impls:
+                f0 = minor_faults()
                 times = _times_ms(calls[i], 1 if i == "reference" else 5)
+                faults[i].append((minor_faults() - f0) / len(times))
                 med[i].append(statistics.median(times))
                 low[i] = min(low[i], *times)
         ms = {i: statistics.median(v) for i, v in med.items()}
@@ -347,7 +352,10 @@ def table(
         for i in pinned:
             line += f" {ms['torch'] / ms[i]:14.2f}"
         line += f" {ratio:14.2f} {low['fastrnn']:12.3f} {low['torch']:9.3f}"
-        print(line + f" {low['torch'] / low['fastrnn']:6.2f}", flush=True)
+        # minor page faults per call (fresh pages the call's allocations touched; PyTorch's
+        # move with its allocator's state, and its times with them)
+        fl = f"{statistics.median(faults['fastrnn']):.0f}/{statistics.median(faults['torch']):.0f}"
+        print(line + f" {low['torch'] / low['fastrnn']:6.2f} {fl:>16}", flush=True)
     for p in PASSES:
         gm = float(np.exp(np.mean(np.log(ratios[p]))))
         gm_min = float(np.exp(np.mean(np.log(min_ratios[p]))))
