@@ -6,7 +6,7 @@ FASTRNN_FAIL_NO_OPENMP=1   a compiler without OpenMP is an error instead of a se
 FASTRNN_CYTHON_DEBUG=1     bounds checks, wraparound and initialized checks on; -O0 -g
 FASTRNN_NATIVE=1           compile for this machine's CPU (-march=native); off by default so a
                            wheel runs on any x86-64
-FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "lstm,gru"): a developer shortcut
+FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "recurrent,conv2d"): a developer shortcut
 FASTRNN_SANITIZE=address   build with AddressSanitizer (-fsanitize=address, -O1 -g, frame
                            pointers kept) to catch out-of-bounds reads and writes in the kernels;
                            Python is not built with it, so run with

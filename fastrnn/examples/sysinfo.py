@@ -11,7 +11,10 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-CPU_MODULES = ("lstm", "gru", "rnn", "conv2d", "pool2d")
+# The kernel extension modules (fastrnn/_cpu/*.pyx): the recurrent engine (LSTM, GRU, RNN), the
+# prepared inference steps, the training glue (loss, clipping, optimizers), convolution (direct
+# and Winograd; im2col) and pooling
+CPU_MODULES = ("recurrent", "inference", "_train", "conv2d", "conv2d_im2col", "pool2d")
 
 # Symbols only an OpenMP build references: GCC's libgomp entry points, LLVM/Intel's libomp.
 _OPENMP_MARKERS = (b"GOMP_parallel", b"GOMP_loop", b"__kmpc_fork_call", b"omp_get_max_threads")
