@@ -49,8 +49,7 @@ import pytest
 
 import fastrnn as fr
 from fastrnn import reference as ref
-from fastrnn._bench import sgemm_gflops
-from fastrnn.bench import minor_faults
+from fastrnn._bench import minor_faults, sgemm_gflops
 
 try:
     import torch

@@ -217,6 +217,16 @@ def threads(n: int) -> Iterator[None]:
             torch.set_num_threads(torch_before)
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage is missing): the fresh pages
+    a call's allocations touched, reported beside the benchmarks' times."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 # Seconds to wait after timing the NumPy reference on more than one thread before timing
 # anything else: OpenBLAS's threads keep spinning (busy, not yielding) for about 0.1 s after a
 # call, and the kernels' OpenMP threads timed inside that window share their cores. Measured

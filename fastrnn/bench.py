@@ -70,7 +70,7 @@ class Case:
         if self.op in _GATES:
             return f"T{s['T']} N{s['N']} D{s['D']} H{s['H']}"
         if self.op == "conv2d":
-            g = f" g{s['G']}" if s.get("G", 1) > 1 else ""
+            g = f" g{s['G']}" if s["G"] > 1 else ""
             return f"{s['N']}x{s['C']}x{s['H']}x{s['W']} F{s['F']} k{s['K']} s{s['S']} p{s['P']}{g}"
         return f"{s['N']}x{s['C']}x{s['H']}x{s['W']} k{s['K']} s{s['S']} p{s['P']}"
 
@@ -87,7 +87,7 @@ class Case:
             return fwd if passes == "fwd" else 3.0 * fwd
         oh, ow = self.out_hw()
         if self.op == "conv2d":
-            fwd = 2.0 * s["N"] * s["F"] * oh * ow * s["C"] // s.get("G", 1) * s["K"] * s["K"]
+            fwd = 2.0 * s["N"] * s["F"] * oh * ow * s["C"] // s["G"] * s["K"] * s["K"]
             return fwd if passes == "fwd" else 3.0 * fwd
         fwd = float(s["N"] * s["C"] * oh * ow * s["K"] * s["K"])
         return fwd if passes == "fwd" else fwd + s["N"] * s["C"] * oh * ow
@@ -186,7 +186,7 @@ def make_inputs(case: Case, dtype: Any, seed: int = 0) -> dict[str, np.ndarray]:
         return arrays
     oh, ow = case.out_hw()
     if case.op == "conv2d":
-        cg = s["C"] // s.get("G", 1)
+        cg = s["C"] // s["G"]
         fan_in = cg * s["K"] * s["K"]
         return {
             "x": rand(s["N"], s["C"], s["H"], s["W"]),
@@ -240,7 +240,7 @@ def _fastrnn_runner(case: Case, a: dict[str, Any], passes: str) -> Callable[[], 
 
         def run() -> Any:
             y, ctx = fr.conv2d_forward(
-                a["x"], a["w"], a["b"], stride=s["S"], padding=s["P"], groups=s.get("G", 1),
+                a["x"], a["w"], a["b"], stride=s["S"], padding=s["P"], groups=s["G"],
                 training=train,
             )
             if train:
@@ -295,7 +295,7 @@ def _torch_runner(
 
         def forward() -> Any:
             return torch.nn.functional.conv2d(
-                x, w, b, stride=s["S"], padding=s["P"], groups=s.get("G", 1)
+                x, w, b, stride=s["S"], padding=s["P"], groups=s["G"]
             )
     else:
         fn = getattr(torch.nn.functional, case.op)
@@ -317,15 +317,6 @@ def _torch_runner(
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-
-
-def minor_faults() -> int:
-    """This process's minor page faults so far (0 where getrusage is missing)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_call(
@@ -357,6 +348,8 @@ def time_call(
         warm = once()
     min_repeats = 1 if warm >= 1.0 else 3
     times: list[float] = []
+    from fastrnn._bench import minor_faults
+
     f0 = minor_faults()
     start = time.perf_counter()
     while len(times) < min_repeats or (

@@ -233,15 +233,15 @@ def interleaved(
 
 def page_faults_per_step(impl: Any, data: np.ndarray, T: int, steps: int = 20) -> float:
     """Minor page faults per step after warm-up (fresh memory touched by each step)."""
-    import resource
+    from fastrnn._bench import minor_faults
 
     get = _batches(data, T)
     for k in range(3):
         impl.step(*get(k))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = minor_faults()
     for k in range(steps):
         impl.step(*get(k + 3))
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+    return (minor_faults() - before) / steps
 
 
 # ------------------------------------------------------------------------------------------------

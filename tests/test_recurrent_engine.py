@@ -16,6 +16,15 @@ from fastrnn._cpu import recurrent as engine
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
+@pytest.fixture
+def two_threads():
+    """fastrnn on 2 threads inside the test (the splits run in parallel), restored after it."""
+    threads = fr.get_num_threads()
+    fr.set_num_threads(2)
+    yield
+    fr.set_num_threads(threads)
+
+
 def _compare(op, dtype, T, N, D, H, lengths, seed=0, final_grads=True):
     rng = np.random.default_rng(seed)
     arrays = {k: v.astype(dtype) for k, v in op.arrays(T, N, D, H, rng).items()}
@@ -58,46 +67,36 @@ def _set_split(split, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("isa", list(ISAS))
-def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypatch):
+def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypatch, two_threads):
     if not engine.isa_supported(ISAS[isa]):
         pytest.skip(f"this CPU does not run {isa}")
     monkeypatch.setenv("FASTRNN_SIMD", isa)
     assert engine.simd_level() == ISAS[isa]
     _set_split(split, monkeypatch)
-    threads = fr.get_num_threads()
-    fr.set_num_threads(2)
-    try:
-        # 37 rows: 8-row tiles of the AVX-512 kernels and tiles of the last 5, 6, 4 rows;
-        # H=45: two full 16-unit blocks and a partial one, a partial 32-column panel
-        for lengths in (None, np.array([6] * 20 + [3] * 10 + [1] * 7)):
-            ctx = _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
-            assert ctx.saved["split"] == {"serial_loop": "serial", "split_by_units": "units",
-                                          "split_by_rows": "rows"}[split]
-        # 15 rows ending one per step from the fifth on: 15, 14, ..., 10 active rows, the
-        # tiles of the last 7, 6, 5, 4, 3, 2 rows; and 9 rows (8 + 1)
-        _compare(op, dtype, 6, 15, 5, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=1)
-        _compare(op, dtype, 4, 9, 5, 45, None, seed=2)
-        # H=50: 18 columns past the last 32-column panel, two masked 16-column chunks
-        _compare(op, dtype, 4, 11, 3, 50, None, seed=3)
-    finally:
-        fr.set_num_threads(threads)
+    # 37 rows: 8-row tiles of the AVX-512 kernels and tiles of the last 5, 6, 4 rows;
+    # H=45: two full 16-unit blocks and a partial one, a partial 32-column panel
+    for lengths in (None, np.array([6] * 20 + [3] * 10 + [1] * 7)):
+        ctx = _compare(op, dtype, 6, 37, 5, 45, lengths, seed=ISAS[isa])
+        assert ctx.saved["split"] == {"serial_loop": "serial", "split_by_units": "units",
+                                      "split_by_rows": "rows"}[split]
+    # 15 rows ending one per step from the fifth on: 15, 14, ..., 10 active rows, the
+    # tiles of the last 7, 6, 5, 4, 3, 2 rows; and 9 rows (8 + 1)
+    _compare(op, dtype, 6, 15, 5, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=1)
+    _compare(op, dtype, 4, 9, 5, 45, None, seed=2)
+    # H=50: 18 columns past the last 32-column panel, two masked 16-column chunks
+    _compare(op, dtype, 4, 11, 3, 50, None, seed=3)
 
 
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("T", [1, 2, 3, 9])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
-def test_short_sequences_and_uneven_groups(op, T, split, monkeypatch):
+def test_short_sequences_and_uneven_groups(op, T, split, monkeypatch, two_threads):
     """Fewer than 4 steps (no transposed weights, no panels: the step GEMMs on BLAS), and 21 rows
     in groups of 10 and 11 (with lengths: balanced by steps, so unequal counts)."""
     _set_split(split, monkeypatch)
-    threads = fr.get_num_threads()
-    fr.set_num_threads(2)
-    try:
-        for lengths in (None, np.minimum(np.arange(21) % 5 + 1, T)):
-            for dtype in (np.float32, np.float64):
-                _compare(op, dtype, T, 21, 3, 19, lengths, seed=T)
-    finally:
-        fr.set_num_threads(threads)
+    for lengths in (None, np.minimum(np.arange(21) % 5 + 1, T)):
+        for dtype in (np.float32, np.float64):
+            _compare(op, dtype, T, 21, 3, 19, lengths, seed=T)
 
 
 def test_simd_switch_refuses_unknown_values(monkeypatch):
@@ -252,25 +251,20 @@ def test_reference_keeps_infinite_states_without_lengths():
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("fuse", [0, 1], ids=["projection_first", "projection_per_step"])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
-def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch):
+def test_input_projection_per_step_or_first(op, fuse, split, monkeypatch, two_threads):
     """The input projection as one GEMM before the time loop or step by step inside it
     (FUSE_INPUT_MIN_ROWS), on the float32 AVX-512 path where the per-step form exists."""
     if not engine.isa_supported(ISAS["avx512"]):
         pytest.skip("this CPU does not run avx512")
     monkeypatch.setattr(engine, "FUSE_INPUT_MIN_ROWS", fuse)
     _set_split(split, monkeypatch)
-    threads = fr.get_num_threads()
-    fr.set_num_threads(2)
-    try:
-        _compare(op, np.float32, 6, 15, 7, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=4)
-        _compare(op, np.float32, 5, 9, 33, 20, None, seed=5)
-    finally:
-        fr.set_num_threads(threads)
+    _compare(op, np.float32, 6, 15, 7, 45, np.array([6] * 10 + [5, 4, 3, 2, 1]), seed=4)
+    _compare(op, np.float32, 5, 9, 33, 20, None, seed=5)
 
 
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
-def test_whole_sequence_gradients_across_blocks(op, split, monkeypatch):
+def test_whole_sequence_gradients_across_blocks(op, split, monkeypatch, two_threads):
     """The backward's whole-sequence GEMMs (dx, dW_ih, dW_hh over all packed rows) on the
     float32 AVX-512 kernels (SEQUENCE_GEMMS_OWN): 260 and 197 rows (k blocks of 96 and a
     remainder), D = 80 and H = 48 (full 32-column panels and a 16-column half past them), gate
@@ -279,12 +273,7 @@ def test_whole_sequence_gradients_across_blocks(op, split, monkeypatch):
         pytest.skip("this CPU does not run avx512")
     monkeypatch.setattr(engine, "SEQUENCE_GEMMS_OWN", True)
     _set_split(split, monkeypatch)
-    threads = fr.get_num_threads()
-    fr.set_num_threads(2)
-    try:
-        lengths = np.array([20] * 5 + [17, 15, 12] * 2 + [3, 1])
-        for D, H in ((80, 48), (64, 32), (70, 48)):
-            _compare(op, np.float32, 20, 13, D, H, None, seed=6)
-            _compare(op, np.float32, 20, 13, D, H, lengths, seed=7)
-    finally:
-        fr.set_num_threads(threads)
+    lengths = np.array([20] * 5 + [17, 15, 12] * 2 + [3, 1])
+    for D, H in ((80, 48), (64, 32), (70, 48)):
+        _compare(op, np.float32, 20, 13, D, H, None, seed=6)
+        _compare(op, np.float32, 20, 13, D, H, lengths, seed=7)

@@ -2,8 +2,9 @@
 """Row-major BLAS GEMM on SciPy's sgemm / dgemm, callable without the GIL
 (fastrnn/_cpu/_gemm.pxd's wrapper).
 
-No build-time BLAS dependency: a module that cimports this calls ``load_scipy_blas()`` when it
-is imported, which takes the two functions from scipy.linalg.cython_blas's capsules
+No build-time BLAS dependency: a module that cimports this calls ``load_scipy_blas()`` before
+its first GEMM (when it is imported, or lazily: conv2d_im2col.pyx), which takes the two
+functions from scipy.linalg.cython_blas's capsules
 (fastrnn/_cpu/_scipy_blas.py loads that module without the scipy.linalg package: the package's
 import cost the first recurrent call of a process 160-260 ms).
 """
@@ -22,7 +23,7 @@ cdef extern from *:
 
 
 cdef inline int load_scipy_blas() except -1:
-    """Point this module's gemm at SciPy's sgemm and dgemm (once; call at module import)."""
+    """Point this module's gemm at SciPy's sgemm and dgemm (once; needs the GIL)."""
     global fr_blas_sgemm_ptr, fr_blas_dgemm_ptr
     if fr_blas_sgemm_ptr != NULL:
         return 0
@@ -39,6 +40,6 @@ cdef inline void gemm(
     int lda, const floating* b, int ldb, floating beta, floating* c, int ldc,
 ) noexcept nogil:
     """Row-major C = alpha * op(A) @ op(B) + beta * C (gemm_with's arguments) on SciPy's BLAS
-    (load_scipy_blas() ran when the calling module was imported)."""
+    (load_scipy_blas() has run in the calling module)."""
     gemm_with(<sgemm_fn> fr_blas_sgemm_ptr, <dgemm_fn> fr_blas_dgemm_ptr, trans_a, trans_b, m,
               n, k, alpha, a, lda, b, ldb, beta, c, ldc)

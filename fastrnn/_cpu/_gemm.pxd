@@ -3,10 +3,9 @@
 
 BLAS is column-major; a row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T,
 so the wrapper swaps the operands (and M with N) instead of transposing anything.
-No SciPy here: fastrnn/_cpu/_blas.pxd passes SciPy's functions, loaded with the module that
-cimports it; conv2d_im2col.pyx passes pointers it takes from scipy.linalg.cython_blas's capsules
-only when a call needs a GEMM (a float32 pointwise forward on its tiles never does, and its
-first call then pays no SciPy import).
+No SciPy here: fastrnn/_cpu/_blas.pxd passes SciPy's functions, taken from
+scipy.linalg.cython_blas's capsules by load_scipy_blas() (at import for the recurrent modules,
+on the first call that needs a GEMM for conv2d_im2col.pyx).
 """
 
 ctypedef fused floating:

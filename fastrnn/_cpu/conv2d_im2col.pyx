@@ -43,9 +43,7 @@ import contextlib
 
 import numpy as np
 
-from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-
-from fastrnn._cpu._gemm cimport dgemm_fn, floating, gemm_with, sgemm_fn
+from fastrnn._cpu._blas cimport floating, gemm, load_scipy_blas
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 from fastrnn._cpu._pool_plane cimport valid_outputs
 from fastrnn._cpu._sums cimport channel_sum
@@ -109,30 +107,11 @@ cdef Geom _geometry(tuple x_shape, tuple w_shape, stride, padding, dilation, gro
     return g
 
 
-# SciPy's GEMMs, loaded by _load_blas() before the first call that runs one (a float32
-# pointwise forward on the tiles never does; fastrnn/_cpu/_scipy_blas.py loads SciPy's BLAS
-# without the scipy.linalg package)
-cdef sgemm_fn _sgemm = NULL
-cdef dgemm_fn _dgemm = NULL
-
-
 def _load_blas() -> None:
-    """Take SciPy's sgemm and dgemm from scipy.linalg.cython_blas (once per process)."""
-    global _sgemm, _dgemm
-    if _sgemm != NULL:
-        return
-    from fastrnn._cpu._scipy_blas import capi as scipy_capi
-
-    capi = scipy_capi()
-    _dgemm = <dgemm_fn> PyCapsule_GetPointer(capi["dgemm"], PyCapsule_GetName(capi["dgemm"]))
-    _sgemm = <sgemm_fn> PyCapsule_GetPointer(capi["sgemm"], PyCapsule_GetName(capi["sgemm"]))
-
-
-cdef inline void gemm(
-    bint trans_a, bint trans_b, int m, int n, int k, floating alpha, const floating* a,
-    int lda, const floating* b, int ldb, floating beta, floating* c, int ldc,
-) noexcept nogil:
-    gemm_with(_sgemm, _dgemm, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    """Point gemm at SciPy's sgemm and dgemm (once per process), before the first call that
+    runs a GEMM: unlike the recurrent modules this one does not load them at import, since a
+    float32 pointwise forward on the tiles never needs them."""
+    load_scipy_blas()
 
 
 cdef void _im2col(

@@ -72,7 +72,7 @@ static void DN(merge_phases)(int isa, const T* p, const T* q, idx_t n, T* d)
 
 /* The two column phases of one input row at stride 2: r0[v] = src[2v - pw],
  * r1[v] = src[2v + 1 - pw], zero outside the row, both in one pass over the row (the inside
- * on the best vector instruction set: a copy, the same on any). */
+ * on instruction set ``isa``: a copy, the same on any). */
 static void DN(pack_row_stride2)(int isa, const T* src, idx_t W, idx_t pw, idx_t Wq, T* r0,
                                  T* r1)
 {
@@ -300,6 +300,17 @@ void DN(fr_forward_block)(int isa, const fr_geom* g, const T* xq, const idx_t* o
     }
 }
 
+/* The rows [u0, u1) of row phase a whose input positions h = u sh + a - ph fall in [0, H):
+ * the rows of dx an input-gradient item of that phase writes. */
+static void DN(dgrad_rows)(const fr_geom* g, idx_t a, idx_t* u0, idx_t* u1)
+{
+    idx_t lo = 0, hi = g->Hq;
+    while (lo * g->sh + a - g->ph < 0) ++lo;
+    while (hi > lo && (hi - 1) * g->sh + a - g->ph >= g->H) --hi;
+    *u0 = lo;
+    *u1 = hi;
+}
+
 /* Input-gradient item: input channels c0 .. c0 + nc (one packed block, inside group grp) of
  * stride phase (a, b) of one image. Steps CB3-CB5 as one correlation of the padded output
  * gradients with the transposed, flipped kernel taps of the phase.
@@ -313,11 +324,9 @@ void DN(fr_dgrad_block)(int isa, const fr_geom* g, const T* dyq, const idx_t* of
                         const T* wblk, T* dx, idx_t grp, idx_t c0, int nc, idx_t a, idx_t b,
                         T* tile)
 {
-    /* only the rows u whose positions h = u * sh + a - ph fall in [0, H) */
-    idx_t u0 = 0, v0 = 0, u1 = g->Hq;
-    while (u0 * g->sh + a - g->ph < 0) ++u0;
+    idx_t u0, u1, v0 = 0;
+    DN(dgrad_rows)(g, a, &u0, &u1);
     while (v0 * g->sw + b - g->pw < 0) ++v0;
-    while (u1 > u0 && (u1 - 1) * g->sh + a - g->ph >= g->H) --u1;
     const T* dg = dyq + grp * g->Fg * g->Hd * g->Wd + u0 * g->Wd;
     if (K > 0 && u1 > u0)
         DN(kfwd)(isa, nc, dg, off, K, wblk, tile, g->Pd_r, (u1 - u0) * g->Wd);
@@ -345,9 +354,8 @@ void DN(fr_dgrad_pair)(int isa, const fr_geom* g, const T* dyq, const idx_t* off
                        const T* wblk0, const idx_t* off1, idx_t K1, const T* wblk1, T* dx,
                        idx_t grp, idx_t c0, int nc, idx_t a, T* tile)
 {
-    idx_t u0 = 0, u1 = g->Hq;
-    while (u0 * g->sh + a - g->ph < 0) ++u0;
-    while (u1 > u0 && (u1 - 1) * g->sh + a - g->ph >= g->H) --u1;
+    idx_t u0, u1;
+    DN(dgrad_rows)(g, a, &u0, &u1);
     if (u1 <= u0)
         return;
     const idx_t n = (u1 - u0) * g->Wd, W = g->W;
