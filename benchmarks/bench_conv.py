@@ -14,6 +14,8 @@ side's fastest single call (min) with their ratio, which one-off spikes cannot s
 ``--relu`` times conv2d + ReLU forward instead (fused, separate, torch); ``--relu-pool`` conv2d +
 ReLU + 2x2 max pooling forward+backward (one call with ``max_pool=2``, two layers, torch);
 ``--first-call`` each kind of layer's first forward in fresh processes against a warm call;
+``--after-torch`` each layer's forward right after torch's (a model mixing the two), in fresh
+processes, fastrnn's outputs from its reused buffers against fresh ones;
 ``--mnist-example PATH`` PyTorch's examples/mnist ``Net`` read from that example's main.py.
 ``--im2col`` and ``--direct`` add fastrnn pinned to algorithm="im2col" (the kernels before the
 direct ones) or "direct" (what "auto" ran on 3x3 layers before Winograd) to the same
@@ -519,6 +521,81 @@ def first_calls(threads: int, processes: int = 5) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# fastrnn's forward right after PyTorch's: outputs from reused buffers or fresh ones
+# ------------------------------------------------------------------------------------------------
+
+
+def after_torch(threads: int, repeat: int) -> None:
+    """Each layer's forward (``training=False``) with fastrnn's call right after torch's call
+    of the same layer, as in a model that mixes the two, torch's output either still alive
+    (the layer's input) or dropped just before; each layer in fresh processes: fastrnn's
+    outputs from its reused buffers (fastrnn/_cpu/_buffers.py), and with
+    FASTRNN_OUTPUT_CACHE_MB=0 (a fresh np.empty per output, what fastrnn did before). Whether a
+    fresh output faults in new pages depends on the process's allocation history, hence fresh
+    processes that run nothing else. Medians over the processes (alternating) of each one's
+    median ms and minor page faults per call."""
+    import subprocess
+    import sys
+
+    print(f"threads={threads}: fastrnn's forward right after torch's, ms (faults per call), "
+          f"{repeat} processes each; pool: outputs from reused buffers, fresh: "
+          "FASTRNN_OUTPUT_CACHE_MB=0")  # fmt: skip
+    head = f"{'layer':34}"
+    for order in ("alive", "dropped"):
+        head += f" {order + ': pool':>17} {'fresh':>13} {'ratio':>5}"
+    print(head + f" {'torch':>15}")
+    for i, shape in enumerate(CONV_SHAPES):
+        line = f"{_conv_id(shape):34}"
+        for order in ("alive", "dropped"):
+            runs: dict[str, list[list[float]]] = {"pool": [], "fresh": []}
+            for _ in range(repeat):
+                for mode in runs:
+                    env = dict(os.environ)
+                    if mode == "fresh":
+                        env["FASTRNN_OUTPUT_CACHE_MB"] = "0"
+                    cmd = [sys.executable, __file__, "--after-torch-layer", f"{i},{order}",
+                           "--threads", str(threads)]  # fmt: skip
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                         check=True)  # fmt: skip
+                    runs[mode].append([float(v) for v in out.stdout.split()])
+            med = {m: [statistics.median(r[k] for r in runs[m]) for k in range(4)] for m in runs}
+            line += f" {med['pool'][0]:9.2f} ({med['pool'][1]:4.0f})"
+            line += f" {med['fresh'][0]:6.2f} ({med['fresh'][1]:4.0f})"
+            line += f" {med['fresh'][0] / med['pool'][0]:5.2f}"
+        print(line + f" {med['pool'][2]:6.2f} ({med['pool'][3]:5.0f})", flush=True)
+
+
+def after_torch_layer(spec: str, threads: int, calls: int = 25) -> None:
+    """One process of :func:`after_torch` (spec: the layer's index in CONV_SHAPES and
+    "alive" or "dropped"): prints fastrnn's median ms and faults per call, then torch's, over
+    ``calls`` pairs after 5 untimed ones."""
+    index, order = spec.split(",")
+    set_threads(threads)
+    N, C, H, W, F, k, s, p, g = CONV_SHAPES[int(index)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+    w = rng.standard_normal((F, C // g, k, k), dtype=np.float32)
+    w /= np.float32(np.sqrt(C // g * k * k))
+    b = rng.standard_normal(F, dtype=np.float32)
+    xt, wt, bt = (torch.from_numpy(a) for a in (x, w, b))
+    rows = []
+    for _ in range(calls + 5):
+        f0 = minor_faults()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            held = tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
+        t1 = time.perf_counter()
+        f1 = minor_faults()
+        if order == "dropped":
+            held = None
+        out, _ = fr.conv2d_forward(x, w, b, stride=s, padding=p, groups=g, training=False)
+        t2 = time.perf_counter()
+        rows.append((1e3 * (t2 - t1), minor_faults() - f1, 1e3 * (t1 - t0), f1 - f0))
+        del held, out
+    print(*(statistics.median(r[k] for r in rows[5:]) for k in range(4)))
+
+
+# ------------------------------------------------------------------------------------------------
 # PyTorch's examples/mnist network, with torch.nn's or fastrnn.torch's Conv2d and MaxPool2d
 # ------------------------------------------------------------------------------------------------
 
@@ -686,6 +763,12 @@ def main() -> None:
         help="only conv2d + ReLU + 2x2 max pool, forward+backward: one call (max_pool=2) vs "
         "two layers vs torch",
     )  # fmt: skip
+    parser.add_argument("--after-torch-layer", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--after-torch", action="store_true",
+        help="only each layer's forward right after torch's, fastrnn's outputs from reused "
+        "buffers vs fresh ones",
+    )  # fmt: skip
     args = parser.parse_args()
     if torch is None:
         raise SystemExit("the table compares with PyTorch: install torch")
@@ -700,6 +783,12 @@ def main() -> None:
         return
     if args.relu_pool:
         relu_pool_table(args.threads, args.repeat)
+        return
+    if args.after_torch_layer is not None:
+        after_torch_layer(args.after_torch_layer, args.threads)
+        return
+    if args.after_torch:
+        after_torch(args.threads, args.repeat)
         return
     if args.first_call:
         first_calls(args.threads, max(args.repeat, 3))

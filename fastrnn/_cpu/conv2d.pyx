@@ -34,6 +34,7 @@ import numpy as np
 from fastrnn._cpu._openmp cimport omp_get_thread_num
 from fastrnn._cpu._pool_plane cimport PoolGeom, max_argmax_plane, pool_geometry
 
+from fastrnn._cpu._buffers import empty as output
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
@@ -741,7 +742,7 @@ def _direct_forward(x, w, b, stride, padding, dilation, groups, training, int ac
     geometry = (stride, padding, dilation, groups)
     cdef fr_geom g = _direct_geometry(tuple(x.shape), tuple(w.shape), geometry)
     nt = _threads(g.N * g.F * g.OH * g.OW * g.Kg)
-    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    y = output((g.N, g.F, g.OH, g.OW), x.dtype)
     if g.N > 0 and g.OH > 0 and g.OW > 0 and _depthwise(g):
         (pads,) = _scratch(x.dtype, nt * ((g.H + 2 * g.ph) * (g.W + 2 * g.pw) + g.KW + 64))
         bias = np.empty(0, dtype=x.dtype) if b is None else b
@@ -788,8 +789,8 @@ INT32_MAX = 2**31 - 1
 def _pool_outputs(fr_geom g, pool, dtype):
     """The pooled output of g's output planes, and its maxima's positions (empty)."""
     cdef PoolGeom pg = pool_geometry(g.OH, g.OW, pool[0], pool[1], pool[2])
-    pooled = np.empty((g.N, g.F, pg.OH, pg.OW), dtype=dtype)
-    return pooled, np.empty(pooled.shape, dtype=np.int32)
+    pooled = output((g.N, g.F, pg.OH, pg.OW), dtype)
+    return pooled, output(pooled.shape, np.int32)
 
 
 def _save_pool(ctx, tuple shape, arg, pooled, int act):
@@ -830,7 +831,7 @@ def _direct_backward(ctx, dy, bint input_grad=True):
         else:
             dx = _direct_forward(dy, wt, None, (1, 1), pad, (dh, dw_), g.G, False)[0]
     else:
-        dx = np.empty_like(x)
+        dx = output(x.shape, x.dtype)
         off, wp, starts = _dgrad_tables(g, w)
         B = min(g.N, BATCH_PER_THREAD * nt)
         tile = (12 if DGRAD_PAIRS and g.sw == 2 else 6) * g.Pd_r
@@ -1114,7 +1115,7 @@ def _winograd_forward(x, w, b, stride, padding, dilation, groups, training, int 
                                        ((2, 2), padding, (1, 1), 1))
     nt = min(_threads(g.N * g.F * g.OH * g.OW * g.Kg), max(g.N, 1))
     if pool is None:
-        y = out = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+        y = out = output((g.N, g.F, g.OH, g.OW), x.dtype)
         pooled = arg = ybuf = None
     elif g.N == 0 or g.OH * g.OW > INT32_MAX:
         return None  # (pooled after the convolution)
@@ -1323,7 +1324,7 @@ def relu_backward(y, dy, bint reuse=False):
     if reuse:  # (its own key: the backward's scratch is in use while this is read)
         out = _scratch(y.dtype, y.size, key="relu")[0].reshape(y.shape)
     else:
-        out = np.empty_like(y)
+        out = output(y.shape, y.dtype)
     cdef Py_ssize_t n = y.size
     cdef int nt = get_num_threads() if n >= 4 * RELU_CHUNK else 1
     cdef float[::1] yf, df, of

@@ -56,6 +56,7 @@ cdef extern from "_small_gemm.h":
                          float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
 
 from fastrnn._cpu._blas_threads import blas_threads
+from fastrnn._cpu._buffers import empty as output
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
@@ -502,7 +503,7 @@ def _im2col_forward(x, w, b, stride, padding, dilation, groups, training, relu=F
         blas = contextlib.nullcontext()  # every GEMM on the tiles: no BLAS to load or pin
     else:
         _load_blas()
-    y = np.empty((g.N, g.F, g.OH, g.OW), dtype=x.dtype)
+    y = output((g.N, g.F, g.OH, g.OW), x.dtype)
     bufs = np.empty((nbuf, _column_size(x.shape, w.shape,
                                         (stride, padding, dilation, groups))), dtype=x.dtype)
     bias = np.empty(0, dtype=x.dtype) if b is None else b
@@ -532,7 +533,7 @@ def _im2col_backward(ctx, dy, input_grad=True):
     cdef Geom g = _geometry(x.shape, w.shape, geometry[0], geometry[1], geometry[2], geometry[3])
     tiles = _pointwise_tiles(&g, x.dtype, nt, nbuf)
     _load_blas()  # (dw is always BLAS's)
-    dx = np.empty_like(x) if input_grad else None
+    dx = output(x.shape, x.dtype) if input_grad else None
     dw = np.empty_like(w)
     db = np.empty(w.shape[0] if s["has_bias"] else 0, dtype=x.dtype)
     parts = np.zeros((chunks, w.size), dtype=x.dtype)

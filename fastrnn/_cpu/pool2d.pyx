@@ -26,6 +26,7 @@ from libc.string cimport memset
 
 import numpy as np
 
+from fastrnn._cpu._buffers import empty as output
 from fastrnn._threads import get_num_threads
 from fastrnn.context import Context
 
@@ -214,7 +215,7 @@ def _context(op, x, y, **saved):
 
 def max_pool2d_forward(x, kernel_size, stride, padding, training):
     """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (None when training=False)."""
-    y = np.empty(_out_shape(x, kernel_size, stride, padding), dtype=x.dtype)
+    y = output(_out_shape(x, kernel_size, stride, padding), x.dtype)
     if training and x.shape[2] * x.shape[3] > np.iinfo(np.int32).max:
         raise ValueError(
             f"x: max pooling saves 32-bit positions; an image plane of {x.shape[2]}x{x.shape[3]} "
@@ -224,14 +225,14 @@ def max_pool2d_forward(x, kernel_size, stride, padding, training):
     # general loop finds the values alone: inference runs them too, the positions unused)
     fast = x.dtype == np.float32 and tuple(kernel_size) == (2, 2) and tuple(stride) == (2, 2)
     fast = fast and tuple(padding) == (0, 0)
-    arg = np.empty(y.shape if training or fast else (0, 0, 0, 0), dtype=np.int32)
+    arg = output(y.shape if training or fast else (0, 0, 0, 0), np.int32)
     _max_forward(x, y, arg, kernel_size, stride, padding, _threads(x.size, y.size))
     return y, (_context("max_pool2d", x, y, arg=arg) if training else None)
 
 
 def max_pool2d_backward(ctx, dy):
     """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
-    dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
+    dx = output(ctx.saved["x_shape"], dy.dtype)
     _max_backward(dy, ctx.saved["arg"], dx, _threads(dx.size, dy.size))
     return dx
 
@@ -247,7 +248,7 @@ def max_pool2d_relu_backward(arg, y, dy, dx):
 
 def avg_pool2d_forward(x, kernel_size, stride, padding, training):
     """x (N,C,H,W); pairs -> y (N,C,OH,OW), ctx (None when training=False)."""
-    y = np.empty(_out_shape(x, kernel_size, stride, padding), dtype=x.dtype)
+    y = output(_out_shape(x, kernel_size, stride, padding), x.dtype)
     _avg_forward(x, y, kernel_size, stride, padding, _threads(x.size, y.size))
     ctx = None
     if training:
@@ -257,6 +258,6 @@ def avg_pool2d_forward(x, kernel_size, stride, padding, training):
 
 def avg_pool2d_backward(ctx, dy):
     """dy (N,C,OH,OW) -> dx (N,C,H,W)."""
-    dx = np.empty(ctx.saved["x_shape"], dtype=dy.dtype)
+    dx = output(ctx.saved["x_shape"], dy.dtype)
     _avg_backward(dy, dx, *ctx.saved["geometry"], _threads(dx.size, dy.size))
     return dx

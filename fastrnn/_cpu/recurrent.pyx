@@ -71,6 +71,7 @@ from fastrnn._cpu._recurrent_common cimport (
     unit_range,
 )
 
+from fastrnn._cpu._buffers import empty as output
 from fastrnn._cpu._recurrent_threads import (
     as_c_array,
     blas_thread_functions,
@@ -1200,7 +1201,7 @@ def _backward(ctx, dy, dhT, dcT):
         pl.dtab = data(dtab)
         dx = dX = np.empty((V, D), dtype)  # the embedding's gradient
     elif rows.perm is None:
-        dx = np.empty((T, N, D), dtype)
+        dx = output((T, N, D), dtype)
         dX = dx
     dw_ih = np.empty((GH, D), dtype)
     dw_hh = np.empty((GH, P), dtype)

@@ -1,0 +1,128 @@
+"""Output arrays of the CPU kernels, from buffers reused once their caller has dropped them.
+
+A kernel's output of a few MB is otherwise a fresh allocation on every call, and whether a
+fresh allocation faults in new pages depends on what else the process allocated since: glibc
+hands a freed block of that size back to the system once something else (PyTorch's allocator,
+say) took the memory in between, and NumPy marks large arrays for transparent huge pages, each
+of which the kernel then clears (and may compact memory for) on first touch, while the
+convolution's threads wait on it. Measured (benchmarks/NOTES-conv.md, "Outputs from reused
+buffers"): a depthwise layer's forward, (32, 64, 56x56), 2 threads, took 2.4 ms on its own and
+32 ms right after a PyTorch convolution of the same size.
+
+So outputs of at least ``OUTPUT_MIN_BYTES`` are views of pooled buffers. A buffer is handed out
+again only when nothing outside the pool references it: every view of it (the array returned,
+its slices and reshapes, a torch tensor made by ``torch.from_numpy``, a context that saved it)
+holds a reference to it, so its reference count says exactly when the last one is gone. At most
+``OUTPUT_KEEP_BYTES`` of unreferenced buffers stay (FASTRNN_OUTPUT_CACHE_MB, default 256), least
+recently used freed first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+OUTPUT_MIN_BYTES = 1 << 20
+
+
+def _keep_bytes() -> int:
+    value = os.environ.get("FASTRNN_OUTPUT_CACHE_MB", "256").strip()
+    try:
+        mb = int(value)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(
+            f"FASTRNN_OUTPUT_CACHE_MB: expected a whole number of MB, 0 or more, got {value!r}"
+        )
+    return mb << 20
+
+
+# FASTRNN_OUTPUT_CACHE_MB (read once, when a kernel module is first imported): 0 turns the pool
+# off, every output then a fresh np.empty
+OUTPUT_KEEP_BYTES = _keep_bytes()
+# Buffers the pool tracks, in use or not (a caller keeping many outputs alive makes the pool
+# forget the oldest: they are freed as usual when dropped)
+OUTPUT_TRACK = 32
+
+# Tests set a byte value here that every pooled output is filled with before a kernel writes
+# it (0xFF: NaN in either float type), so that a kernel leaving any element unwritten fails
+FILL: int | None = None
+
+_outputs: list[np.ndarray] = []  # uint8 buffers, least recently used first
+_lock = threading.Lock()
+
+
+def _free_at(i: int) -> bool:
+    """Whether nothing outside the pool references buffer i."""
+    return sys.getrefcount(_outputs[i]) <= _FREE_REFS
+
+
+# The references to a buffer in the pool's list that nothing else holds, as _free_at counts
+# them (the list's, and the one getrefcount's argument holds)
+_calibrate = [np.empty(0)]
+_FREE_REFS = sys.getrefcount(_calibrate[0])
+del _calibrate
+
+
+def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned: a
+    view of a pooled buffer (see the module docstring), or ``np.empty`` below
+    ``OUTPUT_MIN_BYTES``."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    if n < OUTPUT_MIN_BYTES or OUTPUT_KEEP_BYTES <= 0:
+        return np.empty(shape, dtype)
+    size = n + 64  # room to align
+    with _lock:
+        pick = None
+        for i in range(len(_outputs)):
+            # the smallest free buffer that fits, at most twice the size asked for
+            if size <= _outputs[i].size <= 2 * size and _free_at(i):
+                if pick is None or _outputs[i].size < _outputs[pick].size:
+                    pick = i
+        buf = np.empty(size, np.uint8) if pick is None else _outputs.pop(pick)
+        _outputs.append(buf)
+        _trim()
+    start = -buf.ctypes.data % 64
+    if FILL is not None:
+        buf[start:start + n] = FILL
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
+def _trim() -> None:
+    """Forget the least recently used buffers past OUTPUT_TRACK, and free unreferenced ones
+    past OUTPUT_KEEP_BYTES (the lock held)."""
+    while len(_outputs) > OUTPUT_TRACK:
+        _outputs.pop(0)
+    kept = sum(_outputs[i].size for i in range(len(_outputs)) if _free_at(i))
+    i = 0
+    while kept > OUTPUT_KEEP_BYTES and i < len(_outputs) - 1:  # never the one just handed out
+        if _free_at(i):
+            kept -= _outputs.pop(i).size
+        else:
+            i += 1
+
+
+def pooled_bytes() -> tuple[int, int]:
+    """(bytes of pooled buffers in use, bytes kept free for reuse)."""
+    used = kept = 0
+    with _lock:
+        for i in range(len(_outputs)):
+            if _free_at(i):
+                kept += _outputs[i].size
+            else:
+                used += _outputs[i].size
+    return used, kept
+
+
+def clear() -> None:
+    """Stop tracking every pooled buffer: the free ones are freed now, the ones in use when
+    their arrays go."""
+    with _lock:
+        _outputs.clear()
