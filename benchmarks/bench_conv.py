@@ -584,13 +584,14 @@ def after_torch_layer(spec: str, threads: int, calls: int = 25) -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
             held = tnf.conv2d(xt, wt, bt, stride=s, padding=p, groups=g)
-        t1 = time.perf_counter()
-        f1 = minor_faults()
-        if order == "dropped":
+        theirs = (1e3 * (time.perf_counter() - t0), minor_faults() - f0)
+        if order == "dropped":  # (its release, e.g. an munmap, in neither side's time)
             held = None
+        f1 = minor_faults()
+        t1 = time.perf_counter()
         out, _ = fr.conv2d_forward(x, w, b, stride=s, padding=p, groups=g, training=False)
         t2 = time.perf_counter()
-        rows.append((1e3 * (t2 - t1), minor_faults() - f1, 1e3 * (t1 - t0), f1 - f0))
+        rows.append((1e3 * (t2 - t1), minor_faults() - f1, *theirs))
         del held, out
     print(*(statistics.median(r[k] for r in rows[5:]) for k in range(4)))
 
