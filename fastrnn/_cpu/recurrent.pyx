@@ -1086,7 +1086,8 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training, t
         X = rows.pack(x)
     fill_plan(&pl, cell, rows, D, H, P, proj, dtype == np.float32, crow, V, tok)
     # What backward reads shares one buffer from the saved pool when training (reused across
-    # calls, so its pages are not faulted in and zeroed every call).
+    # calls, so its pages are not faulted in and zeroed every call); without training the
+    # outputs' buffer (y is a view of it) comes from the output pool for the same reason.
     cdef Py_ssize_t n_g = R * GH, n_h = (N + R) * P
     cdef Py_ssize_t n_c = ((N + R) if train else 2 * N) * H if is_lstm else 0
     cdef Py_ssize_t n_sv = R * 4 * H if is_gru and train else 0
@@ -1094,7 +1095,7 @@ def _forward(int cell, x, h0, c0, w_ih, w_hh, b1, b2, w_hr, lengths, training, t
     if train:
         keep = take_saved(dtype, n_g + n_h + n_c + n_sv + n_r)
     else:
-        keep = np.empty(n_g + n_h + n_c + n_sv + n_r, dtype)
+        keep = output((n_g + n_h + n_c + n_sv + n_r,), dtype)
     gates = keep[:n_g]
     hs = keep[n_g : n_g + n_h].reshape(N + R, P)
     cs = keep[n_g + n_h : n_g + n_h + n_c].reshape(-1, H) if is_lstm else None
