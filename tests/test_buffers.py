@@ -162,3 +162,33 @@ def test_lstm_input_gradient_in_a_reused_buffer(pool):
         dy = rng.standard_normal(y.shape)
         got, want = fr.lstm_backward(ctx, dy), ref.lstm_backward(cr, dy)
         assert_close(got[0], want[0], "recurrent", "backward", np.float64, name="dx")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_fork_while_the_pool_is_locked(pool):
+    """A child forked while another thread holds the pool's lock still gets outputs."""
+    import multiprocessing as mp
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pool._lock:
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait(10)
+    ctx = mp.get_context("fork")
+    try:
+        with ctx.Pool(1) as workers:
+            shape = workers.apply_async(_output_shape).get(timeout=30)
+    finally:
+        release.set()
+        holder.join()
+    assert shape == (512, 512)
+
+
+def _output_shape():
+    return _buffers.empty((512, 512), np.float32).shape

@@ -58,6 +58,15 @@ _outputs: list[np.ndarray] = []  # uint8 buffers, least recently used first
 _lock = threading.Lock()
 
 
+def _after_fork() -> None:
+    # a fork while another thread held the lock would leave the child's copy locked forever
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _free_at(i: int) -> bool:
     """Whether nothing outside the pool references buffer i."""
     return sys.getrefcount(_outputs[i]) <= _FREE_REFS
