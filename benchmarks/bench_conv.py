@@ -538,8 +538,8 @@ def after_torch(threads: int, repeat: int) -> None:
     import sys
 
     print(f"threads={threads}: fastrnn's forward right after torch's, ms (faults per call), "
-          f"{repeat} processes each; pool: outputs from reused buffers, fresh: "
-          "FASTRNN_OUTPUT_CACHE_MB=0")  # fmt: skip
+          f"{repeat} processes each; pool: outputs from reused buffers (FASTRNN_OUTPUT_CACHE_MB), "
+          "fresh: FASTRNN_OUTPUT_CACHE_MB=0 (the default)")  # fmt: skip
     head = f"{'layer':34}"
     for order in ("alive", "dropped"):
         head += f" {order + ': pool':>17} {'fresh':>13} {'ratio':>5}"
@@ -550,9 +550,10 @@ def after_torch(threads: int, repeat: int) -> None:
             runs: dict[str, list[list[float]]] = {"pool": [], "fresh": []}
             for _ in range(repeat):
                 for mode in runs:
-                    env = dict(os.environ)
-                    if mode == "fresh":
-                        env["FASTRNN_OUTPUT_CACHE_MB"] = "0"
+                    env = dict(os.environ, FASTRNN_OUTPUT_CACHE_MB="0")
+                    if mode == "pool":
+                        env["FASTRNN_OUTPUT_CACHE_MB"] = os.environ.get(
+                            "FASTRNN_OUTPUT_CACHE_MB", "256")
                     cmd = [sys.executable, __file__, "--after-torch-layer", f"{i},{order}",
                            "--threads", str(threads)]  # fmt: skip
                     out = subprocess.run(cmd, env=env, capture_output=True, text=True,

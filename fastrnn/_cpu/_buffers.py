@@ -9,17 +9,27 @@ convolution's threads wait on it. Measured (benchmarks/NOTES-conv.md, "Outputs f
 buffers"): a depthwise layer's forward, (32, 64, 56x56), 2 threads, took 2.4 ms on its own and
 32 ms right after a PyTorch convolution of the same size.
 
-So outputs of at least ``OUTPUT_MIN_BYTES`` are views of pooled buffers. A buffer is handed out
-again only when nothing outside the pool references it: every view of it (the array returned,
-its slices and reshapes, a torch tensor made by ``torch.from_numpy``, a context that saved it)
-holds a reference to it, so its reference count says exactly when the last one is gone. At most
-``OUTPUT_KEEP_BYTES`` of unreferenced buffers stay (FASTRNN_OUTPUT_CACHE_MB, default 256), least
-recently used freed first.
+With FASTRNN_OUTPUT_CACHE_MB set to a size (it is 0, off, by default), outputs of at least
+``OUTPUT_MIN_BYTES`` are views of pooled buffers, each mapped on its own outside the C
+allocator's heap. A buffer is handed out again only when nothing outside the pool references
+it: every view of it (the array returned, its slices and reshapes, a torch tensor made by
+``torch.from_numpy``, a context that saved it) holds a reference to it, so its reference count
+says exactly when the last one is gone. At most that many MB of unreferenced buffers stay,
+least recently used freed first.
+
+Why off by default: it slowed PyTorch's own work in the same process. bench_conv.py's --mnist
+setup (examples/mnist's network on torch.nn and on fastrnn.torch, trained in one process): the
+torch.nn network's step took 43.2 ms with the pool on against 39.3 ms off, medians of six
+processes each, its allocations faulting in 3,000-7,400 fresh pages a step against 0-2,500
+(11,000 in one); the fastrnn.torch network's step did not change (38.0 vs 37.9 ms). Freed to
+the C allocator, fastrnn's outputs are presumably memory PyTorch's next allocations reuse. The
+pool pays where fastrnn's own outputs fault.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import sys
 import threading
@@ -31,7 +41,7 @@ OUTPUT_MIN_BYTES = 1 << 20
 
 
 def _keep_bytes() -> int:
-    value = os.environ.get("FASTRNN_OUTPUT_CACHE_MB", "256").strip()
+    value = os.environ.get("FASTRNN_OUTPUT_CACHE_MB", "0").strip()
     try:
         mb = int(value)
     except ValueError:
@@ -43,8 +53,8 @@ def _keep_bytes() -> int:
     return mb << 20
 
 
-# FASTRNN_OUTPUT_CACHE_MB (read once, when a kernel module is first imported): 0 turns the pool
-# off, every output then a fresh np.empty
+# FASTRNN_OUTPUT_CACHE_MB (read once, when a kernel module is first imported): 0, the default,
+# turns the pool off, every output then a fresh np.empty
 OUTPUT_KEEP_BYTES = _keep_bytes()
 # Buffers the pool tracks, in use or not (a caller keeping many outputs alive makes the pool
 # forget the oldest: they are freed as usual when dropped)
@@ -79,6 +89,11 @@ _FREE_REFS = sys.getrefcount(_calibrate[0])
 del _calibrate
 
 
+def _new_buffer(size: int) -> np.ndarray:
+    """A buffer mapped on its own, outside the C allocator's heap."""
+    return np.frombuffer(mmap.mmap(-1, size), np.uint8)
+
+
 def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned: a
     view of a pooled buffer (see the module docstring), or ``np.empty`` below
@@ -95,7 +110,7 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
             if size <= _outputs[i].size <= 2 * size and _free_at(i):
                 if pick is None or _outputs[i].size < _outputs[pick].size:
                     pick = i
-        buf = np.empty(size, np.uint8) if pick is None else _outputs.pop(pick)
+        buf = _new_buffer(size) if pick is None else _outputs.pop(pick)
         _outputs.append(buf)
         _trim()
     start = -buf.ctypes.data % 64
