@@ -77,16 +77,21 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _free_at(i: int) -> bool:
-    """Whether nothing outside the pool references buffer i."""
-    return sys.getrefcount(_outputs[i]) <= _FREE_REFS
+def unreferenced(bufs: list[np.ndarray], i: int) -> bool:
+    """Whether nothing but the list ``bufs`` references its buffer i (a caller must not hold
+    the buffer under a name of its own while asking)."""
+    return sys.getrefcount(bufs[i]) <= _FREE_REFS
 
 
-# The references to a buffer in the pool's list that nothing else holds, as _free_at counts
-# them (the list's, and the one getrefcount's argument holds)
+# The references to a buffer in a list that nothing else holds, as unreferenced counts them
+# (the list's, and the one getrefcount's argument holds)
 _calibrate = [np.empty(0)]
 _FREE_REFS = sys.getrefcount(_calibrate[0])
 del _calibrate
+
+
+def _free_at(i: int) -> bool:
+    return unreferenced(_outputs, i)
 
 
 def _new_buffer(size: int) -> np.ndarray:

@@ -12,12 +12,12 @@ the kernel will run more than one thread.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
 from fastrnn._cpu._blas_threads import blas_thread_functions, fallback_limit  # noqa: F401
+from fastrnn._cpu._buffers import unreferenced
 from fastrnn._threads import get_num_threads
 
 # Below this many multiply-adds per time step (the recurrent GEMM, N x H x G*H) the time loop
@@ -126,27 +126,21 @@ _SAVED_KEEP = 4
 _saved_pool: dict[Any, list[np.ndarray]] = {}
 
 
-def _unreferenced(bufs: list[np.ndarray], j: int) -> bool:
-    # references: the list, getrefcount's argument
-    return sys.getrefcount(bufs[j]) <= 2
-
-
 def take_saved(dtype: Any, n: int) -> np.ndarray:
     """A flat array of ``n`` elements of ``dtype`` (uninitialised) for arrays a context keeps:
     a view of a pooled buffer that nothing else references, or a new buffer."""
     dtype = np.dtype(dtype)
     bufs = _saved_pool.setdefault(dtype, [])
     for i in range(len(bufs)):
-        buf = bufs[i]
-        # references: the list, ``buf``, getrefcount's argument
-        if buf.size >= n and sys.getrefcount(buf) <= 3:
-            bufs.append(bufs.pop(i))  # most recently used last
+        if bufs[i].size >= n and unreferenced(bufs, i):
+            buf = bufs.pop(i)
+            bufs.append(buf)  # most recently used last
             return buf[:n]
     buf = np.empty(max(n, 1), dtype)
     if buf.nbytes <= _SCRATCH_KEEP_BYTES:
         if len(bufs) >= _SAVED_KEEP:
             # drop the least recently used buffer nothing references, else the oldest
-            free = [j for j in range(len(bufs)) if _unreferenced(bufs, j)]
+            free = [j for j in range(len(bufs)) if unreferenced(bufs, j)]
             bufs.pop(free[0] if free else 0)
         bufs.append(buf)
     return buf[:n]
