@@ -29,6 +29,7 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_register,
     fr_blas_restore,
     fr_small_gemm_init,
+    fr_small_gemm_isa,
     mm,
     pack_panels,
     panel_mm,
@@ -58,11 +59,11 @@ cdef void omp_steps(int steps, Py_ssize_t N, Py_ssize_t H, int G, const float* w
         pack_panels(H, nc, wt + c0, G * H, panels + H * c0)
     for t in range(steps):
         if panels != NULL:
-            panel_mm(N, nc, H, h + (t & 1) * N * H, H, wt + c0, G * H, panels + H * c0,
-                     <float> 0, out + c0, G * H)
+            panel_mm(fr_small_gemm_isa, N, nc, H, h + (t & 1) * N * H, H, wt + c0, G * H,
+                     panels + H * c0, <float> 0, out + c0, G * H)
         else:
-            step_mm(N, nc, H, h + (t & 1) * N * H, H, wt + c0, G * H, <float> 0, out + c0,
-                    G * H)
+            step_mm(fr_small_gemm_isa, N, nc, H, h + (t & 1) * N * H, H, wt + c0, G * H,
+                    <float> 0, out + c0, G * H)
         if nt > 1:
             fr_barrier()
 
@@ -79,7 +80,7 @@ def step_gemm_seconds(Py_ssize_t N, Py_ssize_t H, int G, str strategy, int threa
     cdef cnp.ndarray h = rng.standard_normal((2, N, H)).astype(np.float32)
     cdef cnp.ndarray out = np.empty((N, G * H), np.float32)
     cdef cnp.ndarray pk = np.empty(H * G * H, np.float32)
-    cdef float* pp = <float*> cnp.PyArray_DATA(pk) if use_panels(N, steps) else NULL
+    cdef float* pp = <float*> cnp.PyArray_DATA(pk) if use_panels(fr_small_gemm_isa, N, steps) else NULL
     cdef float* pw = <float*> cnp.PyArray_DATA(w)
     cdef float* ph = <float*> cnp.PyArray_DATA(h)
     cdef float* po = <float*> cnp.PyArray_DATA(out)

@@ -67,48 +67,48 @@ cdef inline void fr_blas_restore(const int* saved) noexcept nogil:
 
 
 # The per-step GEMMs of small batches without BLAS: OpenBLAS re-packs the weight matrix on every
-# call; this kernel reads the weights in place (8 rows x 32 columns of C in 16 AVX-512
-# registers, one k at a time), and the panel kernel reads them from panels packed once per call.
-# Only with AVX-512 (checked at run time); otherwise, and for float64, BLAS runs the step.
-# Measured: benchmarks/NOTES-cpu.md ("Per-step GEMMs").
+# call; these kernels read the weights in place (register tiles of C, one k at a time), and the
+# panel kernel reads them from panels packed once per call. AVX-512 or AVX2 (``isa`` 2 or 1,
+# at most fr_small_gemm_isa, checked at run time); without either, and for float64, BLAS runs
+# the step. Measured: benchmarks/NOTES-cpu.md ("Per-step GEMMs", "AVX2").
 cdef extern from "_small_gemm.h":
-    int fr_small_gemm_ok
+    int fr_small_gemm_isa
     void fr_small_gemm_init() noexcept nogil
-    void fr_small_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
-                               Py_ssize_t lda, const float* B, Py_ssize_t ldb, float beta,
-                               float* C, Py_ssize_t ldc) noexcept nogil
-    void fr_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
-                         Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
-                         float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
-    void fr_panel_sgemm_avx512(Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float* A,
-                               Py_ssize_t lda, const float* P, float beta, float* C,
-                               Py_ssize_t ldc) noexcept nogil
+    void fr_small_sgemm(int isa, Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                        Py_ssize_t lda, const float* B, Py_ssize_t ldb, float beta,
+                        float* C, Py_ssize_t ldc) noexcept nogil
+    void fr_sgemm(int isa, Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                  Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
+                  float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
+    void fr_panel_sgemm(int isa, Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float* A,
+                        Py_ssize_t lda, const float* P, float beta, float* C,
+                        Py_ssize_t ldc) noexcept nogil
     void fr_pack_panels(Py_ssize_t K, Py_ssize_t np_, const float* B, Py_ssize_t ldb,
                         float* P) noexcept nogil
-    void fr_seq_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
-                             Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
-                             const float* P, float* C, Py_ssize_t ldc) noexcept nogil
-    int fr_seq_fits(Py_ssize_t rows, Py_ssize_t n) noexcept nogil
-    void fr_panel_sgemm_rows_avx512(Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K, const float* A,
-                                    Py_ssize_t lda, const float* P, const float* init,
-                                    const long long* tok, Py_ssize_t ldi, float* C,
-                                    Py_ssize_t ldc) noexcept nogil
+    void fr_seq_sgemm(int isa, Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                      Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
+                      const float* P, float* C, Py_ssize_t ldc) noexcept nogil
+    int fr_seq_fits(int isa, Py_ssize_t rows, Py_ssize_t n) noexcept nogil
+    void fr_panel_sgemm_rows(int isa, Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K,
+                             const float* A, Py_ssize_t lda, const float* P, const float* init,
+                             const long long* tok, Py_ssize_t ldi, float* C,
+                             Py_ssize_t ldc) noexcept nogil
 
-# The batch size up to which the per-step GEMMs use fr_small_sgemm_avx512 instead of BLAS
-# (larger batches stream the weights from L2 once per 8 rows; NOTES-cpu.md).
+# The batch size up to which the per-step GEMMs use fr_small_sgemm instead of BLAS
+# (larger batches stream the weights from L2 once per row tile; NOTES-cpu.md).
 cdef enum:
     SMALL_GEMM_MAX_ROWS = 32
 
 
 cdef inline void step_mm(
-    Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+    int isa, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
     const floating* b, Py_ssize_t ldb, floating beta, floating* c, Py_ssize_t ldc,
 ) noexcept nogil:
-    """Row-major C = A @ B + beta C for one time step: the small-batch kernel when it applies,
-    else BLAS."""
+    """Row-major C = A @ B + beta C for one time step: the small-batch kernel of level ``isa``
+    (0: none) when it applies, else BLAS."""
     if floating is float:
-        if fr_small_gemm_ok and m <= SMALL_GEMM_MAX_ROWS and n > 0 and m > 0:
-            fr_small_sgemm_avx512(m, n, k, a, lda, b, ldb, beta, c, ldc)
+        if isa > 0 and m <= SMALL_GEMM_MAX_ROWS and n > 0 and m > 0:
+            fr_small_sgemm(isa, m, n, k, a, lda, b, ldb, beta, c, ldc)
             return
     mm(False, False, m, n, k, <floating> 1, a, lda, b, ldb, beta, c, ldc)
 
@@ -116,8 +116,8 @@ cdef inline void step_mm(
 # Batches of 4 rows or more, sequences of 4+ steps: the per-step GEMMs read the recurrent weights
 # from panels packed once per call (fr_pack_panels), contiguous K x 32 blocks that stay in L1
 # (NOTES-cpu.md).
-cdef inline bint use_panels(Py_ssize_t m, Py_ssize_t T) noexcept nogil:
-    return fr_small_gemm_ok != 0 and m >= 4 and T >= 4
+cdef inline bint use_panels(int isa, Py_ssize_t m, Py_ssize_t T) noexcept nogil:
+    return isa > 0 and m >= 4 and T >= 4
 
 
 cdef inline void pack_panels(
@@ -128,16 +128,16 @@ cdef inline void pack_panels(
 
 
 cdef inline void panel_mm(
-    Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda,
+    int isa, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float* a, Py_ssize_t lda,
     const float* b, Py_ssize_t ldb, const float* panels, float beta, float* c, Py_ssize_t ldc,
 ) noexcept nogil:
     """C = A @ B + beta C with B's full 32-column panels read from ``panels`` (pack_panels);
-    the last n % 32 columns from b itself."""
+    the last n % 32 columns from b itself (kernels of level ``isa`` >= 1)."""
     cdef Py_ssize_t nf = (n // 32) * 32
     if nf > 0 and m > 0:
-        fr_panel_sgemm_avx512(m, n // 32, k, a, lda, panels, beta, c, ldc)
+        fr_panel_sgemm(isa, m, n // 32, k, a, lda, panels, beta, c, ldc)
     if n > nf:
-        step_mm(m, n - nf, k, a, lda, b + nf, ldb, beta, c + nf, ldc)
+        step_mm(isa, m, n - nf, k, a, lda, b + nf, ldb, beta, c + nf, ldc)
 
 
 cdef extern from "<string.h>" nogil:

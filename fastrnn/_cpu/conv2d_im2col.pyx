@@ -49,11 +49,11 @@ from fastrnn._cpu._pool_plane cimport valid_outputs
 from fastrnn._cpu._sums cimport channel_sum
 
 cdef extern from "_small_gemm.h":
-    int fr_small_gemm_ok
+    int fr_small_gemm_isa
     void fr_small_gemm_init() noexcept nogil
-    void fr_sgemm_avx512(Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
-                         Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
-                         float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
+    void fr_sgemm(int isa, Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float* A,
+                  Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
+                  float beta, float* C, Py_ssize_t ldc, Py_ssize_t chunk) noexcept nogil
 
 from fastrnn._cpu._blas_threads import blas_threads
 from fastrnn._cpu._buffers import empty as output
@@ -64,8 +64,8 @@ from fastrnn.context import Context
 fr_small_gemm_init()
 
 cdef Py_ssize_t TILE_COLUMNS = 512
-# Pointwise float32 forwards multiply on fastrnn's AVX-512 register tiles (_small_gemm.h, B = x
-# read in place) instead of BLAS, whose packing of both operands dominates these small GEMMs
+# Pointwise float32 forwards multiply on fastrnn's register tiles (_small_gemm.h, AVX-512 or
+# AVX2, B = x read in place) instead of BLAS, whose packing of both operands dominates these small GEMMs
 # (one thread, (32,256,14x14)->64: 115 against 85 GFLOP/s; benchmarks/NOTES-conv.md). False
 # (set_pointwise_tiles) pins BLAS, for tests.
 cdef bint POINTWISE_TILES = True
@@ -199,7 +199,7 @@ cdef void _forward_tile(
     Py_ssize_t r0,         # IN  first output row of the tile
     Py_ssize_t r1,         # IN  end of the tile's output rows
     const Geom* g,
-    bint tiles,            # IN  float32 pointwise: the GEMMs on fastrnn's AVX-512 tiles
+    bint tiles,            # IN  float32 pointwise: the GEMMs on fastrnn's tiles
     bint relu,             # IN  y = max(y, 0) on the tile (NaN kept)
 ) noexcept nogil:
     """C1-C4 for output rows r0..r1 of one image. Tiles write disjoint parts of y."""
@@ -221,8 +221,8 @@ cdef void _forward_tile(
         _im2col(x, buf, r0, r1, g)  # C1, C2
     for grp in range(g.G):  # C3
         if floating is float and tiles and T >= POINTWISE_TILES_MIN_COLUMNS:
-            fr_sgemm_avx512(g.Fg, T, g.K, w + grp * g.Fg * g.K, g.K, 1, cols + grp * g.K * ld,
-                            ld, beta, y + grp * g.Fg * g.L + r0 * g.OW, g.L, 256)
+            fr_sgemm(fr_small_gemm_isa, g.Fg, T, g.K, w + grp * g.Fg * g.K, g.K, 1,
+                     cols + grp * g.K * ld, ld, beta, y + grp * g.Fg * g.L + r0 * g.OW, g.L, 256)
         else:
             gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
                  w + grp * g.Fg * g.K, <int> g.K, cols + grp * g.K * ld, <int> ld,
@@ -243,7 +243,7 @@ cdef void _backward_image(
     floating* dw_part,     # INOUT [G, K, Fg] this thread's partial sum of dw, transposed per group
     floating* buf,         # scratch [C*KH*KW, tile columns]: the columns, then their gradients
     const Geom* g,
-    bint tiles,            # IN  float32 pointwise: dx's GEMM on fastrnn's AVX-512 tiles
+    bint tiles,            # IN  float32 pointwise: dx's GEMM on fastrnn's tiles
 ) noexcept nogil:
     cdef Py_ssize_t grp, r0, r1, T
     if g.pointwise:
@@ -256,8 +256,8 @@ cdef void _backward_image(
                 continue
             # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
             if floating is float and tiles and g.L >= POINTWISE_TILES_MIN_COLUMNS:
-                fr_sgemm_avx512(g.K, g.L, g.Fg, w + grp * g.Fg * g.K, 1, g.K,
-                                dy + grp * g.Fg * g.L, g.L, 0, dx + grp * g.K * g.L, g.L, 256)
+                fr_sgemm(fr_small_gemm_isa, g.K, g.L, g.Fg, w + grp * g.Fg * g.K, 1, g.K,
+                         dy + grp * g.Fg * g.L, g.L, 0, dx + grp * g.K * g.L, g.L, 256)
             else:
                 gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
                      w + grp * g.Fg * g.K, <int> g.K, dy + grp * g.Fg * g.L, <int> g.L,
@@ -484,10 +484,10 @@ cdef _check_sizes(tuple x_shape, tuple w_shape, padding, const Geom* g):
 
 
 cdef bint _pointwise_tiles(const Geom* g, dtype, nt, nbuf):
-    """Whether this call's pointwise GEMMs run on the AVX-512 tiles: float32 on a CPU that has
+    """Whether this call's pointwise GEMMs run on fastrnn's tiles: float32 on a CPU that has
     them, and not where the items run one after another with BLAS threads (the tiles run on
     the calling thread alone)."""
-    return (POINTWISE_TILES and fr_small_gemm_ok != 0 and g.pointwise and dtype == np.float32
+    return (POINTWISE_TILES and fr_small_gemm_isa != 0 and g.pointwise and dtype == np.float32
             and (nbuf > 1 or nt == 1))
 
 
@@ -543,8 +543,8 @@ def _im2col_backward(ctx, dy, input_grad=True):
 
 
 def set_pointwise_tiles(bint on) -> bool:
-    """Whether float32 pointwise forwards use fastrnn's AVX-512 tiles (where the CPU has
-    AVX-512) or BLAS; returns the previous setting. For tests: both must give the reference's
+    """Whether float32 pointwise forwards use fastrnn's tiles (where the CPU has
+    AVX-512 or AVX2) or BLAS; returns the previous setting. For tests: both must give the reference's
     result."""
     global POINTWISE_TILES
     previous = POINTWISE_TILES

@@ -31,7 +31,7 @@ How a call runs (everything from the first GEMM to the last inside one ``with no
   GEMM h_t = r_t W_hr^T split by output columns). Small problems run the time loop on one
   thread (MIN_PARALLEL_WORK) and split only the whole-sequence GEMMs.
 * GEMMs. The step GEMMs read the recurrent weights from panels packed once per call (float32,
-  AVX-512) or go to single-threaded BLAS (pinned in C, see _recurrent_threads.py); the input
+  AVX-512 or AVX2) or go to single-threaded BLAS (pinned in C, see _recurrent_threads.py); the input
   projection of all steps (L1, G1, R1) and the weight/input gradients (LB5, GB5, RB4) are
   whole-sequence GEMMs split over the threads, except that with panels, batches of
   FUSE_INPUT_MIN_ROWS rows or more and weights that stay in L2 (FUSE_INPUT_MAX_BYTES) the
@@ -54,11 +54,11 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_pin_one,
     fr_blas_register,
     fr_blas_restore,
-    fr_panel_sgemm_rows_avx512,
+    fr_panel_sgemm_rows,
     fr_seq_fits,
-    fr_seq_sgemm_avx512,
+    fr_seq_sgemm,
     fr_small_gemm_init,
-    fr_small_gemm_ok,
+    fr_small_gemm_isa,
     from_blocked,
     mm,
     natural_row,
@@ -106,7 +106,7 @@ from fastrnn._cpu._recurrent_cells cimport (
 )
 
 # The input projection x W_ih^T computed step by step inside the time loop from packed panels
-# (float32, AVX-512, where the step GEMMs use panels) for batches of at least this many rows,
+# (float32, where the step GEMMs use panels) for batches of at least this many rows,
 # instead of one whole-sequence GEMM before it: each step's gates are then written just before
 # the step reads them. Measured (NOTES-cpu.md): 2-12% off the forward at N = 32, neutral at 20,
 # 3-12% slower at 16 (fewer row tiles share each panel chunk in L1). 0 turns it off.
@@ -125,8 +125,8 @@ FUSE_INPUT_MAX_BYTES = 5 << 18
 # gets SPLIT_ROWS_MANY sequences to share each pass over them. Measured: benchmarks/NOTES-cpu.md.
 # SPLIT_ROWS_MIN = 0 turns it off.
 SPLIT_ROWS_MIN = 4
-# The backward's whole-sequence GEMMs (dx, dW_ih, dW_hh) on fastrnn's AVX-512 kernels
-# (fr_seq_sgemm_avx512) where their operands fit (fr_seq_fits), else on BLAS; False: BLAS.
+# The backward's whole-sequence GEMMs (dx, dW_ih, dW_hh) on fastrnn's kernels (fr_seq_sgemm,
+# AVX-512 or AVX2) where their operands fit (fr_seq_fits), else on BLAS; False: BLAS.
 SEQUENCE_GEMMS_OWN = True
 SPLIT_ROWS_MANY = 16
 SPLIT_ROWS_WEIGHT_BYTES = 1 << 20
@@ -178,7 +178,8 @@ cdef struct Plan:
     int cell            # FR_LSTM, FR_GRU, FR_RNN_TANH, FR_RNN_RELU
     int G               # gate rows per hidden unit
     int isa             # the cells' instruction set
-    bint fast           # float32 AVX-512 GEMM kernels allowed (isa and CPU)
+    int gemm            # float32: the level of fastrnn's GEMM kernels (2 AVX-512, 1 AVX2), 0 none
+    bint fast           # gemm > 0
     bint proj           # LSTM with a projection
     bint use_t          # step GEMM from W_hh^T (forward)
     bint panels         # step GEMMs from packed panels (float32 fast only)
@@ -211,15 +212,16 @@ cdef inline void columns_product(
     floating* out, Py_ssize_t ldo,       # INOUT (m, >= c1): columns c0..c1 = a b + beta out
 ) noexcept nogil:
     """A per-step GEMM of the time loop, output columns c0..c1: from packed panels or the
-    small-batch kernel (float32, AVX-512), else single-threaded BLAS."""
+    small-batch kernel (float32, AVX-512 or AVX2), else single-threaded BLAS."""
     if m <= 0 or c1 <= c0:
         return
     if floating is float:
         if pl.panels:
-            panel_mm(m, c1 - c0, K, a, lda, b + c0, ldb, panels + K * c0, beta, out + c0, ldo)
+            panel_mm(pl.gemm, m, c1 - c0, K, a, lda, b + c0, ldb, panels + K * c0, beta,
+                     out + c0, ldo)
             return
         if pl.fast:
-            step_mm(m, c1 - c0, K, a, lda, b + c0, ldb, beta, out + c0, ldo)
+            step_mm(pl.gemm, m, c1 - c0, K, a, lda, b + c0, ldb, beta, out + c0, ldo)
             return
     mm(False, False, m, c1 - c0, K, <floating> 1, a, lda, b + c0, ldb, beta, out + c0, ldo)
 
@@ -326,8 +328,9 @@ cdef inline void fwd_step(
         tab = <const floating*> pl.table
         if (floating is float and pl.panels and pl.cell != FR_GRU and (G * u0) % 32 == 0
                 and (G * (u1 - u0)) % 32 == 0):
-            fr_panel_sgemm_rows_avx512(m, G * (u1 - u0) // 32, P, hp, P, panels + P * G * u0,
-                                       tab + G * u0, pl.tok + r0, GH, g + G * u0, GH)
+            fr_panel_sgemm_rows(pl.gemm, m, G * (u1 - u0) // 32, P, hp, P,
+                                panels + P * G * u0, tab + G * u0, pl.tok + r0, GH, g + G * u0,
+                                GH)
             looked_up = True
         else:
             for i in range(m):
@@ -676,7 +679,7 @@ cdef void sequence_grads(
     floating* db2,            # OUT (GH,) natural: column sums of dah (GRU), else NULL
     floating* dw_hr,          # OUT (P, H) projection only
     floating* scratch,        # (GH, D + P + 2) for a blocked layout
-    floating* seqpan,         # (float32 AVX-512) panels of x, hprev and W_ih: seq_panel_sizes
+    floating* seqpan,         # (float32 pl.seq_own) panels of x, hprev and W_ih: seq_panel_sizes
 ) noexcept nogil:
     """LB5 / GB5 / RB4: input, weight and bias gradients as whole-sequence GEMMs over the R
     packed rows, thread p's share: fastrnn's kernels where they apply (pl.seq_own, fr_seq_fits),
@@ -692,9 +695,9 @@ cdef void sequence_grads(
     cdef floating* row
     cdef const floating* src
     cdef bint natural = pl.G == 1 or pl.bs >= pl.H
-    # our AVX-512 kernels for the GEMMs (the weights' shapes small enough, fr_seq_fits)
-    cdef bint own_x = floating is float and pl.seq_own and fr_seq_fits(GH, D)
-    cdef bint own_h = floating is float and pl.seq_own and fr_seq_fits(GH, P)
+    # our kernels for the GEMMs (the weights' shapes small enough, fr_seq_fits)
+    cdef bint own_x = floating is float and pl.seq_own and fr_seq_fits(pl.gemm, GH, D)
+    cdef bint own_h = floating is float and pl.seq_own and fr_seq_fits(pl.gemm, GH, P)
     cdef floating* xpan = seqpan
     cdef floating* hpan = seqpan + R * (D // 32 * 32)
     cdef floating* wpan = hpan + R * (P // 32 * 32)
@@ -713,7 +716,8 @@ cdef void sequence_grads(
     if pl.lookup:
         pass
     elif floating is float and own_x:
-        fr_seq_sgemm_avx512(r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, wpan, dx + r0 * D, D)
+        fr_seq_sgemm(pl.gemm, r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, wpan, dx + r0 * D,
+                     D)
     else:
         mm(False, False, r1 - r0, D, GH, <floating> 1, dax + r0 * GH, GH, w_ih, D, <floating> 0,
            dx + r0 * D, D)
@@ -740,12 +744,13 @@ cdef void sequence_grads(
         mm(True, False, r1 - r0, D, pl.V, <floating> 1, dt + r0, GH, x, D, <floating> 0,
            sw_ih + r0 * D, D)
     elif floating is float and own_x:
-        fr_seq_sgemm_avx512(r1 - r0, D, R, dax + r0, 1, GH, x, D, xpan, sw_ih + r0 * D, D)
+        fr_seq_sgemm(pl.gemm, r1 - r0, D, R, dax + r0, 1, GH, x, D, xpan, sw_ih + r0 * D, D)
     else:
         mm(True, False, r1 - r0, D, R, <floating> 1, dax + r0, GH, x, D, <floating> 0,
            sw_ih + r0 * D, D)
     if floating is float and own_h:
-        fr_seq_sgemm_avx512(r1 - r0, P, R, dah + r0, 1, GH, hprev, P, hpan, sw_hh + r0 * P, P)
+        fr_seq_sgemm(pl.gemm, r1 - r0, P, R, dah + r0, 1, GH, hprev, P, hpan, sw_hh + r0 * P,
+                     P)
     else:
         mm(True, False, r1 - r0, P, R, <floating> 1, dah + r0, GH, hprev, P, <floating> 0,
            sw_hh + r0 * P, P)
@@ -995,7 +1000,9 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
     pl.cell = cell
     pl.G = G
     pl.isa = isa
-    pl.fast = is_float and isa == 2 and fr_small_gemm_ok != 0
+    # the GEMM kernels at the cells' level (FASTRNN_SIMD=avx2 runs the AVX2 kernels too)
+    pl.gemm = min(isa, fr_small_gemm_isa) if is_float else 0
+    pl.fast = pl.gemm > 0
     pl.proj = proj
     pl.T = rows.T
     pl.N = rows.N
@@ -1029,8 +1036,11 @@ cdef int fill_plan(Plan* pl, int cell, object rows, Py_ssize_t D, Py_ssize_t H, 
             pl.nt = 1
             pl.bs = H
     # the step GEMM from W_hh^T when the batch and the sequence repay the transposition, and
-    # from packed panels with the AVX-512 kernels
-    pl.use_t = rows.N >= 4 and rows.T >= 4
+    # from packed panels with fastrnn's kernels
+    # (batches under 4 rows too with the AVX2 kernels: OpenBLAS's AVX2 kernels pack both
+    # operands on every call, where its AVX-512 build has a path for small matrices that does
+    # not; NOTES-cpu.md, "AVX2")
+    pl.use_t = rows.T >= 4 and (rows.N >= 4 or pl.gemm == 1)
     pl.panels = pl.use_t and pl.fast
     pl.lookup = tok is not None
     pl.fuse_x = pl.panels and fuse and not pl.lookup
