@@ -128,12 +128,13 @@ __attribute__((unused)) static void fr_seq_sgemm(
 #undef FR_DISPATCH
 
 /* Whether fr_seq_sgemm of level ``isa`` keeps its L2-resident operand (dX: B's panels, K x n;
-   dW: C, M x n) within 1 MB, with n in whole vectors (AVX-512: 16-column halves of panels; a
-   few columns past them ran 2-3% slower there); other problems go to BLAS (its blocking
-   handles large ones). */
+   dW: C, M x n) within 1 MB for AVX-512 (measured with 2 MB of L2 per core) and 256 KB for AVX2
+   (CPUs with 256-512 KB: on a Zen 3, 512 KB, operands of 576 KB-1 MB ran 4-16% slower than
+   OpenBLAS), with n in whole vectors (AVX-512: 16-column halves of panels; a few columns past
+   them ran 2-3% slower there); other problems go to BLAS (its blocking handles large ones). */
 static inline int fr_seq_fits(int isa, Py_ssize_t rows, Py_ssize_t n) {
     return n % (isa >= 2 ? 16 : 8) == 0
-        && (double) rows * (double) n * sizeof(float) <= (double) (1 << 20);
+        && (double) rows * (double) n * sizeof(float) <= (double) (isa >= 2 ? 1 << 20 : 1 << 18);
 }
 /* The best level this CPU runs: 2 AVX-512, 1 AVX2 (with FMA), 0 none (BLAS runs every GEMM). */
 static int fr_small_gemm_isa = 0;
