@@ -64,9 +64,11 @@ from fastrnn.context import Context
 fr_small_gemm_init()
 
 cdef Py_ssize_t TILE_COLUMNS = 512
-# Pointwise float32 forwards multiply on fastrnn's register tiles (_small_gemm.h, AVX-512 or
-# AVX2, B = x read in place) instead of BLAS, whose packing of both operands dominates these small GEMMs
-# (one thread, (32,256,14x14)->64: 115 against 85 GFLOP/s; benchmarks/NOTES-conv.md). False
+# Pointwise float32 forwards multiply on fastrnn's AVX-512 register tiles (_small_gemm.h, B = x
+# read in place) instead of BLAS, whose packing of both operands dominates these small GEMMs
+# (one thread, (32,256,14x14)->64: 115 against 85 GFLOP/s; benchmarks/NOTES-conv.md). The AVX2
+# tiles measured within 6% of OpenBLAS either way on a Zen 3 (5 rounds, 1 and 2 threads:
+# (32,256,14x14)->64 3.64 vs 3.45 ms, (64,32,16x16)->64 1.90 vs 2.06 ms), so AVX2 keeps BLAS. False
 # (set_pointwise_tiles) pins BLAS, for tests.
 cdef bint POINTWISE_TILES = True
 # ... on tiles of at least this many columns: narrower ones waste much of their masked last
@@ -221,7 +223,7 @@ cdef void _forward_tile(
         _im2col(x, buf, r0, r1, g)  # C1, C2
     for grp in range(g.G):  # C3
         if floating is float and tiles and T >= POINTWISE_TILES_MIN_COLUMNS:
-            fr_sgemm(fr_small_gemm_isa, g.Fg, T, g.K, w + grp * g.Fg * g.K, g.K, 1,
+            fr_sgemm(2, g.Fg, T, g.K, w + grp * g.Fg * g.K, g.K, 1,
                      cols + grp * g.K * ld, ld, beta, y + grp * g.Fg * g.L + r0 * g.OW, g.L, 256)
         else:
             gemm(False, False, <int> g.Fg, <int> T, <int> g.K, <floating> 1,
@@ -256,7 +258,7 @@ cdef void _backward_image(
                 continue
             # CB3 straight into dx: dx_g = w_g^T [K, Fg] @ dy_g [Fg, L]
             if floating is float and tiles and g.L >= POINTWISE_TILES_MIN_COLUMNS:
-                fr_sgemm(fr_small_gemm_isa, g.K, g.L, g.Fg, w + grp * g.Fg * g.K, 1, g.K,
+                fr_sgemm(2, g.K, g.L, g.Fg, w + grp * g.Fg * g.K, 1, g.K,
                          dy + grp * g.Fg * g.L, g.L, 0, dx + grp * g.K * g.L, g.L, 256)
             else:
                 gemm(True, False, <int> g.K, <int> g.L, <int> g.Fg, <floating> 1,
@@ -484,10 +486,10 @@ cdef _check_sizes(tuple x_shape, tuple w_shape, padding, const Geom* g):
 
 
 cdef bint _pointwise_tiles(const Geom* g, dtype, nt, nbuf):
-    """Whether this call's pointwise GEMMs run on fastrnn's tiles: float32 on a CPU that has
+    """Whether this call's pointwise GEMMs run on fastrnn's AVX-512 tiles: float32 on a CPU that has
     them, and not where the items run one after another with BLAS threads (the tiles run on
     the calling thread alone)."""
-    return (POINTWISE_TILES and fr_small_gemm_isa != 0 and g.pointwise and dtype == np.float32
+    return (POINTWISE_TILES and fr_small_gemm_isa == 2 and g.pointwise and dtype == np.float32
             and (nbuf > 1 or nt == 1))
 
 
@@ -544,7 +546,7 @@ def _im2col_backward(ctx, dy, input_grad=True):
 
 def set_pointwise_tiles(bint on) -> bool:
     """Whether float32 pointwise forwards use fastrnn's tiles (where the CPU has
-    AVX-512 or AVX2) or BLAS; returns the previous setting. For tests: both must give the reference's
+    AVX-512) or BLAS; returns the previous setting. For tests: both must give the reference's
     result."""
     global POINTWISE_TILES
     previous = POINTWISE_TILES
