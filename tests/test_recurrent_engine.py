@@ -85,6 +85,10 @@ def test_each_instruction_set_matches_reference(isa, op, dtype, split, monkeypat
     _compare(op, dtype, 4, 9, 5, 45, None, seed=2)
     # H=50: 18 columns past the last 32-column panel, two masked 16-column chunks
     _compare(op, dtype, 4, 11, 3, 50, None, seed=3)
+    # batches of 1-3 rows over 4+ steps: with the AVX2 kernels the step GEMMs run from W_hh^T's
+    # panels (single-row to three-row tiles), elsewhere on BLAS
+    _compare(op, dtype, 6, 1, 5, 45, None, seed=4)
+    _compare(op, dtype, 6, 3, 5, 45, np.array([6, 2, 5]), seed=5)
 
 
 @pytest.mark.parametrize("split", SPLITS)
