@@ -89,6 +89,7 @@ cdef extern from "_small_gemm.h":
                       Py_ssize_t ars, Py_ssize_t aks, const float* B, Py_ssize_t ldb,
                       const float* P, float* C, Py_ssize_t ldc) noexcept nogil
     int fr_seq_fits(int isa, Py_ssize_t rows, Py_ssize_t n) noexcept nogil
+    int fr_seq_fits_dw(int isa, Py_ssize_t rows, Py_ssize_t n) noexcept nogil
     void fr_panel_sgemm_rows(int isa, Py_ssize_t M, Py_ssize_t np_, Py_ssize_t K,
                              const float* A, Py_ssize_t lda, const float* P, const float* init,
                              const long long* tok, Py_ssize_t ldi, float* C,

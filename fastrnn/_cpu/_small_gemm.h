@@ -39,6 +39,7 @@ typedef float fr_v16u __attribute__((vector_size(64), aligned(4)));
 #define FR_VT fr_v16
 #define FR_VTU fr_v16u
 #define FR_MR 8
+#define FR_SEQ_PACK_A 0
 #define FR_MVEC __m512
 #define FR_MLOAD(p, w) _mm512_maskz_loadu_ps((__mmask16) ((1u << (w)) - 1u), (p))
 #define FR_MSTORE(p, w, v) _mm512_mask_storeu_ps((p), (__mmask16) ((1u << (w)) - 1u), (v))
@@ -52,6 +53,7 @@ typedef float fr_v16u __attribute__((vector_size(64), aligned(4)));
 #undef FR_VT
 #undef FR_VTU
 #undef FR_MR
+#undef FR_SEQ_PACK_A
 #undef FR_MVEC
 #undef FR_MLOAD
 #undef FR_MSTORE
@@ -72,6 +74,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i fr_mask
 #define FR_VT fr_v8
 #define FR_VTU fr_v8u
 #define FR_MR 6
+#define FR_SEQ_PACK_A 1
 #define FR_MVEC __m256
 #define FR_MLOAD(p, w) _mm256_maskload_ps((p), fr_mask8(w))
 #define FR_MSTORE(p, w, v) _mm256_maskstore_ps((p), fr_mask8(w), (v))
@@ -85,6 +88,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i fr_mask
 #undef FR_VT
 #undef FR_VTU
 #undef FR_MR
+#undef FR_SEQ_PACK_A
 #undef FR_MVEC
 #undef FR_MLOAD
 #undef FR_MSTORE
@@ -128,13 +132,21 @@ __attribute__((unused)) static void fr_seq_sgemm(
 #undef FR_DISPATCH
 
 /* Whether fr_seq_sgemm of level ``isa`` keeps its L2-resident operand (dX: B's panels, K x n;
-   dW: C, M x n) within 1 MB for AVX-512 (measured with 2 MB of L2 per core) and 256 KB for AVX2
+   dW: C, M x n; for AVX2 the dX case, see fr_seq_fits_dw) within 1 MB for AVX-512 (measured with 2 MB of L2 per core) and 256 KB for AVX2
    (CPUs with 256-512 KB: on a Zen 3, 512 KB, operands of 576 KB-1 MB ran 4-16% slower than
    OpenBLAS), with n in whole vectors (AVX-512: 16-column halves of panels; a few columns past
    them ran 2-3% slower there); other problems go to BLAS (its blocking handles large ones). */
 static inline int fr_seq_fits(int isa, Py_ssize_t rows, Py_ssize_t n) {
     return n % (isa >= 2 ? 16 : 8) == 0
         && (double) rows * (double) n * sizeof(float) <= (double) (isa >= 2 ? 1 << 20 : 1 << 18);
+}
+/* The same for a weight gradient (dW: C, rows x n, k outermost). AVX2 copies each block of the
+   transposed A first (FR_SEQ_PACK_A), which keeps it ahead of OpenBLAS up to 1 MB of C even
+   with 512 KB of L2 (Zen 3, one thread: (100,16,256,256) 79 vs 93 ms, (64,32,192,192) 70 vs
+   76; 4 MB, (100,64,512,512): 1440 vs 1238 ms, so not beyond). */
+static inline int fr_seq_fits_dw(int isa, Py_ssize_t rows, Py_ssize_t n) {
+    return isa >= 2 ? fr_seq_fits(isa, rows, n)
+                    : n % 8 == 0 && (double) rows * (double) n * sizeof(float) <= (1 << 20);
 }
 /* The best level this CPU runs: 2 AVX-512, 1 AVX2 (with FMA), 0 none (BLAS runs every GEMM). */
 static int fr_small_gemm_isa = 0;
@@ -167,6 +179,7 @@ __attribute__((unused)) static void fr_seq_sgemm(
     int isa, Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars,
     Py_ssize_t aks, const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc) {}
 static inline int fr_seq_fits(int isa, Py_ssize_t rows, Py_ssize_t n) { return 0; }
+static inline int fr_seq_fits_dw(int isa, Py_ssize_t rows, Py_ssize_t n) { return 0; }
 #endif
 
 /* Columns [0, 32 np) of B (K rows, leading dimension ldb) as np panels of K x 32. */

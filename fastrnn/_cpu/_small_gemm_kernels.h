@@ -216,11 +216,34 @@ static inline __attribute__((always_inline, target(FR_TARGET))) void FR_FN(fr_se
                      0.0f, c + i * ldc, ldc, NULL, NULL, 0)
     }
 }
+/* fr_seq_block for a transposed A (a weight gradient: A[r][k] at A[r + k * aks]) with the
+   block's A first copied to buf (48 x 96 floats, k-major): read in place, its rows lie aks
+   floats apart (3-4 KB for the gate gradients of H = 192-256), so the block's 96 rows of A
+   fall into a few L1 sets and evict one another (FR_SEQ_PACK_A). */
+static inline __attribute__((always_inline, target(FR_TARGET))) void FR_FN(fr_seq_block_packed)(
+    Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t np_, Py_ssize_t K,
+    const float *A, Py_ssize_t aks, const float *P, float *C, Py_ssize_t ldc, float *buf)
+{
+    Py_ssize_t rows = i1 - i0, i;
+    int first = k0 == 0;
+    for (Py_ssize_t k = k0; k < k1; k++)
+        memcpy(buf + (k - k0) * 48, A + i0 + k * aks, (size_t) rows * sizeof(float));
+    for (Py_ssize_t p = 0; p < np_; p++) {
+        const float *b = P + p * K * 32 + k0 * 32;
+        float *c = C + p * 32 + i0 * ldc;
+        for (i = 0; i + FR_MR <= rows; i += FR_MR)
+            FR_FN(fr_rows32)(FR_MR, 0, k1 - k0, buf + i, 1, 48, b, 32, first, 0.0f,
+                             c + i * ldc, ldc, NULL, NULL, 0);
+        FR_LAST_ROWS(rows - i, FR_FN(fr_rows32), 0, k1 - k0, buf + i, 1, 48, b, 32, first,
+                     0.0f, c + i * ldc, ldc, NULL, NULL, 0)
+    }
+}
 static inline __attribute__((always_inline, target(FR_TARGET))) void FR_FN(fr_seq_tiles)(
     Py_ssize_t M, Py_ssize_t n, Py_ssize_t K, const float *A, Py_ssize_t ars, Py_ssize_t aks,
     const float *B, Py_ssize_t ldb, const float *P, float *C, Py_ssize_t ldc, int rows_outer)
 {
     Py_ssize_t np_ = n / 32, nf = np_ * 32;
+    float buf[FR_SEQ_PACK_A ? 96 * 48 : 1] __attribute__((aligned(64)));
     if (M <= 0 || n <= 0)
         return;
     if (rows_outer) {
@@ -236,9 +259,14 @@ static inline __attribute__((always_inline, target(FR_TARGET))) void FR_FN(fr_se
         Py_ssize_t k0 = 0;
         do {
             Py_ssize_t k1 = K - k0 < 96 ? K : k0 + 96;
-            for (Py_ssize_t i0 = 0; i0 < M; i0 += 48)
-                FR_FN(fr_seq_block)(i0, M - i0 < 48 ? M : i0 + 48, k0, k1, np_, K, A, ars, aks,
-                                    P, C, ldc);
+            for (Py_ssize_t i0 = 0; i0 < M; i0 += 48) {
+                if (FR_SEQ_PACK_A && ars == 1)
+                    FR_FN(fr_seq_block_packed)(i0, M - i0 < 48 ? M : i0 + 48, k0, k1, np_, K,
+                                               A, aks, P, C, ldc, buf);
+                else
+                    FR_FN(fr_seq_block)(i0, M - i0 < 48 ? M : i0 + 48, k0, k1, np_, K, A, ars,
+                                        aks, P, C, ldc);
+            }
             k0 = k1;
         } while (k0 < K);
     }

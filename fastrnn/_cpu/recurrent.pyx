@@ -56,6 +56,7 @@ from fastrnn._cpu._recurrent_common cimport (
     fr_blas_restore,
     fr_panel_sgemm_rows,
     fr_seq_fits,
+    fr_seq_fits_dw,
     fr_seq_sgemm,
     fr_small_gemm_init,
     fr_small_gemm_isa,
@@ -695,18 +696,22 @@ cdef void sequence_grads(
     cdef floating* row
     cdef const floating* src
     cdef bint natural = pl.G == 1 or pl.bs >= pl.H
-    # our kernels for the GEMMs (the weights' shapes small enough, fr_seq_fits)
-    cdef bint own_x = floating is float and pl.seq_own and fr_seq_fits(pl.gemm, GH, D)
-    cdef bint own_h = floating is float and pl.seq_own and fr_seq_fits(pl.gemm, GH, P)
+    # our kernels for the GEMMs where the operand they keep in L2 fits (fr_seq_fits: W_ih's
+    # panels for dx; fr_seq_fits_dw: the weight gradient itself)
+    cdef bint own_dx = floating is float and pl.seq_own and fr_seq_fits(pl.gemm, GH, D)
+    cdef bint own_x = floating is float and pl.seq_own and fr_seq_fits_dw(pl.gemm, GH, D)
+    cdef bint own_h = floating is float and pl.seq_own and fr_seq_fits_dw(pl.gemm, GH, P)
     cdef floating* xpan = seqpan
     cdef floating* hpan = seqpan + R * (D // 32 * 32)
     cdef floating* wpan = hpan + R * (P // 32 * 32)
-    if own_x or own_h:
+    if own_x or own_h or own_dx:
         # this thread's share of the panels of x (unless looked up), hprev and W_ih, then
         # every thread reads all of them
         if own_x and not pl.lookup:
             panel_columns(D, nt, p, &r0, &r1)
             pack_panels(R, r1 - r0, <float*> x + r0, D, <float*> xpan + R * r0)
+        if own_dx and not pl.lookup:
+            panel_columns(D, nt, p, &r0, &r1)
             pack_panels(GH, r1 - r0, <float*> w_ih + r0, D, <float*> wpan + GH * r0)
         if own_h:
             panel_columns(P, nt, p, &r0, &r1)
@@ -715,7 +720,7 @@ cdef void sequence_grads(
     split(R, nt, p, &r0, &r1)
     if pl.lookup:
         pass
-    elif floating is float and own_x:
+    elif floating is float and own_dx:
         fr_seq_sgemm(pl.gemm, r1 - r0, D, GH, dax + r0 * GH, GH, 1, w_ih, D, wpan, dx + r0 * D,
                      D)
     else:
