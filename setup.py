@@ -6,7 +6,8 @@ FASTRNN_FAIL_NO_OPENMP=1   a compiler without OpenMP is an error instead of a se
 FASTRNN_CYTHON_DEBUG=1     bounds checks, wraparound and initialized checks on; -O0 -g
 FASTRNN_NATIVE=1           compile for this machine's CPU (-march=native); off by default so a
                            wheel runs on any x86-64
-FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "recurrent,conv2d"): a developer shortcut
+FASTRNN_EXTENSIONS=a,b     build only these extensions (e.g. "recurrent,conv2d"): a developer
+                           shortcut
 FASTRNN_SANITIZE=address   build with AddressSanitizer (-fsanitize=address, -O1 -g, frame
                            pointers kept) to catch out-of-bounds reads and writes in the kernels;
                            Python is not built with it, so run with
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
@@ -152,6 +154,16 @@ def extensions() -> list[Extension]:
     )
 
 
+class BuildExtParallel(build_ext):
+    """Compile the extension modules side by side, one per CPU, unless -j/--parallel says
+    otherwise (each module is one large C file: the build is that many compiler runs)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
+
 class BuildPyWithCuda(build_py):
     """Ship csrc/*.cu and csrc/*.cuh inside the wheel as fastrnn/csrc/."""
 
@@ -163,4 +175,7 @@ class BuildPyWithCuda(build_py):
             shutil.copy2(src, target / src.name)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_py": BuildPyWithCuda})
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_py": BuildPyWithCuda, "build_ext": BuildExtParallel},
+)
