@@ -47,19 +47,6 @@ typedef float fr_v16u __attribute__((vector_size(64), aligned(4)));
 #define FR_FMA _mm512_fmadd_ps
 #define FR_ZERO _mm512_setzero_ps
 #include "_small_gemm_kernels.h"
-#undef FR_SUF
-#undef FR_TARGET
-#undef FR_LANES
-#undef FR_VT
-#undef FR_VTU
-#undef FR_MR
-#undef FR_SEQ_PACK_A
-#undef FR_MVEC
-#undef FR_MLOAD
-#undef FR_MSTORE
-#undef FR_SET1
-#undef FR_FMA
-#undef FR_ZERO
 
 /* AVX2: 6 rows x 16 columns in 12 ymm accumulators (two tiles per 32-column block), or up to
    3 rows x 32 columns; the lanes past w masked by a vector of the lane indices. */
@@ -82,19 +69,6 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i fr_mask
 #define FR_FMA _mm256_fmadd_ps
 #define FR_ZERO _mm256_setzero_ps
 #include "_small_gemm_kernels.h"
-#undef FR_SUF
-#undef FR_TARGET
-#undef FR_LANES
-#undef FR_VT
-#undef FR_VTU
-#undef FR_MR
-#undef FR_SEQ_PACK_A
-#undef FR_MVEC
-#undef FR_MLOAD
-#undef FR_MSTORE
-#undef FR_SET1
-#undef FR_FMA
-#undef FR_ZERO
 
 /* The kernels by instruction set: ``isa`` 2 AVX-512, 1 AVX2 (a level this CPU runs, at most
    fr_small_gemm_isa; the recurrent engine passes the cells' level, which FASTRNN_SIMD can

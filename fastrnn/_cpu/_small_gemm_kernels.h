@@ -5,8 +5,10 @@
  *   FR_LANES   float lanes of a vector (16, 8); FR_VT / FR_VTU its GCC vector types
  *              (aligned / unaligned)
  *   FR_MR      rows of C in a full register tile (8: 8 x 32 in 16 zmm; 6: 6 x 16 in 12 ymm)
+ *   FR_SEQ_PACK_A  1: the weight-gradient blocks copy their transposed A first
  *   FR_MVEC, FR_MLOAD(p, w), FR_MSTORE(p, w, v), FR_SET1(x), FR_FMA(a, b, c), FR_ZERO()
  *              the intrinsics of one vector with only its first w lanes read and written
+ * and this file undefines them at its end.
  * Every function works on 32-column blocks of C: B read in place (rows ldb apart) or from
  * packed 32-column panels (fr_pack_panels); the layout is the same for every instruction set. */
 
@@ -290,3 +292,17 @@ __attribute__((target(FR_TARGET), unused)) static void FR_FN(fr_seq_sgemm)(
 #undef FR_FN
 #undef FR_CAT
 #undef FR_CAT_
+/* the parameters of this inclusion */
+#undef FR_SUF
+#undef FR_TARGET
+#undef FR_LANES
+#undef FR_VT
+#undef FR_VTU
+#undef FR_MR
+#undef FR_SEQ_PACK_A
+#undef FR_MVEC
+#undef FR_MLOAD
+#undef FR_MSTORE
+#undef FR_SET1
+#undef FR_FMA
+#undef FR_ZERO
